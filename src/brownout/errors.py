@@ -1,0 +1,124 @@
+"""Every error brownout raises, in one tree.
+
+::
+
+    BrownoutError
+    ├── ConfigError            a setting is invalid; names the key (also a ValueError)
+    ├── Rejected               the call was not run (or was cut short); carries ``retry_after`` seconds
+    │   ├── CircuitOpen        a breaker refused the call (open, forced open, half-open probes busy)
+    │   ├── Overloaded         admission control shed the call (queue full, waited too long, tripped)
+    │   └── DeadlineExceeded   the caller's deadline passed (also a TimeoutError)
+    └── AllFallbacksFailed     every strategy of a fallback chain failed; carries each cause
+
+A retry that gives up re-raises the last error it saw, unchanged, so callers handle the real cause;
+the reason it stopped (attempts, budget, deadline) is added as a note on that exception.
+
+``retry_after`` is what an HTTP layer puts in a ``Retry-After`` header: the policy's best estimate of
+when trying again could succeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AllFallbacksFailed",
+    "BrownoutError",
+    "CircuitOpen",
+    "ConfigError",
+    "DeadlineExceeded",
+    "Overloaded",
+    "Rejected",
+]
+
+
+class BrownoutError(Exception):
+    """Base class of every error brownout raises."""
+
+
+class ConfigError(BrownoutError, ValueError):
+    """A configuration value is invalid. ``key`` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+class Rejected(BrownoutError):
+    """A policy refused to run the call, or cut it short.
+
+    ``retry_after`` (seconds, never negative) says when trying again may succeed; ``policy`` names the
+    policy instance that refused.
+    """
+
+    def __init__(self, message: str, *, retry_after: float, policy: str = "") -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, float(retry_after))
+        self.policy = policy
+
+
+class CircuitOpen(Rejected):
+    """A circuit breaker refused the call. ``state`` is the breaker state at the time."""
+
+    def __init__(self, name: str, state: str, *, retry_after: float) -> None:
+        super().__init__(
+            f"circuit breaker {name!r} is {state}; retry after {retry_after:.3g}s",
+            retry_after=retry_after,
+            policy=name,
+        )
+        self.state = state
+
+
+class Overloaded(Rejected):
+    """Admission control shed the call.
+
+    ``reason`` is one of ``"queue_full"``, ``"queue_timeout"`` or ``"tripped"``; ``queue_size`` and
+    ``in_flight`` describe the load when it happened.
+    """
+
+    def __init__(
+        self, name: str, reason: str, *, retry_after: float, queue_size: int, in_flight: int
+    ) -> None:
+        super().__init__(
+            f"{name!r} is overloaded ({reason}: {queue_size} waiting, {in_flight} running); "
+            f"retry after {retry_after:.3g}s",
+            retry_after=retry_after,
+            policy=name,
+        )
+        self.reason = reason
+        self.queue_size = queue_size
+        self.in_flight = in_flight
+
+
+class DeadlineExceeded(Rejected, TimeoutError):
+    """The deadline passed before the call finished (or before it could start).
+
+    ``timeout`` is the budget the scope was given, in seconds.
+    """
+
+    def __init__(self, timeout: float, *, retry_after: float = 1.0, policy: str = "deadline") -> None:
+        super().__init__(f"deadline of {timeout:.3g}s exceeded", retry_after=retry_after, policy=policy)
+        self.timeout = timeout
+
+
+class AllFallbacksFailed(BrownoutError):
+    """Every strategy of a fallback chain failed or declined.
+
+    ``causes`` holds ``(strategy name, exception)`` in the order tried. ``retry_after`` is the smallest
+    ``retry_after`` among the causes that carry one, else ``default_retry_after``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        causes: Sequence[tuple[str, BaseException]],
+        *,
+        default_retry_after: float = 30.0,
+    ) -> None:
+        detail = "; ".join(f"{s}: {type(e).__name__}: {e}" for s, e in causes) or "no strategies"
+        super().__init__(f"all fallbacks of {name!r} failed ({detail})")
+        self.name = name
+        self.causes: tuple[tuple[str, BaseException], ...] = tuple(causes)
+        hints = [e.retry_after for _, e in causes if isinstance(e, Rejected)]
+        self.retry_after = min(hints) if hints else default_retry_after

@@ -1,0 +1,144 @@
+"""The observability side channel.
+
+Policies never import a metrics or logging library. They emit small typed events to an
+:class:`EventBus`; metrics, logs, the live stream and webhooks subscribe. Emitting costs one attribute
+check when nobody listens, and policies emit only on transitions, rejections and retries -- never on
+the success path.
+
+Subscribers are called synchronously, in the emitting task, and must be quick; one that raises is
+reported once through :mod:`logging` and kept (a broken log handler must not break a breaker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "BreakerStateChanged",
+    "CallRejected",
+    "CacheRefreshFailed",
+    "DEFAULT_BUS",
+    "DeadlineExpired",
+    "Event",
+    "EventBus",
+    "FallbackServed",
+    "RetryAttempted",
+    "RetryGaveUp",
+]
+
+_log = logging.getLogger("brownout.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event: ``source`` names the policy instance, ``at`` is its clock's time."""
+
+    source: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerStateChanged(Event):
+    """A circuit breaker moved from ``old`` to ``new`` (state names), for ``reason``."""
+
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected(Event):
+    """A policy refused a call (``kind``: "breaker", "admission"); ``reason`` is the policy's word."""
+
+    kind: str
+    reason: str
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAttempted(Event):
+    """A retry is about to wait ``delay`` seconds before attempt ``attempt`` after ``error``."""
+
+    attempt: int
+    delay: float
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryGaveUp(Event):
+    """A retry stopped after ``attempts`` attempts because of ``reason``."""
+
+    attempts: int
+    reason: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineExpired(Event):
+    """A deadline scope of ``timeout`` seconds expired and cancelled its task."""
+
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRefreshFailed(Event):
+    """A cache refresh for ``key`` failed; ``served_stale`` tells whether a stale value was served."""
+
+    key: str
+    error: str
+    served_stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackServed(Event):
+    """A fallback chain answered with ``strategy`` after ``skipped`` earlier strategies failed."""
+
+    strategy: str
+    skipped: int
+
+
+Subscriber = Callable[[Event], object]
+
+
+class EventBus:
+    """Delivers events to subscribers, optionally filtered by event type."""
+
+    __slots__ = ("_broken", "_subscribers")
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[type[Event], Subscriber]] = []
+        self._broken: set[int] = set()
+
+    @property
+    def active(self) -> bool:
+        """True when at least one subscriber listens (policies skip building events otherwise)."""
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Callable[[Any], object], kind: type[Event] = Event) -> Callable[[], None]:
+        """Call ``callback`` for every event that is an instance of ``kind``; returns an unsubscribe."""
+        entry: tuple[type[Event], Subscriber] = (kind, callback)
+        self._subscribers.append(entry)
+
+        def unsubscribe() -> None:
+            if entry in self._subscribers:
+                self._subscribers.remove(entry)
+
+        return unsubscribe
+
+    def emit(self, event: Event) -> None:
+        """Deliver ``event`` to every matching subscriber."""
+        for kind, callback in tuple(self._subscribers):
+            if isinstance(event, kind):
+                try:
+                    callback(event)
+                except Exception:
+                    if id(callback) not in self._broken:
+                        self._broken.add(id(callback))
+                        _log.exception("event subscriber %r failed; further failures are silent", callback)
+
+
+DEFAULT_BUS = EventBus()
+"""The process-wide bus that policies emit to unless given another."""

@@ -1,0 +1,385 @@
+"""Admission control: a bulkhead with a bounded FIFO queue that sheds load it cannot serve in time.
+
+At most ``max_concurrent`` calls run at once. Further callers wait in a first-in, first-out queue of at
+most ``max_queue`` callers, each for at most ``max_wait`` seconds; past that, calls are *shed* with
+:class:`~brownout.errors.Overloaded`, whose ``retry_after`` estimates when the backlog will have
+drained (seed 000: reject above 500 queued, ``retry_after`` 30 s). Seed 003's queue-depth breaker is the
+``trip_queue_depth`` option: once the queue reaches that depth the admission *trips* and rejects every
+new call for ``trip_cooldown`` seconds, giving the backend room to recover instead of a queue that never
+empties.
+
+::
+
+    admission = Admission("generator", AdmissionConfig(max_concurrent=4, max_queue=100))
+
+    result = await admission.call(generate, prompt)      # engine
+    async with admission:                                 # block form
+        ...
+    @admission                                            # decorator form
+    async def generate(prompt: str) -> str: ...
+
+A freed slot is handed straight to the oldest waiting caller, so a newcomer can never barge ahead of the
+queue and ``in_flight`` never exceeds ``max_concurrent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import Field, model_validator
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.errors import Overloaded
+from brownout.events import DEFAULT_BUS, CallRejected, EventBus
+from brownout.policies._base import CallForms, PolicyConfig
+
+__all__ = ["Admission", "AdmissionConfig", "AdmissionStats"]
+
+_QUEUE_FULL = "queue_full"
+_QUEUE_TIMEOUT = "queue_timeout"
+_TRIPPED = "tripped"
+
+
+class AdmissionConfig(PolicyConfig):
+    """Settings of an :class:`Admission`; the defaults are the seeds' numbers."""
+
+    max_concurrent: int = Field(default=10, ge=1, description="Calls allowed to run at the same time.")
+    max_queue: int = Field(
+        default=500,
+        ge=0,
+        description="Callers allowed to wait for a slot (seed 000: 500); 0 means never wait.",
+    )
+    max_wait: float = Field(
+        default=30.0, gt=0, description="Longest a caller waits in the queue, in seconds."
+    )
+    default_retry_after: float = Field(
+        default=30.0, ge=0, description="retry_after until a service time has been observed (seed 000: 30 s)."
+    )
+    min_retry_after: float = Field(default=1.0, ge=0, description="Lower bound of the retry_after estimate.")
+    max_retry_after: float = Field(
+        default=300.0, ge=0, description="Upper bound of the retry_after estimate."
+    )
+    ewma_alpha: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest observation in the service-time average."
+    )
+    trip_queue_depth: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "A caller that finds this many already waiting trips the admission, which then rejects "
+            "every new call for trip_cooldown (seed 003 suggests 50; off by default)."
+        ),
+    )
+    trip_cooldown: float = Field(
+        default=30.0, gt=0, description="How long a tripped admission rejects every call (seed 003: 30 s)."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
+        if self.min_retry_after > self.max_retry_after:
+            raise ValueError(
+                f"min_retry_after ({self.min_retry_after}) must not exceed "
+                f"max_retry_after ({self.max_retry_after})"
+            )
+        if not self.min_retry_after <= self.default_retry_after <= self.max_retry_after:
+            raise ValueError(
+                f"default_retry_after ({self.default_retry_after}) must lie within "
+                f"[min_retry_after, max_retry_after] = [{self.min_retry_after}, {self.max_retry_after}]"
+            )
+        if self.trip_queue_depth is not None and self.trip_queue_depth > self.max_queue:
+            raise ValueError(
+                f"trip_queue_depth ({self.trip_queue_depth}) must not exceed max_queue ({self.max_queue}); "
+                "the queue could never reach it"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStats:
+    """A snapshot of an :class:`Admission`'s counters since it was built.
+
+    ``admitted`` counts calls that got a slot (``completed`` + ``in_flight``); ``queued`` counts callers
+    that had to wait, whatever became of them; ``rejected`` counts shed calls by reason; ``completed``
+    counts slots given back, whether the call succeeded, failed or was cancelled.
+    """
+
+    admitted: int
+    queued: int
+    rejected: Mapping[str, int]
+    completed: int
+    in_flight: int
+    queue_size: int
+
+
+class Admission(CallForms):
+    """A bulkhead of ``max_concurrent`` slots with a bounded FIFO wait queue and load shedding.
+
+    See the module docstring for the forms and :class:`AdmissionConfig` for the settings. Rejections
+    raise :class:`~brownout.errors.Overloaded` with ``reason`` ``"queue_full"``, ``"queue_timeout"`` or
+    ``"tripped"`` and emit :class:`~brownout.events.CallRejected` (``kind="admission"``).
+
+    ``retry_after`` on a rejection is estimated from an exponentially weighted moving average of the
+    observed service time (clock time from getting a slot to giving it back):
+    ``ewma * (queue_size + 1) / max_concurrent``, clamped to ``[min_retry_after, max_retry_after]``.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_completed",
+        "_default_retry_after",
+        "_events",
+        "_ewma",
+        "_ewma_alpha",
+        "_fast_limit",
+        "_in_flight",
+        "_max",
+        "_max_queue",
+        "_max_retry_after",
+        "_max_wait",
+        "_min_retry_after",
+        "_queued",
+        "_rejected",
+        "_starts",
+        "_trip_cooldown",
+        "_trip_depth",
+        "_tripped_until",
+        "_waiters",
+        "config",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str = "admission",
+        config: AdmissionConfig | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+    ) -> None:
+        self.name = name
+        self.config = config if config is not None else AdmissionConfig()
+        self._clock = clock
+        self._events = events
+        cfg = self.config
+        # Config values are copied to plain attributes: the fast path reads them on every call.
+        self._max = cfg.max_concurrent
+        # The fast path compares against this instead of ``_max`` so that tripping (which sets it to 0)
+        # costs the untripped fast path no extra branch.
+        self._fast_limit = cfg.max_concurrent
+        self._max_queue = cfg.max_queue
+        self._max_wait = cfg.max_wait
+        self._default_retry_after = cfg.default_retry_after
+        self._min_retry_after = cfg.min_retry_after
+        self._max_retry_after = cfg.max_retry_after
+        self._ewma_alpha = cfg.ewma_alpha
+        self._trip_depth = cfg.trip_queue_depth
+        self._trip_cooldown = cfg.trip_cooldown
+        self._tripped_until = float("-inf")
+        self._in_flight = 0
+        # Each waiter is a future resolved with True (a slot was handed over) or False (timed out).
+        # Invariant: waiters exist only while every slot is taken.
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._ewma: float | None = None
+        self._completed = 0
+        self._queued = 0
+        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0, _TRIPPED: 0}
+        # Slot start times of the ``async with`` form, per task (the block form has nowhere else to
+        # keep them; ``call`` keeps its start time in a local).
+        self._starts: dict[asyncio.Task[Any] | None, float] = {}
+
+    # -- read-only state ------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a slot right now."""
+        return self._in_flight
+
+    @property
+    def queue_size(self) -> int:
+        """Callers waiting for a slot right now."""
+        return len(self._waiters)
+
+    @property
+    def tripped(self) -> bool:
+        """True while a queue-depth trip is rejecting every new call."""
+        return self._fast_limit == 0 and self._tripped_until > self._clock.now()
+
+    @property
+    def stats(self) -> AdmissionStats:
+        """Counters since construction (a snapshot)."""
+        return AdmissionStats(
+            admitted=self._completed + self._in_flight,
+            queued=self._queued,
+            rejected=dict(self._rejected),
+            completed=self._completed,
+            in_flight=self._in_flight,
+            queue_size=len(self._waiters),
+        )
+
+    def retry_after(self) -> float:
+        """The current ``retry_after`` estimate for a caller joining the queue now, in seconds."""
+        return self._estimate(len(self._waiters))
+
+    # -- call forms -----------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``await fn(*args, **kwargs)`` once a slot is free; raise ``Overloaded`` if shed."""
+        # Fast path: a free slot means nobody waits (a freed slot is handed to a waiter rather than
+        # freed, so waiters exist only while every slot is taken); no await, no allocation.
+        if self._in_flight < self._fast_limit:
+            self._in_flight += 1
+        else:
+            await self._acquire_slow()
+        now = self._clock.now
+        start = now()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            # ``_release`` inlined: this runs on every call.
+            elapsed = now() - start
+            ewma = self._ewma
+            self._ewma = elapsed if ewma is None else ewma + self._ewma_alpha * (elapsed - ewma)
+            self._completed += 1
+            if self._waiters:
+                self._hand_off()
+            else:
+                self._in_flight -= 1
+
+    async def __aenter__(self) -> Self:
+        """Take a slot for the block (waiting in the queue if needed); raise ``Overloaded`` if shed."""
+        if self._in_flight < self._fast_limit:  # same fast path as ``call``
+            self._in_flight += 1
+        else:
+            await self._acquire_slow()
+        # setdefault: if one task nests the same admission, time from the outermost slot (nesting a
+        # bulkhead in itself is a deadlock risk anyway; this just keeps the bookkeeping sane).
+        self._starts.setdefault(asyncio.current_task(), self._clock.now())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Give the slot back (to the next waiter, if any); never suppresses an exception."""
+        start = self._starts.pop(asyncio.current_task(), None)
+        if start is None:
+            self._give_back()
+        else:
+            self._release(self._clock.now() - start)
+
+    # -- engine ---------------------------------------------------------------------------------
+
+    async def _acquire_slow(self) -> None:
+        """Take a slot when the fast path could not: check the trip, queue or shed."""
+        now = self._clock.now()
+        if self._fast_limit == 0:
+            remaining = self._tripped_until - now
+            if remaining > 0:
+                raise self._reject(_TRIPPED, remaining, now)
+            # The cooldown is over: reopen the fast path.
+            self._fast_limit = self._max
+        waiters = self._waiters
+        if self._in_flight < self._max and not waiters:
+            self._in_flight += 1
+            return
+        depth = len(waiters)
+        if self._trip_depth is not None and depth >= self._trip_depth:
+            # Seed 003's queue-depth breaker: a queue this deep means the backend is not keeping up;
+            # stop accepting work for a while rather than let every caller time out in the queue.
+            self._tripped_until = now + self._trip_cooldown
+            self._fast_limit = 0
+            raise self._reject(_TRIPPED, self._trip_cooldown, now)
+        if depth >= self._max_queue:
+            raise self._reject(_QUEUE_FULL, self._estimate(depth), now)
+
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        waiters.append(future)
+        self._queued += 1
+        timer = self._clock.call_later(self._max_wait, functools.partial(self._expire, future))
+        try:
+            granted = await future
+        except BaseException:
+            # Cancelled while queued, or right after being handed a slot (the future already has
+            # its result but this task never resumed to use it).
+            timer.cancel()
+            if future.done() and not future.cancelled():
+                if future.result():
+                    self._give_back()
+            else:
+                with contextlib.suppress(ValueError):  # already skipped by a release
+                    waiters.remove(future)
+            raise
+        timer.cancel()
+        if not granted:
+            raise self._reject(_QUEUE_TIMEOUT, self._estimate(len(waiters)), self._clock.now())
+
+    def _expire(self, future: asyncio.Future[bool]) -> None:
+        """Timer callback: the waiter waited ``max_wait`` without getting a slot."""
+        if not future.done():
+            # Not done means still queued: handed-over and cancelled futures are done.
+            self._waiters.remove(future)
+            future.set_result(False)
+
+    def _release(self, elapsed: float) -> None:
+        """Record a call's service time and give its slot back."""
+        ewma = self._ewma
+        self._ewma = elapsed if ewma is None else ewma + self._ewma_alpha * (elapsed - ewma)
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Hand the slot to the oldest live waiter, or free it if nobody waits."""
+        self._completed += 1
+        if self._waiters:
+            self._hand_off()
+        else:
+            self._in_flight -= 1
+
+    def _hand_off(self) -> None:
+        """Give a slot to the oldest live waiter (freeing it if every waiter is gone)."""
+        waiters = self._waiters
+        while waiters:
+            future = waiters.popleft()
+            if not future.done():  # skip waiters cancelled but not yet resumed
+                # The slot changes hands without ``in_flight`` dropping, so nobody can barge in.
+                future.set_result(True)
+                return
+        self._in_flight -= 1
+
+    def _estimate(self, queue_size: int) -> float:
+        ewma = self._ewma
+        if ewma is None:
+            return self._default_retry_after
+        estimate = ewma * (queue_size + 1) / self._max
+        return min(max(estimate, self._min_retry_after), self._max_retry_after)
+
+    def _reject(self, reason: str, retry_after: float, now: float) -> Overloaded:
+        """Count a rejection, emit its event, and build the error to raise."""
+        self._rejected[reason] += 1
+        if self._events.active:
+            self._events.emit(
+                CallRejected(
+                    source=self.name, at=now, kind="admission", reason=reason, retry_after=retry_after
+                )
+            )
+        return Overloaded(
+            self.name,
+            reason,
+            retry_after=retry_after,
+            queue_size=len(self._waiters),
+            in_flight=self._in_flight,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Admission({self.name!r}, in_flight={self._in_flight}/{self._max}, "
+            f"queue_size={len(self._waiters)}/{self._max_queue})"
+        )
