@@ -602,3 +602,90 @@ async def test_real_clock_fast_block_and_default_clock() -> None:
         assert 0.0 < left <= 5.0
     assert scope._clock is SYSTEM_CLOCK
     assert remaining() is None
+
+
+# --- regressions: scopes in spawned tasks, and non-finite timeouts -----------------------------
+
+
+async def test_scope_in_a_spawned_task_is_enforced(clock: FakeClock) -> None:
+    # create_task copies the context, so the child sees the parent's 2 s scope; that scope only ever
+    # cancels the parent, so the child's own scope must enforce (at the tighter of the two).
+    started = asyncio.Event()
+
+    async def child() -> str:
+        async with deadline(10.0, clock=clock):
+            started.set()
+            await clock.sleep(1000.0)
+            return "ran to the end"
+
+    async with deadline(2.0, clock=clock):
+        task = asyncio.create_task(child())
+        await started.wait()
+    await clock.run(50.0)
+    assert task.done()
+    assert isinstance(task.exception(), DeadlineExceeded)
+
+
+async def test_policy_call_in_a_spawned_task_is_enforced(clock: FakeClock) -> None:
+    policy = Deadline("model", DeadlineConfig(timeout=10.0), clock=clock)
+
+    async def job() -> str:
+        await clock.sleep(1000.0)
+        return "ran to the end"
+
+    async with deadline(2.0, clock=clock):
+        task = asyncio.create_task(policy.call(job))
+        await asyncio.sleep(0)
+    await clock.run(1.0)
+    assert not task.done()
+    await clock.run(1.5)  # the inherited 2 s deadline is the tighter one, and it is enforced here
+    assert task.done()
+    assert isinstance(task.exception(), DeadlineExceeded)
+
+
+async def test_singleflight_computation_under_a_deadline_policy_is_bounded(clock: FakeClock) -> None:
+    from brownout.policies.singleflight import Singleflight
+
+    policy = Deadline("model", DeadlineConfig(timeout=10.0), clock=clock)
+    flight: Singleflight[str, str] = Singleflight("f")
+
+    async def job() -> str:
+        await clock.sleep(1000.0)
+        return "x"
+
+    async def caller() -> str:
+        async with deadline(2.0, clock=clock):
+            return await flight.do("k", lambda: policy.call(job))
+
+    t = asyncio.create_task(caller())
+    await clock.run(3.0)
+    assert isinstance(t.exception(), DeadlineExceeded)
+    await clock.run(50.0)
+    assert flight.in_flight == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_non_numeric_timeouts_are_config_errors(bad: float) -> None:
+    from brownout.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timeout"):
+        deadline(bad)
+
+
+async def test_infinite_timeout_sets_no_entry_of_its_own(clock: FakeClock) -> None:
+    import math
+
+    async def forever() -> None:
+        async with deadline(math.inf, clock=clock):
+            await clock.sleep(10**9)
+
+    t = asyncio.create_task(forever())
+    await clock.run(0)
+    for _ in range(5000):
+        async with deadline(math.inf, clock=clock):
+            assert remaining() is None
+    watcher = deadline_module._watchers.get(id(clock))
+    assert watcher is None or watcher.queued == 0
+    t.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await t

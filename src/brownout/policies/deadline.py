@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 import sys
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from typing import Any
 from pydantic import Field
 
 from brownout.clock import SYSTEM_CLOCK, Clock, TimerHandle
-from brownout.errors import DeadlineExceeded
+from brownout.errors import ConfigError, DeadlineExceeded
 from brownout.events import DEFAULT_BUS, DeadlineExpired, EventBus
 from brownout.policies._base import CallForms, EnteredGuards, PolicyConfig
 
@@ -181,31 +182,52 @@ def _finish(entry: list[Any], exc: BaseException | None, timeout: float, name: s
         raise DeadlineExceeded(timeout, policy=name) from exc
 
 
+def _task_and_loop() -> tuple[asyncio.Task[Any], asyncio.AbstractEventLoop]:
+    loop = _get_running_loop()
+    task = _current_task(loop)
+    if task is None:
+        raise RuntimeError("a deadline needs to run inside an asyncio task")
+    return task, loop
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    """Validate a scope's timeout; infinity means no deadline of its own."""
+    if timeout is None or timeout == math.inf:
+        return None
+    if math.isnan(timeout) or timeout == -math.inf:
+        raise ConfigError("timeout", f"must be a number of seconds or None, got {timeout!r}")
+    return float(timeout)
+
+
 def _open(timeout: float | None, clock: Clock, name: str) -> tuple[list[Any] | None, Token[list[Any] | None]]:
-    """Enter a scope: returns the entry to enforce (None when an enclosing one is tighter) and the token."""
+    """Enter a scope: returns the entry to enforce (None when an enclosing one does) and the token."""
     now = clock.now()
     outer = _current.get()
-    when = float("inf") if timeout is None else now + timeout
+    when = math.inf if timeout is None else now + timeout
+    lane_timeout = timeout
+    task, loop = _task_and_loop()
     if outer is not None:
         outer_when = outer[_WHEN] if outer[_CLOCK] is clock else now + (outer[_WHEN] - outer[_CLOCK].now())
         if outer_when <= when:
             if outer_when <= now:
                 raise DeadlineExceeded(timeout if timeout is not None else 0.0, policy=name)
-            # The enclosing scope is tighter: it alone enforces, and owns the cancellation.
-            if outer[_CLOCK] is not clock:
-                outer = [outer_when, clock, None, 0, _RUNNING]
-            return None, _current.set(outer)
-    if timeout is None:
+            if outer[_TASK] is task:
+                # The enclosing scope of this very task is tighter: it alone enforces, and owns the
+                # cancellation. (On another clock, keep a converted copy so remaining() reads this one.)
+                if outer[_CLOCK] is not clock:
+                    outer = [outer_when, clock, task, 0, _FINISHED]
+                return None, _current.set(outer)
+            # The enclosing scope belongs to the task that spawned this one (create_task copies the
+            # context) and will only ever cancel that task: enforce its deadline here ourselves.
+            when = outer_when
+            lane_timeout = None
+    if when == math.inf:
         return None, _current.set(None)
-    if timeout <= 0:
+    if timeout is not None and timeout <= 0:
         raise DeadlineExceeded(timeout, policy=name)
-    loop = _get_running_loop()
-    task = _current_task(loop)
-    if task is None:
-        raise RuntimeError("a deadline needs to run inside an asyncio task")
     entry = [when, clock, task, task.cancelling(), _RUNNING]
     w = _watcher(clock, loop)
-    w.watch(entry, w.lane(timeout))
+    w.watch(entry, None if lane_timeout is None else w.lane(lane_timeout))
     return entry, _current.set(entry)
 
 
@@ -227,7 +249,7 @@ class deadline:  # lower-case: used like a function, ``async with deadline(2.0):
         events: EventBus = DEFAULT_BUS,
         name: str = "deadline",
     ) -> None:
-        self._timeout = timeout
+        self._timeout = _check_timeout(timeout)
         self._clock = clock
         self._events = events
         self._name = name
@@ -286,31 +308,37 @@ class Deadline(CallForms):
         """Run ``await fn(*args, **kwargs)`` within the deadline."""
         clock = self._clock
         outer = _current.get()
-        if outer is not None and outer[_CLOCK] is clock and outer[_WHEN] <= clock.now() + self.timeout:
-            # An enclosing deadline is tighter and already enforced; only refuse if it has passed.
-            if outer[_WHEN] <= clock.now():
-                raise DeadlineExceeded(self.timeout, policy=self.name)
-            return await fn(*args, **kwargs)
         if outer is not None and outer[_CLOCK] is not clock:
             # Deadlines on different clocks: the general path converts between them.
             async with self.scope():
                 return await fn(*args, **kwargs)
-        # The common case, inlined: one entry appended to this policy's lane.
+        # The common case, inlined (this runs on every call): one entry appended to this policy's lane.
         loop = _get_running_loop()
         task = _current_task(loop)
         if task is None:
             raise RuntimeError("a deadline needs to run inside an asyncio task")
+        when = clock.now() + self.timeout
+        lane = self._lane
+        if outer is not None and outer[_WHEN] <= when:
+            if outer[_WHEN] <= clock.now():
+                raise DeadlineExceeded(self.timeout, policy=self.name)
+            if outer[_TASK] is task:
+                # An enclosing deadline of this task is tighter and already enforced.
+                return await fn(*args, **kwargs)
+            # Inherited from the spawning task, which that scope alone would cancel: enforce it here.
+            when = outer[_WHEN]
+            lane = None
         w = self._watcher
         if w is None or w._loop is not loop:
             w = self._watcher = _watcher(clock, loop)
             self._lane = w.lane(self.timeout)
-        when = clock.now() + self.timeout
+            if lane is not None:
+                lane = self._lane
         entry = [when, clock, task, task.cancelling(), _RUNNING]
-        lane = self._lane
         if lane is None:
             w.watch(entry, None)
         else:
-            # Watcher.watch, inlined for the hot path.
+            # Watcher.watch, inlined.
             while lane and lane[0][_STATE]:
                 lane.popleft()
             lane.append(entry)

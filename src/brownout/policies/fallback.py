@@ -106,6 +106,10 @@ class FallbackChain(CallForms, Generic[T]):
 
     __slots__ = ("_clock", "_default_retry_after", "_events", "_strategies", "name")
 
+    receives_call_arguments = True
+    """Read by :func:`~brownout.policies.compose.compose`: the strategies take the call's own
+    arguments, so a chain must be the outermost policy of a composition."""
+
     def __init__(
         self,
         name: str,

@@ -112,15 +112,19 @@ class RetryBudget:
     """Limits retries to a fraction of recent calls, so retries cannot multiply the load on a dependency.
 
     A retry may proceed while ``retries + 1 <= ratio * calls + min_per_second * window`` over the last
-    ``window`` seconds of clock time. Calls and retries are counted in a fixed ring of per-second
-    buckets (``window`` rounded up to whole seconds), so :meth:`record_call` is O(1) and allocates
-    nothing. One budget may be shared by several :class:`Retry` objects (say, every retry in front of
-    the same model server).
+    ``window`` seconds of clock time. Calls and retries are counted per whole second of clock time in
+    a fixed ring of buckets (``window`` rounded up to whole seconds): :meth:`record_call` is one clock
+    read, one comparison and one increment, and allocates nothing. One budget may be shared by
+    several :class:`Retry` objects (say, every retry in front of the same model server).
     """
 
     __slots__ = (
         "_calls",
+        "_cur_calls",
+        "_cur_retries",
+        "_cur_sec",
         "_n",
+        "_next",
         "_now",
         "_reserve",
         "_retries",
@@ -153,49 +157,63 @@ class RetryBudget:
         self._reserve = self.min_per_second * self.window
         self._now = clock.now
         self._n = max(1, math.ceil(self.window))
-        # The second each bucket counts; a bucket whose stamp is stale is reset before reuse.
+        # The current second is counted in plain slots (the hot path touches nothing else) and moved
+        # into the ring when the clock enters a later second. ``_next`` is when that happens.
+        self._cur_sec = math.floor(self._now())
+        self._next = float(self._cur_sec + 1)
+        self._cur_calls = 0
+        self._cur_retries = 0
+        # The ring: past seconds' counts, each bucket tagged with the second it counts.
         self._stamps = [-(1 << 62)] * self._n
         self._calls = [0] * self._n
         self._retries = [0] * self._n
 
     def record_call(self) -> None:
         """Count one logical call (not each attempt)."""
-        sec = math.floor(self._now())
-        i = sec % self._n
-        if self._stamps[i] == sec:
-            self._calls[i] += 1
-        else:
-            self._stamps[i] = sec
-            self._calls[i] = 1
-            self._retries[i] = 0
+        if self._now() >= self._next:
+            self._roll()
+        self._cur_calls += 1
 
-    def _totals(self, sec: int) -> tuple[int, int]:
+    def _roll(self) -> None:
+        """Move the current second's counts into the ring and start counting the clock's second."""
+        sec = math.floor(self._now())
+        if sec <= self._cur_sec:  # pragma: no cover - a clock that went backwards; keep counting
+            return
+        i = self._cur_sec % self._n
+        self._stamps[i] = self._cur_sec
+        self._calls[i] = self._cur_calls
+        self._retries[i] = self._cur_retries
+        self._cur_sec = sec
+        self._next = float(sec + 1)
+        self._cur_calls = 0
+        self._cur_retries = 0
+
+    def _totals(self) -> tuple[int, int]:
+        """Calls and retries in the window, the current second included."""
+        if self._now() >= self._next:
+            self._roll()
+        sec = self._cur_sec
         oldest = sec - self._n
-        calls = retries = 0
+        calls = self._cur_calls
+        retries = self._cur_retries
         for i, stamp in enumerate(self._stamps):
-            if oldest < stamp <= sec:
+            if oldest < stamp < sec:
                 calls += self._calls[i]
                 retries += self._retries[i]
         return calls, retries
 
     def try_spend(self) -> bool:
         """Count one retry and return True if the budget allows it; return False (counting nothing) if not."""
-        sec = math.floor(self._now())
-        calls, retries = self._totals(sec)
+        calls, retries = self._totals()
         if retries + 1 > self.ratio * calls + self._reserve + _EPSILON:
             return False
-        i = sec % self._n
-        if self._stamps[i] != sec:
-            self._stamps[i] = sec
-            self._calls[i] = 0
-            self._retries[i] = 0
-        self._retries[i] += 1
+        self._cur_retries += 1
         return True
 
     @property
     def available(self) -> int:
         """How many retries the budget would allow right now."""
-        calls, retries = self._totals(math.floor(self._now()))
+        calls, retries = self._totals()
         return max(0, math.floor(self.ratio * calls + self._reserve + _EPSILON) - retries)
 
     def __repr__(self) -> str:
