@@ -256,10 +256,6 @@ async def test_rate_below_threshold_stays_closed(clock: FakeClock) -> None:
     assert breaker.state is OPEN
 
 
-@pytest.mark.xfail(  # FIXED?
-    strict=True,
-    reason="breaker bug: a success that brings the window to minimum_calls never evaluates the rate",
-)
 async def test_alternating_failures_open_at_half(clock: FakeClock) -> None:
     # F,S,F,S,... : after the 10th call (a success) the window holds 5 failures in 10 calls = 0.5.
     breaker = make(clock, window_size=10, minimum_calls=10)
@@ -267,10 +263,6 @@ async def test_alternating_failures_open_at_half(clock: FakeClock) -> None:
     assert breaker.state is OPEN
 
 
-@pytest.mark.xfail(  # FIXED?
-    strict=True,
-    reason="breaker bug: a success that brings the window to minimum_calls never evaluates the rate",
-)
 async def test_success_reaching_minimum_calls_opens(clock: FakeClock) -> None:
     breaker = make(clock, window_size=8, minimum_calls=4)
     await run(breaker, "FFF")
@@ -279,10 +271,6 @@ async def test_success_reaching_minimum_calls_opens(clock: FakeClock) -> None:
     assert breaker.state is OPEN
 
 
-@pytest.mark.xfail(  # FIXED?
-    strict=True,
-    reason="breaker bug: failures >= threshold * calls rounds (0.55 * 100 == 55.00000000000001)",
-)
 async def test_rate_exactly_at_threshold_opens_for_decimal_thresholds(clock: FakeClock) -> None:
     breaker = make(clock, window_size=100, minimum_calls=100, failure_rate_threshold=0.55)
     await run(breaker, "S" * 45 + "F" * 55)
@@ -304,6 +292,67 @@ async def test_count_window_slides(clock: FakeClock) -> None:
     assert breaker.metrics().failures == 4
     await run(breaker, "F")
     assert breaker.state is OPEN
+
+
+async def test_successes_after_minimum_calls_keep_their_order(clock: FakeClock) -> None:
+    # Once the window holds minimum_calls outcomes, successes may be counted lazily; they must still
+    # enter the window in the order the calls finished, or later evictions drop the wrong outcomes.
+    breaker = make(clock, window_size=4, minimum_calls=4, failure_rate_threshold=0.75)
+    await run(breaker, "SSSF")
+    await run(breaker, "SSF")  # window, oldest first: F S S F
+    await run(breaker, "SS")  # S F S S (had the failure gone in before the successes: S S S S)
+    m = breaker.metrics()
+    assert (m.calls, m.failures, m.state) == (4, 1, CLOSED)
+    await run(breaker, "S" * 25)  # more successes than the window holds
+    assert (breaker.metrics().calls, breaker.metrics().failures) == (4, 0)
+    await run(breaker, "SFF")
+    assert breaker.state is CLOSED  # S S F F: 0.5
+    await run(breaker, "F")
+    assert breaker.state is OPEN  # S F F F: 0.75
+
+
+@pytest.mark.parametrize("form", ["call", "wrap"])
+async def test_late_outcomes_of_hot_path_calls_are_discarded(clock: FakeClock, form: str) -> None:
+    breaker = make(clock, window_size=4, minimum_calls=4, success_threshold=1)
+    await run(breaker, "SSSS")  # enough outcomes for the success hot path
+    gate = Gate()
+    fns = [gate.fn(), gate.fn()]
+    if form == "call":
+        late = [asyncio.create_task(breaker.call(fn)) for fn in fns]
+    else:
+        late = [asyncio.create_task(breaker.wrap(fn)()) for fn in fns]
+    await settle()
+    assert gate.started == 2
+    await run(breaker, "FF")
+    assert breaker.state is OPEN
+    clock.advance(60)
+    await run(breaker, "S")  # the probe closes it with a fresh window
+    assert breaker.state is CLOSED
+    gate.release(0)
+    gate.release(1, Boom("late"))
+    assert await late[0] == "held-0"
+    with pytest.raises(Boom):
+        await late[1]
+    m = breaker.metrics()
+    assert (m.calls, m.failures, m.state) == (0, 0, CLOSED)
+
+
+async def test_wrap_counts_every_outcome(clock: FakeClock) -> None:
+    breaker = make(clock, window_size=8, minimum_calls=2)
+    wrapped_ok, wrapped_fail = breaker.wrap(ok), breaker.wrap(fail)
+    for _ in range(20):
+        assert await wrapped_ok() == "ok"
+    assert (breaker.metrics().calls, breaker.metrics().failures) == (8, 0)
+    for expected in range(1, 4):
+        with pytest.raises(Boom):
+            await wrapped_fail()
+        assert (breaker.metrics().calls, breaker.metrics().failures) == (8, expected)
+    assert breaker.state is CLOSED
+    with pytest.raises(Boom):
+        await wrapped_fail()  # 4 of 8
+    assert breaker.state is OPEN
+    with pytest.raises(CircuitOpen):
+        await wrapped_ok()
 
 
 # -- the time window -----------------------------------------------------------------------------------
@@ -371,7 +420,9 @@ async def test_time_window_opens_on_rate_of_recent_outcomes(clock: FakeClock) ->
 # -- slow calls ----------------------------------------------------------------------------------------
 
 
-def slow_fn(clock: FakeClock, seconds: float, error: BaseException | None = None) -> Callable[[], Awaitable[str]]:
+def slow_fn(
+    clock: FakeClock, seconds: float, error: BaseException | None = None
+) -> Callable[[], Awaitable[str]]:
     """A call that takes ``seconds`` of fake time."""
 
     async def fn() -> str:
@@ -405,7 +456,9 @@ async def test_slow_call_rate_opens(clock: FakeClock) -> None:
 
 
 async def test_slow_failure_counts_as_both(clock: FakeClock) -> None:
-    breaker = make(clock, window_size=10, minimum_calls=10, slow_call_rate_threshold=0.5, slow_call_duration=1)
+    breaker = make(
+        clock, window_size=10, minimum_calls=10, slow_call_rate_threshold=0.5, slow_call_duration=1
+    )
     with pytest.raises(Boom):
         await breaker.call(slow_fn(clock, 3, Boom()))
     m = breaker.metrics()
@@ -422,7 +475,12 @@ async def test_slow_calls_not_tracked_without_threshold(clock: FakeClock) -> Non
 
 async def test_slow_probe_reopens(clock: FakeClock) -> None:
     breaker = make(
-        clock, window_size=2, minimum_calls=2, slow_call_rate_threshold=1.0, slow_call_duration=5, open_wait=10
+        clock,
+        window_size=2,
+        minimum_calls=2,
+        slow_call_rate_threshold=1.0,
+        slow_call_duration=5,
+        open_wait=10,
     )
     await breaker.call(slow_fn(clock, 5))
     await breaker.call(slow_fn(clock, 5))
@@ -585,11 +643,6 @@ async def test_default_open_wait_does_not_grow(clock: FakeClock) -> None:
         assert breaker.retry_after() == 60
 
 
-@pytest.mark.xfail(  # FIXED?
-    strict=True,
-    reason="breaker bug: open_wait_multiplier ** consecutive_opens overflows (OverflowError) after ~1024 "
-    "re-opens without a close, even though the wait is capped",
-)
 async def test_backoff_survives_a_long_outage(clock: FakeClock) -> None:
     breaker = make(
         clock, window_size=1, minimum_calls=1, open_wait=1, open_wait_multiplier=2, open_wait_max=10
@@ -682,10 +735,6 @@ async def test_cancelled_probe_frees_its_slot(clock: FakeClock) -> None:
     assert breaker.available
 
 
-@pytest.mark.xfail(  # FIXED?
-    strict=True,
-    reason="breaker bug: CancelledError is counted as a failure when record_exceptions covers BaseException",
-)
 async def test_cancelled_call_never_counted_even_when_recording_base_exception(clock: FakeClock) -> None:
     breaker = make(clock, window_size=2, minimum_calls=1, record_exceptions=(BaseException,))
     gate = Gate()
@@ -708,6 +757,24 @@ async def test_failure_result_counts_but_returns_the_value(clock: FakeClock) -> 
     assert await breaker.call(ok, {"status": 503}) == {"status": 503}
     m = breaker.metrics()
     assert (m.calls, m.failures, m.state) == (2, 1, OPEN)
+
+
+async def test_raising_failure_result_does_not_wedge_half_open(clock: FakeClock) -> None:
+    breaker = make(
+        clock,
+        window_size=2,
+        minimum_calls=2,
+        half_open_max_calls=1,
+        failure_result=lambda r: r["status"] >= 500,  # raises on a result that is not a dict
+    )
+    await open_breaker(breaker)
+    clock.advance(60)
+    with pytest.raises(TypeError):
+        await breaker.call(ok, "not a dict")
+    # Whether the raising check counts as a failure (open again) or as nothing (slot freed), a call
+    # made after another open wait must be let through.
+    clock.advance(60)
+    assert await breaker.call(ok, {"status": 200}) == {"status": 200}
 
 
 # -- late outcomes -------------------------------------------------------------------------------------------
@@ -780,7 +847,13 @@ async def test_force_closed_never_opens_but_records(clock: FakeClock) -> None:
     breaker.force_closed()
     await run(breaker, "FFFFF")
     m = breaker.metrics()
-    assert (m.state, m.calls, m.failures, m.opened, m.state.metric) == (BreakerState.FORCED_CLOSED, 4, 4, 0, 0)
+    assert (m.state, m.calls, m.failures, m.opened, m.state.metric) == (
+        BreakerState.FORCED_CLOSED,
+        4,
+        4,
+        0,
+        0,
+    )
     assert breaker.available
     breaker.reset()
     assert (breaker.state, breaker.metrics().calls) == (CLOSED, 0)
@@ -885,10 +958,14 @@ async def test_guard_record_result(clock: FakeClock) -> None:
 
 async def test_guard_records_once(clock: FakeClock) -> None:
     breaker = make(clock, window_size=4, minimum_calls=4)
-    with pytest.raises(Boom):
+
+    async def block() -> None:
         async with breaker.guard() as g:
             g.record_result("fine")
             raise Boom  # after record_result the exit records nothing more
+
+    with pytest.raises(Boom):
+        await block()
     m = breaker.metrics()
     assert (m.calls, m.failures) == (1, 0)
     async with breaker.guard():
@@ -935,7 +1012,9 @@ async def test_async_with_in_concurrent_tasks(clock: FakeClock) -> None:
 async def test_events_on_transitions_and_rejections(clock: FakeClock, bus: EventBus) -> None:
     seen: list[Event] = []
     bus.subscribe(seen.append)
-    breaker = make(clock, bus, window_size=2, minimum_calls=2, failure_rate_threshold=1.0, success_threshold=1)
+    breaker = make(
+        clock, bus, window_size=2, minimum_calls=2, failure_rate_threshold=1.0, success_threshold=1
+    )
     await run(breaker, "SS")
     assert seen == []  # nothing on the success path
     await run(breaker, "FF")

@@ -7,7 +7,11 @@
     ├── Rejected               the call was not run (or was cut short); carries ``retry_after`` seconds
     │   ├── CircuitOpen        a breaker refused the call (open, forced open, half-open probes busy)
     │   ├── Overloaded         admission control shed the call (queue full, waited too long, tripped)
-    │   └── DeadlineExceeded   the caller's deadline passed (also a TimeoutError)
+    │   ├── DeadlineExceeded   the caller's deadline passed (also a TimeoutError)
+    │   ├── ModelUnavailable   no endpoint of a model role can take a call now
+    │   └── ServiceUnavailable the service cannot answer now (HTTP 503 with Retry-After)
+    ├── ModelError             a model endpoint failed: connection, HTTP status, malformed answer
+    ├── GuardFailed            the JSON guard got no schema-valid answer within its attempts
     └── AllFallbacksFailed     every strategy of a fallback chain failed; carries each cause
 
 A retry that gives up re-raises the last error it saw, unchanged, so callers handle the real cause;
@@ -27,8 +31,12 @@ __all__ = [
     "CircuitOpen",
     "ConfigError",
     "DeadlineExceeded",
+    "GuardFailed",
+    "ModelError",
+    "ModelUnavailable",
     "Overloaded",
     "Rejected",
+    "ServiceUnavailable",
 ]
 
 
@@ -100,6 +108,52 @@ class DeadlineExceeded(Rejected, TimeoutError):
     def __init__(self, timeout: float, *, retry_after: float = 1.0, policy: str = "deadline") -> None:
         super().__init__(f"deadline of {timeout:.3g}s exceeded", retry_after=retry_after, policy=policy)
         self.timeout = timeout
+
+
+class ModelUnavailable(Rejected):
+    """No endpoint of model role ``role`` can take a call now (every breaker open, or none healthy)."""
+
+    def __init__(self, role: str, *, retry_after: float, reason: str = "all endpoints unavailable") -> None:
+        super().__init__(f"model {role!r} unavailable: {reason}", retry_after=retry_after, policy=role)
+        self.role = role
+        self.reason = reason
+
+
+class ServiceUnavailable(Rejected):
+    """The service cannot answer now; an HTTP layer answers 503 with ``Retry-After``."""
+
+
+class ModelError(BrownoutError):
+    """A call to a model endpoint failed.
+
+    ``endpoint`` is the endpoint's URL, ``status`` the HTTP status when there was one (None for
+    connection errors and malformed answers), ``retry_after`` the endpoint's own ``Retry-After`` hint
+    in seconds when it sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: str = "",
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.endpoint = endpoint
+        self.status = status
+        self.retry_after = retry_after
+
+
+class GuardFailed(BrownoutError):
+    """The JSON guard got no schema-valid answer. ``errors`` lists why each attempt failed."""
+
+    def __init__(self, name: str, errors: Sequence[str], *, attempts: int) -> None:
+        detail = "; ".join(errors[-3:])
+        super().__init__(f"JSON guard {name!r} gave up after {attempts} attempt(s): {detail}")
+        self.name = name
+        self.errors: tuple[str, ...] = tuple(errors)
+        self.attempts = attempts
 
 
 class AllFallbacksFailed(BrownoutError):

@@ -25,6 +25,9 @@ __all__ = [
     "Event",
     "EventBus",
     "FallbackServed",
+    "GuardGaveUp",
+    "GuardRetried",
+    "ModeDownshifted",
     "RetryAttempted",
     "RetryGaveUp",
 ]
@@ -100,6 +103,15 @@ class FallbackServed(Event):
     skipped: int
 
 
+@dataclass(frozen=True, slots=True)
+class ModeDownshifted(Event):
+    """A pipeline served ``served`` ("none" when no mode was available) instead of ``requested``."""
+
+    requested: str
+    served: str
+    reason: str
+
+
 Subscriber = Callable[[Event], object]
 
 
@@ -142,3 +154,19 @@ class EventBus:
 
 DEFAULT_BUS = EventBus()
 """The process-wide bus that policies emit to unless given another."""
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRetried(Event):
+    """A JSON guard is re-asking the model (``attempt`` is the attempt about to be made) after ``error``."""
+
+    attempt: int
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class GuardGaveUp(Event):
+    """A JSON guard got no schema-valid answer in ``attempts`` attempts; ``error`` is the last problem."""
+
+    attempts: int
+    error: str

@@ -14,7 +14,7 @@ States (``circuit_breaker_state`` metric value in brackets):
   ``open_wait_multiplier`` > 1), then the breaker is half-open.
 * ``half_open`` [2] -- at most ``half_open_max_calls`` probe calls run at a time; after
   ``success_threshold`` consecutive successful probes the breaker closes with a fresh window; any
-  failed probe opens it again.
+  failed probe (or slow one, when slow calls are tracked) opens it again.
 * ``forced_open`` [1], ``forced_closed`` [0], ``disabled`` [0] -- set by an operator and left only by
   :meth:`CircuitBreaker.reset`. Forced-closed runs every call and keeps recording (metrics only);
   disabled runs every call and records nothing.
@@ -119,7 +119,9 @@ class BreakerConfig(PolicyConfig):
     open_wait_multiplier: float = Field(
         default=1.0, ge=1, description="open_wait grows by this factor on each re-open without a close"
     )
-    open_wait_max: float = Field(default=600.0, gt=0, description="cap on the grown open wait, seconds")
+    open_wait_max: float | None = Field(
+        default=None, gt=0, description="cap on the grown open wait, seconds (default: max(600, open_wait))"
+    )
     half_open_retry_after: float = Field(
         default=1.0, ge=0, description="retry_after given when all half-open probe slots are busy"
     )
@@ -140,7 +142,7 @@ class BreakerConfig(PolicyConfig):
                 f"minimum_calls ({self.minimum_calls}) cannot exceed window_size ({self.window_size}) "
                 "for a count window: the failure rate would never count"
             )
-        if self.open_wait_max < self.open_wait:
+        if self.open_wait_max is not None and self.open_wait_max < self.open_wait:
             raise ValueError(f"open_wait_max ({self.open_wait_max}) must be >= open_wait ({self.open_wait})")
         return self
 
@@ -533,11 +535,19 @@ class CircuitBreaker(CallForms):
         raise CircuitOpen(self.name, state, retry_after=retry_after)
 
     def _on_result(self, gen: int, result: Any, elapsed: float) -> None:
+        slow = 2 if elapsed >= self._slow_after else 0
         predicate = self._failure_result
-        if predicate is not None and predicate(result):
-            self._on_outcome(gen, 1 | (2 if elapsed >= self._slow_after else 0))
-        else:
-            self._on_outcome(gen, 2 if elapsed >= self._slow_after else 0)
+        if predicate is None:
+            self._on_outcome(gen, slow)
+            return
+        try:
+            failed = predicate(result)
+        except BaseException:
+            # A predicate that cannot judge the value: count the call as failed (which also frees a
+            # half-open probe slot, so the breaker cannot wedge) and let the caller see the error.
+            self._on_outcome(gen, 1 | slow)
+            raise
+        self._on_outcome(gen, (1 | slow) if failed else slow)
 
     def _on_success(self, gen: int, elapsed: float) -> None:
         self._on_outcome(gen, 2 if elapsed >= self._slow_after else 0)
@@ -613,7 +623,8 @@ class CircuitBreaker(CallForms):
         if self._consecutive_opens == 1:
             wait = cfg.open_wait
         else:
-            wait = min(self._last_wait * cfg.open_wait_multiplier, cfg.open_wait_max)
+            cap = cfg.open_wait_max if cfg.open_wait_max is not None else max(600.0, cfg.open_wait)
+            wait = min(self._last_wait * cfg.open_wait_multiplier, cap)
         self._last_wait = wait
         self._open_until = self._clock.now() + wait
         self._opened += 1

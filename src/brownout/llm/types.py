@@ -1,0 +1,50 @@
+"""Plain data shared by the model client, the local model supervisor, the JSON guard and the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from brownout.policies._base import PolicyConfig
+
+__all__ = ["ChatResult", "EndpointConfig", "Message", "ProbeResult"]
+
+Message = dict[str, str]
+"""One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
+
+
+class EndpointConfig(PolicyConfig):
+    """One OpenAI-compatible endpoint serving a model role (vLLM, llama.cpp server, Ollama, ...)."""
+
+    url: str = Field(description="base URL, e.g. http://127.0.0.1:8081 (the client appends /v1/...)")
+    model: str = Field(default="default", description="the 'model' field sent in requests")
+    api_key: str | None = Field(default=None, description="sent as a bearer token when set")
+    json_schema: bool = Field(
+        default=True,
+        description="the endpoint honours response_format json_schema (grammar-constrained decoding)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A chat completion that came back: the text and where and how fast it was served."""
+
+    content: str
+    role: str
+    endpoint: str
+    latency: float
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """The outcome of a health probe (a tiny test inference under a timeout) of one endpoint."""
+
+    role: str
+    endpoint: str
+    healthy: bool
+    latency: float
+    error: str | None = None
