@@ -101,6 +101,8 @@ class FakeClock:
         Use this when tasks sleep in chains (sleep, work, sleep again): each wake-up gets the loop
         before time moves on.
         """
+        if seconds < 0:
+            raise ValueError("a clock cannot go backwards")
         target = self._now + seconds
         await _settle(step_yields)
         while self._timers and self._timers[0][0] <= target:

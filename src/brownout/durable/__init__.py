@@ -1,0 +1,1 @@
+"""Data that must not be lost: the store for briefs and requests (SQLite by default, PostgreSQL by URL)."""
