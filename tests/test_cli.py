@@ -1,4 +1,4 @@
-"""The ``brownout`` command line: version, serve's refusal, and the side-by-side benchmarks.
+"""The ``brownout`` command line: version, serve's config errors, and the side-by-side benchmarks.
 
 The benchmarks run for real against the peer libraries of the ``bench`` extra, on small sizes so each
 test takes well under a second. Only behaviour is asserted (rows present, counts), never a timing.
@@ -7,6 +7,7 @@ test takes well under a second. Only behaviour is asserted (rows present, counts
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,11 +41,18 @@ def test_version_prints_the_package_version(runner: CliRunner) -> None:
     assert result.stdout.strip() == brownout.__version__
 
 
-def test_serve_refuses_plainly_with_status_2(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["serve"])
+def test_serve_with_an_invalid_config_names_the_key_and_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("circuit_breaker:\n  failure_threshold: 1.5\n")
+    result = runner.invoke(app, ["serve", "--config", str(config)])
     assert result.exit_code == 2
-    assert "not available yet" in result.stderr
-    assert result.stdout == ""
+    assert "circuit_breaker.failure_threshold" in result.stderr
+
+
+def test_serve_with_a_missing_config_file_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "cannot read" in result.stderr
 
 
 def test_no_arguments_shows_help(runner: CliRunner) -> None:

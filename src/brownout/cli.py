@@ -1,15 +1,16 @@
 """The ``brownout`` command line.
 
+* ``brownout serve [--config FILE]`` -- the creative-brief server on its embedded defaults (three local
+  model servers, in-memory cache, SQLite), or as configured;
+* ``brownout brief "text" [--mode creative] [--url URL]`` -- ask a running server for a brief;
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout version``.
-
-``brownout serve`` (the creative-brief server) is not built yet; the command says so plainly and exits
-with status 2 rather than pretending.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -39,14 +40,71 @@ def version() -> None:
 
 
 @app.command()
-def serve() -> None:
-    """Run the creative-brief server (not built yet)."""
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config file (default: built-in defaults).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Override server.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override server.port.")] = None,
+    log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
+) -> None:
+    """Run the creative-brief server: API on 127.0.0.1:8000 and a local model server per role."""
+    import logging
+
+    import uvicorn
+
+    from brownout.config import load_config
+    from brownout.errors import ConfigError
+    from brownout.server.app import create_app
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(f"invalid configuration: {e}", err=True)
+        raise typer.Exit(2) from e
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if overrides:
+        cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(cfg)
     typer.echo(
-        "brownout serve is not available yet: the server is being built (see the README). "
-        "The resilience policies and `brownout bench` work today.",
-        err=True,
+        f"brownout {__version__}: serving briefs on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C stops)"
     )
-    raise typer.Exit(2)
+    try:
+        uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=log_level.lower())
+    except ConfigError as e:
+        typer.echo(f"cannot start: {e}", err=True)
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def brief(
+    text: Annotated[str, typer.Argument(help="The customer's wish, in free text.")],
+    mode: Annotated[str, typer.Option(help="fast, balanced or creative.")] = "balanced",
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running brownout server.")
+    ] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 120.0,
+) -> None:
+    """Ask a running server for a creative brief and print the JSON answer."""
+    import httpx
+
+    try:
+        response = httpx.post(
+            f"{url.rstrip('/')}/v1/briefs", json={"text": text, "mode": mode}, timeout=timeout
+        )
+    except httpx.HTTPError as e:
+        typer.echo(f"cannot reach {url}: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(json.dumps(response.json(), indent=2, ensure_ascii=False))
+    if response.status_code >= 400:
+        retry = response.headers.get("Retry-After")
+        typer.echo(f"HTTP {response.status_code}" + (f"; retry after {retry}s" if retry else ""), err=True)
+        raise typer.Exit(1)
 
 
 def _fmt(value: Any) -> str:
@@ -132,6 +190,67 @@ def bench_stampede(
     _print_goals(console, result["goals"])
 
 
+@bench_app.command("guard")
+def bench_guard(
+    as_json: JsonFlag = False,
+    prompts: Annotated[
+        int, typer.Option(min=1, help="How many of the built-in varied requests to run.")
+    ] = 40,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads of the local model server.")] = 2,
+) -> None:
+    """The JSON guard on the real embedded model: valid first answers with and without constrained
+    decoding, served-valid share, generator calls per request, fallback share, latency."""
+    from brownout.bench import guard
+
+    try:
+        result = guard.run(prompts=prompts, threads=threads)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--prompts") from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"JSON guard on {result['model']}, {result['prompts']} requests")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key not in ("model", "guard"):
+            table.add_row(key, _fmt(value))
+    console.print(table)
+    console.print(f"  guard counters: {result['guard']}")
+
+
+@bench_app.command("http")
+def bench_http(
+    as_json: JsonFlag = False,
+    connections: Annotated[int, typer.Option(min=1, help="Concurrent connections wrk keeps open.")] = 16,
+    seconds: Annotated[int, typer.Option(min=1, help="Seconds wrk drives each target.")] = 10,
+) -> None:
+    """Cached briefs against a bare FastAPI endpoint returning the same JSON, with wrk."""
+    from brownout.bench import http
+
+    try:
+        result = http.run(connections=connections, seconds=seconds)
+    except RuntimeError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    table = Table(title=f"POST /v1/briefs, {connections} connections, {seconds} s each (wrk)")
+    for col in ("target", "req/s", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    for row in result["rows"]:
+        table.add_row(row["target"], _fmt(row["rps"]), f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}")
+    console.print(table)
+    console.print(f"  brownout/bare throughput: {result['brownout_vs_bare_rps']}")
+
+
 def main() -> None:
     """Entry point of the ``brownout`` console script."""
     app()
+
+
+if __name__ == "__main__":
+    main()

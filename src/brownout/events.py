@@ -28,6 +28,7 @@ __all__ = [
     "GuardGaveUp",
     "GuardRetried",
     "ModeDownshifted",
+    "ModelServerRestarted",
     "RetryAttempted",
     "RetryGaveUp",
 ]
@@ -170,3 +171,13 @@ class GuardGaveUp(Event):
 
     attempts: int
     error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelServerRestarted(Event):
+    """A supervised local model server was replaced by a new process ``pid`` because of ``reason``;
+    ``restarts`` counts the replacements so far."""
+
+    pid: int
+    reason: str
+    restarts: int

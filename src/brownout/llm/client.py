@@ -1,0 +1,487 @@
+"""The model client: one model *role* served by one or more OpenAI-compatible endpoints.
+
+:class:`ModelClient` sends chat completions over HTTP (httpx) and keeps a dead or sick endpoint from
+costing its callers time:
+
+* each endpoint has its own :class:`~brownout.policies.breaker.CircuitBreaker`, configured by
+  ``BreakerGroupConfig.for_name(role)`` (so seed 004's ``qwen`` override of 0.4 applies to the
+  generator role);
+* a call goes to an endpoint whose breaker permits it -- the one with the fewest calls in flight,
+  then the lowest recent latency (an exponentially weighted moving average);
+* a failed attempt is retried (a :class:`~brownout.policies.retry.Retry`, 2 attempts by default) on
+  another available endpoint when there is one;
+* each attempt is bounded by the client's timeout, or by the caller's deadline
+  (:func:`brownout.policies.deadline.remaining`) when that is sooner.
+
+What counts against an endpoint (breaker failure, retried): connection errors, timeouts, HTTP 5xx,
+408, 425 and 429, and 2xx bodies that are not an OpenAI chat completion. What does not (raised at
+once, never retried, not recorded): other 4xx statuses such as 400, 401, 403, 404, 413 and 422 --
+the request was wrong, not the endpoint. A ``Retry-After`` header rides on the
+:class:`~brownout.errors.ModelError` as ``retry_after``, which the retry honours.
+
+Errors: :class:`~brownout.errors.ModelUnavailable` when no endpoint can take the call (its
+``retry_after`` is the soonest any breaker lets a call through), :class:`~brownout.errors.ModelError`
+when the attempts failed (the last failure, as the retry re-raises it), and
+:class:`~brownout.errors.DeadlineExceeded` when the caller's deadline cut the call short.
+
+Whether the *text* is what was asked for (valid JSON, schema) is the JSON guard's business, not the
+client's: a completion whose content is prose is a success here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Final
+
+import httpx
+from pydantic import BaseModel, Field, ValidationError
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable
+from brownout.events import DEFAULT_BUS, EventBus
+from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
+from brownout.policies.breaker import BreakerGroupConfig, CircuitBreaker
+from brownout.policies.deadline import remaining
+from brownout.policies.retry import Retry, RetryConfig
+
+__all__ = ["DEFAULT_RETRY", "PROBE_PROMPT", "ModelClient", "is_caller_fault"]
+
+DEFAULT_RETRY: Final = RetryConfig(max_attempts=2, backoff_base=0.2)
+"""The retry of a client given none: one more attempt (on another endpoint if there is one)."""
+
+PROBE_PROMPT: Final = "Reply with OK."
+"""The test inference of :meth:`ModelClient.probe` (with ``max_tokens=4``)."""
+
+# Weight of the newest latency in the moving average: about the last five calls matter.
+_EWMA_ALPHA: Final = 0.3
+
+# 4xx statuses that say "not now" rather than "wrong request": the endpoint is to blame.
+_SERVER_SIDE_4XX: Final = frozenset({408, 425, 429})
+
+
+def is_caller_fault(status: int | None) -> bool:
+    """True for an HTTP status that blames the request (most 4xx), not the endpoint.
+
+    Such failures are neither retried nor counted by the endpoint's breaker: a malformed prompt
+    must not take a healthy model out of service.
+    """
+    return status is not None and 400 <= status < 500 and status not in _SERVER_SIDE_4XX
+
+
+class _Message(BaseModel):
+    content: str | None = None
+
+
+class _Choice(BaseModel):
+    message: _Message
+    finish_reason: str | None = None
+
+
+class _Completion(BaseModel):
+    """The part of an OpenAI chat completion the client reads; other fields are ignored."""
+
+    choices: list[_Choice] = Field(min_length=1)
+    usage: dict[str, Any] | None = None
+
+
+class _NotCounted(Exception):
+    """Carries a caller-fault :class:`ModelError` through the breaker, which ignores this type."""
+
+    def __init__(self, error: ModelError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Endpoint:
+    """One endpoint's runtime state."""
+
+    __slots__ = ("breaker", "chat_url", "config", "ewma", "headers", "in_flight", "url")
+
+    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker) -> None:
+        self.config = config
+        self.url = config.url.rstrip("/")
+        self.chat_url = f"{self.url}/v1/chat/completions"
+        self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+        self.breaker = breaker
+        self.in_flight = 0
+        self.ewma: float | None = None  # seconds; None until the first answer
+
+    def observe(self, latency: float) -> None:
+        ewma = self.ewma
+        self.ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
+
+    def body(
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        temperature: float,
+        response_format: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.config.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
+        if response_format is not None and (
+            self.config.json_schema or response_format.get("type") != "json_schema"
+        ):
+            # An endpoint without grammar support may reject json_schema outright; it gets the
+            # prompt alone and the JSON guard judges the text.
+            body["response_format"] = response_format
+        return body
+
+
+class ModelClient:
+    """Chat completions for one model role over one or more endpoints (see the module docstring).
+
+    ``breakers`` configures the per-endpoint breakers (``for_name(role)``), ``retry`` the attempts
+    (default :data:`DEFAULT_RETRY`), ``timeout`` the seconds one attempt may take. ``http`` lets the
+    caller share an ``httpx.AsyncClient``; without one the client makes its own (ignoring proxy
+    environment variables: model servers are local or on the private network) and :meth:`aclose`
+    closes it.
+    """
+
+    __slots__ = ("_clock", "_endpoints", "_http", "_own_http", "_retry", "role", "timeout")
+
+    def __init__(
+        self,
+        role: str,
+        endpoints: Sequence[EndpointConfig],
+        *,
+        breakers: BreakerGroupConfig | None = None,
+        retry: RetryConfig | None = None,
+        timeout: float = 10.0,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ConfigError("endpoints", f"model role {role!r} needs at least one endpoint")
+        if not timeout > 0 or math.isinf(timeout):
+            raise ConfigError("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        self.role = role
+        """The model role served (also the breaker name, or its prefix with several endpoints)."""
+        self.timeout = float(timeout)
+        """Seconds one attempt may take when the call gives none."""
+        self._clock = clock
+        base = (breakers or BreakerGroupConfig()).for_name(role)
+        breaker_config = base.model_copy(update={"ignore_exceptions": (*base.ignore_exceptions, _NotCounted)})
+        eps: list[_Endpoint] = []
+        seen: set[str] = set()
+        for i, cfg in enumerate(endpoints):
+            url = cfg.url.rstrip("/")
+            try:
+                scheme = httpx.URL(url).scheme
+            except httpx.InvalidURL as e:
+                raise ConfigError(f"endpoints[{i}].url", f"{url!r} is not a URL: {e}") from e
+            if scheme not in ("http", "https"):
+                raise ConfigError(f"endpoints[{i}].url", f"{url!r} must be an http:// or https:// URL")
+            if url in seen:
+                raise ConfigError(f"endpoints[{i}].url", f"{url!r} is listed twice for role {role!r}")
+            seen.add(url)
+            name = role if len(endpoints) == 1 else f"{role}@{url}"
+            eps.append(_Endpoint(cfg, CircuitBreaker(name, breaker_config, clock=clock, events=events)))
+        self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
+        retry_config = retry or DEFAULT_RETRY
+        user_if = retry_config.retry_if
+
+        def retriable(error: BaseException) -> bool:
+            # Retry only the endpoint's failures, and only when some endpoint could take the retry:
+            # waiting out a backoff to meet an open breaker helps nobody.
+            return (
+                isinstance(error, ModelError)
+                and not is_caller_fault(error.status)
+                and self.available
+                and (user_if is None or user_if(error))
+            )
+
+        self._retry = Retry(
+            role, retry_config.model_copy(update={"retry_if": retriable}), clock=clock, events=events
+        )
+        self._own_http = http is None
+        self._http = http if http is not None else httpx.AsyncClient(trust_env=False)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def endpoints(self) -> tuple[EndpointConfig, ...]:
+        """The endpoint configs, in the order given."""
+        return tuple(ep.config for ep in self._endpoints)
+
+    @property
+    def available(self) -> bool:
+        """True when some endpoint's breaker would let a call through now."""
+        return any(ep.breaker.available for ep in self._endpoints)
+
+    @property
+    def breakers(self) -> dict[str, CircuitBreaker]:
+        """Each endpoint's breaker by name (``role``, or ``role@url`` with several endpoints)."""
+        return {ep.breaker.name: ep.breaker for ep in self._endpoints}
+
+    @property
+    def retry(self) -> Retry:
+        """The retry policy (its ``stats`` count the attempts)."""
+        return self._retry
+
+    def retry_after(self) -> float:
+        """Seconds until some endpoint may take a call (0 when one can now)."""
+        return min(ep.breaker.retry_after() for ep in self._endpoints)
+
+    def endpoints_status(self) -> list[dict[str, Any]]:
+        """One dict per endpoint: url, model, breaker name and state, availability, calls in flight,
+        the latency average in ms (None before the first answer) and the breaker's retry_after."""
+        out = []
+        for ep in self._endpoints:
+            b = ep.breaker
+            out.append(
+                {
+                    "url": ep.url,
+                    "model": ep.config.model,
+                    "breaker": b.name,
+                    "state": b.state.value,
+                    "available": b.available,
+                    "in_flight": ep.in_flight,
+                    "ewma_latency_ms": None if ep.ewma is None else round(ep.ewma * 1000.0, 3),
+                    "retry_after": b.retry_after(),
+                }
+            )
+        return out
+
+    # ------------------------------------------------------------------ calls
+
+    async def chat(
+        self,
+        messages: list[Message],
+        *,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        response_format: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> ChatResult:
+        """One chat completion from some healthy endpoint of this role.
+
+        ``timeout`` bounds each attempt (default: the client's), tightened by the caller's deadline.
+        Raises :class:`ModelUnavailable`, :class:`ModelError` or :class:`DeadlineExceeded`.
+        """
+        limit = self.timeout if timeout is None else timeout
+        if not limit > 0:
+            raise ConfigError("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        tried: list[_Endpoint] | None = None
+        ep: _Endpoint | None = None
+        async for attempt in self._retry.attempts():
+            with attempt:
+                if ep is not None:
+                    tried = [ep] if tried is None else [*tried, ep]
+                ep = self._pick(tried)
+                body = ep.body(messages, max_tokens, temperature, response_format)
+                return await self._attempt(ep, body, limit)
+        raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
+
+    def _pick(self, tried: list[_Endpoint] | None) -> _Endpoint:
+        """The endpoint for the next attempt, or raise ModelUnavailable.
+
+        Order: not yet tried in this call, fewest in flight, lowest latency average (an endpoint
+        that has not answered yet counts as fastest, so it gets tried), then the order given.
+        """
+        eps = self._endpoints
+        if len(eps) == 1:
+            only = eps[0]
+            if only.breaker.available:
+                return only
+            raise self._unavailable()
+        best: _Endpoint | None = None
+        best_key: tuple[bool, int, float] | None = None
+        for ep in eps:
+            if not ep.breaker.available:
+                continue
+            key = (tried is not None and ep in tried, ep.in_flight, ep.ewma or 0.0)
+            if best_key is None or key < best_key:
+                best, best_key = ep, key
+        if best is None:
+            raise self._unavailable()
+        return best
+
+    def _unavailable(self) -> ModelUnavailable:
+        n = len(self._endpoints)
+        reason = "circuit breaker open" if n == 1 else f"the circuit breakers of all {n} endpoints are open"
+        return ModelUnavailable(self.role, retry_after=self.retry_after(), reason=reason)
+
+    async def _attempt(self, ep: _Endpoint, body: dict[str, Any], limit: float) -> ChatResult:
+        timeout = limit
+        capped = False
+        left = remaining()
+        if left is not None and left < timeout:
+            if left <= 0:
+                raise DeadlineExceeded(0.0, policy=self.role)
+            timeout, capped = left, True
+        # Picking and taking the breaker's permit happen with no await in between, so the breaker
+        # that said "available" in _pick cannot refuse here.
+        try:
+            result: ChatResult = await ep.breaker.call(self._send, ep, body, timeout)
+        except _NotCounted as e:
+            raise e.error from None
+        except ModelError as e:
+            if capped and isinstance(e.__cause__, httpx.TimeoutException):
+                # The endpoint was given only what was left of the caller's deadline. It still counts
+                # as a timeout against the endpoint (a model slower than its callers' budgets is sick),
+                # but the caller hears that its deadline passed.
+                raise DeadlineExceeded(timeout, policy=self.role) from e
+            raise
+        return result
+
+    async def _send(self, ep: _Endpoint, body: dict[str, Any], timeout: float) -> ChatResult:
+        """One HTTP attempt on ``ep``; raises ModelError for anything but a well-formed completion."""
+        clock = self._clock
+        start = clock.now()
+        ep.in_flight += 1
+        try:
+            response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
+        except httpx.TimeoutException as e:
+            ep.observe(clock.now() - start)
+            raise ModelError(
+                f"{ep.url}: no answer within {timeout:.3g}s ({type(e).__name__})", endpoint=ep.url
+            ) from e
+        except httpx.HTTPError as e:
+            raise ModelError(f"{ep.url}: {type(e).__name__}: {e}", endpoint=ep.url) from e
+        finally:
+            ep.in_flight -= 1
+        latency = clock.now() - start
+        status = response.status_code
+        if not 200 <= status < 300:
+            error = ModelError(
+                f"{ep.url}: HTTP {status}: {_snippet(response.text)}",
+                endpoint=ep.url,
+                status=status,
+                retry_after=_retry_after(response.headers.get("retry-after")),
+            )
+            if is_caller_fault(status):
+                raise _NotCounted(error)
+            raise error
+        content, finish_reason, usage = _parse(ep.url, response.content, status)
+        ep.observe(latency)
+        return ChatResult(
+            content=content,
+            role=self.role,
+            endpoint=ep.url,
+            latency=latency,
+            finish_reason=finish_reason,
+            usage=usage,
+        )
+
+    async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
+        """A tiny test inference on every endpoint at once, under ``timeout`` (and the caller's deadline).
+
+        Probes bypass the retry and are not recorded by the breakers: one slow probe must not take an
+        endpoint out of service. A probe is healthy when a well-formed completion with some text came
+        back in time.
+        """
+        results = await asyncio.gather(*(self._probe(ep, timeout) for ep in self._endpoints))
+        return list(results)
+
+    async def _probe(self, ep: _Endpoint, timeout: float) -> ProbeResult:
+        left = remaining()
+        if left is not None:
+            timeout = min(timeout, left)
+        if timeout <= 0:
+            return ProbeResult(self.role, ep.url, False, 0.0, "no time left before the deadline")
+        body = {
+            "model": ep.config.model,
+            "messages": [{"role": "user", "content": PROBE_PROMPT}],
+            "max_tokens": 4,
+            "temperature": 0.0,
+        }
+        clock = self._clock
+        start = clock.now()
+        error: str | None = None
+        try:
+            response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
+        except httpx.TimeoutException:
+            error = f"timeout: no answer within {timeout:.3g}s"
+        except httpx.HTTPError as e:
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        else:
+            if not 200 <= response.status_code < 300:
+                error = f"HTTP {response.status_code}"
+            else:
+                try:
+                    content, _, _ = _parse(ep.url, response.content, response.status_code)
+                except ModelError as e:
+                    error = str(e)
+                else:
+                    if not content.strip():
+                        error = "empty answer"
+        latency = clock.now() - start
+        return ProbeResult(self.role, ep.url, error is None, latency, error)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def aclose(self) -> None:
+        """Close the HTTP client if this client made it (a shared one is the caller's to close)."""
+        if self._own_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> ModelClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{ep.url}: {ep.breaker.state.value}" for ep in self._endpoints)
+        return f"ModelClient({self.role!r}, [{states}])"
+
+
+def _parse(url: str, raw: bytes, status: int) -> tuple[str, str | None, dict[str, Any]]:
+    """(content, finish_reason, usage) of a completion body, or ModelError if it is not one."""
+    try:
+        completion = _Completion.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        body = _snippet(raw.decode("utf-8", "replace"))
+        raise ModelError(
+            f"{url}: malformed completion ({where}: {first['msg']}): {body}",
+            endpoint=url,
+            status=status,
+        ) from e
+    choice = completion.choices[0]
+    content = choice.message.content
+    if content is None:
+        raise ModelError(f"{url}: completion has no message content", endpoint=url, status=status)
+    return content, choice.finish_reason, completion.usage or {}
+
+
+def _snippet(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _retry_after(raw: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds: delay-seconds or an HTTP-date; None if absent or unreadable."""
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        # An HTTP-date is wall-clock time by definition, so only the wall clock can read it.
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)

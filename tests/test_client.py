@@ -1,0 +1,431 @@
+"""The model client, over real HTTP against fault-injecting servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from brownout.chaos.fakellm import FakeLLM
+from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable
+from brownout.events import BreakerStateChanged, EventBus
+from brownout.llm.client import ModelClient, is_caller_fault
+from brownout.llm.types import ChatResult, EndpointConfig
+from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, BreakerState
+from brownout.policies.deadline import deadline
+from brownout.policies.retry import RetryConfig
+from brownout.testing import FakeTimer
+
+MESSAGES = [{"role": "user", "content": "A fresh citrus scent for summer."}]
+
+# Opens after 2 failures out of at least 2 calls; stays open long enough for any test.
+SMALL = BreakerGroupConfig(
+    defaults=BreakerConfig(minimum_calls=2, window_size=4, failure_rate_threshold=0.5, open_wait=30.0),
+    overrides={},
+)
+ONE_TRY = RetryConfig(max_attempts=1)
+TWO_TRIES = RetryConfig(max_attempts=2, backoff_base=0.0)
+
+
+def ep(fake: FakeLLM | str, **kw: Any) -> EndpointConfig:
+    return EndpointConfig(url=fake if isinstance(fake, str) else fake.url, **kw)
+
+
+def dead_url() -> str:
+    """A 127.0.0.1 URL where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def client(*endpoints: EndpointConfig, **kw: Any) -> ModelClient:
+    kw.setdefault("breakers", SMALL)
+    kw.setdefault("retry", ONE_TRY)
+    return ModelClient("gen", endpoints, events=kw.pop("events", EventBus()), **kw)
+
+
+def failures(c: ModelClient, name: str | None = None) -> tuple[int, int]:
+    m = c.breakers[name or c.role].metrics()
+    return m.calls, m.failures
+
+
+async def test_success_returns_a_chat_result() -> None:
+    async with FakeLLM(model="m") as fake, client(ep(fake, model="small", api_key="s3cret")) as c:
+        schema = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer", "maximum": 4}}}
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        result = await c.chat(MESSAGES, max_tokens=64, temperature=0.1, response_format=rf)
+        assert isinstance(result, ChatResult)
+        assert (result.content, result.role, result.endpoint) == ('{"n": 4}', "gen", fake.url)
+        assert result.finish_reason == "stop"
+        assert result.usage["completion_tokens"] == 2
+        assert 0 < result.latency < 5
+        sent = fake.last_chat
+        assert sent is not None
+        assert (sent["model"], sent["max_tokens"], sent["temperature"]) == ("small", 64, 0.1)
+        assert sent["response_format"] == rf
+        assert sent["messages"] == MESSAGES
+        assert fake.last_headers["authorization"] == "Bearer s3cret"
+        assert failures(c) == (1, 0)
+        [status] = c.endpoints_status()
+        assert status["state"] == "closed"
+        assert status["in_flight"] == 0
+        assert status["ewma_latency_ms"] == pytest.approx(result.latency * 1000, abs=0.01)
+
+
+async def test_endpoint_without_grammar_support_gets_no_json_schema() -> None:
+    async with FakeLLM() as fake, client(ep(fake, json_schema=False)) as c:
+        rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+        await c.chat(MESSAGES, response_format=rf)
+        assert fake.last_chat is not None
+        assert "response_format" not in fake.last_chat
+        await c.chat(MESSAGES, response_format={"type": "json_object"})
+        assert fake.last_chat["response_format"] == {"type": "json_object"}
+
+
+async def test_500s_open_the_breaker_then_calls_fail_fast_without_touching_the_server() -> None:
+    bus = EventBus()
+    changes: list[BreakerStateChanged] = []
+    bus.subscribe(changes.append, BreakerStateChanged)
+    async with FakeLLM("error") as fake, client(ep(fake), events=bus) as c:
+        for _ in range(2):
+            with pytest.raises(ModelError) as info:
+                await c.chat(MESSAGES)
+            assert info.value.status == 500
+            assert info.value.endpoint == fake.url
+        assert c.breakers["gen"].state is BreakerState.OPEN
+        assert [(e.old, e.new) for e in changes] == [("closed", "open")]
+        assert not c.available
+        seen = fake.chat_requests
+        with pytest.raises(ModelUnavailable) as unavailable:
+            await c.chat(MESSAGES)
+        assert 29.0 < unavailable.value.retry_after <= 30.0
+        assert unavailable.value.role == "gen"
+        assert fake.chat_requests == seen == 2  # failed fast: the server saw nothing
+
+
+async def test_a_retry_after_the_breaker_opened_gives_up_with_the_real_error() -> None:
+    async with FakeLLM("error", status=502) as fake, client(ep(fake), retry=TWO_TRIES) as c:
+        # Attempt 1 fails (window 1/1, below minimum_calls), attempt 2 fails and opens the breaker;
+        # the error is the endpoint's, not "unavailable".
+        with pytest.raises(ModelError) as info:
+            await c.chat(MESSAGES)
+        assert info.value.status == 502
+        assert fake.chat_requests == 2
+        assert c.breakers["gen"].state is BreakerState.OPEN
+        assert c.retry.stats.retries == 1
+
+
+async def test_hang_times_out_at_the_timeout_and_counts_as_failure() -> None:
+    async with FakeLLM("hang") as fake, client(ep(fake), timeout=0.3) as c:
+        start = time.monotonic()
+        with pytest.raises(ModelError) as info:
+            await c.chat(MESSAGES)
+        assert time.monotonic() - start < 1.5
+        assert info.value.status is None
+        assert "no answer within 0.3s" in str(info.value)
+        assert isinstance(info.value.__cause__, httpx.TimeoutException)
+        assert failures(c) == (1, 1)
+        # A per-call timeout overrides the client's.
+        with pytest.raises(ModelError, match=r"within 0\.2s"):
+            await c.chat(MESSAGES, timeout=0.2)
+
+
+async def test_a_body_that_is_not_a_completion_is_a_counted_model_error() -> None:
+    async with FakeLLM("malformed") as fake, client(ep(fake)) as c:
+        with pytest.raises(ModelError, match="malformed completion") as info:
+            await c.chat(MESSAGES)
+        assert info.value.status == 200
+        fake.set("malformed", content='{"object": "chat.completion", "choices": []}')
+        with pytest.raises(ModelError, match="choices"):
+            await c.chat(MESSAGES)
+        assert failures(c) == (2, 2)
+
+
+async def test_prose_content_is_the_guards_business_not_a_client_error() -> None:
+    async with FakeLLM("garbage") as fake, client(ep(fake)) as c:
+        result = await c.chat(MESSAGES)
+        assert result.content.startswith("Sure!")
+        assert failures(c) == (1, 0)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+async def test_caller_faults_are_not_counted_nor_retried(status: int) -> None:
+    async with (
+        FakeLLM("error", status=status) as fake,
+        client(ep(fake), retry=RetryConfig(max_attempts=3, backoff_base=0.0)) as c,
+    ):
+        for _ in range(3):
+            with pytest.raises(ModelError) as info:
+                await c.chat(MESSAGES)
+            assert info.value.status == status
+            assert type(info.value) is ModelError
+        assert fake.chat_requests == 3  # one request per call: no retry
+        assert failures(c) == (0, 0)
+        assert c.breakers["gen"].state is BreakerState.CLOSED
+
+
+def test_caller_fault_classification() -> None:
+    assert all(is_caller_fault(s) for s in (400, 401, 403, 404, 413, 422))
+    assert not any(is_caller_fault(s) for s in (None, 200, 408, 429, 500, 502, 503))
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_carried_on_the_model_error(status: int) -> None:
+    async with FakeLLM("error", status=status, retry_after=7) as fake, client(ep(fake)) as c:
+        with pytest.raises(ModelError) as info:
+            await c.chat(MESSAGES)
+        assert (info.value.status, info.value.retry_after) == (status, 7.0)
+        assert failures(c) == (1, 1)  # a 429/503 blames the endpoint
+
+
+async def test_a_short_retry_after_is_honoured_by_the_retry() -> None:
+    async with FakeLLM("error", status=503, retry_after=0.3) as fake, client(ep(fake), retry=TWO_TRIES) as c:
+        start = time.monotonic()
+        with pytest.raises(ModelError):
+            await c.chat(MESSAGES)
+        assert time.monotonic() - start >= 0.3  # waited the hint, not backoff_base 0
+        assert fake.chat_requests == 2
+
+
+async def test_connection_refused_is_a_counted_failure() -> None:
+    url = dead_url()
+    async with client(ep(url)) as c:
+        with pytest.raises(ModelError, match="ConnectError") as info:
+            await c.chat(MESSAGES)
+        assert (info.value.endpoint, info.value.status) == (url, None)
+        assert failures(c) == (1, 1)
+
+
+async def test_a_dead_endpoint_is_avoided_once_its_breaker_opens() -> None:
+    down = dead_url()
+    async with FakeLLM() as good, client(ep(down), ep(good), retry=TWO_TRIES) as c:
+        assert set(c.breakers) == {f"gen@{down}", f"gen@{good.url}"}
+        for _ in range(6):
+            result = await c.chat(MESSAGES)
+            assert result.endpoint == good.url  # every call succeeds: the retry moves over
+        # The dead endpoint was tried (first in order, not yet measured) until its breaker opened.
+        assert c.breakers[f"gen@{down}"].state is BreakerState.OPEN
+        assert failures(c, f"gen@{down}") == (2, 2)
+        assert good.chat_requests == 6
+        statuses = {s["url"]: s for s in c.endpoints_status()}
+        assert statuses[down]["available"] is False
+        assert statuses[good.url]["state"] == "closed"
+        assert c.available
+
+
+async def test_a_failing_endpoint_stops_getting_requests_once_its_breaker_opens() -> None:
+    async with FakeLLM("error") as bad, FakeLLM() as good, client(ep(bad), ep(good), retry=TWO_TRIES) as c:
+        for _ in range(5):
+            assert (await c.chat(MESSAGES)).endpoint == good.url
+        assert bad.chat_requests == 2  # until its breaker opened, then never again
+        assert good.chat_requests == 5
+
+
+async def test_retry_moves_to_the_other_endpoint() -> None:
+    async with (
+        FakeLLM("flaky", fail_times=1) as first,
+        FakeLLM() as second,
+        client(ep(first), ep(second), retry=TWO_TRIES) as c,
+    ):
+        result = await c.chat(MESSAGES)
+        assert result.endpoint == second.url
+        assert (first.chat_requests, second.chat_requests) == (1, 1)
+        assert c.retry.stats.retries == 1
+
+
+async def test_without_retries_the_first_failure_is_raised() -> None:
+    async with FakeLLM("error") as first, FakeLLM() as second, client(ep(first), ep(second)) as c:
+        with pytest.raises(ModelError):
+            await c.chat(MESSAGES)
+        assert second.chat_requests == 0
+
+
+async def test_no_endpoint_available_raises_model_unavailable_with_the_soonest_retry_after() -> None:
+    async with FakeLLM() as a, FakeLLM() as b, client(ep(a), ep(b)) as c:
+        breakers = list(c.breakers.values())
+        breakers[0].force_open()  # retry_after = open_wait = 30
+        assert c.available
+        breakers[1].force_open()
+        assert not c.available
+        with pytest.raises(ModelUnavailable, match="all 2 endpoints") as info:
+            await c.chat(MESSAGES)
+        assert info.value.retry_after == 30.0
+        assert a.chat_requests == b.chat_requests == 0
+
+
+async def test_concurrent_calls_spread_by_in_flight_count() -> None:
+    async with FakeLLM("slow", delay=0.2) as a, FakeLLM("slow", delay=0.2) as b, client(ep(a), ep(b)) as c:
+        results = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(6)))
+        assert (a.chat_requests, b.chat_requests) == (3, 3)
+        assert {r.endpoint for r in results} == {a.url, b.url}
+        assert all(s["in_flight"] == 0 for s in c.endpoints_status())
+
+
+async def test_lower_latency_wins_when_in_flight_ties() -> None:
+    async with FakeLLM("slow", delay=0.15) as slow, FakeLLM() as fast, client(ep(slow), ep(fast)) as c:
+        # Concurrent calls teach the client both latencies.
+        await asyncio.gather(c.chat(MESSAGES), c.chat(MESSAGES))
+        assert (slow.chat_requests, fast.chat_requests) == (1, 1)
+        for _ in range(3):
+            assert (await c.chat(MESSAGES)).endpoint == fast.url
+        assert slow.chat_requests == 1
+
+
+async def test_probe_reports_each_endpoint_and_leaves_breakers_alone() -> None:
+    async with (
+        FakeLLM() as ok,
+        FakeLLM("error") as broken,
+        FakeLLM("hang") as hung,
+        client(ep(ok), ep(broken), ep(hung)) as c,
+    ):
+        start = time.monotonic()
+        results = await c.probe(timeout=0.3)
+        assert time.monotonic() - start < 1.5  # the probes ran at once
+        by_url = {r.endpoint: r for r in results}
+        assert [r.endpoint for r in results] == [ok.url, broken.url, hung.url]
+        assert by_url[ok.url].healthy
+        assert by_url[ok.url].error is None
+        assert 0 < by_url[ok.url].latency < 1.0
+        assert not by_url[broken.url].healthy
+        assert by_url[broken.url].error == "HTTP 500"
+        assert not by_url[hung.url].healthy
+        assert "timeout" in (by_url[hung.url].error or "")
+        assert by_url[hung.url].latency >= 0.25
+        assert all(r.role == "gen" for r in results)
+        assert ok.last_chat is not None
+        assert ok.last_chat["max_tokens"] == 4
+        assert ok.last_chat["messages"][0]["content"] == "Reply with OK."
+        # Three probes per endpoint would open SMALL breakers if they were recorded.
+        await c.probe(timeout=0.3)
+        await c.probe(timeout=0.3)
+        for breaker in c.breakers.values():
+            assert breaker.state is BreakerState.CLOSED
+            assert breaker.metrics().calls == 0
+
+
+async def test_probe_reports_connection_failure_and_garbage() -> None:
+    async with FakeLLM("malformed") as broken, client(ep(dead_url()), ep(broken)) as c:
+        refused, malformed = await c.probe(timeout=1.0)
+        assert not refused.healthy
+        assert "ConnectError" in (refused.error or "")
+        assert not malformed.healthy
+        assert "malformed completion" in (malformed.error or "")
+        broken.set("ok", content="  ")
+        _, empty = await c.probe(timeout=1.0)
+        assert (empty.healthy, empty.error) == (False, "empty answer")
+
+
+def test_breaker_config_comes_from_the_group_by_role() -> None:
+    url = "http://127.0.0.1:9"
+    qwen = ModelClient("qwen", [ep(url)])
+    mistral = ModelClient("mistral", [ep(url)])
+    assert qwen.breakers["qwen"].config.failure_rate_threshold == 0.4  # seed 004's override
+    assert mistral.breakers["mistral"].config.failure_rate_threshold == 0.5
+    group = BreakerGroupConfig(overrides={"qwen": {"failure_rate_threshold": 0.25, "open_wait": 5.0}})
+    tuned = ModelClient("qwen", [ep(url)], breakers=group).breakers["qwen"].config
+    assert (tuned.failure_rate_threshold, tuned.open_wait) == (0.25, 5.0)
+
+
+async def test_qwen_breaker_opens_at_40_percent_failures() -> None:
+    defaults = BreakerConfig(minimum_calls=5, window_size=5, open_wait=30.0)
+    group = BreakerGroupConfig(defaults=defaults)  # the default overrides: qwen at 0.4
+    async with FakeLLM() as fake:
+        clients = {
+            role: ModelClient(role, [ep(fake)], breakers=group, retry=ONE_TRY, events=EventBus())
+            for role in ("qwen", "mistral")
+        }
+        for c in clients.values():
+            async with c:
+                for mode in ("ok", "ok", "ok", "error", "error"):  # 2 of 5 fail
+                    fake.set(mode)  # type: ignore[arg-type]
+                    with contextlib.suppress(ModelError):
+                        await c.chat(MESSAGES)
+        assert clients["qwen"].breakers["qwen"].state is BreakerState.OPEN
+        assert clients["mistral"].breakers["mistral"].state is BreakerState.CLOSED
+
+
+async def test_the_callers_deadline_cuts_a_slow_call() -> None:
+    async with FakeLLM("slow", delay=5.0) as fake, client(ep(fake), timeout=10.0) as c:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            async with deadline(0.2):
+                await c.chat(MESSAGES)
+        assert time.monotonic() - start < 1.0
+        assert c.endpoints_status()[0]["in_flight"] == 0
+
+
+class StoppedClock:
+    """A clock whose time is set by hand and whose timers never fire: a deadline on it never cancels,
+    so what the client does with ``remaining()`` alone is observable."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        self.t += seconds
+
+    def call_later(self, delay: float, callback: Callable[[], object]) -> FakeTimer:
+        return FakeTimer(self.t + delay, callback)
+
+
+async def test_a_passed_deadline_sends_nothing() -> None:
+    stopped = StoppedClock()
+    async with FakeLLM() as fake, client(ep(fake)) as c:
+
+        async def call_after_the_deadline() -> None:
+            async with deadline(1.0, clock=stopped):
+                stopped.t = 2.0
+                await c.chat(MESSAGES)
+
+        with pytest.raises(DeadlineExceeded):
+            await call_after_the_deadline()
+        assert fake.chat_requests == 0
+        assert failures(c) == (0, 0)
+
+
+async def test_an_attempt_gets_only_what_is_left_of_the_deadline() -> None:
+    stopped = StoppedClock()
+    async with FakeLLM("hang") as fake, client(ep(fake), timeout=10.0) as c:
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded) as info:
+            async with deadline(0.3, clock=stopped):
+                await c.chat(MESSAGES)
+        assert time.monotonic() - start < 1.5  # cut by the HTTP timeout at ~0.3 s, not 10 s
+        assert isinstance(info.value.__cause__, ModelError)
+        assert failures(c) == (1, 1)  # a timeout still blames the endpoint
+
+
+def test_bad_configuration_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="endpoints"):
+        ModelClient("gen", [])
+    with pytest.raises(ConfigError, match=r"endpoints\[1\]\.url"):
+        ModelClient("gen", [ep("http://127.0.0.1:9"), ep("http://127.0.0.1:9/")])
+    with pytest.raises(ConfigError, match="timeout"):
+        ModelClient("gen", [ep("http://127.0.0.1:9")], timeout=0)
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.url"):
+        ModelClient("gen", [ep("127.0.0.1:9")])
+    with pytest.raises(ConfigError, match=r"endpoints\[0\]\.url"):
+        ModelClient("gen", [ep("http://[::1")])
+
+
+async def test_aclose_closes_only_its_own_http_client() -> None:
+    own = ModelClient("gen", [ep("http://127.0.0.1:9")])
+    await own.aclose()
+    assert own._http.is_closed
+    async with (
+        httpx.AsyncClient(trust_env=False) as shared,
+        FakeLLM() as fake,
+        ModelClient("gen", [ep(fake)], http=shared) as c,
+    ):
+        assert (await c.chat(MESSAGES)).content == "ok"
+        assert not shared.is_closed
