@@ -1,0 +1,111 @@
+"""The server configuration: defaults from the seeds, YAML, environment overrides, errors naming keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from brownout.config import BrownoutConfig, load_config
+from brownout.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_seeds_numbers() -> None:
+    c = load_config(None, environ={})
+    assert (c.json_guard.max_retries, c.json_guard.backoff_base, c.json_guard.jitter) == (3, 1.0, 0.5)
+    cb = c.circuit_breaker
+    assert (cb.failure_threshold, cb.success_threshold, cb.timeout, cb.half_open_requests) == (0.5, 5, 60, 3)
+    assert (c.cache.max_size, c.cache.ttl_seconds, c.cache.cleanup_interval) == (1000, 600, 60)
+    assert (c.queue.max_size, c.queue.retry_after) == (500, 30)
+    assert c.models.roles["mistral"].timeout == 5
+    group = cb.group()
+    assert group.for_name("qwen").failure_rate_threshold == 0.4
+    assert group.for_name("mistral").failure_rate_threshold == 0.5
+    assert group.for_name("llama").open_wait == 60
+    assert group.for_name("llama").half_open_max_calls == 3
+
+
+def test_the_documented_example_is_exactly_the_defaults() -> None:
+    assert load_config(ROOT / "deploy" / "brownout.example.yaml", environ={}) == BrownoutConfig()
+
+
+def test_yaml_and_environment_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 9001\ncircuit_breaker:\n  timeout: 30\n")
+    env = {
+        "BROWNOUT__SERVER__PORT": "9002",
+        "BROWNOUT__QUEUE__MAX_SIZE": "7",
+        "BROWNOUT_ADMIN_TOKEN": "s3cret",
+    }
+    c = load_config(path, environ=env)
+    assert c.server.port == 9002  # the environment wins over the file
+    assert c.circuit_breaker.timeout == 30
+    assert c.queue.max_size == 7
+    assert c.server.admin_token is not None
+    assert c.server.admin_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(c)  # secrets never show in reprs or logs
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"BROWNOUT__SERVER__PORT": "abc"}, "server.port"),
+        ({"BROWNOUT__SERVER__PORT": "70000"}, "server.port"),
+        ({"BROWNOUT__CIRCUIT_BREAKER__FAILURE_THRESHOLD": "1.5"}, "circuit_breaker.failure_threshold"),
+        ({"BROWNOUT__CACHE__MAX_SIZE": "0"}, "cache.max_size"),
+        ({"BROWNOUT__CACHE__BOGUS": "1"}, "cache.bogus"),
+        ({"BROWNOUT__JSON_GUARD__MAX_RETRIES": "-1"}, "json_guard.max_retries"),
+        ({"BROWNOUT__QUEUE__RETRY_AFTER": "-5"}, "queue.retry_after"),
+    ],
+)
+def test_invalid_values_name_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ=env)
+    assert err.value.key == key
+    assert key in str(err.value)
+
+
+def test_a_bad_per_model_override_names_model_and_key() -> None:
+    env = {"BROWNOUT__CIRCUIT_BREAKER__MODELS": "{qwen: {failure_threshold: 3}}"}
+    with pytest.raises(ConfigError, match=r"models\.qwen\.failure_threshold"):
+        load_config(None, environ=env)
+    env = {"BROWNOUT__CIRCUIT_BREAKER__MODELS": "{qwen: {speed: 3}}"}
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, environ=env)
+
+
+def test_roles_must_be_the_three_of_the_pipeline(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  roles:\n    qwen: {}\n    mistral: {}\n")
+    with pytest.raises(ConfigError, match="llama"):
+        load_config(path, environ={})
+
+
+def test_without_local_models_every_role_needs_endpoints(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "models:\n  local: {enabled: false}\n  roles:\n"
+        "    qwen: {endpoints: [{url: 'http://127.0.0.1:9'}]}\n    mistral: {}\n    llama: {}\n"
+    )
+    with pytest.raises(ConfigError, match="need endpoints"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("server: [1, 2\n", "not valid YAML"), ("- a\n- b\n", "mapping"), (None, "cannot read")],
+)
+def test_unreadable_files_are_config_errors(tmp_path: Path, text: str | None, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, environ={})
+
+
+def test_an_empty_file_means_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    assert load_config(path, environ={}) == BrownoutConfig()
