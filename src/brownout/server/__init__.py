@@ -1,0 +1,1 @@
+"""The HTTP server of `brownout serve`: the FastAPI app, its runtime and its metrics."""

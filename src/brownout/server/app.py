@@ -1,0 +1,350 @@
+"""The HTTP API of ``brownout serve`` (FastAPI).
+
+* ``POST /v1/briefs`` ``{"text": ..., "mode": "fast" | "balanced" | "creative"}`` -> a brief with
+  requested/served mode, downshift reason and impact, warnings and what served each stage;
+* ``GET /health``, ``GET /health/models/{name}``, ``GET /health/llm?model=qwen|mistral|llama|all``;
+* ``GET /metrics`` (Prometheus);
+* the recovery API of seed 001: ``GET /api/v1/recovery/status|health|actions`` and
+  ``POST /api/v1/recovery/trigger|reset`` (bearer token from ``server.admin_token``; refused when none
+  is configured).
+
+Every refusal has a reason: 413 for an oversized body, 422 for invalid input, 503 with
+``Retry-After`` when the service cannot answer. A failed model never turns into a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from brownout.briefs.service import BriefService
+from brownout.config import ROLES, BrownoutConfig
+from brownout.errors import ServiceUnavailable
+from brownout.server.metrics import make_registry
+from brownout.server.runtime import Runtime
+
+__all__ = ["BriefRequest", "create_app"]
+
+
+class BriefRequest(BaseModel):
+    """The body of ``POST /v1/briefs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="the customer's free text", min_length=1)
+    mode: Literal["fast", "balanced", "creative"] = Field(default="balanced", description="the mode wanted")
+
+
+class TriggerRequest(BaseModel):
+    """The body of ``POST /api/v1/recovery/trigger``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: str = Field(description="one of GET /api/v1/recovery/actions")
+    target: str = Field(default="all", description="a model role, or all")
+
+
+class _Guard:
+    """ASGI middleware: refuses bodies over the limit (413) and counts error responses."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime, max_body: int) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        errors = self.runtime.http.errors
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                errors[message["status"]] += 1
+            await send(message)
+
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.max_body:
+                    await _too_large(counting_send, self.max_body)
+                    return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge(self.max_body)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, counting_send)
+        except _BodyTooLarge:
+            await _too_large(counting_send, self.max_body)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """A body without a (truthful) Content-Length grew past the limit while being read.
+
+    An HTTPException because FastAPI turns any other error raised while it reads a body into a 400;
+    this one it re-raises, and the app's handler for it answers 413 like the Content-Length check.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "request body too large")
+        self.limit = limit
+
+
+async def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
+    limit = exc.limit if isinstance(exc, _BodyTooLarge) else None
+    return JSONResponse({"error": "request body too large", "limit_bytes": limit}, status_code=413)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = f'{{"error":"request body too large","limit_bytes":{limit}}}'.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _unavailable(e: ServiceUnavailable, extra: dict[str, Any] | None = None) -> JSONResponse:
+    retry_after = max(1, math.ceil(e.retry_after))
+    return JSONResponse(
+        status_code=503,
+        content={"error": str(e), "retry_after": retry_after, **(extra or {})},
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app; ``runtime`` (default: one built from ``config``) is started and stopped with it."""
+    rt = runtime or Runtime(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    app = FastAPI(
+        title="brownout",
+        summary="A creative-brief service that degrades gracefully instead of going dark.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.runtime = rt
+    registry = make_registry(rt)
+
+    def service() -> BriefService:
+        if rt.service is None:
+            raise HTTPException(503, "starting up", headers={"Retry-After": "5"})
+        return rt.service
+
+    def require_admin(authorization: str | None = Header(default=None)) -> None:
+        token = config.server.admin_token
+        if token is None:
+            raise HTTPException(
+                403, "admin endpoints are disabled: set server.admin_token (or BROWNOUT_ADMIN_TOKEN)"
+            )
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.encode(), token.get_secret_value().encode()
+        ):
+            raise HTTPException(
+                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    @app.post("/v1/briefs")
+    async def create_brief(body: BriefRequest) -> JSONResponse:
+        svc = service()
+        try:
+            response = await svc.create_brief(body.text, body.mode)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        except ServiceUnavailable as e:
+            extra: dict[str, Any] = {"served_mode": None}
+            if e.__cause__ is not None and type(e.__cause__).__name__ == "Overloaded":
+                extra = {
+                    "queue_size": svc.admission.queue_size,
+                    "suggestion": "Retry after the given time, or use mode=fast for a quicker answer",
+                }
+            return _unavailable(e, extra)
+        if not response.get("cached"):
+            await rt.record(body.text, response)
+        return JSONResponse(response)
+
+    def model_status(role: str) -> dict[str, Any]:
+        svc = service()
+        client = rt.clients[role]
+        probe = svc.stats.health.get(role)
+        server = rt.local.get(role)
+        return {
+            "status": "healthy" if svc.role_available(role) else "unhealthy",
+            "breakers": {name: b.state.value for name, b in client.breakers.items()},
+            "endpoints": client.endpoints_status(),
+            "last_check": None
+            if probe is None
+            else {
+                "healthy": probe.healthy,
+                "latency_ms": round(probe.latency * 1000, 1),
+                "error": probe.error,
+            },
+            "server": server.status() if server is not None else None,
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        svc = service()
+        models = {role: model_status(role) for role in ROLES}
+        healthy = [r for r, m in models.items() if m["status"] == "healthy"]
+        if len(healthy) == len(ROLES) and rt.store_ok:
+            status = "healthy"
+        elif "qwen" in healthy or svc.cache.stats().size > 0:
+            status = "degraded"
+        else:
+            status = "unhealthy"
+        cache = svc.cache.stats()
+        return {
+            "status": status,
+            "models": models,
+            "cache": {
+                "status": "healthy",
+                "size": cache.size,
+                "max_size": cache.max_entries,
+                "utilization": round(cache.utilisation, 4),
+                "ttl_seconds": cache.ttl,
+                "hits": cache.hits,
+                "misses": cache.misses,
+            },
+            "database": {"status": "healthy" if rt.store_ok else "unhealthy", "error": rt.store_error},
+            "queue_size": svc.admission.queue_size,
+            "in_flight": svc.admission.in_flight,
+        }
+
+    async def check_model(role: str) -> dict[str, Any]:
+        svc = service()
+        client = rt.clients[role]
+        now = datetime.now(UTC).isoformat()
+        if not client.available:
+            return {
+                "model": role,
+                "status": "unhealthy",
+                "reason": "circuit_breaker_open",
+                "circuit_state": "open",
+                "last_check": now,
+            }
+        results = await svc.check_health(role)
+        best = min(results, key=lambda r: (not r.healthy, r.latency)) if results else None
+        if best is not None and best.healthy:
+            return {
+                "model": role,
+                "status": "healthy",
+                "latency_ms": int(best.latency * 1000),
+                "circuit_state": "closed",
+                "last_check": now,
+            }
+        return {
+            "model": role,
+            "status": "unhealthy",
+            "reason": best.error if best is not None else "no endpoints",
+            "latency_ms": int(best.latency * 1000) if best is not None else None,
+            "last_check": now,
+        }
+
+    @app.get("/health/models/{name}")
+    async def health_model(name: str) -> JSONResponse:
+        if name not in ROLES:
+            raise HTTPException(404, f"unknown model {name!r}; known: {list(ROLES)}")
+        result = await check_model(name)
+        return JSONResponse(result, status_code=200 if result["status"] == "healthy" else 503)
+
+    @app.get("/health/llm")
+    async def health_llm(
+        model: Literal["qwen", "mistral", "llama", "all"] = Query(default="all"),
+    ) -> JSONResponse:
+        if model == "all":
+            results = {role: await check_model(role) for role in ROLES}
+            ok = all(r["status"] == "healthy" for r in results.values())
+            return JSONResponse({"status": "healthy" if ok else "degraded", "models": results})
+        result = await check_model(model)
+        if result["status"] != "healthy":
+            return JSONResponse({"detail": f"Model {model} is unhealthy", **result}, status_code=503)
+        return JSONResponse(result)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/api/v1/recovery/status")
+    async def recovery_status() -> dict[str, Any]:
+        svc = service()
+        return {
+            "breakers": {
+                name: b.metrics().state.value
+                for client in rt.clients.values()
+                for name, b in client.breakers.items()
+            },
+            "model_servers": {role: s.status() for role, s in rt.local.items()},
+            "available_modes": [
+                m.name
+                for m in svc.pipeline.modes
+                if all(svc.role_available(r) for r in svc.pipeline.roles(m))
+            ],
+            "history": [a.__dict__ if hasattr(a, "__dict__") else _action(a) for a in rt.history[-20:]],
+        }
+
+    @app.get("/api/v1/recovery/health")
+    async def recovery_health() -> dict[str, Any]:
+        return {"models": {role: model_status(role) for role in ROLES}, "database": rt.store_ok}
+
+    @app.get("/api/v1/recovery/actions")
+    async def recovery_actions() -> dict[str, Any]:
+        return {
+            "actions": [{"name": k, "description": v} for k, v in rt.ACTIONS.items()],
+            "history": [_action(a) for a in rt.history[-50:]],
+        }
+
+    @app.post("/api/v1/recovery/trigger", dependencies=[Depends(require_admin)])
+    async def recovery_trigger(body: TriggerRequest) -> dict[str, Any]:
+        try:
+            done = await rt.run_action(body.action, body.target)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from e
+        return _action(done)
+
+    @app.post("/api/v1/recovery/reset", dependencies=[Depends(require_admin)])
+    async def recovery_reset() -> dict[str, Any]:
+        return {"done": [_action(a) for a in await rt.reset()]}
+
+    app.add_exception_handler(_BodyTooLarge, _body_too_large)
+    app.add_middleware(_Guard, runtime=rt, max_body=config.server.max_body_bytes)
+    return app
+
+
+def _action(a: Any) -> dict[str, Any]:
+    return {"action": a.action, "target": a.target, "at": a.at, "ok": a.ok, "detail": a.detail}
