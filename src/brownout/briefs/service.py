@@ -23,9 +23,11 @@ TTL, seed 004 numbers). Admission control bounds concurrent runs and the queue (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -162,6 +164,9 @@ class BriefService:
         self.similar: SimilarityIndex[CreativeBrief] = SimilarityIndex(
             max_entries=c.max_size, threshold=c.similar_threshold
         )
+        # The similarity search is CPU work (milliseconds over a full index): it runs in a worker
+        # thread, never on the event loop, and this lock keeps adds from racing it.
+        self._similar_lock = threading.Lock()
         self._flights: Singleflight[str, dict[str, Any]] = Singleflight("briefs")
         q = config.queue
         self.admission = Admission(
@@ -363,7 +368,8 @@ class BriefService:
             self.stats.downshifts[(mode, served)] += 1
         generated_by = result.stages[0].served_by
         if generated_by.startswith("model:") and ctx.reliability == "high":
-            self.similar.add(text, brief)
+            with self._similar_lock:
+                self.similar.add(text, brief)
         if ctx.reliability == "high" and result.degraded:
             ctx.reliability = "medium"
         self.stats.served[served] += 1
@@ -465,7 +471,7 @@ class BriefService:
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
             self._ask("qwen"),
-            generator_messages(ctx.text, ctx.requested_mode),
+            generator_messages(ctx.text, ctx.requested_mode, constrained=self.constrained.get("qwen", True)),
             max_tokens=section.max_tokens,
             constrained=self.constrained.get("qwen", True),
         )
@@ -479,7 +485,9 @@ class BriefService:
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
             self._ask("qwen", timeout=3 * section.timeout, temperature=0.5),
-            generator_messages(ctx.text, ctx.requested_mode, reduced=True),
+            generator_messages(
+                ctx.text, ctx.requested_mode, reduced=True, constrained=self.constrained.get("qwen", True)
+            ),
             max_tokens=256,
             constrained=self.constrained.get("qwen", True),
         )
@@ -490,7 +498,7 @@ class BriefService:
         brief: CreativeBrief = ctx.values["generate"]
         result = await self.guard_verdict.run(
             self._ask("mistral"),
-            validator_messages(brief),
+            validator_messages(brief, constrained=self.constrained.get("mistral", True)),
             max_tokens=256,
             constrained=self.constrained.get("mistral", True),
         )
@@ -509,7 +517,7 @@ class BriefService:
         brief: CreativeBrief = ctx.values["generate"]
         result = await self.guard_hints.run(
             self._ask("llama"),
-            hinter_messages(brief),
+            hinter_messages(brief, constrained=self.constrained.get("llama", True)),
             max_tokens=256,
             constrained=self.constrained.get("llama", True),
         )
@@ -517,8 +525,15 @@ class BriefService:
 
     # ------------------------------------------------------------------ fallbacks
 
+    def _search_locked(self, text: str) -> tuple[CreativeBrief, float] | None:
+        with self._similar_lock:
+            return self.similar.search(text)
+
+    async def _search_similar(self, text: str) -> tuple[CreativeBrief, float] | None:
+        return await asyncio.to_thread(self._search_locked, text)
+
     async def _similar_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
-        found = self.similar.search(ctx.text)
+        found = await self._search_similar(ctx.text)
         if found is None:
             raise Decline("no similar earlier request")
         brief, score = found
@@ -538,7 +553,7 @@ class BriefService:
             return Degraded(
                 CreativeBrief.model_validate(cached["brief"]), ("Served from cache (models unavailable)",)
             )
-        found = self.similar.search(ctx.text)
+        found = await self._search_similar(ctx.text)
         if found is not None and found[1] >= 0.999:
             return Degraded(found[0], ("Served from cache (models unavailable)",))
         raise Decline("not cached")

@@ -24,6 +24,7 @@ from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.local import LocalModelServer
 from brownout.llm.types import EndpointConfig
+from brownout.server.edge import EdgeCache
 
 __all__ = ["RecoveryAction", "Runtime"]
 
@@ -71,6 +72,7 @@ class Runtime:
         self.http = HttpStats()
         self.history: list[RecoveryAction] = []
         self.service: BriefService | None = None
+        self.edge: EdgeCache | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._started = False
 
@@ -118,6 +120,7 @@ class Runtime:
                 cfg, self.clients, role_alive=self.role_alive, clock=self.clock, events=self.events
             )
             self.service.start()
+            self.edge = EdgeCache(self.service.cache, max_entries=cfg.cache.max_size)
             await self._open_store()
             await self.service.verify_constraints()
             self._monitor = asyncio.create_task(self._health_loop(), name="brownout-health")
@@ -208,6 +211,8 @@ class Runtime:
             elif action == "clear_cache":
                 assert self.service is not None
                 self.service.cache.clear()
+                if self.edge is not None:
+                    self.edge.clear()
                 detail = "response cache cleared"
             elif action == "check_health":
                 await self.probe_all()
