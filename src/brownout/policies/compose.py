@@ -36,11 +36,14 @@ import functools
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from brownout.policies._base import CallForms, EnteredGuards, Policy
 
 __all__ = ["Composition", "compose"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class Composition(CallForms):
@@ -77,6 +80,28 @@ class Composition(CallForms):
                 inner = functools.partial(self._calls[0], *self._calls[1:], fn)
             return await self._first(inner, *args, **kwargs)
         return await self._first(*self._calls, fn, *args, **kwargs)
+
+    def wrap(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """Return ``fn`` protected by the whole stack (the decorator form).
+
+        The chain of inner ``call`` methods (and, under a fallback chain, the bound inner call) is
+        built once here, so a decorated call enters the outermost policy directly.
+        """
+        first = self._first
+        if self._outermost_takes_args:
+            inner: Callable[..., Awaitable[Any]] = fn
+            if self._calls:
+                inner = functools.partial(self._calls[0], *self._calls[1:], fn)
+            lead: tuple[Callable[..., Awaitable[Any]], ...] = (inner,)
+        else:
+            lead = (*self._calls, fn)
+
+        @functools.wraps(fn)
+        async def protected(*args: P.args, **kwargs: P.kwargs) -> T:
+            result: T = await first(*lead, *args, **kwargs)
+            return result
+
+        return protected
 
     async def __aenter__(self) -> Composition:
         # Check them all before entering any: a breaker entered and then unwound by this TypeError
