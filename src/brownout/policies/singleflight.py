@@ -7,11 +7,14 @@ the model; the rest wait for its answer (seed 003, "cache stampede")::
     prediction = await flight.do(key, lambda: model.predict(features))
 
 The computation runs in a task of its own, not in any caller's task, and every caller -- the first
-one included -- waits on it through :func:`asyncio.shield`. So a caller that is cancelled (its client
-went away, its deadline passed) stops waiting without cancelling the computation, and the other
-callers still get the result. Even when every caller has gone the computation runs to completion:
-its work is usually what fills a cache (see :class:`brownout.policies.cache.Cache`), and throwing it
-away would only make the next caller start it again.
+one included -- waits on a future of its own that the computation's completion resolves (one done
+callback relays the outcome to all waiters, cheaper than a :func:`asyncio.shield` per waiter). So a
+caller that is cancelled (its client went away, its deadline passed) stops waiting without
+cancelling the computation, and the other callers still get the result. On Python 3.12 and newer
+the computation's task starts eagerly, within the first caller's step, so it is not queued behind
+the other callers that arrived in the same instant. Even when every caller has gone the computation
+runs to completion: its work is usually what fills a cache (see :class:`brownout.policies.cache.Cache`),
+and throwing it away would only make the next caller start it again.
 
 The result -- value or exception -- is shared by everyone who waited; nothing is remembered once the
 computation finishes, so the next call computes again. Caching results is the cache's job.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -51,12 +55,13 @@ class SingleflightStats:
 class Singleflight(Generic[K, V]):
     """Coalesces concurrent calls per key into one computation whose result or error they share."""
 
-    __slots__ = ("_calls", "_coalesced", "_computations", "_flights", "name")
+    __slots__ = ("_calls", "_coalesced", "_computations", "_flights", "_waiters", "name")
 
     def __init__(self, name: str = "singleflight") -> None:
         self.name = name
         """Names this instance in reprs and logs."""
         self._flights: dict[K, asyncio.Future[V]] = {}
+        self._waiters: dict[asyncio.Future[V], list[asyncio.Future[V]]] = {}
         self._calls = 0
         self._computations = 0
         self._coalesced = 0
@@ -75,7 +80,9 @@ class Singleflight(Generic[K, V]):
             flight = self._launch(key, fn)
         else:
             self._coalesced += 1
-        return await asyncio.shield(flight)
+        waiter: asyncio.Future[V] = flight.get_loop().create_future()
+        self._waiters[flight].append(waiter)
+        return await waiter
 
     def start(self, key: K, fn: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
         """Start the computation for ``key`` (or join the running one) without waiting for it.
@@ -91,8 +98,9 @@ class Singleflight(Generic[K, V]):
         return flight
 
     def _launch(self, key: K, fn: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
-        flight = asyncio.ensure_future(fn())
+        flight = _start(fn())
         self._flights[key] = flight
+        self._waiters[flight] = []
         self._computations += 1
         flight.add_done_callback(functools.partial(self._landed, key))
         return flight
@@ -101,10 +109,23 @@ class Singleflight(Generic[K, V]):
         # forget() may have replaced this flight with a newer one; remove only our own.
         if self._flights.get(key) is flight:
             del self._flights[key]
-        # Mark the exception retrieved: a computation begun with start() may have no waiter at all,
-        # and asyncio would log "Task exception was never retrieved" when the task is collected.
-        if not flight.cancelled():
-            flight.exception()
+        waiters = self._waiters.pop(flight, ())
+        if flight.cancelled():
+            for waiter in waiters:
+                waiter.cancel()
+            return
+        # Retrieving the exception also marks it retrieved: a computation begun with start() may have
+        # no waiter at all, and asyncio would log "Task exception was never retrieved".
+        error = flight.exception()
+        if error is not None:
+            for waiter in waiters:
+                if not waiter.done():  # a cancelled waiter is done already
+                    waiter.set_exception(error)
+        else:
+            value = flight.result()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(value)
 
     def forget(self, key: K) -> bool:
         """Detach the running computation for ``key``; the next caller starts a new one.
@@ -131,3 +152,11 @@ class Singleflight(Generic[K, V]):
 
     def __repr__(self) -> str:
         return f"Singleflight({self.name!r}, in_flight={self.in_flight})"
+
+
+def _start(aw: Awaitable[V]) -> asyncio.Future[V]:
+    """Start ``aw`` as a task, eagerly where the interpreter can (3.12+: no wait in the ready queue)."""
+    if sys.version_info >= (3, 12) and asyncio.iscoroutine(aw):
+        loop = asyncio.get_running_loop()
+        return asyncio.Task(aw, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
+    return asyncio.ensure_future(aw)
