@@ -364,6 +364,12 @@ class BriefService:
         if hints:
             brief = brief.model_copy(update={"creative_hints": hints[:5]})
         served = result.served_mode
+        # llm_json_fallback_used_total: stages a fallback served because the guard gave up.
+        self.stats.fallback_used += sum(
+            1
+            for s in result.stages
+            if not s.served_by.startswith("model:") and any("GuardFailed" in c for c in s.causes)
+        )
         if result.selection.downshifted:
             self.stats.downshifts[(mode, served)] += 1
         generated_by = result.stages[0].served_by
@@ -504,13 +510,19 @@ class BriefService:
         )
         report: ValidationReport = result.value.to_report()
         if report.errors:
-            # The brief is already schema-valid; a model's objections are reported, not fatal.
+            # The brief already passed the schema (ranges, categories, notes); the validator model's
+            # objections are reported as warnings, not taken as a rejection -- and "valid" then says
+            # what those checks found, with the model's verdict spelled out.
+            objections = [f"validator model objected: {e}" for e in report.errors]
             report = report.model_copy(
                 update={
-                    "warnings": [f"validator: {e}" for e in report.errors] + report.warnings,
+                    "valid": True,
                     "errors": [],
+                    "warnings": list(dict.fromkeys(objections + report.warnings)),
                 }
             )
+        else:
+            report = report.model_copy(update={"warnings": list(dict.fromkeys(report.warnings))})
         return report
 
     async def _hint(self, ctx: BriefContext) -> list[str]:
@@ -541,7 +553,6 @@ class BriefService:
 
     async def _rules_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
         ctx.reliability = "low"
-        self.stats.fallback_used += 1
         return Degraded(
             rule_based_brief(ctx.text, ctx.requested_mode),
             ("Generated from fallback due to model failure (rule-based, reliability low)",),
