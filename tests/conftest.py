@@ -18,3 +18,103 @@ def clock() -> FakeClock:
 def bus() -> EventBus:
     """A private event bus, so tests can assert what a policy emitted."""
     return EventBus()
+
+
+# ---- Real Redis and PostgreSQL servers ------------------------------------------------------------
+# Private instances on free 127.0.0.1 ports with their own data directories (brownout.testing_servers):
+# the machine's shared servers on 6379/5432 are never used by tests that take a server down. A missing
+# binary is installed once with scripts/services install, as CI starts from a clean clone; tests are
+# never skipped for it.
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from brownout.testing_servers import (  # noqa: E402
+    PostgresDatabase,
+    PostgresServer,
+    RedisServer,
+    ensure_installed,
+)
+
+_SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the whole session; stopped and its directory removed at the end.
+
+    Tests may stop, kill or pause it: ``fresh_redis`` brings it back for the next test.
+    """
+    ensure_installed(_SERVICES_SCRIPT)
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A private PostgreSQL for the whole session; stopped and its directory removed at the end.
+
+    Tests may stop, kill or pause it: ``fresh_postgres_db`` brings it back for the next test.
+    """
+    ensure_installed(_SERVICES_SCRIPT)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis(redis_server: RedisServer) -> RedisServer:
+    """The session's Redis, running and empty (FLUSHALL) for this test."""
+    redis_server.ensure_running()
+    redis_server.command("FLUSHALL")
+    return redis_server
+
+
+@pytest.fixture
+def fresh_postgres_db(postgres_server: PostgresServer) -> Iterator[PostgresDatabase]:
+    """A new empty database on the session's PostgreSQL (``.name``, ``.url``, ``.dsn``), dropped after."""
+    postgres_server.ensure_running()
+    database = postgres_server.create_database()
+    yield database
+    postgres_server.ensure_running()
+    postgres_server.drop_database(database.name)
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
+    """Start private Redis servers of this test's own (``make_redis_server(**kwargs)``).
+
+    All are stopped and removed after the test.
+    """
+    ensure_installed(_SERVICES_SCRIPT)
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: Any) -> RedisServer:
+        server = RedisServer(**kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.cleanup()
+
+
+@pytest.fixture
+def make_postgres_server() -> Iterator[Callable[..., PostgresServer]]:
+    """Start private PostgreSQL servers of this test's own (``make_postgres_server(**kwargs)``).
+
+    All are stopped and removed after the test.
+    """
+    ensure_installed(_SERVICES_SCRIPT)
+    servers: list[PostgresServer] = []
+
+    def make(**kwargs: Any) -> PostgresServer:
+        server = PostgresServer(**kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.cleanup()

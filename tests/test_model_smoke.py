@@ -17,7 +17,11 @@ pytestmark = pytest.mark.model
 
 async def test_serve_on_the_embedded_model_returns_a_schema_valid_brief(tmp_path: Path) -> None:
     config = load_config(
-        None, environ={"BROWNOUT__DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"}
+        None,
+        environ={
+            "BROWNOUT__DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+            "BROWNOUT__DATABASE__SPOOL_PATH": str(tmp_path / "spool.db"),
+        },
     )
     app = create_app(config)
     async with app.router.lifespan_context(app):

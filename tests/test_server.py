@@ -75,7 +75,7 @@ def make_config(
         },
         "json_guard": {"backoff_base": 0.0, "jitter": 0.0},
         "circuit_breaker": {"minimum_calls": 100, "window_size": 100},
-        "database": {"url": f"sqlite+aiosqlite:///{db}"},
+        "database": {"url": f"sqlite+aiosqlite:///{db}", "spool_path": str(db.with_suffix(".spool.db"))},
     }
     return BrownoutConfig.model_validate(_merge(_merge(base, ours), overrides or {}))
 
@@ -1003,3 +1003,42 @@ async def test_no_fault_ever_turns_into_a_500(
                     brief_of(response.json())
         metrics = await stack.metrics()
         assert sample(metrics, "http_errors_total", status="500") == 0
+
+
+# ------------------------------------------------------------------- 17. database down: the spool
+
+
+async def test_briefs_served_while_the_database_is_down_are_spooled_and_replayed_once(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The database lives in a folder that does not exist yet: every write fails until it does.
+    missing = tmp_path / "not-yet"
+    overrides = {
+        "database": {
+            "url": f"sqlite+aiosqlite:///{missing / 'briefs.db'}",
+            "spool_path": str(tmp_path / "spool.db"),
+            "write_timeout": 2.0,
+        }
+    }
+    async with serve(fakes, tmp_path, overrides) as stack:
+        texts = [f"citrus and sea salt, variation {i}" for i in range(6)]
+        ids = [(await stack.brief(text, "fast"))["request_id"] for text in texts]
+        health = (await stack.http.get("/health")).json()
+        assert health["database"]["status"] == "unhealthy"
+        assert health["spool"]["pending"] == len(ids)
+        assert sample(await stack.metrics(), "spool_pending") == len(ids)
+
+        missing.mkdir()  # the database comes back
+        await stack.runtime.store.init()
+        assert stack.runtime.replayer is not None
+        stack.runtime.replayer.wake()
+        await until(lambda: stack.runtime.spool.pending == 0, what="the spool to drain")
+        assert await stack.runtime.store.count() == len(ids)
+        for request_id in ids:
+            record = await stack.runtime.store.get(request_id)
+            assert record is not None
+            assert record.response["request_id"] == request_id
+        # A write after recovery goes straight to the database, in order behind the replayed ones.
+        later = (await stack.brief("amber and smoke for winter", "fast"))["request_id"]
+        assert await stack.runtime.store.get(later) is not None
+        assert await stack.runtime.store.count() == len(ids) + 1

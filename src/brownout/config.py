@@ -205,6 +205,16 @@ class DatabaseSection(_Section):
     """Where briefs and requests are stored."""
 
     url: str = Field(default="sqlite+aiosqlite:///brownout.db", description="SQLAlchemy async URL")
+    spool_path: Path = Field(
+        default=Path("brownout-spool.db"),
+        description="SQLite file holding writes while the database is down (fsynced, replayed in order)",
+    )
+    write_timeout: float = Field(
+        default=5.0, gt=0, description="seconds a database write may take before spooling"
+    )
+    spool_alert: int = Field(
+        default=100, ge=1, description="pending spooled writes that raise the alert (seed: 100)"
+    )
 
 
 class BrownoutConfig(_Section):

@@ -31,6 +31,8 @@ __all__ = [
     "ModelServerRestarted",
     "RetryAttempted",
     "RetryGaveUp",
+    "SpoolAppended",
+    "SpoolReplayed",
 ]
 
 _log = logging.getLogger("brownout.events")
@@ -181,3 +183,30 @@ class ModelServerRestarted(Event):
     pid: int
     reason: str
     restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolAppended(Event):
+    """A durable spool took write ``key`` and now holds ``pending`` entries.
+
+    Emitted only on transitions, to stay cheap while the database is down: when the spool becomes
+    non-empty (writes have started to spool) and when ``pending`` first rises above the alert threshold
+    (``alert`` is then true; seed 000: more than 100 pending writes is an alert condition).
+    """
+
+    key: str
+    pending: int
+    alert: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolReplayed(Event):
+    """A spool replay wrote ``replayed`` entries to their sink; ``remaining`` are still pending.
+
+    ``error`` is empty when the run ended because the spool was drained (or its limit reached), else the
+    sink's error that stopped it at the oldest remaining entry.
+    """
+
+    replayed: int
+    remaining: int
+    error: str = ""

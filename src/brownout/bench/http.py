@@ -129,7 +129,10 @@ def run(connections: int = 16, seconds: int = 10) -> dict[str, Any]:
                     for role, port in zip(("qwen", "mistral", "llama"), fake_ports, strict=True)
                 },
             },
-            "database": {"url": f"sqlite+aiosqlite:///{tmpdir / 'bench.db'}"},
+            "database": {
+                "url": f"sqlite+aiosqlite:///{tmpdir / 'bench.db'}",
+                "spool_path": str(tmpdir / "bench-spool.db"),
+            },
         }
         (tmpdir / "brownout.yaml").write_text(json.dumps(config))
         port = _free_port()

@@ -240,7 +240,10 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 }
             return _unavailable(e, extra)
         if not response.get("cached"):
-            await rt.record(body.text, response)
+            try:
+                await rt.record(body.text, response)
+            except ServiceUnavailable as e:
+                return _unavailable(e)
         raw = getattr(request.state, "raw_body", None)
         if rt.edge is not None and raw is not None and not response.get("degraded"):
             rt.edge.remember(raw, svc.cache_key(body.text.strip(), body.mode))
@@ -290,6 +293,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 "misses": cache.misses,
             },
             "database": {"status": "healthy" if rt.store_ok else "unhealthy", "error": rt.store_error},
+            "spool": _spool_status(rt),
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
         }
@@ -394,6 +398,18 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     app.add_exception_handler(_BodyTooLarge, _body_too_large)
     app.add_middleware(_Guard, runtime=rt, max_body=config.server.max_body_bytes)
     return app
+
+
+def _spool_status(rt: Runtime) -> dict[str, Any]:
+    st = rt.spool.stats()
+    return {
+        "pending": st.pending,
+        "oldest_age_seconds": round(st.oldest_age, 3),
+        "replayed": st.replayed,
+        "failed_attempts": st.failed_attempts,
+        "last_error": st.last_error,
+        "alert": st.alert,
+    }
 
 
 def _action(a: Any) -> dict[str, Any]:

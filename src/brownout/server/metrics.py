@@ -151,6 +151,20 @@ class RuntimeCollector(Collector):
             errors.add_metric([str(status)], n)
         yield errors
 
+        spool = rt.spool.stats()
+        yield GaugeMetricFamily(
+            "spool_pending", "Writes waiting in the local spool for the database", value=spool.pending
+        )
+        yield GaugeMetricFamily(
+            "spool_oldest_age_seconds", "Age of the oldest spooled write", value=spool.oldest_age
+        )
+        yield CounterMetricFamily(
+            "spool_replayed", "Spooled writes replayed into the database", value=spool.replayed
+        )
+        yield CounterMetricFamily(
+            "spool_replay_failures", "Replay attempts that failed", value=spool.failed_attempts
+        )
+
         restarts = CounterMetricFamily(
             "model_server_restarts", "Local model server restarts", labels=["model"]
         )

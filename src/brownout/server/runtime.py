@@ -13,17 +13,21 @@ import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
+from brownout.durable.spool import Spool, SpoolReplayer
 from brownout.durable.store import BriefRecord, BriefStore
+from brownout.errors import ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.local import LocalModelServer
 from brownout.llm.types import EndpointConfig
+from brownout.policies.deadline import deadline
 from brownout.server.edge import EdgeCache
 
 __all__ = ["RecoveryAction", "Runtime"]
@@ -67,6 +71,14 @@ class Runtime:
         self.local: dict[str, LocalModelServer] = {}
         self.clients: dict[str, ModelClient] = {}
         self.store = BriefStore(config.database.url)
+        self.spool = Spool(
+            config.database.spool_path,
+            name="briefs-spool",
+            clock=clock,
+            events=events,
+            alert_pending=config.database.spool_alert,
+        )
+        self.replayer: SpoolReplayer | None = None
         self.store_ok = False
         self.store_error: str | None = None
         self.http = HttpStats()
@@ -122,6 +134,9 @@ class Runtime:
             self.service.start()
             self.edge = EdgeCache(self.service.cache, max_entries=cfg.cache.max_size)
             await self._open_store()
+            await self.spool.open()
+            self.replayer = SpoolReplayer(self.spool, self._save)
+            self.replayer.start()
             await self.service.verify_constraints()
             self._monitor = asyncio.create_task(self._health_loop(), name="brownout-health")
             self._started = True
@@ -159,22 +174,57 @@ class Runtime:
                 _log.warning("health probe of %s failed: %s", role, result)
 
     async def record(self, text: str, response: dict[str, Any]) -> None:
-        """Store a served brief; a database failure is logged and shown in /health, never raised."""
-        try:
-            await self.store.save(
-                BriefRecord(
-                    request_id=response["request_id"],
-                    text=text,
-                    requested_mode=response["requested_mode"],
-                    served_mode=response["served_mode"],
-                    degraded=bool(response.get("degraded")),
-                    response=response,
+        """Persist a served brief before it is acknowledged: in the database, or else in the spool.
+
+        While anything waits in the spool, new writes queue behind it so the database receives them
+        in order. Raises ServiceUnavailable only when neither the database nor the spool took the
+        write -- then the request must not be acknowledged.
+        """
+        payload = {
+            "request_id": response["request_id"],
+            "text": text,
+            "requested_mode": response["requested_mode"],
+            "served_mode": response["served_mode"],
+            "degraded": bool(response.get("degraded")),
+            "response": response,
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+        if self.spool.pending == 0:
+            try:
+                async with deadline(self.config.database.write_timeout, clock=self.clock):
+                    await self._save(payload["request_id"], "brief", payload)
+                self.store_ok, self.store_error = True, None
+                return
+            except Exception as e:
+                self.store_ok, self.store_error = False, f"{type(e).__name__}: {e}"
+                _log.error(
+                    "database write of %s failed, spooling it: %s", payload["request_id"], self.store_error
                 )
-            )
-            self.store_ok, self.store_error = True, None
+        try:
+            await self.spool.append(payload["request_id"], "brief", payload)
         except Exception as e:
-            self.store_ok, self.store_error = False, f"{type(e).__name__}: {e}"
-            _log.error("could not store brief %s: %s", response.get("request_id"), self.store_error)
+            _log.error("could not spool brief %s: %s", payload["request_id"], e)
+            raise ServiceUnavailable(
+                "The brief could not be stored (database and local spool both unavailable)",
+                retry_after=30.0,
+                policy="store",
+            ) from e
+        if self.replayer is not None:
+            self.replayer.wake()
+
+    async def _save(self, key: str, kind: str, payload: dict[str, Any]) -> None:
+        """The spool's sink: one idempotent write of a brief record (by request_id)."""
+        await self.store.save(
+            BriefRecord(
+                request_id=payload["request_id"],
+                text=payload["text"],
+                requested_mode=payload["requested_mode"],
+                served_mode=payload["served_mode"],
+                degraded=payload["degraded"],
+                response=payload["response"],
+                created_at=datetime.fromisoformat(payload["created_at"]),
+            )
+        )
 
     # ------------------------------------------------------------------ recovery
 
@@ -245,6 +295,11 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await client.aclose()
         await asyncio.gather(*(s.stop() for s in self.local.values()), return_exceptions=True)
+        if self.replayer is not None:
+            await self.replayer.aclose()
+            self.replayer = None
+        with contextlib.suppress(Exception):
+            await self.spool.aclose()
         with contextlib.suppress(Exception):
             await self.store.aclose()
         self._started = False

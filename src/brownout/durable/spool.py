@@ -1,0 +1,814 @@
+"""A durable local write spool: writes that cannot reach the database now are kept on disk, not lost.
+
+Seed 000 keeps pending database writes in a Python list and drops the ones whose flush fails; a crash,
+or a second failure, loses acknowledged data. :class:`Spool` instead appends each write to its own
+SQLite file and returns only once the transaction is committed with ``PRAGMA synchronous=FULL`` -- the
+write is on disk before the request is acknowledged. When the database is back, :meth:`Spool.replay`
+hands the entries to a *sink* (for briefs, :meth:`brownout.durable.store.BriefStore.save`), oldest
+first and strictly in order, and deletes each entry only after its sink call succeeded::
+
+    spool = Spool(Path("var/spool.db"), name="briefs")
+    try:
+        await store.save(record)
+    except Exception:
+        await spool.append(record.request_id, "brief", payload)   # durable when this returns
+
+    replayer = SpoolReplayer(spool, sink)   # retries every interval, backing off while the sink fails
+    replayer.start()
+    ...
+    replayer.wake()                          # the database is known to be back: try now
+
+Guarantees and their reasons:
+
+* **Nothing acknowledged is lost.** :meth:`~Spool.append` returns after the commit; entries survive a
+  crash or restart (a new :class:`Spool` on the same path sees them).
+* **Nothing is written twice.** Entries carry an idempotency key (the request id). A duplicate key is
+  not spooled again, and the sink must be idempotent by key, which covers the one unavoidable window:
+  a crash between the sink's success and the entry's delete replays that entry once more.
+* **Order.** Replay stops at the first failing entry and keeps it at the head (recording ``attempts``
+  and ``last_error`` on it); nothing newer overtakes it. A caller that wants its writes in order overall
+  must also spool new writes while entries are pending, instead of writing them straight through.
+* **Back-pressure.** At ``max_pending`` entries, :meth:`~Spool.append` raises
+  :class:`~brownout.errors.Overloaded` (reason ``"spool_full"``) instead of growing without bound.
+
+Every SQLite call runs on one worker thread owned by the spool, never on the event loop. Concurrent
+appends are *group-committed*: those that arrive while a commit is in progress share the next
+transaction and its one fsync, so a thousand concurrent writes cost a handful of fsyncs, each still
+durable before its caller returns. One :class:`Spool` (one process) owns a file at a time; other
+connections may read it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar, TypeVarTuple
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.errors import ConfigError, Overloaded
+from brownout.events import DEFAULT_BUS, CallRejected, EventBus, SpoolAppended, SpoolReplayed
+
+__all__ = ["ReplayResult", "Sink", "Spool", "SpoolEntry", "SpoolReplayer", "SpoolStats"]
+
+_log = logging.getLogger("brownout.spool")
+
+_T = TypeVar("_T")
+_Ts = TypeVarTuple("_Ts")
+
+Sink = Callable[[str, str, dict[str, Any]], Awaitable[object]]
+"""Where replayed entries go: ``await sink(key, kind, payload)``; must be idempotent by ``key``."""
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS spool (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    key        TEXT    NOT NULL UNIQUE,
+    kind       TEXT    NOT NULL,
+    payload    TEXT    NOT NULL,
+    created_at REAL    NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+)
+"""
+# AUTOINCREMENT (not plain rowid) so a seq is never reused after the newest entry is deleted: order is
+# the order of appends over the file's whole life, across restarts.
+
+_NEW: Final = 0
+_DUPLICATE: Final = 1
+_FULL: Final = 2
+
+_MAX_GROUP: Final = 1000
+"""Most appends committed in one transaction (bounds how long the first of them waits)."""
+
+_MIN_RETRY_AFTER: Final = 1.0
+"""``retry_after`` of a full spool when no replay attempt is scheduled later than that."""
+
+_MAX_ERROR_CHARS: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStats:
+    """A snapshot of a :class:`Spool` (for ``/health`` and ``/metrics``).
+
+    ``pending`` entries wait for replay; ``oldest_age`` is the clock age in seconds of the oldest of them
+    (0 when empty; entries left by an earlier process are aged by this clock, clamped at 0).
+    ``appended``, ``duplicates`` and ``rejected`` count :meth:`Spool.append` calls of this instance that
+    spooled a write, found its key already spooled, or were refused because the spool was full.
+    ``replayed`` counts entries handed to a sink successfully and deleted; ``failed_attempts`` counts
+    replay runs stopped by a sink error, and ``last_error`` is the error of the latest run (None once a
+    run succeeds). ``alert`` is true above ``alert_pending`` entries (seed 000: more than 100).
+    ``bytes_on_disk`` is the size of the database file with its WAL and shared-memory files.
+    """
+
+    pending: int
+    oldest_age: float
+    appended: int
+    duplicates: int
+    rejected: int
+    replayed: int
+    failed_attempts: int
+    last_error: str | None
+    alert: bool
+    bytes_on_disk: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What one :meth:`Spool.replay` run did.
+
+    ``replayed`` entries reached the sink and were deleted; ``remaining`` are still pending. When a sink
+    call failed, ``error`` describes it and ``failed_key`` names the entry, which stays at the head.
+    """
+
+    replayed: int
+    remaining: int
+    error: str | None = None
+    failed_key: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when no sink call failed."""
+        return self.error is None
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolEntry:
+    """One pending entry, as stored (see :meth:`Spool.entries`)."""
+
+    seq: int
+    key: str
+    kind: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+    last_error: str | None
+
+
+_Append = tuple[str, str, str, float, asyncio.Future[int]]
+
+
+class Spool:
+    """A durable, ordered, idempotent write spool in one SQLite file; see the module docstring.
+
+    ``max_pending`` bounds the entries held (then :meth:`append` raises
+    :class:`~brownout.errors.Overloaded`); above ``alert_pending`` entries :attr:`alert` is true. The
+    file is opened on first use (or :meth:`open`), created with its directory when missing.
+    """
+
+    __slots__ = (
+        "_appended",
+        "_bytes",
+        "_clock",
+        "_closed",
+        "_conn",
+        "_duplicates",
+        "_events",
+        "_executor",
+        "_failed",
+        "_flusher",
+        "_last_error",
+        "_next_replay_at",
+        "_nonempty",
+        "_oldest",
+        "_pending",
+        "_queue",
+        "_rejected",
+        "_replay_lock",
+        "_replayed",
+        "alert_pending",
+        "max_pending",
+        "name",
+        "path",
+    )
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        name: str = "spool",
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+        max_pending: int = 100_000,
+        alert_pending: int = 100,
+    ) -> None:
+        if max_pending < 1:
+            raise ConfigError("max_pending", f"must be at least 1, got {max_pending}")
+        if alert_pending < 0:
+            raise ConfigError("alert_pending", f"must not be negative, got {alert_pending}")
+        self.path = Path(path)
+        self.name = name
+        self.max_pending = max_pending
+        self.alert_pending = alert_pending
+        self._clock = clock
+        self._events = events
+        self._closed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used only on the worker thread
+        self._queue: list[_Append] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._replay_lock = asyncio.Lock()
+        self._nonempty = asyncio.Event()  # set while entries are pending; the replayer waits on it
+        # Written by the worker thread after each commit, read by the loop: plain values, so a read is
+        # atomic under the GIL and always reflects some committed state.
+        self._pending = 0
+        self._oldest: float | None = None
+        self._bytes = 0
+        self._appended = 0
+        self._duplicates = 0
+        self._rejected = 0
+        self._replayed = 0
+        self._failed = 0
+        self._last_error: str | None = None
+        # When the replayer will try next (it sets this), so a full spool can say when to come back.
+        self._next_replay_at: float | None = None
+
+    @property
+    def clock(self) -> Clock:
+        """The clock that stamps entries and ages them."""
+        return self._clock
+
+    @property
+    def pending(self) -> int:
+        """How many entries wait for replay (exact once the file is open)."""
+        return self._pending
+
+    @property
+    def alert(self) -> bool:
+        """True when more than ``alert_pending`` entries are pending."""
+        return self._pending > self.alert_pending
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`aclose`."""
+        return self._closed
+
+    def stats(self) -> SpoolStats:
+        """A snapshot of the counters; see :class:`SpoolStats`. Costs no I/O."""
+        oldest = self._oldest
+        age = 0.0 if oldest is None or self._pending == 0 else max(0.0, self._clock.now() - oldest)
+        return SpoolStats(
+            pending=self._pending,
+            oldest_age=age,
+            appended=self._appended,
+            duplicates=self._duplicates,
+            rejected=self._rejected,
+            replayed=self._replayed,
+            failed_attempts=self._failed,
+            last_error=self._last_error,
+            alert=self._pending > self.alert_pending,
+            bytes_on_disk=self._bytes,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Open (or create) the file now and load the pending count; later calls do nothing."""
+        self._check_open()
+        await self._call(self._db)
+        self._sync_nonempty()
+
+    async def aclose(self) -> None:
+        """Finish the appends in progress, wait for a running replay, and close the file."""
+        if self._closed:
+            return
+        self._closed = True
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.wait([flusher])
+        async with self._replay_lock:
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(executor, self._close_db)
+                finally:
+                    executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ append
+
+    async def append(self, key: str, kind: str, payload: dict[str, Any]) -> bool:
+        """Spool one write durably; True when it was new, False when ``key`` is already pending.
+
+        Returns only after the entry is committed to disk. Raises :class:`~brownout.errors.Overloaded`
+        (reason ``"spool_full"``) when ``max_pending`` entries are pending, ``TypeError`` when
+        ``payload`` is not JSON-serialisable (nothing is spooled), and the ``sqlite3`` error when the
+        file cannot be written (disk full, say) -- in every error case the write was not acknowledged.
+        If the caller is cancelled while waiting, the write may still be committed (and later replayed);
+        the sink's idempotency makes that harmless.
+        """
+        self._check_open()
+        # Serialise now, in the caller: an unserialisable payload fails here, and later mutations of
+        # the caller's dict cannot change what was spooled.
+        text = json.dumps(payload, separators=(",", ":"))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue.append((key, kind, text, self._clock.now(), future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush(), name=f"brownout-spool-{self.name}-flush")
+        code = await future
+        if code == _NEW:
+            return True
+        if code == _DUPLICATE:
+            return False
+        raise self._full()
+
+    async def _flush(self) -> None:
+        """Commit queued appends in groups until the queue is empty (one fsync per group)."""
+        try:
+            while self._queue:
+                group = self._queue[:_MAX_GROUP]
+                del self._queue[:_MAX_GROUP]
+                rows = [(key, kind, text, at) for key, kind, text, at, _ in group]
+                try:
+                    codes, before, after = await self._call(self._write, rows)
+                except asyncio.CancelledError:
+                    for *_, future in group:
+                        if not future.done():
+                            future.set_exception(RuntimeError(f"spool {self.name!r} writer was cancelled"))
+                    raise
+                except Exception as e:
+                    for *_, future in group:
+                        if not future.done():
+                            future.set_exception(e)
+                    continue
+                for (*_, future), code in zip(group, codes, strict=True):
+                    if code == _NEW:
+                        self._appended += 1
+                    elif code == _DUPLICATE:
+                        self._duplicates += 1
+                    if not future.done():
+                        future.set_result(code)
+                self._sync_nonempty()
+                if after > before and self._events.active:
+                    self._emit_appended(group, codes, before, after)
+        finally:
+            self._flusher = None
+
+    def _emit_appended(self, group: list[_Append], codes: list[int], before: int, after: int) -> None:
+        # Transitions only: the spool became non-empty, or rose above the alert threshold.
+        became_nonempty = before == 0
+        crossed_alert = before <= self.alert_pending < after
+        if not (became_nonempty or crossed_alert):
+            return
+        key = next(g[0] for g, c in zip(reversed(group), reversed(codes), strict=True) if c == _NEW)
+        self._events.emit(
+            SpoolAppended(
+                source=self.name,
+                at=self._clock.now(),
+                key=key,
+                pending=after,
+                alert=after > self.alert_pending,
+            )
+        )
+
+    def _full(self) -> Overloaded:
+        self._rejected += 1
+        now = self._clock.now()
+        retry_after = _MIN_RETRY_AFTER
+        if self._next_replay_at is not None:
+            # Slots free up when a replay succeeds; the next one is not before this.
+            retry_after = max(retry_after, self._next_replay_at - now)
+        if self._events.active:
+            self._events.emit(
+                CallRejected(
+                    source=self.name, at=now, kind="spool", reason="spool_full", retry_after=retry_after
+                )
+            )
+        return Overloaded(
+            self.name, "spool_full", retry_after=retry_after, queue_size=self._pending, in_flight=0
+        )
+
+    # ------------------------------------------------------------------ replay
+
+    async def replay(self, sink: Sink, *, batch: int = 100, limit: int | None = None) -> ReplayResult:
+        """Hand pending entries to ``sink`` oldest first, deleting each after its sink call succeeded.
+
+        Entries are read ``batch`` at a time and their deletes committed once per batch. The run ends
+        when the spool is empty, after ``limit`` entries, or at the first sink error: that entry stays
+        at the head with ``attempts`` incremented and ``last_error`` recorded, and the error is
+        reported in the result rather than raised. Runs are serialised: a second concurrent call waits.
+        Entries appended during a run are replayed by the same run.
+        """
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        self._check_open()
+        async with self._replay_lock:
+            self._check_open()
+            replayed = 0
+            error: str | None = None
+            failed_key: str | None = None
+            while limit is None or replayed < limit:
+                want = batch if limit is None else min(batch, limit - replayed)
+                rows = await self._call(self._fetch, want)
+                if not rows:
+                    break
+                done: list[int] = []
+                failure: tuple[int, str] | None = None
+                try:
+                    for seq, key, kind, text in rows:
+                        try:
+                            await sink(key, kind, json.loads(text))
+                        except Exception as e:
+                            failure = (seq, _describe(e))
+                            failed_key = key
+                            break
+                        done.append(seq)
+                finally:
+                    # Also on cancellation: what the sink took is deleted, so it is not sent again.
+                    if done or failure is not None:
+                        await self._call(self._settle, done, failure)
+                        self._replayed += len(done)
+                        self._sync_nonempty()
+                replayed += len(done)
+                if failure is not None:
+                    error = failure[1]
+                    break
+            if error is None:
+                self._last_error = None
+                if self._pending == 0 and replayed:
+                    await self._call(self._compact)
+            else:
+                self._failed += 1
+                self._last_error = error
+            result = ReplayResult(replayed, self._pending, error, failed_key)
+            if (replayed or error is not None) and self._events.active:
+                self._events.emit(
+                    SpoolReplayed(
+                        source=self.name,
+                        at=self._clock.now(),
+                        replayed=replayed,
+                        remaining=result.remaining,
+                        error=error or "",
+                    )
+                )
+            return result
+
+    async def entries(self, limit: int = 100) -> list[SpoolEntry]:
+        """The oldest ``limit`` pending entries, for inspection (replay order)."""
+        self._check_open()
+        rows = await self._call(self._peek, limit)
+        return [
+            SpoolEntry(seq, key, kind, json.loads(text), created, attempts, last_error)
+            for seq, key, kind, text, created, attempts, last_error in rows
+        ]
+
+    # ------------------------------------------------------------------ loop-side helpers
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"spool {self.name!r} is closed")
+
+    def _sync_nonempty(self) -> None:
+        if self._pending:
+            self._nonempty.set()
+        else:
+            self._nonempty.clear()
+
+    async def _call(self, fn: Callable[[*_Ts], _T], *args: *_Ts) -> _T:
+        # One dedicated thread: SQLite work stays off the event loop, and operations on the file are
+        # serialised in submission order without locks.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"brownout-spool-{self.name}")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # ------------------------------------------------------------------ worker thread only
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        try:
+            # Must precede the first table for the file to be able to give pages back (see _compact).
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: every commit syncs the WAL, so an acknowledged append survives power loss too.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(_SCHEMA)
+            if created:
+                _fsync_dir(self.path.parent)  # the new file's directory entry must be durable too
+            (pending,) = conn.execute("SELECT COUNT(*) FROM spool").fetchone()
+            row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._pending = int(pending)
+        self._oldest = None if row is None else float(row[0])
+        self._refresh_bytes()
+        return conn
+
+    def _close_db(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # the last connection checkpoints and removes the WAL
+            self._refresh_bytes()
+
+    def _write(self, rows: list[tuple[str, str, str, float]]) -> tuple[list[int], int, int]:
+        conn = self._db()
+        before = pending = self._pending
+        first_created: float | None = None
+        codes: list[int] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key, kind, text, created in rows:
+                if pending >= self.max_pending:
+                    known = conn.execute("SELECT 1 FROM spool WHERE key = ?", (key,)).fetchone()
+                    codes.append(_FULL if known is None else _DUPLICATE)
+                    continue
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO spool (key, kind, payload, created_at) VALUES (?, ?, ?, ?)",
+                    (key, kind, text, created),
+                )
+                if cursor.rowcount == 1:
+                    pending += 1
+                    if first_created is None:
+                        first_created = created
+                    codes.append(_NEW)
+                else:
+                    codes.append(_DUPLICATE)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if before == 0 and first_created is not None:
+            self._oldest = first_created
+        self._pending = pending
+        self._refresh_bytes()
+        return codes, before, pending
+
+    def _fetch(self, limit: int) -> list[tuple[int, str, str, str]]:
+        conn = self._db()
+        rows = conn.execute("SELECT seq, key, kind, payload FROM spool ORDER BY seq LIMIT ?", (limit,))
+        return rows.fetchall()
+
+    def _peek(self, limit: int) -> list[tuple[int, str, str, str, float, int, str | None]]:
+        conn = self._db()
+        rows = conn.execute(
+            "SELECT seq, key, kind, payload, created_at, attempts, last_error FROM spool "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return rows.fetchall()
+
+    def _settle(self, done: list[int], failure: tuple[int, str] | None) -> None:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = 0
+            if done:
+                deleted = conn.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in done]).rowcount
+            if failure is not None:
+                seq, error = failure
+                conn.execute(
+                    "UPDATE spool SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+        self._oldest = None if row is None else float(row[0])
+        self._pending -= deleted
+        self._refresh_bytes()
+
+    def _compact(self) -> None:
+        # Drained: give the freed pages back and empty the WAL, so a spool that once held 100k entries
+        # does not keep their space (and report it in bytes_on_disk) forever.
+        conn = self._db()
+        if self._pending == 0:
+            conn.executescript("PRAGMA incremental_vacuum;")  # executescript steps it to completion
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self._refresh_bytes()
+
+    def _refresh_bytes(self) -> None:
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        self._bytes = total
+
+
+class SpoolReplayer:
+    """Replays a :class:`Spool` into ``sink`` in the background while entries are pending.
+
+    Idle while the spool is empty. Once entries appear it waits ``interval`` seconds (the write that
+    spooled them has just failed), then replays; while the sink keeps failing it waits
+    ``interval * multiplier ** (failures - 1)`` seconds between attempts, at most ``max_interval``, on
+    the spool's clock. Entries left by an earlier process are replayed at once on :meth:`start`.
+    :meth:`wake` (the database is known to be back) makes it try immediately. A full spool's
+    :class:`~brownout.errors.Overloaded` uses the next attempt time as its ``retry_after``.
+    """
+
+    __slots__ = (
+        "_attempts",
+        "_failures",
+        "_idle",
+        "_next_at",
+        "_task",
+        "_wake",
+        "batch",
+        "interval",
+        "max_interval",
+        "multiplier",
+        "sink",
+        "spool",
+    )
+
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Sink,
+        *,
+        interval: float = 1.0,
+        max_interval: float = 60.0,
+        multiplier: float = 2.0,
+        batch: int = 100,
+    ) -> None:
+        if not interval > 0:
+            raise ConfigError("interval", f"must be greater than 0, got {interval}")
+        if not max_interval >= interval:
+            raise ConfigError("max_interval", f"must be at least interval ({interval}), got {max_interval}")
+        if not multiplier >= 1:
+            raise ConfigError("multiplier", f"must be at least 1, got {multiplier}")
+        if batch < 1:
+            raise ConfigError("batch", f"must be at least 1, got {batch}")
+        self.spool = spool
+        self.sink = sink
+        self.interval = float(interval)
+        self.max_interval = float(max_interval)
+        self.multiplier = float(multiplier)
+        self.batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._attempts = 0
+        self._failures = 0
+        self._next_at: float | None = None
+        self._idle = False
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`aclose` (unless the task died)."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def attempts(self) -> int:
+        """Replay runs started so far."""
+        return self._attempts
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Replay runs in a row that a sink error stopped (0 after a success)."""
+        return self._failures
+
+    @property
+    def idle(self) -> bool:
+        """True while it waits for the spool to get entries (nothing pending, nothing scheduled)."""
+        return self._idle
+
+    @property
+    def next_attempt_at(self) -> float | None:
+        """Clock time of the next scheduled attempt, or None when idle or replaying."""
+        return self._next_at
+
+    def start(self) -> None:
+        """Start the background task (needs a running loop); a second call does nothing."""
+        if not self.running:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"brownout-spool-{self.spool.name}-replayer"
+            )
+
+    def wake(self) -> None:
+        """Try a replay now instead of waiting for the next scheduled attempt."""
+        self._wake.set()
+
+    async def aclose(self) -> None:
+        """Stop the background task; a replay in progress is cancelled after its current entry."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._next_at = None
+        self.spool._next_replay_at = None
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def _backoff(self) -> float:
+        return min(self.max_interval, self.interval * self.multiplier ** (self._failures - 1))
+
+    async def _run(self) -> None:
+        spool = self.spool
+        clock = spool.clock
+        opened = False
+        delay = 0.0  # entries left by an earlier process are tried at once
+        while not spool.closed:
+            if opened and spool.pending == 0:
+                self._failures = 0
+                self._idle = True
+                try:
+                    woken = await self._wait(None)
+                finally:
+                    self._idle = False
+                if spool.pending == 0:
+                    continue
+                # Fresh entries mean a write just failed: give the database a moment, unless told
+                # it is back.
+                delay = 0.0 if woken else self.interval
+            if delay > 0:
+                self._next_at = spool._next_replay_at = clock.now() + delay
+                await self._wait(delay)
+                self._next_at = spool._next_replay_at = None
+            if spool.closed:
+                break
+            try:
+                if not opened:
+                    await spool.open()  # loads the pending count of a spool left by an earlier process
+                    opened = True
+                    if spool.pending == 0:
+                        continue
+                self._attempts += 1
+                result = await spool.replay(self.sink, batch=self.batch)
+                failed = not result.ok
+                if failed:
+                    _log.warning(
+                        "spool %r: replay stopped at %r (%d pending): %s",
+                        spool.name,
+                        result.failed_key,
+                        result.remaining,
+                        result.error,
+                    )
+            except Exception:
+                if spool.closed:
+                    break
+                # The spool's own file failed (disk full, I/O error): keep trying on the same schedule.
+                _log.exception("spool %r: replay failed", spool.name)
+                failed = True
+            if failed:
+                self._failures += 1
+                delay = self._backoff()
+            else:
+                self._failures = 0
+                delay = 0.0
+        self._next_at = spool._next_replay_at = None
+
+    async def _wait(self, delay: float | None) -> bool:
+        """Wait ``delay`` clock seconds (None: until the spool has entries) or until woken.
+
+        Returns True when :meth:`wake` ended the wait.
+        """
+        other: Awaitable[object] = (
+            self.spool._nonempty.wait() if delay is None else self.spool.clock.sleep(delay)
+        )
+        waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(other)]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        woken = self._wake.is_set()
+        self._wake.clear()
+        return woken
+
+
+def _describe(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or filesystem can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
