@@ -1,0 +1,45 @@
+"""Where shared state lives when one process is not enough: Redis (and, by default, memory).
+
+:mod:`brownout.state.redis` holds the Redis health detector (seed 002 §1) and the shared cache with a
+local front that keeps answering through a Redis outage (seed 000). Redis support needs the optional
+``redis`` package (the ``server`` extra), so the names below are imported on first use: importing
+:mod:`brownout.state` alone does not require it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from brownout.state.redis import (
+        RedisHealth,
+        RedisHealthConfig,
+        RedisHealthDetector,
+        RedisStatus,
+        SharedCache,
+        SharedCacheConfig,
+        SharedCacheStats,
+    )
+
+__all__ = [
+    "RedisHealth",
+    "RedisHealthConfig",
+    "RedisHealthDetector",
+    "RedisStatus",
+    "SharedCache",
+    "SharedCacheConfig",
+    "SharedCacheStats",
+]
+
+_LAZY = dict.fromkeys(__all__, "brownout.state.redis")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the Redis-backed names on first use (they need the optional ``redis`` package)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
