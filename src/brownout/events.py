@@ -29,6 +29,7 @@ __all__ = [
     "GuardRetried",
     "ModeDownshifted",
     "ModelServerRestarted",
+    "RedisStatusChanged",
     "RetryAttempted",
     "RetryGaveUp",
     "SpoolAppended",
@@ -210,3 +211,15 @@ class SpoolReplayed(Event):
     replayed: int
     remaining: int
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStatusChanged(Event):
+    """A Redis health detector moved from ``old`` to ``new`` ("healthy", "degraded", "fallback").
+
+    ``reason`` says why: the latency seen, the error of the failed check, or the recovery.
+    """
+
+    old: str
+    new: str
+    reason: str
