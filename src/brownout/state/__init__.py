@@ -1,7 +1,9 @@
 """Where shared state lives when one process is not enough: Redis (and, by default, memory).
 
 :mod:`brownout.state.redis` holds the Redis health detector (seed 002 §1) and the shared cache with a
-local front that keeps answering through a Redis outage (seed 000). Redis support needs the optional
+local front that keeps answering through a Redis outage (seed 000); :mod:`brownout.state.singleflight`
+the cross-replica singleflight; :mod:`brownout.state.tiered` the tiered reader with freshness labels
+(Redis → database → memory → default, seed 002 §1). Redis support needs the optional
 ``redis`` package (the ``server`` extra), so the names below are imported on first use: importing
 :mod:`brownout.state` alone does not require it.
 """
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
         SharedCacheConfig,
         SharedCacheStats,
     )
+    from brownout.state.singleflight import RedisSingleflight, RemoteComputationFailed
+    from brownout.state.tiered import Tier, TieredReader, TieredValue
 
 __all__ = [
     "RedisHealth",
@@ -30,9 +34,21 @@ __all__ = [
     "SharedCache",
     "SharedCacheConfig",
     "SharedCacheStats",
+    "RedisSingleflight",
+    "RemoteComputationFailed",
+    "Tier",
+    "TieredReader",
+    "TieredValue",
 ]
 
-_LAZY = dict.fromkeys(__all__, "brownout.state.redis")
+_LAZY = {
+    **dict.fromkeys(__all__[:7], "brownout.state.redis"),
+    "RedisSingleflight": "brownout.state.singleflight",
+    "RemoteComputationFailed": "brownout.state.singleflight",
+    "Tier": "brownout.state.tiered",
+    "TieredReader": "brownout.state.tiered",
+    "TieredValue": "brownout.state.tiered",
+}
 
 
 def __getattr__(name: str) -> Any:
