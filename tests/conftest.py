@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
 import pytest
 
 from brownout.events import EventBus
 from brownout.testing import FakeClock
+from brownout.testing_servers import (
+    PostgresDatabase,
+    PostgresServer,
+    RedisServer,
+    ensure_installed,
+)
 
 
 @pytest.fixture
@@ -26,16 +36,7 @@ def bus() -> EventBus:
 # binary is installed once with scripts/services install, as CI starts from a clean clone; tests are
 # never skipped for it.
 
-from collections.abc import Callable, Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-from brownout.testing_servers import (  # noqa: E402
-    PostgresDatabase,
-    PostgresServer,
-    RedisServer,
-    ensure_installed,
-)
+S = TypeVar("S", RedisServer, PostgresServer)
 
 _SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
 
@@ -80,17 +81,13 @@ def fresh_postgres_db(postgres_server: PostgresServer) -> Iterator[PostgresDatab
     postgres_server.drop_database(database.name)
 
 
-@pytest.fixture
-def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
-    """Start private Redis servers of this test's own (``make_redis_server(**kwargs)``).
-
-    All are stopped and removed after the test.
-    """
+def _private_servers(cls: Callable[..., S]) -> Iterator[Callable[..., S]]:
+    """Yield a factory starting private servers of ``cls``; all are stopped and removed afterwards."""
     ensure_installed(_SERVICES_SCRIPT)
-    servers: list[RedisServer] = []
+    servers: list[S] = []
 
-    def make(**kwargs: Any) -> RedisServer:
-        server = RedisServer(**kwargs)
+    def make(**kwargs: Any) -> S:
+        server = cls(**kwargs)
         servers.append(server)
         server.start()
         return server
@@ -98,23 +95,15 @@ def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
     yield make
     for server in servers:
         server.cleanup()
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
+    """Start private Redis servers of this test's own (``make_redis_server(**kwargs)``)."""
+    yield from _private_servers(RedisServer)
 
 
 @pytest.fixture
 def make_postgres_server() -> Iterator[Callable[..., PostgresServer]]:
-    """Start private PostgreSQL servers of this test's own (``make_postgres_server(**kwargs)``).
-
-    All are stopped and removed after the test.
-    """
-    ensure_installed(_SERVICES_SCRIPT)
-    servers: list[PostgresServer] = []
-
-    def make(**kwargs: Any) -> PostgresServer:
-        server = PostgresServer(**kwargs)
-        servers.append(server)
-        server.start()
-        return server
-
-    yield make
-    for server in servers:
-        server.cleanup()
+    """Start private PostgreSQL servers of this test's own (``make_postgres_server(**kwargs)``)."""
+    yield from _private_servers(PostgresServer)
