@@ -592,11 +592,11 @@ async def test_replayer_survives_a_spool_error(
     real_replay = Spool.replay
     calls = [0]
 
-    async def replay(self: Spool, sink: Any, *, batch: int = 100, limit: int | None = None) -> ReplayResult:
+    async def replay(self: Spool, sink: Any, **kwargs: Any) -> ReplayResult:
         calls[0] += 1
         if calls[0] == 1:  # the spool's own file fails once (raised, not reported in a result)
             raise sqlite3.OperationalError("disk I/O error")
-        return await real_replay(self, sink, batch=batch, limit=limit)
+        return await real_replay(self, sink, **kwargs)
 
     monkeypatch.setattr(Spool, "replay", replay)
     sink = Sink()
@@ -796,3 +796,151 @@ async def test_writes_spooled_during_a_real_outage_reach_the_store(tmp_path: Pat
         await replayer.aclose()
         await spool.aclose()
         await store.aclose()
+
+
+# ---------------------------------------------------------------------------------------- dead letters
+
+
+class Refusing:
+    """A sink that refuses some keys for good (a data error, not an outage) and takes the rest."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        self.refuse = refuse
+        self.written: list[str] = []
+
+    async def __call__(self, key: str, kind: str, payload: dict[str, Any]) -> None:
+        if key in self.refuse:
+            raise ValueError(f"value too long for column in {key}")
+        self.written.append(key)
+
+
+async def test_a_refused_entry_moves_to_dead_letters_and_stops_blocking(
+    tmp_path: Path, bus: EventBus
+) -> None:
+    seen: list[Event] = []
+    bus.subscribe(seen.append)
+    async with Spool(tmp_path / "s.db", max_attempts=3, events=bus) as spool:
+        for key in ("a", "b", "c"):
+            await spool.append(key, "brief", {"k": key})
+        sink = Refusing({"b"})
+        first = await spool.replay(sink)
+        assert (first.replayed, first.failed_key, first.remaining) == (1, "b", 2)
+        second = await spool.replay(sink)
+        assert (second.replayed, second.remaining, second.dead_lettered) == (0, 2, 0)
+        third = await spool.replay(sink)  # the third refusal: b is moved aside, c goes through
+        assert third.ok
+        assert (third.replayed, third.remaining, third.dead_lettered) == (1, 0, 1)
+        assert sink.written == ["a", "c"]
+        dead = await spool.dead_letters()
+        assert [(d.key, d.attempts, d.payload) for d in dead] == [("b", 3, {"k": "b"})]
+        assert dead[0].last_error is not None
+        assert "too long" in dead[0].last_error
+        assert spool.stats().dead == 1
+        assert any(e.__class__.__name__ == "SpoolDeadLettered" for e in seen)
+
+        sink.refuse.clear()  # the cause is fixed: send it back
+        assert await spool.requeue_dead() == 1
+        assert spool.pending == 1
+        assert spool.stats().dead == 0
+        assert (await spool.replay(sink)).replayed == 1
+        assert sink.written == ["a", "c", "b"]
+
+
+async def test_outage_errors_never_dead_letter(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "s.db", max_attempts=2) as spool:
+        await spool.append("a", "brief", {})
+        sink = Sink(failures=50)  # ConnectionError: the database is down, not refusing the entry
+        for _ in range(10):
+            assert not (await spool.replay(sink)).ok
+        assert spool.pending == 1
+        assert spool.stats().dead == 0
+        assert (await spool.entries())[0].attempts == 10
+
+
+async def test_dead_letters_survive_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    async with Spool(path, max_attempts=1) as spool:
+        await spool.append("x", "event", {"n": 1})
+        await spool.replay(Refusing({"x"}))
+        assert spool.stats().dead == 1
+    async with Spool(path, max_attempts=1) as again:
+        assert again.stats().dead == 1
+        assert again.pending == 0
+        assert [d.key for d in await again.dead_letters()] == ["x"]
+
+
+async def test_spool_file_from_before_dead_letters_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, "
+        "kind TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, "
+        "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT)"
+    )
+    conn.execute("INSERT INTO spool (key, kind, payload, created_at) VALUES ('old', 'brief', '{}', 0)")
+    conn.commit()
+    conn.close()
+    async with Spool(path, max_attempts=1) as spool:
+        assert spool.pending == 1
+        sink = Sink()
+        assert (await spool.replay(sink)).replayed == 1
+        assert sink.written == ["old"]
+
+
+class BatchSink:
+    """Takes whole batches, or refuses a batch holding a poisoned key (all or nothing)."""
+
+    def __init__(self, poison: set[str] | None = None, outage: int = 0) -> None:
+        self.poison = poison or set()
+        self.outage = outage
+        self.batches: list[list[str]] = []
+
+    async def __call__(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
+        if self.outage:
+            self.outage -= 1
+            raise ConnectionError("down")
+        keys = [key for key, _, _ in entries]
+        if self.poison & set(keys):
+            raise ValueError(f"constraint violated by one of {keys}")
+        self.batches.append(keys)
+
+
+async def test_batch_sink_takes_batches_in_order(spool: Spool) -> None:
+    for i in range(250):
+        await spool.append(f"k{i:03}", "brief", {"i": i})
+    sink = BatchSink()
+    result = await spool.replay(batch=100, batch_sink=sink)
+    assert result.replayed == 250
+    assert [len(b) for b in sink.batches] == [100, 100, 50]
+    assert [k for b in sink.batches for k in b] == [f"k{i:03}" for i in range(250)]
+
+
+async def test_failed_batch_is_retried_one_by_one_to_find_the_poisoned_entry(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "s.db", max_attempts=1) as spool:
+        for i in range(5):
+            await spool.append(f"k{i}", "brief", {})
+        sink = BatchSink(poison={"k2"})
+        result = await spool.replay(batch=10, batch_sink=sink)
+        # k0 and k1 go one by one, k2 is refused (and, at max_attempts=1, dead), k3 and k4 follow.
+        assert result.dead_lettered == 1
+        assert [k for b in sink.batches for k in b] == ["k0", "k1", "k3", "k4"]
+        assert [d.key for d in await spool.dead_letters()] == ["k2"]
+
+
+async def test_batch_outage_keeps_everything_pending(spool: Spool) -> None:
+    for i in range(3):
+        await spool.append(f"k{i}", "brief", {})
+    sink = BatchSink(outage=1)
+    result = await spool.replay(batch_sink=sink)
+    assert not result.ok
+    assert result.failed_key == "k0"
+    assert spool.pending == 3
+    assert sink.batches == []  # no one-by-one tries during an outage
+    assert (await spool.replay(batch_sink=sink)).replayed == 3
+
+
+async def test_replay_needs_a_sink(spool: Spool) -> None:
+    with pytest.raises(TypeError, match="sink"):
+        await spool.replay()
+    with pytest.raises(ConfigError, match="sink"):
+        SpoolReplayer(spool)

@@ -20,6 +20,7 @@ __all__ = [
     "BreakerStateChanged",
     "CallRejected",
     "CacheRefreshFailed",
+    "CacheTTLChanged",
     "DEFAULT_BUS",
     "DeadlineExpired",
     "Event",
@@ -27,13 +28,18 @@ __all__ = [
     "FallbackServed",
     "GuardGaveUp",
     "GuardRetried",
+    "LoopBlocked",
     "ModeDownshifted",
     "ModelServerRestarted",
+    "RecoveryActionRun",
     "RedisStatusChanged",
+    "ResourceAlert",
     "RetryAttempted",
     "RetryGaveUp",
     "SpoolAppended",
+    "SpoolDeadLettered",
     "SpoolReplayed",
+    "SystemModeChanged",
 ]
 
 _log = logging.getLogger("brownout.events")
@@ -214,6 +220,19 @@ class SpoolReplayed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolDeadLettered(Event):
+    """A spool moved entry ``key`` to its dead-letter table after the sink refused it too often.
+
+    ``error`` is the last refusal; ``dead`` counts the dead letters now held. Never silent: an operator
+    must look at these (``Spool.dead_letters``) and send them back (``Spool.requeue_dead``).
+    """
+
+    key: str
+    error: str
+    dead: int
+
+
+@dataclass(frozen=True, slots=True)
 class RedisStatusChanged(Event):
     """A Redis health detector moved from ``old`` to ``new`` ("healthy", "degraded", "fallback").
 
@@ -223,3 +242,67 @@ class RedisStatusChanged(Event):
     old: str
     new: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryActionRun(Event):
+    """A recovery manager ran ``action`` on ``target`` for ``failure_type``.
+
+    ``trigger`` is "automatic" (a failure was reported), "proactive" (the resource monitor saw a
+    critical level) or "manual" (the recovery API); ``status`` is "ok", "failed" or "skipped" (not
+    applicable here, cooling down), and ``detail`` says what was done or why not.
+    """
+
+    action: str
+    target: str
+    failure_type: str
+    trigger: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceAlert(Event):
+    """A watched resource ("cpu", "memory", "gpu0", ...) moved to ``level`` ("ok", "warning",
+    "critical") at ``percent`` used; ``threshold`` is the limit crossed (0 when back to ok)."""
+
+    resource: str
+    level: str
+    percent: float
+    threshold: float
+
+
+@dataclass(frozen=True, slots=True)
+class SystemModeChanged(Event):
+    """The system mode moved from ``old`` to ``new`` ("normal", "degraded", "emergency").
+
+    ``reason`` names the unhealthy components (or the recovery); ``switched_off`` lists the features
+    the new mode turns off.
+    """
+
+    old: str
+    new: str
+    reason: str
+    switched_off: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LoopBlocked(Event):
+    """The event loop was blocked ``seconds`` (over the detector's threshold).
+
+    ``kind`` is "request" (one step of a request's own task ran that long) or "loop" (a heartbeat tick
+    came that late); ``route`` is the route that blocked, or the routes in flight for a loop block.
+    """
+
+    kind: str
+    route: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTTLChanged(Event):
+    """An adaptive cache TTL moved from ``old`` to ``new`` seconds at load factor ``load`` (0..1)."""
+
+    old: float
+    new: float
+    load: float

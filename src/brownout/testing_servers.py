@@ -929,6 +929,9 @@ class PostgresServer(_ManagedServer):
     memory), only a crash of the whole machine would, which tests never do. ``durable=True`` (for
     benchmarks that must pay for the disk) puts it on disk with ``fsync=on``. ``settings`` adds
     ``-c name=value`` options.
+
+    ``standby_of=primary`` makes a hot standby of a running primary (``pg_basebackup -R``: streaming
+    replication, read-only until :meth:`promote`) -- seed 003's primary/replica pair for failover tests.
     """
 
     kind = "postgres"
@@ -943,14 +946,16 @@ class PostgresServer(_ManagedServer):
         settings: Mapping[str, str] | None = None,
         durable: bool = False,
         start_timeout: float = 30.0,
+        standby_of: PostgresServer | None = None,
     ) -> None:
         """Describe the server; nothing runs until :meth:`start`. ``user`` is the superuser's name."""
         self.bindir = find_postgres_bindir()
         super().__init__(port, start_timeout=start_timeout)
-        self.user = user
+        self.user = standby_of.user if standby_of is not None else user
         self.database = database
         self.settings = dict(settings or {})
         self.durable = durable
+        self.standby_of = standby_of
 
     @property
     def url(self) -> str:
@@ -1029,6 +1034,23 @@ class PostgresServer(_ManagedServer):
             return template
 
     def _prepare(self, base: Path) -> None:
+        if self.standby_of is not None:
+            primary = self.standby_of
+            self._as_user(
+                [
+                    str(self.bindir / "pg_basebackup"),
+                    "-h", primary.host, "-p", str(primary.port), "-U", primary.user,
+                    "-D", str(base / "data"),
+                    "-R",  # write the standby's primary_conninfo and standby.signal
+                    "-X", "stream",
+                    "-c", "fast",  # checkpoint now, not spread over minutes
+                    "--no-sync",
+                ],
+                base / "server.log",
+                base,
+            )  # fmt: skip
+            self._as_user(["mkdir", "-m", "0700", str(base / "sock")], base / "server.log", base)
+            return
         drop_to = self._drop_to()
         template = self._template(drop_to)
         # cp -a as the server's user keeps the owner and the 0700 mode that postgres insists on.
@@ -1069,6 +1091,20 @@ class PostgresServer(_ManagedServer):
             return connection.query(sql)
         finally:
             connection.close()
+
+    @property
+    def in_recovery(self) -> bool:
+        """True while this server is a standby (read-only, replaying its primary's WAL)."""
+        return self.execute("SELECT pg_is_in_recovery()")[0][0] == "t"
+
+    def promote(self, timeout: float = 30.0) -> None:
+        """Promote a standby to a writable primary and wait until it accepts writes."""
+        self.execute("SELECT pg_promote(true, 60)", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while self.in_recovery:
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"standby on port {self.port} was not promoted within {timeout} s")
+            time.sleep(0.05)
 
     def create_database(self, name: str | None = None) -> PostgresDatabase:
         """Create an empty database (a fresh unique name by default) and describe it."""

@@ -30,6 +30,16 @@ Guarantees and their reasons:
   must also spool new writes while entries are pending, instead of writing them straight through.
 * **Back-pressure.** At ``max_pending`` entries, :meth:`~Spool.append` raises
   :class:`~brownout.errors.Overloaded` (reason ``"spool_full"``) instead of growing without bound.
+* **No poison entry blocks the rest, and none is dropped.** An entry the sink refuses ``max_attempts``
+  times for a reason that is not an outage (``transient(error)`` is false: a constraint violation, a
+  payload the sink cannot take) moves to the file's ``dead_letters`` table, where it stays until an
+  operator looks at it (:meth:`~Spool.dead_letters`) and sends it back (:meth:`~Spool.requeue_dead`).
+  Outage errors (connection refused, timeouts, a read-only database) never count toward that limit:
+  a long outage must not dead-letter everything.
+
+Replay is fastest with a *batch sink* (``batch_sink=``), which takes up to ``batch`` entries in one call
+(one database transaction). When a batch fails, its entries are tried one at a time, so the entry at
+fault is found and the others still go through in order.
 
 Every SQLite call runs on one worker thread owned by the spool, never on the event loop. Concurrent
 appends are *group-committed*: those that arrive while a commit is in progress share the next
@@ -54,10 +64,27 @@ from types import TracebackType
 from typing import Any, Final, Self, TypeVar, TypeVarTuple
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import ConfigError, Overloaded
-from brownout.events import DEFAULT_BUS, CallRejected, EventBus, SpoolAppended, SpoolReplayed
+from brownout.errors import ConfigError, Overloaded, Rejected
+from brownout.events import (
+    DEFAULT_BUS,
+    CallRejected,
+    EventBus,
+    SpoolAppended,
+    SpoolDeadLettered,
+    SpoolReplayed,
+)
 
-__all__ = ["ReplayResult", "Sink", "Spool", "SpoolEntry", "SpoolReplayer", "SpoolStats"]
+__all__ = [
+    "BatchSink",
+    "DeadLetter",
+    "ReplayResult",
+    "Sink",
+    "Spool",
+    "SpoolEntry",
+    "SpoolReplayer",
+    "SpoolStats",
+    "default_transient",
+]
 
 _log = logging.getLogger("brownout.spool")
 
@@ -67,6 +94,59 @@ _Ts = TypeVarTuple("_Ts")
 Sink = Callable[[str, str, dict[str, Any]], Awaitable[object]]
 """Where replayed entries go: ``await sink(key, kind, payload)``; must be idempotent by ``key``."""
 
+BatchSink = Callable[[list[tuple[str, str, dict[str, Any]]]], Awaitable[object]]
+"""A sink for several entries at once: ``await sink([(key, kind, payload), ...])``, all or nothing,
+idempotent by key (one database transaction, say)."""
+
+_TRANSIENT_NAMES: Final = frozenset(
+    {
+        # redis-py
+        "ConnectionError",
+        "TimeoutError",
+        "BusyLoadingError",
+        "ReadOnlyError",
+        "MasterDownError",
+        # SQLAlchemy wrappers of driver errors that mean "the database is not reachable now"
+        "OperationalError",
+        "InterfaceError",
+        "DisconnectionError",
+        # asyncpg
+        "ConnectionDoesNotExistError",
+        "CannotConnectNowError",
+        "ConnectionFailureError",
+        "ReadOnlySQLTransactionError",
+        "AdminShutdownError",
+        "TooManyConnectionsError",
+        "ConnectionRejectionError",
+        # ours: the store refuses writes while only a read-only host is reachable
+        "ReadOnlyDatabase",
+    }
+)
+
+
+def default_transient(error: BaseException) -> bool:
+    """True when ``error`` looks like an outage (retry later) rather than a refusal of the entry.
+
+    Looks at the error, its causes and a wrapped driver error (SQLAlchemy's ``orig``), by type name, so
+    the spool needs neither redis-py nor SQLAlchemy to classify their errors.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError | TimeoutError | ConnectionError | Rejected):
+            return True
+        if getattr(e, "connection_invalidated", False):
+            return True
+        if any(t.__name__ in _TRANSIENT_NAMES for t in type(e).__mro__):
+            return True
+        orig = getattr(e, "orig", None)
+        todo.extend([e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None])
+    return False
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS spool (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -75,9 +155,22 @@ CREATE TABLE IF NOT EXISTS spool (
     payload    TEXT    NOT NULL,
     created_at REAL    NOT NULL,
     attempts   INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
-)
+    last_error TEXT,
+    refusals   INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq        INTEGER PRIMARY KEY,
+    key        TEXT    NOT NULL UNIQUE,
+    kind       TEXT    NOT NULL,
+    payload    TEXT    NOT NULL,
+    created_at REAL    NOT NULL,
+    attempts   INTEGER NOT NULL,
+    last_error TEXT,
+    dead_at    REAL    NOT NULL
+);
 """
+# ``attempts`` counts every failed try (shown to operators); ``refusals`` only the tries the sink
+# refused for a reason that is not an outage, which is what ``max_attempts`` limits.
 # AUTOINCREMENT (not plain rowid) so a seq is never reused after the newest entry is deleted: order is
 # the order of appends over the file's whole life, across restarts.
 
@@ -106,6 +199,7 @@ class SpoolStats:
     replay runs stopped by a sink error, and ``last_error`` is the error of the latest run (None once a
     run succeeds). ``alert`` is true above ``alert_pending`` entries (seed 000: more than 100).
     ``bytes_on_disk`` is the size of the database file with its WAL and shared-memory files.
+    ``dead`` entries were refused ``max_attempts`` times and wait in the dead-letter table.
     """
 
     pending: int
@@ -118,6 +212,7 @@ class SpoolStats:
     last_error: str | None
     alert: bool
     bytes_on_disk: int
+    dead: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +227,7 @@ class ReplayResult:
     remaining: int
     error: str | None = None
     failed_key: str | None = None
+    dead_lettered: int = 0
 
     @property
     def ok(self) -> bool:
@@ -152,6 +248,20 @@ class SpoolEntry:
     last_error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry the sink refused ``attempts`` times, moved aside at ``dead_at`` (clock time)."""
+
+    seq: int
+    key: str
+    kind: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+    last_error: str | None
+    dead_at: float
+
+
 _Append = tuple[str, str, str, float, asyncio.Future[int]]
 
 
@@ -169,6 +279,7 @@ class Spool:
         "_clock",
         "_closed",
         "_conn",
+        "_dead",
         "_duplicates",
         "_events",
         "_executor",
@@ -184,9 +295,11 @@ class Spool:
         "_replay_lock",
         "_replayed",
         "alert_pending",
+        "max_attempts",
         "max_pending",
         "name",
         "path",
+        "transient",
     )
 
     def __init__(
@@ -198,15 +311,21 @@ class Spool:
         events: EventBus = DEFAULT_BUS,
         max_pending: int = 100_000,
         alert_pending: int = 100,
+        max_attempts: int | None = 10,
+        transient: Callable[[BaseException], bool] = default_transient,
     ) -> None:
         if max_pending < 1:
             raise ConfigError("max_pending", f"must be at least 1, got {max_pending}")
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigError("max_attempts", f"must be at least 1 (or None: never), got {max_attempts}")
         if alert_pending < 0:
             raise ConfigError("alert_pending", f"must not be negative, got {alert_pending}")
         self.path = Path(path)
         self.name = name
         self.max_pending = max_pending
         self.alert_pending = alert_pending
+        self.max_attempts = max_attempts
+        self.transient = transient
         self._clock = clock
         self._events = events
         self._closed = False
@@ -219,6 +338,7 @@ class Spool:
         # Written by the worker thread after each commit, read by the loop: plain values, so a read is
         # atomic under the GIL and always reflects some committed state.
         self._pending = 0
+        self._dead = 0
         self._oldest: float | None = None
         self._bytes = 0
         self._appended = 0
@@ -265,6 +385,7 @@ class Spool:
             last_error=self._last_error,
             alert=self._pending > self.alert_pending,
             bytes_on_disk=self._bytes,
+            dead=self._dead,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -396,23 +517,44 @@ class Spool:
 
     # ------------------------------------------------------------------ replay
 
-    async def replay(self, sink: Sink, *, batch: int = 100, limit: int | None = None) -> ReplayResult:
-        """Hand pending entries to ``sink`` oldest first, deleting each after its sink call succeeded.
+    async def replay(
+        self,
+        sink: Sink | None = None,
+        *,
+        batch: int = 100,
+        limit: int | None = None,
+        batch_sink: BatchSink | None = None,
+    ) -> ReplayResult:
+        """Hand pending entries to the sink oldest first, deleting them once the sink took them.
 
-        Entries are read ``batch`` at a time and their deletes committed once per batch. The run ends
-        when the spool is empty, after ``limit`` entries, or at the first sink error: that entry stays
-        at the head with ``attempts`` incremented and ``last_error`` recorded, and the error is
-        reported in the result rather than raised. Runs are serialised: a second concurrent call waits.
-        Entries appended during a run are replayed by the same run.
+        Entries are read ``batch`` at a time. With ``batch_sink`` each batch goes in one call; if that
+        call fails, the batch's entries are tried one at a time (through ``sink`` when given) so the
+        entry at fault is found. The run ends when the spool is empty, after ``limit`` entries, or at
+        the first entry the sink does not take: that entry stays at the head with ``attempts``
+        incremented and ``last_error`` recorded, and the error is reported in the result rather than
+        raised -- unless the sink has now refused it ``max_attempts`` times for a reason other than an
+        outage, in which case it moves to the dead-letter table and the run goes on. Runs are
+        serialised: a second concurrent call waits. Entries appended during a run are replayed by it.
         """
+        if sink is None and batch_sink is None:
+            raise TypeError("replay needs a sink or a batch_sink")
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
         if limit is not None and limit < 0:
             raise ValueError(f"limit must not be negative, got {limit}")
+
+        async def one(key: str, kind: str, payload: dict[str, Any]) -> None:
+            if sink is not None:
+                await sink(key, kind, payload)
+            else:
+                assert batch_sink is not None
+                await batch_sink([(key, kind, payload)])
+
         self._check_open()
         async with self._replay_lock:
             self._check_open()
             replayed = 0
+            dead_lettered = 0
             error: str | None = None
             failed_key: str | None = None
             while limit is None or replayed < limit:
@@ -421,23 +563,54 @@ class Spool:
                 if not rows:
                     break
                 done: list[int] = []
-                failure: tuple[int, str] | None = None
+                failure: tuple[int, str, bool] | None = None
+                moved = False
                 try:
-                    for seq, key, kind, text in rows:
+                    entries = [(seq, key, kind, json.loads(text)) for seq, key, kind, text in rows]
+                    if batch_sink is not None and len(entries) > 1:
                         try:
-                            await sink(key, kind, json.loads(text))
+                            await batch_sink([(key, kind, payload) for _, key, kind, payload in entries])
+                            done = [seq for seq, *_ in entries]
                         except Exception as e:
-                            failure = (seq, _describe(e))
-                            failed_key = key
-                            break
-                        done.append(seq)
+                            if self.transient(e):
+                                # An outage: trying the entries one by one would only fail again.
+                                failure = (entries[0][0], _describe(e), False)
+                                failed_key = entries[0][1]
+                    if not done and failure is None:
+                        for seq, key, kind, payload in entries:
+                            try:
+                                await one(key, kind, payload)
+                            except Exception as e:
+                                failure = (seq, _describe(e), not self.transient(e))
+                                failed_key = key
+                                break
+                            done.append(seq)
                 finally:
                     # Also on cancellation: what the sink took is deleted, so it is not sent again.
                     if done or failure is not None:
-                        await self._call(self._settle, done, failure)
+                        moved = await self._call(self._settle, done, failure)
                         self._replayed += len(done)
                         self._sync_nonempty()
                 replayed += len(done)
+                if moved:
+                    assert failure is not None
+                    assert failed_key is not None
+                    dead_lettered += 1
+                    _log.error(
+                        "spool %r: entry %r refused %d times, moved to dead letters: %s",
+                        self.name,
+                        failed_key,
+                        self.max_attempts,
+                        failure[1],
+                    )
+                    if self._events.active:
+                        self._events.emit(
+                            SpoolDeadLettered(
+                                self.name, self._clock.now(), failed_key, failure[1], self._dead
+                            )
+                        )
+                    failed_key = None
+                    continue
                 if failure is not None:
                     error = failure[1]
                     break
@@ -448,7 +621,7 @@ class Spool:
             else:
                 self._failed += 1
                 self._last_error = error
-            result = ReplayResult(replayed, self._pending, error, failed_key)
+            result = ReplayResult(replayed, self._pending, error, failed_key, dead_lettered)
             if (replayed or error is not None) and self._events.active:
                 self._events.emit(
                     SpoolReplayed(
@@ -460,6 +633,26 @@ class Spool:
                     )
                 )
             return result
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters (entries the sink refused ``max_attempts`` times)."""
+        self._check_open()
+        rows = await self._call(self._peek_dead, limit)
+        return [
+            DeadLetter(seq, key, kind, json.loads(text), created, attempts, last_error, dead_at)
+            for seq, key, kind, text, created, attempts, last_error, dead_at in rows
+        ]
+
+    async def requeue_dead(self, keys: list[str] | None = None) -> int:
+        """Move dead letters (those of ``keys``, or all) back to the end of the spool; returns how many.
+
+        For after the cause is fixed (a migration, a bigger column). They get fresh attempt counts and
+        are replayed after what is pending now. A key that is pending again meanwhile stays dead.
+        """
+        self._check_open()
+        moved = await self._call(self._requeue, keys)
+        self._sync_nonempty()
+        return moved
 
     async def entries(self, limit: int = 100) -> list[SpoolEntry]:
         """The oldest ``limit`` pending entries, for inspection (replay order)."""
@@ -503,16 +696,21 @@ class Spool:
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: every commit syncs the WAL, so an acknowledged append survives power loss too.
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
+            conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(spool)")}
+            if "refusals" not in columns:  # a spool file written before dead letters existed
+                conn.execute("ALTER TABLE spool ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
             if created:
                 _fsync_dir(self.path.parent)  # the new file's directory entry must be durable too
             (pending,) = conn.execute("SELECT COUNT(*) FROM spool").fetchone()
             row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+            (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._pending = int(pending)
+        self._dead = int(dead)
         self._oldest = None if row is None else float(row[0])
         self._refresh_bytes()
         return conn
@@ -571,18 +769,35 @@ class Spool:
         )
         return rows.fetchall()
 
-    def _settle(self, done: list[int], failure: tuple[int, str] | None) -> None:
+    def _settle(self, done: list[int], failure: tuple[int, str, bool] | None) -> bool:
+        """Delete what the sink took and record a failure; True when the failed entry went dead."""
         conn = self._db()
         conn.execute("BEGIN IMMEDIATE")
+        moved = False
         try:
             deleted = 0
             if done:
                 deleted = conn.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in done]).rowcount
             if failure is not None:
-                seq, error = failure
+                seq, error, refused = failure
                 conn.execute(
-                    "UPDATE spool SET attempts = attempts + 1, last_error = ? WHERE seq = ?", (error, seq)
+                    "UPDATE spool SET attempts = attempts + 1, last_error = ?, refusals = refusals + ? "
+                    "WHERE seq = ?",
+                    (error, int(refused), seq),
                 )
+                if refused and self.max_attempts is not None:
+                    moved = (
+                        conn.execute(
+                            "INSERT INTO dead_letters "
+                            "(seq, key, kind, payload, created_at, attempts, last_error, dead_at) "
+                            "SELECT seq, key, kind, payload, created_at, attempts, last_error, ? "
+                            "FROM spool WHERE seq = ? AND refusals >= ?",
+                            (self._clock.now(), seq, self.max_attempts),
+                        ).rowcount
+                        == 1
+                    )
+                    if moved:
+                        deleted += conn.execute("DELETE FROM spool WHERE seq = ?", (seq,)).rowcount
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -591,7 +806,56 @@ class Spool:
         row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
         self._oldest = None if row is None else float(row[0])
         self._pending -= deleted
+        if moved:
+            self._dead += 1
         self._refresh_bytes()
+        return moved
+
+    def _peek_dead(self, limit: int) -> list[tuple[int, str, str, str, float, int, str | None, float]]:
+        conn = self._db()
+        rows = conn.execute(
+            "SELECT seq, key, kind, payload, created_at, attempts, last_error, dead_at FROM dead_letters "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return rows.fetchall()
+
+    def _requeue(self, keys: list[str] | None) -> int:
+        conn = self._db()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if keys is None:
+                rows = conn.execute(
+                    "SELECT key, kind, payload, created_at FROM dead_letters ORDER BY seq"
+                ).fetchall()
+            else:
+                rows = [
+                    row
+                    for key in keys
+                    for row in conn.execute(
+                        "SELECT key, kind, payload, created_at FROM dead_letters WHERE key = ?", (key,)
+                    ).fetchall()
+                ]
+            moved = 0
+            for key, kind, text, created in rows:
+                cursor = conn.execute(
+                    "INSERT OR IGNORE INTO spool (key, kind, payload, created_at) VALUES (?, ?, ?, ?)",
+                    (key, kind, text, created),
+                )
+                if cursor.rowcount == 1:
+                    conn.execute("DELETE FROM dead_letters WHERE key = ?", (key,))
+                    moved += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._pending += moved
+        self._dead -= moved
+        if moved and self._oldest is None:
+            row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+            self._oldest = None if row is None else float(row[0])
+        return moved
 
     def _compact(self) -> None:
         # Drained: give the freed pages back and empty the WAL, so a spool that once held 100k entries
@@ -629,6 +893,7 @@ class SpoolReplayer:
         "_task",
         "_wake",
         "batch",
+        "batch_sink",
         "interval",
         "max_interval",
         "multiplier",
@@ -639,8 +904,9 @@ class SpoolReplayer:
     def __init__(
         self,
         spool: Spool,
-        sink: Sink,
+        sink: Sink | None = None,
         *,
+        batch_sink: BatchSink | None = None,
         interval: float = 1.0,
         max_interval: float = 60.0,
         multiplier: float = 2.0,
@@ -654,8 +920,11 @@ class SpoolReplayer:
             raise ConfigError("multiplier", f"must be at least 1, got {multiplier}")
         if batch < 1:
             raise ConfigError("batch", f"must be at least 1, got {batch}")
+        if sink is None and batch_sink is None:
+            raise ConfigError("sink", "a SpoolReplayer needs a sink or a batch_sink")
         self.spool = spool
         self.sink = sink
+        self.batch_sink = batch_sink
         self.interval = float(interval)
         self.max_interval = float(max_interval)
         self.multiplier = float(multiplier)
@@ -756,7 +1025,7 @@ class SpoolReplayer:
                     if spool.pending == 0:
                         continue
                 self._attempts += 1
-                result = await spool.replay(self.sink, batch=self.batch)
+                result = await spool.replay(self.sink, batch=self.batch, batch_sink=self.batch_sink)
                 failed = not result.ok
                 if failed:
                     _log.warning(

@@ -1,23 +1,57 @@
 """The brief store: every served brief and its request, through SQLAlchemy 2 async.
 
-SQLite (aiosqlite) by default, PostgreSQL (asyncpg) when the URL says so. The schema is created at
-start. Writes are idempotent by ``request_id``: writing the same request twice stores it once, so a
-write can always be retried safely.
+SQLite (aiosqlite) by default, PostgreSQL (asyncpg) when the URL says so. Writes are idempotent by
+``request_id``: writing the same request twice stores it once, so a write can always be retried safely
+(the spool relies on it).
+
+**Schema.** :meth:`BriefStore.init` creates the tables or migrates them: a ``brownout_schema`` table
+records the version, and the steps of :data:`MIGRATIONS` above it run once, in order, in one transaction
+(on PostgreSQL under an advisory lock, so replicas starting together migrate once).
+
+**Failover** (seed 002 §2, seed 003 scenario A). Give several hosts -- a list of URLs, or one multi-host
+URL ``postgresql+asyncpg://user@primary:5432,backup:5432/db`` -- and the store writes to the first host
+that accepts writes (not in recovery, not read-only). When a write fails because the host went away, the
+next write first looks again, in order, for a writable host. While no host is writable, writes raise
+:class:`ReadOnlyDatabase` (the runtime then spools them: read-only mode) and reads use any host that
+answers. Looking again is cheap for the caller: at most once per ``recheck_interval`` seconds; between
+two looks, writes fail fast with the last error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-from sqlalchemy import Boolean, Column, DateTime, MetaData, String, Table, Text, func, select, text
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-__all__ = ["BriefRecord", "BriefStore"]
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.durable.spool import default_transient
+from brownout.errors import ServiceUnavailable
+
+__all__ = ["MIGRATIONS", "BriefRecord", "BriefStore", "ReadOnlyDatabase", "split_hosts"]
+
+_log = logging.getLogger("brownout.store")
 
 metadata = MetaData()
 
@@ -33,6 +67,27 @@ briefs = Table(
     Column("response", Text, nullable=False),
 )
 
+schema_version = Table("brownout_schema", metadata, Column("version", Integer, nullable=False))
+
+
+def _v1(conn: Any) -> None:
+    briefs.create(conn, checkfirst=True)
+
+
+def _v2(conn: Any) -> None:
+    # Briefs are read back by time (dashboards, drills counting what a run stored).
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_briefs_created_at ON briefs (created_at)"))
+
+
+MIGRATIONS: Final = ((1, _v1), (2, _v2))
+"""The schema's steps, oldest first: (version, a function run with a sync connection in a transaction).
+A database created before versions were recorded (it has ``briefs`` but no ``brownout_schema``) counts
+as version 1."""
+
+
+class ReadOnlyDatabase(ServiceUnavailable):
+    """No configured database host accepts writes now (all down, or only a read-only standby answers)."""
+
 
 @dataclass(frozen=True, slots=True)
 class BriefRecord:
@@ -47,46 +102,216 @@ class BriefRecord:
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-class BriefStore:
-    """Stores :class:`BriefRecord` rows; see the module docstring."""
+_MULTI_HOST = re.compile(r"^(?P<scheme>[^:/]+://)(?:(?P<auth>[^@/]*)@)?(?P<hosts>[^/?#]*)(?P<rest>.*)$")
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._engine: AsyncEngine = create_async_engine(url, pool_pre_ping=True)
-        self._dialect = self._engine.dialect.name
+
+def split_hosts(url: str) -> list[str]:
+    """One URL per host of a multi-host URL (``scheme://user@h1:5432,h2:5433/db`` -> two URLs).
+
+    A URL with one host comes back as it is. Raises ValueError for an empty host in the list.
+    """
+    m = _MULTI_HOST.match(url)
+    if m is None or "," not in m["hosts"]:
+        return [url]
+    hosts = m["hosts"].split(",")
+    if any(not h.strip() for h in hosts):
+        raise ValueError(f"empty host in multi-host database URL {_redact(url)}")
+    auth = f"{m['auth']}@" if m["auth"] is not None else ""
+    return [f"{m['scheme']}{auth}{h.strip()}{m['rest']}" for h in hosts]
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
+
+
+class BriefStore:
+    """Stores :class:`BriefRecord` rows; see the module docstring for schema and failover.
+
+    ``url`` is one SQLAlchemy async URL (possibly multi-host) or a list of them, primary first.
+    ``connect_timeout`` bounds one connection attempt; ``recheck_interval`` is the least time between
+    two searches for a writable host.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        connect_timeout: float = 5.0,
+        recheck_interval: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("BriefStore needs at least one database URL")
+        self.urls = [u for item in urls for u in split_hosts(item)]
+        self.url = self.urls[0]
+        self._clock = clock
+        self.connect_timeout = connect_timeout
+        self.recheck_interval = recheck_interval
+        self._engines: list[AsyncEngine] = [self._engine_for(u) for u in self.urls]
+        self._dialect = self._engines[0].dialect.name
+        if self._dialect != "postgresql" and len(self.urls) > 1:
+            raise ValueError("several database hosts (failover) need PostgreSQL URLs")
+        self._writer: int | None = 0  # index of the host writes go to; None: none known writable
+        # Look (again) for the writable host before the next write: at start, and after it failed.
+        self._stale = True
+        self._last_search = float("-inf")
+        self._last_error: str | None = None
+        self._search_lock = asyncio.Lock()
+        self.failovers = 0
+
+    def _engine_for(self, url: str) -> AsyncEngine:
+        connect_args: dict[str, Any] = {}
+        if url.startswith("postgresql+asyncpg") or url.startswith("sqlite"):
+            connect_args = {"timeout": self.connect_timeout}
+        return create_async_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def writable_host(self) -> str | None:
+        """The host URL (password hidden) writes go to now, or None in read-only mode."""
+        return None if self._writer is None else _redact(self.urls[self._writer])
+
+    @property
+    def read_only(self) -> bool:
+        """True while no host is known to accept writes."""
+        return self._writer is None
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last search for a writable host failed (None when the writer is fine)."""
+        return self._last_error
+
+    # ------------------------------------------------------------------ schema
 
     async def init(self) -> None:
-        """Create the schema if it does not exist."""
-        async with self._engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        """Create or migrate the schema on the writable host (finding it first)."""
+        engine = await self._write_engine()
+        async with engine.begin() as conn:
+            await conn.run_sync(_migrate)
+
+    async def schema_version(self) -> int:
+        """The schema version recorded in the database (0: none)."""
+        async with self._read_engine().connect() as conn:
+            return int(await conn.run_sync(_current_version))
+
+    # ------------------------------------------------------------------ writes
 
     async def save(self, record: BriefRecord) -> bool:
         """Store ``record`` unless its request_id is already there; True when it was new."""
-        values = {
-            "request_id": record.request_id,
-            "created_at": record.created_at,
-            "text": record.text,
-            "requested_mode": record.requested_mode,
-            "served_mode": record.served_mode,
-            "degraded": record.degraded,
-            "response": json.dumps(record.response, separators=(",", ":"), default=str),
-        }
-        if self._dialect == "postgresql":
-            stmt: Any = (
-                pg_insert(briefs).values(**values).on_conflict_do_nothing(index_elements=["request_id"])
+        return await self.save_many([record]) == 1
+
+    async def save_many(self, records: Sequence[BriefRecord]) -> int:
+        """Store ``records`` in one transaction, skipping request_ids already there; returns how many
+        were new. All or nothing: on an error none of them is stored."""
+        if not records:
+            return 0
+        rows = [_row(r) for r in records]
+        insert = pg_insert if self._dialect == "postgresql" else sqlite_insert
+        engine = await self._write_engine()
+        try:
+            async with engine.begin() as conn:
+                if len(rows) == 1:
+                    stmt: Any = (
+                        insert(briefs).values(**rows[0]).on_conflict_do_nothing(index_elements=["request_id"])
+                    )
+                    result = await conn.execute(stmt)
+                    return int(result.rowcount)
+                # One multi-row INSERT; RETURNING tells how many were new (rowcount of a multi-row
+                # statement is not reliable across drivers).
+                stmt = (
+                    insert(briefs)
+                    .values(rows)
+                    .on_conflict_do_nothing(index_elements=["request_id"])
+                    .returning(briefs.c.request_id)
+                )
+                return len((await conn.execute(stmt)).all())
+        except Exception as e:
+            self._writer_failed(e)
+            raise
+
+    def _writer_failed(self, error: BaseException) -> None:
+        if default_transient(error):
+            self._stale = True
+            self._last_error = f"{type(error).__name__}: {error}"
+
+    async def _write_engine(self) -> AsyncEngine:
+        if self._writer is not None and not self._stale:
+            return self._engines[self._writer]
+        async with self._search_lock:
+            if self._writer is not None and not self._stale:
+                return self._engines[self._writer]
+            now = self._clock.now()
+            if now - self._last_search < self.recheck_interval:
+                raise ReadOnlyDatabase(
+                    f"no writable database host (last error: {self._last_error})",
+                    retry_after=self.recheck_interval,
+                    policy="store",
+                )
+            self._last_search = now
+            await self._find_writer()
+        if self._writer is None:
+            raise ReadOnlyDatabase(
+                f"no writable database host (last error: {self._last_error})",
+                retry_after=self.recheck_interval,
+                policy="store",
             )
-        else:
-            stmt = (
-                sqlite_insert(briefs).values(**values).on_conflict_do_nothing(index_elements=["request_id"])
-            )
-        async with self._engine.begin() as conn:
-            result = await conn.execute(stmt)
-        return bool(result.rowcount)
+        return self._engines[self._writer]
+
+    async def _find_writer(self) -> None:
+        """Ask each host in order whether it accepts writes; the first that does becomes the writer."""
+        previous = self._writer
+        errors: list[str] = []
+        for i, engine in enumerate(self._engines):
+            try:
+                async with asyncio.timeout(self.connect_timeout + 1.0):
+                    async with engine.connect() as conn:
+                        writable = await _accepts_writes(conn, self._dialect)
+            except Exception as e:
+                errors.append(f"{_redact(self.urls[i])}: {type(e).__name__}: {e}")
+                await engine.dispose()  # drop the dead host's pooled connections
+                continue
+            if writable:
+                self._writer, self._stale, self._last_error = i, False, None
+                if previous != i:
+                    self.failovers += previous is not None or i != 0
+                    _log.warning("database writes now go to %s", _redact(self.urls[i]))
+                return
+            errors.append(f"{_redact(self.urls[i])}: read-only (standby)")
+        self._writer = None
+        self._stale = False
+        self._last_error = "; ".join(errors)
+        _log.error("no writable database host: %s", self._last_error)
+
+    # ------------------------------------------------------------------ reads
+
+    def _read_engine(self) -> AsyncEngine:
+        return self._engines[self._writer if self._writer is not None else 0]
+
+    async def _read(self, fn: Any) -> Any:
+        """Run ``await fn(conn)`` on the writer, or on any host that answers."""
+        order = [self._writer] if self._writer is not None else []
+        order += [i for i in range(len(self._engines)) if i not in order]
+        error: BaseException | None = None
+        for i in order:
+            try:
+                async with self._engines[i].connect() as conn:
+                    return await fn(conn)
+            except Exception as e:
+                error = e
+                if len(order) == 1:
+                    raise
+        assert error is not None
+        raise error
 
     async def get(self, request_id: str) -> BriefRecord | None:
         """The record of ``request_id``, or None."""
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(select(briefs).where(briefs.c.request_id == request_id))).first()
+
+        async def query(conn: AsyncConnection) -> Any:
+            return (await conn.execute(select(briefs).where(briefs.c.request_id == request_id))).first()
+
+        row = await self._read(query)
         if row is None:
             return None
         return BriefRecord(
@@ -101,14 +326,88 @@ class BriefStore:
 
     async def count(self) -> int:
         """How many records are stored."""
-        async with self._engine.connect() as conn:
+
+        async def query(conn: AsyncConnection) -> int:
             return int((await conn.execute(select(func.count()).select_from(briefs))).scalar_one())
 
+        return int(await self._read(query))
+
+    async def request_ids(self) -> list[str]:
+        """Every stored request_id, oldest first (for audits: what was acknowledged is here once)."""
+
+        async def query(conn: AsyncConnection) -> list[str]:
+            rows = await conn.execute(select(briefs.c.request_id).order_by(briefs.c.created_at))
+            return [r[0] for r in rows]
+
+        result: list[str] = await self._read(query)
+        return result
+
     async def ping(self) -> None:
-        """Raise if the database cannot answer a trivial query."""
-        async with self._engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
+        """Raise unless some host can take writes (finding it again if the last one failed)."""
+        if self._stale or self._writer is None:
+            self._last_search = float("-inf")  # an explicit check always looks
+        engine = await self._write_engine()
+        try:
+            async with engine.connect() as conn:
+                if not await _accepts_writes(conn, self._dialect):
+                    raise ReadOnlyDatabase(
+                        f"{self.writable_host} became read-only", retry_after=1.0, policy="store"
+                    )
+        except Exception as e:
+            self._writer_failed(e)
+            if isinstance(e, ReadOnlyDatabase):
+                self._stale = True
+            raise
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
-        await self._engine.dispose()
+        for engine in self._engines:
+            await engine.dispose()
+
+
+def _row(record: BriefRecord) -> dict[str, Any]:
+    return {
+        "request_id": record.request_id,
+        "created_at": record.created_at,
+        "text": record.text,
+        "requested_mode": record.requested_mode,
+        "served_mode": record.served_mode,
+        "degraded": record.degraded,
+        "response": json.dumps(record.response, separators=(",", ":"), default=str),
+    }
+
+
+async def _accepts_writes(conn: AsyncConnection, dialect: str) -> bool:
+    if dialect != "postgresql":
+        await conn.execute(text("SELECT 1"))
+        return True
+    row = (
+        await conn.execute(text("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"))
+    ).one()
+    return not row[0] and row[1] == "off"
+
+
+def _current_version(conn: Any) -> int:
+    from sqlalchemy import inspect
+
+    names = set(inspect(conn).get_table_names())
+    if "brownout_schema" not in names:
+        return 1 if "briefs" in names else 0
+    value = conn.execute(select(func.max(schema_version.c.version))).scalar()
+    return int(value or 0)
+
+
+def _migrate(conn: Any) -> None:
+    if conn.dialect.name == "postgresql":
+        # Several replicas may start at once: one migrates, the others wait, then find nothing to do.
+        conn.execute(text("SELECT pg_advisory_xact_lock(4242424242)"))
+    current = _current_version(conn)
+    schema_version.create(conn, checkfirst=True)
+    for version, step in MIGRATIONS:
+        if version > current:
+            step(conn)
+            _log.info("database schema migrated to version %d", version)
+    latest = MIGRATIONS[-1][0]
+    if latest > current:
+        conn.execute(schema_version.delete())
+        conn.execute(schema_version.insert().values(version=latest))
