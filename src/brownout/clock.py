@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "SystemClock", "TimerHandle"]
+__all__ = ["SYSTEM_CLOCK", "WALL_CLOCK", "Clock", "SystemClock", "TimerHandle", "WallClock"]
 
 
 @runtime_checkable
@@ -68,3 +68,18 @@ class SystemClock:
 
 SYSTEM_CLOCK: Clock = SystemClock()
 """The process-wide real clock; the default for every policy."""
+
+
+class WallClock(SystemClock):
+    """The real clock on wall time (:func:`time.time`): for state that several processes -- possibly
+    on several machines -- compare, such as a breaker's open-until time kept in Redis. Monotonic time
+    means nothing outside its own machine's boot; NTP-synchronised wall clocks agree to milliseconds."""
+
+    now = staticmethod(time.time)
+
+    def __repr__(self) -> str:
+        return "WallClock()"
+
+
+WALL_CLOCK: Clock = WallClock()
+"""The process-wide wall clock; the default of state shared across replicas."""

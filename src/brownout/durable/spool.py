@@ -147,6 +147,7 @@ def default_transient(error: BaseException) -> bool:
         todo.extend([e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None])
     return False
 
+
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS spool (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,

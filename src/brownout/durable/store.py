@@ -187,7 +187,7 @@ class BriefStore:
 
     async def init(self) -> None:
         """Create or migrate the schema on the writable host (finding it first)."""
-        engine = await self._write_engine()
+        engine = await self._write_engine(look=True)
         async with engine.begin() as conn:
             await conn.run_sync(_migrate)
 
@@ -236,14 +236,15 @@ class BriefStore:
             self._stale = True
             self._last_error = f"{type(error).__name__}: {error}"
 
-    async def _write_engine(self) -> AsyncEngine:
+    async def _write_engine(self, *, look: bool = False) -> AsyncEngine:
+        """The writer's engine, searching for it first when it failed (``look``: whatever the interval)."""
         if self._writer is not None and not self._stale:
             return self._engines[self._writer]
         async with self._search_lock:
             if self._writer is not None and not self._stale:
                 return self._engines[self._writer]
             now = self._clock.now()
-            if now - self._last_search < self.recheck_interval:
+            if not look and now - self._last_search < self.recheck_interval:
                 raise ReadOnlyDatabase(
                     f"no writable database host (last error: {self._last_error})",
                     retry_after=self.recheck_interval,
@@ -344,9 +345,7 @@ class BriefStore:
 
     async def ping(self) -> None:
         """Raise unless some host can take writes (finding it again if the last one failed)."""
-        if self._stale or self._writer is None:
-            self._last_search = float("-inf")  # an explicit check always looks
-        engine = await self._write_engine()
+        engine = await self._write_engine(look=True)  # an explicit check always looks
         try:
             async with engine.connect() as conn:
                 if not await _accepts_writes(conn, self._dialect):

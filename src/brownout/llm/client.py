@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -45,7 +45,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
-from brownout.policies.breaker import BreakerGroupConfig, CircuitBreaker
+from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, CircuitBreaker
 from brownout.policies.deadline import remaining
 from brownout.policies.retry import Retry, RetryConfig
 
@@ -144,7 +144,8 @@ class ModelClient:
     (default :data:`DEFAULT_RETRY`), ``timeout`` the seconds one attempt may take. ``http`` lets the
     caller share an ``httpx.AsyncClient``; without one the client makes its own (ignoring proxy
     environment variables: model servers are local or on the private network) and :meth:`aclose`
-    closes it.
+    closes it. ``breaker_factory(name, config)`` makes the endpoint breakers instead (for instance
+    :meth:`brownout.state.breaker.RedisBreakers.breaker`, to share their state across replicas).
     """
 
     __slots__ = ("_clock", "_endpoints", "_http", "_own_http", "_retry", "role", "timeout")
@@ -160,6 +161,7 @@ class ModelClient:
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
         http: httpx.AsyncClient | None = None,
+        breaker_factory: Callable[[str, BreakerConfig], CircuitBreaker] | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigError("endpoints", f"model role {role!r} needs at least one endpoint")
@@ -186,7 +188,12 @@ class ModelClient:
                 raise ConfigError(f"endpoints[{i}].url", f"{url!r} is listed twice for role {role!r}")
             seen.add(url)
             name = role if len(endpoints) == 1 else f"{role}@{url}"
-            eps.append(_Endpoint(cfg, CircuitBreaker(name, breaker_config, clock=clock, events=events)))
+            breaker = (
+                breaker_factory(name, breaker_config)
+                if breaker_factory is not None
+                else CircuitBreaker(name, breaker_config, clock=clock, events=events)
+            )
+            eps.append(_Endpoint(cfg, breaker))
         self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
         retry_config = retry or DEFAULT_RETRY
         user_if = retry_config.retry_if
