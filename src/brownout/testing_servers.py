@@ -951,7 +951,7 @@ class PostgresServer(_ManagedServer):
         """Describe the server; nothing runs until :meth:`start`. ``user`` is the superuser's name."""
         self.bindir = find_postgres_bindir()
         super().__init__(port, start_timeout=start_timeout)
-        self.user = standby_of.user if standby_of is not None else user
+        self.user: str = standby_of.user if standby_of is not None else user
         self.database = database
         self.settings = dict(settings or {})
         self.durable = durable

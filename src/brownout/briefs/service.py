@@ -30,9 +30,9 @@ import logging
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from brownout.briefs.prompts import generator_messages, hinter_messages, validator_messages
 from brownout.briefs.rules import (
@@ -53,7 +53,13 @@ from brownout.briefs.schema import (
 from brownout.briefs.similar import SimilarityIndex
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import BrownoutConfig
-from brownout.errors import AllFallbacksFailed, DeadlineExceeded, Overloaded, ServiceUnavailable
+from brownout.errors import (
+    AllFallbacksFailed,
+    BrownoutError,
+    DeadlineExceeded,
+    Overloaded,
+    ServiceUnavailable,
+)
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.guard import GuardConfig, JSONGuard
 from brownout.llm.pipeline import Mode, NoModeAvailable, Pipeline, PipelineContext, Stage
@@ -63,6 +69,11 @@ from brownout.policies.cache import Cache, CacheConfig
 from brownout.policies.deadline import deadline
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
 from brownout.policies.singleflight import Singleflight
+from brownout.state.tiered import Tier, TieredReader
+
+if TYPE_CHECKING:  # Redis support is optional (the server extra); only its types are needed here
+    from brownout.state.redis import SharedCache
+    from brownout.state.singleflight import RedisSingleflight
 
 __all__ = ["BriefContext", "BriefService", "ModelBackend", "ServiceStats"]
 
@@ -100,6 +111,8 @@ class BriefContext(PipelineContext):
     """One brief request flowing through the stages."""
 
     reliability: str = "high"
+    freshness: dict[str, Any] | None = None
+    """Where an emergency answer came from: source, freshness, fallback_reason (seed 002 §1)."""
 
 
 @dataclass
@@ -182,6 +195,16 @@ class BriefService:
             events=events,
         )
         self._health_ok: dict[str, bool] = {}
+        self.shared_cache: SharedCache | None = None
+        """The Redis tier behind ``cache`` when Redis is configured (see :meth:`share`)."""
+        self._shared_flights: RedisSingleflight[dict[str, Any]] | None = None
+        self._stored: TieredReader[dict[str, Any]] | None = None
+        self.switched_off: dict[str, frozenset[str]] = {}
+        """Roles switched off although healthy, by who did it ("system_mode", "recovery"): the
+        pipeline treats them as unavailable (downshift), and no model call reaches them."""
+        self.generation_limit: tuple[int, float] | None = None
+        """A cap on (max_tokens, temperature) of every model call, set by the recovery action
+        ``reduce_generation_params`` until reset; None: the configured values."""
         generate_fallbacks: tuple[Strategy[Any], ...] = (
             Strategy("cache", self._similar_brief),
             Strategy(
@@ -196,7 +219,11 @@ class BriefService:
         )
         self._emergency_chain: FallbackChain[CreativeBrief] = FallbackChain(
             "briefs.emergency",
-            (Strategy("cache", self._exact_brief), Strategy("popular", self._popular_brief)),
+            (
+                Strategy("cache", self._exact_brief),
+                Strategy("stored", self._stored_brief),
+                Strategy("popular", self._popular_brief),
+            ),
             clock=clock,
             events=events,
             default_retry_after=300.0,
@@ -241,7 +268,14 @@ class BriefService:
     # ------------------------------------------------------------------ availability and health
 
     def role_available(self, role: str) -> bool:
-        """A role serves when its server is alive, a breaker lets calls through, and its last probe passed."""
+        """A role serves when it is healthy and not switched off (system mode, recovery)."""
+        if self.switched_off and any(role in roles for roles in self.switched_off.values()):
+            return False
+        return self.role_healthy(role)
+
+    def role_healthy(self, role: str) -> bool:
+        """A role is healthy when its server is alive, a breaker lets calls through, and its last probe
+        passed (whether or not it is switched off)."""
         backend = self.backends.get(role)
         if backend is None:
             return False
@@ -309,6 +343,8 @@ class BriefService:
         started = self._clock.now()
         key = self.cache_key(text, mode)
         cached = self.cache.get(key)
+        if cached is None and self.shared_cache is not None:
+            cached = await self.shared_cache.get(key)  # another replica's answer (never raises)
         if cached is not None:
             return {
                 **cached,
@@ -317,7 +353,12 @@ class BriefService:
                 "latency_ms": _ms(self._clock.now() - started),
             }
         try:
-            response: dict[str, Any] = await self._flights.do(key, lambda: self._compute(key, text, mode))
+            if self._shared_flights is not None:
+                response: dict[str, Any] = await self._shared_flights.do(
+                    key, lambda: self._compute(key, text, mode)
+                )
+            else:
+                response = await self._flights.do(key, lambda: self._compute(key, text, mode))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
             raise ServiceUnavailable(
@@ -326,12 +367,35 @@ class BriefService:
         except ServiceUnavailable as e:
             self.stats.rejected[e.policy or "unavailable"] += 1
             raise
+        except BrownoutError as e:
+            if type(e).__name__ != "RemoteComputationFailed":
+                raise
+            # The replica that computed this key failed (its error came through Redis): answer as it did.
+            self.stats.rejected["unavailable"] += 1
+            raise ServiceUnavailable(f"Another replica's computation failed: {e}", retry_after=5.0) from e
         return {**response, "request_id": uuid.uuid4().hex, "latency_ms": _ms(self._clock.now() - started)}
+
+    def share(
+        self,
+        cache: SharedCache | None,
+        flights: RedisSingleflight[dict[str, Any]] | None,
+    ) -> None:
+        """Share answers and computations with other replicas through Redis.
+
+        ``cache`` (a :class:`~brownout.state.redis.SharedCache` whose local front is :attr:`cache`)
+        is asked after a local miss and given every full-quality answer; ``flights`` coalesces the
+        computations of one key across replicas. Either may be None.
+        """
+        self.shared_cache = cache
+        self._shared_flights = flights
 
     async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.admission.call(self._run, text, mode)
         if not response["degraded"]:
-            self.cache.set(key, response)
+            if self.shared_cache is not None:
+                await self.shared_cache.set(key, response)  # and the local front
+            else:
+                self.cache.set(key, response)
         return response
 
     async def _run(self, text: str, mode: str) -> dict[str, Any]:
@@ -443,6 +507,7 @@ class BriefService:
             "reliability": "low" if result.served_by in ("rules", "popular") else "medium",
             "degraded": True,
             "cached": False,
+            **({"freshness": ctx.freshness} if ctx.freshness is not None else {}),
         }
 
     # ------------------------------------------------------------------ stages (model-backed)
@@ -457,11 +522,15 @@ class BriefService:
             messages: list[Message], max_tokens: int, response_format: dict[str, Any] | None
         ) -> str:
             self.stats.requests[role] += 1
+            temp = section.temperature if temperature is None else temperature
+            limit = self.generation_limit
+            if limit is not None:
+                max_tokens, temp = min(max_tokens, limit[0]), min(temp, limit[1])
             try:
                 result = await backend.chat(
                     messages,
                     max_tokens=max_tokens,
-                    temperature=section.temperature if temperature is None else temperature,
+                    temperature=temp,
                     response_format=response_format,
                     timeout=timeout or section.timeout,
                 )
@@ -488,6 +557,8 @@ class BriefService:
         # Seed 000 scenario 1, strategy 2: max_tokens 256, a longer timeout, temperature 0.5. The seed
         # raises 10 s to 30 s; keep that ratio to the configured timeout rather than a fixed 30 s, which
         # would let a hung generator hold a request 30x longer than the operator allowed a call.
+        if any("qwen" in roles for roles in self.switched_off.values()):
+            raise Decline("the generator is switched off")
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
             self._ask("qwen", timeout=3 * section.timeout, temperature=0.5),
@@ -569,7 +640,45 @@ class BriefService:
             return Degraded(found[0], ("Served from cache (models unavailable)",))
         raise Decline("not cached")
 
+    def read_stored_answers(self, tiers: Sequence[Tier[dict[str, Any]]]) -> None:
+        """Let emergency mode answer from earlier full answers to the same request (seed 002 §1).
+
+        ``tiers`` read a response by cache key -- typically Redis (real-time), then the database
+        (stale); the reader adds the last value held in process (very stale). When all miss, the
+        popular-brief template answers (low confidence). Each answer is labelled with its source,
+        freshness and fallback reason.
+        """
+        self._stored = TieredReader(
+            "briefs.stored", tiers, default=None, clock=self._clock, events=self._events
+        )
+
+    async def _stored_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
+        reader = self._stored
+        if reader is None:
+            raise Decline("no stored answers configured")
+        try:
+            got = await reader.read(self.cache_key(ctx.text, ctx.requested_mode))
+        except AllFallbacksFailed as e:
+            raise Decline(f"not stored: {e}") from e
+        ctx.freshness = {
+            "source": got.source,
+            "freshness": got.freshness,
+            "fallback_reason": got.fallback_reason,
+            "confidence": got.confidence,
+        }
+        return Degraded(
+            CreativeBrief.model_validate(got.value["brief"]),
+            (f"Served the last full answer from {got.source} ({got.freshness}; models unavailable)",),
+        )
+
     async def _popular_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
+        if self._stored is not None and ctx.freshness is None:
+            ctx.freshness = {
+                "source": "default",
+                "freshness": "default",
+                "fallback_reason": "no stored answer to this request in any tier",
+                "confidence": "low",
+            }
         return Degraded(
             popular_brief(ctx.requested_mode), ("Using popular brief template (models unavailable)",)
         )

@@ -20,7 +20,18 @@ Modes (``mode`` of :class:`FakeBehaviour`):
                    bounded numbers out of range, enums with unknown values)
 ``flaky``          the next ``fail_times`` chat requests fail with 500, then it answers as ``ok``
 ``malformed``      200 whose *body* is not an OpenAI completion (truncated JSON, or ``content`` verbatim)
+``rate_limited``   429 with ``Retry-After`` (``retry_after``, default 1 s), as a hosted API's rate limit
+``break_before``   the connection breaks before the first token: a stream sends its headers and no event,
+                   a whole answer its headers and no body
+``break_mid``      the connection breaks after the first token: a stream sends its first content event,
+                   a whole answer half its body
 =================  ==================================================================================
+
+Streaming: a request with ``"stream": true`` gets server-sent events as OpenAI sends them -- a role
+event, one ``chat.completion.chunk`` per word of the answer (``chunk_delay`` seconds apart), a final
+event with ``finish_reason``, then ``data: [DONE]`` -- in the modes that answer (``ok``, ``slow``,
+``garbage``, ``wrong_schema``, ``flaky`` once its failures are spent). ``delay`` comes before the
+first event. Errors are plain JSON error responses, streaming or not.
 
 An answer's text is ``content`` when set, else a JSON document generated from the request's
 ``response_format.json_schema.schema`` by :func:`schema_instance`, else ``"ok"``.
@@ -76,7 +87,20 @@ __all__ = [
 HOST = "127.0.0.1"
 """The only address the fake ever binds: it is a fault injector, never a service on the network."""
 
-Mode = Literal["ok", "error", "hang", "slow", "garbage", "wrong_schema", "flaky", "down", "malformed"]
+Mode = Literal[
+    "ok",
+    "error",
+    "hang",
+    "slow",
+    "garbage",
+    "wrong_schema",
+    "flaky",
+    "down",
+    "malformed",
+    "rate_limited",
+    "break_before",
+    "break_mid",
+]
 """The behaviours a :class:`FakeLLM` can be switched to."""
 
 MODES: tuple[str, ...] = get_args(Mode)
@@ -109,6 +133,9 @@ class FakeBehaviour(BaseModel):
         default=None, description="answer text (ok/slow/flaky) or raw body (malformed) instead of the default"
     )
     fail_times: int = Field(default=1, ge=0, le=1_000_000, description="failures before 'flaky' answers")
+    chunk_delay: float = Field(
+        default=0.0, ge=0, le=3600, description="seconds between the events of a streamed answer"
+    )
 
     @property
     def effective_delay(self) -> float:
@@ -217,6 +244,77 @@ def _completion(state: _FakeState, body: Mapping[str, Any], content: str) -> dic
     }
 
 
+def _stream_events(state: _FakeState, body: Mapping[str, Any], content: str) -> list[bytes]:
+    """The server-sent events of a streamed answer: role, one chunk per word, finish, [DONE]."""
+    base = {
+        "id": f"chatcmpl-fake-{next(state.ids)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model") or state.model,
+    }
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    words = content.split(" ")
+    pieces = [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
+    return [
+        event({"role": "assistant", "content": ""}),
+        *(event({"content": piece}) for piece in pieces),
+        event({}, "stop"),
+        b"data: [DONE]\n\n",
+    ]
+
+
+class _EventStream(Response):
+    """A streamed answer sent event by event; with ``cut``, the body stops after that many events and
+    the connection breaks (the app returns without finishing the response, so uvicorn drops it)."""
+
+    def __init__(self, events: list[bytes], delay: float, release: asyncio.Event, cut: int | None) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.events = events
+        self.delay = delay
+        self.release = release
+        self.cut = cut
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i, event in enumerate(self.events):
+            if self.cut is not None and i >= self.cut:
+                return
+            if i and self.delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.release.wait(), self.delay)
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _Broken(Response):
+    """Headers, then ``partial`` (perhaps nothing) of the body, then a dropped connection: the app
+    returns without finishing the response, so uvicorn closes it. ``stream`` sends SSE headers;
+    otherwise JSON ones declaring a ``declared``-byte body that never comes whole."""
+
+    def __init__(self, partial: bytes, *, stream: bool, declared: int = 1024) -> None:
+        super().__init__(status_code=200)
+        self.partial = partial
+        self.stream = stream
+        self.declared = declared
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.stream:
+            headers = [(b"content-type", b"text/event-stream")]
+        else:
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(self.declared).encode()),
+            ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        if self.partial:
+            await send({"type": "http.response.body", "body": self.partial, "more_body": True})
+
+
 def _build_app(state: _FakeState) -> Starlette:
     """The ASGI app serving ``state``."""
 
@@ -258,6 +356,9 @@ def _build_app(state: _FakeState) -> Starlette:
             return _error(500, "injected flaky failure")
         if mode == "error":
             return _error(b.status, f"injected error {b.status}", b.retry_after)
+        if mode == "rate_limited":
+            retry = b.retry_after if b.retry_after is not None else 1.0
+            return _error(429, "injected rate limit", retry)
         if mode == "down":
             return _error(503, "model is loading", b.retry_after)
         if mode == "hang":
@@ -270,6 +371,9 @@ def _build_app(state: _FakeState) -> Starlette:
         if mode == "malformed":
             raw = b.content if b.content is not None else _MALFORMED_BODY
             return Response(raw, media_type="application/json")
+        stream = body.get("stream") is True
+        if mode == "break_before":
+            return _Broken(b"", stream=stream)
         schema = _requested_schema(body)
         if mode == "garbage":
             content = GARBAGE
@@ -281,6 +385,13 @@ def _build_app(state: _FakeState) -> Starlette:
             content = json.dumps(schema_instance(schema))
         else:
             content = "ok"
+        if stream:
+            events = _stream_events(state, body, content)
+            # break_mid: the role event and the first content event, then the connection breaks.
+            return _EventStream(events, b.chunk_delay, state.release, cut=2 if mode == "break_mid" else None)
+        if mode == "break_mid":
+            whole = json.dumps(_completion(state, body, content)).encode()
+            return _Broken(whole[: len(whole) // 2], stream=False, declared=len(whole))
         return JSONResponse(_completion(state, body, content))
 
     async def control(request: Request) -> Response:
@@ -391,6 +502,7 @@ class FakeLLM:
         retry_after: float | None = None,
         content: str | None = None,
         fail_times: int = 1,
+        chunk_delay: float = 0.0,
         model: str = "fake",
         port: int = 0,
     ) -> None:
@@ -401,6 +513,7 @@ class FakeLLM:
             retry_after=retry_after,
             content=content,
             fail_times=fail_times,
+            chunk_delay=chunk_delay,
         )
         self._state = _FakeState(behaviour, model)
         self._port = port
@@ -462,6 +575,7 @@ class FakeLLM:
         retry_after: float | None = None,
         content: str | None = None,
         fail_times: int = 1,
+        chunk_delay: float = 0.0,
     ) -> None:
         """Replace the behaviour (fields left out take their defaults); validated like ``/_control``."""
         self._state.set(
@@ -472,6 +586,7 @@ class FakeLLM:
                 retry_after=retry_after,
                 content=content,
                 fail_times=fail_times,
+                chunk_delay=chunk_delay,
             )
         )
 
@@ -795,6 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--retry-after", type=float, default=None, help="Retry-After seconds on errors")
     parser.add_argument("--content", default=None, help="answer text instead of the generated one")
     parser.add_argument("--fail-times", type=int, default=1, help="failures before 'flaky' answers")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--model", default="fake", help="model id reported by /v1/models")
     args = parser.parse_args(argv)
     try:
@@ -805,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             retry_after=args.retry_after,
             content=args.content,
             fail_times=args.fail_times,
+            chunk_delay=args.chunk_delay,
         )
     except ValidationError as e:
         parser.error(str(e))

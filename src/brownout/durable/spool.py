@@ -778,7 +778,11 @@ class Spool:
         try:
             deleted = 0
             if done:
-                deleted = conn.executemany("DELETE FROM spool WHERE seq = ?", [(s,) for s in done]).rowcount
+                # ``done`` is always the oldest entries fetched, in order, and nothing older than its
+                # last one can appear meanwhile (appends get higher seqs): one range delete does.
+                deleted = conn.execute(
+                    "DELETE FROM spool WHERE seq BETWEEN ? AND ?", (done[0], done[-1])
+                ).rowcount
             if failure is not None:
                 seq, error, refused = failure
                 conn.execute(

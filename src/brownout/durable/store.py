@@ -65,6 +65,9 @@ briefs = Table(
     Column("served_mode", String(16), nullable=False),
     Column("degraded", Boolean, nullable=False),
     Column("response", Text, nullable=False),
+    # The response cache's key of the request (mode + normalised text, hashed): emergency reads find
+    # the last full answer to the same request here when every model is down (schema version 3).
+    Column("cache_key", String(48), nullable=True),
 )
 
 schema_version = Table("brownout_schema", metadata, Column("version", Integer, nullable=False))
@@ -79,7 +82,16 @@ def _v2(conn: Any) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_briefs_created_at ON briefs (created_at)"))
 
 
-MIGRATIONS: Final = ((1, _v1), (2, _v2))
+def _v3(conn: Any) -> None:
+    from sqlalchemy import inspect
+
+    columns = {c["name"] for c in inspect(conn).get_columns("briefs")}
+    if "cache_key" not in columns:
+        conn.execute(text("ALTER TABLE briefs ADD COLUMN cache_key VARCHAR(48)"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_briefs_cache_key ON briefs (cache_key, created_at)"))
+
+
+MIGRATIONS: Final = ((1, _v1), (2, _v2), (3, _v3))
 """The schema's steps, oldest first: (version, a function run with a sync connection in a transaction).
 A database created before versions were recorded (it has ``briefs`` but no ``brownout_schema``) counts
 as version 1."""
@@ -100,6 +112,7 @@ class BriefRecord:
     degraded: bool
     response: dict[str, Any]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    cache_key: str | None = None
 
 
 _MULTI_HOST = re.compile(r"^(?P<scheme>[^:/]+://)(?:(?P<auth>[^@/]*)@)?(?P<hosts>[^/?#]*)(?P<rest>.*)$")
@@ -218,15 +231,15 @@ class BriefStore:
                     )
                     result = await conn.execute(stmt)
                     return int(result.rowcount)
-                # One multi-row INSERT; RETURNING tells how many were new (rowcount of a multi-row
-                # statement is not reliable across drivers).
+                # One cached statement run with the rows as executemany parameters (SQLAlchemy batches
+                # them into multi-row INSERTs itself); RETURNING tells how many were new. A .values(rows)
+                # statement would be compiled anew for every batch, which cost most of the replay time.
                 stmt = (
                     insert(briefs)
-                    .values(rows)
                     .on_conflict_do_nothing(index_elements=["request_id"])
                     .returning(briefs.c.request_id)
                 )
-                return len((await conn.execute(stmt)).all())
+                return len((await conn.execute(stmt, rows)).all())
         except Exception as e:
             self._writer_failed(e)
             raise
@@ -323,7 +336,26 @@ class BriefStore:
             degraded=row.degraded,
             response=json.loads(row.response),
             created_at=row.created_at,
+            cache_key=row.cache_key,
         )
+
+    async def latest_full_answer(self, cache_key: str) -> dict[str, Any] | None:
+        """The newest stored full-quality (not degraded) response for ``cache_key``, or None."""
+
+        async def query(conn: AsyncConnection) -> Any:
+            stmt = (
+                select(briefs.c.response)
+                .where(briefs.c.cache_key == cache_key, briefs.c.degraded.is_(False))
+                .order_by(briefs.c.created_at.desc())
+                .limit(1)
+            )
+            return (await conn.execute(stmt)).scalar()
+
+        raw = await self._read(query)
+        if raw is None:
+            return None
+        value: dict[str, Any] = json.loads(raw)
+        return value
 
     async def count(self) -> int:
         """How many records are stored."""
@@ -373,6 +405,7 @@ def _row(record: BriefRecord) -> dict[str, Any]:
         "served_mode": record.served_mode,
         "degraded": record.degraded,
         "response": json.dumps(record.response, separators=(",", ":"), default=str),
+        "cache_key": record.cache_key,
     }
 
 

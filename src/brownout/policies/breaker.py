@@ -432,6 +432,28 @@ class CircuitBreaker(CallForms):
         """Reject every call until :meth:`reset`."""
         self._transition(BreakerState.FORCED_OPEN, "forced open")
 
+    def open_for(self, seconds: float, reason: str = "held open") -> None:
+        """Open now for ``seconds`` whatever the window says (a dependency's own ``Retry-After``).
+
+        Afterwards the breaker probes as after any open wait. An open breaker whose wait ends later
+        keeps it; operator states (forced open or closed, disabled) are left alone; the grown open wait
+        of repeated failures is not changed.
+        """
+        if not 0.0 <= seconds < float("inf"):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        state = self.state
+        if state is not _CLOSED and state is not _OPEN and state is not _HALF_OPEN:
+            return
+        until = self._clock.now() + seconds
+        if state is _OPEN:
+            if self._open_until >= until:
+                return
+            self._open_until = until
+            return
+        self._open_until = until
+        self._opened += 1
+        self._transition(_OPEN, reason)
+
     def force_closed(self) -> None:
         """Run every call and keep recording, but never open, until :meth:`reset`."""
         self._transition(BreakerState.FORCED_CLOSED, "forced closed")

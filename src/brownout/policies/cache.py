@@ -289,6 +289,20 @@ class Cache(Generic[K, V]):
         entry = self._data.get(key)
         return entry is not None and self._now() < entry.expires_at
 
+    @property
+    def ttl(self) -> float:
+        """Seconds a new entry stays fresh unless ``set`` says otherwise.
+
+        Assignable: an adaptive TTL changes it at run time; entries already stored keep their expiry.
+        """
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        if not value > 0:
+            raise ConfigError("ttl", f"must be > 0, got {value!r}")
+        self._ttl = float(value)
+
     def stats(self) -> CacheStats:
         """A snapshot of the counters and the size."""
         size = len(self._data)

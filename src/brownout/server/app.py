@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,7 +33,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from brownout.briefs.service import BriefService
 from brownout.config import ROLES, BrownoutConfig
 from brownout.errors import ServiceUnavailable
-from brownout.server.metrics import make_registry
+from brownout.gateway.routes import CHAT_PATH, install_gateway
+from brownout.health.loop import LoopBlockMiddleware
+from brownout.server import live
+from brownout.server.metrics import RuntimeMetrics, multiprocess_dir
 from brownout.server.runtime import Runtime
 
 __all__ = ["BriefRequest", "create_app"]
@@ -53,8 +56,17 @@ class TriggerRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    action: str = Field(description="one of GET /api/v1/recovery/actions")
+    action: str | None = Field(default=None, description="one of GET /api/v1/recovery/actions")
+    failure_type: str | None = Field(
+        default=None, description="instead of an action: run this failure type's whole chain"
+    )
     target: str = Field(default="all", description="a model role, or all")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TriggerRequest:
+        if (self.action is None) == (self.failure_type is None):
+            raise ValueError("give exactly one of action and failure_type")
+        return self
 
 
 class _Guard:
@@ -69,13 +81,19 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        errors = self.runtime.http.errors
+        http = self.runtime.http
+        http.requests += 1
+        errors = http.errors
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] >= 400:
                 errors[message["status"]] += 1
             await send(message)
 
+        if scope["path"] == CHAT_PATH:
+            # The gateway bounds its own bodies (gateway.max_body_bytes: chats carry whole conversations).
+            await self.app(scope, receive, counting_send)
+            return
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
@@ -191,9 +209,11 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.start()
+        exporter.start()
         try:
             yield
         finally:
+            await exporter.aclose()
             await rt.stop()
 
     app = FastAPI(
@@ -203,7 +223,10 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         lifespan=lifespan,
     )
     app.state.runtime = rt
-    registry = make_registry(rt)
+    # Several workers share their metrics through PROMETHEUS_MULTIPROCESS_DIR (see server.metrics).
+    exporter = RuntimeMetrics(rt, directory=multiprocess_dir())
+    # The OpenAI-compatible gateway: /v1/chat/completions, /v1/models, /health/gateway, its metrics.
+    install_gateway(app, rt.gateway, exporter.registry)
 
     def service() -> BriefService:
         if rt.service is None:
@@ -292,10 +315,19 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 "hits": cache.hits,
                 "misses": cache.misses,
             },
-            "database": {"status": "healthy" if rt.store_ok else "unhealthy", "error": rt.store_error},
+            "database": {
+                "status": "healthy" if rt.store_ok else "unhealthy",
+                "error": rt.store_error,
+                "writable_host": rt.store.writable_host,
+                "read_only": rt.store.read_only,
+                "failovers": rt.store.failovers,
+            },
             "spool": _spool_status(rt),
+            "redis": rt.shared.status() if rt.shared is not None else {"status": "not configured"},
+            "events": _outbox_status(rt),
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
+            "system_mode": rt.modes.mode.value,
         }
 
     async def check_model(role: str) -> dict[str, Any]:
@@ -352,7 +384,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exporter.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/api/v1/recovery/status")
     async def recovery_status() -> dict[str, Any]:
@@ -369,23 +401,42 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 for m in svc.pipeline.modes
                 if all(svc.role_available(r) for r in svc.pipeline.roles(m))
             ],
-            "history": [a.__dict__ if hasattr(a, "__dict__") else _action(a) for a in rt.history[-20:]],
+            "history": [_action(a) for a in list(rt.history)[-20:]],
+            "system_mode": rt.modes.mode.value,
+            "switched_off": {by: sorted(roles) for by, roles in svc.switched_off.items()},
+            "generation_limit": svc.generation_limit,
+            "recovery": rt.recovery.status(),
         }
 
     @app.get("/api/v1/recovery/health")
     async def recovery_health() -> dict[str, Any]:
-        return {"models": {role: model_status(role) for role in ROLES}, "database": rt.store_ok}
+        ops = rt.ops
+        return {
+            "models": {role: model_status(role) for role in ROLES},
+            "database": rt.store_ok,
+            "system_mode": ops.modes.status(),
+            "resources": ops.resources.status(),
+            "event_loop": ops.loop_blocks.status(),
+            "cache_ttl": ops.ttl.status(),
+        }
 
     @app.get("/api/v1/recovery/actions")
     async def recovery_actions() -> dict[str, Any]:
         return {
-            "actions": [{"name": k, "description": v} for k, v in rt.ACTIONS.items()],
-            "history": [_action(a) for a in rt.history[-50:]],
+            "actions": rt.recovery.actions_info(),
+            "failure_types": rt.recovery.failure_types_info(),
+            "history": [_action(a) for a in list(rt.history)[-50:]],
         }
 
     @app.post("/api/v1/recovery/trigger", dependencies=[Depends(require_admin)])
     async def recovery_trigger(body: TriggerRequest) -> dict[str, Any]:
         try:
+            if body.failure_type is not None:
+                outcome = await rt.recovery.handle_failure(
+                    failure_type=body.failure_type, target=body.target, trigger="manual"
+                )
+                return outcome.as_dict()
+            assert body.action is not None
             done = await rt.run_action(body.action, body.target)
         except ValueError as e:
             raise HTTPException(422, str(e)) from e
@@ -396,7 +447,13 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         return {"done": [_action(a) for a in await rt.reset()]}
 
     app.add_exception_handler(_BodyTooLarge, _body_too_large)
+    if config.loop_block.enabled:
+        # Inside _Guard: times each step of every request's task (seed 003 §C blocking detection).
+        app.add_middleware(LoopBlockMiddleware, detector=rt.ops.loop_blocks)
     app.add_middleware(_Guard, runtime=rt, max_body=config.server.max_body_bytes)
+    # The live view, the dashboard, the pre-promotion check's routes, and CORS when configured
+    # (added last, so it is the outermost middleware and its headers reach every answer).
+    live.install(app, rt, config)
     return app
 
 
@@ -409,8 +466,32 @@ def _spool_status(rt: Runtime) -> dict[str, Any]:
         "failed_attempts": st.failed_attempts,
         "last_error": st.last_error,
         "alert": st.alert,
+        "dead_letters": st.dead,
+    }
+
+
+def _outbox_status(rt: Runtime) -> dict[str, Any]:
+    if rt.outbox is None:
+        return {"status": "not configured"}
+    st = rt.outbox.stats()
+    return {
+        "status": "healthy" if st.pending == 0 else "spooling",
+        "pending": st.pending,
+        "oldest_age_seconds": round(st.oldest_age, 3),
+        "published": st.replayed,
+        "dead_letters": st.dead,
+        "last_error": st.last_error,
     }
 
 
 def _action(a: Any) -> dict[str, Any]:
-    return {"action": a.action, "target": a.target, "at": a.at, "ok": a.ok, "detail": a.detail}
+    return {
+        "action": a.action,
+        "target": a.target,
+        "at": a.at,
+        "ok": a.ok,
+        "detail": a.detail,
+        "status": getattr(a, "status", "ok" if a.ok else "failed"),
+        "failure_type": getattr(a, "failure_type", "manual"),
+        "trigger": getattr(a, "trigger", "manual"),
+    }

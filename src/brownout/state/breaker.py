@@ -410,8 +410,17 @@ class SharedBreaker(CircuitBreaker):
             self._events.emit(CallRejected(self.name, self._clock.now(), "breaker", state, retry_after))
         raise CircuitOpen(self.name, state, retry_after=retry_after)
 
-    def _adopt(self, state_name: str, gen: int, open_until: float, reason: str) -> None:
-        """Take the state Redis holds (emitting a transition event when it changed here)."""
+    def _adopt(
+        self, state_name: str, gen: int, open_until: float, reason: str, *, authoritative: bool = False
+    ) -> None:
+        """Take the state Redis holds (emitting a transition event when it changed here).
+
+        Script replies can arrive out of order (concurrent reports): one older than the state already
+        adopted (a lower generation) is ignored. A full sync is ``authoritative`` -- it also takes a
+        lower generation, which is what a Redis that lost its data (a restart) holds.
+        """
+        if gen < self._sgen and not authoritative:
+            return
         new = _STATES.get(state_name, BreakerState.CLOSED)
         old = self._sstate
         self._sopen_until = open_until
@@ -675,6 +684,7 @@ class RedisBreakers:
                 int(gen or 0),
                 float(_text(open_until) if open_until is not None else 0.0),
                 _text(reason) if reason is not None else "shared state",
+                authoritative=True,
             )
             b._sprobes = int(probes)
             outcomes = [int(_text(v)) for v in window]

@@ -1,0 +1,1 @@
+"""Example services built on brownout (run them from the repository root)."""

@@ -1,0 +1,235 @@
+"""The ``gateway`` section of the configuration: model groups of OpenAI-compatible endpoints.
+
+A client asks for a *model group* by name (the ``model`` field of its request); the group's endpoints
+are replicas serving the same model, each behind its own circuit breaker. When a group cannot answer,
+its ``fallbacks`` are tried in order (one level: a fallback group's own fallbacks are not followed)::
+
+    gateway:
+      groups:
+        chat:
+          endpoints:
+            - {url: "http://10.0.0.5:8000", model: "Qwen2.5-7B-Instruct"}
+            - {url: "http://10.0.0.6:8000", model: "Qwen2.5-7B-Instruct"}
+          fallbacks: [small]
+        small:
+          endpoints: [{url: "http://127.0.0.1:8081"}]
+
+With no groups (the default) the gateway's routes still answer: ``GET /v1/models`` lists nothing and
+``POST /v1/chat/completions`` answers 404 ``model_not_found`` naming the configured groups.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from brownout.policies.admission import AdmissionConfig
+from brownout.policies.breaker import BreakerConfig
+from brownout.policies.cache import CacheConfig
+
+__all__ = [
+    "GatewayAdmissionSection",
+    "GatewayBreakerSection",
+    "GatewayCacheSection",
+    "GatewayEndpoint",
+    "GatewaySection",
+    "ModelGroup",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayEndpoint(_Section):
+    """One replica of a model group: an OpenAI-compatible server (vLLM, llama.cpp, Ollama, a hosted API)."""
+
+    url: str = Field(description="base URL, e.g. http://10.0.0.5:8000 (the gateway appends /v1/...)")
+    model: str | None = Field(
+        default=None,
+        description="the 'model' sent upstream instead of the group name; null: the client's is kept",
+    )
+    name: str | None = Field(
+        default=None, description="label in headers and metrics; default: host:port of the url"
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="sent upstream as a bearer token (client credentials never are)"
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="extra headers sent upstream")
+
+    @model_validator(mode="after")
+    def _no_line_breaks(self) -> GatewayEndpoint:
+        # Header values go into the request head as they are: a line break would split it.
+        values = [*self.headers, *self.headers.values()]
+        if self.api_key is not None:
+            values.append(self.api_key.get_secret_value())
+        if any("\r" in v or "\n" in v for v in values):
+            raise ValueError("header names and values (api_key included) cannot contain line breaks")
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        url = value.rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"{value!r} must be an http:// or https:// URL")
+        # The gateway appends /v1/chat/completions; a base URL ending in /v1 would double it.
+        return url.removesuffix("/v1")
+
+    @property
+    def label(self) -> str:
+        """The endpoint's name in headers and metrics."""
+        if self.name:
+            return self.name
+        return self.url.split("://", 1)[1].split("/", 1)[0]
+
+
+class GatewayBreakerSection(_Section):
+    """Each endpoint's circuit breaker; the keys and defaults of the ``circuit_breaker`` section."""
+
+    failure_threshold: float = Field(
+        default=0.5, gt=0, le=1, description="failure rate that opens (seed: 0.5)"
+    )
+    success_threshold: int = Field(default=5, ge=1, description="successful probes that close (seed: 5)")
+    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing (seed: 60)")
+    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open (seed: 3)")
+    minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
+    window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayBreakerSection:
+        if self.minimum_calls > self.window_size:
+            raise ValueError(
+                f"minimum_calls ({self.minimum_calls}) cannot exceed window_size ({self.window_size})"
+            )
+        return self
+
+    def policy(self) -> BreakerConfig:
+        """The settings as a :class:`~brownout.policies.breaker.BreakerConfig`."""
+        return BreakerConfig(
+            failure_rate_threshold=self.failure_threshold,
+            success_threshold=self.success_threshold,
+            open_wait=self.timeout,
+            half_open_max_calls=self.half_open_requests,
+            minimum_calls=self.minimum_calls,
+            window_size=self.window_size,
+        )
+
+
+class GatewayAdmissionSection(_Section):
+    """Admission control of one group: requests served at once and waiting (seed 000's queue)."""
+
+    max_concurrent: int = Field(default=100, ge=1, description="requests of this group served at once")
+    max_queue: int = Field(
+        default=500, ge=0, description="requests waiting for a slot before 429 (seed: 500)"
+    )
+    max_wait: float = Field(default=30.0, gt=0, description="longest wait for a slot, seconds")
+    retry_after: float = Field(
+        default=30.0, ge=1, description="Retry-After on a 429 before a service time is known (seed: 30)"
+    )
+
+    def policy(self) -> AdmissionConfig:
+        """The settings as an :class:`~brownout.policies.admission.AdmissionConfig`."""
+        return AdmissionConfig(
+            max_concurrent=self.max_concurrent,
+            max_queue=self.max_queue,
+            max_wait=self.max_wait,
+            default_retry_after=self.retry_after,
+            max_retry_after=max(300.0, self.retry_after),
+        )
+
+
+class GatewayCacheSection(_Section):
+    """Exact-match response cache of one group, for deterministic requests (temperature 0, no stream)."""
+
+    enabled: bool = Field(default=False, description="cache answers to temperature-0 requests")
+    max_entries: int = Field(default=1000, ge=1, description="answers kept (seed: 1000)")
+    ttl: float = Field(default=600.0, gt=0, description="seconds an answer is served (seed: 600)")
+
+    def policy(self) -> CacheConfig:
+        """The settings as a :class:`~brownout.policies.cache.CacheConfig` (no early refresh: an LLM
+        call is too dear to make before anyone asks)."""
+        return CacheConfig(max_entries=self.max_entries, ttl=self.ttl, early_refresh_beta=0.0)
+
+
+class ModelGroup(_Section):
+    """A model group: replicas of one model, how they are called, and where to go when they fail."""
+
+    endpoints: list[GatewayEndpoint] = Field(min_length=1, description="the replicas (at least one)")
+    fallbacks: list[str] = Field(
+        default_factory=list, description="groups tried in order when this one cannot answer"
+    )
+    timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds without a byte from upstream before an attempt fails (the whole answer "
+        "when not streaming; the first and each next chunk when streaming)",
+    )
+    connect_timeout: float = Field(default=5.0, gt=0, description="seconds to open a connection")
+    max_attempts: int = Field(
+        default=2, ge=1, le=10, description="attempts within the group, on different replicas first"
+    )
+    retry_backoff: float = Field(
+        default=0.1, ge=0, description="most seconds (full jitter) before retrying a replica already tried"
+    )
+    retry_budget_ratio: float = Field(
+        default=0.2, ge=0, le=1, description="retries allowed per request over the last 10 s"
+    )
+    retry_budget_min_per_second: float = Field(
+        default=10.0, ge=0, description="retries per second always allowed"
+    )
+    admission: GatewayAdmissionSection = Field(default_factory=GatewayAdmissionSection)
+    breaker: GatewayBreakerSection = Field(default_factory=GatewayBreakerSection)
+    cache: GatewayCacheSection = Field(default_factory=GatewayCacheSection)
+    json_guard: bool = Field(
+        default=True,
+        description="validate answers to response_format json_schema requests; re-ask once if invalid",
+    )
+
+    @model_validator(mode="after")
+    def _unique_endpoints(self) -> ModelGroup:
+        seen: set[str] = set()
+        for i, ep in enumerate(self.endpoints):
+            if ep.label in seen:
+                raise ValueError(
+                    f"endpoints[{i}]: {ep.label!r} is listed twice; give replicas on one host a 'name'"
+                )
+            seen.add(ep.label)
+        return self
+
+
+class GatewaySection(_Section):
+    """The OpenAI-compatible gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``."""
+
+    groups: dict[str, ModelGroup] = Field(
+        default_factory=dict, description="model groups by the name clients send as 'model'"
+    )
+    max_body_bytes: int = Field(
+        default=4_194_304, ge=1024, description="largest accepted chat request, in bytes (413 beyond)"
+    )
+    max_keepalive: int = Field(
+        default=256, ge=0, description="idle connections kept open for reuse, per endpoint"
+    )
+    keepalive_timeout: float = Field(
+        default=30.0, gt=0, description="seconds an idle upstream connection is kept for reuse"
+    )
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> GatewaySection:
+        for name, group in self.groups.items():
+            if not _NAME.match(name):
+                raise ValueError(f"groups: {name!r} is not a usable model name")
+            for i, fallback in enumerate(group.fallbacks):
+                if fallback == name:
+                    raise ValueError(f"groups.{name}.fallbacks[{i}]: a group cannot fall back to itself")
+                if fallback not in self.groups:
+                    raise ValueError(
+                        f"groups.{name}.fallbacks[{i}]: unknown group {fallback!r}; "
+                        f"known: {sorted(self.groups)}"
+                    )
+            if len(set(group.fallbacks)) != len(group.fallbacks):
+                raise ValueError(f"groups.{name}.fallbacks: a group is listed twice")
+        return self

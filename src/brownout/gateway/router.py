@@ -1,0 +1,677 @@
+"""The gateway's engine: model groups of endpoints, and how a chat request finds one that answers.
+
+A request names a model group. The gateway tries the group, then its fallback groups in order; in
+each group it makes up to ``max_attempts`` attempts:
+
+* **Choice of endpoint** -- among endpoints whose breaker permits a call, one not yet tried in this
+  request, then the lowest expected wait ``(in_flight + 1) * latency`` (an exponentially weighted
+  moving average of recent answers), then the fewest in flight. So replicas share the load, a slower
+  one gets less of it, and a retry goes to another replica when there is one.
+* **What fails an attempt** (counted by the endpoint's breaker, retried): connection errors,
+  timeouts, HTTP 5xx, 408, 425 and 429, and a stream that breaks before its first event. An upstream
+  ``Retry-After`` on a 429 or 503 opens that endpoint's breaker for that long (at most 10 minutes).
+* **What does not** (passed back to the client as the upstream sent it, not retried, ignored by the
+  breaker): the other 4xx -- 400, 401, 403, 404, 413, 422 -- which blame the request.
+* **Retries** after the first attempt spend the group's retry budget (20 % of the requests of the last
+  10 s, plus 10 per second); a spent budget moves on to the fallback groups. A retry on an endpoint
+  already tried waits a random ``[0, retry_backoff)`` first; one on another endpoint goes at once.
+* **Admission** is per requested group: at most ``max_concurrent`` requests served at once, up to
+  ``max_queue`` waiting (:class:`~brownout.errors.Overloaded` -> 429 with ``Retry-After``). A fallback
+  group serves under the requesting group's admission, so fallback traffic stays bounded by it.
+
+When nothing answered, :class:`GatewayUnavailable` (-> 503) carries ``retry_after``: the soonest any
+breaker on the path lets a call through (at least 1 s).
+
+The request body is parsed once (by the route) and forwarded as received, or re-serialised only when
+an endpoint's ``model`` replaces the group name. Unknown fields pass through untouched; so do the
+upstream's response body and headers (hop-by-hop ones aside).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Final, NoReturn, Protocol, TypeVar
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.errors import CircuitOpen, ServiceUnavailable
+from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
+from brownout.gateway.cache import cache_key, deterministic
+from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
+from brownout.gateway.guard import GuardOutcome, SchemaGuard, reask_body, requested_schema
+from brownout.gateway.metrics import EndpointStats, GroupStats
+from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
+from brownout.llm.client import _retry_after as parse_retry_after
+from brownout.llm.client import is_caller_fault
+from brownout.policies.admission import Admission
+from brownout.policies.breaker import BreakerConfig, CircuitBreaker
+from brownout.policies.cache import Cache
+from brownout.policies.retry import RetryBudget
+
+__all__ = [
+    "MAX_HOLD",
+    "Answer",
+    "Endpoint",
+    "Gateway",
+    "GatewayUnavailable",
+    "Group",
+    "Passthrough",
+    "Routed",
+    "UpstreamFailed",
+    "forwarded",
+    "retry_after_header",
+    "snippet",
+]
+
+
+class Routed(Protocol):
+    """What an attempt returns: :meth:`Gateway.route` fills in how it was served."""
+
+    served_by: bytes
+    path: bytes
+    attempts: int
+    upstream: float
+
+
+R = TypeVar("R", bound=Routed)
+
+MAX_HOLD: Final = 600.0
+"""Longest an upstream's ``Retry-After`` may keep its endpoint's breaker open, in seconds."""
+
+_EWMA_ALPHA: Final = 0.3  # weight of the newest latency: about the last five answers matter
+_BUDGET_WINDOW: Final = 10.0
+
+# Response headers that describe one hop, not the answer: never forwarded. The body is forwarded as
+# it came (so content-encoding, should an upstream compress despite "accept-encoding: identity", is).
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"date",
+        b"server",
+    }
+)
+
+
+class UpstreamFailed(Exception):
+    """One attempt failed in a way that counts against its endpoint (and may be retried elsewhere).
+
+    ``retry_after`` is the upstream's own hint on a 429 or 503, in seconds; ``elapsed`` the time the
+    attempt took.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retry_after: float | None = None, elapsed: float
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.elapsed = elapsed
+
+
+class Passthrough(Exception):
+    """An upstream answer to give the client as it is: the breaker ignores it, nothing retries it."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(f"upstream answered HTTP {answer.status}")
+        self.answer = answer
+
+
+class GatewayUnavailable(ServiceUnavailable):
+    """No endpoint of the group or its fallbacks answered; an HTTP layer answers 503 + ``Retry-After``.
+
+    ``path`` lists the groups tried, ``attempts`` how many upstream calls were made.
+    """
+
+    def __init__(
+        self, group: str, message: str, *, retry_after: float, path: list[str], attempts: int
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, policy=group)
+        self.path = path
+        self.attempts = attempts
+
+
+@dataclass(slots=True)
+class Answer:
+    """A whole (not streamed) upstream answer, with how it was served."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    """The upstream's response headers, hop-by-hop ones removed."""
+    body: bytes
+    served_by: bytes = b""
+    """``group/endpoint`` that answered."""
+    path: bytes = b""
+    """Groups tried, in order, joined by ``>``."""
+    attempts: int = 1
+    upstream: float = 0.0
+    """Seconds spent waiting on upstreams (every attempt)."""
+    guard: GuardOutcome | None = None
+    """The JSON guard's verdict, when it looked."""
+
+
+def forwarded(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream response headers worth passing on, names lower-cased."""
+    out = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower not in _HOP_BY_HOP:
+            out.append((lower, value))
+    return out
+
+
+def snippet(raw: bytes, limit: int = 200) -> str:
+    """A one-line excerpt of an upstream body, for error messages."""
+    text = " ".join(raw[: limit * 2].decode("utf-8", "replace").split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Endpoint:
+    """One replica of a group at runtime: its breaker, load, latency average and counters."""
+
+    __slots__ = (
+        "breaker",
+        "config",
+        "ewma",
+        "head",
+        "in_flight",
+        "label",
+        "model",
+        "pool",
+        "served_by",
+        "stats",
+    )
+
+    def __init__(
+        self, group: str, config: GatewayEndpoint, breaker: BreakerConfig, *, clock: Clock, events: EventBus
+    ) -> None:
+        self.config = config
+        self.label = config.label
+        """The name in headers and metrics (``name``, else host:port)."""
+        self.served_by = f"{group}/{self.label}".encode()
+        self.model = config.model
+        scheme_host, _, prefix = config.url.partition("://")[2].partition("/")
+        headers = {
+            "host": scheme_host,
+            "content-type": "application/json",
+            # identity: the body is forwarded, cached and checked as it is; compression would only
+            # cost a decode on every answer.
+            "accept-encoding": "identity",
+            "user-agent": "brownout-gateway",
+            **{k.lower(): v for k, v in config.headers.items()},
+        }
+        if config.api_key is not None:
+            headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        path = f"/{prefix}/v1/chat/completions" if prefix else "/v1/chat/completions"
+        self.head = f"POST {path} HTTP/1.1\r\n{lines}".encode()
+        """The request head but its content-length, built once."""
+        self.pool: Pool | None = None
+        """The endpoint's keep-alive connections, opened by :meth:`Gateway.start`."""
+        self.breaker = CircuitBreaker(f"gateway:{group}/{self.label}", breaker, clock=clock, events=events)
+        self.in_flight = 0
+        self.ewma = 0.0  # seconds; 0 until the first answer, so a new replica gets tried
+        self.stats = EndpointStats()
+
+    def observe(self, seconds: float) -> None:
+        """Fold one answer's latency into the moving average."""
+        ewma = self.ewma
+        self.ewma = seconds if ewma == 0.0 else ewma + _EWMA_ALPHA * (seconds - ewma)
+
+    def status(self) -> dict[str, Any]:
+        """The endpoint's state for ``/health/gateway``."""
+        b = self.breaker
+        return {
+            "endpoint": self.label,
+            "url": self.config.url,
+            "breaker": b.state.value,
+            "available": b.available,
+            "retry_after": round(b.retry_after(), 3),
+            "in_flight": self.in_flight,
+            "ewma_latency_ms": round(self.ewma * 1000.0, 3) if self.ewma else None,
+            "requests": self.stats.requests,
+            "failures": self.stats.failures,
+        }
+
+
+class Group:
+    """A model group at runtime: endpoints, admission, retry budget, optional cache, counters."""
+
+    __slots__ = (
+        "admission",
+        "backoff",
+        "budget",
+        "cache",
+        "chain",
+        "config",
+        "endpoints",
+        "json_guard",
+        "max_attempts",
+        "name",
+        "name_bytes",
+        "stats",
+        "timeout",
+    )
+
+    def __init__(self, name: str, config: ModelGroup, *, clock: Clock, events: EventBus) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.config = config
+        breaker = config.breaker.policy().model_copy(update={"ignore_exceptions": (Passthrough,)})
+        self.endpoints = tuple(
+            Endpoint(name, ep, breaker, clock=clock, events=events) for ep in config.endpoints
+        )
+        self.admission = Admission(f"gateway:{name}", config.admission.policy(), clock=clock, events=events)
+        self.budget = RetryBudget(
+            config.retry_budget_ratio, config.retry_budget_min_per_second, _BUDGET_WINDOW, clock=clock
+        )
+        self.cache: Cache[str, Answer] | None = (
+            Cache(f"gateway:{name}", config.cache.policy(), clock=clock, events=events)
+            if config.cache.enabled
+            else None
+        )
+        self.timeout = config.timeout
+        self.max_attempts = config.max_attempts
+        self.backoff = config.retry_backoff
+        self.json_guard = config.json_guard
+        self.chain: tuple[Group, ...] = (self,)
+        """This group, then its fallbacks in order (set by the :class:`Gateway`)."""
+        self.stats = GroupStats()
+
+    def pick(self, tried: list[Endpoint] | None) -> Endpoint | None:
+        """The endpoint for the next attempt, or None when every breaker refuses (see the module doc)."""
+        best: Endpoint | None = None
+        best_key: tuple[bool, float, int] | None = None
+        for ep in self.endpoints:
+            if not ep.breaker.available:
+                continue
+            key = (tried is not None and ep in tried, (ep.in_flight + 1) * ep.ewma, ep.in_flight)
+            if best_key is None or key < best_key:
+                best, best_key = ep, key
+        return best
+
+    @property
+    def available(self) -> bool:
+        """True when some endpoint's breaker would let a call through now."""
+        return any(ep.breaker.available for ep in self.endpoints)
+
+    def retry_after(self) -> float:
+        """Seconds until some endpoint may take a call (0 when one can now)."""
+        return min(ep.breaker.retry_after() for ep in self.endpoints)
+
+    def status(self) -> dict[str, Any]:
+        """The group's state for ``/health/gateway``."""
+        adm = self.admission
+        return {
+            "available": self.available,
+            "fallbacks": [g.name for g in self.chain[1:]],
+            "in_flight": adm.in_flight,
+            "queue_size": adm.queue_size,
+            "endpoints": [ep.status() for ep in self.endpoints],
+        }
+
+
+class Gateway:
+    """The model groups of a :class:`~brownout.gateway.config.GatewaySection` and the HTTP client.
+
+    :meth:`start` opens a keep-alive connection pool per endpoint (:mod:`brownout.gateway.upstream`
+    says why not httpx), :meth:`aclose` closes them. :meth:`complete` serves a whole answer; streams
+    are served by :mod:`brownout.gateway.stream` through :meth:`route`.
+    """
+
+    def __init__(
+        self,
+        config: GatewaySection | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config if config is not None else GatewaySection()
+        self.clock = clock
+        self.events = events
+        self._random = (rng if rng is not None else random.Random()).random
+        self.groups: dict[str, Group] = {
+            name: Group(name, group, clock=clock, events=events) for name, group in self.config.groups.items()
+        }
+        for name, group in self.groups.items():
+            group.chain = (group, *(self.groups[f] for f in self.config.groups[name].fallbacks))
+        self.schemas = SchemaGuard()
+        self._started = False
+        self.models_body = json.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "brownout"}
+                    for name in self.groups
+                ],
+            }
+        ).encode()
+        """The ``GET /v1/models`` answer, serialised once."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the endpoints' connection pools and start the caches' sweepers."""
+        if self._started:
+            return
+        cfg = self.config
+        for group in self.groups.values():
+            for ep in group.endpoints:
+                # Upstreams are named in the config: no proxy from the environment, no redirects.
+                ep.pool = Pool(
+                    ep.config.url,
+                    connect_timeout=group.config.connect_timeout,
+                    max_idle=cfg.max_keepalive,
+                    idle_timeout=cfg.keepalive_timeout,
+                )
+            if group.cache is not None:
+                group.cache.start()
+        self._started = True
+
+    async def aclose(self) -> None:
+        """Close the connection pools and stop the sweepers; safe to call twice."""
+        self._started = False
+        for group in self.groups.values():
+            if group.cache is not None:
+                await group.cache.aclose()
+            for ep in group.endpoints:
+                pool, ep.pool = ep.pool, None
+                if pool is not None:
+                    pool.close()
+
+    @property
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`aclose`."""
+        return self._started
+
+    def status(self) -> dict[str, Any]:
+        """Every group's state, for ``/health/gateway``."""
+        groups = {name: g.status() for name, g in self.groups.items()}
+        up = sum(1 for g in self.groups.values() if g.available)
+        if not self.groups:
+            state = "disabled"
+        elif up == len(self.groups):
+            state = "healthy"
+        elif up:
+            state = "degraded"
+        else:
+            state = "unhealthy"
+        return {"status": state, "groups": groups}
+
+    # ------------------------------------------------------------------ whole answers
+
+    async def complete(
+        self, group: Group, body: dict[str, Any], raw: bytes | None
+    ) -> tuple[Answer, str | None]:
+        """A whole answer to ``body`` from ``group`` (or its fallbacks), and the cache's word.
+
+        The cache's word is None when the group has no cache, else ``"hit"``, ``"miss"`` or
+        ``"bypass"`` (not a deterministic request). ``raw`` is the body as received (forwarded as it
+        is where no model name is replaced), or None to serialise ``body``. Raises
+        :class:`~brownout.errors.Overloaded` when the group's admission sheds the request and
+        :class:`GatewayUnavailable` when nothing answered.
+        """
+        cache = group.cache
+        if cache is None:
+            return await group.admission.call(self._serve, group, body, raw), None
+        if not deterministic(body):
+            return await group.admission.call(self._serve, group, body, raw), "bypass"
+        try:
+            result = await cache.fetch(
+                cache_key(group.name, body), functools.partial(self._cacheable, group, body, raw)
+            )
+        except _Uncacheable as e:
+            group.stats.cache["miss"] += 1
+            return e.answer, "miss"
+        if result.status == "hit":
+            group.stats.cache["hit"] += 1
+            return replace(result.value, upstream=0.0), "hit"
+        group.stats.cache["miss"] += 1
+        return result.value, "miss"
+
+    async def _cacheable(self, group: Group, body: dict[str, Any], raw: bytes | None) -> Answer:
+        # Runs once for all concurrent identical requests (the cache's singleflight), under one slot.
+        answer: Answer = await group.admission.call(self._serve, group, body, raw)
+        if answer.status != 200 or answer.guard == "invalid":
+            raise _Uncacheable(answer)
+        return answer
+
+    async def _serve(self, group: Group, body: dict[str, Any], raw: bytes | None) -> Answer:
+        try:
+            answer = await self.route(group, body, raw, self._post)
+        except Passthrough as e:
+            return e.answer
+        if group.json_guard and answer.status == 200:
+            schema = requested_schema(body)
+            if schema is not None:
+                answer = await self._guard(group, body, schema, answer)
+        return answer
+
+    async def _guard(
+        self, group: Group, body: dict[str, Any], schema: dict[str, Any], first: Answer
+    ) -> Answer:
+        """Check a whole answer against the request's schema; re-ask once with the problems if it fails."""
+        validator = self.schemas.validator(schema)
+        if validator is None:
+            first.guard = "skipped"
+            return first
+        found = self.schemas.problems(validator, first.body)
+        if found is None:
+            first.guard = "valid"
+            group.stats.guard["valid"] += 1
+            return first
+        try:
+            second: Answer | None = await self.route(group, reask_body(body, *found), None, self._post)
+        except (GatewayUnavailable, Passthrough):
+            second = None
+        if second is None or second.status != 200:
+            first.guard = "invalid"
+            group.stats.guard["invalid"] += 1
+            return first
+        second.upstream += first.upstream
+        second.attempts += first.attempts
+        second.guard = "fixed" if self.schemas.problems(validator, second.body) is None else "invalid"
+        group.stats.guard[second.guard] += 1
+        return second
+
+    async def _post(self, group: Group, ep: Endpoint, content: bytes) -> Answer:
+        """One attempt on ``ep`` through its breaker (a permit is taken before any await)."""
+        answer: Answer = await ep.breaker.call(self._send, group, ep, content)
+        return answer
+
+    async def send(self, group: Group, ep: Endpoint, content: bytes) -> Response:
+        """POST ``content`` to ``ep``; returns once the answer's head has arrived (body not yet read)."""
+        pool = ep.pool
+        if pool is None:
+            raise UpstreamError("the gateway is not started")
+        return await pool.request(
+            ep.head + b"content-length: %d\r\n\r\n" % len(content) + content, group.timeout
+        )
+
+    async def _send(self, group: Group, ep: Endpoint, content: bytes) -> Answer:
+        clock = self.clock
+        stats = ep.stats
+        stats.requests += 1
+        ep.in_flight += 1
+        start = clock.now()
+        try:
+            response = await self.send(group, ep, content)
+            body = await response.read(group.timeout)
+        except UpstreamTimeout as e:
+            elapsed = clock.now() - start
+            ep.observe(elapsed)
+            stats.failures += 1
+            raise UpstreamFailed(
+                f"{group.name}/{ep.label}: no answer within {group.timeout:g}s ({e})", elapsed=elapsed
+            ) from e
+        except UpstreamError as e:
+            stats.failures += 1
+            raise UpstreamFailed(f"{group.name}/{ep.label}: {e}", elapsed=clock.now() - start) from e
+        finally:
+            ep.in_flight -= 1
+        elapsed = clock.now() - start
+        status = response.status
+        if status < 400:
+            ep.observe(elapsed)
+            stats.latency.observe(elapsed)
+            return Answer(status, forwarded(response.headers), body, upstream=elapsed)
+        self.refuse(group, ep, response, body, elapsed)
+
+    def refuse(self, group: Group, ep: Endpoint, response: Response, body: bytes, elapsed: float) -> NoReturn:
+        """Judge an upstream error status: raise Passthrough (the request's fault) or UpstreamFailed."""
+        status = response.status
+        if is_caller_fault(status):
+            raise Passthrough(
+                Answer(status, forwarded(response.headers), body, served_by=ep.served_by, upstream=elapsed)
+            )
+        ep.stats.failures += 1
+        hint = None
+        if status in (429, 503):
+            raw = response.header(b"retry-after")
+            hint = parse_retry_after(raw.decode("latin-1")) if raw is not None else None
+        raise UpstreamFailed(
+            f"{group.name}/{ep.label}: HTTP {status}: {snippet(body)}",
+            status=status,
+            retry_after=hint,
+            elapsed=elapsed,
+        )
+
+    # ------------------------------------------------------------------ the routing loop
+
+    async def route(
+        self,
+        group: Group,
+        body: Mapping[str, Any],
+        raw: bytes | None,
+        attempt: Callable[[Group, Endpoint, bytes], Awaitable[R]],
+    ) -> R:
+        """Run ``attempt(group, endpoint, content)`` on the group's endpoints, then its fallbacks'.
+
+        ``attempt`` raises :class:`UpstreamFailed` for a failure to retry elsewhere and
+        :class:`Passthrough` for an answer to return at once; what it returns gets ``served_by``,
+        ``path``, ``attempts`` and ``upstream`` set (or, for a Passthrough, the answer in it). Raises
+        :class:`GatewayUnavailable` when no attempt succeeded.
+        """
+        clock = self.clock
+        errors: list[str] | None = None
+        path: list[str] | None = None
+        attempts = 0
+        waited = 0.0
+        contents: dict[str | None, bytes] = {}
+        for g in group.chain:
+            if g is not group:
+                path = [group.name] if path is None else path
+                path.append(g.name)
+            budget = g.budget
+            budget.record_call()
+            tried: list[Endpoint] | None = None
+            n = 0
+            while n < g.max_attempts:
+                ep = g.pick(tried)
+                if ep is None:
+                    break
+                if n:
+                    if not budget.try_spend():
+                        errors = _note(errors, f"{g.name}: retry budget exhausted")
+                        break
+                    if tried is not None and ep in tried and g.backoff > 0:
+                        await clock.sleep(g.backoff * self._random())
+                        ep = g.pick(tried)
+                        if ep is None:
+                            break
+                n += 1
+                attempts += 1
+                content = contents.get(ep.model)
+                if content is None:
+                    content = _content(body, raw, ep.model)
+                    contents[ep.model] = content
+                try:
+                    result = await attempt(g, ep, content)
+                except Passthrough as e:
+                    answer = e.answer
+                    answer.attempts = attempts
+                    answer.path = _path(group, path)
+                    answer.upstream += waited
+                    raise
+                except UpstreamFailed as e:
+                    waited += e.elapsed
+                    errors = _note(errors, str(e))
+                    tried = [ep] if tried is None else [*tried, ep]
+                    if e.retry_after is not None and e.retry_after > 0:
+                        ep.breaker.open_for(
+                            min(e.retry_after, MAX_HOLD), f"upstream Retry-After {e.retry_after:g}s"
+                        )
+                    continue
+                except CircuitOpen:
+                    # The permit went between the pick and the attempt (the pick found it available
+                    # and the attempt takes it before any await, so only a backoff sleep allows this).
+                    tried = [ep] if tried is None else [*tried, ep]
+                    continue
+                result.served_by = ep.served_by
+                result.path = _path(group, path)
+                result.attempts = attempts
+                result.upstream += waited
+                if g is not group:
+                    group.stats.fallbacks[g.name] += 1
+                    if self.events.active:
+                        self.events.emit(
+                            FallbackServed(f"gateway:{group.name}", clock.now(), g.name, group.chain.index(g))
+                        )
+                return result
+            if n == 0:
+                errors = _note(errors, f"{g.name}: every endpoint's breaker is open")
+        retry_after = max(1.0, min(g.retry_after() for g in group.chain))
+        names = [group.name] if path is None else path
+        detail = "; ".join(errors or ())
+        raise GatewayUnavailable(
+            group.name,
+            f"no endpoint of {' > '.join(names)} could answer ({attempts} attempt(s)): {detail}",
+            retry_after=retry_after,
+            path=names,
+            attempts=attempts,
+        )
+
+
+class _Uncacheable(Exception):
+    """An answer that must not be cached (an error passed back, a guard that gave up)."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__("not cacheable")
+        self.answer = answer
+
+
+def _content(body: Mapping[str, Any], raw: bytes | None, model: str | None) -> bytes:
+    """The request body to send: as received when nothing changes, else re-serialised."""
+    if model is None or model == body.get("model"):
+        if raw is not None:
+            return raw
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps({**body, "model": model}, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _path(group: Group, path: list[str] | None) -> bytes:
+    return group.name_bytes if path is None else ">".join(path).encode()
+
+
+def _note(errors: list[str] | None, message: str) -> list[str]:
+    if errors is None:
+        return [message]
+    errors.append(message)
+    return errors
+
+
+def retry_after_header(seconds: float) -> bytes:
+    """A ``Retry-After`` value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds))).encode()

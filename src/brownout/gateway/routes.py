@@ -1,0 +1,299 @@
+"""The gateway's HTTP routes, as plain ASGI endpoints on the app's router.
+
+* ``POST /v1/chat/completions`` -- OpenAI's chat API over the configured model groups (whole answers
+  and ``stream: true``);
+* ``GET /v1/models`` -- the model groups, as OpenAI lists models;
+* ``GET /health/gateway`` -- every group's endpoints with their breaker state, load and latency
+  (503 when no group can answer).
+
+The chat route is ASGI, not a FastAPI endpoint: the body is read and parsed once with :mod:`json`,
+only ``model`` and ``stream`` are checked (everything else is the upstream's to judge), and the
+answer goes out as the upstream's bytes -- no validation model, no response model, no re-encoding.
+
+Headers on every answer: ``x-brownout-served-by`` (``group/endpoint``), ``x-brownout-fallbacks``
+(the groups tried, ``>``-separated: just the group asked for when no fallback was needed),
+``x-brownout-attempts``; with a cache, ``x-brownout-cache`` (``hit``, ``miss`` or ``bypass``); with
+a schema, ``x-brownout-json-guard`` (see :mod:`brownout.gateway.guard`).
+
+Refusals use OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a body
+that is not a JSON object or lacks ``model``, 404 ``model_not_found`` for an unknown group, 413 for a
+body over ``gateway.max_body_bytes``, 429 ``overloaded`` with ``Retry-After`` when the group's
+admission sheds the request, 503 ``upstream_unavailable`` with ``Retry-After`` when no endpoint of the
+group or its fallbacks answered. Upstream 4xx that blame the request come back as the upstream sent
+them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from brownout.errors import Overloaded
+from brownout.gateway.guard import requested_schema
+from brownout.gateway.metrics import GatewayCollector
+from brownout.gateway.router import (
+    Answer,
+    Gateway,
+    GatewayUnavailable,
+    Group,
+    Passthrough,
+    retry_after_header,
+)
+from brownout.gateway.stream import OpenStream, open_stream, relay
+
+__all__ = ["CHAT_PATH", "ChatCompletions", "install_gateway"]
+
+CHAT_PATH: Final = "/v1/chat/completions"
+"""Where the chat route is installed (the server's body-size guard gives it the gateway's limit)."""
+
+_JSON: Final = (b"content-type", b"application/json")
+_SSE_EXTRA: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+def _error_body(status: int, message: str, kind: str, code: str | None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+async def _reply(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    out = [_JSON, (b"content-length", str(len(body)).encode())]
+    if headers:
+        out.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": out})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    await _reply(send, status, _error_body(status, message, kind, code), headers)
+
+
+class ChatCompletions:
+    """The ASGI endpoint of ``POST /v1/chat/completions`` (see the module docstring)."""
+
+    __slots__ = ("gateway", "max_body")
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.max_body = gateway.config.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request."""
+        gateway = self.gateway
+        now = gateway.clock.now
+        t0 = now()
+        message = await receive()
+        if message["type"] != "http.request":
+            return  # the client went away
+        raw: bytes = message.get("body", b"")
+        if message.get("more_body", False):
+            parts = [raw]
+            size = len(raw)
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    await _refuse(
+                        send, 413, f"request body over {self.max_body} bytes", code="request_too_large"
+                    )
+                    return
+                parts.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            raw = b"".join(parts)
+        elif len(raw) > self.max_body:
+            await _refuse(send, 413, f"request body over {self.max_body} bytes", code="request_too_large")
+            return
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            await _refuse(send, 400, "the request body is not valid JSON")
+            return
+        if type(body) is not dict:
+            await _refuse(send, 400, "the request body must be a JSON object")
+            return
+        model = body.get("model")
+        if type(model) is not str:
+            await _refuse(send, 400, "'model' is required: the name of a model group", code="missing_model")
+            return
+        group = gateway.groups.get(model)
+        if group is None:
+            await _refuse(
+                send,
+                404,
+                f"the model {model!r} does not exist here; model groups: {sorted(gateway.groups)}",
+                code="model_not_found",
+            )
+            return
+        stream = body.get("stream")
+        if stream is not None and type(stream) is not bool:
+            await _refuse(send, 400, "'stream' must be true or false")
+            return
+        if not gateway.started:
+            await _refuse(
+                send,
+                503,
+                "the gateway is starting",
+                "service_unavailable",
+                "starting",
+                [(b"retry-after", b"1")],
+            )
+            return
+        stats = group.stats
+        stats.requests += 1
+        if stream:
+            await self._stream(group, body, raw, t0, receive, send)
+            return
+        try:
+            answer, cached = await gateway.complete(group, body, raw)
+        except Overloaded as e:
+            stats.outcomes["overloaded"] += 1
+            await _overloaded(send, group, e)
+            return
+        except GatewayUnavailable as e:
+            stats.outcomes["unavailable"] += 1
+            await _unavailable(send, e)
+            return
+        headers = [
+            *answer.headers,
+            (b"content-length", str(len(answer.body)).encode()),
+            (b"x-brownout-served-by", answer.served_by),
+            (b"x-brownout-fallbacks", answer.path),
+            (b"x-brownout-attempts", str(answer.attempts).encode()),
+        ]
+        if cached is not None:
+            headers.append((b"x-brownout-cache", cached.encode()))
+        if answer.guard is not None:
+            headers.append((b"x-brownout-json-guard", answer.guard.encode()))
+        await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer.body})
+        stats.outcomes["served" if answer.status < 400 else "client_error"] += 1
+        stats.overhead.observe(max(0.0, now() - t0 - answer.upstream))
+
+    async def _stream(
+        self, group: Group, body: dict[str, Any], raw: bytes, t0: float, receive: Receive, send: Send
+    ) -> None:
+        gateway = self.gateway
+        stats = group.stats
+        admission = group.admission
+        try:
+            await admission.__aenter__()
+        except Overloaded as e:
+            stats.outcomes["overloaded"] += 1
+            await _overloaded(send, group, e)
+            return
+        try:
+            try:
+                opened: OpenStream = await gateway.route(
+                    group, body, raw, lambda g, ep, content: open_stream(gateway, g, ep, content)
+                )
+            except Passthrough as e:
+                answer: Answer = e.answer
+                await _reply_whole(send, answer)
+                stats.outcomes["served" if answer.status < 400 else "client_error"] += 1
+                return
+            except GatewayUnavailable as e:
+                stats.outcomes["unavailable"] += 1
+                await _unavailable(send, e)
+                return
+            headers = [
+                *_SSE_EXTRA,
+                (b"x-brownout-served-by", opened.served_by),
+                (b"x-brownout-fallbacks", opened.path),
+                (b"x-brownout-attempts", str(opened.attempts).encode()),
+            ]
+            if group.json_guard and requested_schema(body) is not None:
+                headers.append((b"x-brownout-json-guard", b"skipped"))
+            stats.overhead.observe(max(0.0, gateway.clock.now() - t0 - opened.upstream))
+            stats.outcomes[await relay(opened, receive, send, headers)] += 1
+        finally:
+            await admission.__aexit__(None, None, None)
+
+
+async def _reply_whole(send: Send, answer: Answer) -> None:
+    headers = [
+        *answer.headers,
+        (b"content-length", str(len(answer.body)).encode()),
+        (b"x-brownout-served-by", answer.served_by),
+        (b"x-brownout-fallbacks", answer.path),
+        (b"x-brownout-attempts", str(answer.attempts).encode()),
+    ]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+async def _overloaded(send: Send, group: Group, e: Overloaded) -> None:
+    await _refuse(
+        send,
+        429,
+        f"model group {group.name!r} is at capacity ({e.reason}: {e.queue_size} waiting, "
+        f"{e.in_flight} being served); retry after {retry_after_header(e.retry_after).decode()}s",
+        "rate_limit_error",
+        "overloaded",
+        [(b"retry-after", retry_after_header(e.retry_after))],
+    )
+
+
+async def _unavailable(send: Send, e: GatewayUnavailable) -> None:
+    await _refuse(
+        send,
+        503,
+        str(e),
+        "service_unavailable",
+        "upstream_unavailable",
+        [
+            (b"retry-after", retry_after_header(e.retry_after)),
+            (b"x-brownout-fallbacks", ">".join(e.path).encode()),
+            (b"x-brownout-attempts", str(e.attempts).encode()),
+        ],
+    )
+
+
+class _Models:
+    """``GET /v1/models``: the model groups."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _reply(send, 200, self.gateway.models_body)
+
+
+class _Health:
+    """``GET /health/gateway``: every group's endpoints; 503 when no group can answer."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        status = self.gateway.status()
+        code = 503 if status["status"] == "unhealthy" else 200
+        await _reply(send, code, json.dumps(status).encode())
+
+
+def install_gateway(app: Any, gateway: Gateway, registry: CollectorRegistry | None = None) -> None:
+    """Add the gateway's routes to ``app`` (a FastAPI or Starlette app, or a Router) and, given a
+    Prometheus ``registry``, its collector. The routes stay out of the OpenAPI schema."""
+    router: Router = app if isinstance(app, Router) else app.router
+    # First in the router: a request walks the routes in order, and the chat route is the hot one.
+    router.routes[:0] = [
+        Route(CHAT_PATH, ChatCompletions(gateway), methods=["POST"], include_in_schema=False),
+        Route("/v1/models", _Models(gateway), methods=["GET"], include_in_schema=False),
+        Route("/health/gateway", _Health(gateway), methods=["GET"], include_in_schema=False),
+    ]
+    if registry is not None:
+        registry.register(GatewayCollector(gateway))

@@ -1,0 +1,975 @@
+"""The live view: an event hub, its SSE and WebSocket streams, alert webhooks, and the dashboard.
+
+:class:`LiveHub` subscribes to the runtime's :class:`~brownout.events.EventBus` and fans messages out
+to every connected client, each through its own bounded queue. The bus calls subscribers
+synchronously, so the hub never waits: a client whose queue is full is *dropped* (told so, and its
+stream ends) -- a slow browser tab must never slow down a breaker. Messages are JSON, serialised once
+for all clients:
+
+* ``snapshot`` -- the live state (system mode, each model's health and breakers, queue depth, cache
+  hit rate, spool, database), every ``server.live_interval`` seconds and right after a breaker, mode,
+  health or recovery event;
+* ``event`` -- a breaker transition, a mode change (``ModeDownshifted``, ``SystemModeChanged``), a
+  model's health change, a recovery action, a model server restart, a spool or Redis status change.
+  Per-call events (rejections, retries, deadlines, guard re-asks) are not streamed: under load they
+  would be thousands a second, and metrics count them. A burst of one kind from one source is cut to
+  ``burst`` per ``burst_window`` seconds, the next message saying how many were suppressed.
+
+Routes (installed by :func:`install`): ``GET /api/v1/events`` (Server-Sent Events, resumable with
+``Last-Event-ID``), ``GET /api/v1/ws`` (WebSocket, same JSON messages), ``GET /api/v1/status`` (the
+snapshot as JSON, for ``brownout status``), and ``GET /dashboard`` (plain HTML and JS, no build step,
+no external assets, so it works offline).
+
+Alerts go to the configured webhooks (``webhooks.endpoints``; generic JSON or Slack-compatible), sent
+by :class:`WebhookSender` in the background with a timeout and retries: a circuit breaker opened, a
+model became unhealthy, the write spool rose over its threshold, the system mode became emergency.
+Each alert fires once when its condition starts and sends ``resolved`` when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from importlib import resources
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
+
+import httpx
+from fastapi import FastAPI, Header, WebSocket
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware.cors import CORSMiddleware
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.config import ROLES, BrownoutConfig, WebhooksSection
+from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
+from brownout.policies.retry import Retry, RetryConfig
+
+if TYPE_CHECKING:
+    from brownout.server.runtime import Runtime
+
+__all__ = [
+    "Alert",
+    "LiveClient",
+    "LiveHub",
+    "LiveMessage",
+    "TooManyClients",
+    "WebhookSender",
+    "install",
+    "run_server",
+    "snapshot",
+]
+
+_log = logging.getLogger("brownout.live")
+
+# Per-call events: emitted on every rejection, retry or guard re-ask -- metrics count them; the live
+# feed shows state changes only.
+_QUIET = frozenset(
+    {
+        "CallRejected",
+        "RetryAttempted",
+        "RetryGaveUp",
+        "DeadlineExpired",
+        "CacheRefreshFailed",
+        "FallbackServed",
+        "GuardRetried",
+        "GuardGaveUp",
+    }
+)
+# Events after which the state shown has changed: a fresh snapshot follows at once.
+_STATEFUL = frozenset({"breaker", "mode", "health", "recovery", "spool"})
+
+
+class TooManyClients(Exception):
+    """The hub already serves ``server.live_max_clients`` streams."""
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+
+
+def _wall() -> str:
+    """Wall-clock time for display (never used for timing)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def _system_mode(runtime: Runtime, status: str) -> dict[str, Any]:
+    """normal / degraded / emergency, why, and what it switches off: from the runtime's mode manager
+    when it has one, else derived from the health status."""
+    manager = getattr(runtime, "modes", None)
+    mode = getattr(manager, "mode", None) if manager is not None else None
+    if mode is not None:
+        return {
+            "system_mode": str(_value(mode)),
+            "mode_reason": str(getattr(manager, "reason", "")),
+            "switched_off": list(getattr(manager, "switched_off", ())),
+        }
+    derived = {"healthy": "normal", "degraded": "degraded"}.get(status, "emergency")
+    return {"system_mode": derived, "mode_reason": f"health is {status}", "switched_off": []}
+
+
+def snapshot(runtime: Runtime) -> dict[str, Any]:
+    """The live state of ``runtime`` as plain JSON data (cheap: no I/O, no awaits)."""
+    svc = runtime.service
+    if svc is None:
+        return {"status": "starting", "system_mode": "starting", "at": _wall(), "models": {}, "breakers": {}}
+    models: dict[str, Any] = {}
+    breakers: dict[str, str] = {}
+    for role in ROLES:
+        client = runtime.clients.get(role)
+        probe = svc.stats.health.get(role)
+        server = runtime.local.get(role)
+        role_breakers = (
+            {name: str(_value(b.state)) for name, b in client.breakers.items()} if client is not None else {}
+        )
+        breakers.update(role_breakers)
+        models[role] = {
+            "status": "healthy" if svc.role_available(role) else "unhealthy",
+            "breakers": role_breakers,
+            "last_check": None
+            if probe is None
+            else {
+                "healthy": probe.healthy,
+                "latency_ms": round(probe.latency * 1000, 1),
+                "error": probe.error,
+            },
+            "server": server.state if server is not None else None,
+        }
+    healthy = [r for r, m in models.items() if m["status"] == "healthy"]
+    cache = svc.cache.stats()
+    if len(healthy) == len(ROLES) and runtime.store_ok:
+        status = "healthy"
+    elif "qwen" in healthy or cache.size > 0:
+        status = "degraded"
+    else:
+        status = "unhealthy"
+    lookups = cache.hits + cache.misses
+    spool = runtime.spool.stats()
+    hub = getattr(runtime, "live", None)
+    return {
+        "status": status,
+        **_system_mode(runtime, status),
+        "available_modes": [
+            m.name for m in svc.pipeline.modes if all(svc.role_available(r) for r in svc.pipeline.roles(m))
+        ],
+        "models": models,
+        "breakers": breakers,
+        "queue": {
+            "size": svc.admission.queue_size,
+            "max_size": runtime.config.queue.max_size,
+            "in_flight": svc.admission.in_flight,
+        },
+        "cache": {
+            "size": cache.size,
+            "max_size": cache.max_entries,
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
+            "ttl_seconds": cache.ttl,
+        },
+        "spool": {"pending": spool.pending, "alert": spool.alert},
+        "database": {"status": "healthy" if runtime.store_ok else "unhealthy"},
+        "live_clients": hub.client_count if isinstance(hub, LiveHub) else 0,
+        "at": _wall(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LiveMessage:
+    """One message of the live stream: ``seq`` orders them, ``data`` is the JSON text sent."""
+
+    seq: int
+    type: str
+    data: str
+
+    def sse(self) -> str:
+        """The message as one Server-Sent Events frame."""
+        return f"id: {self.seq}\nevent: {self.type}\ndata: {self.data}\n\n"
+
+
+def _summary(name: str, event: Event, fields: Mapping[str, Any]) -> str:
+    if isinstance(event, BreakerStateChanged):
+        return f"breaker {event.source}: {event.old} -> {event.new} ({event.reason})"
+    if name == "RecoveryActionRun":
+        action, target, status = fields.get("action"), fields.get("target"), fields.get("status")
+        return f"recovery {action} ({target}, {fields.get('trigger')}) {status}: {fields.get('detail')}"
+    if name == "SystemModeChanged":
+        off = fields.get("switched_off") or ()
+        text = f"system mode: {fields.get('old')} -> {fields.get('new')} ({fields.get('reason')})"
+        return text + (f"; off: {', '.join(off)}" if off else "")
+    if name == "ModeDownshifted":
+        served, requested, reason = fields.get("served"), fields.get("requested"), fields.get("reason")
+        return f"{event.source}: served {served} instead of {requested} ({reason})"
+    details = ", ".join(f"{k}={v}" for k, v in fields.items() if k not in ("source", "at"))
+    return f"{name} {event.source}" + (f": {details}" if details else "")
+
+
+def _category(name: str) -> str:
+    if name == "BreakerStateChanged":
+        return "breaker"
+    if "Recovery" in name or name == "ModelServerRestarted":
+        return "recovery"
+    if "Health" in name or "Status" in name or name == "ResourceAlert":
+        return "health"
+    if "Mode" in name.replace("Model", ""):
+        return "mode"
+    if name.startswith("Spool"):
+        return "spool"
+    return "other"
+
+
+def _new_state(event: Event) -> str | None:
+    """The state an event moved to, whatever its field is called (``new``, ``mode``, ``to``, ``status``)."""
+    for attr in ("new", "mode", "to", "status", "current"):
+        value = getattr(event, attr, None)
+        if value is not None:
+            return str(_value(value))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- webhooks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Alert:
+    """One alert notification: ``status`` is "firing" when the condition starts, "resolved" when it ends."""
+
+    name: str
+    status: Literal["firing", "resolved"]
+    severity: str
+    summary: str
+    labels: dict[str, str]
+    details: dict[str, Any]
+    at: str
+
+    def json_payload(self) -> dict[str, Any]:
+        """The generic JSON body."""
+        return {
+            "source": "brownout",
+            "alert": self.name,
+            "status": self.status,
+            "severity": self.severity,
+            "summary": self.summary,
+            "labels": self.labels,
+            "details": self.details,
+            "at": self.at,
+        }
+
+    def slack_payload(self) -> dict[str, Any]:
+        """A Slack incoming-webhook message (``text`` plus an attachment with the labels)."""
+        firing = self.status == "firing"
+        icon = ":red_circle:" if firing else ":large_green_circle:"
+        word = "FIRING" if firing else "RESOLVED"
+        color = ("#d00000" if self.severity == "critical" else "#e8a400") if firing else "#2eb886"
+        fields = [{"title": k, "value": v, "short": True} for k, v in self.labels.items()]
+        fields.append({"title": "severity", "value": self.severity, "short": True})
+        return {
+            "text": f"{icon} [{word}] {self.name}: {self.summary}",
+            "attachments": [{"color": color, "fields": fields, "footer": f"brownout, {self.at}"}],
+        }
+
+
+def _redact(url: str) -> str:
+    """scheme://host[:port] only: webhook URLs carry tokens in their path (Slack's do)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+class _WebhookFailed(Exception):
+    """A receiver answered with a retriable status (5xx, 408, 429)."""
+
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(f"HTTP {status}")
+        self.retry_after = retry_after
+
+
+class WebhookSender:
+    """Sends :class:`Alert` s to the configured webhooks in a background task.
+
+    :meth:`submit` never blocks: alerts wait in a bounded queue (the oldest go beyond
+    ``queue_size``). Each POST has ``timeout`` seconds; a connection error, a timeout or a 5xx/408/429
+    answer is retried up to ``retries`` times with doubling backoff (honouring ``Retry-After``);
+    other 4xx answers are not retried. URLs are never logged whole.
+    """
+
+    def __init__(
+        self,
+        section: WebhooksSection,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+    ) -> None:
+        self.section = section
+        self._clock = clock
+        # Its retries' events go to a private bus: the live feed does not show webhook plumbing.
+        self._retry = Retry(
+            "webhooks",
+            RetryConfig(
+                max_attempts=section.retries + 1,
+                backoff_base=section.backoff_base,
+                jitter="none",
+                retry_on=(httpx.TransportError, _WebhookFailed),
+                budget_ratio=None,
+                max_retry_after=max(60.0, section.backoff_base),
+            ),
+            clock=clock,
+            events=events if events is not None else EventBus(),
+        )
+        self._queue: deque[Alert] = deque(maxlen=section.queue_size)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # A bare transport, not an httpx.Client: the client logs every request's full URL at INFO,
+        # and a webhook URL is a secret (Slack's carry their token in the path).
+        self._http: httpx.AsyncHTTPTransport | None = None
+        self.sent = 0
+        """POSTs a receiver accepted (2xx)."""
+        self.failed = 0
+        """POSTs given up on (after their retries)."""
+        self.dropped = 0
+        """Alerts pushed out of a full queue before they were sent."""
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one endpoint is configured."""
+        return bool(self.section.endpoints)
+
+    @property
+    def pending(self) -> int:
+        """Alerts waiting to be sent."""
+        return len(self._queue)
+
+    def submit(self, alert: Alert) -> None:
+        """Queue ``alert`` for every endpoint (a no-op without endpoints)."""
+        if not self.enabled:
+            return
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1
+        self._queue.append(alert)
+        self._wake.set()
+
+    def start(self) -> None:
+        """Start the sending task (idempotent; needs a running loop)."""
+        if self.enabled and (self._task is None or self._task.done()):
+            self._http = httpx.AsyncHTTPTransport(retries=0)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="brownout-webhooks")
+
+    async def aclose(self) -> None:
+        """Stop sending; alerts still queued are dropped (and counted)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._queue:
+            self.dropped += len(self._queue)
+            _log.warning("%d webhook alert(s) not sent at shutdown", len(self._queue))
+            self._queue.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _run(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            alert = self._queue.popleft()
+            await asyncio.gather(
+                *(self._deliver(ep.url.get_secret_value(), ep.format, alert) for ep in self.section.endpoints)
+            )
+
+    async def _post(self, http: httpx.AsyncHTTPTransport, url: str, body: dict[str, Any]) -> httpx.Response:
+        timeout = httpx.Timeout(self.section.timeout).as_dict()
+        request = httpx.Request("POST", url, json=body, extensions={"timeout": timeout})
+        response = await http.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
+
+    async def _deliver(self, url: str, fmt: str, alert: Alert) -> None:
+        body = alert.slack_payload() if fmt == "slack" else alert.json_payload()
+        http = self._http
+        assert http is not None
+        try:
+            async for attempt in self._retry.attempts():
+                with attempt:
+                    response = await self._post(http, url, body)
+                    if response.status_code >= 500 or response.status_code in (408, 429):
+                        hint = response.headers.get("retry-after", "")
+                        raise _WebhookFailed(response.status_code, _event_id(hint))
+                    if response.status_code >= 400:
+                        self.failed += 1
+                        _log.error(
+                            "webhook %s refused alert %s: HTTP %d",
+                            _redact(url),
+                            alert.name,
+                            response.status_code,
+                        )
+                        return
+            self.sent += 1
+        except (httpx.TransportError, _WebhookFailed) as e:
+            self.failed += 1
+            _log.error("webhook %s: alert %s not delivered: %s", _redact(url), alert.name, type(e).__name__)
+
+
+# ---------------------------------------------------------------------------------------------- hub
+
+
+class LiveClient:
+    """One connected stream: a bounded queue of messages; ``None`` ends it."""
+
+    __slots__ = ("dropped", "queue")
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[LiveMessage | None] = asyncio.Queue(maxsize=max(2, size))
+        self.dropped = False
+        """True when the hub dropped this client for falling behind."""
+
+    async def get(self) -> LiveMessage | None:
+        """The next message, or None when the stream is over."""
+        return await self.queue.get()
+
+
+class LiveHub:
+    """Fans the runtime's state and events out to live clients and alerts to webhooks (module docstring)."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = None,
+        interval: float = 5.0,
+        max_clients: int = 100,
+        client_queue: int = 256,
+        history: int = 200,
+        burst: int = 5,
+        burst_window: float = 10.0,
+        webhooks: WebhookSender | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.clock = clock
+        self.events = events if events is not None else runtime.events
+        self.interval = interval
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.burst = burst
+        self.burst_window = burst_window
+        self.webhooks = (
+            webhooks if webhooks is not None else WebhookSender(runtime.config.webhooks, clock=clock)
+        )
+        self._clients: set[LiveClient] = set()
+        self._history: deque[LiveMessage] = deque(maxlen=history)
+        self._seq = 0
+        self._latest: LiveMessage | None = None
+        self._unsubscribe: Any = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = 0
+        self._snapshot_due = False
+        self._bursts: dict[tuple[str, str], list[float]] = {}
+        self._suppressed: dict[tuple[str, str], int] = {}
+        self._alerting: set[tuple[str, ...]] = set()
+        self._roles: dict[str, str] = {}
+        self._mode: str | None = None
+        self._bus_modes = False
+        self.dropped_clients = 0
+        """Clients dropped because their queue was full."""
+        self.alerts: deque[Alert] = deque(maxlen=100)
+        """The latest alerts raised (fired or resolved), newest last."""
+
+    # -------------------------------------------------------------- lifecycle
+
+    @property
+    def client_count(self) -> int:
+        """Streams connected now."""
+        return len(self._clients)
+
+    def start(self) -> None:
+        """Subscribe to the bus and start the periodic snapshots and the webhook sender."""
+        if self._ticker is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        # With a mode manager on the runtime, its SystemModeChanged events are the mode changes;
+        # without one, the hub derives them from the snapshots.
+        self._bus_modes = getattr(self.runtime, "modes", None) is not None
+        self._unsubscribe = self.events.subscribe(self._on_event)
+        self.webhooks.start()
+        self._ticker = self._loop.create_task(self._tick_forever(), name="brownout-live")
+
+    async def aclose(self) -> None:
+        """Unsubscribe, end every stream, stop the sender."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        self.close_clients()
+        await self.webhooks.aclose()
+
+    def close_clients(self) -> None:
+        """End every stream now (at shutdown, so open streams do not hold the server up)."""
+        for client in list(self._clients):
+            self._end(client)
+
+    def close_clients_soon(self) -> None:
+        """:meth:`close_clients` from a signal handler or another thread (scheduled on the hub's loop)."""
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self.close_clients)
+
+    # -------------------------------------------------------------- clients
+
+    def connect(self, after: int | None = None) -> LiveClient:
+        """A new client, primed with the latest snapshot and the recent events (those after ``after``)."""
+        if len(self._clients) >= self.max_clients:
+            raise TooManyClients(f"{self.max_clients} live clients already connected")
+        client = LiveClient(self.client_queue)
+        backlog = [m for m in self._history if after is None or m.seq > after]
+        latest = self._latest if self._latest is not None else self._make_snapshot()
+        for message in [latest, *backlog[-(client.queue.maxsize - 2) :]]:
+            client.queue.put_nowait(message)
+        self._clients.add(client)
+        return client
+
+    def disconnect(self, client: LiveClient) -> None:
+        """Forget ``client`` (its stream has ended)."""
+        self._clients.discard(client)
+
+    def _end(self, client: LiveClient, reason: str | None = None) -> None:
+        self._clients.discard(client)
+        q = client.queue
+        while not q.empty():
+            q.get_nowait()
+        if reason is not None:
+            q.put_nowait(self._message("dropped", {"reason": reason}, record=False))
+        q.put_nowait(None)
+
+    def publish(self, kind: str, data: Mapping[str, Any], *, record: bool = True) -> LiveMessage:
+        """Send a message of type ``kind`` to every client; ``record`` keeps it for late joiners."""
+        message = self._message(kind, data, record=record)
+        for client in list(self._clients):
+            try:
+                client.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                # Never wait for a slow reader: drop it. EventSource reconnects by itself and
+                # resumes from its Last-Event-ID.
+                client.dropped = True
+                self.dropped_clients += 1
+                self._end(client, "too slow: the stream fell more than the queue's length behind")
+        return message
+
+    def _message(self, kind: str, data: Mapping[str, Any], *, record: bool) -> LiveMessage:
+        self._seq += 1
+        message = LiveMessage(
+            self._seq, kind, json.dumps({"seq": self._seq, "type": kind, **data}, default=str)
+        )
+        if record:
+            self._history.append(message)
+        return message
+
+    @property
+    def recent(self) -> list[dict[str, Any]]:
+        """The recent events kept for late joiners, oldest first, as data."""
+        return [json.loads(m.data) for m in self._history]
+
+    # -------------------------------------------------------------- snapshots
+
+    def _make_snapshot(self) -> LiveMessage:
+        message = self._message("snapshot", {"data": snapshot(self.runtime)}, record=False)
+        self._latest = message
+        return message
+
+    async def _tick_forever(self) -> None:
+        while True:
+            self.tick()
+            await self.clock.sleep(self.interval)
+
+    def tick(self) -> dict[str, Any]:
+        """Take a snapshot now, publish it, and raise what changed (health, mode, recovery actions)."""
+        self._snapshot_due = False
+        state = snapshot(self.runtime)
+        self._diff(state)
+        message = self.publish("snapshot", {"data": state}, record=False)
+        self._latest = message
+        return state
+
+    def _snapshot_soon(self) -> None:
+        if not self._snapshot_due and self._loop is not None:
+            self._snapshot_due = True
+            self._loop.call_soon(self.tick)
+
+    def _diff(self, state: Mapping[str, Any]) -> None:
+        if state.get("status") == "starting":
+            return
+        for role, model in state["models"].items():
+            new = model["status"]
+            old = self._roles.get(role)
+            self._roles[role] = new
+            if old != new and old is not None:
+                self._feed(
+                    "ModelHealthChanged", role, {"old": old, "new": new}, f"model {role}: {old} -> {new}"
+                )
+            if new == "unhealthy":
+                probe = model.get("last_check") or {}
+                self._fire(
+                    ("model", role),
+                    "LLMModelUnhealthy",
+                    "critical",
+                    f"LLM model {role} is unhealthy",
+                    {"model": role},
+                    {"breakers": model["breakers"], "last_check": probe},
+                )
+            else:
+                self._resolve(
+                    ("model", role),
+                    "LLMModelUnhealthy",
+                    f"LLM model {role} is healthy again",
+                    {"model": role},
+                )
+        if not self._bus_modes:
+            self._mode_now(state["system_mode"], "snapshot", self._mode is not None)
+        if not state["spool"]["alert"]:
+            self._resolve(("spool",), "SpoolBacklog", "the write spool is back under its threshold", {})
+
+    def _mode_now(self, mode: str, source: str, announce: bool) -> None:
+        old, self._mode = self._mode, mode
+        if announce and old != mode:
+            self._feed(
+                "SystemModeChanged", source, {"old": old, "new": mode}, f"system mode: {old} -> {mode}"
+            )
+        if mode == "emergency":
+            self._fire(
+                ("mode",),
+                "SystemEmergencyMode",
+                "critical",
+                "the system mode is emergency: no model can serve",
+                {"mode": mode},
+                {"previous": old},
+            )
+        else:
+            self._resolve(("mode",), "SystemEmergencyMode", f"the system mode is {mode}", {"mode": mode})
+
+    # -------------------------------------------------------------- events and alerts
+
+    def _on_event(self, event: Event) -> None:
+        if type(event).__name__ in _QUIET:
+            return
+        if threading.get_ident() != self._thread:
+            # Emitted from a worker thread: the hub's state belongs to its loop.
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._handle, event)
+            return
+        self._handle(event)
+
+    def _handle(self, event: Event) -> None:
+        name = type(event).__name__
+        fields = {f.name: _value(getattr(event, f.name)) for f in dataclasses.fields(event)}
+        category = _category(name)
+        if self._allowed(name, event.source):
+            key = (name, event.source)
+            extra = {"suppressed": self._suppressed.pop(key)} if key in self._suppressed else {}
+            self.publish(
+                "event",
+                {
+                    "name": name,
+                    "category": category,
+                    "source": event.source,
+                    "summary": _summary(name, event, fields),
+                    "fields": {k: v for k, v in fields.items() if k not in ("source", "at")},
+                    "at": _wall(),
+                    **extra,
+                },
+            )
+        self._alerts_for(name, event)
+        if category in _STATEFUL:
+            self._snapshot_soon()
+
+    def _feed(self, name: str, source: str, fields: Mapping[str, Any], summary: str) -> None:
+        self.publish(
+            "event",
+            {
+                "name": name,
+                "category": _category(name),
+                "source": source,
+                "summary": summary,
+                "fields": dict(fields),
+                "at": _wall(),
+            },
+        )
+
+    def _allowed(self, name: str, source: str) -> bool:
+        key = (name, source)
+        now = self.clock.now()
+        times = [t for t in self._bursts.get(key, ()) if now - t < self.burst_window]
+        if len(times) >= self.burst:
+            self._bursts[key] = times
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        times.append(now)
+        self._bursts[key] = times
+        if len(self._bursts) > 1000:  # sources come and go (endpoints); keep the map bounded
+            self._bursts = {k: v for k, v in self._bursts.items() if v and now - v[-1] < self.burst_window}
+        return True
+
+    def _alerts_for(self, name: str, event: Event) -> None:
+        if isinstance(event, BreakerStateChanged):
+            labels = {"model": event.source.split("@", 1)[0], "breaker": event.source}
+            if event.new == "open":
+                self._fire(
+                    ("breaker", event.source),
+                    "CircuitBreakerOpen",
+                    "critical",
+                    f"circuit breaker {event.source} is OPEN ({event.reason})",
+                    labels,
+                    {"old": event.old, "reason": event.reason},
+                )
+            elif event.new == "closed":
+                self._resolve(
+                    ("breaker", event.source),
+                    "CircuitBreakerOpen",
+                    f"circuit breaker {event.source} closed",
+                    labels,
+                )
+        elif isinstance(event, SpoolAppended) and event.alert:
+            self._fire(
+                ("spool",),
+                "SpoolBacklog",
+                "warning",
+                f"{event.pending} writes wait in the spool (database down?)",
+                {"spool": event.source},
+                {"pending": event.pending},
+            )
+        elif name == "SystemModeChanged":
+            # A mode manager reports modes itself: stop deriving them from health.
+            self._bus_modes = True
+            mode = _new_state(event)
+            if mode is not None:
+                self._mode_now(mode, event.source, False)
+        elif name == "ModelHealthChanged":
+            state = _new_state(event)
+            if state == "unhealthy":
+                self._fire(
+                    ("model", event.source),
+                    "LLMModelUnhealthy",
+                    "critical",
+                    f"LLM model {event.source} is unhealthy",
+                    {"model": event.source},
+                    {},
+                )
+
+    def _fire(
+        self,
+        key: tuple[str, ...],
+        name: str,
+        severity: str,
+        summary: str,
+        labels: dict[str, str],
+        details: dict[str, Any],
+    ) -> None:
+        if key in self._alerting:
+            return
+        self._alerting.add(key)
+        self._raise(Alert(name, "firing", severity, summary, labels, details, _wall()))
+
+    def _resolve(self, key: tuple[str, ...], name: str, summary: str, labels: dict[str, str]) -> None:
+        if key not in self._alerting:
+            return
+        self._alerting.discard(key)
+        self._raise(Alert(name, "resolved", "info", summary, labels, {}, _wall()))
+
+    def _raise(self, alert: Alert) -> None:
+        self.alerts.append(alert)
+        self.webhooks.submit(alert)
+        self.publish("alert", alert.json_payload())
+
+
+# ---------------------------------------------------------------------------------------------- routes
+
+_ASSETS = {
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+# The page loads only its own script and style and talks only to its own origin.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("brownout.server").joinpath("static", name).read_bytes()
+
+
+def _event_id(text: str | None) -> int | None:
+    """A decimal integer (an SSE id, a Retry-After), or None; ``isdigit`` alone lets "²" through to int()."""
+    if text and text.isascii() and text.isdigit() and len(text) < 20:
+        return int(text)
+    return None
+
+
+def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
+    """Browsers send ``Origin`` on WebSocket handshakes but apply no CORS to them: check it here."""
+    if origin is None:
+        return True  # not a browser
+    if origin in allowed or "*" in allowed:
+        return True
+    return host is not None and urlsplit(origin).netloc == host
+
+
+def run_server(app: FastAPI, **options: Any) -> None:
+    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams.
+
+    uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
+    ends by itself: without this a dashboard left open would hold the shutdown up.
+    """
+    import uvicorn
+
+    runtime = app.state.runtime
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            runtime.live.close_clients_soon()
+            super().handle_exit(sig, frame)
+
+    # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
+    with contextlib.suppress(KeyboardInterrupt):
+        _Server(uvicorn.Config(app, **options)).run()
+
+
+def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
+    """Add the live routes, the dashboard, the pre-promotion check's routes and (when configured) CORS."""
+    from brownout.server import check
+
+    hub = runtime.live
+    origins = list(config.server.cors_origins)
+    if origins:
+        # Off unless origins are listed: a browser page elsewhere can then not read this API.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            max_age=600,
+        )
+    page = _asset("dashboard.html")
+    assets = {name: _asset(name) for name in _ASSETS}
+
+    @app.get(
+        "/api/v1/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}, "description": "snapshot, event and alert messages"},
+            503: {"description": "too many live clients"},
+        },
+    )
+    async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
+        """Server-Sent Events: snapshots, breaker/mode/health/recovery events and alerts, live."""
+        after = _event_id(last_event_id)
+        try:
+            client = hub.connect(after=after)
+        except TooManyClients as e:
+            return JSONResponse(
+                {"error": str(e), "retry_after": 5}, status_code=503, headers={"Retry-After": "5"}
+            )
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield "retry: 3000\n\n"
+                while True:
+                    message = await client.get()
+                    if message is None:
+                        return
+                    yield message.sse()
+            finally:
+                hub.disconnect(client)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.websocket("/api/v1/ws")
+    async def live_ws(websocket: WebSocket) -> None:
+        """The same messages as ``/api/v1/events``, as WebSocket text frames."""
+        if not _origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), origins):
+            await websocket.close(code=1008, reason="origin not allowed")
+            return
+        try:
+            client = hub.connect()
+        except TooManyClients:
+            await websocket.close(code=1013, reason="too many live clients")
+            return
+        await websocket.accept()
+
+        async def send_all() -> None:
+            while True:
+                message = await client.get()
+                if message is None:
+                    break
+                await websocket.send_text(message.data)
+            if websocket.application_state == WebSocketState.CONNECTED:
+                await websocket.close(code=1001)
+
+        sender = asyncio.create_task(send_all())
+        try:
+            while True:
+                received = await websocket.receive()
+                if received["type"] == "websocket.disconnect":
+                    break
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            hub.disconnect(client)
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+
+    @app.get("/api/v1/status")
+    async def live_status() -> dict[str, Any]:
+        """The live state now: mode, models and breakers, queue, cache, spool, database."""
+        return snapshot(runtime)
+
+    @app.get("/dashboard", response_class=Response, responses={200: {"content": {"text/html": {}}}})
+    async def dashboard() -> Response:
+        """The live dashboard (HTML)."""
+        return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+    @app.get("/dashboard/dashboard.js", response_class=Response, include_in_schema=False)
+    async def dashboard_js() -> Response:
+        return Response(assets["dashboard.js"], media_type=_ASSETS["dashboard.js"], headers=_PAGE_HEADERS)
+
+    @app.get("/dashboard/dashboard.css", response_class=Response, include_in_schema=False)
+    async def dashboard_css() -> Response:
+        return Response(assets["dashboard.css"], media_type=_ASSETS["dashboard.css"], headers=_PAGE_HEADERS)
+
+    check.install(app, runtime, config)

@@ -1,0 +1,370 @@
+"""The server's operations layer: recovery manager, resource monitor, system modes, adaptive cache TTL
+and the event-loop blocking detector, wired to the runtime.
+
+:class:`Operations` is built by :class:`~brownout.server.runtime.Runtime` and started and stopped with
+it. What it connects:
+
+* **recovery** (seed 001) -- :class:`~brownout.recovery.RecoveryManager` with the brief server's
+  actions. Failures reach it three ways: a model role failing ``recovery.unhealthy_probes`` health
+  probes in a row (its error is classified: a local server that died while starting is a model loading
+  failure, a refused connection a network error, ...), a critical resource (proactive), and the
+  recovery API (manual). A chain is *resolved* when the roles concerned pass a fresh probe (or, for
+  resource failures, no resource is critical any more). When resources come back from critical, the
+  lasting changes their chains made (reduced generation parameters) are undone.
+* **resources** (seed 001) -- :class:`~brownout.health.ResourceMonitor`; the worst level is a
+  component of the system mode (not a core one: at worst it degrades the mode).
+* **modes** (seed 002) -- :class:`~brownout.health.SystemModes` over these components: ``model:qwen``
+  (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while writes are spooled),
+  ``resources`` and ``recovery`` (degraded while recovery has switched a role off). Event-loop
+  blocks are counted and alerted, not a component: one slow request is a bug to fix, not a reason to
+  switch features off. The mode's switched-off features become roles switched
+  off in the brief service: ``creative_hints`` -> llama, ``model_validation`` -> mistral.
+* **adaptive TTL** (seed 000) -- :class:`~brownout.health.AdaptiveTTL` sets the response cache's TTL
+  from the load factor ``max(queue fill, CPU use)``; it is not lowered while the mode switches off
+  ``cache_ttl_shortening``.
+* **loop blocks** (seed 003 §C) -- :class:`~brownout.health.LoopBlockDetector`; the app adds its
+  middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from brownout.config import ROLES
+from brownout.health.loop import LoopBlockDetector
+from brownout.health.modes import AdaptiveTTL, ComponentHealth, ComponentStatus, SystemMode, SystemModes
+from brownout.health.resources import Level, ResourceMonitor, ResourceSample, Thresholds
+from brownout.recovery.actions import RECOVERY_SOURCE, RESET_BREAKERS, BackoffSpec, brief_server_actions
+from brownout.recovery.artifact import ModelArtifact
+from brownout.recovery.classify import FailureType
+from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
+
+if TYPE_CHECKING:
+    from brownout.server.runtime import Runtime
+
+__all__ = ["FEATURE_ROLES", "GENERATOR", "Operations"]
+
+_log = logging.getLogger("brownout.server")
+
+GENERATOR = "qwen"
+"""The role without which no model answer exists (a core component)."""
+
+FEATURE_ROLES = {"creative_hints": "llama", "model_validation": "mistral"}
+"""The model role each switchable feature of the system modes stands for."""
+
+MODE_SOURCE = "system_mode"
+"""The key under which the system mode switches roles off in the service."""
+
+
+def _backoff(section: Any) -> BackoffSpec:
+    return BackoffSpec(section.max_attempts, section.initial_delay, section.backoff_factor, section.max_delay)
+
+
+class Operations:
+    """See the module docstring; ``runtime`` is the server's runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        cfg = runtime.config
+        clock, events = runtime.clock, runtime.events
+        lb = cfg.loop_block
+        self.loop_blocks = LoopBlockDetector(
+            threshold=lb.threshold, interval=lb.interval, clock=clock, events=events
+        )
+        """The event-loop blocking detector (its middleware is added by the app)."""
+        rs = cfg.resources
+        self.resources = ResourceMonitor(
+            cpu=Thresholds(rs.cpu_warning, rs.cpu_critical),
+            memory=Thresholds(rs.memory_warning, rs.memory_critical),
+            gpu=Thresholds(rs.gpu_warning, rs.gpu_critical),
+            interval=rs.interval,
+            on_critical=self._on_critical,
+            on_level=self._on_level,
+            clock=clock,
+            events=events,
+        )
+        """The resource monitor."""
+        rc = cfg.recovery
+        self.artifacts: dict[Path, ModelArtifact] = {}
+        """Integrity records of the local model files, by path."""
+        actions = brief_server_actions(
+            runtime,
+            roles=ROLES,
+            generator=GENERATOR,
+            artifacts=self.artifact,
+            resource_problem=self._resource_problem if cfg.resources.enabled else None,
+            load=_backoff(rc.load),
+            download=_backoff(rc.download),
+            reduced=(rc.reduced_max_tokens, rc.reduced_temperature),
+            clock=clock,
+            events=events,
+        )
+        self.recovery = RecoveryManager(
+            actions,
+            targets=ROLES,
+            cooldown=rc.cooldown,
+            max_attempts=rc.max_attempts,
+            history_size=rc.history_size,
+            resolved=self._resolved,
+            clock=clock,
+            events=events,
+        )
+        """The recovery manager."""
+        md = cfg.modes
+        self.modes = SystemModes(
+            self.components,
+            interval=md.interval,
+            recover_after=md.recover_after,
+            switch_off={
+                SystemMode.NORMAL: (),
+                SystemMode.DEGRADED: tuple(md.degraded_switch_off),
+                SystemMode.EMERGENCY: tuple(md.emergency_switch_off),
+            },
+            on_change=self._apply_mode,
+            clock=clock,
+            events=events,
+        )
+        """The system modes."""
+        at = md.adaptive_ttl
+        self.ttl = AdaptiveTTL(
+            load=self.load_factor,
+            apply=self._apply_ttl,
+            may_shorten=lambda: self.modes.is_on("cache_ttl_shortening"),
+            base=at.base,
+            min_ttl=at.min,
+            max_ttl=at.max,
+            high_load=at.high_load,
+            low_load=at.low_load,
+            interval=at.interval,
+            clock=clock,
+            events=events,
+        )
+        """The adaptive cache TTL."""
+        self.probe_streaks: Counter[str] = Counter()
+        """Failed health probes in a row, by role."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Start the watchers (the service is running), and record model checksums if none ship."""
+        cfg = self.runtime.config
+        if cfg.loop_block.enabled:
+            self.loop_blocks.start()
+        if cfg.resources.enabled:
+            self.resources.start()
+        self.modes.start()
+        if cfg.modes.adaptive_ttl.enabled:
+            self.ttl.start()
+        for server in self.runtime.local.values():
+            artifact = self.artifact(server.model_path)
+            if artifact is not None and artifact.expected is None:
+                # The servers just loaded it: this is the first successful load.
+                self._spawn(artifact.record())
+
+    async def aclose(self) -> None:
+        """Stop the watchers and any recovery still running."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        await self.ttl.aclose()
+        await self.modes.aclose()
+        await self.resources.aclose()
+        await self.loop_blocks.aclose()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("operations task failed: %r", task.exception())
+
+    # ------------------------------------------------------------------ recovery
+
+    def artifact(self, path: Path) -> ModelArtifact | None:
+        """The integrity record of the local model file ``path`` (made on first use)."""
+        found = self.artifacts.get(path)
+        if found is None:
+            rc = self.runtime.config.recovery
+            found = ModelArtifact.for_model(path, url=rc.model_url, record_file=rc.checksum_file)
+            self.artifacts[path] = found
+        return found
+
+    async def after_probes(self) -> None:
+        """Called after each round of health probes: hand a role failing ``unhealthy_probes`` probes in
+        a row to recovery (the manager's cooldown and attempt limit bound the repeats)."""
+        svc = self.runtime.service
+        if svc is None:
+            return
+        needed = self.runtime.config.recovery.unhealthy_probes
+        for role in ROLES:
+            if svc.role_healthy(role):
+                self.probe_streaks[role] = 0
+                continue
+            self.probe_streaks[role] += 1
+            if self.probe_streaks[role] >= needed and self.runtime.config.recovery.enabled:
+                self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
+
+    def why_unhealthy(self, role: str) -> str:
+        """The best description of why ``role`` is unhealthy (for classification)."""
+        rt = self.runtime
+        server = rt.local.get(role)
+        if server is not None and server.state != "running":
+            return f"local model server {server.state}: {server.last_error or 'no error recorded'}"
+        svc = rt.service
+        probe = svc.stats.health.get(role) if svc is not None else None
+        if probe is not None and not probe.healthy:
+            return probe.error or "health probe failed"
+        client = rt.clients.get(role)
+        if client is not None and not client.available:
+            return f"{role}: circuit breaker open"
+        return f"{role} unhealthy"
+
+    async def _resolved(self, failure_type: FailureType, target: str) -> bool:
+        if failure_type in (FailureType.SYSTEM_RESOURCE, FailureType.VRAM_EXHAUSTION):
+            return await self._resource_problem() is None
+        svc = self.runtime.service
+        if svc is None:
+            return False
+        roles = list(ROLES) if target in ("all", "") else [target]
+        await asyncio.gather(*(svc.check_health(r) for r in roles), return_exceptions=True)
+        return all(svc.role_healthy(r) for r in roles)
+
+    async def _resource_problem(self) -> str | None:
+        """Re-sample now; describe the critical resources, or None."""
+        sample = await self.resources.check()
+        critical = [
+            f"{name} at {pct:.0f}%"
+            for name, pct in sample.readings().items()
+            if self.resources.thresholds_for(name).level(pct) == "critical"
+        ]
+        return "; ".join(critical) if critical else None
+
+    async def _on_critical(self, resource: str, sample: ResourceSample) -> None:
+        if not self.runtime.config.recovery.enabled or self.recovery.busy:
+            return  # busy: a chain runs (maybe the one re-sampling now)
+        kind = FailureType.VRAM_EXHAUSTION if resource.startswith("gpu") else FailureType.SYSTEM_RESOURCE
+        percent = sample.readings().get(resource, 0.0)
+        self._spawn(
+            self.recovery.handle_failure(
+                f"{resource} at {percent:.0f}% (critical)", failure_type=kind, trigger="proactive"
+            )
+        )
+
+    async def _on_level(self, resource: str, old: Level, new: Level, sample: ResourceSample) -> None:
+        if old == "critical" and not self.resources.critical():
+            kind = FailureType.VRAM_EXHAUSTION if resource.startswith("gpu") else FailureType.SYSTEM_RESOURCE
+            undone = await self.recovery.release(kind)
+            if undone:
+                _log.info("resources below critical: undid %s", ", ".join(a.action for a in undone))
+
+    async def reset(self) -> list[RecoveryAttempt]:
+        """The recovery API's reset: close every breaker, restart local servers that are not running,
+        undo lasting recovery changes (models back on, generation parameters restored), forget
+        attempts and cooldowns, and re-derive the system mode now."""
+        rec = self.recovery
+        done = [await rec.trigger(RESET_BREAKERS)]
+        for role, server in self.runtime.local.items():
+            if server.state != "running":
+                done.append(await rec.trigger("restart_model_server", role))
+        done.extend(await rec.reset())
+        self.probe_streaks.clear()
+        self.modes.reset()
+        return done
+
+    # ------------------------------------------------------------------ modes and TTL
+
+    def components(self) -> list[ComponentHealth]:
+        """The health of every component the system mode is derived from."""
+        rt = self.runtime
+        svc = rt.service
+        out: list[ComponentHealth] = []
+        for role in ROLES:
+            ok = svc is None or svc.role_healthy(role)
+            out.append(
+                ComponentHealth(
+                    f"model:{role}",
+                    "healthy" if ok else "unhealthy",
+                    core=role == GENERATOR,
+                    detail="" if ok else self.why_unhealthy(role),
+                )
+            )
+        if rt.store_ok:
+            out.append(ComponentHealth("database", "healthy"))
+        else:
+            spool = rt.spool.stats()
+            status: ComponentStatus = "unhealthy" if spool.alert else "degraded"
+            out.append(
+                ComponentHealth(
+                    "database", status, detail=f"{rt.store_error}; {spool.pending} writes spooled"
+                )
+            )
+        level = self.resources.level
+        # A warning is reported (health, alerts, webhooks) but switches nothing off: seed 001's
+        # warnings ask for attention, its critical level for action.
+        status_of: dict[str, ComponentStatus] = {
+            "ok": "healthy",
+            "warning": "healthy",
+            "critical": "unhealthy",
+        }
+        detail = ", ".join(f"{r} {lv}" for r, lv in self.resources.levels.items() if lv != "ok")
+        # Not core: a busy CPU is what a local model on CPU looks like. Critical resources degrade
+        # the mode (the hinter is switched off) and run their recovery chain; they never reach
+        # emergency, which would stop validation too.
+        out.append(ComponentHealth("resources", status_of[level], core=False, detail=detail))
+        forced = sorted(svc.switched_off.get(RECOVERY_SOURCE, ())) if svc is not None else []
+        out.append(
+            ComponentHealth(
+                "recovery",
+                "degraded" if forced else "healthy",
+                detail=f"{', '.join(forced)} switched off by recovery until reset" if forced else "",
+            )
+        )
+        return out
+
+    def _apply_mode(self, old: SystemMode, new: SystemMode, reason: str) -> None:
+        svc = self.runtime.service
+        if svc is None:
+            return
+        roles = frozenset(FEATURE_ROLES[f] for f in self.modes.switch_off[new] if f in FEATURE_ROLES)
+        if roles:
+            svc.switched_off[MODE_SOURCE] = roles
+        else:
+            svc.switched_off.pop(MODE_SOURCE, None)
+
+    def load_factor(self) -> float:
+        """0 (idle) .. 1 (overloaded): the larger of the queue's fill and the CPU use."""
+        rt = self.runtime
+        svc = rt.service
+        queue = 0.0
+        if svc is not None and rt.config.queue.max_size > 0:
+            queue = svc.admission.queue_size / rt.config.queue.max_size
+        last = self.resources.last
+        cpu = (last.cpu_percent or 0.0) / 100 if last is not None else 0.0
+        return min(1.0, max(queue, cpu))
+
+    def _apply_ttl(self, ttl: float) -> None:
+        svc = self.runtime.service
+        if svc is not None:
+            svc.cache.ttl = ttl
+
+    # ------------------------------------------------------------------ views
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready view of everything here."""
+        return {
+            "system_mode": self.modes.status(),
+            "resources": self.resources.status(),
+            "cache_ttl": self.ttl.status(),
+            "event_loop": self.loop_blocks.status(),
+            "recovery": self.recovery.status(),
+        }

@@ -1,0 +1,137 @@
+// brownout live dashboard: plain JavaScript, no build step, no external assets.
+// It listens to GET /api/v1/events (Server-Sent Events): "snapshot" messages redraw the state,
+// "event" and "alert" messages go to the feed. Everything from the server is inserted with
+// textContent, never as HTML: event fields carry model error messages.
+"use strict";
+
+const FEED_MAX = 200;
+let feedCount = 0;
+
+function $(id) {
+  return document.getElementById(id);
+}
+
+function el(tag, text, attrs) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  return node;
+}
+
+function badge(text, state) {
+  return el("span", text, { class: "badge", "data-state": state });
+}
+
+function pct(x) {
+  return x === null || x === undefined ? "-" : (x * 100).toFixed(1) + " %";
+}
+
+function timeOf(iso) {
+  const d = iso ? new Date(iso) : new Date();
+  return isNaN(d) ? String(iso) : d.toISOString().slice(11, 23);
+}
+
+function renderModels(models) {
+  const body = $("models-body");
+  const rows = [];
+  for (const [role, m] of Object.entries(models || {})) {
+    const tr = el("tr", null, { "data-role": role, "data-health": m.status });
+    tr.appendChild(el("td", role, { class: "role" }));
+    const health = el("td", null, { class: "health" });
+    health.appendChild(badge(m.status, m.status));
+    tr.appendChild(health);
+    const breakers = el("td", null, { class: "breakers" });
+    for (const [name, state] of Object.entries(m.breakers || {})) {
+      const b = badge(Object.keys(m.breakers).length > 1 ? name + ": " + state : state, state);
+      b.classList.add("breaker");
+      b.setAttribute("data-breaker", name);
+      breakers.appendChild(b);
+    }
+    tr.appendChild(breakers);
+    const check = m.last_check;
+    let checkText = "not yet";
+    if (check) {
+      checkText = (check.healthy ? "ok" : "failed") + ", " + check.latency_ms + " ms";
+      if (check.error) checkText += " - " + check.error;
+    }
+    tr.appendChild(el("td", checkText, { class: "last-check" }));
+    tr.appendChild(el("td", m.server || "external", { class: "server" }));
+    rows.push(tr);
+  }
+  body.replaceChildren(...rows);
+}
+
+function render(s) {
+  const mode = $("system-mode");
+  mode.textContent = s.system_mode;
+  mode.setAttribute("data-mode", s.system_mode);
+  const off = (s.switched_off || []).length ? " - off: " + s.switched_off.join(", ") : "";
+  $("mode-reason").textContent = (s.mode_reason || "") + off;
+  const status = $("status");
+  status.textContent = s.status;
+  status.setAttribute("data-state", s.status);
+  $("available-modes").textContent = (s.available_modes || []).join(", ") || "none";
+  if (s.queue) {
+    $("queue-size").textContent = s.queue.size;
+    $("queue-detail").textContent = "of " + s.queue.max_size + " max, " + s.queue.in_flight + " running";
+  }
+  if (s.cache) {
+    $("cache-hit-rate").textContent = pct(s.cache.hit_rate);
+    $("cache-detail").textContent =
+      s.cache.hits + " hits, " + s.cache.misses + " misses, " + s.cache.size + "/" + s.cache.max_size +
+      " entries, ttl " + s.cache.ttl_seconds + " s";
+  }
+  if (s.spool) {
+    $("spool-pending").textContent = s.spool.pending;
+    $("spool-detail").textContent = s.spool.alert ? "over the alert threshold" : "writes waiting for the database";
+  }
+  if (s.database) {
+    const db = $("database");
+    db.replaceChildren(badge(s.database.status, s.database.status));
+  }
+  $("updated").textContent = "updated " + timeOf(s.at) + " UTC, " + s.live_clients + " live client(s)";
+  renderModels(s.models);
+}
+
+function addFeed(kind, m) {
+  const feed = $("feed");
+  const li = el("li", null, {
+    "data-type": kind,
+    "data-category": m.category || kind,
+    "data-name": m.name || m.alert || "",
+    "data-status": m.status || "",
+  });
+  li.appendChild(el("span", timeOf(m.at), { class: "time" }));
+  const label = kind === "alert" ? "alert " + m.status : m.category;
+  li.appendChild(el("span", label, { class: "cat" }));
+  let text = kind === "alert" ? m.alert + ": " + m.summary : m.summary;
+  if (m.suppressed) text += " (+" + m.suppressed + " similar suppressed)";
+  li.appendChild(el("span", " " + text, { class: "text" }));
+  feed.prepend(li);
+  while (feed.children.length > FEED_MAX) feed.lastElementChild.remove();
+  feedCount += 1;
+  $("feed-count").textContent = String(feedCount);
+}
+
+function connect() {
+  const conn = $("connection");
+  const source = new EventSource("/api/v1/events");
+  source.onopen = () => {
+    conn.textContent = "live";
+    conn.setAttribute("data-state", "live");
+  };
+  source.onerror = () => {
+    // EventSource reconnects by itself (and resumes with Last-Event-ID).
+    conn.textContent = "reconnecting...";
+    conn.setAttribute("data-state", "lost");
+  };
+  source.addEventListener("snapshot", (e) => render(JSON.parse(e.data).data));
+  source.addEventListener("event", (e) => addFeed("event", JSON.parse(e.data)));
+  source.addEventListener("alert", (e) => addFeed("alert", JSON.parse(e.data)));
+  source.addEventListener("dropped", () => {
+    conn.textContent = "fell behind; reconnecting...";
+    conn.setAttribute("data-state", "lost");
+  });
+}
+
+document.addEventListener("DOMContentLoaded", connect);
