@@ -879,10 +879,13 @@ async def test_a_model_failing_its_probes_is_recovered_automatically(tmp_path: P
         await rt.probe_all()
         await rt.ops.after_probes()
         await until(lambda: rt.recovery.suppressed["cooldown"] == 1)
-        # Healthy again, llama stays off until an operator resets: creative is served as balanced.
+        # Healthy again: the next probes lift what the automatic chain switched off, and full mode
+        # returns by itself (a manual fallback_to_rules, by contrast, stays until an operator resets).
         s.fakes["llama"].set("ok")
         await rt.probe_all()
         await rt.ops.after_probes()
         assert rt.ops.probe_streaks["llama"] == 0
+        assert rt.service.switched_off.get("recovery", frozenset()) == frozenset()
+        assert rt.recovery.in_force == {}
         body = (await s.http.post("/v1/briefs", json={"text": "a musky amber", "mode": "creative"})).json()
-        assert body["served_mode"] == "balanced"
+        assert body["served_mode"] == "creative"

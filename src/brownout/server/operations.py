@@ -206,6 +206,22 @@ class Operations:
         if svc is None:
             return
         needed = self.runtime.config.recovery.unhealthy_probes
+        # Lasting changes recovery made for failing models (fallback_to_rules switches a role off) end
+        # when every role they switched off passes its probes again: the service comes back to full
+        # mode by itself, not only after an operator's reset.
+        forced = svc.switched_off.get(RECOVERY_SOURCE, frozenset())
+        if forced and all(svc.role_healthy(r) for r in forced):
+            # Only what automatic chains applied: an operator's manual action stays until reset, and
+            # resource chains are released by the resource monitor.
+            automatic = {t.value for t in FailureType} - {
+                FailureType.SYSTEM_RESOURCE.value,
+                FailureType.VRAM_EXHAUSTION.value,
+            }
+            kinds = {kind for by in self.recovery.in_force.values() for kind in by} & automatic
+            for kind in sorted(kinds):
+                undone = await self.recovery.release(FailureType(kind))
+                if undone:
+                    _log.info("models healthy again: undid %s", ", ".join(a.action for a in undone))
         for role in ROLES:
             if svc.role_healthy(role):
                 self.probe_streaks[role] = 0
