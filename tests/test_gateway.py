@@ -763,6 +763,13 @@ async def test_brownout_serve_exposes_the_gateway_its_metrics_and_health(fakes: 
             assert health["status"] == "healthy"
             assert health["groups"]["chat"]["fallbacks"] == ["backup"]
             assert health["groups"]["chat"]["endpoints"][0]["breaker"] == "closed"
+            # The same view in /health and in the live view's snapshot (the dashboard).
+            assert (await http.get("/health")).json()["gateway"]["status"] == "healthy"
+            status = (await http.get("/api/v1/status")).json()
+            assert status["gateway"] == {
+                "status": "healthy",
+                "groups": {"chat": "available", "backup": "available"},
+            }
             text = (await http.get("/metrics")).text
     samples = {
         (s.name, frozenset(s.labels.items())): s.value

@@ -325,6 +325,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "spool": _spool_status(rt),
             "redis": rt.shared.status() if rt.shared is not None else {"status": "not configured"},
             "events": _outbox_status(rt),
+            "gateway": rt.gateway.status(),
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
             "system_mode": rt.modes.mode.value,

@@ -181,9 +181,22 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
         },
         "spool": {"pending": spool.pending, "alert": spool.alert},
         "database": {"status": "healthy" if runtime.store_ok else "unhealthy"},
+        "redis": {
+            "status": runtime.shared.detector.status if runtime.shared is not None else "not configured"
+        },
+        "gateway": _gateway_summary(runtime),
         "live_clients": hub.client_count if isinstance(hub, LiveHub) else 0,
         "at": _wall(),
     }
+
+
+def _gateway_summary(runtime: Runtime) -> dict[str, Any]:
+    """The gateway's model groups: overall status, and per group whether it can answer."""
+    status = runtime.gateway.status()
+    groups = {
+        name: "available" if g.get("available") else "unavailable" for name, g in status["groups"].items()
+    }
+    return {"status": status["status"], "groups": groups}
 
 
 # ---------------------------------------------------------------------------------------------- messages

@@ -89,6 +89,16 @@ function render(s) {
     const db = $("database");
     db.replaceChildren(badge(s.database.status, s.database.status));
   }
+  if (s.redis) {
+    $("redis").replaceChildren(badge(s.redis.status, s.redis.status));
+  }
+  if (s.gateway) {
+    const groups = Object.entries(s.gateway.groups || {});
+    $("gateway").replaceChildren(badge(s.gateway.status, s.gateway.status));
+    $("gateway-detail").textContent = groups.length
+      ? groups.map(([name, state]) => name + ": " + state).join(", ")
+      : "no model groups configured";
+  }
   $("updated").textContent = "updated " + timeOf(s.at) + " UTC, " + s.live_clients + " live client(s)";
   renderModels(s.models);
 }
