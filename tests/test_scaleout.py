@@ -418,3 +418,41 @@ async def test_emergency_reads_are_labelled_with_their_source_and_freshness(
             assert new["reliability"] == "low"
         finally:
             await asyncio.to_thread(postgres_server.start)
+
+
+async def test_health_checks_are_shared_by_replicas(
+    fakes: dict[str, FakeLLM], tmp_path: Path, make_redis_server: Callable[..., RedisServer]
+) -> None:
+    redis = make_redis_server()
+    overrides = {"redis": {"url": redis.url}, "models": {"health_interval": 30.0}}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    async with (
+        app_client(config_dict(fakes, tmp_path / "one", overrides)) as (_, one),
+        app_client(config_dict(fakes, tmp_path / "two", overrides)) as (_, two),
+    ):
+        # Both replicas started, and each ran its first round of probes; now one more round each,
+        # inside the same interval: one replica probes, the other takes its results from Redis.
+        redis.command("DEL", *[f"brownout:health:{role}:lock" for role in ROLES])
+        before = {role: fake.chat_requests for role, fake in fakes.items()}
+        await one.probe_all()
+        await two.probe_all()
+        assert {role: fake.chat_requests - before[role] for role, fake in fakes.items()} == dict.fromkeys(
+            ROLES, 1
+        )
+        assert two.service is not None
+        assert all(two.service.role_healthy(role) for role in ROLES)
+        # A model fails: the replica that probes next sees it, and so does the other one.
+        fakes["llama"].set("error")
+        redis.command("DEL", *[f"brownout:health:{role}:lock" for role in ROLES])
+        await two.probe_all()
+        await one.probe_all()
+        assert one.service is not None
+        assert not one.service.role_healthy("llama")
+        assert one.service.stats.health["llama"].healthy is False
+        # Redis gone: each replica probes by itself again.
+        redis.stop()
+        before = fakes["qwen"].chat_requests
+        await one.probe_all()
+        await two.probe_all()
+        assert fakes["qwen"].chat_requests - before == 2

@@ -284,6 +284,11 @@ class BriefService:
     async def check_health(self, role: str) -> list[ProbeResult]:
         """Probe ``role`` now (seed 004's test inference) and remember the outcome."""
         results = await self.backends[role].probe(timeout=self.config.models.health_timeout)
+        self.record_health(role, results)
+        return results
+
+    def record_health(self, role: str, results: list[ProbeResult]) -> None:
+        """Take probe results of ``role`` -- this process's, or another replica's shared through Redis."""
         ok = any(r.healthy for r in results)
         self._health_ok[role] = ok
         if results:
@@ -291,7 +296,6 @@ class BriefService:
             self.stats.health[role] = best
         if not ok:
             self.stats.health_failures[role] += 1
-        return results
 
     async def verify_constraints(self) -> dict[str, bool]:
         """Check, per role, that the backend really applies a JSON-schema constraint.

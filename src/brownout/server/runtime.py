@@ -280,7 +280,23 @@ class Runtime:
         service = self.service
         if service is None:
             return
-        results = await asyncio.gather(*(service.check_health(r) for r in ROLES), return_exceptions=True)
+        interval = self.config.models.health_interval
+        timeout = self.config.models.health_timeout
+
+        async def check(role: str) -> None:
+            # A role on configured endpoints is the same model for every replica: with Redis, one
+            # replica probes it per interval and the others take its results. Local servers are
+            # each replica's own and always probed here.
+            shared = self.shared
+            if shared is not None and role not in self.local:
+                client = self.clients[role]
+                got = await shared.probe_once(role, interval, lambda: client.probe(timeout=timeout))
+                if got is not None:
+                    service.record_health(role, got[0])
+                    return
+            await service.check_health(role)
+
+        results = await asyncio.gather(*(check(r) for r in ROLES), return_exceptions=True)
         for role, result in zip(ROLES, results, strict=True):
             if isinstance(result, BaseException):
                 _log.warning("health probe of %s failed: %s", role, result)

@@ -7,11 +7,18 @@ One Redis client feeds four parts, each of which keeps the service answering whe
 * :class:`~brownout.state.breaker.RedisBreakers`: one breaker state per configured endpoint across
   replicas (local model servers are per replica, so their breakers stay local);
 * a :class:`~brownout.state.redis.SharedCache` behind the brief service's LRU;
-* a :class:`~brownout.state.singleflight.RedisSingleflight`: one computation per key across replicas.
+* a :class:`~brownout.state.singleflight.RedisSingleflight`: one computation per key across replicas;
+* shared health checks: per interval, one replica probes each configured endpoint and the others
+  read its results (seed 000's checks, cheap for the models however many replicas there are).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,9 +28,10 @@ from redis.retry import Retry
 from brownout.clock import WALL_CLOCK, Clock
 from brownout.config import RedisSection
 from brownout.events import EventBus
+from brownout.llm.types import ProbeResult
 from brownout.policies.cache import Cache
 from brownout.state.breaker import RedisBreakers
-from brownout.state.redis import RedisHealthDetector, SharedCache
+from brownout.state.redis import RedisHealthDetector, SharedCache, _bounded
 from brownout.state.singleflight import RedisSingleflight
 
 __all__ = ["SharedState"]
@@ -96,6 +104,44 @@ class SharedState:
         await self.breakers.sync()
         self.detector.start()
         self.breakers.start()
+
+    async def probe_once(
+        self, role: str, interval: float, probe: Callable[[], Awaitable[list[ProbeResult]]]
+    ) -> tuple[list[ProbeResult], bool] | None:
+        """Seed 000's health check, once per interval across replicas: (results, probed here).
+
+        The replica that takes the role's lock for this interval probes and publishes the results;
+        the others take them from Redis. None when Redis cannot help (down, or no results yet): the
+        caller then probes by itself.
+        """
+        key = f"{self.section.prefix}:health:{role}"
+        bound = self.section.timeout * 5
+        try:
+            won = await _bounded(
+                self.client.set(f"{key}:lock", uuid.uuid4().hex, nx=True, px=max(1, int(interval * 900))),
+                bound,
+                self.clock,
+                self.events,
+                "health",
+            )
+            if not won:
+                raw = await _bounded(self.client.get(key), bound, self.clock, self.events, "health")
+                if raw is None:
+                    return None
+                return [ProbeResult(**item) for item in json.loads(raw)], False
+        except Exception:
+            return None
+        results = await probe()
+        with contextlib.suppress(Exception):
+            payload = json.dumps([dataclasses.asdict(r) for r in results])
+            await _bounded(
+                self.client.set(key, payload, px=max(1, int(interval * 2000))),
+                bound,
+                self.clock,
+                self.events,
+                "health",
+            )
+        return results, True
 
     def status(self) -> dict[str, Any]:
         """For ``/health``: the detector's view and where breaker state lives now."""
