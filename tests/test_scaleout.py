@@ -87,6 +87,11 @@ async def app_client(config: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncC
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://brownout", timeout=30.0) as http:
+            # The health loop probes every role once at start; let it finish so it cannot race a test.
+            await until(
+                lambda: runtime.service is not None and len(runtime.service.stats.health) == len(ROLES),
+                "the first probes",
+            )
             yield http, runtime
 
 
@@ -455,4 +460,15 @@ async def test_health_checks_are_shared_by_replicas(
         before = fakes["qwen"].chat_requests
         await one.probe_all()
         await two.probe_all()
+        assert fakes["qwen"].chat_requests - before == 2
+
+
+async def test_cache_disabled_computes_every_request(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
+    async with app_client(config_dict(fakes, tmp_path, {"cache": {"enabled": False}})) as (http, _):
+        before = fakes["qwen"].chat_requests
+        body = {"text": "the same request twice", "mode": "fast"}
+        first = (await http.post("/v1/briefs", json=body)).json()
+        second = (await http.post("/v1/briefs", json=body)).json()
+        assert first["cached"] is False
+        assert second["cached"] is False
         assert fakes["qwen"].chat_requests - before == 2

@@ -346,8 +346,9 @@ class BriefService:
         text = self.validate_request(text, mode)
         started = self._clock.now()
         key = self.cache_key(text, mode)
-        cached = self.cache.get(key)
-        if cached is None and self.shared_cache is not None:
+        caching = self.config.cache.enabled
+        cached = self.cache.get(key) if caching else None
+        if cached is None and caching and self.shared_cache is not None:
             cached = await self.shared_cache.get(key)  # another replica's answer (never raises)
         if cached is not None:
             return {
@@ -395,7 +396,7 @@ class BriefService:
 
     async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.admission.call(self._run, text, mode)
-        if not response["degraded"]:
+        if not response["degraded"] and self.config.cache.enabled:
             if self.shared_cache is not None:
                 await self.shared_cache.set(key, response)  # and the local front
             else:

@@ -205,7 +205,8 @@ class Runtime:
                 Tier("database", self.store.latest_full_answer, "stale", timeout=cfg.database.write_timeout)
             )
             self.service.read_stored_answers(tiers)
-            self.edge = EdgeCache(self.service.cache, max_entries=cfg.cache.max_size)
+            if cfg.cache.enabled:  # cache.enabled: false -> every request is computed
+                self.edge = EdgeCache(self.service.cache, max_entries=cfg.cache.max_size)
             await self._open_store()
             await self.spool.open()
             # Batches of REPLAY_BATCH in one transaction each (500: measured ~5,900 writes/s into local
