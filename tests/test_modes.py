@@ -334,3 +334,21 @@ async def test_degraded_mode_switches_the_hinter_off_and_normal_brings_it_back(t
         # The idle system's TTL now halves towards the minimum, and the cache uses it.
         assert rt.ops.ttl.tick() == 1800
         assert rt.service.cache.ttl == 1800
+
+
+async def test_a_generator_outage_in_emergency_mode_is_served_as_fallback_not_all_down(
+    tmp_path: Path,
+) -> None:
+    async with serve(tmp_path) as (rt, http, fakes):
+        fakes["qwen"].set("down")
+        await rt.probe_all()  # the generator fails its probe: a core component is unhealthy
+        assert rt.ops.modes.evaluate() is SystemMode.EMERGENCY
+        assert rt.service is not None
+        assert rt.service.switched_off["system_mode"] == frozenset({"llama", "mistral"})
+        body = (
+            await http.post("/v1/briefs", json={"text": "a green tea and fig cologne", "mode": "balanced"})
+        ).json()
+        # The validator and hinter are switched off, not down: this is the generator's fallback (a
+        # brief built from the customer's text by the rules), not emergency's generic popular brief.
+        assert body["served_mode"] == "fallback"
+        assert body["stages"][0]["served_by"] in ("cache", "rules")

@@ -323,7 +323,7 @@ class RecoverySection(_Section):
 
 
 class ResourcesSection(_Section):
-    """Seed 001: the resource monitor (percent used; warning and critical levels)."""
+    """Seed 001: the resource monitor (percent used; warning and critical levels; 100 turns a level off)."""
 
     enabled: bool = True
     interval: float = Field(default=60.0, gt=0, description="seconds between samples (seed: 60)")

@@ -468,7 +468,10 @@ class BriefService:
 
     async def _without_generator(self, ctx: BriefContext, e: NoModeAvailable) -> dict[str, Any]:
         """Serve a request while the generator is unavailable: fallback, or emergency when all are down."""
-        emergency = all(not self.role_available(r) for r in self.backends)
+        # Emergency is every model *down*, not switched off: a system mode that switched the other
+        # roles off because the generator failed must not turn a generator outage into "all down"
+        # (that would serve the generic popular brief instead of one built from the customer's text).
+        emergency = all(not self.role_healthy(r) for r in self.backends)
         if emergency:
             return await self._serve_fallback(ctx, "emergency", e.selection.reason, self._emergency_chain)
         return await self._serve_fallback(ctx, "fallback", e.selection.reason, self._generate_chain)

@@ -74,9 +74,10 @@ class Thresholds:
 
     def level(self, percent: float) -> Level:
         """The level of a resource ``percent`` used."""
-        if percent >= self.critical:
+        # Strictly above: a threshold of 100 can never be crossed, which is how a level is turned off.
+        if percent > self.critical or (percent == self.critical < 100):
             return "critical"
-        if percent >= self.warning:
+        if percent > self.warning or (percent == self.warning < 100):
             return "warning"
         return "ok"
 

@@ -1,0 +1,46 @@
+"""Chaos drills: every failure scenario of the seeds, run for real against the real stack.
+
+``brownout drill NAME ...`` (or ``all``) starts what each scenario needs -- the brownout server as a
+subprocess, fault-injecting model servers, a private PostgreSQL -- drives bounded load from an async
+client on 127.0.0.1, injects the fault, restores, and measures: requests by outcome, detection and
+recovery times, acknowledged writes against the database, computations. Each scenario gets a verdict
+against its goals, and :func:`write_report` writes Markdown, a PNG timeline per scenario and JSON.
+
+* :mod:`.catalog` -- the scenarios in seed 003's template, as data (:data:`CATALOG`);
+* :mod:`.runner` -- starts the stack and runs a scenario's play (:func:`run_scenario`);
+* :mod:`.load` -- the load client and the outcome of each answer (:func:`classify`);
+* :mod:`.measure` -- health polling, detection/recovery times, lost writes, results;
+* :mod:`.report` -- Markdown, PNG (matplotlib, the ``drill`` extra) and JSON.
+"""
+
+from __future__ import annotations
+
+from brownout.chaos.drills.catalog import CATALOG, OUTCOMES, Fault, Goals, Outcome, Scenario, scenario
+from brownout.chaos.drills.load import Load, Sample, classify
+from brownout.chaos.drills.measure import Check, HealthSample, HealthWatcher, ScenarioResult
+from brownout.chaos.drills.report import report_json, write_report
+from brownout.chaos.drills.runner import DrillProgress, DrillSettings, missing, run_drills, run_scenario
+
+__all__ = [
+    "CATALOG",
+    "OUTCOMES",
+    "Check",
+    "DrillProgress",
+    "DrillSettings",
+    "Fault",
+    "Goals",
+    "HealthSample",
+    "HealthWatcher",
+    "Load",
+    "Outcome",
+    "Sample",
+    "Scenario",
+    "ScenarioResult",
+    "classify",
+    "missing",
+    "report_json",
+    "run_drills",
+    "run_scenario",
+    "scenario",
+    "write_report",
+]
