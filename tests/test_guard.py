@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from brownout.errors import ConfigError, DeadlineExceeded, GuardFailed, ModelError, ModelUnavailable
 from brownout.events import Event, EventBus, GuardGaveUp, GuardRetried
-from brownout.llm.guard import GuardConfig, GuardResult, GuardStats, JSONGuard
+from brownout.llm.guard import MAX_REPAIR_CHARS, GuardConfig, GuardResult, GuardStats, JSONGuard
 from brownout.llm.types import Message
 from brownout.policies.deadline import deadline
 from brownout.testing import FakeClock
@@ -560,3 +560,14 @@ async def test_max_tokens_must_be_positive(jclock: FakeClock) -> None:
 
 def test_repr_names_the_guard() -> None:
     assert repr(JSONGuard("brief", Brief)) == "JSONGuard('brief', Brief, max_retries=3)"
+
+
+async def test_an_answer_too_long_to_repair_is_re_asked(jclock: FakeClock) -> None:
+    # Repairable, but longer than MAX_REPAIR_CHARS: json_repair would hold the event loop for it.
+    padding = " " * (MAX_REPAIR_CHARS + 1)
+    guard = make_guard(jclock)
+    ask = ScriptedAsk('{"intensity": 0.5, "notes": ["rose", "musk"], "longevity": "long",' + padding, GOOD)
+    result = await guard.run(ask, PROMPT)
+    assert (result.attempts, result.repaired) == (2, False)
+    assert guard.stats.repairs == 0
+    assert guard.stats.parse_failures == 1

@@ -620,13 +620,15 @@ CATALOG: tuple[Scenario, ...] = (
         kind="model",
         seed="003 scenario C",
         event="A CPU-bound call runs on the server's event loop: for one second the generator answers "
-        "oversized malformed JSON (40 000 characters), and the JSON guard repairs each answer with "
-        "json_repair on the loop -- about half a second of CPU per answer.",
+        "long malformed JSON (16 000 characters, just under the guard's repair limit), and the JSON "
+        "guard repairs each answer with json_repair on the loop -- 50 to 100 ms of CPU per answer. "
+        "Since the guard caps what it repairs, no answer can block the loop past seed 003's 100 ms, so "
+        "the drill runs the detector at 50 ms to have blocks to detect.",
         detection=(
             DetectionRow(
                 "Loop-block detector",
                 "a request step running without yielding",
-                "loop_block.threshold (100 ms)",
+                "loop_block.threshold (100 ms; 50 ms in this drill)",
             ),
             DetectionRow("Loop-block detector", "heartbeat waking late", "loop_block.interval (25 ms)"),
         ),
@@ -644,8 +646,10 @@ CATALOG: tuple[Scenario, ...] = (
             "0 failed requests; full mode back after the answers are normal again",
         ),
         play="loop_block",
-        # 40 000 characters of unclosed near-JSON: json_repair spends about half a second on each.
-        fault=Fault("control", ("qwen",), _frozen({"mode": "ok", "chars": 40_000}), hold=1.0),
+        # Unclosed near-JSON just under MAX_REPAIR_CHARS (longer answers are re-asked, not repaired):
+        # json_repair spends 50-100 ms on each, over the drill's 50 ms threshold.
+        fault=Fault("control", ("qwen",), _frozen({"mode": "ok", "chars": 16_000}), hold=1.0),
+        config=_frozen({"loop_block": {"threshold": 0.05, "interval": 0.02}}),
         rate=4.0,
         requires=("fakellm", "loop-detector"),
     ),

@@ -1256,7 +1256,7 @@ async def _loop_block(d: Drill) -> None:
     d.phase("fault: oversized garbage answers (repair on the loop)")
     fault_at = d.mark("fault")
     for role in s.fault.roles:
-        chars = int(s.fault.behaviour.get("chars", 40_000))
+        chars = int(s.fault.behaviour.get("chars", 16_000))
         await d.fakes[role].set({"mode": "ok", "content": _garbage(chars)})
     await d.clock.sleep(s.fault.hold)
     for role in s.fault.roles:
