@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from brownout.chaos.fakellm import FakeLLM
+from brownout.config import ROLES
 from brownout.events import EventBus
 from brownout.testing import FakeClock
 from brownout.testing_servers import (
@@ -28,6 +31,20 @@ def clock() -> FakeClock:
 def bus() -> EventBus:
     """A private event bus, so tests can assert what a policy emitted."""
     return EventBus()
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[dict[str, FakeLLM]]:
+    """One healthy fault-injecting model server per role of the brief pipeline (``fake.set(...)``)."""
+    started: dict[str, FakeLLM] = {}
+    try:
+        for role in ROLES:
+            fake = FakeLLM(model=role)
+            await fake.start()
+            started[role] = fake
+        yield started
+    finally:
+        await asyncio.gather(*(fake.stop() for fake in started.values()))
 
 
 # ---- Real Redis and PostgreSQL servers ------------------------------------------------------------

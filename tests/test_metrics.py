@@ -178,20 +178,6 @@ def make_config(urls: Mapping[str, str], tmp_path: Path, name: str = "briefs") -
     }
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[dict[str, FakeLLM]]:
-    """One healthy fake model server per role."""
-    started: dict[str, FakeLLM] = {}
-    try:
-        for role in ROLES:
-            fake = FakeLLM(model=role)
-            await fake.start()
-            started[role] = fake
-        yield started
-    finally:
-        await asyncio.gather(*(fake.stop() for fake in started.values()))
-
-
 @asynccontextmanager
 async def running_app(fakes: Mapping[str, FakeLLM], tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     urls = {role: fake.url for role, fake in fakes.items()}

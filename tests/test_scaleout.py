@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 
 from brownout.chaos.fakellm import FakeLLM
@@ -66,19 +65,6 @@ def config_dict(fakes: Mapping[str, FakeLLM], tmp: Path, overrides: Mapping[str,
     return _merge(ours, overrides)
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[dict[str, FakeLLM]]:
-    started: dict[str, FakeLLM] = {}
-    try:
-        for role in ROLES:
-            fake = FakeLLM(model=role)
-            await fake.start()
-            started[role] = fake
-        yield started
-    finally:
-        await asyncio.gather(*(fake.stop() for fake in started.values()))
-
-
 @contextlib.asynccontextmanager
 async def app_client(config: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
     cfg = BrownoutConfig.model_validate(_merge(load_config(None, environ={}).model_dump(), config))
@@ -111,9 +97,16 @@ async def drive(
     async def worker() -> None:
         nonlocal sent
         for i in counter:
-            response = await http.post(
-                "/v1/briefs", json={"text": f"bergamot and cedar no. {i}", "mode": "fast"}
-            )
+            try:
+                async with asyncio.timeout(30.0):
+                    response = await http.post(
+                        "/v1/briefs", json={"text": f"bergamot and cedar no. {i}", "mode": "fast"}
+                    )
+            except TimeoutError:
+                # A hung request fails the test with every task's stack, not a silent 120 s timeout.
+                for task in asyncio.all_tasks():
+                    task.print_stack(limit=8, file=sys.stderr)
+                raise AssertionError(f"request {i} got no answer within 30 s") from None
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
             if response.status_code == 200:
                 acked.append(response.json()["request_id"])
@@ -386,10 +379,13 @@ async def test_emergency_reads_are_labelled_with_their_source_and_freshness(
     for fake in fakes.values():
         fake.set("error")
     async with app_client(config_dict(fakes, tmp_path / "two", overrides)) as (http, runtime):
-        for i in range(3):  # creative requests fail on every model: every breaker opens
-            await http.post("/v1/briefs", json={"text": f"trip them all {i}", "mode": "creative"})
+        # Every model is down: its breaker open (held open, so no half-open probe lets one through
+        # while the test runs, however slow the machine).
+        for client in runtime.clients.values():
+            for breaker in client.breakers.values():
+                breaker.force_open()
         assert runtime.service is not None
-        assert not any(runtime.service.role_available(role) for role in ROLES)
+        assert not any(runtime.service.role_healthy(role) for role in ROLES)
 
         # Redis answers: the shared cache serves the full answer itself (real time).
         shared = (await http.post("/v1/briefs", json=known)).json()

@@ -171,20 +171,6 @@ async def serve(
             yield stack
 
 
-@pytest.fixture
-async def fakes() -> AsyncIterator[dict[str, FakeLLM]]:
-    """One healthy fake model server per role."""
-    started: dict[str, FakeLLM] = {}
-    try:
-        for role in ROLES:
-            fake = FakeLLM(model=role)
-            await fake.start()
-            started[role] = fake
-        yield started
-    finally:
-        await asyncio.gather(*(fake.stop() for fake in started.values()))
-
-
 def stage_sources(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(s["stage"], s["served_by"]) for s in body["stages"]]
 

@@ -129,19 +129,6 @@ async def _bounded_wait(condition: Callable[[], bool], budget_at: float, what: s
         await asyncio.sleep(0.002)
 
 
-def _record(payload: dict[str, Any]) -> BriefRecord:
-    """The stored record of a spooled payload, as the brief server's sink builds it (``Runtime._save``)."""
-    return BriefRecord(
-        request_id=payload["request_id"],
-        text=payload["text"],
-        requested_mode=payload["requested_mode"],
-        served_mode=payload["served_mode"],
-        degraded=payload["degraded"],
-        response=payload["response"],
-        created_at=datetime.fromisoformat(payload["created_at"]),
-    )
-
-
 class _Timed:
     """The replay's sinks, adding up the time spent inside them (the database's share of a replay)."""
 
@@ -154,7 +141,7 @@ class _Timed:
     async def one(self, key: str, kind: str, payload: dict[str, Any]) -> None:
         """One write per transaction: :meth:`BriefStore.save` (the server's per-entry sink)."""
         t0 = time.perf_counter()
-        await self.store.save(_record(payload))
+        await self.store.save(BriefRecord.from_payload(payload))
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.rows += 1
@@ -162,7 +149,7 @@ class _Timed:
     async def many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
         """A batch in one transaction: :meth:`BriefStore.save_many`, as ``Runtime._save_batch`` does."""
         t0 = time.perf_counter()
-        await self.store.save_many([_record(payload) for _, _, payload in entries])
+        await self.store.save_many([BriefRecord.from_payload(payload) for _, _, payload in entries])
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.rows += len(entries)

@@ -23,7 +23,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -113,6 +113,20 @@ class BriefRecord:
     response: dict[str, Any]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     cache_key: str | None = None
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> BriefRecord:
+        """The record of a spooled write (``Runtime.record``'s payload: ``created_at`` in ISO form)."""
+        return cls(
+            request_id=payload["request_id"],
+            text=payload["text"],
+            requested_mode=payload["requested_mode"],
+            served_mode=payload["served_mode"],
+            degraded=payload["degraded"],
+            response=payload["response"],
+            created_at=datetime.fromisoformat(payload["created_at"]),
+            cache_key=payload.get("cache_key"),  # absent from writes spooled by an earlier version
+        )
 
 
 _MULTI_HOST = re.compile(r"^(?P<scheme>[^:/]+://)(?:(?P<auth>[^@/]*)@)?(?P<hosts>[^/?#]*)(?P<rest>.*)$")

@@ -359,11 +359,11 @@ class Runtime:
 
     async def _save(self, key: str, kind: str, payload: dict[str, Any]) -> None:
         """The spool's sink: one idempotent write of a brief record (by request_id)."""
-        await self.store.save(_record(payload))
+        await self.store.save(BriefRecord.from_payload(payload))
 
     async def _save_batch(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
         """The spool's batch sink: up to REPLAY_BATCH records in one transaction, idempotent by request_id."""
-        await self.store.save_many([_record(payload) for _, _, payload in entries])
+        await self.store.save_many([BriefRecord.from_payload(payload) for _, _, payload in entries])
         self.store_ok, self.store_error = True, None
 
     # ------------------------------------------------------------------ recovery
@@ -432,16 +432,3 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.gateway.aclose()
         self._started = False
-
-
-def _record(payload: dict[str, Any]) -> BriefRecord:
-    return BriefRecord(
-        request_id=payload["request_id"],
-        text=payload["text"],
-        requested_mode=payload["requested_mode"],
-        served_mode=payload["served_mode"],
-        degraded=payload["degraded"],
-        response=payload["response"],
-        created_at=datetime.fromisoformat(payload["created_at"]),
-        cache_key=payload.get("cache_key"),  # absent from writes spooled by an earlier version
-    )
