@@ -944,3 +944,21 @@ async def test_replay_needs_a_sink(spool: Spool) -> None:
         await spool.replay()
     with pytest.raises(ConfigError, match="sink"):
         SpoolReplayer(spool)
+
+
+async def test_read_ahead_keeps_order_across_a_poisoned_batch_and_a_limit(tmp_path: Path) -> None:
+    async with Spool(tmp_path / "s.db", max_attempts=1) as spool:
+        for i in range(250):
+            await spool.append(f"k{i:03}", "brief", {"i": i})
+        sink = BatchSink(poison={"k150"})
+        # The third batch is read ahead while the second (holding k150) is written; the second fails,
+        # so the read-ahead is dropped and the second batch goes one by one from its head.
+        result = await spool.replay(batch=100, batch_sink=sink, limit=220)
+        assert result.replayed == 220
+        assert result.dead_lettered == 1
+        written = [k for b in sink.batches for k in b]
+        assert written == [f"k{i:03}" for i in range(221) if i != 150]
+        assert spool.pending == 29
+        rest = await spool.replay(batch=100, batch_sink=sink)
+        assert rest.replayed == 29
+        assert [k for b in sink.batches for k in b][-29:] == [f"k{i:03}" for i in range(221, 250)]

@@ -264,6 +264,18 @@ class DeadLetter:
 
 
 _Append = tuple[str, str, str, float, asyncio.Future[int]]
+_Entry = tuple[int, str, str, dict[str, Any]]
+
+
+async def _discard(future: asyncio.Future[Any]) -> None:
+    """Drop a read-ahead that will not be used (a read of the file: letting it finish is harmless).
+
+    Waits for it without taking its outcome as ours, so a cancellation of the caller still propagates,
+    and marks its error (if any) as retrieved."""
+    future.cancel()
+    await asyncio.wait([future])
+    if not future.cancelled():
+        future.exception()
 
 
 class Spool:
@@ -558,17 +570,27 @@ class Spool:
             dead_lettered = 0
             error: str | None = None
             failed_key: str | None = None
+            # The next batch, read and decoded on the spool's thread while the sink writes this one.
+            # Used only when this batch went through whole; otherwise the head is read again.
+            prefetch: asyncio.Future[list[_Entry]] | None = None
             while limit is None or replayed < limit:
                 want = batch if limit is None else min(batch, limit - replayed)
-                rows = await self._call(self._fetch, want)
-                if not rows:
+                if prefetch is not None:
+                    entries, prefetch = await prefetch, None
+                else:
+                    entries = await self._call(self._fetch_entries, 0, want)
+                if not entries:
                     break
                 done: list[int] = []
                 failure: tuple[int, str, bool] | None = None
                 moved = False
                 try:
-                    entries = [(seq, key, kind, json.loads(text)) for seq, key, kind, text in rows]
                     if batch_sink is not None and len(entries) > 1:
+                        ahead = batch if limit is None else min(batch, limit - replayed - len(entries))
+                        if ahead > 0:
+                            prefetch = asyncio.ensure_future(
+                                self._call(self._fetch_entries, entries[-1][0], ahead)
+                            )
                         try:
                             await batch_sink([(key, kind, payload) for _, key, kind, payload in entries])
                             done = [seq for seq, *_ in entries]
@@ -587,6 +609,9 @@ class Spool:
                                 break
                             done.append(seq)
                 finally:
+                    if prefetch is not None and len(done) != len(entries):
+                        await _discard(prefetch)
+                        prefetch = None
                     # Also on cancellation: what the sink took is deleted, so it is not sent again.
                     if done or failure is not None:
                         moved = await self._call(self._settle, done, failure)
@@ -615,6 +640,8 @@ class Spool:
                 if failure is not None:
                     error = failure[1]
                     break
+            if prefetch is not None:  # the limit was reached with a batch read ahead
+                await _discard(prefetch)
             if error is None:
                 self._last_error = None
                 if self._pending == 0 and replayed:
@@ -756,10 +783,13 @@ class Spool:
         self._refresh_bytes()
         return codes, before, pending
 
-    def _fetch(self, limit: int) -> list[tuple[int, str, str, str]]:
+    def _fetch_entries(self, after: int, limit: int) -> list[_Entry]:
+        """The oldest ``limit`` entries after seq ``after``, payloads decoded (here, off the loop)."""
         conn = self._db()
-        rows = conn.execute("SELECT seq, key, kind, payload FROM spool ORDER BY seq LIMIT ?", (limit,))
-        return rows.fetchall()
+        rows = conn.execute(
+            "SELECT seq, key, kind, payload FROM spool WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        )
+        return [(seq, key, kind, json.loads(text)) for seq, key, kind, text in rows]
 
     def _peek(self, limit: int) -> list[tuple[int, str, str, str, float, int, str | None]]:
         conn = self._db()
