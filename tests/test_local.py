@@ -436,14 +436,14 @@ def test_interpreter_exit_without_stop_leaves_no_process() -> None:
 
 
 PARENT = """
-import subprocess, sys, time
+import signal, subprocess, sys
 child = subprocess.Popen(
     [sys.executable, "-m", "brownout.llm._serve_local", "--port", sys.argv[1]],
     stdout=subprocess.PIPE, text=True,
 )
 line = child.stdout.readline()
 print(child.pid, line.strip(), flush=True)
-time.sleep(600)
+signal.pause()  # wait, without a timer, for the test's SIGKILL
 """
 
 

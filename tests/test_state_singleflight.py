@@ -111,14 +111,22 @@ _PROCESS_SCRIPT = textwrap.dedent(
 
         async def compute():
             await client.incr("computations")
-            await asyncio.sleep(0.5)
+            # Finish only once every other process is waiting on this flight (a caller arriving after
+            # the result was handed over would rightly compute again): a condition, not a guess.
+            while int(await client.get("joined") or 0) < processes - 1:
+                await asyncio.sleep(0.002)
             return {"answer": 42}
 
         # Barrier: every process starts its callers once all of them are ready.
         await client.incr("ready")
         while int(await client.get("ready")) < processes:
             await asyncio.sleep(0.002)
-        results = await asyncio.gather(*(flight.do("hot", compute) for _ in range(callers)))
+        calls = asyncio.gather(*(flight.do("hot", compute) for _ in range(callers)))
+        while flight.stats.remote_waits == 0 and flight.stats.computations == 0:
+            await asyncio.sleep(0.002)
+        if flight.stats.remote_waits:  # this process waits on another's computation
+            await client.incr("joined")
+        results = await calls
         got = sum(1 for result in results if result == {"answer": 42})
         print(json.dumps({"got": got, **dataclasses.asdict(flight.stats)}))
         await client.aclose()
@@ -204,9 +212,20 @@ async def test_slow_live_holder_keeps_its_lock(clients: list[redis.asyncio.Redis
     holder = [asyncio.ensure_future(a.do("slow", compute)) for _ in range(10)]
     await lock_taken(clients[0], "slow")
     waiters = [asyncio.ensure_future(b.do("slow", compute)) for _ in range(10)]
-    await asyncio.sleep(0.6)
-    # Without the watchdog the lock would have expired at 0.3 s.
-    assert await clients[0].get(lock_key("singleflight", "slow")) is not None
+    # Wait for the watchdog to extend the lock twice (every ttl / 2): by then more than the 0.3 s ttl
+    # has passed, so without the extensions the lock would have expired.
+    key = lock_key("singleflight", "slow")
+    extensions, last = 0, await clients[0].pttl(key)
+    for _ in range(400):
+        ttl = await clients[0].pttl(key)
+        if ttl > last:
+            extensions += 1
+        last = ttl
+        if extensions == 2:
+            break
+        await asyncio.sleep(0.005)
+    assert extensions == 2
+    assert await clients[0].get(key) is not None
     results = await asyncio.gather(*holder, *waiters)
     assert results == [{"answer": 42}] * 20
     assert compute.runs == 1
