@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
 from brownout.events import BreakerStateChanged, EventBus, SystemModeChanged

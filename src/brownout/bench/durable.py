@@ -271,8 +271,8 @@ class _Reads:
 
 async def _cache(redis_url: str, reads: int, hot_keys: int, run_id: str) -> dict[str, Any]:
     from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     from brownout.policies.cache import Cache, CacheConfig
     from brownout.state.redis import SharedCache

@@ -73,6 +73,7 @@ from brownout.events import (
     SpoolDeadLettered,
     SpoolReplayed,
 )
+from brownout.policies.retry import capped_exponential
 
 __all__ = [
     "BatchSink",
@@ -1027,7 +1028,7 @@ class SpoolReplayer:
         await self.aclose()
 
     def _backoff(self) -> float:
-        return min(self.max_interval, self.interval * self.multiplier ** (self._failures - 1))
+        return capped_exponential(self.interval, self.multiplier, self._failures - 1, self.max_interval)
 
     async def _run(self) -> None:
         spool = self.spool

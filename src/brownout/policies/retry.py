@@ -53,7 +53,35 @@ __all__ = [
     "RetryBudget",
     "RetryConfig",
     "RetryStats",
+    "capped_exponential",
 ]
+
+
+def capped_exponential(base: float, multiplier: float, exponent: float, cap: float) -> float:
+    """``min(cap, base * multiplier ** exponent)``, computed so that it never overflows.
+
+    Exponential backoff is at its most dangerous in the longest outages: after about a thousand failed
+    attempts ``2.0 ** n`` no longer fits in a float and Python raises :class:`OverflowError`, killing
+    whatever loop was backing off -- exactly when it matters that the loop keeps trying. Here the cap is
+    applied in the exponent's domain first (``exponent >= log(cap / base) / log(multiplier)`` means the
+    cap is reached), so any exponent, however large, returns ``cap``. Every exponential backoff in
+    brownout goes through this one function.
+
+    ``base`` and ``cap`` are seconds (``cap`` may be ``math.inf``), ``multiplier`` is ``>= 0``, and a
+    negative ``exponent`` counts as ``0``.
+    """
+    exponent = max(0.0, float(exponent))
+    if base <= 0.0 or exponent == 0.0 or multiplier == 1.0:
+        return min(cap, base)
+    if base >= cap:
+        return cap
+    if multiplier > 1.0 and cap != math.inf and exponent >= math.log(cap / base) / math.log(multiplier):
+        return cap
+    try:
+        return min(cap, base * float(multiplier**exponent))
+    except OverflowError:  # only reachable with an infinite cap
+        return cap
+
 
 GIVE_UP_REASONS: Final = (
     "attempts exhausted",
@@ -384,11 +412,7 @@ class Retry(CallForms):
 
     def _backoff(self, attempt: int) -> float:
         """The wait after failed attempt ``attempt`` (1-based), capped and jittered."""
-        try:
-            ceiling = self._backoff_base * self._multiplier ** (attempt - 1)
-        except OverflowError:
-            ceiling = math.inf
-        ceiling = min(self._backoff_max, ceiling)
+        ceiling = capped_exponential(self._backoff_base, self._multiplier, attempt - 1, self._backoff_max)
         if self._full_jitter:
             return ceiling * self._random()
         return ceiling
