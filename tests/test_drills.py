@@ -110,6 +110,7 @@ def _answer(requested: str, served: str, by: list[str], **extra: Any) -> dict[st
         (200, {}, _answer("creative", "fallback", ["rules"]), "fallback"),
         (200, {}, _answer("creative", "emergency", ["popular"]), "fallback"),
         (200, {}, _answer("fast", "fast", ["model:qwen"], degraded=True, reliability="low"), "fallback"),
+        (200, {}, _answer("fast", "fast", ["cache"], cached=True, degraded=False), "full"),
         (200, {}, {"detail": "no brief"}, "failed"),
         (503, {"retry-after": "30"}, {"error": "busy"}, "rejected"),
         (429, {"retry-after": "2"}, {"error": "slow down"}, "rejected"),

@@ -17,6 +17,11 @@ then the popular brief for the mode, then 503 with Retry-After 300. When the req
 (``server.request_timeout``) cuts the pipeline short, it is served in ``fallback`` mode from what needs
 no model call: a similar earlier brief, else the rules.
 
+What the validator model says reaches the answer's ``warnings``; when it rejects the brief or raises
+an IFRA concern the brief is still served (it passed the schema's checks) with reliability ``medium``,
+and is neither cached nor offered to similar requests. A cache hit has one ``cache`` stage and says how
+old it is (``cached_at``, ``cache_age_seconds``).
+
 Identical requests share one pipeline run (singleflight) and full-quality answers are cached (LRU +
 TTL, seed 004 numbers). Admission control bounds concurrent runs and the queue (seed 000: 500).
 """
@@ -32,6 +37,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from brownout.briefs.prompts import generator_messages, hinter_messages, validator_messages
@@ -51,7 +57,7 @@ from brownout.briefs.schema import (
     ValidatorVerdict,
 )
 from brownout.briefs.similar import SimilarityIndex
-from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.clock import SYSTEM_CLOCK, WALL_CLOCK, Clock
 from brownout.config import BrownoutConfig
 from brownout.errors import (
     AllFallbacksFailed,
@@ -75,11 +81,60 @@ if TYPE_CHECKING:  # Redis support is optional (the server extra); only its type
     from brownout.state.redis import SharedCache
     from brownout.state.singleflight import RedisSingleflight
 
-__all__ = ["BriefContext", "BriefService", "ModelBackend", "ServiceStats"]
+__all__ = [
+    "BriefContext",
+    "BriefService",
+    "ModelBackend",
+    "ServiceStats",
+    "cache_age",
+    "cache_hit",
+    "cached_at_epoch",
+]
 
 _log = logging.getLogger("brownout.briefs")
 
 ROLE_OF_STAGE = {"generate": "qwen", "validate": "mistral", "hint": "llama"}
+
+
+def _stamp(epoch: float) -> str:
+    """``epoch`` (wall-clock seconds) as ISO 8601 UTC with milliseconds: 2025-01-31T12:00:00.250Z."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cached_at_epoch(stored: Mapping[str, Any]) -> float | None:
+    """When a stored answer was put in the cache (wall-clock seconds), or None when it does not say."""
+    stamp = stored.get("cached_at")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp).timestamp()
+    except ValueError:
+        return None
+
+
+def cache_age(stored: Mapping[str, Any], now: float) -> float | None:
+    """How old a stored answer is at wall-clock time ``now``, in seconds (0.1 s steps), or None if unknown."""
+    at = cached_at_epoch(stored)
+    return None if at is None else round(max(0.0, now - at), 1)
+
+
+def cache_hit(stored: Mapping[str, Any], *, age: Any, request_id: str, latency_ms: float) -> dict[str, Any]:
+    """The answer to a request served from the exact-answer cache, saying so.
+
+    No model ran for this request: its ``stages`` is one ``cache`` stage, and ``cache_age_seconds``
+    tells how old the answer is (``cached_at`` says when it was made). How the cached answer was made
+    when it was new is kept under ``cached_stages``. ``age`` is normally a float (or None when the
+    stored answer does not say when it was made); the edge cache passes a placeholder it fills in later.
+    """
+    return {
+        **stored,
+        "cached": True,
+        "cache_age_seconds": age,
+        "stages": [{"stage": "cache", "served_by": "cache", "latency_ms": latency_ms}],
+        "cached_stages": stored.get("stages", []),
+        "request_id": request_id,
+        "latency_ms": latency_ms,
+    }
 
 
 class ModelBackend(Protocol):
@@ -140,11 +195,15 @@ class BriefService:
         role_alive: Callable[[str], bool] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
+        wall_clock: Clock = WALL_CLOCK,
     ) -> None:
         self.config = config
         self.backends = dict(backends)
         self._role_alive = role_alive or (lambda role: True)
         self._clock = clock
+        # Wall time, for what is compared across processes and shown to users: when a cached answer was
+        # made (replicas share answers through Redis, where a monotonic time would mean nothing).
+        self.wall_clock = wall_clock
         self._events = events
         self.stats = ServiceStats()
         # Whether each role's backend really applies a JSON-schema constraint (checked at start).
@@ -351,12 +410,12 @@ class BriefService:
         if cached is None and caching and self.shared_cache is not None:
             cached = await self.shared_cache.get(key)  # another replica's answer (never raises)
         if cached is not None:
-            return {
-                **cached,
-                "request_id": uuid.uuid4().hex,
-                "cached": True,
-                "latency_ms": _ms(self._clock.now() - started),
-            }
+            return cache_hit(
+                cached,
+                age=cache_age(cached, self.wall_clock.now()),
+                request_id=uuid.uuid4().hex,
+                latency_ms=_ms(self._clock.now() - started),
+            )
         try:
             if self._shared_flights is not None:
                 response: dict[str, Any] = await self._shared_flights.do(
@@ -397,10 +456,12 @@ class BriefService:
     async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
         response: dict[str, Any] = await self.admission.call(self._run, text, mode)
         if not response["degraded"] and self.config.cache.enabled:
+            # The cached copy says when it was made, so that a later hit can tell its age.
+            stored = {**response, "cached_at": _stamp(self.wall_clock.now())}
             if self.shared_cache is not None:
-                await self.shared_cache.set(key, response)  # and the local front
+                await self.shared_cache.set(key, stored)  # and the local front
             else:
-                self.cache.set(key, response)
+                self.cache.set(key, stored)
         return response
 
     async def _run(self, text: str, mode: str) -> dict[str, Any]:
@@ -441,6 +502,14 @@ class BriefService:
         )
         if result.selection.downshifted:
             self.stats.downshifts[(mode, served)] += 1
+        warnings = list(result.warnings)
+        if validation is not None and validation.source == "model":
+            # What the validator model said reaches the answer's warnings, and a rejection or an IFRA
+            # concern lowers the reliability: a brief the validator objected to is served (it passed
+            # the schema's checks), but never as if it had passed (README: "What an answer says").
+            warnings += [f"Validator: {item}" for item in [*validation.errors, *validation.warnings]]
+            if (not validation.valid or validation.ifra_compliance is False) and ctx.reliability == "high":
+                ctx.reliability = "medium"
         generated_by = result.stages[0].served_by
         if generated_by.startswith("model:") and ctx.reliability == "high":
             with self._similar_lock:
@@ -455,7 +524,7 @@ class BriefService:
             "downshifted": result.selection.downshifted,
             "reason": result.selection.reason or None,
             "impact": mode_impact(mode, served) if result.selection.downshifted else {},
-            "warnings": list(dict.fromkeys(result.warnings)),
+            "warnings": list(dict.fromkeys(warnings)),
             "stages": [
                 {"stage": s.stage, "served_by": s.served_by, "latency_ms": s.latency_ms}
                 for s in result.stages
@@ -464,6 +533,8 @@ class BriefService:
             "reliability": ctx.reliability,
             "degraded": result.degraded or ctx.reliability != "high",
             "cached": False,
+            "cached_at": None,
+            "cache_age_seconds": None,
         }
 
     async def _without_generator(self, ctx: BriefContext, e: NoModeAvailable) -> dict[str, Any]:
@@ -515,6 +586,8 @@ class BriefService:
             "reliability": "low" if result.served_by in ("rules", "popular") else "medium",
             "degraded": True,
             "cached": False,
+            "cached_at": None,
+            "cache_age_seconds": None,
             **({"freshness": ctx.freshness} if ctx.freshness is not None else {}),
         }
 
@@ -588,21 +661,14 @@ class BriefService:
             constrained=self.constrained.get("mistral", True),
         )
         report: ValidationReport = result.value.to_report()
-        if report.errors:
-            # The brief already passed the schema (ranges, categories, notes); the validator model's
-            # objections are reported as warnings, not taken as a rejection -- and "valid" then says
-            # what those checks found, with the model's verdict spelled out.
-            objections = [f"validator model objected: {e}" for e in report.errors]
-            report = report.model_copy(
-                update={
-                    "valid": True,
-                    "errors": [],
-                    "warnings": list(dict.fromkeys(objections + report.warnings)),
-                }
-            )
-        else:
-            report = report.model_copy(update={"warnings": list(dict.fromkeys(report.warnings))})
-        return report
+        # The report keeps the model's verdict as given (a rejection stays "valid": false with its
+        # errors); _run turns it into the answer's warnings and reliability.
+        return report.model_copy(
+            update={
+                "errors": list(dict.fromkeys(report.errors)),
+                "warnings": list(dict.fromkeys(report.warnings)),
+            }
+        )
 
     async def _hint(self, ctx: BriefContext) -> list[str]:
         brief: CreativeBrief = ctx.values["generate"]

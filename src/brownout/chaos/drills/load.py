@@ -7,7 +7,8 @@ with unique texts, so each request reaches the pipeline rather than the response
 :func:`classify` reads the answer as a client would (the response shape of
 :mod:`brownout.briefs.service` and :mod:`brownout.server.app`):
 
-* ``full`` -- HTTP 200, served in the requested mode, every stage served by its model, not degraded;
+* ``full`` -- HTTP 200, served in the requested mode, every stage served by its model, not degraded
+  (or an exact-cache hit, ``cached: true``: only such answers are cached);
 * ``downshifted`` -- HTTP 200 in a poorer pipeline mode (``fast``/``balanced``), every stage by a model;
 * ``fallback`` -- HTTP 200 served by a fallback: ``fallback``/``emergency`` mode, or a stage served by
   ``cache``/``reduced_context``/``rules``/``template``/``popular``, or flagged degraded;
@@ -105,6 +106,9 @@ def classify(status: int, headers: Mapping[str, str], body: Any, requested_mode:
         if not isinstance(body, dict) or not isinstance(body.get("brief"), dict):
             return "failed", "HTTP 200 without a brief"
         served = body.get("served_mode")
+        if body.get("cached") is True and not body.get("degraded"):
+            # An exact-cache hit (its one stage is "cache"): only full-quality answers are cached.
+            return "full", ""
         stages = body.get("stages") or []
         by = [str(s.get("served_by", "")) for s in stages if isinstance(s, dict)]
         not_model = [b for b in by if not b.startswith("model:")]
