@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from brownout.briefs.schema import CreativeBrief
 from brownout.config import load_config
+from brownout.llm.local import free_port
 from brownout.server.app import create_app
 
 pytestmark = pytest.mark.model
@@ -56,3 +62,50 @@ def test_bench_guard_runs_on_the_real_model() -> None:
     assert result["prompts"] == 3
     assert result["served_valid_share"] == 1.0
     assert result["generator_calls_per_request"] >= 1.0
+
+
+def test_the_openai_client_chats_with_a_default_serve_through_the_local_group(tmp_path: Path) -> None:
+    """A fresh install, no config file: ``brownout serve`` offers the embedded model as ``local``, and
+    the official OpenAI client gets an answer from it, whole and streamed."""
+    import openai
+
+    port = free_port()
+    log = (tmp_path / "serve.log").open("wb")
+    # No configuration at all: the working directory holds the default database and spool files; only
+    # the port is chosen (another server may hold 8000 on a shared machine).
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "brownout", "serve", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BROWNOUT")},
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:  # the server is up once it answers; the model servers start before it listens
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code in (200, 503):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "brownout serve did not start within 120 s"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+        assert "local" in [m.id for m in client.models.list()]
+        messages: list[Any] = [{"role": "user", "content": "Name one flower."}]
+        whole = client.chat.completions.create(model="local", messages=messages, max_tokens=24)
+        assert (whole.choices[0].message.content or "").strip()
+        stream = client.chat.completions.create(model="local", messages=messages, max_tokens=24, stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(pieces).strip()
+        assert len(pieces) > 1  # token by token, not one block
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

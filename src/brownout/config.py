@@ -471,8 +471,33 @@ class BrownoutConfig(_Section):
     modes: ModesSection = Field(default_factory=ModesSection)
     loop_block: LoopBlockSection = Field(default_factory=LoopBlockSection)
     gateway: GatewaySection = Field(
-        default_factory=GatewaySection, description="the OpenAI-compatible gateway (no groups: none served)"
+        default_factory=GatewaySection,
+        description="the OpenAI-compatible gateway: the embedded model as 'local' plus configured groups",
     )
+
+    @property
+    def gateway_local_role(self) -> str | None:
+        """The role whose embedded model the gateway offers as its ``local`` group, or None.
+
+        The generator's: the one model every mode runs. Only while it runs on the embedded model (its
+        role lists no endpoints) -- a configured generator is the user's to expose as a group.
+        """
+        if not self.gateway.offers_local or not self.models.local.enabled:
+            return None
+        return None if self.models.roles["qwen"].endpoints else "qwen"
+
+    @model_validator(mode="after")
+    def _check_gateway_local(self) -> BrownoutConfig:
+        if self.gateway_local_role is not None or not self.gateway.offers_local:
+            return self
+        local = self.gateway.local.name
+        for name, group in self.gateway.groups.items():
+            if local in group.fallbacks:
+                raise ValueError(
+                    f"gateway.groups.{name}.fallbacks: {local!r} is the embedded model's group, which is "
+                    "not started while models.roles.qwen lists endpoints"
+                )
+        return self
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

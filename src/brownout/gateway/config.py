@@ -14,8 +14,13 @@ its ``fallbacks`` are tried in order (one level: a fallback group's own fallback
         small:
           endpoints: [{url: "http://127.0.0.1:8081"}]
 
-With no groups (the default) the gateway's routes still answer: ``GET /v1/models`` lists nothing and
-``POST /v1/chat/completions`` answers 404 ``model_not_found`` naming the configured groups.
+Out of the box the gateway also offers the embedded model -- the generator role's local llama.cpp
+server, started by ``brownout serve`` -- as the group ``local`` (:class:`LocalGroupSection`), so an
+OpenAI client works against a fresh install with no configuration. Configured groups are added to it;
+a configured group named ``local`` replaces it, and ``gateway.local.enabled: false`` turns it off.
+It exists only while the generator runs on the embedded model (not when ``models.roles.qwen`` lists
+endpoints). With no group at all the gateway's routes still answer: ``GET /v1/models`` lists nothing
+and ``POST /v1/chat/completions`` answers 404 ``model_not_found`` naming the configured groups.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "GatewayCacheSection",
     "GatewayEndpoint",
     "GatewaySection",
+    "LocalGroupSection",
     "ModelGroup",
 ]
 
@@ -201,11 +207,57 @@ class ModelGroup(_Section):
         return self
 
 
+class LocalGroupSection(_Section):
+    """The embedded model (the generator role's local llama.cpp server) offered as a gateway group.
+
+    The defaults fit a 135M-parameter model on a CPU: an answer of 512 tokens takes about 10 s at
+    ~60 tokens/s, and a long one several times that, so ``timeout`` (seconds without a byte) is
+    generous; the server answers one request at a time and serves the brief pipeline's generator
+    too, so few requests are let through at once and the rest wait in a bounded queue; there is one
+    replica, so a failed attempt is not repeated on it (a crashed server is restarted meanwhile).
+    """
+
+    enabled: bool = Field(
+        default=True,
+        description="offer the embedded model as a group while the generator runs on it",
+    )
+    name: str = Field(default="local", description="the group's name: what clients send as 'model'")
+    timeout: float = Field(
+        default=120.0, gt=0, description="seconds without a byte from the model before a call fails"
+    )
+    max_attempts: int = Field(default=1, ge=1, le=10, description="attempts per request")
+    max_concurrent: int = Field(default=2, ge=1, description="requests sent to the model at once")
+    max_queue: int = Field(default=32, ge=0, description="requests waiting for a slot before 429")
+    max_wait: float = Field(default=120.0, gt=0, description="longest wait for a slot, seconds")
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} is not a usable model name")
+        return value
+
+    def group(self, url: str, model: str | None = None) -> ModelGroup:
+        """The group: one endpoint at ``url`` (the local server's base URL), ``model`` sent upstream."""
+        return ModelGroup(
+            endpoints=[GatewayEndpoint(url=url, model=model, name=self.name)],
+            timeout=self.timeout,
+            max_attempts=self.max_attempts,
+            admission=GatewayAdmissionSection(
+                max_concurrent=self.max_concurrent, max_queue=self.max_queue, max_wait=self.max_wait
+            ),
+        )
+
+
 class GatewaySection(_Section):
     """The OpenAI-compatible gateway: ``POST /v1/chat/completions`` and ``GET /v1/models``."""
 
     groups: dict[str, ModelGroup] = Field(
         default_factory=dict, description="model groups by the name clients send as 'model'"
+    )
+    local: LocalGroupSection = Field(
+        default_factory=LocalGroupSection,
+        description="the embedded model as a group ('local'), added to the configured groups",
     )
     max_body_bytes: int = Field(
         default=4_194_304, ge=1024, description="largest accepted chat request, in bytes (413 beyond)"
@@ -217,18 +269,32 @@ class GatewaySection(_Section):
         default=30.0, gt=0, description="seconds an idle upstream connection is kept for reuse"
     )
 
+    @property
+    def offers_local(self) -> bool:
+        """True when the embedded model is to be offered as a group (no configured group has its name)."""
+        return self.local.enabled and self.local.name not in self.groups
+
+    def with_local(self, url: str, model: str | None = None) -> GatewaySection:
+        """This section with the embedded model's group at ``url`` added (when :attr:`offers_local`)."""
+        if not self.offers_local:
+            return self
+        return self.model_copy(
+            update={"groups": {**self.groups, self.local.name: self.local.group(url, model)}}
+        )
+
     @model_validator(mode="after")
     def _check_groups(self) -> GatewaySection:
+        # A configured group may fall back to the embedded model's group, which is added at start.
+        known = set(self.groups) | ({self.local.name} if self.offers_local else set())
         for name, group in self.groups.items():
             if not _NAME.match(name):
                 raise ValueError(f"groups: {name!r} is not a usable model name")
             for i, fallback in enumerate(group.fallbacks):
                 if fallback == name:
                     raise ValueError(f"groups.{name}.fallbacks[{i}]: a group cannot fall back to itself")
-                if fallback not in self.groups:
+                if fallback not in known:
                     raise ValueError(
-                        f"groups.{name}.fallbacks[{i}]: unknown group {fallback!r}; "
-                        f"known: {sorted(self.groups)}"
+                        f"groups.{name}.fallbacks[{i}]: unknown group {fallback!r}; known: {sorted(known)}"
                     )
             if len(set(group.fallbacks)) != len(group.fallbacks):
                 raise ValueError(f"groups.{name}.fallbacks: a group is listed twice")

@@ -28,7 +28,7 @@ from brownout.events import DEFAULT_BUS, EventBus
 from brownout.gateway.router import Gateway
 from brownout.health.modes import SystemModes
 from brownout.llm.client import ModelClient
-from brownout.llm.local import LocalModelServer
+from brownout.llm.local import LocalModelServer, free_port
 from brownout.llm.types import EndpointConfig
 from brownout.policies.deadline import deadline
 from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
@@ -105,8 +105,18 @@ class Runtime:
             interval=config.server.live_interval,
             max_clients=config.server.live_max_clients,
         )
-        # The OpenAI-compatible gateway's model groups (its HTTP client opens in start()).
-        self.gateway = Gateway(config.gateway, clock=clock, events=events)
+        # The OpenAI-compatible gateway's model groups (its HTTP client opens in start()). Out of the
+        # box it offers the generator's embedded model as the group "local", so an OpenAI client works
+        # with no configuration: that server's port is chosen now, for the group's URL, and the server
+        # is started on it in start().
+        self._local_ports: dict[str, int] = {}
+        gateway_config = config.gateway
+        local_role = config.gateway_local_role
+        if local_role is not None:
+            self._local_ports[local_role] = free_port()
+            url = f"http://127.0.0.1:{self._local_ports[local_role]}"
+            gateway_config = gateway_config.with_local(url, model=local_role)
+        self.gateway = Gateway(gateway_config, clock=clock, events=events)
         self._monitor: asyncio.Task[None] | None = None
         self._db_watch: asyncio.Task[None] | None = None
         self._schema_ready = False
@@ -131,6 +141,7 @@ class Runtime:
                 local = cfg.models.local
                 server = LocalModelServer(
                     role,
+                    port=self._local_ports.get(role),
                     threads=local.threads,
                     ctx=local.ctx,
                     model_path=local.model_path,
