@@ -62,9 +62,12 @@ __all__ = [
     "LiveClient",
     "LiveHub",
     "LiveMessage",
+    "PROBE_PATHS",
+    "ProbeAccessFilter",
     "TooManyClients",
     "WebhookSender",
     "install",
+    "quiet_probes",
     "run_server",
     "snapshot",
 ]
@@ -858,8 +861,47 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) ->
     return host is not None and urlsplit(origin).netloc == host
 
 
+PROBE_PATHS = frozenset(
+    {"/health", "/health/llm", "/health/gateway", "/metrics", "/api/v1/status", "/api/v1/events"}
+)
+"""Paths that load balancers, Prometheus, ``brownout status`` and the dashboard ask over and over."""
+
+
+class ProbeAccessFilter(logging.Filter):
+    """Moves the access-log lines of health checks, metric scrapes and live polls to DEBUG.
+
+    Probes used to be two thirds of the log at the default level (351 of 516 lines), burying the
+    requests someone made. Attached to uvicorn's access logger: a probe's line becomes a DEBUG record,
+    written only when that logger is at DEBUG (``--log-level debug``); every other request logs as before.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False to drop a probe's line at INFO; probe lines that pass are relabelled DEBUG."""
+        args = record.args
+        # uvicorn's access record: (client address, method, path with query, HTTP version, status).
+        if not isinstance(args, tuple) or len(args) < 5 or record.levelno != logging.INFO:
+            return True
+        if str(args[2]).partition("?")[0] not in PROBE_PATHS:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_probes(log_level: str = "info") -> None:
+    """Keep health checks out of the log below ``debug``: the probes' access lines (see
+    :class:`ProbeAccessFilter`) and httpx's line per outgoing request -- the server's own model health
+    probes (every role, every ``models.health_interval``) and model calls, which the metrics count.
+    """
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, ProbeAccessFilter) for f in access.filters):
+        access.addFilter(ProbeAccessFilter())
+    debug = log_level.lower() in ("debug", "trace")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
 def run_server(app: FastAPI, **options: Any) -> None:
-    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams.
+    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams,
+    and health checks stay out of the log below ``log_level="debug"`` (:func:`quiet_probes`).
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
@@ -873,9 +915,11 @@ def run_server(app: FastAPI, **options: Any) -> None:
             runtime.live.close_clients_soon()
             super().handle_exit(sig, frame)
 
+    config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
+    quiet_probes(str(options.get("log_level") or "info"))
     # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
     with contextlib.suppress(KeyboardInterrupt):
-        _Server(uvicorn.Config(app, **options)).run()
+        _Server(config).run()
 
 
 def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
