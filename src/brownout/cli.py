@@ -3,7 +3,7 @@
 * ``brownout serve [--config FILE]`` -- the creative-brief server on its embedded defaults (three local
   model servers, in-memory cache, SQLite), or as configured;
 * ``brownout brief "text" [--mode creative] [--url URL]`` -- ask a running server for a brief;
-* ``brownout check --url URL`` -- seed 004's pre-promotion checklist (exit 0: "safe to promote");
+* ``brownout check --url URL`` -- the checklist before promoting a canary (exit 0: "safe to promote");
 * ``brownout status --url URL`` -- the live state of a running server as a table;
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
@@ -127,8 +127,10 @@ def check(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer.")] = 30.0,
     as_json: JsonFlag = False,
 ) -> None:
-    """Seed 004's pre-promotion checklist: JSON guard, breakers closed, cache expiry, models healthy.
+    """Check a running server before promoting it (a canary, say) to take all traffic.
 
+    Checks that the JSON guard is on with at least 3 retries and its fallback, every circuit breaker
+    is closed, the cache's expiry and regeneration work, and every model passes a live test inference.
     Exit 0 and "safe to promote" when every check passes; else exit 1 naming what failed.
     """
     from brownout.checks import run_checks

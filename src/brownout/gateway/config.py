@@ -96,12 +96,10 @@ class GatewayEndpoint(_Section):
 class GatewayBreakerSection(_Section):
     """Each endpoint's circuit breaker; the keys and defaults of the ``circuit_breaker`` section."""
 
-    failure_threshold: float = Field(
-        default=0.5, gt=0, le=1, description="failure rate that opens (seed: 0.5)"
-    )
-    success_threshold: int = Field(default=5, ge=1, description="successful probes that close (seed: 5)")
-    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing (seed: 60)")
-    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open (seed: 3)")
+    failure_threshold: float = Field(default=0.5, gt=0, le=1, description="failure rate that opens")
+    success_threshold: int = Field(default=5, ge=1, description="successful probes that close")
+    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing")
+    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open")
     minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
     window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
 
@@ -129,12 +127,10 @@ class GatewayAdmissionSection(_Section):
     """Admission control of one group: requests served at once and waiting (seed 000's queue)."""
 
     max_concurrent: int = Field(default=100, ge=1, description="requests of this group served at once")
-    max_queue: int = Field(
-        default=500, ge=0, description="requests waiting for a slot before 429 (seed: 500)"
-    )
+    max_queue: int = Field(default=500, ge=0, description="requests waiting for a slot before 429")
     max_wait: float = Field(default=30.0, gt=0, description="longest wait for a slot, seconds")
     retry_after: float = Field(
-        default=30.0, ge=1, description="Retry-After on a 429 before a service time is known (seed: 30)"
+        default=30.0, ge=1, description="Retry-After on a 429 before a service time is known"
     )
 
     def policy(self) -> AdmissionConfig:
@@ -152,8 +148,8 @@ class GatewayCacheSection(_Section):
     """Exact-match response cache of one group, for deterministic requests (temperature 0, no stream)."""
 
     enabled: bool = Field(default=False, description="cache answers to temperature-0 requests")
-    max_entries: int = Field(default=1000, ge=1, description="answers kept (seed: 1000)")
-    ttl: float = Field(default=600.0, gt=0, description="seconds an answer is served (seed: 600)")
+    max_entries: int = Field(default=1000, ge=1, description="answers kept")
+    ttl: float = Field(default=600.0, gt=0, description="seconds an answer is served")
 
     def policy(self) -> CacheConfig:
         """The settings as a :class:`~brownout.policies.cache.CacheConfig` (no early refresh: an LLM

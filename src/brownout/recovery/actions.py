@@ -392,7 +392,7 @@ def brief_server_actions(
         return f"{', '.join(sorted(roles))} switched back on"
 
     actions = [
-        Action(CLEAR_CACHE, "empty the response cache (seed: clear the GPU cache)", clear_cache),
+        Action(CLEAR_CACHE, "empty the response cache", clear_cache),
         Action(
             RESET_BREAKERS,
             "close every circuit breaker (all roles, or one with target=<role>)",
@@ -428,7 +428,7 @@ def brief_server_actions(
         Action(
             FALLBACK_TO_RULES,
             f"until reset, serve a role's stage from its rules (target=<role>); all: switch {generator} "
-            "off, so briefs come from similar earlier ones and the rules (seed: fall back to mock)",
+            "off, so briefs come from similar earlier ones and the rules",
             fallback,
             undo=restore_models,
             takes_target=True,

@@ -13,6 +13,7 @@ by name and :meth:`Scenario.to_markdown` renders the template.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -149,7 +150,7 @@ class Scenario:
             "",
             f"**Category**: {self.category}  ",
             f"**Severity**: {self.severity}  ",
-            f"**Kind**: {self.kind}" + (f"  \n**Seed**: {self.seed}" if self.seed else ""),
+            f"**Kind**: {self.kind}" + (f"  \n**From**: {_plain(self.seed)}" if self.seed else ""),
             "",
             "#### Event",
             self.event,
@@ -177,8 +178,24 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
 
+_DESIGNS = {
+    "000": "the LLM creative-brief ensemble",
+    "001": "the generation service's recovery system",
+    "002": "dynamic pricing on Redis and PostgreSQL",
+    "003": "the distributed ML platform",
+    "004": "the LLM creative-brief ensemble",
+}
+
+
+def _plain(origin: str) -> str:
+    """A scenario's origin in words: the design documents it comes from are numbered internally."""
+    return re.sub(
+        r"\b(00[0-4])\b( (?!\())?", lambda m: _DESIGNS[m.group(1)] + (", " if m.group(2) else ""), origin
+    )
+
+
 _BREAKER = DetectionRow(
-    "Circuit breaker (per endpoint)", "failure rate over the last calls (seed 004: 0.5, qwen 0.4)", "5 calls"
+    "Circuit breaker (per endpoint)", "failure rate over the last calls (0.5; qwen 0.4)", "5 calls"
 )
 _PROBE = DetectionRow("Health monitor", "test inference on every role", "health_interval + health_timeout")
 _CALL = DetectionRow("Model client", "HTTP 5xx / connection error on a call", "immediate")
@@ -424,7 +441,7 @@ CATALOG: tuple[Scenario, ...] = (
         detection=(
             DetectionRow(
                 "Redis health detector",
-                "PING/SET/GET; 3 failures in a row: fallback (seed 002)",
+                "PING/SET/GET; 3 failures in a row: fallback",
                 "redis.timeout",
             ),
             DetectionRow("Shared cache, breakers, locks", "command error or timeout", "immediate"),
@@ -526,7 +543,7 @@ CATALOG: tuple[Scenario, ...] = (
         ),
         response=(
             "Each brief's brief_created event waits in the durable outbox (an fsync'd SQLite spool) instead "
-            "of being dropped (the seed drops events after 5 retries).",
+            "of being dropped (a plain retrying publisher drops events after 5 retries).",
             "When the broker answers, the outbox publishes in order, once per event id; none is lost, "
             "duplicated or dead-lettered.",
         ),
@@ -622,7 +639,7 @@ CATALOG: tuple[Scenario, ...] = (
         event="A CPU-bound call runs on the server's event loop: for one second the generator answers "
         "long malformed JSON (16 000 characters, just under the guard's repair limit), and the JSON "
         "guard repairs each answer with json_repair on the loop -- 50 to 100 ms of CPU per answer. "
-        "Since the guard caps what it repairs, no answer can block the loop past seed 003's 100 ms, so "
+        "Since the guard caps what it repairs, no answer can block the loop past the 100 ms limit, so "
         "the drill runs the detector at 50 ms to have blocks to detect.",
         detection=(
             DetectionRow(

@@ -147,7 +147,7 @@ def report_markdown(results: Sequence[ScenarioResult], charts: dict[str, str] | 
         if template:
             lines += [
                 "",
-                "<details><summary>The scenario (seed 003 template)</summary>",
+                "<details><summary>The scenario</summary>",
                 "",
                 template,
                 "</details>",
