@@ -9,6 +9,7 @@ formula ``min(cap, base * multiplier ** (failures - 1))`` wherever floats can co
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import uuid
@@ -419,3 +420,80 @@ class _NoPublisher:
 
 async def _never_called(key: str, kind: str, payload: dict[str, Any]) -> None:
     raise AssertionError("the backoff tests replay nothing")
+
+
+# -- long outages, end to end ------------------------------------------------------------------------------
+
+# Past 1,024 failures in a row ``2.0 ** failures`` no longer fits in a float: the old replayer died here.
+LONG_OUTAGE = 1_100
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    """Yield to the loop (and the spool's worker thread) until ``condition`` holds; never sleeps."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + 20
+    while not condition():
+        if loop.time() > give_up:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0)
+
+
+async def test_spool_replayer_outlives_a_long_outage_and_delivers(tmp_path: Path) -> None:
+    clock = FakeClock(start=0.0, autojump=True)  # each backoff passes at once, in fake time
+    spool = Spool(tmp_path / "spool.db", clock=clock, events=EventBus(), max_attempts=None)
+    delivered: list[str] = []
+    done = asyncio.Event()
+    failures = 0
+
+    async def database(key: str, kind: str, payload: dict[str, Any]) -> None:
+        nonlocal failures
+        if failures < LONG_OUTAGE:
+            failures += 1
+            raise ConnectionError("database down")
+        delivered.append(key)
+        done.set()
+
+    replayer = SpoolReplayer(spool, database, interval=1.0, max_interval=60.0, multiplier=2.0)
+    try:
+        await spool.append("brief-1", "brief", {"text": "acknowledged before the outage"})
+        replayer.start()
+        task = replayer._task
+        assert task is not None
+        finished, _ = await asyncio.wait(
+            [asyncio.ensure_future(done.wait()), task], timeout=120, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert task not in finished, task.exception() if task.done() else "replayer stopped"
+        assert done.is_set(), f"not delivered after {failures} failures"
+        assert delivered == ["brief-1"]
+        assert replayer.running
+        # Every wait between attempts was on the schedule: doubling from 1 s, then 60 s to the end.
+        waits = [w for w in clock.sleeps if w > 0]
+        assert waits[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
+        assert len(waits) == LONG_OUTAGE
+        assert set(waits[6:]) == {60.0}
+        await eventually(lambda: spool.pending == 0 and replayer.consecutive_failures == 0, "an empty spool")
+    finally:
+        await replayer.aclose()
+        await spool.aclose()
+
+
+async def test_retry_keeps_its_schedule_through_a_long_outage() -> None:
+    clock = FakeClock(start=0.0, autojump=True)
+    config = RetryConfig(
+        max_attempts=LONG_OUTAGE + 1, backoff_base=0.5, backoff_max=30.0, jitter="none", budget_ratio=None
+    )
+    retry = Retry("database", config, clock=clock, events=EventBus())
+    calls = 0
+
+    async def database() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= LONG_OUTAGE:
+            raise ConnectionError("database down")
+        return "written"
+
+    assert await retry.call(database) == "written"
+    assert calls == LONG_OUTAGE + 1
+    assert clock.sleeps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
+    assert len(clock.sleeps) == LONG_OUTAGE
+    assert set(clock.sleeps[6:]) == {30.0}
