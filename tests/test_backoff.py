@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 
 from brownout.durable.outbox import EventOutbox
 from brownout.durable.spool import Spool, SpoolReplayer
+from brownout.errors import GuardFailed
 from brownout.events import EventBus
 from brownout.llm.guard import GuardConfig, JSONGuard
 from brownout.llm.local import LocalModelServer
@@ -497,3 +498,27 @@ async def test_retry_keeps_its_schedule_through_a_long_outage() -> None:
     assert clock.sleeps[:7] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0]
     assert len(clock.sleeps) == LONG_OUTAGE
     assert set(clock.sleeps[6:]) == {30.0}
+
+
+async def test_json_guard_keeps_its_schedule_through_a_long_run_of_bad_answers() -> None:
+    clock = FakeClock(start=0.0, autojump=True)
+    config = GuardConfig(
+        max_retries=LONG_OUTAGE, backoff_base=0.5, backoff_max=30.0, jitter=0.25, repair=False
+    )
+    guard = JSONGuard("brief", _Answer, config, clock=clock, events=EventBus(), rng=random.Random(5))
+    asked = 0
+
+    async def model(messages: list[Any], max_tokens: int, response_format: dict[str, Any] | None) -> str:
+        nonlocal asked
+        asked += 1
+        return "not JSON at all"
+
+    with pytest.raises(GuardFailed) as failed:
+        await guard.run(model, [{"role": "user", "content": "a fresh citrus scent"}])
+    assert asked == LONG_OUTAGE + 1
+    assert failed.value.attempts == LONG_OUTAGE + 1
+    assert len(clock.sleeps) == LONG_OUTAGE
+    # Doubling from 0.5 s up to 30 s, each plus at most 0.25 s of jitter.
+    for n, wait in enumerate(clock.sleeps, start=1):
+        floor = min(30.0, 0.5 * 2.0 ** min(n - 1, 10))
+        assert floor <= wait <= floor + 0.25, (n, wait)
