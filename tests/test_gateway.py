@@ -711,7 +711,9 @@ async def test_json_guard_passes_valid_answers_and_gives_up_after_one_reask(fake
 async def test_malformed_requests_get_openai_style_errors(fakes: Any) -> None:
     fake = await fakes("ok")
     async with gateway({"chat": group(fake)}, max_body_bytes=2048) as gw:
-        r = await gw.http.post("/v1/chat/completions", content=b"{not json")
+        r = await gw.http.post(
+            "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_request_error")
         r = await gw.http.post("/v1/chat/completions", json=["a", "list"])
         assert r.status_code == 400
@@ -724,7 +726,8 @@ async def test_malformed_requests_get_openai_style_errors(fakes: Any) -> None:
         assert r.status_code == 400
         r = await gw.post(chat(padding="x" * 4096))
         assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large")
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert set(r.json()["error"]) == {"message", "type", "param", "code", "limit_bytes"}
+        assert r.json()["error"]["limit_bytes"] == 2048
     assert fake.chat_requests == 0
 
 
