@@ -118,6 +118,11 @@ def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
     return answer
 
 
+def _generic() -> dict[str, Any]:
+    """Any other 4xx (e.g. 405 for a wrong method) and 5xx: the same shape."""
+    return {"4XX": _error("The request was refused"), "5XX": _error("The gateway failed")}
+
+
 def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     """Add the gateway's paths and their schemas to the OpenAPI document ``schema`` (changed in place,
     and returned)."""
@@ -158,6 +163,7 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                         "415": _error("Not sent as Content-Type: application/json"),
                         "429": _error("The group is at capacity (`overloaded`)", retry=True),
                         "503": _error("No endpoint of the group or its fallbacks answered", retry=True),
+                        **_generic(),
                     },
                 }
             },
@@ -166,7 +172,10 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                     "tags": tags,
                     "summary": "The model groups (OpenAI-compatible)",
                     "operationId": "list_models",
-                    "responses": {"200": {"description": "The model groups", "content": _json("ModelList")}},
+                    "responses": {
+                        "200": {"description": "The model groups", "content": _json("ModelList")},
+                        **_generic(),
+                    },
                 }
             },
             "/health/gateway": {
@@ -180,6 +189,7 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                             "No group can answer: the error shape, with the groups' state next to it",
                             retry=True,
                         ),
+                        **_generic(),
                     },
                 }
             },

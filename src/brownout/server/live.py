@@ -53,7 +53,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, WebhooksSection
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
-from brownout.server.errors import error_response
+from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
     from brownout.server.runtime import Runtime
@@ -902,7 +902,7 @@ def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "snapshot, event and alert messages"},
-            503: {"description": "too many live clients (the error shape, with retry_after)"},
+            503: {"model": ErrorResponse, "description": "too many live clients"},
         },
     )
     async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
