@@ -445,3 +445,18 @@ def test_every_error_made_is_the_one_shape(status: int, message: str, retry_afte
     if status in (429, 503):
         assert error.retry_after is not None
         assert error.retry_after >= 1
+
+
+async def test_the_brief_cli_says_what_the_server_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from brownout.cli import app
+
+    async with live_stack(tmp_path) as stack:
+        # The CLI is synchronous: it runs in a thread while this loop serves the app.
+        result = await asyncio.to_thread(
+            CliRunner().invoke, app, ["brief", "a rose perfume", "--mode", "turbo", "--url", stack.url]
+        )
+    assert result.exit_code == 1
+    assert "HTTP 422 invalid_request_error: mode: Input should be" in result.stderr
+    assert json.loads(result.stdout)["error"]["param"] == "mode"

@@ -35,6 +35,7 @@ from brownout.gateway.router import Gateway, Group
 from brownout.gateway.routes import install_gateway
 from brownout.policies.breaker import BreakerState
 from brownout.server.app import create_app
+from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
 
@@ -572,7 +573,8 @@ async def test_a_stream_that_breaks_mid_way_ends_with_an_explicit_error_event(fa
         assert last.startswith("event: error\ndata: ")
         error = json.loads(last.split("data: ", 1)[1])["error"]
         assert error["code"] == "stream_interrupted"
-        assert error["type"] == "upstream_error"
+        assert error["type"] == "service_unavailable"
+        ErrorResponse.model_validate({"error": error})  # the one error shape, mid-stream too
         assert breaker_of(gw.gateway, "chat", 0).metrics().failures == 1
         assert gw.group().stats.outcomes["stream_error"] == 1
         assert gw.group().endpoints[0].in_flight == 0
