@@ -112,11 +112,26 @@ def brief(
     except httpx.HTTPError as e:
         typer.echo(f"cannot reach {url}: {e}", err=True)
         raise typer.Exit(1) from e
-    typer.echo(json.dumps(response.json(), indent=2, ensure_ascii=False))
-    if response.status_code >= 400:
-        retry = response.headers.get("Retry-After")
-        typer.echo(f"HTTP {response.status_code}" + (f"; retry after {retry}s" if retry else ""), err=True)
-        raise typer.Exit(1)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code < 400:
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    # Every refusal is {"error": {"message", "type", "code", "param", ...}} (brownout.server.errors).
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        retry = error.get("retry_after") or response.headers.get("Retry-After")
+        typer.echo(
+            f"HTTP {response.status_code} {error.get('type')}: {error.get('message')}"
+            + (f"; retry after {retry}s" if retry else ""),
+            err=True,
+        )
+    else:
+        typer.echo(f"HTTP {response.status_code}: {response.text[:500]}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Header, WebSocket
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -53,6 +53,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, WebhooksSection
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
+from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
     from brownout.server.runtime import Runtime
@@ -901,7 +902,7 @@ def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "snapshot, event and alert messages"},
-            503: {"description": "too many live clients"},
+            503: {"model": ErrorResponse, "description": "too many live clients"},
         },
     )
     async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
@@ -910,9 +911,7 @@ def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
         try:
             client = hub.connect(after=after)
         except TooManyClients as e:
-            return JSONResponse(
-                {"error": str(e), "retry_after": 5}, status_code=503, headers={"Retry-After": "5"}
-            )
+            return error_response(503, str(e), code="too_many_clients", retry_after=5)
 
         async def stream() -> AsyncIterator[str]:
             try:
