@@ -143,7 +143,7 @@ CHECKS: tuple[tuple[str, Callable[[httpx.Client], CheckResult]], ...] = (
     ("LLM health", _health),
     ("durable writes", _durable),
 )
-"""The checklist: seed 004's four guards in its order, then durable writes: (name, check)."""
+"""The checklist: the four pre-promotion guards in their usual order, then durable writes: (name, check)."""
 
 
 def run_checks(
