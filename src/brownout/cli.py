@@ -58,8 +58,7 @@ def serve(
 
     from brownout.config import load_config
     from brownout.errors import ConfigError
-    from brownout.server.app import create_app
-    from brownout.server.live import run_server
+    from brownout.server.listener import listen
 
     try:
         cfg = load_config(config)
@@ -73,6 +72,16 @@ def serve(
         overrides["port"] = port
     if overrides:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+    # The port first: a second server on the same config stops here, before it starts model servers
+    # or opens the database or the spool (uvicorn would start all of those before binding).
+    try:
+        sock = listen(cfg.server.host, cfg.server.port)
+    except ConfigError as e:
+        typer.echo(f"cannot start: {e}", err=True)
+        raise typer.Exit(2) from e
+    from brownout.server.app import create_app
+    from brownout.server.live import run_server
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
     typer.echo(
@@ -83,6 +92,7 @@ def serve(
         # shutdown is bounded anyway.
         run_server(
             app,
+            sockets=[sock],
             host=cfg.server.host,
             port=cfg.server.port,
             log_level=log_level.lower(),

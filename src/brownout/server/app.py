@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brownout.briefs.service import BriefService
 from brownout.config import ROLES, BrownoutConfig
+from brownout.durable.spool import Spool
 from brownout.errors import ServiceUnavailable
 from brownout.gateway.routes import CHAT_PATH, gateway_openapi, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
@@ -590,6 +591,7 @@ def _spool_status(rt: Runtime) -> dict[str, Any]:
         "last_error": st.last_error,
         "alert": st.alert,
         "dead_letters": st.dead,
+        "lost": _lost(rt.spool),
     }
 
 
@@ -604,6 +606,21 @@ def _outbox_status(rt: Runtime) -> dict[str, Any]:
         "published": st.replayed,
         "dead_letters": st.dead,
         "last_error": st.last_error,
+        "lost": _lost(rt.outbox.spool),
+    }
+
+
+_LOST_IDS = 100
+"""Lost entries named in /health (``count`` says how many there are in all)."""
+
+
+def _lost(spool: Spool) -> dict[str, Any]:
+    """Acknowledged entries a damaged spool file lost (found on open, kept until cleared)."""
+    lost = spool.lost
+    return {
+        "count": len(lost),
+        "ids": [e.key for e in lost[:_LOST_IDS]],
+        "files": sorted({e.file for e in lost}),
     }
 
 

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -51,6 +52,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, WebhooksSection
+from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
 from brownout.server.errors import ErrorResponse, error_response
@@ -859,11 +861,16 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) ->
     return host is not None and urlsplit(origin).netloc == host
 
 
-def run_server(app: FastAPI, **options: Any) -> None:
+def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
     """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams.
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
+
+    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
+    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
+    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
+    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
     """
     import uvicorn
 
@@ -874,9 +881,17 @@ def run_server(app: FastAPI, **options: Any) -> None:
             runtime.live.close_clients_soon()
             super().handle_exit(sig, frame)
 
-    # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
-    with contextlib.suppress(KeyboardInterrupt):
-        _Server(uvicorn.Config(app, **options)).run()
+    server = _Server(uvicorn.Config(app, **options))
+    try:
+        # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+    except SystemExit:
+        # uvicorn exits (status 3) when the startup failed; a setting at fault is named instead.
+        error = runtime.start_error
+        if isinstance(error, ConfigError):
+            raise error from None
+        raise
 
 
 def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
