@@ -154,6 +154,8 @@ def _mutations() -> list[tuple[str, str, str]]:
         ("LLMModelUnhealthy", "== 0", "== 1"),
         ("SpoolBacklog", "> 100", ">= 100"),
         ("SpoolDeadLetters", "> 0", "> 5"),
+        ("SpoolEntriesLost", "> 0", "> 30"),
+        ("SpoolEntriesLost", "sum without (pid) (spool_lost_entries)", "sum(spool_lost_entries)"),
     ]
 
 

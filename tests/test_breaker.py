@@ -148,6 +148,10 @@ def test_state_metric_values() -> None:
         ({"half_open_retry_after": -1}, "half_open_retry_after"),
         ({"window_type": "sliding"}, "window_type"),
         ({"failure_threshold": 0.5}, "failure_threshold"),
+        # inf and NaN never mean anything a user wants, and the shared breaker's Lua cannot take them
+        ({"open_wait": float("inf")}, "open_wait"),
+        ({"open_wait_max": float("inf")}, "open_wait_max"),
+        ({"failure_rate_threshold": float("nan")}, "failure_rate_threshold"),
     ],
 )
 def test_invalid_config_names_the_field(settings: dict[str, Any], field: str) -> None:

@@ -23,7 +23,7 @@ from brownout.server.check import cache_selftest, config_summary
 from live_helpers import live_stack, make_config
 
 TRIP: dict[str, Any] = {"circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600}}
-NAMES = ["JSON hard guard", "circuit breakers", "cache LRU+TTL", "LLM health"]
+NAMES = ["JSON hard guard", "circuit breakers", "cache LRU+TTL", "LLM health", "durable writes"]
 
 
 async def cli(*args: str) -> tuple[int, str]:
@@ -148,6 +148,7 @@ async def test_a_healthy_server_is_safe_to_promote(tmp_path: Path) -> None:
         assert "PASS circuit breakers: all 3 closed (llama, mistral, qwen)" in out
         assert "expiry and regeneration verified (9 steps)" in out
         assert "PASS LLM health: all 3 healthy" in out
+        assert "PASS durable writes: no acknowledged write lost" in out
         # The checks only read: no breaker moved, no brief was served, nothing was cached.
         assert all(stack.breaker(r).state.value == "closed" for r in ("qwen", "mistral", "llama"))
         service = stack.runtime.service
@@ -169,6 +170,7 @@ async def test_an_unsafe_server_names_every_failed_check(tmp_path: Path) -> None
         assert results["cache LRU+TTL"].ok is True
         assert results["LLM health"].ok is False
         assert results["LLM health"].detail == "unhealthy: llama (circuit_breaker_open)"
+        assert results["durable writes"].ok is True
 
         code, out = await cli("check", "--url", stack.url, "--json")
         assert code == 1

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 from brownout.chaos.drills import CATALOG, OUTCOMES, Load, classify, missing, scenario
 from brownout.chaos.drills.catalog import REQUIREMENT_NOTES
+from brownout.chaos.drills.load import refusal_info
 from brownout.chaos.drills.runner import PLAYS, REQUIREMENTS
 from brownout.cli import app
+from brownout.server.errors import error_bytes
 from brownout.testing_servers import ensure_installed
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
@@ -112,17 +114,41 @@ def _answer(requested: str, served: str, by: list[str], **extra: Any) -> dict[st
         (200, {}, _answer("fast", "fast", ["model:qwen"], degraded=True, reliability="low"), "fallback"),
         (200, {}, _answer("fast", "fast", ["cache"], cached=True, degraded=False), "full"),
         (200, {}, {"detail": "no brief"}, "failed"),
-        (503, {"retry-after": "30"}, {"error": "busy"}, "rejected"),
-        (429, {"retry-after": "2"}, {"error": "slow down"}, "rejected"),
-        (503, {}, {"error": "down"}, "failed"),
+        (503, {"retry-after": "30"}, json.loads(error_bytes(503, "busy", retry_after=30)), "rejected"),
+        (429, {"retry-after": "2"}, json.loads(error_bytes(429, "slow down", retry_after=2)), "rejected"),
+        (503, {}, json.loads(error_bytes(503, "down")), "failed"),
         (500, {}, None, "failed"),
-        (422, {}, {"detail": "bad"}, "failed"),
+        (422, {}, json.loads(error_bytes(422, "bad")), "failed"),
     ],
 )
 def test_classify(status: int, headers: dict[str, str], body: Any, expected: str) -> None:
     requested = body.get("requested_mode", "creative") if isinstance(body, dict) else "creative"
     outcome, _ = classify(status, headers, body, requested)
     assert outcome == expected
+
+
+def test_refusal_info_reads_the_servers_error_shape() -> None:
+    body = json.loads(
+        error_bytes(
+            503,
+            "the queue is full",
+            type="rate_limit_error",
+            code="overloaded",
+            retry_after=2.5,
+            queue_size=500,
+            suggestion="use mode=fast",
+        )
+    )
+    assert refusal_info(body) == {
+        "error": "the queue is full",
+        "retry_after": 3,
+        "queue_size": 500,
+        "suggestion": "use mode=fast",
+        "type": "rate_limit_error",
+        "code": "overloaded",
+    }
+    assert refusal_info({"brief": {}}) is None
+    assert refusal_info(None) is None
 
 
 def test_load_goes_to_the_local_machine_only() -> None:

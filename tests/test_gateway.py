@@ -35,6 +35,7 @@ from brownout.gateway.router import Gateway, Group
 from brownout.gateway.routes import install_gateway
 from brownout.policies.breaker import BreakerState
 from brownout.server.app import create_app
+from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
 
@@ -572,7 +573,8 @@ async def test_a_stream_that_breaks_mid_way_ends_with_an_explicit_error_event(fa
         assert last.startswith("event: error\ndata: ")
         error = json.loads(last.split("data: ", 1)[1])["error"]
         assert error["code"] == "stream_interrupted"
-        assert error["type"] == "upstream_error"
+        assert error["type"] == "service_unavailable"
+        ErrorResponse.model_validate({"error": error})  # the one error shape, mid-stream too
         assert breaker_of(gw.gateway, "chat", 0).metrics().failures == 1
         assert gw.group().stats.outcomes["stream_error"] == 1
         assert gw.group().endpoints[0].in_flight == 0
@@ -711,7 +713,9 @@ async def test_json_guard_passes_valid_answers_and_gives_up_after_one_reask(fake
 async def test_malformed_requests_get_openai_style_errors(fakes: Any) -> None:
     fake = await fakes("ok")
     async with gateway({"chat": group(fake)}, max_body_bytes=2048) as gw:
-        r = await gw.http.post("/v1/chat/completions", content=b"{not json")
+        r = await gw.http.post(
+            "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        )
         assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_request_error")
         r = await gw.http.post("/v1/chat/completions", json=["a", "list"])
         assert r.status_code == 400
@@ -724,7 +728,8 @@ async def test_malformed_requests_get_openai_style_errors(fakes: Any) -> None:
         assert r.status_code == 400
         r = await gw.post(chat(padding="x" * 4096))
         assert (r.status_code, r.json()["error"]["code"]) == (413, "request_too_large")
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert set(r.json()["error"]) == {"message", "type", "param", "code", "limit_bytes"}
+        assert r.json()["error"]["limit_bytes"] == 2048
     assert fake.chat_requests == 0
 
 

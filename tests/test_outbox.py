@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -141,3 +143,43 @@ async def test_breaker_and_mode_changes_are_taken_from_the_bus(
     bus.emit(BreakerStateChanged("qwen", 3.0, "open", "half_open", "wait"))  # unsubscribed: ignored
     await asyncio.sleep(0)
     assert publisher.published == 2
+
+
+def crash_damaged_copy(path: Path, into: Path) -> Path:
+    """The outbox's files as a kill -9 leaves them (main file, log, ledger), with the log cut to 0."""
+    into.mkdir()
+    for suffix in ("", "-wal", ".ledger", ".ledger-wal"):
+        if Path(f"{path}{suffix}").exists():
+            shutil.copyfile(f"{path}{suffix}", into / f"{path.name}{suffix}")
+    copy = into / path.name
+    os.truncate(f"{copy}-wal", 0)
+    return copy
+
+
+async def test_events_lost_from_a_damaged_outbox_are_reported_and_the_rest_still_go_out(
+    make_redis_server: Callable[..., RedisServer], tmp_path: Path, clock: FakeClock
+) -> None:
+    server = make_redis_server()
+    client: Redis = Redis.from_url(server.url, retry=Retry(NoBackoff(), 0), socket_connect_timeout=1)
+    publisher = RedisStreamPublisher(client, stream=STREAM)
+    path = tmp_path / "outbox.db"
+    outbox = EventOutbox(path, publisher, clock=clock, events=EventBus())
+    try:
+        await outbox.start()
+        server.stop()  # the broker is down: events wait in the outbox file
+        ids = [await outbox.add("brief_created", {"n": i}) for i in range(12)]
+        damaged = await asyncio.to_thread(crash_damaged_copy, path, tmp_path / "crashed")
+        await outbox.aclose()
+        server.start()
+        outbox = EventOutbox(damaged, publisher, clock=clock, events=EventBus())
+        await outbox.start()
+        assert [e.key for e in outbox.spool.lost] == ids
+        assert outbox.stats().lost == 12
+        later = await outbox.add("brief_created", {"n": 99})
+        await until(lambda: outbox.stats().pending == 0, "the new event to go out")
+        assert [g[0] for g in await stream(client)] == [later]
+        assert await outbox.clear_lost(ids[:2]) == 2
+        assert outbox.stats().lost == 10
+    finally:
+        await outbox.aclose()
+        await client.aclose()

@@ -2,11 +2,13 @@
 
 The app runs on uvicorn on 127.0.0.1 (in a thread with its own event loop, since schemathesis's pytest
 integration is synchronous), each model role on a healthy :class:`~brownout.chaos.fakellm.FakeLLM`,
-so nothing heavy runs: no local model, no real upstream. Every operation of the spec gets up to
+so nothing heavy runs: no local model, no real upstream. Every operation of the spec (the gateway's
+too: they are in the document) gets up to
 ``MAX_EXAMPLES`` generated requests (valid and invalid bodies, parameters and headers), derandomized
 so a run is repeatable. Left out: ``GET /api/v1/events`` (an endless stream; ``tests/test_live.py``
 covers it). Admin operations are called without the token, so they must refuse (401) and never act:
-a generated recovery action would otherwise really run.
+a generated recovery action would otherwise really run. Every error answer must be the one error
+shape (:class:`~brownout.server.errors.ErrorResponse`).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, settings
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import CheckContext, not_a_server_error
 
 from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES
 from brownout.events import EventBus
 from brownout.server.app import create_app
+from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
 from live_helpers import make_config, serve_app, until
 
@@ -106,6 +109,17 @@ def _spec() -> dict[str, Any]:
 schema = schemathesis.openapi.from_dict(_spec()).exclude(path="/api/v1/events")
 
 
+def error_shape(ctx: CheckContext, response: Any, case: schemathesis.Case) -> bool | None:
+    """A 4xx/5xx answer is JSON of the one error shape (retry_after on 429/503)."""
+    if response.status_code < 400:
+        return None
+    error = ErrorResponse.model_validate_json(response.content).error
+    assert error.message, case.path
+    if response.status_code in (429, 503):
+        assert error.retry_after is not None, case.path
+    return None
+
+
 @schema.parametrize()
 @settings(
     max_examples=MAX_EXAMPLES,
@@ -115,7 +129,7 @@ schema = schemathesis.openapi.from_dict(_spec()).exclude(path="/api/v1/events")
     suppress_health_check=list(HealthCheck),
 )
 def test_no_operation_answers_with_a_server_error(case: schemathesis.Case, app_url: str) -> None:
-    case.call_and_validate(base_url=app_url, checks=[not_a_server_error], timeout=30)
+    case.call_and_validate(base_url=app_url, checks=[not_a_server_error, error_shape], timeout=30)
 
 
 def test_the_spec_covers_the_operations_routes(app_url: str) -> None:
@@ -134,5 +148,8 @@ def test_the_spec_covers_the_operations_routes(app_url: str) -> None:
         "/api/v1/events",
         "/dashboard",
         "/api/v1/recovery/trigger",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health/gateway",
     ):
         assert path in paths, path

@@ -95,7 +95,8 @@ async def test_admin_endpoints_are_refused_without_a_configured_token(tmp_path: 
     async with live_stack(tmp_path) as stack, httpx.AsyncClient(base_url=stack.url) as http:
         response = await http.post("/api/v1/recovery/reset", headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status_code == 403
-        assert "admin_token" in response.json()["detail"]
+        assert "admin_token" in response.json()["error"]["message"]
+        assert response.json()["error"]["type"] == "permission_error"
 
 
 async def test_no_secret_reaches_a_log_or_an_answer(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

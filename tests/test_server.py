@@ -666,10 +666,11 @@ async def test_a_full_queue_answers_503_with_retry_after(fakes: dict[str, FakeLL
                 brief_of(response.json())
                 continue
             assert int(response.headers["Retry-After"]) >= 1
-            body = response.json()
-            assert body["queue_size"] == 2
-            assert "fast" in body["suggestion"]
-            assert body["retry_after"] == int(response.headers["Retry-After"])
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("rate_limit_error", "overloaded")
+            assert error["queue_size"] == 2
+            assert "fast" in error["suggestion"]
+            assert error["retry_after"] == int(response.headers["Retry-After"])
         metrics = await stack.metrics()
         assert sample(metrics, "brief_rejections_total", reason="queue_full") == 5
         assert sample(metrics, "http_errors_total", status="503") == 5
@@ -716,7 +717,8 @@ async def test_oversized_bodies_are_refused_with_413(fakes: dict[str, FakeLLM], 
         big = {"text": "rose " * 400, "mode": "fast"}
         response = await stack.http.post("/v1/briefs", json=big)
         assert response.status_code == 413
-        assert response.json() == {"error": "request body too large", "limit_bytes": 1024}
+        assert response.json()["error"]["limit_bytes"] == 1024
+        assert response.json()["error"]["code"] == "request_too_large"
 
         # The same without a Content-Length header (a chunked upload) is cut off while reading.
         async def chunks() -> AsyncIterator[bytes]:
@@ -729,7 +731,8 @@ async def test_oversized_bodies_are_refused_with_413(fakes: dict[str, FakeLLM], 
             "/v1/briefs", content=chunks(), headers={"content-type": "application/json"}
         )
         assert response.status_code == 413
-        assert response.json() == {"error": "request body too large", "limit_bytes": 1024}
+        assert response.json()["error"]["limit_bytes"] == 1024
+        assert response.json()["error"]["code"] == "request_too_large"
         assert fakes["qwen"].chat_requests == before
         metrics = await stack.metrics()
         assert sample(metrics, "http_errors_total", status="413") == 2
@@ -754,24 +757,28 @@ async def test_invalid_requests_are_refused_with_422_and_a_reason(
         before = fakes["qwen"].chat_requests
         response = await stack.http.post("/v1/briefs", json=payload)
         assert response.status_code == 422, response.text
-        detail = response.json()["detail"]
+        error = response.json()["error"]
+        assert words in error["message"]
         if field is None:  # refused by the service: one sentence
-            assert isinstance(detail, str)
-            assert words in detail
+            assert error["code"] == "invalid_value"
         else:  # refused by the request model: the field and the problem
-            (error,) = detail
-            assert error["loc"] == ["body", field]
-            assert words in error["msg"]
+            assert error["param"] == field
+            (item,) = error["errors"]
+            assert item["loc"] == ["body", field]
+            assert words in item["msg"]
         assert fakes["qwen"].chat_requests == before
 
 
-async def test_a_body_that_is_not_json_is_refused_with_422(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
+async def test_a_body_that_is_not_json_is_refused_with_400(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
     async with serve(fakes, tmp_path) as stack:
         response = await stack.http.post(
             "/v1/briefs", content=b"{not json", headers={"content-type": "application/json"}
         )
-        assert response.status_code == 422
-        assert "JSON" in response.text
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["code"] == "invalid_json"
+        assert "not valid JSON" in error["message"]
+        assert "line 1 column 2" in error["message"]
 
 
 # -------------------------------------------------------------------------------- 13. health
@@ -814,7 +821,8 @@ async def test_health_llm_checks_each_model(fakes: dict[str, FakeLLM], tmp_path:
         bad = await stack.http.get("/health/llm", params={"model": "qwen"})
         assert bad.status_code == 503
         assert bad.json()["status"] == "unhealthy"
-        assert "qwen" in bad.json()["detail"]
+        assert "qwen" in bad.json()["error"]["message"]
+        assert bad.json()["error"]["retry_after"] == int(bad.headers["Retry-After"])
         # The failed check is remembered: /health and the pipeline see the generator as down.
         assert (await stack.http.get("/health")).json()["models"]["qwen"]["status"] == "unhealthy"
         body = await stack.brief("a rose perfume while qwen is sick", "fast")
@@ -905,7 +913,7 @@ async def test_recovery_reads_and_refuses_admin_actions_without_a_token(
             "/api/v1/recovery/reset", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert refused.status_code == 403
-        assert "admin_token" in refused.json()["detail"]
+        assert "admin_token" in refused.json()["error"]["message"]
         trigger = await stack.http.post("/api/v1/recovery/trigger", json={"action": "clear_cache"})
         assert trigger.status_code == 403
 
@@ -947,7 +955,7 @@ async def test_recovery_reset_with_the_token_closes_every_breaker(
 
         unknown = await stack.http.post("/api/v1/recovery/trigger", json={"action": "reboot"}, headers=auth)
         assert unknown.status_code == 422
-        assert "reboot" in unknown.json()["detail"]
+        assert "reboot" in unknown.json()["error"]["message"]
         bad_target = await stack.http.post(
             "/api/v1/recovery/trigger", json={"action": "reset_breakers", "target": "gpt"}, headers=auth
         )

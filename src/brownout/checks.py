@@ -9,6 +9,12 @@ A canary is safe to promote when all four guards hold:
    manual clock, so nothing waits out the 600 s TTL);
 4. **LLM health** -- every model passes a live test inference (``GET /health/llm?model=all``).
 
+and one more, for the data the service promised to keep:
+
+5. **durable writes** -- no acknowledged brief or event was lost from a damaged spool or outbox file
+   (``GET /health``: ``spool.lost``, ``events.lost``; such a loss is found when the server starts and
+   stays reported until an operator clears it).
+
 Every check reads only; none changes the server's state. A server that cannot be reached, or an
 answer that is not what the check expects, fails the check with the reason.
 """
@@ -109,13 +115,35 @@ def _health(http: httpx.Client) -> CheckResult:
     return CheckResult("LLM health", True, f"all {len(models)} healthy ({latency})")
 
 
+_LOST_NAMED = 10
+"""Lost ids a check result names (the count says how many in all)."""
+
+
+def _durable(http: httpx.Client) -> CheckResult:
+    body = fetch_json(http, "/health", ok_statuses=(200, 503))
+    problems = []
+    for section, what in (("spool", "briefs"), ("events", "events")):
+        lost = (body.get(section) or {}).get("lost")
+        if lost is None:
+            continue  # not configured (events without Redis)
+        count = int(lost["count"])
+        if count:
+            ids = ", ".join(lost["ids"][:_LOST_NAMED]) + (", ..." if count > _LOST_NAMED else "")
+            files = ", ".join(lost.get("files") or [])
+            problems.append(f"{count} acknowledged {what} lost from {files}: {ids}")
+    if problems:
+        return CheckResult("durable writes", False, "; ".join(problems) + " (GET /health lists them)")
+    return CheckResult("durable writes", True, "no acknowledged write lost from the spool or the outbox")
+
+
 CHECKS: tuple[tuple[str, Callable[[httpx.Client], CheckResult]], ...] = (
     ("JSON hard guard", _json_guard),
     ("circuit breakers", _breakers),
     ("cache LRU+TTL", _cache),
     ("LLM health", _health),
+    ("durable writes", _durable),
 )
-"""The checklist, in seed 004's order: (name, check)."""
+"""The checklist: the four pre-promotion guards in their usual order, then durable writes: (name, check)."""
 
 
 def run_checks(

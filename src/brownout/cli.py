@@ -58,8 +58,7 @@ def serve(
 
     from brownout.config import load_config
     from brownout.errors import ConfigError
-    from brownout.server.app import create_app
-    from brownout.server.live import run_server
+    from brownout.server.listener import listen
 
     try:
         cfg = load_config(config)
@@ -73,6 +72,16 @@ def serve(
         overrides["port"] = port
     if overrides:
         cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update=overrides)})
+    # The port first: a second server on the same config stops here, before it starts model servers
+    # or opens the database or the spool (uvicorn would start all of those before binding).
+    try:
+        sock = listen(cfg.server.host, cfg.server.port)
+    except ConfigError as e:
+        typer.echo(f"cannot start: {e}", err=True)
+        raise typer.Exit(2) from e
+    from brownout.server.app import create_app
+    from brownout.server.live import run_server
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)
     typer.echo(
@@ -83,6 +92,7 @@ def serve(
         # shutdown is bounded anyway.
         run_server(
             app,
+            sockets=[sock],
             host=cfg.server.host,
             port=cfg.server.port,
             log_level=log_level.lower(),
@@ -112,11 +122,26 @@ def brief(
     except httpx.HTTPError as e:
         typer.echo(f"cannot reach {url}: {e}", err=True)
         raise typer.Exit(1) from e
-    typer.echo(json.dumps(response.json(), indent=2, ensure_ascii=False))
-    if response.status_code >= 400:
-        retry = response.headers.get("Retry-After")
-        typer.echo(f"HTTP {response.status_code}" + (f"; retry after {retry}s" if retry else ""), err=True)
-        raise typer.Exit(1)
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code < 400:
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    # Every refusal is {"error": {"message", "type", "code", "param", ...}} (brownout.server.errors).
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        retry = error.get("retry_after") or response.headers.get("Retry-After")
+        typer.echo(
+            f"HTTP {response.status_code} {error.get('type')}: {error.get('message')}"
+            + (f"; retry after {retry}s" if retry else ""),
+            err=True,
+        )
+    else:
+        typer.echo(f"HTTP {response.status_code}: {response.text[:500]}", err=True)
+    raise typer.Exit(1)
 
 
 @app.command()

@@ -22,6 +22,10 @@ Which events: ``brief_created`` (from the runtime, for each stored brief), ``bre
 below its mode is not an event of its own (under an outage that would be one per request): its
 ``brief_created`` event carries the requested and served modes.
 
+The outbox file is a :class:`~brownout.durable.spool.Spool`, with its ledger: events acknowledged by
+:meth:`EventOutbox.add` that a crash-damaged file lost are reported on open (``spool.lost``), and one
+process owns the file (a second one gets :class:`~brownout.durable.spool.SpoolInUse`).
+
 The bus calls subscribers synchronously, so the outbox appends from a task: an
 event emitted in the instant before a crash can be lost; nothing the service acknowledged depends on it.
 """
@@ -205,6 +209,13 @@ class EventOutbox:
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Events the broker refused ``max_attempts`` times."""
         return await self.spool.dead_letters(limit)
+
+    async def clear_lost(self, ids: list[str] | None = None) -> int:
+        """Forget events reported lost from a damaged outbox file (``ids``, or all); returns how many.
+
+        They are listed by ``spool.lost`` (and ``/health``'s ``events.lost``) until then.
+        """
+        return await self.spool.clear_lost(ids)
 
     async def requeue_dead(self, ids: list[str] | None = None) -> int:
         """Send dead-lettered events (``ids``, or all) again; returns how many."""

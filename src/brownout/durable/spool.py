@@ -46,25 +46,48 @@ appends are *group-committed*: those that arrive while a commit is in progress s
 transaction and its one fsync, so a thousand concurrent writes cost a handful of fsyncs, each still
 durable before its caller returns. One :class:`Spool` (one process) owns a file at a time; other
 connections may read it.
+
+**The spool knows what it promised.** A crash can leave a damaged file behind -- a truncated
+write-ahead log, a main file cut short or overwritten -- and SQLite then opens what is left without a
+word: acknowledged entries would be gone and the spool would say it holds nothing. So every append
+is also recorded in a *ledger* beside the file (``<spool>.ledger``, its own SQLite file, committed with
+``synchronous=FULL`` in the same group commit, after the spool's own commit and before ``append``
+returns). An entry leaves the ledger only *before* it leaves the spool after a successful replay, so a
+crash between the two only replays the entry again (sinks are idempotent), never reports a false loss;
+dead letters stay in the ledger, since they are still kept. On open, ledger entries whose key is in
+neither the entries nor the dead letters are **lost**: they are logged as an error (file, count, keys),
+recorded in the ledger's ``lost`` table with when and where they were found missing, dropped from the
+promised set, and shown by :attr:`Spool.lost` and ``stats().lost`` until an operator calls
+:meth:`Spool.clear_lost`. Entries are matched by key, not sequence number: a damaged file can hand out
+an old sequence number again, a key names the write itself. A spool file SQLite cannot read at all ("file
+is not a database", "malformed") does not stop the owner: it is renamed aside (``.unreadable-<time>``,
+kept for forensics), a fresh spool is started, and every promised entry is reported lost.
+
+**One owner per file.** The spool holds an exclusive, non-blocking ``flock`` on ``<spool>.lock`` for as
+long as it is open; a second :class:`Spool` on the same file -- in another process or this one -- gets
+:class:`SpoolInUse` at once, naming the file and the owner's process id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar, TypeVarTuple
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import ConfigError, Overloaded, Rejected
+from brownout.errors import BrownoutError, ConfigError, Overloaded, Rejected
 from brownout.events import (
     DEFAULT_BUS,
     CallRejected,
@@ -78,10 +101,12 @@ from brownout.policies.retry import capped_exponential
 __all__ = [
     "BatchSink",
     "DeadLetter",
+    "LostEntry",
     "ReplayResult",
     "Sink",
     "Spool",
     "SpoolEntry",
+    "SpoolInUse",
     "SpoolReplayer",
     "SpoolStats",
     "default_transient",
@@ -176,6 +201,37 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 # AUTOINCREMENT (not plain rowid) so a seq is never reused after the newest entry is deleted: order is
 # the order of appends over the file's whole life, across restarts.
 
+_LEDGER_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS promised (
+    key           TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL,
+    kind          TEXT    NOT NULL,
+    appended_at   REAL    NOT NULL,
+    appended_wall REAL    NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS lost (
+    id            INTEGER PRIMARY KEY,
+    key           TEXT    NOT NULL,
+    seq           INTEGER NOT NULL,
+    kind          TEXT    NOT NULL,
+    appended_at   REAL    NOT NULL,
+    appended_wall REAL    NOT NULL,
+    detected_at   REAL    NOT NULL,
+    file          TEXT    NOT NULL,
+    reason        TEXT    NOT NULL
+);
+"""
+# ``promised``: every acknowledged entry still in the spool file (pending or dead), by key.
+# ``lost``: promised entries found missing on open, kept until an operator clears them.
+# ``appended_at`` is the spool clock's stamp (as in the spool file); ``appended_wall`` and
+# ``detected_at`` are wall-clock Unix times, for the people reading the report.
+
+_CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+"""SQLite's "this file is damaged" answers (primary codes); any other error is not the file's fault."""
+
+_LOG_KEYS: Final = 20
+"""Lost keys named in one log line (the rest are counted)."""
+
 _NEW: Final = 0
 _DUPLICATE: Final = 1
 _FULL: Final = 2
@@ -202,6 +258,7 @@ class SpoolStats:
     run succeeds). ``alert`` is true above ``alert_pending`` entries (seed 000: more than 100).
     ``bytes_on_disk`` is the size of the database file with its WAL and shared-memory files.
     ``dead`` entries were refused ``max_attempts`` times and wait in the dead-letter table.
+    ``lost`` entries were acknowledged but found missing from the file on open (see :attr:`Spool.lost`).
     """
 
     pending: int
@@ -215,6 +272,7 @@ class SpoolStats:
     alert: bool
     bytes_on_disk: int
     dead: int = 0
+    lost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +322,40 @@ class DeadLetter:
     dead_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class LostEntry:
+    """An acknowledged entry found missing from the spool file when it was opened.
+
+    ``seq``, ``kind`` and ``appended_at`` (the spool clock's stamp) are as the entry was spooled;
+    ``appended_wall`` and ``detected_at`` are wall-clock Unix times. ``file`` is the spool file it was
+    missing from -- or, when that file could not be read at all, where the file was moved aside -- and
+    ``reason`` says what was wrong with it. The payload is gone with the entry: the ledger records
+    only what is needed to say *which* writes were lost.
+    """
+
+    key: str
+    seq: int
+    kind: str
+    appended_at: float
+    appended_wall: float
+    detected_at: float
+    file: str
+    reason: str
+
+
+class SpoolInUse(BrownoutError):
+    """Another :class:`Spool` (in this or another process) has the file open: one owner per file.
+
+    ``path`` is the spool file, ``owner_pid`` the process holding it when it could be read (else None).
+    """
+
+    def __init__(self, path: Path, owner_pid: int | None) -> None:
+        owner = f"process {owner_pid}" if owner_pid is not None else "another process"
+        super().__init__(f"spool file {path} is already in use by {owner} (one owner per spool file)")
+        self.path = path
+        self.owner_pid = owner_pid
+
+
 _Append = tuple[str, str, str, float, asyncio.Future[int]]
 _Entry = tuple[int, str, str, dict[str, Any]]
 
@@ -300,6 +392,9 @@ class Spool:
         "_failed",
         "_flusher",
         "_last_error",
+        "_ledger",
+        "_lock_fd",
+        "_lost",
         "_next_replay_at",
         "_nonempty",
         "_oldest",
@@ -345,6 +440,10 @@ class Spool:
         self._closed = False
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # used only on the worker thread
+        self._ledger: sqlite3.Connection | None = None  # likewise
+        self._lock_fd: int | None = None  # the owner lock, held from open to close
+        # Lost entries not cleared yet (replaced whole by the worker thread, so reads are consistent).
+        self._lost: tuple[LostEntry, ...] = ()
         self._queue: list[_Append] = []
         self._flusher: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
@@ -384,6 +483,24 @@ class Spool:
         """True after :meth:`aclose`."""
         return self._closed
 
+    @property
+    def ledger_path(self) -> Path:
+        """The ledger file beside the spool: what was acknowledged, and what was found lost."""
+        return self.path.with_name(self.path.name + ".ledger")
+
+    @property
+    def lock_path(self) -> Path:
+        """The file the owner lock is taken on (it holds the owner's process id)."""
+        return self.path.with_name(self.path.name + ".lock")
+
+    @property
+    def lost(self) -> tuple[LostEntry, ...]:
+        """Acknowledged entries found missing on open, oldest first, until :meth:`clear_lost`.
+
+        Complete once the file is open; they survive restarts (the ledger keeps them).
+        """
+        return self._lost
+
     def stats(self) -> SpoolStats:
         """A snapshot of the counters; see :class:`SpoolStats`. Costs no I/O."""
         oldest = self._oldest
@@ -400,6 +517,7 @@ class Spool:
             alert=self._pending > self.alert_pending,
             bytes_on_disk=self._bytes,
             dead=self._dead,
+            lost=len(self._lost),
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -692,6 +810,14 @@ class Spool:
             for seq, key, kind, text, created, attempts, last_error in rows
         ]
 
+    async def clear_lost(self, keys: list[str] | None = None) -> int:
+        """Forget lost entries (those of ``keys``, or all) once they are dealt with; returns how many.
+
+        For after an operator has looked at them (asked the clients to send those writes again, say).
+        """
+        self._check_open()
+        return await self._call(self._clear_lost, keys)
+
     # ------------------------------------------------------------------ loop-side helpers
 
     def _check_open(self) -> None:
@@ -717,6 +843,32 @@ class Spool:
         if self._conn is not None:
             return self._conn
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim()
+        unreadable: str | None = None
+        try:
+            conn, stored = self._open_file()
+        except sqlite3.DatabaseError as e:
+            if not _is_damaged(e):
+                raise  # locked, I/O error, a directory in the way: not the file's content; retry later
+            # The file's content is damaged beyond what SQLite can read: keep it for forensics, start
+            # a fresh spool so the service keeps taking writes, and report every promised entry lost.
+            aside = _move_aside(self.path, ("", "-wal", "-shm"))
+            unreadable = f"{_describe(e)}; moved aside to {aside}"
+            _log.error("spool %r: %s could not be read (%s)", self.name, self.path, unreadable)
+            conn, stored = self._open_file()
+        try:
+            self._ledger = self._open_ledger()
+            self._reconcile(stored, unreadable)
+        except BaseException:
+            conn.close()
+            self._close_ledger()
+            raise
+        self._conn = conn
+        self._refresh_bytes()
+        return conn
+
+    def _open_file(self) -> tuple[sqlite3.Connection, dict[str, tuple[int, str, float]]]:
+        """Open the spool file, load the counters; returns it with every stored key (pending or dead)."""
         created = not self.path.exists()
         conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         try:
@@ -731,30 +883,200 @@ class Spool:
                 conn.execute("ALTER TABLE spool ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
             if created:
                 _fsync_dir(self.path.parent)  # the new file's directory entry must be durable too
+            # Reading every key walks the tables' pages: a file damaged where the counts do not look
+            # fails here, at open, instead of in the middle of a replay.
+            stored: dict[str, tuple[int, str, float]] = {}
+            for table in ("dead_letters", "spool"):  # a key pending again wins over its dead letter
+                for key, seq, kind, created_at in conn.execute(
+                    f"SELECT key, seq, kind, created_at FROM {table}"
+                ):
+                    stored[key] = (int(seq), str(kind), float(created_at))
             (pending,) = conn.execute("SELECT COUNT(*) FROM spool").fetchone()
             row = conn.execute("SELECT created_at FROM spool ORDER BY seq LIMIT 1").fetchone()
             (dead,) = conn.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
         self._pending = int(pending)
         self._dead = int(dead)
         self._oldest = None if row is None else float(row[0])
-        self._refresh_bytes()
-        return conn
+        return conn, stored
+
+    def _open_ledger(self) -> sqlite3.Connection:
+        path = self.ledger_path
+        for attempt in (1, 2):
+            created = not path.exists()
+            ledger = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+            try:
+                ledger.execute("PRAGMA journal_mode=WAL")
+                # FULL, like the spool: a promise recorded is on disk before append returns, and an
+                # entry's removal is on disk before the entry leaves the spool.
+                ledger.execute("PRAGMA synchronous=FULL")
+                ledger.executescript(_LEDGER_SCHEMA)
+                ledger.execute("SELECT COUNT(*) FROM promised").fetchone()
+                if created:
+                    _fsync_dir(path.parent)
+                return ledger
+            except sqlite3.DatabaseError as e:
+                ledger.close()
+                if attempt == 2 or not _is_damaged(e):
+                    raise
+                # A damaged ledger cannot say what was promised: say so, keep it, and start a new one
+                # (the entries the spool still holds are promised again by _reconcile).
+                aside = _move_aside(path, ("", "-wal", "-shm"))
+                _log.error(
+                    "spool %r: ledger %s could not be read (%s); moved aside to %s -- entries lost "
+                    "before this start cannot be detected",
+                    self.name,
+                    path,
+                    _describe(e),
+                    aside,
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reconcile(self, stored: dict[str, tuple[int, str, float]], unreadable: str | None) -> None:
+        """Compare what the ledger says was promised with what the file holds (at open)."""
+        ledger = self._ledger
+        assert ledger is not None
+        promised = ledger.execute(
+            "SELECT key, seq, kind, appended_at, appended_wall FROM promised ORDER BY seq"
+        ).fetchall()
+        missing = [row for row in promised if row[0] not in stored]
+        keys = {row[0] for row in promised}
+        # Kept by the spool but not in the ledger: a crash between the spool's commit and the ledger's,
+        # a crash between an entry's removal from the ledger and from the spool, or a file written
+        # before the ledger existed. Promise them now, so a later loss of them is noticed too.
+        adopt = [
+            (key, seq, kind, at, time.time()) for key, (seq, kind, at) in stored.items() if key not in keys
+        ]
+        detected = time.time()
+        file = str(self.path)
+        reason = "missing from the spool file (damaged or truncated after a crash?)"
+        if unreadable is not None:
+            reason = f"the spool file could not be read: {unreadable}"
+        if missing or adopt:
+            ledger.execute("BEGIN IMMEDIATE")
+            try:
+                ledger.executemany(
+                    "INSERT INTO lost (key, seq, kind, appended_at, appended_wall, detected_at, file, "
+                    "reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, detected, file, reason) for row in missing],
+                )
+                # Out of the promised set: the fresh file's sequence numbers and keys start over.
+                ledger.executemany("DELETE FROM promised WHERE key = ?", [(row[0],) for row in missing])
+                ledger.executemany(
+                    "INSERT OR REPLACE INTO promised (key, seq, kind, appended_at, appended_wall) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    adopt,
+                )
+                ledger.execute("COMMIT")
+            except BaseException:
+                if ledger.in_transaction:
+                    ledger.execute("ROLLBACK")
+                raise
+        earlier = len(self._load_lost()) - len(missing)
+        if missing:
+            names = ", ".join(row[0] for row in missing[:_LOG_KEYS])
+            more = len(missing) - _LOG_KEYS
+            _log.error(
+                "spool %r: %d acknowledged entr%s LOST from %s (%s): %s%s",
+                self.name,
+                len(missing),
+                "y" if len(missing) == 1 else "ies",
+                file,
+                reason,
+                names,
+                f" and {more} more" if more > 0 else "",
+            )
+        if earlier > 0:
+            _log.error(
+                "spool %r: %d entries reported lost earlier are not cleared yet (Spool.clear_lost)",
+                self.name,
+                earlier,
+            )
+
+    def _load_lost(self) -> tuple[LostEntry, ...]:
+        ledger = self._ledger
+        assert ledger is not None
+        rows = ledger.execute(
+            "SELECT key, seq, kind, appended_at, appended_wall, detected_at, file, reason FROM lost "
+            "ORDER BY id"
+        ).fetchall()
+        self._lost = tuple(LostEntry(*row) for row in rows)
+        return self._lost
+
+    def _clear_lost(self, keys: list[str] | None) -> int:
+        self._db()
+        ledger = self._ledger
+        assert ledger is not None
+        if keys is None:
+            cleared = ledger.execute("DELETE FROM lost").rowcount
+        else:
+            cleared = sum(
+                ledger.execute("DELETE FROM lost WHERE key = ?", (key,)).rowcount for key in set(keys)
+            )
+        self._load_lost()
+        return int(cleared)
+
+    def _claim(self) -> None:
+        """Take the owner lock (non-blocking); raises :class:`SpoolInUse` when someone else holds it."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner: int | None = int(os.pread(fd, 32, 0).decode().strip())
+            except (OSError, ValueError):
+                owner = None
+            os.close(fd)
+            raise SpoolInUse(self.path, owner) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The lock file is never deleted (deleting it would let two owners lock two different files);
+        # it only says who holds it now.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _ledger_write(self, sql: str, rows: list[Any]) -> None:
+        """``sql`` for each of ``rows`` in one ledger transaction (one sync)."""
+        ledger = self._ledger
+        assert ledger is not None
+        ledger.execute("BEGIN IMMEDIATE")
+        try:
+            ledger.executemany(sql, rows)
+            ledger.execute("COMMIT")
+        except BaseException:
+            if ledger.in_transaction:
+                ledger.execute("ROLLBACK")
+            raise
+
+    def _close_ledger(self) -> None:
+        ledger, self._ledger = self._ledger, None
+        if ledger is not None:
+            ledger.close()
 
     def _close_db(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()  # the last connection checkpoints and removes the WAL
-            self._refresh_bytes()
+        try:
+            if conn is not None:
+                conn.close()  # the last connection checkpoints and removes the WAL
+                self._refresh_bytes()
+            self._close_ledger()
+        finally:
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # releases the owner lock
 
     def _write(self, rows: list[tuple[str, str, str, float]]) -> tuple[list[int], int, int]:
         conn = self._db()
         before = pending = self._pending
         first_created: float | None = None
         codes: list[int] = []
+        promised: list[tuple[str, int, str, float]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for key, kind, text, created in rows:
@@ -771,6 +1093,8 @@ class Spool:
                     if first_created is None:
                         first_created = created
                     codes.append(_NEW)
+                    assert cursor.lastrowid is not None
+                    promised.append((key, cursor.lastrowid, kind, created))
                 else:
                     codes.append(_DUPLICATE)
             conn.execute("COMMIT")
@@ -781,6 +1105,16 @@ class Spool:
         if before == 0 and first_created is not None:
             self._oldest = first_created
         self._pending = pending
+        if promised:
+            # Recorded after the spool's commit: a crash in between leaves an entry the ledger does not
+            # know (promised at the next open), never a promise the spool did not keep. If this fails
+            # the appends fail too -- not acknowledged, yet spooled and replayed (idempotent by key).
+            wall = time.time()
+            self._ledger_write(
+                "INSERT OR REPLACE INTO promised (key, seq, kind, appended_at, appended_wall) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(*row, wall) for row in promised],
+            )
         self._refresh_bytes()
         return codes, before, pending
 
@@ -804,6 +1138,13 @@ class Spool:
     def _settle(self, done: list[int], failure: tuple[int, str, bool] | None) -> bool:
         """Delete what the sink took and record a failure; True when the failed entry went dead."""
         conn = self._db()
+        if done:
+            # Out of the ledger first, durably: a crash before the spool's delete below then replays
+            # these entries once more (the sink is idempotent) instead of reporting them lost.
+            taken = conn.execute(
+                "SELECT key FROM spool WHERE seq BETWEEN ? AND ?", (done[0], done[-1])
+            ).fetchall()
+            self._ledger_write("DELETE FROM promised WHERE key = ?", taken)
         conn.execute("BEGIN IMMEDIATE")
         moved = False
         try:
@@ -873,6 +1214,7 @@ class Spool:
                     ).fetchall()
                 ]
             moved = 0
+            renumbered: list[tuple[int, str]] = []
             for key, kind, text, created in rows:
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO spool (key, kind, payload, created_at) VALUES (?, ?, ?, ?)",
@@ -881,11 +1223,16 @@ class Spool:
                 if cursor.rowcount == 1:
                     conn.execute("DELETE FROM dead_letters WHERE key = ?", (key,))
                     moved += 1
+                    assert cursor.lastrowid is not None
+                    renumbered.append((cursor.lastrowid, key))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        if renumbered:
+            # Still promised (the key is what counts); only the sequence number shown changes.
+            self._ledger_write("UPDATE promised SET seq = ? WHERE key = ?", renumbered)
         self._pending += moved
         self._dead -= moved
         if moved and self._oldest is None:
@@ -1117,3 +1464,28 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _is_damaged(error: sqlite3.DatabaseError) -> bool:
+    """True when SQLite says the file's content is damaged (not locked, not an I/O or open error)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in _CORRUPT_CODES
+    # An error raised by the sqlite3 module itself carries no code; its text still says it.
+    text = str(error).lower()
+    return "not a database" in text or "malformed" in text
+
+
+def _move_aside(path: Path, suffixes: tuple[str, ...]) -> Path:
+    """Rename ``path`` (with its ``suffixes`` files) to ``<name>.unreadable-<UTC time>``; returns it."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = path.with_name(f"{path.name}.unreadable-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.unreadable-{stamp}-{n}")
+    for suffix in suffixes:
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(f"{path}{suffix}", f"{aside}{suffix}")
+    _fsync_dir(path.parent)
+    return aside

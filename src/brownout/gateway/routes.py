@@ -15,12 +15,17 @@ Headers on every answer: ``x-brownout-served-by`` (``group/endpoint``), ``x-brow
 ``x-brownout-attempts``; with a cache, ``x-brownout-cache`` (``hit``, ``miss`` or ``bypass``); with
 a schema, ``x-brownout-json-guard`` (see :mod:`brownout.gateway.guard`).
 
-Refusals use OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a body
-that is not a JSON object or lacks ``model``, 404 ``model_not_found`` for an unknown group, 413 for a
-body over ``gateway.max_body_bytes``, 429 ``overloaded`` with ``Retry-After`` when the group's
-admission sheds the request, 503 ``upstream_unavailable`` with ``Retry-After`` when no endpoint of the
-group or its fallbacks answered. Upstream 4xx that blame the request come back as the upstream sent
-them.
+Refusals use the server's one error shape, OpenAI's ``{"error": {"message", "type", "param", "code"}}``
+(:mod:`brownout.server.errors`, whose functions make every one of them): 400 for a body that is not
+UTF-8, not JSON, not a JSON object, holds NaN/Infinity or a lone surrogate, or lacks ``model``; 404
+``model_not_found`` for an unknown group; 413 for a body over ``gateway.max_body_bytes``; 415 without
+``Content-Type: application/json``; 429 ``overloaded`` with ``Retry-After`` (and ``retry_after``)
+when the group's admission sheds the request; 503 ``upstream_unavailable`` with ``Retry-After`` when
+no endpoint of the group or its fallbacks answered. Upstream 4xx that blame the request come back as
+the upstream sent them.
+
+The routes are documented in ``/openapi.json`` by :func:`gateway_openapi` (request and answer schemas,
+the error shape) without becoming FastAPI routes: they keep the fast path.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 from brownout.errors import Overloaded
 from brownout.gateway.guard import requested_schema
 from brownout.gateway.metrics import GatewayCollector
+from brownout.gateway.openapi import gateway_openapi
 from brownout.gateway.router import (
     Answer,
     Gateway,
@@ -44,18 +50,22 @@ from brownout.gateway.router import (
     retry_after_header,
 )
 from brownout.gateway.stream import OpenStream, open_stream, relay
+from brownout.server.errors import (
+    ApiError,
+    check_json_content_type,
+    error_bytes,
+    error_content,
+    parse_json_body,
+    send_error,
+)
 
-__all__ = ["CHAT_PATH", "ChatCompletions", "install_gateway"]
+__all__ = ["CHAT_PATH", "ChatCompletions", "gateway_openapi", "install_gateway"]
 
 CHAT_PATH: Final = "/v1/chat/completions"
 """Where the chat route is installed (the server's body-size guard gives it the gateway's limit)."""
 
 _JSON: Final = (b"content-type", b"application/json")
 _SSE_EXTRA: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-
-
-def _error_body(status: int, message: str, kind: str, code: str | None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
 
 
 async def _reply(
@@ -69,14 +79,14 @@ async def _reply(
 
 
 async def _refuse(
-    send: Send,
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    code: str | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None, **fields: Any
 ) -> None:
-    await _reply(send, status, _error_body(status, message, kind, code), headers)
+    """An error answer in the one shape (``fields``: see :func:`~brownout.server.errors.error_content`)."""
+    await send_error(send, status, error_bytes(status, message, **fields), headers or ())
+
+
+async def _refuse_error(send: Send, e: ApiError) -> None:
+    await _refuse(send, e.status_code, str(e.detail), **e.fields)
 
 
 class ChatCompletions:
@@ -96,6 +106,15 @@ class ChatCompletions:
         message = await receive()
         if message["type"] != "http.request":
             return  # the client went away
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                refused = check_json_content_type(value)
+                break
+        else:
+            refused = check_json_content_type(None)
+        if refused is not None:
+            await _refuse_error(send, refused)
+            return
         raw: bytes = message.get("body", b"")
         if message.get("more_body", False):
             parts = [raw]
@@ -107,28 +126,33 @@ class ChatCompletions:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > self.max_body:
-                    await _refuse(
-                        send, 413, f"request body over {self.max_body} bytes", code="request_too_large"
-                    )
+                    await _too_large(send, self.max_body)
                     return
                 parts.append(chunk)
                 if not message.get("more_body", False):
                     break
             raw = b"".join(parts)
         elif len(raw) > self.max_body:
-            await _refuse(send, 413, f"request body over {self.max_body} bytes", code="request_too_large")
+            await _too_large(send, self.max_body)
             return
         try:
-            body = json.loads(raw)
-        except ValueError:
-            await _refuse(send, 400, "the request body is not valid JSON")
+            # Long conversations nest shallowly but hold many brackets: only the parser's own limit.
+            body = parse_json_body(raw, max_depth=None)
+        except ApiError as e:
+            await _refuse_error(send, e)
             return
         if type(body) is not dict:
             await _refuse(send, 400, "the request body must be a JSON object")
             return
         model = body.get("model")
         if type(model) is not str:
-            await _refuse(send, 400, "'model' is required: the name of a model group", code="missing_model")
+            await _refuse(
+                send,
+                400,
+                "'model' is required: the name of a model group",
+                code="missing_model",
+                param="model",
+            )
             return
         group = gateway.groups.get(model)
         if group is None:
@@ -137,20 +161,16 @@ class ChatCompletions:
                 404,
                 f"the model {model!r} does not exist here; model groups: {sorted(gateway.groups)}",
                 code="model_not_found",
+                param="model",
             )
             return
         stream = body.get("stream")
         if stream is not None and type(stream) is not bool:
-            await _refuse(send, 400, "'stream' must be true or false")
+            await _refuse(send, 400, "'stream' must be true or false", code="invalid_value", param="stream")
             return
         if not gateway.started:
             await _refuse(
-                send,
-                503,
-                "the gateway is starting",
-                "service_unavailable",
-                "starting",
-                [(b"retry-after", b"1")],
+                send, 503, "the gateway is starting", [(b"retry-after", b"1")], code="starting", retry_after=1
             )
             return
         stats = group.stats
@@ -236,30 +256,44 @@ async def _reply_whole(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
+async def _too_large(send: Send, limit: int) -> None:
+    await _refuse(
+        send,
+        413,
+        f"the request body is over {limit} bytes (gateway.max_body_bytes)",
+        code="request_too_large",
+        limit_bytes=limit,
+    )
+
+
 async def _overloaded(send: Send, group: Group, e: Overloaded) -> None:
+    retry = retry_after_header(e.retry_after)
     await _refuse(
         send,
         429,
         f"model group {group.name!r} is at capacity ({e.reason}: {e.queue_size} waiting, "
-        f"{e.in_flight} being served); retry after {retry_after_header(e.retry_after).decode()}s",
-        "rate_limit_error",
-        "overloaded",
-        [(b"retry-after", retry_after_header(e.retry_after))],
+        f"{e.in_flight} being served); retry after {retry.decode()}s",
+        [(b"retry-after", retry)],
+        type="rate_limit_error",
+        code="overloaded",
+        retry_after=int(retry),
+        queue_size=e.queue_size,
     )
 
 
 async def _unavailable(send: Send, e: GatewayUnavailable) -> None:
+    retry = retry_after_header(e.retry_after)
     await _refuse(
         send,
         503,
         str(e),
-        "service_unavailable",
-        "upstream_unavailable",
         [
-            (b"retry-after", retry_after_header(e.retry_after)),
+            (b"retry-after", retry),
             (b"x-brownout-fallbacks", ">".join(e.path).encode()),
             (b"x-brownout-attempts", str(e.attempts).encode()),
         ],
+        code="upstream_unavailable",
+        retry_after=int(retry),
     )
 
 
@@ -280,14 +314,23 @@ class _Health:
         self.gateway = gateway
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        status = self.gateway.status()
-        code = 503 if status["status"] == "unhealthy" else 200
-        await _reply(send, code, json.dumps(status).encode())
+        gateway = self.gateway
+        status = gateway.status()
+        if status["status"] != "unhealthy":
+            await _reply(send, 200, json.dumps(status).encode())
+            return
+        # The error shape, with the groups' state kept next to it for monitors.
+        retry = retry_after_header(min((g.retry_after() for g in gateway.groups.values()), default=1.0))
+        content = error_content(
+            503, "no model group can answer now", code="no_group_available", retry_after=int(retry)
+        )
+        await _reply(send, 503, json.dumps({**status, **content}).encode(), [(b"retry-after", retry)])
 
 
 def install_gateway(app: Any, gateway: Gateway, registry: CollectorRegistry | None = None) -> None:
     """Add the gateway's routes to ``app`` (a FastAPI or Starlette app, or a Router) and, given a
-    Prometheus ``registry``, its collector. The routes stay out of the OpenAPI schema."""
+    Prometheus ``registry``, its collector. FastAPI does not generate their OpenAPI entries (they are
+    no FastAPI routes): :func:`gateway_openapi` adds them to the app's document."""
     router: Router = app if isinstance(app, Router) else app.router
     # First in the router: a request walks the routes in order, and the chat route is the hot one.
     router.routes[:0] = [

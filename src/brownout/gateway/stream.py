@@ -12,7 +12,7 @@ for ``timeout`` seconds, or an end without ``data: [DONE]`` -- the client gets a
 event and the end of the stream, never a silent truncation::
 
     event: error
-    data: {"error": {"message": "...", "type": "upstream_error", "code": "stream_interrupted"}}
+    data: {"error": {"message": "...", "type": "service_unavailable", "code": "stream_interrupted", ...}}
 
 (the OpenAI SDKs raise ``APIError`` on it). The failure counts against the endpoint's breaker. A
 client that disconnects ends the upstream request at once; that counts against nobody.
@@ -21,7 +21,6 @@ client that disconnects ends the upstream request at once; that counts against n
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ from brownout.gateway.router import (
     forwarded,
 )
 from brownout.gateway.upstream import Response, UpstreamError, UpstreamTimeout
+from brownout.server.errors import error_bytes
 
 __all__ = ["OpenStream", "complete_events", "error_event", "open_stream", "relay"]
 
@@ -78,11 +78,10 @@ def _is_done(events: bytes) -> bool:
 
 
 def error_event(message: str, code: str = "stream_interrupted") -> bytes:
-    """The SSE event that ends a stream the upstream broke off."""
-    payload = json.dumps(
-        {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    """The SSE event that ends a stream the upstream broke off (the server's one error shape)."""
+    return (
+        b"event: error\ndata: " + error_bytes(502, message, type="service_unavailable", code=code) + b"\n\n"
     )
-    return f"event: error\ndata: {payload}\n\n".encode()
 
 
 async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: bytes) -> OpenStream:

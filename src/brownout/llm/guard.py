@@ -20,8 +20,9 @@ One run goes like this:
    message, then a user message naming the exact problem (field paths, the pydantic message, the value
    given and the allowed range or choices from the schema) and asking for corrected JSON only. Before
    re-ask ``n`` the guard waits ``min(backoff_max, backoff_base * 2**(n-1)) + uniform(0, jitter)``
-   seconds on its clock -- unless that wait would reach the caller's deadline
-   (:func:`brownout.policies.deadline.remaining`), in which case it stops. Each re-ask may use
+   seconds on its clock (:func:`reask_wait`, which no retry count can overflow) -- unless that wait
+   would reach the caller's deadline (:func:`brownout.policies.deadline.remaining`), in which case it
+   stops. Each re-ask may use
    ``extra_tokens`` more tokens (capped at ``max_tokens_cap``), because a common failure is an answer
    cut off by ``max_tokens``.
 5. After ``1 + max_retries`` failed attempts, raise :class:`~brownout.errors.GuardFailed` carrying the
@@ -54,6 +55,7 @@ from brownout.events import DEFAULT_BUS, EventBus, GuardGaveUp, GuardRetried
 from brownout.llm.types import Message
 from brownout.policies._base import PolicyConfig
 from brownout.policies.deadline import remaining
+from brownout.policies.retry import capped_exponential
 
 _repair_loads: Callable[[str], Any] | None
 try:  # json-repair comes with the "server" extra; the guard refuses repair=True without it.
@@ -63,7 +65,7 @@ try:  # json-repair comes with the "server" extra; the guard refuses repair=True
 except ImportError:  # pragma: no cover - depends on the installed extras
     _repair_loads = None
 
-__all__ = ["Ask", "GuardConfig", "GuardResult", "GuardStats", "JSONGuard"]
+__all__ = ["Ask", "GuardConfig", "GuardResult", "GuardStats", "JSONGuard", "reask_wait"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -106,6 +108,16 @@ class GuardConfig(PolicyConfig):
     extra_tokens: int = Field(default=128, ge=0, description="max_tokens added per re-ask")
     max_tokens_cap: int = Field(default=1024, ge=1, description="max_tokens never grows beyond this")
     repair: bool = Field(default=True, description="try json_repair on unparseable output before re-asking")
+
+
+def reask_wait(config: GuardConfig, retry: int) -> float:
+    """The wait before re-ask number ``retry`` (1-based) without its jitter, in seconds.
+
+    ``min(backoff_max, backoff_base * 2 ** (retry - 1))``, computed by
+    :func:`~brownout.policies.retry.capped_exponential` so that no retry count can overflow it. The
+    guard adds ``uniform(0, jitter)`` to it; a caller budgeting time for the re-asks adds ``jitter``.
+    """
+    return capped_exponential(config.backoff_base, 2.0, retry - 1, config.backoff_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,11 +368,7 @@ class JSONGuard(Generic[M]):
     def _backoff(self, retry: int) -> float:
         """The wait before re-ask number ``retry`` (1-based): capped exponential plus random jitter."""
         cfg = self.config
-        try:
-            base = cfg.backoff_base * 2.0 ** (retry - 1)
-        except OverflowError:
-            base = cfg.backoff_max
-        return min(cfg.backoff_max, base) + cfg.jitter * self._random()
+        return reask_wait(cfg, retry) + cfg.jitter * self._random()
 
     def _give_up(self, errors: Sequence[str], attempts: int, reason: str, bad: _Bad) -> GuardFailed:
         self.failures += 1

@@ -46,6 +46,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError, ModelError
 from brownout.events import DEFAULT_BUS, EventBus, ModelServerRestarted
 from brownout.llm._serve_local import default_model_path
+from brownout.policies.retry import capped_exponential
 
 __all__ = ["LocalModelServer", "ServerState", "free_port"]
 
@@ -425,8 +426,12 @@ class LocalModelServer:
                 child.kill_now()
 
     def _backoff_delay(self) -> float:
-        exponent = min(max(self._failures - 1, 0), 32)
-        return float(min(self._backoff_max, self._backoff_base * (2**exponent)))
+        """Seconds to wait before the next start: ``restart_backoff_base`` doubling per failure in a row.
+
+        Through :func:`~brownout.policies.retry.capped_exponential`, so a model that keeps crashing for
+        days still waits ``restart_backoff_max`` between starts instead of overflowing the supervisor.
+        """
+        return capped_exponential(self._backoff_base, 2.0, self._failures - 1, self._backoff_max)
 
     async def _watch(self, child: _Child) -> str:
         """Return why ``child`` must be replaced: it exited, or its health failed too often."""

@@ -27,7 +27,9 @@ T = TypeVar("T")
 class PolicyConfig(BaseModel):
     """Base of every policy's typed config: immutable, and unknown keys are errors that name the key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    # inf and NaN are refused: a wait of "inf" or a NaN threshold is never what a user meant, and
+    # would reach places (the shared breaker's Lua scripts, backoff arithmetic) that cannot take it.
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True, allow_inf_nan=False)
 
 
 @runtime_checkable

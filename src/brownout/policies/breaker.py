@@ -45,6 +45,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import CircuitOpen, ConfigError
 from brownout.events import DEFAULT_BUS, BreakerStateChanged, CallRejected, EventBus
 from brownout.policies._base import CallForms, EnteredGuards, PolicyConfig
+from brownout.policies.retry import capped_exponential
 
 __all__ = [
     "BreakerConfig",
@@ -53,6 +54,7 @@ __all__ = [
     "BreakerRegistry",
     "BreakerState",
     "CircuitBreaker",
+    "open_wait",
 ]
 
 
@@ -145,6 +147,22 @@ class BreakerConfig(PolicyConfig):
         if self.open_wait_max is not None and self.open_wait_max < self.open_wait:
             raise ValueError(f"open_wait_max ({self.open_wait_max}) must be >= open_wait ({self.open_wait})")
         return self
+
+    @property
+    def open_wait_cap(self) -> float:
+        """The longest open wait: ``open_wait_max``, or ``max(600, open_wait)`` when that is unset."""
+        return self.open_wait_max if self.open_wait_max is not None else max(600.0, self.open_wait)
+
+
+def open_wait(config: BreakerConfig, opens: int) -> float:
+    """Seconds a breaker stays open on its ``opens``-th opening in a row (1 for the first).
+
+    ``min(open_wait_cap, open_wait * open_wait_multiplier ** (opens - 1))``, computed by
+    :func:`~brownout.policies.retry.capped_exponential`: a dependency that stays down for thousands of
+    probe cycles keeps the breaker at the cap instead of overflowing it. A close (or
+    :meth:`CircuitBreaker.reset`) starts the count again.
+    """
+    return capped_exponential(config.open_wait, config.open_wait_multiplier, opens - 1, config.open_wait_cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +337,6 @@ class CircuitBreaker(CallForms):
         "_half_open_in_flight",
         "_half_open_successes",
         "_ignore",
-        "_last_wait",
         "_open_until",
         "_opened",
         "_pending_ok",
@@ -361,7 +378,6 @@ class CircuitBreaker(CallForms):
         self._gen = 0
         self._open_until = 0.0
         self._consecutive_opens = 0
-        self._last_wait = 0.0
         self._half_open_in_flight = 0
         self._half_open_successes = 0
         self._rejected = 0
@@ -641,14 +657,7 @@ class CircuitBreaker(CallForms):
     def _open(self, reason: str) -> None:
         cfg = self.config
         self._consecutive_opens += 1
-        # Grown step by step (not multiplier ** opens) so a long outage cannot overflow the float.
-        if self._consecutive_opens == 1:
-            wait = cfg.open_wait
-        else:
-            cap = cfg.open_wait_max if cfg.open_wait_max is not None else max(600.0, cfg.open_wait)
-            wait = min(self._last_wait * cfg.open_wait_multiplier, cap)
-        self._last_wait = wait
-        self._open_until = self._clock.now() + wait
+        self._open_until = self._clock.now() + open_wait(cfg, self._consecutive_opens)
         self._opened += 1
         self._transition(_OPEN, reason)
 

@@ -11,8 +11,9 @@ One engine, two forms::
             answer = await client.complete(prompt)
 
 After a failed attempt the retry waits ``min(backoff_max, backoff_base * backoff_multiplier**(n-1))``
-seconds -- a uniformly random fraction of it with ``jitter="full"`` (AWS's "full jitter", which
-spreads a crowd of retrying clients best) -- and tries again, unless one of these says stop:
+seconds (computed by :func:`capped_exponential`, so no number of attempts can overflow it) -- a
+uniformly random fraction of it with ``jitter="full"`` (AWS's "full jitter", which spreads a crowd of
+retrying clients best) -- and tries again, unless one of these says stop:
 
 * the attempts are used up (``"attempts exhausted"``);
 * the error carries a ``retry_after`` hint longer than ``max_retry_after`` (``"retry_after too long"``);
@@ -57,30 +58,54 @@ __all__ = [
 ]
 
 
+# Past this exponent every multiplier but 1 has long saturated (to 0, or to any cap a float can hold).
+_HUGE_EXPONENT: Final = 1e300
+
+
 def capped_exponential(base: float, multiplier: float, exponent: float, cap: float) -> float:
     """``min(cap, base * multiplier ** exponent)``, computed so that it never overflows.
 
     Exponential backoff is at its most dangerous in the longest outages: after about a thousand failed
-    attempts ``2.0 ** n`` no longer fits in a float and Python raises :class:`OverflowError`, killing
-    whatever loop was backing off -- exactly when it matters that the loop keeps trying. Here the cap is
-    applied in the exponent's domain first (``exponent >= log(cap / base) / log(multiplier)`` means the
-    cap is reached), so any exponent, however large, returns ``cap``. Every exponential backoff in
-    brownout goes through this one function.
+    attempts ``2.0 ** n`` no longer fits in a float and Python raises :class:`OverflowError` (and
+    ``2 ** n`` on ints stays exact but grows without bound, slower with every failure), killing or
+    stalling whatever loop was backing off -- exactly when it matters that the loop keeps trying. Here
+    the cap is applied in the exponent's domain first: once ``exponent`` is a whole step past
+    ``log(cap / base) / log(multiplier)`` the answer is ``cap`` without computing the power, so any
+    exponent, however large (an ``int`` past the float range included), returns ``cap`` at once.
+    Below that point the result is exactly ``min(cap, base * multiplier ** exponent)`` as floats compute
+    it. Every exponential backoff in brownout goes through this one function.
 
-    ``base`` and ``cap`` are seconds (``cap`` may be ``math.inf``), ``multiplier`` is ``>= 0``, and a
-    negative ``exponent`` counts as ``0``.
+    ``base`` and ``cap`` are seconds ``>= 0`` (``cap`` may be ``math.inf``: the result then grows until
+    it is ``inf``), ``multiplier`` is ``>= 0`` (below 1 the result shrinks towards 0), and a negative
+    ``exponent`` counts as ``0``. Raises :class:`ValueError` for a negative or NaN ``base``,
+    ``multiplier`` or ``cap`` and a NaN ``exponent``: a wait computed from those would be meaningless,
+    and a silent ``nan`` would make the caller sleep for no time at all.
     """
-    exponent = max(0.0, float(exponent))
-    if base <= 0.0 or exponent == 0.0 or multiplier == 1.0:
-        return min(cap, base)
-    if base >= cap:
-        return cap
-    if multiplier > 1.0 and cap != math.inf and exponent >= math.log(cap / base) / math.log(multiplier):
-        return cap
+    # ``not x >= 0`` is also true for NaN; ``exponent != exponent`` is NaN's test that also takes ints
+    # too large for a float (math.isnan would raise OverflowError on those).
+    if not (base >= 0.0 and multiplier >= 0.0 and cap >= 0.0) or exponent != exponent:
+        raise ValueError(
+            "capped_exponential needs base, multiplier and cap >= 0 and a numeric exponent; got "
+            f"base={base!r}, multiplier={multiplier!r}, exponent={exponent!r}, cap={cap!r}"
+        )
+    if exponent <= 0 or base == 0.0 or multiplier == 1.0:
+        return float(min(cap, base))
+    if base == math.inf or (base >= cap and multiplier > 1.0):
+        return float(cap)  # (an infinite base would make ``inf * 0.0`` a NaN below when multiplier < 1)
+    # Past ~1e300 every multiplier other than 1 has saturated (to 0, or past the cap), and clamping
+    # keeps a huge int exponent from overflowing its conversion to float.
+    power = float(exponent) if exponent < _HUGE_EXPONENT else _HUGE_EXPONENT
+    if multiplier > 1.0 and cap != math.inf:
+        # log(cap / base) is inf when the ratio overflows; then the power below decides (and saturates).
+        reaches_cap = math.log(cap / base) / math.log(multiplier)
+        # A margin of one whole step (and a relative one for multipliers a hair above 1), so float error
+        # in the logarithms never returns the cap where the formula itself stays below it.
+        if power >= reaches_cap * (1.0 + 1e-9) + 1.0:
+            return float(cap)
     try:
-        return min(cap, base * float(multiplier**exponent))
-    except OverflowError:  # only reachable with an infinite cap
-        return cap
+        return min(float(cap), base * float(multiplier**power))
+    except OverflowError:  # multiplier ** power beyond the float range: far past any finite cap
+        return float(cap)
 
 
 GIVE_UP_REASONS: Final = (

@@ -8,34 +8,50 @@
   ``POST /api/v1/recovery/trigger|reset`` (bearer token from ``server.admin_token``; refused when none
   is configured).
 
-Every refusal has a reason: 413 for an oversized body, 422 for invalid input, 503 with
-``Retry-After`` when the service cannot answer. A failed model never turns into a 500.
+Every refusal has a reason, in the one error shape of :mod:`brownout.server.errors`
+(``{"error": {"message", "type", "code", "param", ...}}``): 400 for a body that is not UTF-8 or not
+JSON, 413 for an oversized body, 415 without ``Content-Type: application/json``, 422 for invalid input
+(every bad field listed), 503 with ``Retry-After`` when the service cannot answer. A failed model never
+turns into a 500. ``/openapi.json`` documents the gateway's routes too, and ``/docs`` (Swagger UI)
+loads its assets from this server, so it works offline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
-from fastapi.responses import JSONResponse, Response
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from brownout.briefs.service import BriefService
 from brownout.config import ROLES, BrownoutConfig
+from brownout.durable.spool import Spool
 from brownout.errors import ServiceUnavailable
-from brownout.gateway.routes import CHAT_PATH, install_gateway
+from brownout.gateway.routes import CHAT_PATH, gateway_openapi, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
 from brownout.server import live
+from brownout.server.errors import (
+    ApiError,
+    check_json_content_type,
+    error_bytes,
+    error_response,
+    install_error_handlers,
+    openapi_error_responses,
+    parse_json_body,
+    send_error,
+)
 from brownout.server.metrics import RuntimeMetrics, multiprocess_dir
 from brownout.server.runtime import Runtime
 
@@ -164,42 +180,72 @@ class _Guard:
             await _too_large(counting_send, self.max_body)
 
 
-class _BodyTooLarge(StarletteHTTPException):
+class _BodyTooLarge(ApiError):
     """A body without a (truthful) Content-Length grew past the limit while being read.
 
     An HTTPException because FastAPI turns any other error raised while it reads a body into a 400;
-    this one it re-raises, and the app's handler for it answers 413 like the Content-Length check.
+    this one it re-raises, and the app's error handler answers 413 like the Content-Length check.
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, "request body too large")
-        self.limit = limit
+        super().__init__(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
 
 
-async def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
-    limit = exc.limit if isinstance(exc, _BodyTooLarge) else None
-    return JSONResponse({"error": "request body too large", "limit_bytes": limit}, status_code=413)
+def _too_large_message(limit: int) -> str:
+    return f"the request body is over {limit} bytes (server.max_body_bytes)"
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = f'{{"error":"request body too large","limit_bytes":{limit}}}'.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    body = error_bytes(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
+    await send_error(send, 413, body)
 
 
-def _unavailable(e: ServiceUnavailable, extra: dict[str, Any] | None = None) -> JSONResponse:
-    retry_after = max(1, math.ceil(e.retry_after))
-    return JSONResponse(
-        status_code=503,
-        content={"error": str(e), "retry_after": retry_after, **(extra or {})},
-        headers={"Retry-After": str(retry_after)},
-    )
+class _StrictJSONRequest(Request):
+    """A request whose JSON body is parsed by :func:`~brownout.server.errors.parse_json_body`: a body
+    that is not UTF-8, not JSON, too deep, or holds NaN or a lone surrogate is refused with a 400 that
+    says what and where, instead of FastAPI's generic answers (or a 500 while echoing the input)."""
+
+    async def json(self) -> Any:
+        """The parsed body (parsed once)."""
+        if not hasattr(self, "_json"):
+            self._json = parse_json_body(await self.body())
+        return self._json
+
+
+class _JSONRoute(APIRoute):
+    """A route whose body, when it takes one, must be sent as JSON: 415 without
+    ``Content-Type: application/json``, strict parsing as :class:`_StrictJSONRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler, behind the content-type check and with the strict request."""
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def strict(request: Request) -> Response:
+            refused = check_json_content_type(request.headers.get("content-type"))
+            if refused is not None:
+                raise refused
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
+def _unavailable(
+    e: ServiceUnavailable, *, overloaded: bool = False, queue_size: int | None = None
+) -> Response:
+    if overloaded:
+        # Shed at capacity: the same kind as the gateway's 429, and what to do instead.
+        return error_response(
+            503,
+            str(e),
+            type="rate_limit_error",
+            code="overloaded",
+            retry_after=e.retry_after,
+            queue_size=queue_size,
+            suggestion="Retry after the given time, or use mode=fast for a quicker answer",
+        )
+    return error_response(503, str(e), code="unavailable", retry_after=e.retry_after)
 
 
 def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAPI:
@@ -221,7 +267,15 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         summary="A creative-brief service that degrades gracefully instead of going dark.",
         version="0.1.0",
         lifespan=lifespan,
+        # Every 4xx/5xx is documented as the one error shape (brownout.server.errors).
+        responses=openapi_error_responses(),
+        # Swagger UI is served below from this package's copy (no CDN); ReDoc is not offered.
+        docs_url=None,
+        redoc_url=None,
     )
+    # Before any route is declared: every body-taking route then parses its body strictly.
+    app.router.route_class = _JSONRoute
+    install_error_handlers(app)
     app.state.runtime = rt
     # Several workers share their metrics through PROMETHEUS_MULTIPROCESS_DIR (see server.metrics).
     exporter = RuntimeMetrics(rt, directory=multiprocess_dir())
@@ -230,38 +284,38 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
 
     def service() -> BriefService:
         if rt.service is None:
-            raise HTTPException(503, "starting up", headers={"Retry-After": "5"})
+            raise ApiError(503, "the service is starting up", code="starting", retry_after=5)
         return rt.service
 
     def require_admin(authorization: str | None = Header(default=None)) -> None:
         token = config.server.admin_token
         if token is None:
-            raise HTTPException(
-                403, "admin endpoints are disabled: set server.admin_token (or BROWNOUT_ADMIN_TOKEN)"
+            raise ApiError(
+                403,
+                "admin endpoints are disabled: set server.admin_token (or BROWNOUT_ADMIN_TOKEN)",
+                code="admin_disabled",
             )
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             given.encode(), token.get_secret_value().encode()
         ):
-            raise HTTPException(
-                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
+            raise ApiError(
+                401,
+                "a valid bearer token is required (Authorization: Bearer <server.admin_token>)",
+                code="invalid_token" if authorization else "missing_token",
+                headers={"WWW-Authenticate": "Bearer"},
             )
 
     @app.post("/v1/briefs")
-    async def create_brief(body: BriefRequest, request: Request) -> JSONResponse:
+    async def create_brief(body: BriefRequest, request: Request) -> Response:
         svc = service()
         try:
             response = await svc.create_brief(body.text, body.mode)
         except ValueError as e:
-            raise HTTPException(422, str(e)) from e
+            raise ApiError(422, str(e), code="invalid_value", param="text") from e
         except ServiceUnavailable as e:
-            extra: dict[str, Any] = {"served_mode": None}
-            if e.__cause__ is not None and type(e.__cause__).__name__ == "Overloaded":
-                extra = {
-                    "queue_size": svc.admission.queue_size,
-                    "suggestion": "Retry after the given time, or use mode=fast for a quicker answer",
-                }
-            return _unavailable(e, extra)
+            overloaded = e.__cause__ is not None and type(e.__cause__).__name__ == "Overloaded"
+            return _unavailable(e, overloaded=overloaded, queue_size=svc.admission.queue_size)
         if not response.get("cached"):
             try:
                 await rt.record(body.text, response)
@@ -362,16 +416,20 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         }
 
     @app.get("/health/models/{name}")
-    async def health_model(name: str) -> JSONResponse:
+    async def health_model(name: str) -> Response:
         if name not in ROLES:
-            raise HTTPException(404, f"unknown model {name!r}; known: {list(ROLES)}")
+            raise ApiError(
+                404, f"unknown model {name!r}; known: {list(ROLES)}", code="model_not_found", param="name"
+            )
         result = await check_model(name)
-        return JSONResponse(result, status_code=200 if result["status"] == "healthy" else 503)
+        if result["status"] != "healthy":
+            return _unhealthy(name, result)
+        return JSONResponse(result)
 
     @app.get("/health/llm")
     async def health_llm(
         model: Literal["qwen", "mistral", "llama", "all"] = Query(default="all"),
-    ) -> JSONResponse:
+    ) -> Response:
         if model == "all":
             # Concurrently: three hung models cost one health_timeout, not three.
             checked = await asyncio.gather(*(check_model(role) for role in ROLES))
@@ -380,7 +438,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             return JSONResponse({"status": "healthy" if ok else "degraded", "models": results})
         result = await check_model(model)
         if result["status"] != "healthy":
-            return JSONResponse({"detail": f"Model {model} is unhealthy", **result}, status_code=503)
+            return _unhealthy(model, result)
         return JSONResponse(result)
 
     @app.get("/metrics")
@@ -440,14 +498,14 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             assert body.action is not None
             done = await rt.run_action(body.action, body.target)
         except ValueError as e:
-            raise HTTPException(422, str(e)) from e
+            raise ApiError(422, str(e), code="invalid_value") from e
         return _action(done)
 
     @app.post("/api/v1/recovery/reset", dependencies=[Depends(require_admin)])
     async def recovery_reset() -> dict[str, Any]:
         return {"done": [_action(a) for a in await rt.reset()]}
 
-    app.add_exception_handler(_BodyTooLarge, _body_too_large)
+    _install_docs(app)
     if config.loop_block.enabled:
         # Inside _Guard: times each step of every request's task (seed 003 §C blocking detection).
         app.add_middleware(LoopBlockMiddleware, detector=rt.ops.loop_blocks)
@@ -456,6 +514,71 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # (added last, so it is the outermost middleware and its headers reach every answer).
     live.install(app, rt, config)
     return app
+
+
+def _unhealthy(model: str, result: dict[str, Any]) -> Response:
+    """A health probe's 503: the error shape, with the probe's fields kept next to ``error``."""
+    reason = result.get("reason")
+    return error_response(
+        503,
+        f"model {model} is unhealthy" + (f": {reason}" if reason else ""),
+        code="model_unhealthy",
+        retry_after=_PROBE_RETRY_AFTER,
+        extra=result,
+    )
+
+
+_PROBE_RETRY_AFTER = 5  # seconds a client is told to wait before probing an unhealthy model again
+
+_SWAGGER: dict[str, tuple[str, str]] = {
+    "swagger-ui-bundle.js": ("swagger-ui/swagger-ui-bundle.js", "text/javascript; charset=utf-8"),
+    "swagger-ui.css": ("swagger-ui/swagger-ui.css", "text/css; charset=utf-8"),
+    "favicon-32x32.png": ("swagger-ui/favicon-32x32.png", "image/png"),
+}
+
+
+def _install_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's assets from this package (works offline) and an ``/openapi.json``
+    that documents the gateway's routes too (they stay on their fast ASGI path)."""
+    from importlib import resources
+
+    static = resources.files("brownout.server") / "static"
+    assets = {name: (static.joinpath(path).read_bytes(), media) for name, (path, media) in _SWAGGER.items()}
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                routes=app.routes,
+            )
+            gateway_openapi(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url="/docs/static/swagger-ui-bundle.js",
+            swagger_css_url="/docs/static/swagger-ui.css",
+            swagger_favicon_url="/docs/static/favicon-32x32.png",
+            oauth2_redirect_url=None,
+            # No call to the public spec validator: nothing leaves this machine.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/docs/static/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        found = assets.get(name)
+        if found is None:
+            raise ApiError(404, f"no docs asset {name!r}", code="not_found")
+        body, media = found
+        return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
 
 
 def _spool_status(rt: Runtime) -> dict[str, Any]:
@@ -468,6 +591,7 @@ def _spool_status(rt: Runtime) -> dict[str, Any]:
         "last_error": st.last_error,
         "alert": st.alert,
         "dead_letters": st.dead,
+        "lost": _lost(rt.spool),
     }
 
 
@@ -482,6 +606,21 @@ def _outbox_status(rt: Runtime) -> dict[str, Any]:
         "published": st.replayed,
         "dead_letters": st.dead,
         "last_error": st.last_error,
+        "lost": _lost(rt.outbox.spool),
+    }
+
+
+_LOST_IDS = 100
+"""Lost entries named in /health (``count`` says how many there are in all)."""
+
+
+def _lost(spool: Spool) -> dict[str, Any]:
+    """Acknowledged entries a damaged spool file lost (found on open, kept until cleared)."""
+    lost = spool.lost
+    return {
+        "count": len(lost),
+        "ids": [e.key for e in lost[:_LOST_IDS]],
+        "files": sorted({e.file for e in lost}),
     }
 
 

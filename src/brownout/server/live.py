@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
@@ -45,14 +46,16 @@ from urllib.parse import urlsplit
 
 import httpx
 from fastapi import FastAPI, Header, WebSocket
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.middleware.cors import CORSMiddleware
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, WebhooksSection
+from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
+from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
     from brownout.server.runtime import Runtime
@@ -899,12 +902,17 @@ def quiet_probes(log_level: str = "info") -> None:
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def run_server(app: FastAPI, **options: Any) -> None:
+def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
     """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams,
     and health checks stay out of the log below ``log_level="debug"`` (:func:`quiet_probes`).
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
+
+    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
+    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
+    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
+    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
     """
     import uvicorn
 
@@ -917,9 +925,17 @@ def run_server(app: FastAPI, **options: Any) -> None:
 
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
-    # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
-    with contextlib.suppress(KeyboardInterrupt):
-        _Server(config).run()
+    server = _Server(config)
+    try:
+        # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
+        with contextlib.suppress(KeyboardInterrupt):
+            server.run(sockets=sockets)
+    except SystemExit:
+        # uvicorn exits (status 3) when the startup failed; a setting at fault is named instead.
+        error = runtime.start_error
+        if isinstance(error, ConfigError):
+            raise error from None
+        raise
 
 
 def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
@@ -945,7 +961,7 @@ def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
         response_class=StreamingResponse,
         responses={
             200: {"content": {"text/event-stream": {}}, "description": "snapshot, event and alert messages"},
-            503: {"description": "too many live clients"},
+            503: {"model": ErrorResponse, "description": "too many live clients"},
         },
     )
     async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
@@ -954,9 +970,7 @@ def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
         try:
             client = hub.connect(after=after)
         except TooManyClients as e:
-            return JSONResponse(
-                {"error": str(e), "retry_after": 5}, status_code=503, headers={"Retry-After": "5"}
-            )
+            return error_response(503, str(e), code="too_many_clients", retry_after=5)
 
         async def stream() -> AsyncIterator[str]:
             try:

@@ -244,6 +244,17 @@ class RuntimeCollector(Collector):
             "spool_dead_letters", "Spooled writes the database refused for good", value=spool.dead
         )
         yield GaugeMetricFamily("spool_bytes", "Size of the spool file on disk", value=spool.bytes_on_disk)
+        # Acknowledged writes a damaged spool file lost (found when it was opened), by spool; they stay
+        # counted until an operator clears them, so the alert holds until someone has looked.
+        lost = GaugeMetricFamily(
+            "spool_lost_entries",
+            "Acknowledged spooled entries found missing from a damaged spool file, not cleared yet",
+            labels=["spool"],
+        )
+        lost.add_metric(["briefs"], spool.lost)
+        if rt.outbox is not None:
+            lost.add_metric(["events"], rt.outbox.stats().lost)
+        yield lost
         yield CounterMetricFamily("spool_appended", "Writes spooled", value=spool.appended)
         yield CounterMetricFamily(
             "spool_rejected", "Writes refused because the spool was full", value=spool.rejected

@@ -21,9 +21,9 @@ from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
-from brownout.durable.spool import Spool, SpoolReplayer
+from brownout.durable.spool import Spool, SpoolInUse, SpoolReplayer
 from brownout.durable.store import BriefRecord, BriefStore
-from brownout.errors import ServiceUnavailable
+from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.gateway.router import Gateway
 from brownout.health.modes import SystemModes
@@ -125,11 +125,29 @@ class Runtime:
         """Domain events on their way to the Redis stream, when Redis and events are configured."""
         """Redis-backed shared state (breakers, cache, singleflight), when ``redis.url`` is set."""
         self._started = False
+        self.start_error: BaseException | None = None
+        """Why the last :meth:`start` failed, if it did (the server runner reports it)."""
 
     async def start(self) -> None:
         """Start model servers, clients, the store and the health monitor."""
         cfg = self.config
         try:
+            # The files this process must own come first: a second server on the same spool or outbox
+            # stops here, naming the setting, before it starts model servers or touches the database.
+            await _own(self.spool, "database.spool_path")
+            if cfg.redis.url is not None:
+                self.shared = SharedState(cfg.redis, clock=self.clock, events=self.events)
+                if cfg.events.enabled:
+                    ev = cfg.events
+                    self.outbox = EventOutbox(
+                        ev.outbox_path,
+                        RedisStreamPublisher(self.shared.client, stream=ev.stream, maxlen=ev.maxlen),
+                        events=self.events,
+                        clock=self.clock,
+                        batch=ev.batch,
+                        max_attempts=ev.max_attempts,
+                    )
+                    await _own(self.outbox.spool, "events.outbox_path")
             await self.gateway.start()
             endpoints: dict[str, list[EndpointConfig]] = {}
             to_start: list[LocalModelServer] = []
@@ -154,19 +172,9 @@ class Runtime:
                 to_start.append(server)
                 endpoints[role] = [EndpointConfig(url=server.url, model=role)]
             await asyncio.gather(*(s.start() for s in to_start))
-            if cfg.redis.url is not None:
-                self.shared = SharedState(cfg.redis, clock=self.clock, events=self.events)
+            if self.shared is not None:
                 await self.shared.start()
-                if cfg.events.enabled:
-                    ev = cfg.events
-                    self.outbox = EventOutbox(
-                        ev.outbox_path,
-                        RedisStreamPublisher(self.shared.client, stream=ev.stream, maxlen=ev.maxlen),
-                        events=self.events,
-                        clock=self.clock,
-                        batch=ev.batch,
-                        max_attempts=ev.max_attempts,
-                    )
+                if self.outbox is not None:
                     await self.outbox.start()
             group = cfg.circuit_breaker.group()
             for role in ROLES:
@@ -219,7 +227,6 @@ class Runtime:
             if cfg.cache.enabled:  # cache.enabled: false -> every request is computed
                 self.edge = EdgeCache(self.service.cache, max_entries=cfg.cache.max_size)
             await self._open_store()
-            await self.spool.open()
             # Batches of REPLAY_BATCH in one transaction each (500: measured ~5,900 writes/s into local
             # PostgreSQL against ~4,800 at 100, see benchmarks/); while the database stays down, retries
             # back off to check_interval * 5 at most, and the watcher below wakes the replayer as soon as
@@ -239,7 +246,9 @@ class Runtime:
             self._monitor = asyncio.create_task(self._health_loop(), name="brownout-health")
             self.live.start()
             self._started = True
-        except BaseException:
+        except BaseException as e:
+            # Kept for the runner: uvicorn logs a failed startup but does not hand the error back.
+            self.start_error = e
             await self.stop()
             raise
 
@@ -443,3 +452,19 @@ class Runtime:
         with contextlib.suppress(Exception):
             await self.gateway.aclose()
         self._started = False
+
+
+async def _own(spool: Spool, key: str) -> None:
+    """Open ``spool`` for this process alone; another owner is a configuration error naming ``key``.
+
+    Lost entries found on open are logged by the spool and shown in ``/health``; the server keeps going.
+    """
+    try:
+        await spool.open()
+    except SpoolInUse as e:
+        raise ConfigError(
+            key,
+            f"{e.path} is already in use by "
+            + (f"process {e.owner_pid}" if e.owner_pid is not None else "another process")
+            + " (another brownout server?): give each server process its own file",
+        ) from e

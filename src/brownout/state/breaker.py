@@ -64,17 +64,18 @@ _ADMIT_LOCALLY: Final = frozenset({BreakerState.CLOSED, BreakerState.FORCED_CLOS
 _PRELUDE: Final = """
 local h, w, p = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
-local st = redis.call('HMGET', h, 'state', 'gen', 'open_until', 'opens', 'last_wait', 'ho_ok')
+local st = redis.call('HMGET', h, 'state', 'gen', 'open_until', 'opens', 'ho_ok')
 local state = st[1] or 'closed'
 local gen = tonumber(st[2] or '0')
 local open_until = tonumber(st[3] or '0')
 local opens = tonumber(st[4] or '0')
-local last_wait = tonumber(st[5] or '0')
-local ho_ok = tonumber(st[6] or '0')
+local ho_ok = tonumber(st[5] or '0')
+-- The open wait of brownout.policies.breaker.open_wait: min(cap, wait0 * mult ^ (opens - 1)). Lua cannot
+-- call capped_exponential, but it needs no guard: a Lua power past the float range is inf (it never
+-- raises), and min(cap, inf) is the cap. last_wait is still written for replicas of older versions.
 local function open_(reason, wait0, mult, cap)
   opens = opens + 1
-  local wait = wait0
-  if opens > 1 then wait = math.min(last_wait * mult, cap) end
+  local wait = math.min(cap, wait0 * mult ^ (opens - 1))
   gen = gen + 1
   state = 'open'
   open_until = now + wait
@@ -592,7 +593,6 @@ class RedisBreakers:
 
     def _record_args(self, b: SharedBreaker, gen: int, oks: int, outcome: int, probe: str) -> list[Any]:
         cfg = b.config
-        cap = cfg.open_wait_max if cfg.open_wait_max is not None else max(600.0, cfg.open_wait)
         slow = cfg.slow_call_rate_threshold
         return [
             repr(self.clock.now()),
@@ -607,7 +607,7 @@ class RedisBreakers:
             cfg.success_threshold,
             repr(cfg.open_wait),
             repr(cfg.open_wait_multiplier),
-            repr(cap),
+            repr(cfg.open_wait_cap),
         ]
 
     async def _report(self, b: SharedBreaker, gen: int, outcome: int, probe: str) -> bool:

@@ -32,14 +32,14 @@ import httpx
 from brownout.chaos.drills.catalog import OUTCOMES, Outcome
 from brownout.clock import SYSTEM_CLOCK, Clock
 
-__all__ = ["Load", "Sample", "brief_text", "classify"]
+__all__ = ["Load", "Sample", "brief_text", "classify", "refusal_info"]
 
 _STYLES = ("fresh", "warm", "woody", "floral", "oriental", "aquatic", "gourmand", "green")
 _NOTES = ("lemon", "bergamot", "vanilla", "amber", "sandalwood", "rose", "jasmine", "sea salt", "fig", "tea")
 _OCCASIONS = ("summer days", "winter evenings", "the office", "a wedding", "weekends", "night out")
 
 
-_INFO = ("error", "retry_after", "queue_size", "suggestion")
+_INFO = ("retry_after", "queue_size", "suggestion", "type", "code")
 
 
 def brief_text(i: int) -> str:
@@ -66,7 +66,8 @@ class Sample:
     detail: str = ""
     retry_after: float | None = None
     info: dict[str, Any] | None = None
-    """What a refusal said (``error``, ``retry_after``, ``queue_size``, ``suggestion``)."""
+    """What a refusal said: ``error`` (its message), ``retry_after``, ``queue_size``, ``suggestion``,
+    ``type`` and ``code`` (from the server's error object, ``{"error": {...}}``)."""
 
     @property
     def acknowledged(self) -> bool:
@@ -98,6 +99,14 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     except ValueError:
         return None
     return value if value >= 0 else None
+
+
+def refusal_info(body: Any) -> dict[str, Any] | None:
+    """The fields of an error answer ``{"error": {"message", ...}}`` (None when it is not one)."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return None
+    return {"error": error.get("message"), **{k: error[k] for k in _INFO if k in error}}
 
 
 def classify(status: int, headers: Mapping[str, str], body: Any, requested_mode: str) -> tuple[Outcome, str]:
@@ -225,7 +234,7 @@ class Load:
                 cached=bool(body.get("cached")) if ok else False,
                 detail=detail,
                 retry_after=_retry_after(response.headers),
-                info={k: body[k] for k in _INFO if k in body} if ok and response.status_code != 200 else None,
+                info=refusal_info(body) if response.status_code != 200 else None,
             )
         self.samples.append(sample)
         if self._on_sample is not None:

@@ -65,6 +65,7 @@ from brownout.chaos.drills.measure import (
     sqlite_request_ids,
 )
 from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.llm.guard import GuardConfig, reask_wait
 
 __all__ = [
     "DrillError",
@@ -648,7 +649,10 @@ class Drill:
             # a failure (a fallback): its re-asks and their backoff come first.
             assert self.server is not None
             guard = self.server.config.json_guard
-            backoff = sum(guard.backoff_base * 2**k + guard.jitter for k in range(guard.max_retries))
+            # The guard's own waits (the service builds its guard with the default backoff_max), each
+            # with the most jitter it can draw.
+            waits = GuardConfig(backoff_base=guard.backoff_base)
+            backoff = sum(reask_wait(waits, k) + guard.jitter for k in range(1, guard.max_retries + 1))
             budget += guard.max_retries * self.baseline_latency(fault_at) + backoff
         return budget
 
