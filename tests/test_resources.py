@@ -431,7 +431,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[tuple[Runtime, httpx.AsyncClien
             await fake.stop()
 
 
-async def test_a_critical_resource_starts_proactive_recovery_undone_when_it_passes(tmp_path: Path) -> None:
+async def test_a_critical_resource_is_only_reported_by_its_proactive_chain(tmp_path: Path) -> None:
     async with serve(tmp_path) as (rt, http):
         for _ in range(500):  # the monitor's own first sample (at start) is in
             if rt.ops.resources.samples:
@@ -449,16 +449,19 @@ async def test_a_critical_resource_starts_proactive_recovery_undone_when_it_pass
         assert (outcome.failure_type, outcome.trigger) == (FailureType.SYSTEM_RESOURCE, "proactive")
         assert [(a.action, a.status) for a in outcome.attempts] == [
             ("check_health", "failed"),  # the re-sample still sees the CPU at 97 %
-            ("clear_cache", "ok"),
-            ("reduce_generation_params", "ok"),
+            # Our own processes at 97 % is load, not failure: clearing the cache or capping the models
+            # would only make answers scarcer while it lasts.
+            ("clear_cache", "skipped"),
+            ("reduce_generation_params", "skipped"),
         ]
         assert "cpu at 97%" in outcome.attempts[0].detail
-        assert outcome.status == "unresolved"
+        assert all(a.detail.startswith("load, not failure") for a in outcome.attempts[1:])
+        assert (outcome.status, rec.attempts(FailureType.SYSTEM_RESOURCE)) == ("suppressed", 0)
         assert rt.service is not None
-        assert rt.service.generation_limit == (256, 0.5)
+        assert rt.service.generation_limit is None
         assert rt.ops.modes.evaluate().value == "degraded"  # resources degrade; they are not core
         assert rt.service.switched_off["system_mode"] == frozenset({"llama"})
-        # The pressure passes: the reduction made for it is undone, the mode recovers (after 2 looks).
+        # The pressure passes: nothing was changed, nothing to undo; the mode recovers (after 2 looks).
         load["cpu"] = 20.0
         await rt.ops.resources.check()
         assert rt.service.generation_limit is None
