@@ -34,6 +34,7 @@ from brownout.errors import (
     ServiceUnavailable,
 )
 from brownout.events import Event, EventBus, RecoveryActionRun
+from brownout.health.resources import ResourceSample
 from brownout.recovery import (
     Action,
     ActionResult,
@@ -47,7 +48,9 @@ from brownout.recovery import (
 )
 from brownout.recovery.actions import DEFAULT_CHAINS, BackoffSpec
 from brownout.recovery.artifact import shipped_sha256
+from brownout.recovery.busy import BusyCheck, ModelActivity
 from brownout.server.app import create_app
+from brownout.server.operations import DISRUPTIVE
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
 
@@ -889,3 +892,171 @@ async def test_a_model_failing_its_probes_is_recovered_automatically(tmp_path: P
         assert rt.recovery.in_force == {}
         body = (await s.http.post("/v1/briefs", json={"text": "a musky amber", "mode": "creative"})).json()
         assert body["served_mode"] == "creative"
+
+
+# -------------------------------------------------------------------------------- busy is not down
+
+
+class Model:
+    """A model as recovery sees it: its process up or not, requests in flight, CPU its server used."""
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.in_flight = 0
+        self.cpu = 0.0
+
+    def read(self) -> ModelActivity:
+        return ModelActivity(self.alive, self.in_flight, self.cpu)
+
+
+def guarded_manager(clock: FakeClock, models: dict[str, Model]) -> tuple[RecoveryManager, list[str]]:
+    """A manager whose actions only record that they ran, guarded the way ``brownout serve`` is."""
+    ran: list[str] = []
+
+    def recorder(name: str) -> Action:
+        async def run(target: str) -> ActionResult:
+            ran.append(f"{name}({target})")
+            return ActionResult.ok("done") if name != "check_health" else ActionResult.failed("unhealthy")
+
+        return Action(name, name, run, takes_target=True, final=name == "fallback_to_rules")
+
+    busy = BusyCheck(lambda role: models[role].read(), recent=60.0, clock=clock)
+
+    def guard(kind: FailureType, target: str, action: str, trigger: str) -> str | None:
+        return busy.any_busy(models if target == "all" else [target]) if action in DISRUPTIVE else None
+
+    names = {n for chain in DEFAULT_CHAINS.values() for n in chain}
+    manager = RecoveryManager(
+        {n: recorder(n) for n in names},
+        targets=list(models),
+        guard=guard,
+        resolved=lambda kind, target: _false(),
+        clock=clock,
+        events=EventBus(),
+    )
+    manager.busy_check = busy  # type: ignore[attr-defined]
+    return manager, ran
+
+
+async def _false() -> bool:
+    return False
+
+
+async def test_a_busy_model_is_never_restarted_or_switched_off(clock: FakeClock) -> None:
+    qwen = Model()
+    manager, ran = guarded_manager(clock, {"qwen": qwen})
+    busy: BusyCheck = manager.busy_check  # type: ignore[attr-defined]
+    # Saturated: its probe queued behind the work and timed out, its breaker opened on queue time,
+    # but its server computes the 4 requests in flight and answers them one after another.
+    qwen.in_flight = 4
+    for round_ in range(6):
+        busy.probed("qwen", passed=False)
+        clock.advance(15)
+        qwen.cpu += 14.0  # about one CPU busy for 15 s
+        outcome = await manager.handle_failure("qwen: circuit breaker open", target="qwen")
+        assert outcome.failure_type is FailureType.PIPELINE_ERROR
+        assert outcome.status == "suppressed", round_
+        assert outcome.reason.startswith("model busy, not down: qwen has 4 requests in flight")
+        clock.advance(30)  # past the cooldown: the next report is handled again
+    # Not one disruptive action ran; each was recorded as skipped, with the reason.
+    assert ran == []
+    skipped = [a for a in manager.history if a.status == "skipped"]
+    assert {a.action for a in skipped} == set(DEFAULT_CHAINS[FailureType.PIPELINE_ERROR])
+    assert all(a.detail.startswith("model busy, not down") for a in skipped)
+    # Nothing was tried, so nothing was used up: recovery does not give up on a busy model.
+    assert manager.attempts(FailureType.PIPELINE_ERROR) == 0
+    assert manager.suppressed["model busy, not down"] == 6
+    assert manager.runs[("restart_model_server", "ok")] == 0
+
+
+async def test_a_model_that_answered_its_probe_recently_is_busy(clock: FakeClock) -> None:
+    qwen = Model()
+    manager, ran = guarded_manager(clock, {"qwen": qwen, "llama": Model()})
+    busy: BusyCheck = manager.busy_check  # type: ignore[attr-defined]
+    busy.probed("qwen", passed=True)
+    clock.advance(20)
+    outcome = await manager.handle_failure("qwen: no answer within 10s", target="all")
+    assert outcome.status == "suppressed"
+    assert "qwen answered a health probe 20 s ago" in outcome.reason
+    assert ran == []
+
+
+async def test_a_dead_or_wedged_model_is_still_restarted(clock: FakeClock) -> None:
+    qwen = Model()
+    manager, ran = guarded_manager(clock, {"qwen": qwen})
+    busy: BusyCheck = manager.busy_check  # type: ignore[attr-defined]
+    busy.probed("qwen", passed=True)
+    clock.advance(15)
+    # The process is gone (probes fail): the pipeline chain runs in full, as before.
+    qwen.alive = False
+    busy.probed("qwen", passed=False)
+    outcome = await manager.handle_failure("qwen: circuit breaker open", target="qwen")
+    assert outcome.status == "mitigated"
+    assert ran == [
+        "clear_cache(qwen)",
+        "restart_model_server(qwen)",
+        "reduce_generation_params(qwen)",
+        "fallback_to_rules(qwen)",
+    ]
+    assert manager.attempts(FailureType.PIPELINE_ERROR) == 1
+    # Wedged (stopped, say): up, requests in flight, but no CPU used and its probes fail.
+    ran.clear()
+    qwen.alive, qwen.in_flight = True, 3
+    busy.probed("qwen", passed=False)
+    clock.advance(60)
+    outcome = await manager.handle_failure("qwen: circuit breaker open", target="qwen")
+    assert "restart_model_server(qwen)" in ran
+    assert outcome.status == "mitigated"
+    # A passed probe long ago is no alibi either.
+    assert busy.why_busy("qwen") is None
+
+
+async def test_a_proactive_cpu_chain_only_reports(tmp_path: Path) -> None:
+    async with serve(tmp_path) as s:
+        rt = s.runtime
+        svc = rt.service
+        assert svc is not None
+        svc.cache.set("a-key", {"brief": "kept"})
+        # Our own processes keep the CPU at 99 % (every re-sample says so): that is load.
+        rt.ops.resources.sampler = lambda first: ResourceSample(0.0, 99.0, 40.0)
+        outcome = await rt.recovery.handle_failure(
+            "cpu at 99% (critical)", failure_type=FailureType.SYSTEM_RESOURCE, trigger="proactive"
+        )
+        assert outcome.status == "suppressed"
+        assert outcome.reason.startswith("load, not failure")
+        ran = {a.action: a.status for a in outcome.attempts}
+        assert ran == {
+            "check_health": "ok",  # it probed the models: all healthy
+            "clear_cache": "skipped",
+            "reduce_generation_params": "skipped",
+        }
+        assert len(svc.cache) == 1  # the cache that answers under load is kept
+        assert svc.generation_limit is None
+        assert rt.recovery.attempts(FailureType.SYSTEM_RESOURCE) == 0
+
+
+async def test_an_open_breaker_on_a_model_that_answers_probes_is_left_alone(tmp_path: Path) -> None:
+    async with serve(tmp_path) as s:
+        rt = s.runtime
+        svc = rt.service
+        assert svc is not None
+        svc.cache.set("a-key", {"brief": "kept"})
+        # The breaker opened on queue time; the model itself answers its probes.
+        for breaker in rt.clients["qwen"].breakers.values():
+            breaker.force_open()
+        for _ in range(3):  # recovery.unhealthy_probes
+            await rt.probe_all()
+            await rt.ops.after_probes()
+        await until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy)
+        outcome = rt.recovery.outcomes[-1]
+        assert (outcome.target, outcome.status) == ("qwen", "suppressed")
+        assert outcome.reason.startswith("model busy, not down: qwen answered a health probe")
+        assert [a.status for a in outcome.attempts] == ["skipped"] * 4
+        assert svc.switched_off.get("recovery", frozenset()) == frozenset()
+        assert svc.generation_limit is None
+        assert len(svc.cache) == 1
+        status = (await s.http.get("/api/v1/recovery/status")).json()
+        assert status["recovery"]["suppressed"]["model busy, not down"] == 1
+        skipped = [h for h in status["history"] if h["status"] == "skipped"]
+        assert skipped
+        assert all("model busy, not down" in h["detail"] for h in skipped)

@@ -22,7 +22,13 @@ Limits, all in clock time (seed 001: ``recovery_cooldown_seconds = 30``, ``max_r
   failure type is given up on (suppressed) until it is resolved or the manager is reset;
 * **cooldown per action**: inside a chain, an action that ran less than ``cooldown`` seconds ago (for
   any reason) is skipped, so two failure kinds reported together do not restart a model twice;
-* one chain at a time; a failure reported while a chain runs is suppressed as ``"in progress"``.
+* one chain at a time; a failure reported while a chain runs is suppressed as ``"in progress"``;
+* **guard**: before each action of an automatic or proactive chain, ``guard(failure_type, target,
+  action, trigger)`` may give a reason not to run it (``brownout serve``: the model is busy, not down;
+  a resource is high from our own load). The action is recorded as skipped with that reason. A chain
+  in which the guard held something back and every other action was skipped too (a health check,
+  which only reports, aside) ends *suppressed* with the guard's reason: it used no attempt, because
+  nothing was tried.
 
 Manual triggers (the recovery API) are an operator's decision: they bypass both cooldowns and the
 attempt limit, but are recorded like every other run.
@@ -47,7 +53,7 @@ from typing import Any, Literal
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError
 from brownout.events import DEFAULT_BUS, EventBus, RecoveryActionRun
-from brownout.recovery.actions import DEFAULT_CHAINS, Action, ActionResult, chain_for
+from brownout.recovery.actions import CHECK_HEALTH, DEFAULT_CHAINS, Action, ActionResult, chain_for
 from brownout.recovery.classify import FailureType, classify
 
 __all__ = ["OutcomeStatus", "RecoveryAttempt", "RecoveryManager", "RecoveryOutcome", "Trigger"]
@@ -117,7 +123,8 @@ class RecoveryManager:
     ``actions`` by name; ``chains`` maps each failure type to action names (default
     :data:`~brownout.recovery.actions.DEFAULT_CHAINS`); ``targets`` are the valid non-"all" targets of
     actions that take one (model roles). ``resolved(failure_type, target)`` tells whether a failure is
-    gone. ``history_size`` bounds the history.
+    gone. ``guard(failure_type, target, action, trigger)`` returns a reason to skip an action of a
+    non-manual chain, or None. ``history_size`` bounds the history.
     """
 
     def __init__(
@@ -130,6 +137,7 @@ class RecoveryManager:
         max_attempts: int = 3,
         history_size: int = 100,
         resolved: Callable[[FailureType, str], Awaitable[bool]] | None = None,
+        guard: Callable[[FailureType, str, str, str], str | None] | None = None,
         name: str = "recovery",
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
@@ -169,6 +177,8 @@ class RecoveryManager:
         self.outcomes_total: Counter[str] = Counter()
         """Handled failures by outcome status."""
         self._resolved = resolved
+        self.guard = guard
+        """Asked before each action of a non-manual chain; a reason it gives skips the action."""
         self._clock = clock
         self._events = events
         self._lock = asyncio.Lock()
@@ -320,6 +330,8 @@ class RecoveryManager:
             outcome = await self._run_chain(kind, target, trigger, evidence)
         if outcome.status == "resolved":
             self._attempts.pop(kind, None)
+        elif outcome.status == "suppressed":
+            self.suppressed[outcome.reason.split(":", 1)[0]] += 1  # held back by the guard: no attempt
         else:
             self._attempts[kind] += 1
             if self._attempts[kind] >= self.max_attempts:
@@ -372,8 +384,15 @@ class RecoveryManager:
         self, kind: FailureType, target: str, trigger: str, evidence: str
     ) -> RecoveryOutcome:
         done: list[RecoveryAttempt] = []
+        held: str | None = None  # the guard's first reason in this chain
         for name in chain_for(kind, self.chains):
             action = self.actions[name]
+            if trigger != MANUAL and self.guard is not None:
+                why = self.guard(kind, target, name, trigger)
+                if why is not None:
+                    held = held or why
+                    done.append(self._record(name, target, kind.value, trigger, ActionResult.skipped(why)))
+                    continue
             if trigger != MANUAL:
                 wait = self.action_cooldown_left(name)
                 if wait > 0:
@@ -408,6 +427,9 @@ class RecoveryManager:
                 return RecoveryOutcome(
                     kind, target, trigger, "resolved", f"after {name}", evidence, tuple(done)
                 )
+        if held is not None and all(a.status == "skipped" for a in done if a.action != CHECK_HEALTH):
+            # Nothing disruptive ran and nothing failed but the report: not an attempt at recovery.
+            return RecoveryOutcome(kind, target, trigger, "suppressed", held, evidence, tuple(done))
         return RecoveryOutcome(
             kind, target, trigger, "unresolved", "every action of the chain was tried", evidence, tuple(done)
         )

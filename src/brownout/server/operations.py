@@ -11,6 +11,12 @@ it. What it connects:
   recovery API (manual). A chain is *resolved* when the roles concerned pass a fresh probe (or, for
   resource failures, no resource is critical any more). When resources come back from critical, the
   lasting changes their chains made (reduced generation parameters) are undone.
+  **Busy is not down**: before an automatic chain clears the cache, restarts or reloads a model,
+  caps its generation or switches it off, :class:`~brownout.recovery.busy.BusyCheck` asks whether the
+  model is only busy (alive, and its latest probe passed recently, or it has requests in flight and
+  its server is computing); then the action is skipped and recorded as ``model busy, not down``. A
+  proactive chain for CPU or memory (our own processes at critical: that is load, not failure) only
+  reports: it probes and re-samples, and clears, restarts and caps nothing.
 * **resources** (seed 001) -- :class:`~brownout.health.ResourceMonitor`; the worst level is a
   component of the system mode (not a core one: at worst it degrades the mode).
 * **modes** (seed 002) -- :class:`~brownout.health.SystemModes` over these components: ``model:qwen``
@@ -38,9 +44,21 @@ from typing import TYPE_CHECKING, Any
 from brownout.config import ROLES
 from brownout.health.loop import LoopBlockDetector
 from brownout.health.modes import AdaptiveTTL, ComponentHealth, ComponentStatus, SystemMode, SystemModes
-from brownout.health.resources import Level, ResourceMonitor, ResourceSample, Thresholds
-from brownout.recovery.actions import RECOVERY_SOURCE, RESET_BREAKERS, BackoffSpec, brief_server_actions
+from brownout.health.resources import HostReader, Level, ResourceMonitor, ResourceSample, Thresholds
+from brownout.recovery.actions import (
+    CLEAR_CACHE,
+    CPU_OFFLOAD,
+    FALLBACK_TO_RULES,
+    RECOVERY_SOURCE,
+    REDUCE_GENERATION_PARAMS,
+    RESET_BREAKERS,
+    RESTART_MODEL_SERVER,
+    RETRY_MODEL_LOAD,
+    BackoffSpec,
+    brief_server_actions,
+)
 from brownout.recovery.artifact import ModelArtifact
+from brownout.recovery.busy import BusyCheck, ModelActivity
 from brownout.recovery.classify import FailureType
 from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
 
@@ -59,6 +77,19 @@ FEATURE_ROLES = {"creative_hints": "llama", "model_validation": "mistral"}
 
 MODE_SOURCE = "system_mode"
 """The key under which the system mode switches roles off in the service."""
+
+DISRUPTIVE = frozenset(
+    {CLEAR_CACHE, RESTART_MODEL_SERVER, RETRY_MODEL_LOAD, REDUCE_GENERATION_PARAMS, FALLBACK_TO_RULES}
+)
+"""Actions that drop a model's work or take answers away: never run on a model that is only busy."""
+
+LOAD_ONLY_REPORTED = DISRUPTIVE | {CPU_OFFLOAD}
+"""What a proactive CPU or memory chain does not do: high use of our own resources is load."""
+
+LOAD_NOT_FAILURE = (
+    "load, not failure: our own processes use this much because they are working; reported, not "
+    "acted on (admission and the system mode shed load)"
+)
 
 
 def _backoff(section: Any) -> BackoffSpec:
@@ -90,6 +121,9 @@ class Operations:
         )
         """The resource monitor."""
         rc = cfg.recovery
+        self._hosts: dict[str, HostReader] = {}
+        self.busy = BusyCheck(self._activity, recent=max(60.0, 3 * cfg.models.health_interval), clock=clock)
+        """Tells a model that is only busy from one that is down (fed by every probe round)."""
         self.artifacts: dict[Path, ModelArtifact] = {}
         """Integrity records of the local model files, by path."""
         actions = brief_server_actions(
@@ -111,6 +145,7 @@ class Operations:
             max_attempts=rc.max_attempts,
             history_size=rc.history_size,
             resolved=self._resolved,
+            guard=self._guard,
             clock=clock,
             events=events,
         )
@@ -206,6 +241,10 @@ class Operations:
         if svc is None:
             return
         needed = self.runtime.config.recovery.unhealthy_probes
+        for role in ROLES:
+            probe = svc.stats.health.get(role)
+            if probe is not None:
+                self.busy.probed(role, probe.healthy)
         # Lasting changes recovery made for failing models (fallback_to_rules switches a role off) end
         # when every role they switched off passes its probes again: the service comes back to full
         # mode by itself, not only after an operator's reset.
@@ -229,6 +268,29 @@ class Operations:
             self.probe_streaks[role] += 1
             if self.probe_streaks[role] >= needed and self.runtime.config.recovery.enabled:
                 self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
+
+    def _activity(self, role: str) -> ModelActivity:
+        """What ``role``'s model is doing now: its process up, requests in flight, CPU used."""
+        rt = self.runtime
+        server = rt.local.get(role)
+        pid = server.pid if server is not None else None
+        alive = rt.role_alive(role) and (server is None or pid is not None)
+        client = rt.clients.get(role)
+        in_flight = sum(int(ep.get("in_flight", 0)) for ep in client.endpoints_status()) if client else 0
+        cpu: float | None = None
+        if pid is not None:
+            host = self._hosts.setdefault(role, HostReader())
+            tree = host.processes(pid)
+            cpu = sum(p.cpu_seconds for p in tree) if tree else None
+        return ModelActivity(alive, in_flight, cpu)
+
+    def _guard(self, kind: FailureType, target: str, action: str, trigger: str) -> str | None:
+        """Why an action of an automatic or proactive chain must not run now (None: it may)."""
+        if trigger == "proactive" and kind is FailureType.SYSTEM_RESOURCE and action in LOAD_ONLY_REPORTED:
+            return LOAD_NOT_FAILURE
+        if action in DISRUPTIVE:
+            return self.busy.any_busy(ROLES if target in ("all", "") else (target,))
+        return None
 
     def why_unhealthy(self, role: str) -> str:
         """The best description of why ``role`` is unhealthy (for classification)."""
