@@ -88,8 +88,9 @@ def serve(
         f"brownout {__version__}: serving briefs on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C stops)"
     )
     try:
-        # Ctrl-C ends the live streams first (they would hold the shutdown up), and the graceful
-        # shutdown is bounded anyway.
+        # SIGTERM/SIGINT ends the live streams and drains the server first (run_server): in-flight
+        # requests get up to server.drain_timeout to finish. uvicorn's own grace period comes after
+        # the drain, when every request has been answered, so it only bounds closing connections.
         run_server(
             app,
             sockets=[sock],

@@ -82,6 +82,12 @@ class ServerSection(_Section):
     live_max_clients: int = Field(
         default=100, ge=1, description="live-stream clients (SSE + WebSocket) at once; more get 503"
     )
+    drain_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds in-flight requests may take to finish after SIGTERM/SIGINT before they are "
+        "answered 503; default: the longest request deadline (see BrownoutConfig.drain_seconds)",
+    )
 
 
 class LocalModelsSection(_Section):
@@ -471,6 +477,25 @@ class BrownoutConfig(_Section):
         if not self.gateway.offers_local or not self.models.local.enabled:
             return None
         return None if self.models.roles["qwen"].endpoints else "qwen"
+
+    @property
+    def drain_seconds(self) -> float:
+        """How long a graceful shutdown waits for in-flight requests: ``server.drain_timeout`` when set.
+
+        By default the longest deadline a request can have, so a rolling restart cuts nothing short
+        that would have been answered: a brief's ``server.request_timeout``, or a gateway group's
+        ``timeout`` x ``max_attempts`` (the embedded model's group included while it is offered).
+        """
+        if self.server.drain_timeout is not None:
+            return self.server.drain_timeout
+        longest = self.server.request_timeout
+        groups = list(self.gateway.groups.values())
+        for group in groups:
+            longest = max(longest, group.timeout * group.max_attempts)
+        if self.gateway_local_role is not None:
+            local = self.gateway.local
+            longest = max(longest, local.timeout * local.max_attempts)
+        return longest
 
     @model_validator(mode="after")
     def _check_gateway_local(self) -> BrownoutConfig:

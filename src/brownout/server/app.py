@@ -42,6 +42,7 @@ from brownout.errors import ServiceUnavailable
 from brownout.gateway.routes import CHAT_PATH, gateway_openapi, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
 from brownout.server import live
+from brownout.server.drain import Drain, DrainMiddleware
 from brownout.server.errors import (
     ApiError,
     check_json_content_type,
@@ -251,9 +252,12 @@ def _unavailable(
 def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAPI:
     """Build the app; ``runtime`` (default: one built from ``config``) is started and stopped with it."""
     rt = runtime or Runtime(config)
+    # Graceful drain on SIGTERM/SIGINT (brownout.server.drain; run_server starts it).
+    drain = Drain(clock=rt.clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.bind(asyncio.get_running_loop())
         await rt.start()
         exporter.start()
         try:
@@ -277,6 +281,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     app.router.route_class = _JSONRoute
     install_error_handlers(app)
     app.state.runtime = rt
+    app.state.drain = drain
     # Several workers share their metrics through PROMETHEUS_MULTIPROCESS_DIR (see server.metrics).
     exporter = RuntimeMetrics(rt, directory=multiprocess_dir())
     # The OpenAI-compatible gateway: /v1/chat/completions, /v1/models, /health/gateway, its metrics.
@@ -346,7 +351,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         }
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Response:
         svc = service()
         models = {role: model_status(role) for role in ROLES}
         healthy = [r for r, m in models.items() if m["status"] == "healthy"]
@@ -357,7 +362,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         else:
             status = "unhealthy"
         cache = svc.cache.stats()
-        return {
+        body = {
             "status": status,
             "models": models,
             "cache": {
@@ -383,7 +388,18 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
             "system_mode": rt.modes.mode.value,
+            "drain": drain.status(),
         }
+        if not drain.admitting:
+            # A load balancer takes the server out of rotation on the 503; the body says why.
+            return error_response(
+                503,
+                "the server is shutting down (draining)",
+                code="draining",
+                retry_after=drain.retry_after,
+                extra={**body, "status": "draining"},
+            )
+        return JSONResponse(body)
 
     async def check_model(role: str) -> dict[str, Any]:
         svc = service()
@@ -513,6 +529,9 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # The live view, the dashboard, the pre-promotion check's routes, and CORS when configured
     # (added last, so it is the outermost middleware and its headers reach every answer).
     live.install(app, rt, config)
+    # Outermost: while draining, nothing new reaches the app, and a request the drain cuts short is
+    # answered 503 here rather than 500 by uvicorn.
+    app.add_middleware(DrainMiddleware, drain=drain)
     return app
 
 

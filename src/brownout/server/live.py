@@ -903,8 +903,10 @@ def quiet_probes(log_level: str = "info") -> None:
 
 
 def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
-    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams,
-    and health checks stay out of the log below ``log_level="debug"`` (:func:`quiet_probes`).
+    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
+    and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
+    ``server.drain_timeout``, the rest answered 503), and health checks stay out of the log below
+    ``log_level="debug"`` (:func:`quiet_probes`).
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
@@ -917,11 +919,26 @@ def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **op
     import uvicorn
 
     runtime = app.state.runtime
+    drain = getattr(app.state, "drain", None)
+    drain_seconds = float(runtime.config.drain_seconds)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.live.close_clients_soon()
-            super().handle_exit(sig, frame)
+            if drain is None or self.force_exit:
+                super().handle_exit(sig, frame)
+                return
+            if self.should_exit:  # a signal after the drain: quit without waiting any more
+                self.force_exit = True
+                return
+            # Graceful drain (brownout.server.drain): uvicorn's own shutdown -- sockets closed, then
+            # the app's -- starts only once in-flight requests are answered; a second signal cuts
+            # the wait short. The signal is not re-raised after shutdown (uvicorn's default), so a
+            # drained server exits 0.
+            drain.begin_soon(drain_seconds, self._drained)
+
+        def _drained(self) -> None:
+            self.should_exit = True
 
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
