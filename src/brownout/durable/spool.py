@@ -31,9 +31,11 @@ Guarantees and their reasons:
 * **Back-pressure.** At ``max_pending`` entries, :meth:`~Spool.append` raises
   :class:`~brownout.errors.Overloaded` (reason ``"spool_full"``) instead of growing without bound.
 * **No poison entry blocks the rest, and none is dropped.** An entry the sink refuses ``max_attempts``
-  times for a reason that is not an outage (``transient(error)`` is false: a constraint violation, a
-  payload the sink cannot take) moves to the file's ``dead_letters`` table, where it stays until an
-  operator looks at it (:meth:`~Spool.dead_letters`) and sends it back (:meth:`~Spool.requeue_dead`).
+  times for a reason that is not an outage (``transient(error)`` is false) moves to the file's
+  ``dead_letters`` table, where it stays until an operator looks at it (:meth:`~Spool.dead_letters`)
+  and sends it back (:meth:`~Spool.requeue_dead`). An entry refused for its *data*
+  (``data_fault(error)``: a NUL or an untranslatable character, a constraint violation) moves there
+  on the first refusal: no retry can succeed, and retrying it would hold every healthy entry behind it.
   Outage errors (connection refused, timeouts, a read-only database) never count toward that limit:
   a long outage must not dead-letter everything.
 
@@ -76,6 +78,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -109,7 +112,9 @@ __all__ = [
     "SpoolInUse",
     "SpoolReplayer",
     "SpoolStats",
+    "default_data_fault",
     "default_transient",
+    "error_summary",
 ]
 
 _log = logging.getLogger("brownout.spool")
@@ -172,6 +177,74 @@ def default_transient(error: BaseException) -> bool:
         orig = getattr(e, "orig", None)
         todo.extend([e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None])
     return False
+
+
+_DATA_FAULT_NAMES: Final = frozenset(
+    {
+        # DB-API (sqlite3, psycopg) and SQLAlchemy's wrappers of them: the statement was refused for
+        # the values it carried, which no retry changes
+        "DataError",
+        "IntegrityError",
+        # asyncpg: SQLSTATE classes 22 (data exception: NUL or an untranslatable character, a value
+        # too long or out of range) and 23 (constraint violation)
+        "IntegrityConstraintViolationError",
+        "CharacterNotInRepertoireError",
+        "UntranslatableCharacterError",
+        "StringDataRightTruncationError",
+        "NumericValueOutOfRangeError",
+        # Python: a payload that cannot be encoded or does not have the record's shape
+        "UnicodeError",
+        "ValidationError",
+    }
+)
+
+
+def default_data_fault(error: BaseException) -> bool:
+    """True when the sink refused ``error``'s entry for its *data* (a NUL the database cannot hold, a
+    constraint it breaks): retrying cannot help, so the spool moves it to the dead letters at once
+    rather than retrying it, ``max_attempts`` times, ahead of the healthy entries queued behind it.
+
+    An outage (:func:`default_transient`) is never a data fault, whatever else the error chain holds.
+    Looks at the error, its causes and a wrapped driver error by type name, like :func:`default_transient`.
+    """
+    if default_transient(error):
+        return False
+    return any(any(t.__name__ in _DATA_FAULT_NAMES for t in type(e).__mro__) for e in _chain(error))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error``, its causes and contexts, and wrapped driver errors (SQLAlchemy's ``orig``), once each."""
+    out: list[BaseException] = []
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        orig = getattr(e, "orig", None)
+        todo.extend([e.__cause__, e.__context__, orig if isinstance(orig, BaseException) else None])
+    return out
+
+
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'|\([^()]*\)=\([^()]*\)")
+
+
+def error_summary(error: BaseException, limit: int = 200) -> str:
+    """A short, safe description of a storage error for logs, ``/health`` and the spool's records:
+    the driver's error class and the first line of its message, without the SQL statement, its
+    parameters, or quoted values (which may be a customer's text)."""
+    chain = _chain(error)
+    # The innermost driver error says what went wrong; SQLAlchemy's wrapper adds SQL and parameters.
+    inner = next((e for e in reversed(chain) if str(e).strip()), error)
+    message = str(inner).split("[SQL:", 1)[0].strip()
+    message = message.splitlines()[0].strip() if message else ""
+    # SQLAlchemy's "(driver.ErrorClass) message" prefix names the class again.
+    message = re.sub(r"^\([\w.<>: ]+\)\s*", "", message)
+    message = _QUOTED.sub("...", message)
+    text = f"{type(inner).__name__}: {message}" if message else type(inner).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _SCHEMA: Final = """
@@ -404,6 +477,7 @@ class Spool:
         "_replay_lock",
         "_replayed",
         "alert_pending",
+        "data_fault",
         "max_attempts",
         "max_pending",
         "name",
@@ -422,6 +496,7 @@ class Spool:
         alert_pending: int = 100,
         max_attempts: int | None = 10,
         transient: Callable[[BaseException], bool] = default_transient,
+        data_fault: Callable[[BaseException], bool] = default_data_fault,
     ) -> None:
         if max_pending < 1:
             raise ConfigError("max_pending", f"must be at least 1, got {max_pending}")
@@ -435,6 +510,7 @@ class Spool:
         self.alert_pending = alert_pending
         self.max_attempts = max_attempts
         self.transient = transient
+        self.data_fault = data_fault
         self._clock = clock
         self._events = events
         self._closed = False
@@ -701,7 +777,8 @@ class Spool:
                 if not entries:
                     break
                 done: list[int] = []
-                failure: tuple[int, str, bool] | None = None
+                # (seq, error, refused for a reason other than an outage, refused for its data)
+                failure: tuple[int, str, bool, bool] | None = None
                 moved = False
                 try:
                     if batch_sink is not None and len(entries) > 1:
@@ -716,14 +793,15 @@ class Spool:
                         except Exception as e:
                             if self.transient(e):
                                 # An outage: trying the entries one by one would only fail again.
-                                failure = (entries[0][0], _describe(e), False)
+                                failure = (entries[0][0], _describe(e), False, False)
                                 failed_key = entries[0][1]
                     if not done and failure is None:
                         for seq, key, kind, payload in entries:
                             try:
                                 await one(key, kind, payload)
                             except Exception as e:
-                                failure = (seq, _describe(e), not self.transient(e))
+                                transient = self.transient(e)
+                                failure = (seq, _describe(e), not transient, self.data_fault(e))
                                 failed_key = key
                                 break
                             done.append(seq)
@@ -1135,7 +1213,7 @@ class Spool:
         )
         return rows.fetchall()
 
-    def _settle(self, done: list[int], failure: tuple[int, str, bool] | None) -> bool:
+    def _settle(self, done: list[int], failure: tuple[int, str, bool, bool] | None) -> bool:
         """Delete what the sink took and record a failure; True when the failed entry went dead."""
         conn = self._db()
         if done:
@@ -1156,20 +1234,23 @@ class Spool:
                     "DELETE FROM spool WHERE seq BETWEEN ? AND ?", (done[0], done[-1])
                 ).rowcount
             if failure is not None:
-                seq, error, refused = failure
+                seq, error, refused, data_fault = failure
                 conn.execute(
                     "UPDATE spool SET attempts = attempts + 1, last_error = ?, refusals = refusals + ? "
                     "WHERE seq = ?",
                     (error, int(refused), seq),
                 )
                 if refused and self.max_attempts is not None:
+                    # Refused for its data: no retry can succeed, so it goes now, not after
+                    # max_attempts tries that would hold every healthy entry behind it.
+                    least = 1 if data_fault else self.max_attempts
                     moved = (
                         conn.execute(
                             "INSERT INTO dead_letters "
                             "(seq, key, kind, payload, created_at, attempts, last_error, dead_at) "
                             "SELECT seq, key, kind, payload, created_at, attempts, last_error, ? "
                             "FROM spool WHERE seq = ? AND refusals >= ?",
-                            (self._clock.now(), seq, self.max_attempts),
+                            (self._clock.now(), seq, least),
                         ).rowcount
                         == 1
                     )
@@ -1453,8 +1534,8 @@ class SpoolReplayer:
 
 
 def _describe(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
+    # Shown in /health and kept with the entry: never the SQL, its parameters or the entry's text.
+    return error_summary(error, _MAX_ERROR_CHARS)
 
 
 def _fsync_dir(directory: Path) -> None:

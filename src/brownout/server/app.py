@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,6 +60,9 @@ from brownout.server.runtime import Runtime
 __all__ = ["BriefRequest", "create_app"]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class BriefRequest(BaseModel):
     """The body of ``POST /v1/briefs``."""
 
@@ -66,6 +70,27 @@ class BriefRequest(BaseModel):
 
     text: str = Field(description="the customer's free text", min_length=1)
     mode: Literal["fast", "balanced", "creative"] = Field(default="balanced", description="the mode wanted")
+
+    @field_validator("text")
+    @classmethod
+    def _storable(cls, value: str) -> str:
+        # What is acknowledged must be storable, on every database we support. PostgreSQL's text
+        # cannot hold NUL, nor can UTF-8 hold a lone surrogate: such a brief used to be answered 200
+        # and then refused by the database, blocking the spool behind it. Refused here instead
+        # (rather than stored escaped): neither character means anything in a customer's wish, and
+        # an escaped copy would no longer be the text that was sent.
+        nul = value.find("\x00")
+        if nul >= 0:
+            raise ValueError(
+                f"the text has a NUL character (U+0000) at character {nul}; remove it -- it cannot be stored"
+            )
+        lone = _SURROGATE.search(value)
+        if lone is not None:
+            raise ValueError(
+                f"the text has a lone UTF-16 surrogate (U+{ord(lone.group()):04X}) at character "
+                f"{lone.start()}; send valid Unicode"
+            )
+        return value
 
 
 class TriggerRequest(BaseModel):
@@ -355,7 +380,8 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         svc = service()
         models = {role: model_status(role) for role in ROLES}
         healthy = [r for r, m in models.items() if m["status"] == "healthy"]
-        if len(healthy) == len(ROLES) and rt.store_ok:
+        database = _database_status(rt)
+        if len(healthy) == len(ROLES) and database["status"] == "healthy":
             status = "healthy"
         elif "qwen" in healthy or svc.cache.stats().size > 0:
             status = "degraded"
@@ -374,13 +400,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 "hits": cache.hits,
                 "misses": cache.misses,
             },
-            "database": {
-                "status": "healthy" if rt.store_ok else "unhealthy",
-                "error": rt.store_error,
-                "writable_host": rt.store.writable_host,
-                "read_only": rt.store.read_only,
-                "failovers": rt.store.failovers,
-            },
+            "database": database,
             "spool": _spool_status(rt),
             "redis": rt.shared.status() if rt.shared is not None else {"status": "not configured"},
             "events": _outbox_status(rt),
@@ -598,6 +618,30 @@ def _install_docs(app: FastAPI) -> None:
             raise ApiError(404, f"no docs asset {name!r}", code="not_found")
         body, media = found
         return Response(body, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
+
+
+def _database_status(rt: Runtime) -> dict[str, Any]:
+    """``unhealthy`` while the database refuses writes, ``degraded`` while acknowledged writes wait in
+    the spool (the database is back, or took some writes, but is not yet caught up), else ``healthy``.
+
+    ``error`` is a summary (the driver's error class and short message), never the SQL statement or
+    its parameters, which hold customers' text.
+    """
+    pending = rt.spool.pending
+    if not rt.store_ok:
+        status = "unhealthy"
+    elif pending:
+        status = "degraded"
+    else:
+        status = "healthy"
+    return {
+        "status": status,
+        "error": rt.store_error,
+        "spooled_writes": pending,
+        "writable_host": rt.store.writable_host,
+        "read_only": rt.store.read_only,
+        "failovers": rt.store.failovers,
+    }
 
 
 def _spool_status(rt: Runtime) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
-from brownout.durable.spool import Spool, SpoolInUse, SpoolReplayer
+from brownout.durable.spool import Spool, SpoolInUse, SpoolReplayer, default_data_fault, error_summary
 from brownout.durable.store import BriefRecord, BriefStore
 from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
@@ -263,7 +263,7 @@ class Runtime:
             self._schema_ready = True
             self.store_ok, self.store_error = True, None
         except Exception as e:  # the service answers without a database; /health says so
-            self.store_ok, self.store_error = False, f"{type(e).__name__}: {e}"
+            self.store_ok, self.store_error = False, error_summary(e)
             _log.error("database unavailable at start: %s", self.store_error)
 
     async def _database_watch(self) -> None:
@@ -281,7 +281,7 @@ class Runtime:
                     await self.store.init()
                     self._schema_ready = True
             except Exception as e:
-                self.store_ok, self.store_error = False, f"{type(e).__name__}: {e}"
+                self.store_ok, self.store_error = False, error_summary(e)
                 continue
             if not self.store_ok:
                 _log.warning("database reachable again (%s)", self.store.writable_host)
@@ -347,10 +347,11 @@ class Runtime:
                 self._brief_created(payload)
                 return
             except Exception as e:
-                self.store_ok, self.store_error = False, f"{type(e).__name__}: {e}"
-                _log.error(
-                    "database write of %s failed, spooling it: %s", payload["request_id"], self.store_error
-                )
+                summary = error_summary(e)
+                # A write refused for its data says nothing about the database's health.
+                if not default_data_fault(e):
+                    self.store_ok, self.store_error = False, summary
+                _log.error("database write of %s failed, spooling it: %s", payload["request_id"], summary)
         try:
             await self.spool.append(payload["request_id"], "brief", payload)
         except Exception as e:
