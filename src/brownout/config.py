@@ -11,8 +11,9 @@ between levels, case-insensitive, values parsed as YAML scalars), e.g.
 ``BROWNOUT__SERVER__PORT=9000`` or ``BROWNOUT__CIRCUIT_BREAKER__TIMEOUT=30``. The admin token is also
 read from ``BROWNOUT_ADMIN_TOKEN``.
 
-Any invalid value fails with :class:`~brownout.errors.ConfigError` naming the dotted key, e.g.
-``circuit_breaker.failure_threshold: Input should be less than or equal to 1``.
+Invalid values fail with one :class:`~brownout.errors.ConfigError` naming every bad dotted key, a
+line each, e.g. ``circuit_breaker.failure_threshold: Input should be less than or equal to 1``; a
+``database.url`` whose driver the store cannot use is one of them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from brownout.errors import ConfigError
 from brownout.gateway.config import GatewaySection
@@ -242,6 +251,54 @@ class DatabaseSection(_Section):
         default=5.0, gt=0, description="seconds a database write may take before spooling"
     )
     spool_alert: int = Field(default=100, ge=1, description="pending spooled writes that raise the alert")
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, value: str) -> str:
+        _check_database_url(value)
+        return value
+
+    @field_validator("failover_urls")
+    @classmethod
+    def _known_drivers(cls, value: list[str]) -> list[str]:
+        for i, url in enumerate(value):
+            try:
+                _check_database_url(url)
+            except ValueError as e:
+                raise ValueError(f"[{i}]: {e}") from None
+        return value
+
+
+_DATABASE_URL_HINT = "use sqlite+aiosqlite:///path/to/file.db or postgresql+asyncpg://user@host:5432/db"
+
+
+def _check_database_url(url: str) -> None:
+    """Refuse, naming the setting, a URL the store cannot open: found at start-up rather than as a
+    traceback from deep inside the database library once the server is starting."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ValueError(f"{url!r} is not a database URL; {_DATABASE_URL_HINT}")
+    try:
+        from sqlalchemy.engine import URL
+    except ImportError:  # the toolkit alone: nothing here opens a database
+        return
+    try:
+        dialect = URL.create(scheme).get_dialect()
+    except Exception:
+        raise ValueError(f"unknown database driver {scheme!r}; {_DATABASE_URL_HINT}") from None
+    if dialect.name not in ("sqlite", "postgresql"):
+        raise ValueError(f"{dialect.name} databases are not supported; {_DATABASE_URL_HINT}")
+    if not getattr(dialect, "is_async", False):
+        raise ValueError(
+            f"{scheme!r} uses the blocking driver {dialect.driver!r}; brownout needs an asyncio driver: "
+            + _DATABASE_URL_HINT
+        )
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        raise ValueError(
+            f"the driver of {scheme!r} is not installed ({e}); install brownout[server]"
+        ) from None
 
 
 class WebhookEndpoint(_Section):
@@ -545,11 +602,15 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _first_error(e: ValidationError) -> ConfigError:
-    err = e.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "(root)"
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return ConfigError(key, f"{str(err['msg']).removeprefix('Value error, ')}{more}")
+def _all_errors(e: ValidationError) -> ConfigError:
+    """One error naming every bad key, a line each (the first key is the error's ``key``): fixing a
+    file one key per start-up is slow."""
+    found: list[tuple[str, str]] = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        found.append((key, str(err["msg"]).removeprefix("Value error, ")))
+    (key, message), rest = found[0], found[1:]
+    return ConfigError(key, message + "".join(f"\n{k}: {m}" for k, m in rest))
 
 
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> BrownoutConfig:
@@ -574,4 +635,4 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     try:
         return BrownoutConfig.model_validate(data)
     except ValidationError as e:
-        raise _first_error(e) from None
+        raise _all_errors(e) from None
