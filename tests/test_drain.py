@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.types import Receive, Scope, Send
 
 from brownout.chaos.fakellm import FakeLLM
@@ -129,6 +131,57 @@ async def test_requests_left_when_the_drain_time_runs_out_get_503_json() -> None
         assert drain.in_flight == 0
 
 
+class _TimedApp:
+    """``/work?seconds=N`` answers after N seconds of the fake clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        seconds = float(scope["query_string"].decode().partition("=")[2] or 0)
+        await self.clock.sleep(seconds)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    durations=st.lists(st.integers(min_value=0, max_value=20), max_size=12),
+    late=st.integers(min_value=0, max_value=4),
+    timeout=st.integers(min_value=0, max_value=20),
+)
+async def test_every_request_gets_its_answer_or_a_503_never_anything_else(
+    durations: list[int], late: int, timeout: int
+) -> None:
+    """Whatever the mix: a request in flight at the signal is answered if it finishes within the drain
+    time, else 503; a request that arrives during the drain is refused 503. Nothing else, none lost."""
+    clock = FakeClock()
+    drain = Drain(clock=clock)
+    app = DrainMiddleware(_TimedApp(clock), drain)
+    limit = timeout + 0.5  # never a tie between a request's end and the drain's
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        flying = [asyncio.create_task(client.get(f"/work?seconds={d}")) for d in durations]
+        await _until(lambda: drain.in_flight == len(durations), "every request in flight")
+        task = asyncio.create_task(drain.drain(limit))
+        await _until(lambda: drain.state != "serving", "the drain to begin")
+        refused = [await client.get("/work?seconds=0") for _ in range(late)]
+        await _until(lambda: limit in clock.sleeps, "the drain to wait")
+        # Half a second at a time: the requests end on whole seconds, the drain time half-way between.
+        for _ in range(2 * timeout + 4):
+            clock.advance(0.5)
+            for _ in range(50):  # let every task woken by this step run to its next wait
+                await asyncio.sleep(0)
+        answers = await asyncio.gather(*flying)
+        cut = await task
+    assert [r.status_code for r in answers] == [200 if d < limit else 503 for d in durations]
+    assert cut == sum(d > limit for d in durations)
+    for response in [*refused, *(r for r in answers if r.status_code == 503)]:
+        _assert_draining_503(response)
+    assert drain.refused == late
+    assert drain.in_flight == 0
+
+
 def test_default_drain_time_is_the_longest_request_deadline() -> None:
     defaults = load_config(None, environ={})
     # The embedded model's gateway group: 120 s without a byte x 1 attempt, over a brief's 60 s.
@@ -227,7 +280,7 @@ async def _sse(url: str, opened: asyncio.Event) -> int:
 
 
 async def _sigterm_under_load(
-    tmp_path: Path, fakes: dict[str, FakeLLM], server: dict[str, Any]
+    tmp_path: Path, fakes: dict[str, FakeLLM], server: dict[str, Any], sig: int = signal.SIGTERM
 ) -> tuple[list[httpx.Response], list[httpx.Response], int, str]:
     """20 briefs in flight and 2 SSE clients, then SIGTERM: (in-flight answers, answers to requests
     sent after the signal, exit status, log)."""
@@ -251,7 +304,7 @@ async def _sigterm_under_load(
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError("the briefs never reached the models")
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             await asyncio.sleep(0.3)
             after: list[httpx.Response] = []
             async with httpx.AsyncClient(base_url=url, timeout=10.0) as late:
@@ -267,10 +320,11 @@ async def _sigterm_under_load(
     return answers, after, status, (tmp_path / "serve.log").read_text()
 
 
-async def test_sigterm_lets_in_flight_briefs_finish_and_refuses_new_ones(
-    slow_fakes: dict[str, FakeLLM], tmp_path: Path
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_lets_in_flight_briefs_finish_and_refuses_new_ones(
+    slow_fakes: dict[str, FakeLLM], tmp_path: Path, sig: signal.Signals
 ) -> None:
-    answers, after, status, log = await _sigterm_under_load(tmp_path, slow_fakes, {})
+    answers, after, status, log = await _sigterm_under_load(tmp_path, slow_fakes, {}, sig)
     assert [r.status_code for r in answers] == [200] * IN_FLIGHT, log
     assert all(r.json()["served_mode"] == "fast" for r in answers)
     brief, chat, health = after
