@@ -26,6 +26,7 @@ from brownout.errors import (
 EXPECTED_ALL = [
     "DEFAULT_BUS",
     "SYSTEM_CLOCK",
+    "AdaptiveLimiter",
     "Admission",
     "AdmissionConfig",
     "AllFallbacksFailed",
@@ -51,6 +52,7 @@ EXPECTED_ALL = [
     "EventBus",
     "FallbackChain",
     "FallbackResult",
+    "LimiterConfig",
     "Overloaded",
     "Rejected",
     "Retry",

@@ -5,8 +5,8 @@ modules whose names start with an underscore are not.
 
 Policies (``brownout.policies``), each one engine with ``call``, decorator and ``wrap`` forms:
 :class:`CircuitBreaker`, :class:`Retry` (with :class:`RetryBudget`), :class:`Deadline` /
-:func:`deadline`, :class:`Admission`, :class:`Singleflight`, :class:`Cache`, :class:`FallbackChain`,
-stacked with :func:`compose`. Time comes from a :class:`Clock`; tests use
+:func:`deadline`, :class:`Admission`, :class:`AdaptiveLimiter`, :class:`Singleflight`, :class:`Cache`,
+:class:`FallbackChain`, stacked with :func:`compose`. Time comes from a :class:`Clock`; tests use
 :class:`brownout.testing.FakeClock`. Errors form one tree rooted at :class:`BrownoutError`
 (see :mod:`brownout.errors`); events go to an :class:`EventBus` (see :mod:`brownout.events`).
 """
@@ -36,6 +36,7 @@ from brownout.policies.cache import Cache, CacheConfig, CacheResult
 from brownout.policies.compose import Composition, compose
 from brownout.policies.deadline import Deadline, DeadlineConfig, deadline, remaining
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
+from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
 from brownout.policies.retry import Retry, RetryBudget, RetryConfig
 from brownout.policies.singleflight import Singleflight
 
@@ -44,6 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_BUS",
     "SYSTEM_CLOCK",
+    "AdaptiveLimiter",
     "Admission",
     "AdmissionConfig",
     "AllFallbacksFailed",
@@ -69,6 +71,7 @@ __all__ = [
     "EventBus",
     "FallbackChain",
     "FallbackResult",
+    "LimiterConfig",
     "Overloaded",
     "Rejected",
     "Retry",

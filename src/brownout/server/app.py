@@ -341,6 +341,9 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 "healthy": probe.healthy,
                 "latency_ms": round(probe.latency * 1000, 1),
                 "error": probe.error,
+                # Busy: every slot was answering calls, so the model counts as healthy unprobed.
+                "busy": probe.busy,
+                "queued_ms": round(probe.queued * 1000, 1),
             },
             "server": server.status() if server is not None else None,
         }
