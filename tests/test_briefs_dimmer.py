@@ -7,6 +7,7 @@ test lets the controller move it by itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -18,10 +19,12 @@ import pytest
 from brownout.briefs.service import BriefService
 from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES, BrownoutConfig
-from brownout.events import EventBus
+from brownout.errors import ServiceUnavailable
+from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import EndpointConfig
-from test_server import make_config
+from brownout.server.live import snapshot
+from test_server import make_config, serve, until
 
 TEXT = "a fresh citrus perfume for hot summer days"
 
@@ -151,3 +154,148 @@ async def test_the_dimmer_can_be_switched_off_or_pinned_in_config(
         assert svc.dimmer.decide().dimmed == ()
     async with service_on(fakes, tmp_path, {"dimmer": {"force_value": 0.5}}) as svc:
         assert svc.dimmer.level == 2
+
+
+# -------------------------------------------------------------------------------- bounded load
+
+WORDS = [
+    "amber",
+    "cedar",
+    "citrus",
+    "vetiver",
+    "rose",
+    "jasmine",
+    "musk",
+    "vanilla",
+    "pepper",
+    "iris",
+    "leather",
+    "tobacco",
+    "oud",
+    "neroli",
+    "bergamot",
+    "fig",
+    "tea",
+    "sandalwood",
+    "patchouli",
+    "lavender",
+    "mint",
+    "ginger",
+    "incense",
+    "saffron",
+    "plum",
+]
+
+
+def distinct_text(i: int) -> str:
+    """A different request each time (no exact or similar cache hit between them)."""
+    rng = random.Random(i)
+    return f"brief {i}: " + " ".join(rng.sample(WORDS, 6)) + f" for customer {i * 7919}"
+
+
+async def test_under_overload_answers_dim_rejections_never_wait_and_full_service_returns(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Every model call takes 0.3 s; two pipeline runs at once: about two full creative briefs a second.
+    for fake in fakes.values():
+        fake.set(mode="ok", delay=0.3)
+    bus = EventBus()
+    levels: list[int] = []
+    bus.subscribe(lambda e: levels.append(e.new_level), DimmerChanged)
+    overrides = {
+        "queue": {"max_concurrent": 2, "max_size": 500, "max_wait": 30.0},
+        "cache": {"enabled": False},
+        "dimmer": {
+            "targets": {"fast": 2.0, "balanced": 2.0, "creative": 2.0},
+            "window": 2.0,
+            "interval": 0.25,
+        },
+    }
+    async with service_on(fakes, tmp_path, overrides, bus) as svc:
+        for i in range(2):  # the admission learns the service time at low load: full answers
+            warm = await svc.create_brief(distinct_text(-1 - i), "creative")
+            assert warm["served_mode"] == "creative"
+            assert "dimmed" not in warm
+        outcomes: list[dict[str, Any] | ServiceUnavailable] = []
+
+        async def one(i: int) -> None:
+            try:
+                outcomes.append(await svc.create_brief(distinct_text(i), "creative"))
+            except ServiceUnavailable as e:
+                outcomes.append(e)
+
+        # 12 requests a second for 6 s (72 in all, at most 72 in flight): six times what fits in full.
+        tasks: list[asyncio.Task[None]] = []
+        for i in range(72):
+            tasks.append(asyncio.create_task(one(i)))
+            await asyncio.sleep(1 / 12)
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+
+        answers = [o for o in outcomes if isinstance(o, dict)]
+        refused = [o for o in outcomes if isinstance(o, ServiceUnavailable)]
+        assert len(answers) + len(refused) == 72
+        dimmed = [a for a in answers if a.get("dimmed")]
+        # Answers dim instead of failing: optional stages left out, the reason said.
+        assert dimmed, "the overload dimmed nothing"
+        assert all(a["reason"] == "load" for a in dimmed)
+        assert max(levels) >= 1
+        # Refusals are the at-once kind, with an estimated Retry-After.
+        assert all(e.retry_after >= 1.0 for e in refused)
+        assert all("latency target" in str(e) for e in refused)
+        stats = svc.admission.stats
+        assert stats.rejected["queue_full"] == 0
+        assert stats.rejected["queue_timeout"] == 0
+        assert stats.rejected["deadline"] == len(refused)
+        # Refused requests never waited: every caller that joined the queue was later admitted.
+        assert stats.admitted == len(answers) + 2
+        assert stats.queued <= stats.admitted
+        # No model was failed by the load.
+        assert sum(svc.stats.failures.values()) == 0
+        # The load is over: full service comes back by itself.
+        await until(
+            lambda: svc.dimmer.level == 0, svc.dimmer.recovery_time + 5.0, "the dimmer back at level 0"
+        )
+        after = await svc.create_brief(distinct_text(1000), "creative")
+        assert after["served_mode"] == "creative"
+        assert "dimmed" not in after
+
+
+# -------------------------------------------------------------------------------- the app
+
+
+async def test_health_metrics_and_the_live_snapshot_show_the_dimmer(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    async with serve(fakes, tmp_path) as stack:
+        health = (await stack.http.get("/health")).json()
+        assert health["dimmer"]["level"] == 0
+        assert health["dimmer"]["value"] == 0.0
+        assert health["dimmer"]["target_p95"] == 10.0
+        assert health["dimmer"]["dimming"] is None
+        answer = (await stack.http.post("/v1/briefs", json={"text": TEXT, "mode": "creative"})).json()
+        assert "dimmed" not in answer
+
+        stack.service.dimmer.force(0.5)
+        dimmed = (
+            await stack.http.post("/v1/briefs", json={"text": "a woody scent for autumn", "mode": "creative"})
+        ).json()
+        assert dimmed["served_mode"] == "fast"
+        assert dimmed["reason"] == "load"
+        assert dimmed["dimmed"] == ["creative_hints", "validation"]
+        health = (await stack.http.get("/health")).json()
+        assert health["dimmer"]["level"] == 2
+        assert health["dimmer"]["value"] == 0.5
+        assert health["dimmer"]["dimming"] == "validation"
+        assert health["dimmer"]["observed_p95"] is not None  # two answers completed in the window
+
+        text = (await stack.http.get("/metrics")).text
+        assert "brownout_dimmer_level 2.0" in text
+        assert "brownout_dimmer_value 0.5" in text
+        assert 'brownout_briefs_dimmed_total{dimmed="creative_hints"} 1.0' in text
+        assert 'brownout_briefs_dimmed_total{dimmed="validation"} 1.0' in text
+        assert 'brownout_briefs_dimmed_total{dimmed="generation"} 0.0' in text
+
+        snap = snapshot(stack.runtime)
+        assert snap["dimmer"]["level"] == 2
+        assert snap["dimmer"]["dimming"] == "validation"

@@ -111,6 +111,9 @@ DIMMER_STEPS = ("creative_hints", "validation", "generation", "model")
 """What the dimmer leaves out as load rises, in order: the hinter, the validator, generating when a
 similar earlier brief exists, and last any model call at all (a similar brief, else the rules)."""
 
+DIMMED_FEATURES = ("creative_hints", "validation", "generation")
+"""What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``)."""
+
 _MODE_RANK: dict[str, int] = {m: i for i, m in enumerate(MODES)}
 
 

@@ -245,16 +245,20 @@ class Dimmer:
 
     def snapshot(self) -> DimmerSnapshot:
         """The state now, for health and metrics."""
-        self._catch_up(self._clock.now())
+        now = self._clock.now()
+        self._catch_up(now)
         level = self._level
+        # The p95 of what completed in the window up to now (the controller's view is one tick old).
+        recent = sorted(s[2] for s in self._samples if s[0] >= now - self.config.window)
+        observed = recent[_p95_index(len(recent))] if recent else None
         return DimmerSnapshot(
             level=level,
             value=round(self._current(), 4),
             step=self.steps[level - 1] if level else None,
             target_p95=self.config.target_p95,
-            observed_p95=None if self._observed_p95 is None else round(self._observed_p95, 4),
+            observed_p95=None if observed is None else round(observed, 4),
             observed_ratio=None if self._observed_ratio is None else round(self._observed_ratio, 4),
-            samples=len(self._samples),
+            samples=len(recent),
         )
 
     def share(self, step: str) -> float:
