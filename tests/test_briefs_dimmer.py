@@ -18,8 +18,8 @@ import pytest
 
 from brownout.briefs.service import BriefService
 from brownout.chaos.fakellm import FakeLLM
-from brownout.config import ROLES, BrownoutConfig
-from brownout.errors import ServiceUnavailable
+from brownout.config import ROLES, BrownoutConfig, load_config
+from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import EndpointConfig
@@ -299,3 +299,21 @@ async def test_health_metrics_and_the_live_snapshot_show_the_dimmer(
         snap = snapshot(stack.runtime)
         assert snap["dimmer"]["level"] == 2
         assert snap["dimmer"]["dimming"] == "validation"
+
+
+# -------------------------------------------------------------------------------- config
+
+
+def test_the_dimmer_section_refuses_bad_values_naming_the_key() -> None:
+    assert load_config(None, environ={}).dimmer.target("creative") == 10.0
+    env = {"BROWNOUT__DIMMER__TARGETS": "{fast: 3, balanced: 6, creative: 9}"}
+    config = load_config(None, environ=env)
+    assert (config.dimmer.target("fast"), config.dimmer.target("creative")) == (3.0, 9.0)
+    with pytest.raises(ConfigError, match="dimmer"):
+        load_config(None, environ={"BROWNOUT__DIMMER__TARGETS": "{turbo: 3}"})
+    with pytest.raises(ConfigError, match="positive"):
+        load_config(None, environ={"BROWNOUT__DIMMER__TARGETS": "{fast: 0}"})
+    with pytest.raises(ConfigError, match="dead_band"):
+        load_config(None, environ={"BROWNOUT__DIMMER__DEAD_BAND": "0.9"})
+    with pytest.raises(ConfigError, match=r"dimmer\.force_value"):
+        load_config(None, environ={"BROWNOUT__DIMMER__FORCE_VALUE": "2"})
