@@ -22,6 +22,7 @@ from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
+from brownout.llm.pipeline import Mode, Pipeline, PipelineContext, Stage
 from brownout.llm.types import EndpointConfig
 from brownout.server.live import snapshot
 from test_server import make_config, serve, until
@@ -317,3 +318,45 @@ def test_the_dimmer_section_refuses_bad_values_naming_the_key() -> None:
         load_config(None, environ={"BROWNOUT__DIMMER__DEAD_BAND": "0.9"})
     with pytest.raises(ConfigError, match=r"dimmer\.force_value"):
         load_config(None, environ={"BROWNOUT__DIMMER__FORCE_VALUE": "2"})
+
+
+# -------------------------------------------------------------------------------- the one rule
+
+
+@pytest.mark.parametrize(
+    ("down", "requested", "ceiling", "served", "reason"),
+    [
+        ((), "creative", None, "creative", ""),
+        ((), "creative", "balanced", "balanced", "load"),
+        ((), "balanced", "creative", "balanced", ""),  # a ceiling above the request changes nothing
+        (("llama",), "creative", "balanced", "balanced", "load"),  # the load alone explains it
+        (("mistral",), "creative", "balanced", "fast", "mistral unavailable"),
+        (("qwen",), "creative", "fast", None, "qwen unavailable"),
+    ],
+)
+def test_one_downshift_rule_richest_mode_available_and_fitting_the_load(
+    down: tuple[str, ...], requested: str, ceiling: str | None, served: str | None, reason: str
+) -> None:
+    async def nothing(ctx: PipelineContext) -> None:
+        return None
+
+    pipeline: Pipeline[PipelineContext] = Pipeline(
+        "p",
+        [
+            Stage("generate", "qwen", nothing),
+            Stage("validate", "mistral", nothing),
+            Stage("hint", "llama", nothing),
+        ],
+        [
+            Mode("fast", ("generate",)),
+            Mode("balanced", ("generate", "validate")),
+            Mode("creative", ("generate", "validate", "hint")),
+        ],
+        available=lambda role: role not in down,
+        events=EventBus(),
+    )
+    selection = pipeline.select(requested, ceiling=ceiling)
+    assert (selection.mode.name if selection.mode else None) == served
+    assert selection.reason == reason
+    with pytest.raises(ValueError, match="unknown mode 'turbo'"):
+        pipeline.select("fast", ceiling="turbo")
