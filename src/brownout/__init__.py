@@ -5,9 +5,9 @@ modules whose names start with an underscore are not.
 
 Policies (``brownout.policies``), each one engine with ``call``, decorator and ``wrap`` forms:
 :class:`CircuitBreaker`, :class:`Retry` (with :class:`RetryBudget`), :class:`Deadline` /
-:func:`deadline`, :class:`Admission`, :class:`AdaptiveLimiter`, :class:`Singleflight`, :class:`Cache`,
-:class:`FallbackChain`, stacked with :func:`compose`. Time comes from a :class:`Clock`; tests use
-:class:`brownout.testing.FakeClock`. Errors form one tree rooted at :class:`BrownoutError`
+:func:`deadline`, :class:`Admission`, :class:`AdaptiveLimiter`, :class:`Dimmer`, :class:`Singleflight`,
+:class:`Cache`, :class:`FallbackChain`, stacked with :func:`compose`. Time comes from a :class:`Clock`;
+tests use :class:`brownout.testing.FakeClock`. Errors form one tree rooted at :class:`BrownoutError`
 (see :mod:`brownout.errors`); events go to an :class:`EventBus` (see :mod:`brownout.events`).
 """
 
@@ -35,6 +35,7 @@ from brownout.policies.breaker import (
 from brownout.policies.cache import Cache, CacheConfig, CacheResult
 from brownout.policies.compose import Composition, compose
 from brownout.policies.deadline import Deadline, DeadlineConfig, deadline, remaining
+from brownout.policies.dimmer import Dimmer, DimmerConfig, DimmerDecision, DimmerSnapshot
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
 from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
 from brownout.policies.retry import Retry, RetryBudget, RetryConfig
@@ -67,6 +68,10 @@ __all__ = [
     "DeadlineExceeded",
     "Decline",
     "Degraded",
+    "Dimmer",
+    "DimmerConfig",
+    "DimmerDecision",
+    "DimmerSnapshot",
     "Event",
     "EventBus",
     "FallbackChain",

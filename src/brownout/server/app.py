@@ -231,6 +231,20 @@ class _JSONRoute(APIRoute):
         return strict
 
 
+def _dimmer_status(svc: BriefService) -> dict[str, Any]:
+    """The dimmer for /health: its level (0: full service), value and the latency it steers by."""
+    dim = svc.dimmer.snapshot()
+    return {
+        "level": dim.level,
+        "value": dim.value,
+        "dimming": dim.step,
+        "target_p95": dim.target_p95,
+        "observed_p95": dim.observed_p95,
+        "targets": dict(svc.config.dimmer.targets),
+        "enabled": svc.config.dimmer.enabled,
+    }
+
+
 def _unavailable(
     e: ServiceUnavailable, *, overloaded: bool = False, queue_size: int | None = None
 ) -> Response:
@@ -386,6 +400,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
             "system_mode": rt.modes.mode.value,
+            "dimmer": _dimmer_status(svc),
         }
 
     async def check_model(role: str) -> dict[str, Any]:

@@ -58,6 +58,7 @@ from brownout.policies.retry import Retry, RetryConfig
 from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
+    from brownout.briefs.service import BriefService
     from brownout.server.runtime import Runtime
 
 __all__ = [
@@ -177,6 +178,7 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
             "max_size": runtime.config.queue.max_size,
             "in_flight": svc.admission.in_flight,
         },
+        "dimmer": _dimmer(svc),
         "cache": {
             "size": cache.size,
             "max_size": cache.max_entries,
@@ -193,6 +195,18 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
         "gateway": _gateway_summary(runtime),
         "live_clients": hub.client_count if isinstance(hub, LiveHub) else 0,
         "at": _wall(),
+    }
+
+
+def _dimmer(svc: BriefService) -> dict[str, Any]:
+    """The brief service's dimmer: level 0 is full service; higher levels leave out optional steps."""
+    dim = svc.dimmer.snapshot()
+    return {
+        "level": dim.level,
+        "value": dim.value,
+        "dimming": dim.step,
+        "target_p95": dim.target_p95,
+        "observed_p95": dim.observed_p95,
     }
 
 
