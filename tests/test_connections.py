@@ -361,6 +361,23 @@ async def brownout(tmp_path: Path, **server: Any) -> AsyncIterator[int]:
         await asyncio.gather(*(f.stop() for f in fakes.values()))
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/briefs"])
+async def test_a_declared_oversized_body_gets_413_before_any_of_it_is_sent(tmp_path: Path, path: str) -> None:
+    async with brownout(tmp_path) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            request(
+                path, method="POST", extra="Content-Type: application/json\r\nContent-Length: 99999999999\r\n"
+            )
+        )
+        status, headers, body = await read_response(reader)
+        assert status == 413
+        assert json.loads(body)["error"]["code"] == "request_too_large"
+        assert headers["connection"] == "close"
+        assert await read_all(reader) == b""  # not waiting for the rest
+        writer.close()
+
+
 async def test_the_server_refuses_a_rebound_host_and_serves_its_own(tmp_path: Path) -> None:
     async with brownout(tmp_path) as port:
         for host, expected in [("evil.example", 400), (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200)]:
