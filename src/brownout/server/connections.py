@@ -314,7 +314,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
             return
         self.policy.stats.bad_host += 1
-        _log.info("refused a request for Host %r (server.allowed_hosts)", host)
+        _log.info(
+            "refused a request for Host %r (server.allowed_hosts)", host.decode("latin-1") if host else None
+        )
         app, self.app = self.app, _BAD_HOST
         try:
             super().on_headers_complete()
