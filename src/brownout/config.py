@@ -18,12 +18,21 @@ Any invalid value fails with :class:`~brownout.errors.ConfigError` naming the do
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from brownout.errors import ConfigError
 from brownout.gateway.config import GatewaySection
@@ -57,6 +66,12 @@ __all__ = [
 
 ROLES = ("qwen", "mistral", "llama")
 
+# An entry of server.allowed_hosts: a DNS name (optionally "*." for its subdomains), an IPv4 address or
+# a bracketed IPv6 address -- what a Host header carries, without its port.
+_HOST_PATTERN = re.compile(
+    r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\]"
+)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,6 +98,47 @@ class ServerSection(_Section):
     live_max_clients: int = Field(
         default=100, ge=1, description="live-stream clients (SSE + WebSocket) at once; more get 503"
     )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers; then it is closed",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a request body may stall between two pieces; then 408 and the connection closed",
+    )
+    keepalive_timeout: float = Field(
+        default=5.0, gt=0, description="seconds an idle keep-alive connection is kept open between requests"
+    )
+    max_connections_per_client: int = Field(
+        default=128,
+        ge=0,
+        description="open connections from one client address; more are answered 503 and closed (0: no cap)",
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description=(
+            "Host header values accepted (DNS-rebinding protection); '*.example.com' matches subdomains, "
+            "'*' allows all; default: localhost, server.host and any IP address"
+        ),
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        out: list[str] = []
+        for raw in hosts:
+            host = raw.strip().lower().rstrip(".")
+            if host != "*" and not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(
+                    f"{raw!r} is not a host name: give names like 'example.com', '*.example.com', "
+                    "'10.0.0.5' or '[::1]' (no scheme, port or path), or '*' for all"
+                )
+            out.append(host)
+        return out
 
 
 class LocalModelsSection(_Section):

@@ -23,7 +23,7 @@ import hmac
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -188,7 +188,13 @@ class _BodyTooLarge(ApiError):
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
+        super().__init__(
+            413,
+            _too_large_message(limit),
+            headers={"Connection": "close"},
+            code="request_too_large",
+            limit_bytes=limit,
+        )
 
 
 def _too_large_message(limit: int) -> str:
@@ -197,7 +203,11 @@ def _too_large_message(limit: int) -> str:
 
 async def _too_large(send: Send, limit: int) -> None:
     body = error_bytes(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
-    await send_error(send, 413, body)
+    # The rest of the body is not wanted: close rather than read and drop it to keep the connection.
+    await send_error(send, 413, body, _CLOSE)
+
+
+_CLOSE: Final = ((b"connection", b"close"),)
 
 
 class _StrictJSONRequest(Request):

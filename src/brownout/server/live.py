@@ -55,6 +55,7 @@ from brownout.config import ROLES, BrownoutConfig, WebhooksSection
 from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
+from brownout.server.connections import uvicorn_options
 from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
@@ -918,7 +919,9 @@ def quiet_probes(log_level: str = "info") -> None:
 
 def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
     """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams,
-    and health checks stay out of the log below ``log_level="debug"`` (:func:`quiet_probes`).
+    health checks stay out of the log below ``log_level="debug"`` (:func:`quiet_probes`), and every
+    connection is held to the runtime's ``server`` limits (:mod:`brownout.server.connections`: header,
+    body and keep-alive timeouts, connections per client address, allowed Hosts).
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
@@ -937,6 +940,9 @@ def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **op
             runtime.live.close_clients_soon()
             super().handle_exit(sig, frame)
 
+    # Time limits on every connection, a cap per client address and the Host allow-list
+    # (brownout.server.connections); explicit options win.
+    options = {**uvicorn_options(runtime.config.server), **options}
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
     server = _Server(config)
