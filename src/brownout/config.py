@@ -112,7 +112,7 @@ class ServerSection(_Section):
         default=5.0, gt=0, description="seconds an idle keep-alive connection is kept open between requests"
     )
     max_connections_per_client: int = Field(
-        default=128,
+        default=256,
         ge=0,
         description="open connections from one client address; more are answered 503 and closed (0: no cap)",
     )

@@ -83,7 +83,7 @@ class ConnectionPolicy:
 
     header_timeout: float = 10.0
     body_timeout: float = 30.0
-    max_per_client: int = 128
+    max_per_client: int = 256
     """0: no cap."""
     allowed_hosts: frozenset[str] | None = None
     """Lower-case names and ``*.suffix`` patterns; None: localhost, ``bind_host`` and IP addresses."""
