@@ -34,7 +34,7 @@ from brownout.errors import (
     ServiceUnavailable,
 )
 from brownout.events import Event, EventBus, RecoveryActionRun
-from brownout.health.resources import ResourceSample
+from brownout.health.resources import Level, ResourceMonitor, ResourceSample
 from brownout.recovery import (
     Action,
     ActionResult,
@@ -1060,3 +1060,69 @@ async def test_an_open_breaker_on_a_model_that_answers_probes_is_left_alone(tmp_
         skipped = [h for h in status["history"] if h["status"] == "skipped"]
         assert skipped
         assert all("model busy, not down" in h["detail"] for h in skipped)
+
+
+# -------------------------------------------------------------------------------- never a deadlock
+
+
+async def test_a_level_leaving_critical_mid_chain_releases_without_a_deadlock(clock: FakeClock) -> None:
+    """The reported hang: a proactive chain re-checks resources after an action, the re-sample is below
+    critical, the level callback releases the failure type -- from inside the chain. That call, and
+    the operator's reset and trigger after it, must each finish (they hung forever on a lock)."""
+    readings = iter([99.0, 10.0])
+    probe = Probe()
+    manager = manager_with(
+        probe, {FailureType.SYSTEM_RESOURCE: ("a", "b")}, clock, lasting=("a",), resolved=None
+    )
+    released: list[list[str]] = []
+
+    async def on_level(resource: str, old: Level, new: Level, sample: ResourceSample) -> None:
+        if old == "critical" and not monitor.critical():
+            released.append([a.action for a in await manager.release(FailureType.SYSTEM_RESOURCE)])
+
+    monitor = ResourceMonitor(
+        sampler=lambda first: ResourceSample(clock.now(), next(readings, 10.0), 40.0),
+        on_level=on_level,
+        clock=clock,
+        events=EventBus(),
+    )
+
+    async def resolved(kind: FailureType, target: str) -> bool:
+        sample = await monitor.check()  # the re-sample that leaves critical
+        return monitor.thresholds_for("cpu").level(sample.cpu_percent or 0.0) != "critical"
+
+    manager._resolved = resolved
+    await monitor.check()
+    assert monitor.critical() == ["cpu"]
+    outcome = await asyncio.wait_for(
+        manager.handle_failure("cpu at 99%", failure_type=FailureType.SYSTEM_RESOURCE, trigger="proactive"),
+        timeout=5,
+    )
+    assert outcome.status == "resolved"
+    assert [a.action for a in outcome.attempts] == ["a"]
+    # The level left critical after "a": its lasting change was lifted from inside the chain.
+    assert released == [["undo_a"]]
+    assert probe.undone == ["a"]
+    assert manager.in_force == {}
+    assert not manager.busy
+    assert (await asyncio.wait_for(manager.trigger("b"), timeout=5)).ok
+    await asyncio.wait_for(manager.reset(), timeout=5)
+
+
+async def test_recovery_api_answers_after_a_critical_cpu_sample_that_passes(tmp_path: Path) -> None:
+    """The server-level repro: one CPU sample at critical, the next one normal. Reset and trigger
+    must answer (they hung), and the proactive chain must end."""
+    async with serve(tmp_path) as s:
+        rt = s.runtime
+        readings = iter([99.0])
+        rt.ops.resources.sampler = lambda first: ResourceSample(0.0, next(readings, 5.0), 40.0)
+        await rt.ops.resources.check()  # critical: the proactive chain starts
+        await asyncio.wait_for(until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy), 10)
+        assert rt.recovery.outcomes[-1].trigger == "proactive"
+        reset = await asyncio.wait_for(s.http.post("/api/v1/recovery/reset", headers=AUTH), 10)
+        assert reset.status_code == 200
+        trig = await asyncio.wait_for(
+            s.http.post("/api/v1/recovery/trigger", json={"action": "check_health"}, headers=AUTH), 10
+        )
+        assert trig.status_code == 200
+        assert trig.json()["ok"] is True
