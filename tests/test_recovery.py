@@ -1126,3 +1126,97 @@ async def test_recovery_api_answers_after_a_critical_cpu_sample_that_passes(tmp_
         )
         assert trig.status_code == 200
         assert trig.json()["ok"] is True
+
+
+async def test_admin_calls_answer_within_their_timeout_and_never_queue(tmp_path: Path) -> None:
+    """A manual action that takes longer than ``recovery.admin_timeout`` is answered 202 with its
+    run, which the status shows in progress; the same action asked again meanwhile is a 503 with
+    Retry-After at once (not a wait), and so is a second reset while one runs."""
+    async with serve(tmp_path, recovery={"admin_timeout": 0.05}) as s:
+        rt = s.runtime
+        gate = asyncio.Event()
+        original = rt.recovery.actions["reset_breakers"]
+
+        async def slow(target: str) -> ActionResult:
+            await gate.wait()
+            return await original.run(target)
+
+        rt.recovery.actions["reset_breakers"] = Action("reset_breakers", original.description, slow)
+        first = await s.http.post("/api/v1/recovery/trigger", json={"action": "reset_breakers"}, headers=AUTH)
+        assert first.status_code == 202
+        run = first.json()["run"]
+        assert (run["kind"], run["name"], run["state"], run["current_action"]) == (
+            "action",
+            "reset_breakers",
+            "running",
+            "reset_breakers",
+        )
+        again = await s.http.post("/api/v1/recovery/trigger", json={"action": "reset_breakers"}, headers=AUTH)
+        assert again.status_code == 503
+        assert int(again.headers["Retry-After"]) >= 1
+        error = again.json()["error"]
+        assert (error["type"], error["code"]) == ("service_unavailable", "recovery_busy")
+        assert f"run {run['id']}" in error["message"]
+        # Another action is not held up by the running one.
+        other = await s.http.post("/api/v1/recovery/trigger", json={"action": "check_health"}, headers=AUTH)
+        assert (other.status_code, other.json()["ok"]) == (200, True)
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert [r["id"] for r in status["running"]] == [run["id"]]
+        assert status["busy"] is True
+
+        # A reset waits for nothing it cannot have: the breakers' reset is running, so it skips that.
+        reset = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert reset.status_code == 200
+        assert "reset_breakers" not in [a["action"] for a in reset.json()["done"]]
+
+        gate.set()
+        await until(lambda: not rt.recovery.busy)
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert status["running"] == []
+        done = {r["id"]: r for r in status["recent_runs"]}[run["id"]]
+        assert (done["state"], done["result"]["ok"]) == ("done", True)
+
+        # A reset that takes longer than the timeout: 202, and a second one meanwhile is a 503.
+        gate.clear()
+        slow_reset = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert slow_reset.status_code == 202
+        assert slow_reset.json()["status"] == "running"
+        second = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert second.status_code == 503
+        assert second.json()["error"]["code"] == "recovery_busy"
+        assert "Retry-After" in second.headers
+        gate.set()
+        await until(
+            lambda: not rt.recovery.busy and rt.ops._reset_task is not None and rt.ops._reset_task.done()
+        )
+        assert (await s.http.post("/api/v1/recovery/reset", headers=AUTH)).status_code == 200
+
+
+async def test_a_manual_chain_longer_than_the_timeout_is_answered_with_its_run(tmp_path: Path) -> None:
+    async with serve(tmp_path, recovery={"admin_timeout": 0.05}) as s:
+        rt = s.runtime
+        gate = asyncio.Event()
+        original = rt.recovery.actions["clear_cache"]
+
+        async def slow(target: str) -> ActionResult:
+            await gate.wait()
+            return await original.run(target)
+
+        rt.recovery.actions["clear_cache"] = Action("clear_cache", original.description, slow)
+        started = await s.http.post(
+            "/api/v1/recovery/trigger", json={"failure_type": "generation_pipeline_error"}, headers=AUTH
+        )
+        assert started.status_code == 202
+        run_id = started.json()["run"]["id"]
+        assert rt.recovery.run(run_id) is not None
+        # Automatic recovery meanwhile is suppressed as in progress, answered at once.
+        auto = await asyncio.wait_for(rt.recovery.handle_failure(failure_type=FailureType.NETWORK), 5)
+        assert (auto.status, auto.reason) == ("suppressed", "in_progress")
+        gate.set()
+        await until(lambda: not rt.recovery.busy)
+        found = rt.recovery.run(run_id)
+        assert found is not None
+        assert found.outcome is not None
+        assert found.outcome.status == "resolved"
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert status["last_outcome"]["status"] == "resolved"
