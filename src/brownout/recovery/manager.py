@@ -410,8 +410,9 @@ class RecoveryManager:
     def start_trigger(self, action: str, target: str = "all") -> RecoveryRun:
         """Like :meth:`trigger`, but run the action as a task the manager owns and return its run at
         once (errors for unknown names, or an action already running, are raised here)."""
+        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
         run = self._begin_action(action, target)
-        run.task = self._own(self._action_run(run))
+        run.task = self._own(loop, self._action_run(run))
         return run
 
     async def handle_failure(
@@ -442,10 +443,11 @@ class RecoveryManager:
     ) -> RecoveryRun | RecoveryOutcome:
         """Like :meth:`handle_failure`, but run the chain as a task the manager owns and return its
         run at once; a failure not acted on is answered with its suppressed outcome."""
+        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
         begun = self._begin_chain(error, failure_type, target, trigger)
         if isinstance(begun, RecoveryOutcome):
             return begun
-        begun.task = self._own(self._chain_run(begun))
+        begun.task = self._own(loop, self._chain_run(begun))
         return begun
 
     async def release(self, failure_type: FailureType) -> list[RecoveryAttempt]:
@@ -492,8 +494,8 @@ class RecoveryManager:
         self._runs.pop(run.id, None)
         self._done_runs.append(run)
 
-    def _own(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=f"brownout-{self.name}-run")
+    def _own(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = loop.create_task(coro, name=f"brownout-{self.name}-run")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
