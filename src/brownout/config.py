@@ -340,6 +340,12 @@ class RecoverySection(_Section):
         default=3, ge=1, description="unresolved handlings of one failure type before giving up"
     )
     history_size: int = Field(default=100, ge=1, description="action runs kept in the history")
+    admin_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds the recovery API's trigger and reset wait for their work; longer work goes "
+        "on and is answered 202 with its run id",
+    )
     unhealthy_probes: int = Field(
         default=3, ge=1, description="failed health probes in a row that report a model's failure to recovery"
     )

@@ -41,6 +41,7 @@ from brownout.durable.spool import Spool
 from brownout.errors import ServiceUnavailable
 from brownout.gateway.routes import CHAT_PATH, gateway_openapi, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
+from brownout.recovery.manager import RecoveryBusy, RecoveryOutcome
 from brownout.server import live
 from brownout.server.errors import (
     ApiError,
@@ -515,23 +516,73 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "history": [_action(a) for a in list(rt.history)[-50:]],
         }
 
-    @app.post("/api/v1/recovery/trigger", dependencies=[Depends(require_admin)])
-    async def recovery_trigger(body: TriggerRequest) -> dict[str, Any]:
+    admin_timeout = config.recovery.admin_timeout
+
+    async def finished(task: asyncio.Task[Any]) -> bool:
+        """Wait at most ``recovery.admin_timeout`` for ``task``, never cancelling it: False when it
+        still goes on; else True, or what it raised."""
+        await asyncio.wait({task}, timeout=admin_timeout)
+        if not task.done():
+            return False
+        task.result()
+        return True
+
+    def accepted(run: dict[str, Any] | None, what: str) -> JSONResponse:
+        # 202: the work was accepted and goes on; GET /api/v1/recovery/status shows its progress.
+        return JSONResponse(
+            {
+                "status": "running",
+                "detail": f"the {what} goes on after {admin_timeout:g} s; "
+                "GET /api/v1/recovery/status shows its progress",
+                "run": run,
+            },
+            status_code=202,
+        )
+
+    def busy(e: RecoveryBusy) -> ApiError:
+        return ApiError(503, str(e), code="recovery_busy", retry_after=e.retry_after)
+
+    @app.post(
+        "/api/v1/recovery/trigger",
+        dependencies=[Depends(require_admin)],
+        responses={202: {"description": "accepted; still running after `recovery.admin_timeout`"}},
+    )
+    async def recovery_trigger(body: TriggerRequest) -> Any:
+        rec = rt.recovery
         try:
             if body.failure_type is not None:
-                outcome = await rt.recovery.handle_failure(
+                started = rec.start_failure(
                     failure_type=body.failure_type, target=body.target, trigger="manual"
                 )
-                return outcome.as_dict()
-            assert body.action is not None
-            done = await rt.run_action(body.action, body.target)
+            else:
+                assert body.action is not None
+                started = rec.start_trigger(body.action, body.target)
         except ValueError as e:
             raise ApiError(422, str(e), code="invalid_value") from e
-        return _action(done)
+        except RecoveryBusy as e:
+            raise busy(e) from e
+        if isinstance(started, RecoveryOutcome):  # a manual chain is never held back; kept total
+            return started.as_dict()
+        assert started.task is not None
+        if not await finished(started.task):
+            return accepted(started.as_dict(), f"recovery run {started.id}")
+        if started.outcome is not None:
+            return {**started.outcome.as_dict(), "run_id": started.id}
+        return _action(started.attempt)
 
-    @app.post("/api/v1/recovery/reset", dependencies=[Depends(require_admin)])
-    async def recovery_reset() -> dict[str, Any]:
-        return {"done": [_action(a) for a in await rt.reset()]}
+    @app.post(
+        "/api/v1/recovery/reset",
+        dependencies=[Depends(require_admin)],
+        responses={202: {"description": "accepted; still running after `recovery.admin_timeout`"}},
+    )
+    async def recovery_reset() -> Any:
+        try:
+            task = rt.ops.start_reset()
+        except RecoveryBusy as e:
+            raise busy(e) from e
+        if not await finished(task):
+            return accepted(None, "reset")
+        return {"done": [_action(a) for a in task.result()]}
 
     _install_docs(app)
     if config.loop_block.enabled:
