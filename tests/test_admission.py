@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from brownout.errors import Overloaded, Rejected
 from brownout.events import CallRejected, Event, EventBus
 from brownout.policies.admission import Admission, AdmissionConfig
+from brownout.policies.deadline import deadline
 from brownout.testing import FakeClock
 
 
@@ -68,7 +69,7 @@ async def test_fast_path_runs_and_frees_the_slot(clock: FakeClock) -> None:
     assert adm.queue_size == 0
     stats = adm.stats
     assert (stats.admitted, stats.queued, stats.completed) == (1, 0, 1)
-    assert stats.rejected == {"queue_full": 0, "queue_timeout": 0, "tripped": 0}
+    assert stats.rejected == {"queue_full": 0, "queue_timeout": 0, "tripped": 0, "deadline": 0}
 
 
 async def test_thousand_concurrent_tasks_respect_the_limit_in_fifo_order(clock: FakeClock) -> None:
@@ -553,3 +554,120 @@ def test_invariants_hold_under_any_interleaving(
         assert clock.pending_timers == 0
 
     asyncio.run(scenario())
+
+
+# -- deadline-aware admission -------------------------------------------------------------------
+
+
+async def _busy(clock: FakeClock, adm: Admission, gate: Gate, *, service: float, queued: int) -> list[Any]:
+    """Teach ``adm`` a service time of ``service`` s, then hold its one slot and queue ``queued``."""
+
+    async def timed() -> None:
+        await clock.sleep(service)
+
+    first = asyncio.create_task(adm.call(timed))
+    await settle()
+    await clock.run(service)
+    await first
+    tasks = [asyncio.create_task(adm.call(gate.body, i)) for i in range(queued + 1)]
+    await settle()
+    assert (adm.in_flight, adm.queue_size) == (1, queued)
+    return tasks
+
+
+async def test_a_caller_that_cannot_start_in_time_is_refused_at_once(clock: FakeClock, bus: EventBus) -> None:
+    seen: list[CallRejected] = []
+    bus.subscribe(seen.append, CallRejected)
+    adm = make(clock, bus, max_concurrent=1, max_queue=100, max_wait=1e6)
+    gate = Gate()
+    tasks = await _busy(clock, adm, gate, service=2.0, queued=3)
+    queued_before, at = adm.stats.queued, clock.now()
+    # Four ahead of it (one running, three waiting) at 2 s each: 8 s before it starts, 5 s left.
+    assert adm.estimated_wait() == pytest.approx(8.0)
+    with pytest.raises(Overloaded) as info:
+        await adm.call_within(5.0, gate.body, 99)
+    assert info.value.reason == "deadline"
+    # Never waited: it did not join the queue, and no (fake) time passed.
+    assert adm.stats.queued == queued_before
+    assert clock.now() == at
+    assert 99 not in gate.started
+    # retry_after is the backlog's drain time: four calls of 2 s on one slot.
+    assert info.value.retry_after == pytest.approx(8.0)
+    assert [e.reason for e in seen] == ["deadline"]
+    assert adm.stats.rejected["deadline"] == 1
+    # A caller with enough time left waits its turn as before.
+    patient = asyncio.create_task(adm.call_within(9.0, gate.body, 100))
+    await settle()
+    assert adm.queue_size == 4
+    for i in [0, 1, 2, 3, 100]:
+        gate.finish(i)
+    await asyncio.gather(*tasks, patient)
+    assert adm.stats.rejected["deadline"] == 1
+
+
+async def test_the_enclosing_deadline_scope_is_the_budget(clock: FakeClock) -> None:
+    adm = make(clock, max_concurrent=1, max_wait=1e6)
+    gate = Gate()
+    tasks = await _busy(clock, adm, gate, service=2.0, queued=1)
+    with pytest.raises(Overloaded) as info:
+        async with deadline(3.0, clock=clock):
+            await adm.call(gate.body, 99)  # 6 s to start, 3 s left
+    assert info.value.reason == "deadline"
+    with pytest.raises(Overloaded):
+        async with deadline(3.0, clock=clock), adm:  # the block form too
+            pass
+    assert adm.stats.queued == 1
+    for i in range(2):
+        gate.finish(i)
+    await asyncio.gather(*tasks)
+
+
+async def test_no_estimate_yet_means_no_deadline_refusal(clock: FakeClock) -> None:
+    adm = make(clock, max_concurrent=1, max_wait=1e6)
+    gate = Gate()
+    holder = asyncio.create_task(adm.call(gate.body, 0))
+    await settle()
+    assert adm.estimated_wait() is None
+    waiter = asyncio.create_task(adm.call_within(0.001, gate.body, 1))
+    await settle()
+    assert adm.queue_size == 1  # nothing is known of the service time: it may wait
+    gate.finish(0)
+    gate.finish(1)
+    await asyncio.gather(holder, waiter)
+    assert adm.estimated_wait() == 0.0
+
+
+async def test_an_estimator_passed_in_decides_the_wait(clock: FakeClock) -> None:
+    positions: list[int] = []
+
+    def estimator(position: int) -> float:
+        positions.append(position)
+        return 30.0 * position  # the model server's own queue is long
+
+    adm = Admission(
+        "gpu", AdmissionConfig(max_concurrent=1), clock=clock, events=EventBus(), wait_estimator=estimator
+    )
+    gate = Gate()
+    holder = asyncio.create_task(adm.call(gate.body, 0))
+    await settle()
+    with pytest.raises(Overloaded) as info:
+        await adm.call_within(10.0, gate.body, 1)
+    assert info.value.reason == "deadline"
+    assert positions == [1]
+    gate.finish(0)
+    await holder
+
+
+async def test_a_free_slot_ignores_the_deadline(clock: FakeClock) -> None:
+    adm = make(clock, max_concurrent=1)
+
+    async def timed() -> int:
+        await clock.sleep(50.0)
+        return 1
+
+    first = asyncio.create_task(adm.call(timed))
+    await settle()
+    await clock.run(50.0)
+    await first
+    # A 50 s average service time, but a free slot now: nothing to wait for.
+    assert await adm.call_within(0.5, quick) is None

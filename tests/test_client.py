@@ -13,12 +13,13 @@ import httpx
 import pytest
 
 from brownout.chaos.fakellm import FakeLLM
-from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable
+from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable, Overloaded
 from brownout.events import BreakerStateChanged, EventBus
 from brownout.llm.client import ModelClient, is_caller_fault
 from brownout.llm.types import ChatResult, EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, BreakerState
 from brownout.policies.deadline import deadline
+from brownout.policies.limiter import LimiterConfig
 from brownout.policies.retry import RetryConfig
 from brownout.testing import FakeTimer
 
@@ -29,6 +30,8 @@ SMALL = BreakerGroupConfig(
     defaults=BreakerConfig(minimum_calls=2, window_size=4, failure_rate_threshold=0.5, open_wait=30.0),
     overrides={},
 )
+# Records every outcome of a test and never opens.
+WIDE = BreakerGroupConfig(defaults=BreakerConfig(minimum_calls=100, window_size=100), overrides={})
 ONE_TRY = RetryConfig(max_attempts=1)
 TWO_TRIES = RetryConfig(max_attempts=2, backoff_base=0.0)
 
@@ -429,3 +432,145 @@ async def test_aclose_closes_only_its_own_http_client() -> None:
     ):
         assert (await c.chat(MESSAGES)).content == "ok"
         assert not shared.is_closed
+
+
+# ------------------------------------------------------------------ overload is not failure
+
+
+async def test_calls_beyond_the_servers_slots_wait_in_our_queue_and_nothing_counts() -> None:
+    # One slot, eight callers, a 0.25 s answer and a 2.5 s attempt timeout: the last caller waits
+    # about 1.75 s in our queue, which must not eat its timeout.
+    async with (
+        FakeLLM("slow", delay=0.25, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=2.5, breakers=WIDE) as c,
+    ):
+        results = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(8)))
+        assert len(results) == 8
+        assert fake.chat_requests == 8
+        assert fake.peak_open_chats == 1  # never more in flight than the server can run
+        assert failures(c) == (8, 0)
+        assert c.breakers["gen"].state is BreakerState.CLOSED
+        # Each result's latency is the model's time, not the wait in the queue.
+        assert max(r.latency for r in results) < 1.5
+        [status] = c.endpoints_status()
+        assert (status["limit"], status["max_limit"], status["in_flight"], status["queued"]) == (1, 1, 0, 0)
+
+
+async def test_without_a_limit_the_servers_own_queue_times_calls_out_and_they_count() -> None:
+    # The same load with up to 8 calls in flight: they queue inside the server, where the wait runs
+    # against their timeout -- what the limit prevents.
+    async with (
+        FakeLLM("slow", delay=0.25, slots=1) as fake,
+        client(
+            ep(fake, max_concurrency=8), timeout=1.0, limiter=LimiterConfig(initial_limit=8), breakers=WIDE
+        ) as c,
+    ):
+        outcomes = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(8)), return_exceptions=True)
+        assert fake.peak_open_chats == 8
+        timed_out = [o for o in outcomes if isinstance(o, ModelError)]
+        assert timed_out
+        assert failures(c) == (8, len(timed_out))
+
+
+async def test_a_caller_whose_wait_runs_out_is_overloaded_and_the_breaker_stays_closed() -> None:
+    async with (
+        FakeLLM("slow", delay=0.5, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=5.0) as c,
+    ):
+        first = asyncio.create_task(c.chat(MESSAGES))
+        while c.endpoints_status()[0]["in_flight"] == 0:  # noqa: ASYNC110 - no hook for "sent"
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as info:
+            await c.chat(MESSAGES, queue_timeout=0.1)
+        assert info.value.reason == "queue_timeout"
+        assert info.value.retry_after > 0
+        # A caller's own deadline bounds its wait too; either way nothing is sent or counted.
+        with pytest.raises((Overloaded, DeadlineExceeded)):
+            async with deadline(0.1):
+                await c.chat(MESSAGES)
+        await first
+        assert fake.chat_requests == 1
+        assert failures(c) == (1, 0)
+        assert c.breakers["gen"].state is BreakerState.CLOSED
+
+
+async def test_a_deadline_eaten_by_the_queue_is_the_callers_not_the_models() -> None:
+    async with (
+        FakeLLM("slow", delay=0.4, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=5.0) as c,
+    ):
+        first = asyncio.create_task(c.chat(MESSAGES))
+        while c.endpoints_status()[0]["in_flight"] == 0:  # noqa: ASYNC110 - no hook for "sent"
+            await asyncio.sleep(0.01)
+        # Waits ~0.4 s for the slot, then has ~0.2 s for a 0.4 s answer.
+        with pytest.raises(DeadlineExceeded):
+            async with deadline(0.6):
+                await c.chat(MESSAGES)
+        await first
+        assert failures(c) == (1, 0)
+
+
+async def test_probes_during_saturation_report_busy_and_healthy() -> None:
+    async with (
+        FakeLLM("slow", delay=0.3, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=5.0) as c,
+    ):
+        await c.chat(MESSAGES)  # the endpoint has answered recently
+        calls = [asyncio.create_task(c.chat(MESSAGES)) for _ in range(3)]
+        while c.endpoints_status()[0]["queued"] < 2:  # noqa: ASYNC110 - no hook for "queued"
+            await asyncio.sleep(0.01)
+        sent = fake.chat_requests
+        [busy] = await c.probe(timeout=0.1)
+        assert busy.healthy
+        assert busy.busy
+        assert busy.error is None
+        assert fake.chat_requests == sent  # nothing was sent: the calls in flight prove it answers
+        # With no answer inside the busy window, the probe waits for a slot with its own budget and
+        # reports that wait apart from the inference.
+        [queued] = await c.probe(timeout=2.0, busy_window=0.0)
+        assert queued.healthy
+        assert not queued.busy
+        assert queued.queued > 0
+        assert queued.latency < 1.5
+        await asyncio.gather(*calls)
+        assert failures(c) == (4, 0)
+
+
+async def test_probe_without_a_slot_in_time_reports_busy_not_down() -> None:
+    async with (
+        FakeLLM("slow", delay=1.0, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=5.0) as c,
+    ):
+        call = asyncio.create_task(c.chat(MESSAGES))
+        while c.endpoints_status()[0]["in_flight"] == 0:  # noqa: ASYNC110 - no hook for "sent"
+            await asyncio.sleep(0.01)
+        [probe] = await c.probe(timeout=0.1)
+        assert probe.healthy
+        assert probe.busy
+        assert probe.queued == pytest.approx(0.1)
+        await call
+
+
+async def test_the_picker_prefers_an_endpoint_with_a_free_slot() -> None:
+    async with (
+        FakeLLM("slow", delay=0.5) as narrow,
+        FakeLLM("slow", delay=0.5) as wide,
+        client(ep(narrow, max_concurrency=1), ep(wide, max_concurrency=4)) as c,
+    ):
+        # Two calls: one each (fewest in flight). The third: both have one in flight, but only the
+        # wide endpoint has a free slot.
+        calls = [asyncio.create_task(c.chat(MESSAGES)) for _ in range(3)]
+        results = await asyncio.gather(*calls)
+        assert narrow.chat_requests == 1
+        assert wide.chat_requests == 2
+        assert narrow.peak_open_chats == 1
+        assert {r.endpoint for r in results} == {narrow.url, wide.url}
+
+
+def test_max_concurrency_bounds_each_endpoints_limiter() -> None:
+    c = client(ep("http://127.0.0.1:1", max_concurrency=2), ep("http://127.0.0.1:2"))
+    limits = {name: (lim.limit, lim.config.max_limit) for name, lim in c.limiters.items()}
+    assert limits == {"gen@http://127.0.0.1:1": (2, 2), "gen@http://127.0.0.1:2": (4, 16)}
+    with pytest.raises(ValueError, match="max_concurrency"):
+        EndpointConfig(url="http://127.0.0.1:1", max_concurrency=0)
+    assert c.estimated_wait() == 0.0

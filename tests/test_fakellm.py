@@ -279,6 +279,31 @@ async def test_slow_mode_answers_after_the_delay(http: httpx.AsyncClient) -> Non
     assert FakeBehaviour(mode="ok").effective_delay == 0.0
 
 
+async def test_slots_queue_requests_beyond_them_inside_the_server(http: httpx.AsyncClient) -> None:
+    async with FakeLLM("slow", delay=0.2, slots=2) as fake:
+        answers = await asyncio.gather(*(chat(http, fake, timeout=10.0) for _ in range(5)))
+        assert [r.status_code for r in answers] == [200] * 5
+        assert fake.peak_open_chats == 5  # the server took all five ...
+        assert fake.peak_answering == 2  # ... and answered two at a time
+        assert fake.open_chats == 0
+        state = (await http.get(f"{fake.url}/_control")).json()
+        assert (state["peak_open_chats"], state["peak_answering"]) == (5, 2)
+        # A client that gives up while its request waits for a slot leaves nothing behind.
+        fake.set("hang")
+        with pytest.raises(httpx.ReadTimeout):
+            await asyncio.gather(*(chat(http, fake, timeout=0.3) for _ in range(3)))
+        fake.set("ok")
+        assert content_of(await chat(http, fake, timeout=10.0)) == "ok"
+    with pytest.raises(ValueError, match="slots"):
+        FakeLLM(slots=0)
+
+
+async def test_without_slots_every_request_is_answered_at_once(http: httpx.AsyncClient) -> None:
+    async with FakeLLM("slow", delay=0.2) as fake:
+        await asyncio.gather(*(chat(http, fake, timeout=10.0) for _ in range(4)))
+        assert fake.peak_answering == 4
+
+
 async def test_garbage_mode_answers_prose(http: httpx.AsyncClient) -> None:
     async with FakeLLM("garbage") as fake:
         text = content_of(await chat(http, fake, BRIEF_SCHEMA))

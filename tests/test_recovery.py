@@ -34,7 +34,7 @@ from brownout.errors import (
     ServiceUnavailable,
 )
 from brownout.events import Event, EventBus, RecoveryActionRun
-from brownout.health.resources import ResourceSample
+from brownout.health.resources import Level, ResourceMonitor, ResourceSample
 from brownout.recovery import (
     Action,
     ActionResult,
@@ -1060,3 +1060,163 @@ async def test_an_open_breaker_on_a_model_that_answers_probes_is_left_alone(tmp_
         skipped = [h for h in status["history"] if h["status"] == "skipped"]
         assert skipped
         assert all("model busy, not down" in h["detail"] for h in skipped)
+
+
+# -------------------------------------------------------------------------------- never a deadlock
+
+
+async def test_a_level_leaving_critical_mid_chain_releases_without_a_deadlock(clock: FakeClock) -> None:
+    """The reported hang: a proactive chain re-checks resources after an action, the re-sample is below
+    critical, the level callback releases the failure type -- from inside the chain. That call, and
+    the operator's reset and trigger after it, must each finish (they hung forever on a lock)."""
+    readings = iter([99.0, 10.0])
+    probe = Probe()
+    manager = manager_with(
+        probe, {FailureType.SYSTEM_RESOURCE: ("a", "b")}, clock, lasting=("a",), resolved=None
+    )
+    released: list[list[str]] = []
+
+    async def on_level(resource: str, old: Level, new: Level, sample: ResourceSample) -> None:
+        if old == "critical" and not monitor.critical():
+            released.append([a.action for a in await manager.release(FailureType.SYSTEM_RESOURCE)])
+
+    monitor = ResourceMonitor(
+        sampler=lambda first: ResourceSample(clock.now(), next(readings, 10.0), 40.0),
+        on_level=on_level,
+        clock=clock,
+        events=EventBus(),
+    )
+
+    async def resolved(kind: FailureType, target: str) -> bool:
+        sample = await monitor.check()  # the re-sample that leaves critical
+        return monitor.thresholds_for("cpu").level(sample.cpu_percent or 0.0) != "critical"
+
+    manager._resolved = resolved
+    await monitor.check()
+    assert monitor.critical() == ["cpu"]
+    outcome = await asyncio.wait_for(
+        manager.handle_failure("cpu at 99%", failure_type=FailureType.SYSTEM_RESOURCE, trigger="proactive"),
+        timeout=5,
+    )
+    assert outcome.status == "resolved"
+    assert [a.action for a in outcome.attempts] == ["a"]
+    # The level left critical after "a": its lasting change was lifted from inside the chain.
+    assert released == [["undo_a"]]
+    assert probe.undone == ["a"]
+    assert manager.in_force == {}
+    assert not manager.busy
+    assert (await asyncio.wait_for(manager.trigger("b"), timeout=5)).ok
+    await asyncio.wait_for(manager.reset(), timeout=5)
+
+
+async def test_recovery_api_answers_after_a_critical_cpu_sample_that_passes(tmp_path: Path) -> None:
+    """The server-level repro: one CPU sample at critical, the next one normal. Reset and trigger
+    must answer (they hung), and the proactive chain must end."""
+    async with serve(tmp_path) as s:
+        rt = s.runtime
+        readings = iter([99.0])
+        rt.ops.resources.sampler = lambda first: ResourceSample(0.0, next(readings, 5.0), 40.0)
+        await rt.ops.resources.check()  # critical: the proactive chain starts
+        await asyncio.wait_for(until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy), 10)
+        assert rt.recovery.outcomes[-1].trigger == "proactive"
+        reset = await asyncio.wait_for(s.http.post("/api/v1/recovery/reset", headers=AUTH), 10)
+        assert reset.status_code == 200
+        trig = await asyncio.wait_for(
+            s.http.post("/api/v1/recovery/trigger", json={"action": "check_health"}, headers=AUTH), 10
+        )
+        assert trig.status_code == 200
+        assert trig.json()["ok"] is True
+
+
+async def test_admin_calls_answer_within_their_timeout_and_never_queue(tmp_path: Path) -> None:
+    """A manual action that takes longer than ``recovery.admin_timeout`` is answered 202 with its
+    run, which the status shows in progress; the same action asked again meanwhile is a 503 with
+    Retry-After at once (not a wait), and so is a second reset while one runs."""
+    async with serve(tmp_path, recovery={"admin_timeout": 0.05}) as s:
+        rt = s.runtime
+        gate = asyncio.Event()
+        original = rt.recovery.actions["reset_breakers"]
+
+        async def slow(target: str) -> ActionResult:
+            await gate.wait()
+            return await original.run(target)
+
+        rt.recovery.actions["reset_breakers"] = Action("reset_breakers", original.description, slow)
+        first = await s.http.post("/api/v1/recovery/trigger", json={"action": "reset_breakers"}, headers=AUTH)
+        assert first.status_code == 202
+        run = first.json()["run"]
+        assert (run["kind"], run["name"], run["state"], run["current_action"]) == (
+            "action",
+            "reset_breakers",
+            "running",
+            "reset_breakers",
+        )
+        again = await s.http.post("/api/v1/recovery/trigger", json={"action": "reset_breakers"}, headers=AUTH)
+        assert again.status_code == 503
+        assert int(again.headers["Retry-After"]) >= 1
+        error = again.json()["error"]
+        assert (error["type"], error["code"]) == ("service_unavailable", "recovery_busy")
+        assert f"run {run['id']}" in error["message"]
+        # Another action is not held up by the running one.
+        other = await s.http.post("/api/v1/recovery/trigger", json={"action": "check_health"}, headers=AUTH)
+        assert (other.status_code, other.json()["ok"]) == (200, True)
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert [r["id"] for r in status["running"]] == [run["id"]]
+        assert status["busy"] is True
+
+        # A reset waits for nothing it cannot have: the breakers' reset is running, so it skips that.
+        reset = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert reset.status_code == 200
+        assert "reset_breakers" not in [a["action"] for a in reset.json()["done"]]
+
+        gate.set()
+        await until(lambda: not rt.recovery.busy)
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert status["running"] == []
+        done = {r["id"]: r for r in status["recent_runs"]}[run["id"]]
+        assert (done["state"], done["result"]["ok"]) == ("done", True)
+
+        # A reset that takes longer than the timeout: 202, and a second one meanwhile is a 503.
+        gate.clear()
+        slow_reset = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert slow_reset.status_code == 202
+        assert slow_reset.json()["status"] == "running"
+        second = await s.http.post("/api/v1/recovery/reset", headers=AUTH)
+        assert second.status_code == 503
+        assert second.json()["error"]["code"] == "recovery_busy"
+        assert "Retry-After" in second.headers
+        gate.set()
+        await until(
+            lambda: not rt.recovery.busy and rt.ops._reset_task is not None and rt.ops._reset_task.done()
+        )
+        assert (await s.http.post("/api/v1/recovery/reset", headers=AUTH)).status_code == 200
+
+
+async def test_a_manual_chain_longer_than_the_timeout_is_answered_with_its_run(tmp_path: Path) -> None:
+    async with serve(tmp_path, recovery={"admin_timeout": 0.05}) as s:
+        rt = s.runtime
+        gate = asyncio.Event()
+        original = rt.recovery.actions["clear_cache"]
+
+        async def slow(target: str) -> ActionResult:
+            await gate.wait()
+            return await original.run(target)
+
+        rt.recovery.actions["clear_cache"] = Action("clear_cache", original.description, slow)
+        started = await s.http.post(
+            "/api/v1/recovery/trigger", json={"failure_type": "generation_pipeline_error"}, headers=AUTH
+        )
+        assert started.status_code == 202
+        run_id = started.json()["run"]["id"]
+        assert rt.recovery.run(run_id) is not None
+        # Automatic recovery meanwhile is suppressed as in progress, answered at once.
+        auto = await asyncio.wait_for(rt.recovery.handle_failure(failure_type=FailureType.NETWORK), 5)
+        assert (auto.status, auto.reason) == ("suppressed", "in_progress")
+        gate.set()
+        await until(lambda: not rt.recovery.busy)
+        found = rt.recovery.run(run_id)
+        assert found is not None
+        assert found.outcome is not None
+        assert found.outcome.status == "resolved"
+        status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
+        assert status["last_outcome"]["status"] == "resolved"

@@ -5,9 +5,9 @@ modules whose names start with an underscore are not.
 
 Policies (``brownout.policies``), each one engine with ``call``, decorator and ``wrap`` forms:
 :class:`CircuitBreaker`, :class:`Retry` (with :class:`RetryBudget`), :class:`Deadline` /
-:func:`deadline`, :class:`Admission`, :class:`Singleflight`, :class:`Cache`, :class:`FallbackChain`,
-stacked with :func:`compose`. Time comes from a :class:`Clock`; tests use
-:class:`brownout.testing.FakeClock`. Errors form one tree rooted at :class:`BrownoutError`
+:func:`deadline`, :class:`Admission`, :class:`AdaptiveLimiter`, :class:`Dimmer`, :class:`Singleflight`,
+:class:`Cache`, :class:`FallbackChain`, stacked with :func:`compose`. Time comes from a :class:`Clock`;
+tests use :class:`brownout.testing.FakeClock`. Errors form one tree rooted at :class:`BrownoutError`
 (see :mod:`brownout.errors`); events go to an :class:`EventBus` (see :mod:`brownout.events`).
 """
 
@@ -35,7 +35,9 @@ from brownout.policies.breaker import (
 from brownout.policies.cache import Cache, CacheConfig, CacheResult
 from brownout.policies.compose import Composition, compose
 from brownout.policies.deadline import Deadline, DeadlineConfig, deadline, remaining
+from brownout.policies.dimmer import Dimmer, DimmerConfig, DimmerDecision, DimmerSnapshot
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
+from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
 from brownout.policies.retry import Retry, RetryBudget, RetryConfig
 from brownout.policies.singleflight import Singleflight
 
@@ -44,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_BUS",
     "SYSTEM_CLOCK",
+    "AdaptiveLimiter",
     "Admission",
     "AdmissionConfig",
     "AllFallbacksFailed",
@@ -65,10 +68,15 @@ __all__ = [
     "DeadlineExceeded",
     "Decline",
     "Degraded",
+    "Dimmer",
+    "DimmerConfig",
+    "DimmerDecision",
+    "DimmerSnapshot",
     "Event",
     "EventBus",
     "FallbackChain",
     "FallbackResult",
+    "LimiterConfig",
     "Overloaded",
     "Rejected",
     "Retry",

@@ -19,6 +19,7 @@ line each, e.g. ``circuit_breaker.failure_threshold: Input should be less than o
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +47,7 @@ __all__ = [
     "CacheSection",
     "CircuitBreakerSection",
     "DatabaseSection",
+    "DimmerSection",
     "EventsSection",
     "JsonGuardSection",
     "LocalModelsSection",
@@ -64,6 +66,12 @@ __all__ = [
 ]
 
 ROLES = ("qwen", "mistral", "llama")
+
+# An entry of server.allowed_hosts: a DNS name (optionally "*." for its subdomains), an IPv4 address or
+# a bracketed IPv6 address -- what a Host header carries, without its port.
+_HOST_PATTERN = re.compile(
+    r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*|\[[0-9a-f:.]+\]"
+)
 
 
 class _Section(BaseModel):
@@ -97,6 +105,47 @@ class ServerSection(_Section):
         description="seconds in-flight requests may take to finish after SIGTERM/SIGINT before they are "
         "answered 503; default: the longest request deadline (see BrownoutConfig.drain_seconds)",
     )
+    header_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a connection has to send a request's line and headers; then it is closed",
+    )
+    body_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds a request body may stall between two pieces; then 408 and the connection closed",
+    )
+    keepalive_timeout: float = Field(
+        default=5.0, gt=0, description="seconds an idle keep-alive connection is kept open between requests"
+    )
+    max_connections_per_client: int = Field(
+        default=256,
+        ge=0,
+        description="open connections from one client address; more are answered 503 and closed (0: no cap)",
+    )
+    allowed_hosts: list[str] | None = Field(
+        default=None,
+        description=(
+            "Host header values accepted (DNS-rebinding protection); '*.example.com' matches subdomains, "
+            "'*' allows all; default: localhost, server.host and any IP address"
+        ),
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, hosts: list[str] | None) -> list[str] | None:
+        if hosts is None:
+            return None
+        out: list[str] = []
+        for raw in hosts:
+            host = raw.strip().lower().rstrip(".")
+            if host != "*" and not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(
+                    f"{raw!r} is not a host name: give names like 'example.com', '*.example.com', "
+                    "'10.0.0.5' or '[::1]' (no scheme, port or path), or '*' for all"
+                )
+            out.append(host)
+        return out
 
 
 class LocalModelsSection(_Section):
@@ -346,6 +395,12 @@ class RecoverySection(_Section):
         default=3, ge=1, description="unresolved handlings of one failure type before giving up"
     )
     history_size: int = Field(default=100, ge=1, description="action runs kept in the history")
+    admin_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="seconds the recovery API's trigger and reset wait for their work; longer work goes "
+        "on and is answered 202 with its run id",
+    )
     unhealthy_probes: int = Field(
         default=3, ge=1, description="failed health probes in a row that report a model's failure to recovery"
     )
@@ -502,6 +557,69 @@ class EventsSection(_Section):
     maxlen: int = Field(default=100_000, ge=1, description="the stream is trimmed to about this many entries")
 
 
+class DimmerSection(_Section):
+    """Overload is not failure: under too much load, dim optional stages instead of failing.
+
+    Each request has a latency target (its mode's ``targets``). The dimmer (see
+    :mod:`brownout.policies.dimmer`) watches the latency a new request can expect and, as it passes
+    the target, leaves out for a growing share of requests first the hinter (creative -> balanced),
+    then the validator (-> fast), then serves a similar earlier answer in place of generating, and
+    only last the rules. A request that cannot even start within its target is answered at once
+    (503 + Retry-After) instead of waiting to fail.
+    """
+
+    enabled: bool = Field(default=True, description="dim optional stages under load; off: never dim")
+    targets: dict[str, float] = Field(
+        default_factory=lambda: {"fast": 10.0, "balanced": 10.0, "creative": 10.0},
+        description="p95 latency target per requested mode, seconds (also each request's deadline to start)",
+    )
+    shed_late: bool = Field(
+        default=True, description="answer 503 at once to a request that cannot start within its target"
+    )
+    window: float = Field(
+        default=5.0, gt=0, description="seconds of completed requests the p95 is taken over"
+    )
+    interval: float = Field(default=0.5, gt=0, description="seconds between two control steps")
+    setpoint: float = Field(
+        default=0.7,
+        gt=0,
+        le=1,
+        description="expected latency the controller steers to, as a fraction of the target",
+    )
+    dead_band: float = Field(
+        default=0.2, ge=0, lt=1, description="below the setpoint, the band where the value holds"
+    )
+    gain: float = Field(default=0.03, gt=0, description="integral gain above the setpoint, per step")
+    recovery_gain: float = Field(default=0.1, gt=0, description="integral gain below the dead band, per step")
+    proportional: float = Field(default=0.3, ge=0, description="gain on the change of the latency ratio")
+    max_step_up: float = Field(default=0.1, gt=0, le=1, description="largest rise of the value in one step")
+    max_step_down: float = Field(default=0.2, gt=0, le=1, description="largest fall of the value in one step")
+    force_value: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="pin the dimmer at this value (0: full service, 1: rules); none: automatic",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DimmerSection:
+        unknown = sorted(set(self.targets) - {"fast", "balanced", "creative"})
+        if unknown:
+            raise ValueError(f"targets names unknown mode(s) {unknown}; modes are fast, balanced, creative")
+        bad = {mode: t for mode, t in self.targets.items() if not t > 0}
+        if bad:
+            raise ValueError(f"targets must be positive seconds, got {bad}")
+        if self.dead_band >= self.setpoint:
+            raise ValueError("dead_band must be below setpoint")
+        if self.interval > self.window:
+            raise ValueError("interval must not exceed window")
+        return self
+
+    def target(self, mode: str) -> float:
+        """The latency target of a request for ``mode`` (the smallest target when it names none)."""
+        return self.targets.get(mode, min(self.targets.values(), default=10.0))
+
+
 class BrownoutConfig(_Section):
     """The whole configuration of ``brownout serve``."""
 
@@ -522,6 +640,10 @@ class BrownoutConfig(_Section):
     gateway: GatewaySection = Field(
         default_factory=GatewaySection,
         description="the OpenAI-compatible gateway: the embedded model as 'local' plus configured groups",
+    )
+    dimmer: DimmerSection = Field(
+        default_factory=DimmerSection,
+        description="under load, dim optional stages to hold the latency target",
     )
 
     @property

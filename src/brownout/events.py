@@ -23,6 +23,7 @@ __all__ = [
     "CacheTTLChanged",
     "DEFAULT_BUS",
     "DeadlineExpired",
+    "DimmerChanged",
     "Event",
     "EventBus",
     "FallbackServed",
@@ -306,3 +307,19 @@ class CacheTTLChanged(Event):
     old: float
     new: float
     load: float
+
+
+@dataclass(frozen=True, slots=True)
+class DimmerChanged(Event):
+    """A dimmer moved from level ``old_level`` to ``new_level`` (0: full service) at ``value`` (0..1).
+
+    ``step`` names the step now dimmed at the margin ("" at level 0); ``observed_p95`` is the p95
+    latency it measured (seconds, None when nothing completed in its window) against ``target_p95``.
+    """
+
+    old_level: int
+    new_level: int
+    value: float
+    step: str
+    observed_p95: float | None
+    target_p95: float

@@ -17,6 +17,16 @@ then the popular brief for the mode, then 503 with Retry-After 300. When the req
 (``server.request_timeout``) cuts the pipeline short, it is served in ``fallback`` mode from what needs
 no model call: a similar earlier brief, else the rules.
 
+Overload is not failure (the ``dimmer`` config section). Each request has a latency target (per
+mode); the dimmer (:class:`~brownout.policies.dimmer.Dimmer`) watches the latency a new request can
+expect and, as load rises, leaves out for a growing share of requests first the hinter (creative →
+balanced), then the validator (→ fast), then serves a similar earlier brief in place of generating,
+and only last the rules -- so the target holds and as many answers as possible still come from the
+generator. That is the "fit the load" of the downshift rule. Such an answer says ``reason: "load"``
+and ``dimmed: [...]`` (``creative_hints``, ``validation``, ``generation``); an answer nothing was
+dimmed for has no ``dimmed``. A request that cannot even start within its target is answered at once
+with 503 and an estimated Retry-After (admission with a deadline), never after waiting to fail.
+
 What the validator model says reaches the answer's ``warnings``; when it rejects the brief or raises
 an IFRA concern the brief is still served (it passed the schema's checks) with reliability ``medium``,
 and is neither cached nor offered to similar requests. A cache hit has one ``cache`` stage and says how
@@ -32,6 +42,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import threading
 import uuid
 from collections import Counter
@@ -73,6 +84,7 @@ from brownout.llm.types import Message, ProbeResult
 from brownout.policies.admission import Admission, AdmissionConfig
 from brownout.policies.cache import Cache, CacheConfig
 from brownout.policies.deadline import deadline
+from brownout.policies.dimmer import Dimmer, DimmerConfig, DimmerDecision
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
 from brownout.policies.singleflight import Singleflight
 from brownout.state.tiered import Tier, TieredReader
@@ -94,6 +106,15 @@ __all__ = [
 _log = logging.getLogger("brownout.briefs")
 
 ROLE_OF_STAGE = {"generate": "qwen", "validate": "mistral", "hint": "llama"}
+
+DIMMER_STEPS = ("creative_hints", "validation", "generation", "model")
+"""What the dimmer leaves out as load rises, in order: the hinter, the validator, generating when a
+similar earlier brief exists, and last any model call at all (a similar brief, else the rules)."""
+
+DIMMED_FEATURES = ("creative_hints", "validation", "generation")
+"""What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``)."""
+
+_MODE_RANK: dict[str, int] = {m: i for i, m in enumerate(MODES)}
 
 
 def _stamp(epoch: float) -> str:
@@ -179,6 +200,7 @@ class ServiceStats:
     downshifts: Counter[tuple[str, str]] = field(default_factory=Counter)  # llm_mode_downshift_total
     served: Counter[str] = field(default_factory=Counter)  # briefs by served mode
     rejected: Counter[str] = field(default_factory=Counter)  # 503s by reason
+    dimmed: Counter[str] = field(default_factory=Counter)  # answers by what the dimmer left out
     fallback_used: int = 0  # llm_json_fallback_used_total: a stage served by a fallback after a bad answer
     health: dict[str, ProbeResult] = field(default_factory=dict)
     health_failures: Counter[str] = field(default_factory=Counter)
@@ -196,6 +218,7 @@ class BriefService:
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
         wall_clock: Clock = WALL_CLOCK,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.backends = dict(backends)
@@ -253,6 +276,34 @@ class BriefService:
             clock=clock,
             events=events,
         )
+        d = config.dimmer
+        self.dimmer = Dimmer(
+            "briefs",
+            DIMMER_STEPS,
+            DimmerConfig(
+                # The queue's wait is weighed against the tightest target: a request of that mode
+                # arriving now must still make it.
+                target_p95=min(d.targets.values(), default=10.0),
+                window=d.window,
+                interval=d.interval,
+                setpoint=d.setpoint,
+                dead_band=d.dead_band,
+                gain=d.gain,
+                recovery_gain=d.recovery_gain,
+                proportional=d.proportional,
+                max_step_up=d.max_step_up,
+                max_step_down=d.max_step_down,
+            ),
+            clock=clock,
+            events=events,
+            rng=rng,
+            queue_delay=lambda: self.admission.estimated_wait() or 0.0,
+        )
+        """Under load, which optional stages a request leaves out (see the module docstring)."""
+        if not d.enabled:
+            self.dimmer.force(0.0)
+        elif d.force_value is not None:
+            self.dimmer.force(d.force_value)
         self._health_ok: dict[str, bool] = {}
         self.shared_cache: SharedCache | None = None
         """The Redis tier behind ``cache`` when Redis is configured (see :meth:`share`)."""
@@ -425,6 +476,13 @@ class BriefService:
                 response = await self._flights.do(key, lambda: self._compute(key, text, mode))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
+            if e.reason == "deadline":
+                # Refused at once: the estimate of when the backlog drains is the useful Retry-After.
+                raise ServiceUnavailable(
+                    f"Service busy - this request could not start within its "
+                    f"{self.config.dimmer.target(mode):g}s latency target",
+                    retry_after=max(1.0, e.retry_after),
+                ) from e
             raise ServiceUnavailable(
                 "Service busy - queue full", retry_after=max(e.retry_after, self.config.queue.retry_after)
             ) from e
@@ -454,7 +512,18 @@ class BriefService:
         self._shared_flights = flights
 
     async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
-        response: dict[str, Any] = await self.admission.call(self._run, text, mode)
+        target = self.config.dimmer.target(mode)
+        # The request's deadline to *start*: its latency target. One that cannot start in time is
+        # refused at once by the admission (503 + Retry-After) instead of waiting to fail.
+        budget = target if self.config.dimmer.shed_late else None
+        queued_at = self._clock.now()
+        began: list[float] = []
+        try:
+            response: dict[str, Any] = await self.admission.call_within(budget, self._run, text, mode, began)
+        finally:
+            if began:  # it ran (refused requests never started and have no latency to report)
+                latency = self._clock.now() - queued_at
+                self.dimmer.observe(latency, target=target, waited=min(latency, began[0] - queued_at))
         if not response["degraded"] and self.config.cache.enabled:
             # The cached copy says when it was made, so that a later hit can tell its age.
             stored = {**response, "cached_at": _stamp(self.wall_clock.now())}
@@ -464,12 +533,54 @@ class BriefService:
                 self.cache.set(key, stored)
         return response
 
-    async def _run(self, text: str, mode: str) -> dict[str, Any]:
+    def _dimmed_for(self, decision: DimmerDecision, mode: str) -> tuple[list[str], str | None]:
+        """What ``decision`` leaves out of a ``mode`` request, and the richest mode that leaves."""
+        rank = _MODE_RANK[mode]
+        dimmed: list[str] = []
+        ceiling: str | None = None
+        if decision.dims("creative_hints") and rank >= _MODE_RANK["creative"]:
+            dimmed.append("creative_hints")
+            ceiling = "balanced"
+        if decision.dims("validation") and rank >= _MODE_RANK["balanced"]:
+            dimmed.append("validation")
+            ceiling = "fast"
+        return dimmed, ceiling
+
+    async def _run(self, text: str, mode: str, began: list[float] | None = None) -> dict[str, Any]:
+        if began is not None:
+            began.append(self._clock.now())
+        decision = self.dimmer.decide()
+        if not decision.dimmed:
+            return await self._run_pipeline(text, mode, None)
+        dimmed, ceiling = self._dimmed_for(decision, mode)
+        if decision.dims("generation"):
+            ctx = BriefContext(text=text, requested_mode=mode)
+            # Serve a similar earlier brief in place of generating; with "model" dimmed too, the rules
+            # when there is none (no model call at all).
+            if decision.dims("model") or await self._search_similar(text) is not None:
+                response = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
+                return self._mark_dimmed(response, [*dimmed, "generation"])
+        response = await self._run_pipeline(text, mode, ceiling)
+        return self._mark_dimmed(response, dimmed) if dimmed else response
+
+    def _mark_dimmed(self, response: dict[str, Any], dimmed: list[str]) -> dict[str, Any]:
+        """Say in the answer what the load left out (and count it for the metrics)."""
+        if not dimmed:
+            return response
+        for step in dimmed:
+            self.stats.dimmed[step] += 1
+        return {
+            **response,
+            "dimmed": dimmed,
+            "reason": "load" if response["reason"] in (None, "load") else response["reason"],
+        }
+
+    async def _run_pipeline(self, text: str, mode: str, ceiling: str | None) -> dict[str, Any]:
         ctx = BriefContext(text=text, requested_mode=mode)
         try:
             async with deadline(self.config.server.request_timeout, clock=self._clock):
                 try:
-                    result = await self.pipeline.run(mode, ctx)
+                    result = await self.pipeline.run(mode, ctx, ceiling=ceiling)
                 except NoModeAvailable as e:
                     return await self._without_generator(ctx, e)
                 except AllFallbacksFailed as e:

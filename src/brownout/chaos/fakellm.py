@@ -36,6 +36,12 @@ first event. Errors are plain JSON error responses, streaming or not.
 An answer's text is ``content`` when set, else a JSON document generated from the request's
 ``response_format.json_schema.schema`` by :func:`schema_instance`, else ``"ok"``.
 
+Slots: ``FakeLLM(slots=N)`` (``--slots N``) answers at most N chat requests at a time, as a llama.cpp
+server with ``--parallel N`` does; further requests wait inside the server, first come first served,
+and their ``delay`` starts only once they have a slot. ``open_chats`` / ``peak_open_chats`` count the
+chat requests the server holds at once (answering or waiting for a slot), so a test can check that a
+client never sends more than the server can run; ``peak_answering`` the most answered at once.
+
 Each ``set`` / ``POST /_control`` describes the whole behaviour: fields left out take their defaults,
 so ``{"mode": "ok"}`` always means a plain, prompt answer whatever was set before.
 
@@ -148,8 +154,14 @@ class FakeBehaviour(BaseModel):
 class _FakeState:
     """What the routes share: the behaviour, the counters, the last chat request."""
 
-    def __init__(self, behaviour: FakeBehaviour, model: str) -> None:
+    def __init__(self, behaviour: FakeBehaviour, model: str, slots: int | None = None) -> None:
         self.model = model
+        # llama.cpp's --parallel: requests beyond it wait here for a slot (None: no limit).
+        self.slots = asyncio.Semaphore(slots) if slots is not None else None
+        self.open_chats = 0
+        self.peak_open_chats = 0
+        self.answering = 0
+        self.peak_answering = 0
         self.behaviour = behaviour
         self.failures_left = 0
         self.requests = 0
@@ -172,6 +184,9 @@ class _FakeState:
             "failures_left": self.failures_left,
             "requests": self.requests,
             "chat_requests": self.chat_requests,
+            "open_chats": self.open_chats,
+            "peak_open_chats": self.peak_open_chats,
+            "peak_answering": self.peak_answering,
         }
 
 
@@ -206,6 +221,28 @@ async def _hold(request: Request, release: asyncio.Event, delay: float | None) -
         stopped.cancel()
         await asyncio.gather(left, stopped, return_exceptions=True)
     return not done
+
+
+async def _take_slot(request: Request, release: asyncio.Event, slots: asyncio.Semaphore) -> bool:
+    """Wait for one of the server's slots. False if the client left or the server stopped first."""
+    take = asyncio.ensure_future(slots.acquire())
+    left = asyncio.ensure_future(_until_disconnect(request))
+    stopped = asyncio.ensure_future(release.wait())
+    try:
+        await asyncio.wait((take, left, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+        stopped.cancel()
+        await asyncio.gather(left, stopped, return_exceptions=True)
+    if take.done() and not take.cancelled():
+        # A slot: a client that left meanwhile is noticed while answering, as with any request.
+        return True
+    take.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await take
+        # Acquired in the moment between the wait and the cancel: give it back.
+        slots.release()
+    return False
 
 
 def _requested_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -341,6 +378,33 @@ def _build_app(state: _FakeState) -> Starlette:
     async def chat(request: Request) -> Response:
         state.requests += 1
         state.chat_requests += 1
+        state.open_chats += 1
+        state.peak_open_chats = max(state.peak_open_chats, state.open_chats)
+        try:
+            slots = state.slots
+            if slots is None:
+                return await answer(request)
+            # Read (and keep) the body first: waiting for a slot watches the connection for a
+            # disconnect, which reads the request's messages.
+            await request.body()
+            if not await _take_slot(request, state.release, slots):
+                return _error(503, "server stopping")
+            try:
+                return await answer(request)
+            finally:
+                slots.release()
+        finally:
+            state.open_chats -= 1
+
+    async def answer(request: Request) -> Response:
+        state.answering += 1
+        state.peak_answering = max(state.peak_answering, state.answering)
+        try:
+            return await answer_now(request)
+        finally:
+            state.answering -= 1
+
+    async def answer_now(request: Request) -> Response:
         try:
             body = json.loads(await request.body())
         except ValueError:
@@ -505,7 +569,10 @@ class FakeLLM:
         chunk_delay: float = 0.0,
         model: str = "fake",
         port: int = 0,
+        slots: int | None = None,
     ) -> None:
+        if slots is not None and slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
         behaviour = FakeBehaviour(
             mode=mode,
             delay=delay,
@@ -515,7 +582,7 @@ class FakeLLM:
             fail_times=fail_times,
             chunk_delay=chunk_delay,
         )
-        self._state = _FakeState(behaviour, model)
+        self._state = _FakeState(behaviour, model, slots)
         self._port = port
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -548,6 +615,21 @@ class FakeLLM:
     def chat_requests(self) -> int:
         """Requests to ``/v1/chat/completions`` so far."""
         return self._state.chat_requests
+
+    @property
+    def open_chats(self) -> int:
+        """Chat requests the server holds now (answering, or waiting for a slot)."""
+        return self._state.open_chats
+
+    @property
+    def peak_open_chats(self) -> int:
+        """The most chat requests the server held at once so far."""
+        return self._state.peak_open_chats
+
+    @property
+    def peak_answering(self) -> int:
+        """The most chat requests answered at once so far (at most ``slots``)."""
+        return self._state.peak_answering
 
     @property
     def last_chat(self) -> dict[str, Any] | None:
@@ -912,6 +994,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fail-times", type=int, default=1, help="failures before 'flaky' answers")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed events")
     parser.add_argument("--model", default="fake", help="model id reported by /v1/models")
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=None,
+        help="chat requests answered at once; more wait (default: no limit)",
+    )
     args = parser.parse_args(argv)
     try:
         behaviour = FakeBehaviour(
@@ -925,7 +1013,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValidationError as e:
         parser.error(str(e))
-    state = _FakeState(behaviour, args.model)
+    if args.slots is not None and args.slots < 1:
+        parser.error(f"--slots must be at least 1, got {args.slots}")
+    state = _FakeState(behaviour, args.model, args.slots)
     sock = _bind(args.port)
     url = f"http://{HOST}:{sock.getsockname()[1]}"
 

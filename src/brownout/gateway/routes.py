@@ -103,6 +103,14 @@ class ChatCompletions:
         gateway = self.gateway
         now = gateway.clock.now
         t0 = now()
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                # A body declared too large is refused before any of it is read: waiting for
+                # 99,999,999,999 bytes only to refuse them holds the connection for nothing.
+                if not value.isdigit() or len(value) > 18 or int(value) > self.max_body:
+                    await _too_large(send, self.max_body)
+                    return
+                break
         message = await receive()
         if message["type"] != "http.request":
             return  # the client went away
@@ -257,10 +265,12 @@ async def _reply_whole(send: Send, answer: Answer) -> None:
 
 
 async def _too_large(send: Send, limit: int) -> None:
+    # The connection closes after the answer: the rest of the body is not read.
     await _refuse(
         send,
         413,
         f"the request body is over {limit} bytes (gateway.max_body_bytes)",
+        [(b"connection", b"close")],
         code="request_too_large",
         limit_bytes=limit,
     )

@@ -6,12 +6,23 @@ costing its callers time:
 * each endpoint has its own :class:`~brownout.policies.breaker.CircuitBreaker`, configured by
   ``BreakerGroupConfig.for_name(role)`` (so seed 004's ``qwen`` override of 0.4 applies to the
   generator role);
-* a call goes to an endpoint whose breaker permits it -- the one with the fewest calls in flight,
-  then the lowest recent latency (an exponentially weighted moving average);
+* each endpoint has its own :class:`~brownout.policies.limiter.AdaptiveLimiter`: at most its
+  ``limit`` calls are in flight to it (adapted to its latency, never above the endpoint's
+  ``max_concurrency`` -- for a local model server its slots, so nothing queues inside the server);
+  further calls wait in the limiter's first-in, first-out queue. That wait is *ours*, not the model's:
+  the attempt's timeout and the breaker's timing start when the request is sent, and a call whose
+  wait runs out leaves with :class:`~brownout.errors.Overloaded` (or
+  :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline passed) without anything
+  counted against the endpoint -- a busy model is not a failing one;
+* a call goes to an endpoint whose breaker permits it -- one with a free slot before one without,
+  then the fewest calls in flight, then the lowest recent latency (an exponentially weighted moving
+  average);
 * a failed attempt is retried (a :class:`~brownout.policies.retry.Retry`, 2 attempts by default) on
   another available endpoint when there is one;
 * each attempt is bounded by the client's timeout, or by the caller's deadline
-  (:func:`brownout.policies.deadline.remaining`) when that is sooner.
+  (:func:`brownout.policies.deadline.remaining`) when that is sooner. When the caller's deadline was
+  cut short by the wait in our queue, a timeout is the caller's (:class:`DeadlineExceeded`), not the
+  endpoint's: it is not counted.
 
 What counts against an endpoint (breaker failure, retried): connection errors, timeouts, HTTP 5xx,
 408, 425 and 429, and 2xx bodies that are not an OpenAI chat completion. What does not (raised at
@@ -21,8 +32,15 @@ the request was wrong, not the endpoint. A ``Retry-After`` header rides on the
 
 Errors: :class:`~brownout.errors.ModelUnavailable` when no endpoint can take the call (its
 ``retry_after`` is the soonest any breaker lets a call through), :class:`~brownout.errors.ModelError`
-when the attempts failed (the last failure, as the retry re-raises it), and
-:class:`~brownout.errors.DeadlineExceeded` when the caller's deadline cut the call short.
+when the attempts failed (the last failure, as the retry re-raises it),
+:class:`~brownout.errors.Overloaded` when no slot came free in time (``retry_after`` estimated from the
+measured service time), and :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline cut
+the call short.
+
+Health probes (:meth:`ModelClient.probe`) measure the model, not the queue: a probe takes a free slot
+when there is one; when every slot is busy and the endpoint answered a call successfully within
+``busy_window``, it is reported healthy and ``busy`` without sending anything; otherwise the probe
+waits for a slot with its own budget and reports that wait (``queued``) apart from the inference time.
 
 Whether the *text* is what was asked for (valid JSON, schema) is the JSON guard's business, not the
 client's: a completion whose content is prose is a success here.
@@ -31,6 +49,7 @@ client's: a completion whose content is prose is a success here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -42,14 +61,22 @@ import httpx
 from pydantic import BaseModel, Field, ValidationError
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable
+from brownout.errors import (
+    CircuitOpen,
+    ConfigError,
+    DeadlineExceeded,
+    ModelError,
+    ModelUnavailable,
+    Overloaded,
+)
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, CircuitBreaker
 from brownout.policies.deadline import remaining
+from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig, Permit
 from brownout.policies.retry import Retry, RetryConfig
 
-__all__ = ["DEFAULT_RETRY", "PROBE_PROMPT", "ModelClient", "is_caller_fault"]
+__all__ = ["DEFAULT_LIMITER", "DEFAULT_RETRY", "PROBE_PROMPT", "ModelClient", "is_caller_fault"]
 
 DEFAULT_RETRY: Final = RetryConfig(max_attempts=2, backoff_base=0.2)
 """The retry of a client given none: one more attempt (on another endpoint if there is one)."""
@@ -62,6 +89,12 @@ _EWMA_ALPHA: Final = 0.3
 
 # 4xx statuses that say "not now" rather than "wrong request": the endpoint is to blame.
 _SERVER_SIDE_4XX: Final = frozenset({408, 425, 429})
+
+# Statuses by which a server says it has more work than it can take: the concurrency limit shrinks.
+_OVERLOAD_STATUSES: Final = frozenset({429, 503})
+
+DEFAULT_LIMITER: Final = LimiterConfig()
+"""The limiter settings of a client given none (``max_limit`` comes from each endpoint)."""
 
 
 def is_caller_fault(status: int | None) -> bool:
@@ -100,16 +133,28 @@ class _NotCounted(Exception):
 class _Endpoint:
     """One endpoint's runtime state."""
 
-    __slots__ = ("breaker", "chat_url", "config", "ewma", "headers", "in_flight", "url")
+    __slots__ = (
+        "breaker",
+        "chat_url",
+        "config",
+        "ewma",
+        "headers",
+        "in_flight",
+        "last_success",
+        "limiter",
+        "url",
+    )
 
-    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker) -> None:
+    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker, limiter: AdaptiveLimiter) -> None:
         self.config = config
         self.url = config.url.rstrip("/")
         self.chat_url = f"{self.url}/v1/chat/completions"
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
         self.breaker = breaker
-        self.in_flight = 0
+        self.limiter = limiter
+        self.in_flight = 0  # HTTP requests being sent or answered
         self.ewma: float | None = None  # seconds; None until the first answer
+        self.last_success: float | None = None  # clock time of the last well-formed completion
 
     def observe(self, latency: float) -> None:
         ewma = self.ewma
@@ -146,6 +191,8 @@ class ModelClient:
     environment variables: model servers are local or on the private network) and :meth:`aclose`
     closes it. ``breaker_factory(name, config)`` makes the endpoint breakers instead (for instance
     :meth:`brownout.state.breaker.RedisBreakers.breaker`, to share their state across replicas).
+    ``limiter`` configures the per-endpoint concurrency limiters (default :data:`DEFAULT_LIMITER`);
+    each endpoint's ``max_concurrency`` is its limiter's ``max_limit``.
     """
 
     __slots__ = ("_clock", "_endpoints", "_http", "_own_http", "_retry", "role", "timeout")
@@ -162,6 +209,7 @@ class ModelClient:
         events: EventBus = DEFAULT_BUS,
         http: httpx.AsyncClient | None = None,
         breaker_factory: Callable[[str, BreakerConfig], CircuitBreaker] | None = None,
+        limiter: LimiterConfig | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigError("endpoints", f"model role {role!r} needs at least one endpoint")
@@ -193,7 +241,18 @@ class ModelClient:
                 if breaker_factory is not None
                 else CircuitBreaker(name, breaker_config, clock=clock, events=events)
             )
-            eps.append(_Endpoint(cfg, breaker))
+            top = cfg.max_concurrency
+            limits = limiter or DEFAULT_LIMITER
+            limiter_config = limits.model_copy(
+                update={
+                    "max_limit": top,
+                    "min_limit": min(limits.min_limit, top),
+                    "initial_limit": min(limits.initial_limit, top),
+                }
+            )
+            eps.append(
+                _Endpoint(cfg, breaker, AdaptiveLimiter(name, limiter_config, clock=clock, events=events))
+            )
         self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
         retry_config = retry or DEFAULT_RETRY
         user_if = retry_config.retry_if
@@ -232,6 +291,17 @@ class ModelClient:
         return {ep.breaker.name: ep.breaker for ep in self._endpoints}
 
     @property
+    def limiters(self) -> dict[str, AdaptiveLimiter]:
+        """Each endpoint's concurrency limiter, by the same names as :attr:`breakers`."""
+        return {ep.breaker.name: ep.limiter for ep in self._endpoints}
+
+    def estimated_wait(self) -> float:
+        """Seconds a call arriving now would expect to wait for a slot on the best available endpoint
+        (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls)."""
+        waits = [ep.limiter.estimated_wait() for ep in self._endpoints if ep.breaker.available]
+        return min(waits) if waits else 0.0
+
+    @property
     def retry(self) -> Retry:
         """The retry policy (its ``stats`` count the attempts)."""
         return self._retry
@@ -241,11 +311,14 @@ class ModelClient:
         return min(ep.breaker.retry_after() for ep in self._endpoints)
 
     def endpoints_status(self) -> list[dict[str, Any]]:
-        """One dict per endpoint: url, model, breaker name and state, availability, calls in flight,
-        the latency average in ms (None before the first answer) and the breaker's retry_after."""
+        """One dict per endpoint: url, model, breaker name and state, availability, the concurrency
+        limit, its ceiling, calls in flight and waiting for a slot, the expected wait for a newcomer in
+        seconds, the latency average in ms (None before the first answer) and the breaker's
+        retry_after."""
         out = []
         for ep in self._endpoints:
             b = ep.breaker
+            lim = ep.limiter
             out.append(
                 {
                     "url": ep.url,
@@ -253,7 +326,11 @@ class ModelClient:
                     "breaker": b.name,
                     "state": b.state.value,
                     "available": b.available,
-                    "in_flight": ep.in_flight,
+                    "limit": lim.limit,
+                    "max_limit": lim.config.max_limit,
+                    "in_flight": lim.in_flight,
+                    "queued": lim.queued,
+                    "estimated_wait": round(lim.estimated_wait(), 3),
                     "ewma_latency_ms": None if ep.ewma is None else round(ep.ewma * 1000.0, 3),
                     "retry_after": b.retry_after(),
                 }
@@ -270,15 +347,21 @@ class ModelClient:
         temperature: float = 0.7,
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
+        queue_timeout: float | None = None,
     ) -> ChatResult:
         """One chat completion from some healthy endpoint of this role.
 
-        ``timeout`` bounds each attempt (default: the client's), tightened by the caller's deadline.
-        Raises :class:`ModelUnavailable`, :class:`ModelError` or :class:`DeadlineExceeded`.
+        ``timeout`` bounds each attempt once its request is sent (default: the client's), tightened by
+        the caller's deadline. ``queue_timeout`` bounds the wait for a free slot before that (default:
+        the limiter's ``max_wait``), also tightened by the caller's deadline.
+        Raises :class:`ModelUnavailable`, :class:`ModelError`, :class:`Overloaded` or
+        :class:`DeadlineExceeded`.
         """
         limit = self.timeout if timeout is None else timeout
         if not limit > 0:
             raise ConfigError("timeout", f"must be a positive number of seconds, got {timeout!r}")
+        if queue_timeout is not None and not queue_timeout >= 0:
+            raise ConfigError("queue_timeout", f"must be a number of seconds >= 0, got {queue_timeout!r}")
         tried: list[_Endpoint] | None = None
         ep: _Endpoint | None = None
         async for attempt in self._retry.attempts():
@@ -287,14 +370,15 @@ class ModelClient:
                     tried = [ep] if tried is None else [*tried, ep]
                 ep = self._pick(tried)
                 body = ep.body(messages, max_tokens, temperature, response_format)
-                return await self._attempt(ep, body, limit)
+                return await self._attempt(ep, body, limit, queue_timeout)
         raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
 
     def _pick(self, tried: list[_Endpoint] | None) -> _Endpoint:
         """The endpoint for the next attempt, or raise ModelUnavailable.
 
-        Order: not yet tried in this call, fewest in flight, lowest latency average (an endpoint
-        that has not answered yet counts as fastest, so it gets tried), then the order given.
+        Order: not yet tried in this call, a free slot before none (then the shorter expected wait),
+        fewest in flight, lowest latency average (an endpoint that has not answered yet counts as
+        fastest, so it gets tried), then the order given.
         """
         eps = self._endpoints
         if len(eps) == 1:
@@ -303,11 +387,12 @@ class ModelClient:
                 return only
             raise self._unavailable()
         best: _Endpoint | None = None
-        best_key: tuple[bool, int, float] | None = None
+        best_key: tuple[bool, float, int, float] | None = None
         for ep in eps:
             if not ep.breaker.available:
                 continue
-            key = (tried is not None and ep in tried, ep.in_flight, ep.ewma or 0.0)
+            lim = ep.limiter
+            key = (tried is not None and ep in tried, lim.estimated_wait(), lim.in_flight, ep.ewma or 0.0)
             if best_key is None or key < best_key:
                 best, best_key = ep, key
         if best is None:
@@ -319,7 +404,35 @@ class ModelClient:
         reason = "circuit breaker open" if n == 1 else f"the circuit breakers of all {n} endpoints are open"
         return ModelUnavailable(self.role, retry_after=self.retry_after(), reason=reason)
 
-    async def _attempt(self, ep: _Endpoint, body: dict[str, Any], limit: float) -> ChatResult:
+    async def _attempt(
+        self, ep: _Endpoint, body: dict[str, Any], limit: float, queue_timeout: float | None
+    ) -> ChatResult:
+        left = remaining()
+        if left is not None and left <= 0:
+            raise DeadlineExceeded(0.0, policy=self.role)
+        wait = (
+            left if queue_timeout is None else (queue_timeout if left is None else min(left, queue_timeout))
+        )
+        # Waiting for a slot is not the model's time: nothing here reaches the breaker.
+        permit = await ep.limiter.acquire(timeout=wait)
+        try:
+            result = await self._attempt_with(ep, body, limit, permit)
+        except ModelError as e:
+            cause = e.__cause__
+            permit.release(
+                dropped=isinstance(cause, httpx.TimeoutException) or e.status in _OVERLOAD_STATUSES,
+                sample=False,
+            )
+            raise
+        except BaseException:
+            permit.release(sample=False)
+            raise
+        permit.release()
+        return result
+
+    async def _attempt_with(
+        self, ep: _Endpoint, body: dict[str, Any], limit: float, permit: Permit
+    ) -> ChatResult:
         timeout = limit
         capped = False
         left = remaining()
@@ -327,12 +440,18 @@ class ModelClient:
             if left <= 0:
                 raise DeadlineExceeded(0.0, policy=self.role)
             timeout, capped = left, True
-        # Picking and taking the breaker's permit happen with no await in between, so the breaker
-        # that said "available" in _pick cannot refuse here.
+        # The caller's budget was cut short by the wait in our queue: a timeout then is the caller's
+        # deadline, not the endpoint's slowness, and is not counted against it.
+        excused = capped and permit.waited > 0
         try:
-            result: ChatResult = await ep.breaker.call(self._send, ep, body, timeout)
+            result: ChatResult = await ep.breaker.call(self._send, ep, body, timeout, excused)
         except _NotCounted as e:
+            if excused and isinstance(e.error.__cause__, httpx.TimeoutException):
+                raise DeadlineExceeded(timeout, policy=self.role) from e.error
             raise e.error from None
+        except CircuitOpen as e:
+            # The breaker opened while this call waited for a slot.
+            raise ModelUnavailable(self.role, retry_after=e.retry_after, reason="circuit breaker open") from e
         except ModelError as e:
             if capped and isinstance(e.__cause__, httpx.TimeoutException):
                 # The endpoint was given only what was left of the caller's deadline. It still counts
@@ -342,18 +461,27 @@ class ModelClient:
             raise
         return result
 
-    async def _send(self, ep: _Endpoint, body: dict[str, Any], timeout: float) -> ChatResult:
-        """One HTTP attempt on ``ep``; raises ModelError for anything but a well-formed completion."""
+    async def _send(
+        self, ep: _Endpoint, body: dict[str, Any], timeout: float, excused: bool = False
+    ) -> ChatResult:
+        """One HTTP attempt on ``ep``; raises ModelError for anything but a well-formed completion.
+
+        ``excused``: a timeout is not the endpoint's fault (raised as _NotCounted, which the breaker
+        ignores)."""
         clock = self._clock
         start = clock.now()
         ep.in_flight += 1
         try:
             response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
         except httpx.TimeoutException as e:
-            ep.observe(clock.now() - start)
-            raise ModelError(
+            error = ModelError(
                 f"{ep.url}: no answer within {timeout:.3g}s ({type(e).__name__})", endpoint=ep.url
-            ) from e
+            )
+            error.__cause__ = e
+            if excused:
+                raise _NotCounted(error) from e
+            ep.observe(clock.now() - start)
+            raise error from e
         except httpx.HTTPError as e:
             raise ModelError(f"{ep.url}: {type(e).__name__}: {e}", endpoint=ep.url) from e
         finally:
@@ -372,6 +500,7 @@ class ModelClient:
             raise error
         content, finish_reason, usage = _parse(ep.url, response.content, status)
         ep.observe(latency)
+        ep.last_success = clock.now()
         return ChatResult(
             content=content,
             role=self.role,
@@ -381,22 +510,52 @@ class ModelClient:
             usage=usage,
         )
 
-    async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
+    async def probe(self, timeout: float = 5.0, *, busy_window: float | None = None) -> list[ProbeResult]:
         """A tiny test inference on every endpoint at once, under ``timeout`` (and the caller's deadline).
 
         Probes bypass the retry and are not recorded by the breakers: one slow probe must not take an
         endpoint out of service. A probe is healthy when a well-formed completion with some text came
         back in time.
+
+        A probe measures the model, not the queue. It takes a free slot of the endpoint's limiter when
+        there is one. When every slot is busy and a call on the endpoint succeeded within
+        ``busy_window`` seconds (default: the client's attempt timeout), the endpoint is answering:
+        the probe reports it healthy and ``busy`` without sending anything. Otherwise the probe waits
+        for a slot for up to ``timeout`` -- reported as ``queued``, apart from the inference's
+        ``latency`` -- and, if none comes free, reports ``busy`` too: the calls holding the slots are
+        bounded by their own timeouts, which the breaker judges.
         """
-        results = await asyncio.gather(*(self._probe(ep, timeout) for ep in self._endpoints))
+        window = self.timeout if busy_window is None else busy_window
+        results = await asyncio.gather(*(self._probe(ep, timeout, window) for ep in self._endpoints))
         return list(results)
 
-    async def _probe(self, ep: _Endpoint, timeout: float) -> ProbeResult:
+    async def _probe(self, ep: _Endpoint, timeout: float, busy_window: float) -> ProbeResult:
         left = remaining()
         if left is not None:
             timeout = min(timeout, left)
         if timeout <= 0:
             return ProbeResult(self.role, ep.url, False, 0.0, "no time left before the deadline")
+        clock = self._clock
+        permit = ep.limiter.try_acquire()
+        if permit is None:
+            last = ep.last_success
+            if last is not None and clock.now() - last <= busy_window:
+                return ProbeResult(self.role, ep.url, True, 0.0, None, busy=True)
+            try:
+                permit = await ep.limiter.acquire(timeout=timeout)
+            except Overloaded:
+                return ProbeResult(self.role, ep.url, True, 0.0, None, busy=True, queued=timeout)
+        try:
+            # The wait for a slot is not the model's time: the inference gets the whole budget.
+            result = await self._probe_send(ep, timeout)
+        finally:
+            # A four-token probe says nothing about the latency of real calls.
+            permit.release(sample=False)
+        if permit.waited > 0:
+            result = dataclasses.replace(result, queued=permit.waited)
+        return result
+
+    async def _probe_send(self, ep: _Endpoint, timeout: float) -> ProbeResult:
         body = {
             "model": ep.config.model,
             "messages": [{"role": "user", "content": PROBE_PROMPT}],

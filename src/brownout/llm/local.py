@@ -249,6 +249,11 @@ class LocalModelServer:
         return self._url
 
     @property
+    def parallel(self) -> int:
+        """Request slots of the server (llama.cpp's ``--parallel``): the most it runs at once."""
+        return self._parallel
+
+    @property
     def state(self) -> ServerState:
         """``"starting"``, ``"running"``, ``"restarting"``, ``"stopped"`` or ``"failed"``."""
         return self._state

@@ -6,10 +6,12 @@ tried when the model call fails during the request. A *mode* is the list of stag
 are ordered from poorest to richest (``fast`` < ``balanced`` < ``creative``).
 
 The downshift rule is the whole of it: **serve the richest mode not above the one requested whose
-roles are all available**. Seed 000's decision tree (creative → balanced when Llama is down, →
-fast when Mistral is down too, → fallback when Qwen is down) is a consequence. When no mode is
-available, :meth:`Pipeline.run` raises :class:`NoModeAvailable` and the caller decides (the brief
-service goes to its fallback or emergency path).
+roles are all available and fit the load**. What fits the load is the caller's to say: ``ceiling``
+names the richest mode the load allows for this request (the brief service asks its dimmer); a
+downshift caused by it alone says ``reason`` "load". Seed 000's decision tree (creative → balanced
+when Llama is down, → fast when Mistral is down too, → fallback when Qwen is down) is a consequence.
+When no mode is available, :meth:`Pipeline.run` raises :class:`NoModeAvailable` and the caller
+decides (the brief service goes to its fallback or emergency path).
 
 Two kinds of degradation are kept apart and both reported:
 
@@ -165,15 +167,25 @@ class Pipeline(Generic[C]):
         """The model roles ``mode`` needs, in stage order."""
         return tuple(dict.fromkeys(self.stages[s].role for s in mode.stages))
 
-    def select(self, requested: str) -> Selection:
-        """Apply the downshift rule to ``requested`` with the roles' availability right now."""
+    def select(self, requested: str, *, ceiling: str | None = None) -> Selection:
+        """Apply the downshift rule to ``requested`` with the roles' availability right now.
+
+        ``ceiling``: the richest mode the load allows (None: any); a downshift it alone caused has
+        reason ``"load"``.
+        """
         index = self._mode_index.get(requested)
         if index is None:
             raise ValueError(f"unknown mode {requested!r}; choose from {list(self._mode_index)}")
+        top = index
+        if ceiling is not None:
+            limit = self._mode_index.get(ceiling)
+            if limit is None:
+                raise ValueError(f"unknown mode {ceiling!r}; choose from {list(self._mode_index)}")
+            top = min(index, limit)
         all_roles = tuple(dict.fromkeys(s.role for s in self.stages.values()))
         unavailable = tuple(r for r in all_roles if not self._available(r))
         wanted = self.modes[index]
-        for mode in reversed(self.modes[: index + 1]):
+        for mode in reversed(self.modes[: top + 1]):
             if not any(r in unavailable for r in self.roles(mode)):
                 downshifted = mode is not wanted
                 lost = tuple(
@@ -181,16 +193,22 @@ class Pipeline(Generic[C]):
                     for s in wanted.stages
                     if s not in mode.stages and self.stages[s].feature
                 )
-                missing = [r for r in self.roles(wanted) if r in unavailable]
-                reason = f"{', '.join(missing)} unavailable" if downshifted else ""
+                missing = [r for r in self.roles(self.modes[top]) if r in unavailable]
+                if not downshifted:
+                    reason = ""
+                elif missing:
+                    reason = f"{', '.join(missing)} unavailable"
+                else:
+                    reason = "load"
                 return Selection(requested, mode, downshifted, reason, unavailable, lost)
         missing = [r for r in self.roles(self.modes[0]) if r in unavailable]
         lost = tuple(self.stages[s].feature for s in wanted.stages if self.stages[s].feature)
         return Selection(requested, None, True, f"{', '.join(missing)} unavailable", unavailable, lost)
 
-    async def run(self, requested: str, context: C) -> PipelineResult[C]:
-        """Select a mode and run its stages; raises NoModeAvailable, or AllFallbacksFailed from a stage."""
-        selection = self.select(requested)
+    async def run(self, requested: str, context: C, *, ceiling: str | None = None) -> PipelineResult[C]:
+        """Select a mode (see :meth:`select`) and run its stages; raises NoModeAvailable, or
+        AllFallbacksFailed from a stage."""
+        selection = self.select(requested, ceiling=ceiling)
         if selection.downshifted and self._events.active:
             self._events.emit(
                 ModeDownshifted(

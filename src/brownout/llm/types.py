@@ -25,6 +25,15 @@ class EndpointConfig(PolicyConfig):
         default=True,
         description="the endpoint honours response_format json_schema (grammar-constrained decoding)",
     )
+    max_concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "most requests in flight to this endpoint at once; the client's adaptive limit stays at or "
+            "below it and further calls wait in the client's queue (a local model server: its slots)"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +50,18 @@ class ChatResult:
 
 @dataclass(frozen=True, slots=True)
 class ProbeResult:
-    """The outcome of a health probe (a tiny test inference under a timeout) of one endpoint."""
+    """The outcome of a health probe (a tiny test inference under a timeout) of one endpoint.
+
+    ``latency`` is the inference alone; ``queued`` the seconds the probe waited for a free slot in
+    the client's queue before it was sent. ``busy`` means every slot was in use by calls that are
+    being answered: the probe was not sent (or got no slot in time), and the endpoint counts as
+    healthy -- a model that is only busy is not down.
+    """
 
     role: str
     endpoint: str
     healthy: bool
     latency: float
     error: str | None = None
+    busy: bool = False
+    queued: float = 0.0

@@ -20,6 +20,17 @@ empties.
 
 A freed slot is handed straight to the oldest waiting caller, so a newcomer can never barge ahead of the
 queue and ``in_flight`` never exceeds ``max_concurrent``.
+
+**Deadlines.** A call may carry a deadline: the enclosing :func:`~brownout.policies.deadline.deadline`
+scope (its :func:`~brownout.policies.deadline.remaining` time), or an explicit budget with
+:meth:`Admission.call_within`. A caller that would have to queue is told *at once* -- without
+waiting -- when the estimated wait to start already exceeds what it has left: ``Overloaded`` with
+reason ``"deadline"`` and a ``retry_after`` estimating when the backlog will have drained. Waiting in
+the queue only to fail at the deadline would hold the caller for nothing; shedding answers at once
+even while every slot is busy. The wait is estimated as ``position * ewma / max_concurrent``
+(``position``: callers ahead plus this one; ``ewma``: the average service time), or by a
+``wait_estimator`` passed in (e.g. one that knows the model server's own queue). Before any call has
+completed there is no estimate, and nobody is refused for a deadline.
 """
 
 from __future__ import annotations
@@ -39,12 +50,14 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import Overloaded
 from brownout.events import DEFAULT_BUS, CallRejected, EventBus
 from brownout.policies._base import CallForms, PolicyConfig
+from brownout.policies.deadline import remaining
 
 __all__ = ["Admission", "AdmissionConfig", "AdmissionStats"]
 
 _QUEUE_FULL = "queue_full"
 _QUEUE_TIMEOUT = "queue_timeout"
 _TRIPPED = "tripped"
+_DEADLINE = "deadline"
 
 
 class AdmissionConfig(PolicyConfig):
@@ -150,6 +163,7 @@ class Admission(CallForms):
         "_trip_cooldown",
         "_trip_depth",
         "_tripped_until",
+        "_wait_estimator",
         "_waiters",
         "config",
         "name",
@@ -162,9 +176,12 @@ class Admission(CallForms):
         *,
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
+        wait_estimator: Callable[[int], float | None] | None = None,
     ) -> None:
         self.name = name
         self.config = config if config is not None else AdmissionConfig()
+        # position in the queue (1: next) -> seconds until that caller starts, or None: unknown.
+        self._wait_estimator = wait_estimator
         self._clock = clock
         self._events = events
         cfg = self.config
@@ -189,7 +206,7 @@ class Admission(CallForms):
         self._ewma: float | None = None
         self._completed = 0
         self._queued = 0
-        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0, _TRIPPED: 0}
+        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0, _TRIPPED: 0, _DEADLINE: 0}
         # Slot start times of the ``async with`` form, per task (the block form has nowhere else to
         # keep them; ``call`` keeps its start time in a local).
         self._starts: dict[asyncio.Task[Any] | None, float] = {}
@@ -223,6 +240,13 @@ class Admission(CallForms):
             queue_size=len(self._waiters),
         )
 
+    def estimated_wait(self) -> float | None:
+        """Seconds a caller arriving now would wait before it starts (0 with a free slot), or None
+        before any call completed (no service time to estimate from)."""
+        if self._in_flight < self._fast_limit and not self._waiters:
+            return 0.0
+        return self._wait_for(len(self._waiters) + 1)
+
     def retry_after(self) -> float:
         """The current ``retry_after`` estimate for a caller joining the queue now, in seconds."""
         return self._estimate(len(self._waiters))
@@ -230,19 +254,51 @@ class Admission(CallForms):
     # -- call forms -----------------------------------------------------------------------------
 
     async def call(self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Any:
-        """Run ``await fn(*args, **kwargs)`` once a slot is free; raise ``Overloaded`` if shed."""
+        """Run ``await fn(*args, **kwargs)`` once a slot is free; raise ``Overloaded`` if shed.
+
+        Inside a deadline scope, a caller that could not start before it ends is shed at once.
+        """
         # Fast path: a free slot means nobody waits (a freed slot is handed to a waiter rather than
         # freed, so waiters exist only while every slot is taken); no await, no allocation.
         if self._in_flight < self._fast_limit:
             self._in_flight += 1
         else:
-            await self._acquire_slow()
+            await self._acquire_slow(remaining())
+        # The body of ``_run``, inlined: this is the hot path of every call.
         now = self._clock.now
         start = now()
         try:
             return await fn(*args, **kwargs)
         finally:
-            # ``_release`` inlined: this runs on every call.
+            elapsed = now() - start
+            ewma = self._ewma
+            self._ewma = elapsed if ewma is None else ewma + self._ewma_alpha * (elapsed - ewma)
+            self._completed += 1
+            if self._waiters:
+                self._hand_off()
+            else:
+                self._in_flight -= 1
+
+    async def call_within(
+        self, budget: float | None, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """Like :meth:`call`, for a caller with ``budget`` seconds left to *start* (None: the enclosing
+        deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it."""
+        if self._in_flight < self._fast_limit:
+            self._in_flight += 1
+        else:
+            await self._acquire_slow(remaining() if budget is None else budget)
+        return await self._run(fn, args, kwargs)
+
+    async def _run(
+        self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run ``fn`` on the slot just taken and give the slot back, timing it."""
+        now = self._clock.now
+        start = now()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
             elapsed = now() - start
             ewma = self._ewma
             self._ewma = elapsed if ewma is None else ewma + self._ewma_alpha * (elapsed - ewma)
@@ -257,7 +313,7 @@ class Admission(CallForms):
         if self._in_flight < self._fast_limit:  # same fast path as ``call``
             self._in_flight += 1
         else:
-            await self._acquire_slow()
+            await self._acquire_slow(remaining())
         # setdefault: if one task nests the same admission, time from the outermost slot (nesting a
         # bulkhead in itself is a deadlock risk anyway; this just keeps the bookkeeping sane).
         self._starts.setdefault(asyncio.current_task(), self._clock.now())
@@ -278,8 +334,11 @@ class Admission(CallForms):
 
     # -- engine ---------------------------------------------------------------------------------
 
-    async def _acquire_slow(self) -> None:
-        """Take a slot when the fast path could not: check the trip, queue or shed."""
+    async def _acquire_slow(self, budget: float | None = None) -> None:
+        """Take a slot when the fast path could not: check the trip, the deadline, queue or shed.
+
+        ``budget``: seconds the caller has left to start (None: no deadline).
+        """
         now = self._clock.now()
         if self._fast_limit == 0:
             remaining = self._tripped_until - now
@@ -298,6 +357,11 @@ class Admission(CallForms):
             self._tripped_until = now + self._trip_cooldown
             self._fast_limit = 0
             raise self._reject(_TRIPPED, self._trip_cooldown, now)
+        if budget is not None:
+            wait = self._wait_for(depth + 1)
+            if wait is not None and wait > budget:
+                # It could not start in time: say so now rather than after waiting to fail.
+                raise self._reject(_DEADLINE, self._estimate(depth), now)
         if depth >= self._max_queue:
             raise self._reject(_QUEUE_FULL, self._estimate(depth), now)
 
@@ -353,6 +417,13 @@ class Admission(CallForms):
                 future.set_result(True)
                 return
         self._in_flight -= 1
+
+    def _wait_for(self, position: int) -> float | None:
+        """Estimated seconds until the caller at ``position`` in the queue (1: next) starts."""
+        if self._wait_estimator is not None:
+            return self._wait_estimator(position)
+        ewma = self._ewma
+        return None if ewma is None else ewma * position / self._max
 
     def _estimate(self, queue_size: int) -> float:
         ewma = self._ewma

@@ -33,6 +33,31 @@ Limits, all in clock time (seed 001: ``recovery_cooldown_seconds = 30``, ``max_r
 Manual triggers (the recovery API) are an operator's decision: they bypass both cooldowns and the
 attempt limit, but are recorded like every other run.
 
+**Nothing waits for a chain.** A chain's actions and checks call back into what surrounds the manager:
+a resolved check re-samples resources, the new level makes the server call :meth:`release`, a probe
+round hands another failure in. With a lock held across a chain, such a call-back waited for the very
+chain that made it, and from then on every reset and trigger waited too, for ever. So there is no
+lock. Every change of the manager's state (runs in progress, attempts, cooldowns, lasting changes in
+force) happens in a short stretch of plain code with no ``await`` in it -- on one event loop that is
+atomic -- and actions, checks and undos are awaited outside those stretches. The rules that the lock
+used to enforce are kept as state, checked and set in one such stretch, and a caller that meets them
+is answered at once instead of being made to wait:
+
+* an automatic or proactive failure reported while any run is in progress is suppressed as
+  ``"in_progress"`` (as before);
+* one action never runs twice at once, nor while its undo runs: inside a chain it is then skipped
+  ("already running"), a manual :meth:`trigger` raises :class:`RecoveryBusy` (a 503 with
+  ``Retry-After`` in the recovery API);
+* :meth:`release` and :meth:`reset` never wait: they forget and undo now. A lasting change whose
+  action is running at that moment is left to that run, which lifts it when it ends if nobody holds
+  it any more; a chain of a released (or reset) failure type lifts what it applied when it ends, and
+  a chain that was running during a reset does not count against the attempts the reset forgot.
+
+So no call into the manager can wait for something that waits for it: deadlock-free by construction,
+not by timeouts. Each chain or manual action is a :class:`RecoveryRun` with an id; :meth:`start_trigger`
+and :meth:`start_failure` run one as a task the manager owns (the recovery API answers with the run's
+id when it takes longer than its timeout), and :meth:`status` shows the runs in progress.
+
 Every run of an action is a :class:`RecoveryAttempt` in :attr:`RecoveryManager.history` (bounded) and a
 :class:`~brownout.events.RecoveryActionRun` event. Counters for metrics: :attr:`~RecoveryManager.runs`
 (by action and status), :attr:`~RecoveryManager.failures` (handled, by failure type),
@@ -43,20 +68,29 @@ outcome).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import ConfigError
+from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, RecoveryActionRun
 from brownout.recovery.actions import CHECK_HEALTH, DEFAULT_CHAINS, Action, ActionResult, chain_for
 from brownout.recovery.classify import FailureType, classify
 
-__all__ = ["OutcomeStatus", "RecoveryAttempt", "RecoveryManager", "RecoveryOutcome", "Trigger"]
+__all__ = [
+    "OutcomeStatus",
+    "RecoveryAttempt",
+    "RecoveryBusy",
+    "RecoveryManager",
+    "RecoveryOutcome",
+    "RecoveryRun",
+    "Trigger",
+]
 
 _log = logging.getLogger("brownout.recovery")
 
@@ -114,6 +148,75 @@ class RecoveryOutcome:
             "reason": self.reason,
             "evidence": self.evidence,
             "attempts": [a.as_dict() for a in self.attempts],
+        }
+
+
+class RecoveryBusy(ServiceUnavailable):
+    """A manual action cannot start now: the same action (or its undo, or a reset) is running.
+
+    Raised at once, never after waiting; ``retry_after`` says when to ask again.
+    """
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, policy="recovery")
+
+
+RunKind = Literal["chain", "action"]
+
+
+@dataclass(eq=False, slots=True)
+class RecoveryRun:
+    """One chain, or one manual action, in progress or done.
+
+    ``name`` is the failure type (a chain) or the action (a manual action), ``evidence`` what the
+    failure's classification went by; ``attempts`` grow as the
+    run goes, ``current`` is the action running now. When it is done, ``outcome`` (a chain) or
+    ``attempt`` (an action) is set. ``task`` is set when the manager runs it as its own task
+    (:meth:`RecoveryManager.start_trigger`, :meth:`RecoveryManager.start_failure`).
+    """
+
+    id: int
+    kind: RunKind
+    name: str
+    target: str
+    trigger: str
+    started: float
+    epoch: int
+    evidence: str = ""
+    attempts: list[RecoveryAttempt] = field(default_factory=list)
+    current: str | None = None
+    released: bool = False
+    ended: float | None = None
+    outcome: RecoveryOutcome | None = None
+    attempt: RecoveryAttempt | None = None
+    task: asyncio.Task[Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the run has ended (with its outcome or attempt)."""
+        return self.ended is not None
+
+    def result(self) -> dict[str, Any]:
+        """What the run came to, JSON-ready: the outcome of a chain, the attempt of an action."""
+        if self.outcome is not None:
+            return self.outcome.as_dict()
+        if self.attempt is not None:
+            return self.attempt.as_dict()
+        raise RuntimeError(f"recovery run {self.id} has not ended")
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the run and its progress."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "name": self.name,
+            "target": self.target,
+            "trigger": self.trigger,
+            "started": self.started,
+            "state": "done" if self.done else "running",
+            "current_action": self.current,
+            "attempts": [a.as_dict() for a in self.attempts],
+            "result": self.result() if self.done else None,
         }
 
 
@@ -181,7 +284,14 @@ class RecoveryManager:
         """Asked before each action of a non-manual chain; a reason it gives skips the action."""
         self._clock = clock
         self._events = events
-        self._lock = asyncio.Lock()
+        # All the mutable state below is changed only in stretches of code without an await (see the
+        # module docstring): no lock, so nothing a chain calls back into can wait for that chain.
+        self._ids = itertools.count(1)
+        self._epoch = 0  # moves on every reset: runs started before it no longer count attempts
+        self._runs: dict[int, RecoveryRun] = {}  # in progress, by id
+        self._done_runs: deque[RecoveryRun] = deque(maxlen=history_size)
+        self._running_actions: dict[str, str] = {}  # action name -> what runs it ("run 3", "undo")
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._attempts: Counter[FailureType] = Counter()  # unresolved handlings per type
         self._last_handled: dict[FailureType, float] = {}
         self._action_runs: Counter[str] = Counter()
@@ -194,8 +304,20 @@ class RecoveryManager:
 
     @property
     def busy(self) -> bool:
-        """True while a chain or a manual action runs."""
-        return self._lock.locked()
+        """True while a chain, a manual action or an undo runs."""
+        return bool(self._runs) or bool(self._running_actions)
+
+    @property
+    def running(self) -> list[RecoveryRun]:
+        """The runs in progress, oldest first."""
+        return list(self._runs.values())
+
+    def run(self, run_id: int) -> RecoveryRun | None:
+        """The run ``run_id``, in progress or among the last ``history_size`` done (else None)."""
+        found = self._runs.get(run_id)
+        if found is not None:
+            return found
+        return next((r for r in self._done_runs if r.id == run_id), None)
 
     @property
     def in_force(self) -> dict[str, list[str]]:
@@ -267,6 +389,8 @@ class RecoveryManager:
             "suppressed": dict(self.suppressed),
             "outcomes": dict(self.outcomes_total),
             "last_outcome": self.outcomes[-1].as_dict() if self.outcomes else None,
+            "running": [r.as_dict() for r in self._runs.values()],
+            "recent_runs": [r.as_dict() for r in list(self._done_runs)[-10:]],
         }
 
     # ------------------------------------------------------------------ acting
@@ -279,10 +403,17 @@ class RecoveryManager:
             raise ValueError(f"unknown target {target!r}; choose from {[*self.targets, 'all']}")
 
     async def trigger(self, action: str, target: str = "all") -> RecoveryAttempt:
-        """Run one action now (manual: no cooldown, no attempt limit); ValueError for unknown names."""
-        self.check_target(action, target)
-        async with self._lock:
-            return await self._run(self.actions[action], target or "all", MANUAL, MANUAL)
+        """Run one action now (manual: no cooldown, no attempt limit); ValueError for unknown names,
+        :class:`RecoveryBusy` (at once) when that action is running already."""
+        return await self._action_run(self._begin_action(action, target))
+
+    def start_trigger(self, action: str, target: str = "all") -> RecoveryRun:
+        """Like :meth:`trigger`, but run the action as a task the manager owns and return its run at
+        once (errors for unknown names, or an action already running, are raised here)."""
+        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
+        run = self._begin_action(action, target)
+        run.task = self._own(loop, self._action_run(run))
+        return run
 
     async def handle_failure(
         self,
@@ -297,6 +428,110 @@ class RecoveryManager:
         ``target`` is the model role concerned, or "all". A ``"manual"`` trigger bypasses the
         cooldowns and the attempt limit. Raises ValueError for an unknown failure type or target.
         """
+        begun = self._begin_chain(error, failure_type, target, trigger)
+        if isinstance(begun, RecoveryOutcome):
+            return begun
+        return await self._chain_run(begun)
+
+    def start_failure(
+        self,
+        error: BaseException | str | None = None,
+        *,
+        failure_type: FailureType | str | None = None,
+        target: str = "all",
+        trigger: Trigger = "automatic",
+    ) -> RecoveryRun | RecoveryOutcome:
+        """Like :meth:`handle_failure`, but run the chain as a task the manager owns and return its
+        run at once; a failure not acted on is answered with its suppressed outcome."""
+        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
+        begun = self._begin_chain(error, failure_type, target, trigger)
+        if isinstance(begun, RecoveryOutcome):
+            return begun
+        begun.task = self._own(loop, self._chain_run(begun))
+        return begun
+
+    async def release(self, failure_type: FailureType) -> list[RecoveryAttempt]:
+        """``failure_type`` is gone (e.g. a resource is back below its limits): forget its attempts and
+        undo the lasting changes that only its chains applied. Never waits for a running chain: one
+        of this type lifts what it applies when it ends."""
+        self._attempts.pop(failure_type, None)
+        for run in self._runs.values():
+            if run.kind == "chain" and run.name == failure_type.value:
+                run.released = True
+        return await self._undo(lambda by: by.discard(failure_type.value))
+
+    async def reset(self) -> list[RecoveryAttempt]:
+        """Undo every lasting change (re-enabling the models), forget attempts and cooldowns. Never
+        waits for a running chain: it lifts what it applies when it ends, and its attempt does not
+        count."""
+        self._epoch += 1
+        for run in self._runs.values():
+            if run.kind == "chain":
+                run.released = True
+        self._attempts.clear()
+        self._last_handled.clear()
+        self._action_last.clear()
+        return await self._undo(lambda by: by.clear())
+
+    async def aclose(self) -> None:
+        """Cancel the runs started with :meth:`start_trigger` or :meth:`start_failure` (shutting down)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    # ------------------------------------------------------------------ internals
+
+    def _open(self, kind: RunKind, name: str, target: str, trigger: str) -> RecoveryRun:
+        run = RecoveryRun(next(self._ids), kind, name, target, trigger, self._clock.now(), self._epoch)
+        self._runs[run.id] = run
+        return run
+
+    def _close(self, run: RecoveryRun) -> None:
+        run.ended = self._clock.now()
+        run.current = None
+        self._runs.pop(run.id, None)
+        self._done_runs.append(run)
+
+    def _own(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = loop.create_task(coro, name=f"brownout-{self.name}-run")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _begin_action(self, action: str, target: str) -> RecoveryRun:
+        # No await in here: the check that the action is free and taking it are one step.
+        self.check_target(action, target)
+        holder = self._running_actions.get(action)
+        if holder is not None:
+            raise RecoveryBusy(
+                f"recovery action {action} is running already ({holder}); ask again when it has ended",
+                retry_after=max(1.0, self.cooldown / 10),
+            )
+        return self._open("action", action, target or "all", MANUAL)
+
+    async def _action_run(self, run: RecoveryRun) -> RecoveryAttempt:
+        try:
+            attempt = await self._run(self.actions[run.name], run.target, MANUAL, MANUAL, run)
+        except asyncio.CancelledError:
+            run.attempt = self._record(
+                run.name, run.target, MANUAL, MANUAL, ActionResult.failed("cancelled: the server is stopping")
+            )
+            raise
+        finally:
+            self._close(run)
+        run.attempt = attempt
+        return attempt
+
+    def _begin_chain(
+        self,
+        error: BaseException | str | None,
+        failure_type: FailureType | str | None,
+        target: str,
+        trigger: str,
+    ) -> RecoveryRun | RecoveryOutcome:
+        # No await in here: the limits are checked and the run is taken in one step.
         if failure_type is not None:
             try:
                 kind = FailureType(failure_type)
@@ -313,26 +548,43 @@ class RecoveryManager:
             raise ValueError(f"unknown target {target!r}; choose from {[*self.targets, 'all']}")
         target = target or "all"
         self.failures[kind.value] += 1
-        manual = trigger == MANUAL
-        if not manual:
+        if trigger != MANUAL:
             reason = self._refusal(kind)
             if reason is not None:
                 return self._suppress(kind, target, trigger, reason, evidence)
-        if self._lock.locked() and not manual:
-            return self._suppress(kind, target, trigger, "in_progress", evidence)
-        async with self._lock:
-            if not manual:
-                # Re-checked under the lock: another chain may have handled this type meanwhile.
-                reason = self._refusal(kind)
-                if reason is not None:
-                    return self._suppress(kind, target, trigger, reason, evidence)
-            self._last_handled[kind] = self._clock.now()
-            outcome = await self._run_chain(kind, target, trigger, evidence)
+            if self.busy:
+                return self._suppress(kind, target, trigger, "in_progress", evidence)
+        self._last_handled[kind] = self._clock.now()
+        run = self._open("chain", kind.value, target, trigger)
+        run.evidence = evidence
+        return run
+
+    async def _chain_run(self, run: RecoveryRun) -> RecoveryOutcome:
+        kind, evidence = FailureType(run.name), run.evidence
+        try:
+            outcome = await self._run_chain(kind, run.target, run.trigger, evidence, run)
+        except asyncio.CancelledError:
+            # Every chain that started ends with one outcome, even one cut short by a shutdown.
+            outcome = RecoveryOutcome(
+                kind,
+                run.target,
+                run.trigger,
+                "unresolved",
+                "cancelled: the server is stopping",
+                evidence,
+                tuple(run.attempts),
+            )
+            run.outcome = outcome
+            self._close(run)
+            self.outcomes_total[outcome.status] += 1
+            self.outcomes.append(outcome)
+            raise
+        counts = run.epoch == self._epoch  # a reset since it started forgot the attempts it would add
         if outcome.status == "resolved":
             self._attempts.pop(kind, None)
         elif outcome.status == "suppressed":
             self.suppressed[outcome.reason.split(":", 1)[0]] += 1  # held back by the guard: no attempt
-        else:
+        elif counts:
             self._attempts[kind] += 1
             if self._attempts[kind] >= self.max_attempts:
                 _log.warning(
@@ -340,26 +592,13 @@ class RecoveryManager:
                     kind.value,
                     self._attempts[kind],
                 )
+        run.outcome = outcome
+        self._close(run)
         self._finish(outcome)
+        if run.released:
+            # Released (or reset) while it ran: what it applied after that is lifted now.
+            await self._undo(lambda by: by.discard(kind.value))
         return outcome
-
-    async def release(self, failure_type: FailureType) -> list[RecoveryAttempt]:
-        """``failure_type`` is gone (e.g. a resource is back below its limits): forget its attempts and
-        undo the lasting changes that only its chains applied."""
-        self._attempts.pop(failure_type, None)
-        async with self._lock:
-            return await self._undo(lambda by: by.discard(failure_type.value))
-
-    async def reset(self) -> list[RecoveryAttempt]:
-        """Undo every lasting change (re-enabling the models), forget attempts and cooldowns."""
-        async with self._lock:
-            undone = await self._undo(lambda by: by.clear())
-        self._attempts.clear()
-        self._last_handled.clear()
-        self._action_last.clear()
-        return undone
-
-    # ------------------------------------------------------------------ internals
 
     def _refusal(self, kind: FailureType) -> str | None:
         if self._attempts[kind] >= self.max_attempts:
@@ -381,9 +620,9 @@ class RecoveryManager:
         self.outcomes_total[outcome.status] += 1
 
     async def _run_chain(
-        self, kind: FailureType, target: str, trigger: str, evidence: str
+        self, kind: FailureType, target: str, trigger: str, evidence: str, run: RecoveryRun
     ) -> RecoveryOutcome:
-        done: list[RecoveryAttempt] = []
+        done = run.attempts  # shown as progress while the chain runs
         held: str | None = None  # the guard's first reason in this chain
         for name in chain_for(kind, self.chains):
             action = self.actions[name]
@@ -393,6 +632,15 @@ class RecoveryManager:
                     held = held or why
                     done.append(self._record(name, target, kind.value, trigger, ActionResult.skipped(why)))
                     continue
+            holder = self._running_actions.get(name)
+            if holder is not None:
+                # Never wait for it: the run that has it may be waiting on us.
+                done.append(
+                    self._record(
+                        name, target, kind.value, trigger, ActionResult.skipped(f"already running ({holder})")
+                    )
+                )
+                continue
             if trigger != MANUAL:
                 wait = self.action_cooldown_left(name)
                 if wait > 0:
@@ -406,8 +654,7 @@ class RecoveryManager:
                         )
                     )
                     continue
-            attempt = await self._run(action, target, kind.value, trigger)
-            done.append(attempt)
+            attempt = await self._run(action, target, kind.value, trigger, run)
             if attempt.status != "ok":
                 continue
             if action.final:
@@ -434,39 +681,66 @@ class RecoveryManager:
             kind, target, trigger, "unresolved", "every action of the chain was tried", evidence, tuple(done)
         )
 
-    async def _run(self, action: Action, target: str, failure_type: str, trigger: str) -> RecoveryAttempt:
-        self._action_last[action.name] = self._clock.now()
-        self._action_runs[action.name] += 1
+    async def _run(
+        self, action: Action, target: str, failure_type: str, trigger: str, run: RecoveryRun
+    ) -> RecoveryAttempt:
+        name = action.name
+        self._running_actions[name] = f"run {run.id}"
+        self._action_last[name] = self._clock.now()
+        self._action_runs[name] += 1
+        run.current = name
         try:
             result = await action.run(target)
         except Exception as e:  # an action's bug must not end the chain or reach the caller
-            _log.exception("recovery action %s failed", action.name)
+            _log.exception("recovery action %s failed", name)
             result = ActionResult.failed(f"{type(e).__name__}: {e}")
+        finally:
+            del self._running_actions[name]
+            run.current = None
         if result.status == "ok" and action.undo is not None:
-            self._in_force.setdefault(action.name, set()).add(failure_type)
-        return self._record(action.name, target, failure_type, trigger, result)
+            self._in_force.setdefault(name, set()).add(failure_type)
+        attempt = self._record(name, target, failure_type, trigger, result)
+        run.attempts.append(attempt)
+        if self._in_force.get(name) == set():
+            # Released while it ran, and nothing holds it now: lift it (see _undo).
+            await self._undo(lambda by: None)
+        return attempt
 
     async def _undo(self, forget: Callable[[set[str]], None]) -> list[RecoveryAttempt]:
-        undone: list[RecoveryAttempt] = []
+        # Decide and take everything to undo first, without an await; then undo outside.
+        todo: list[tuple[str, Callable[[], Awaitable[str | None]]]] = []
         for name in list(self._in_force):
             by = self._in_force[name]
             forget(by)
-            if by:
-                continue
+            if by or name in self._running_actions:
+                continue  # still held, or running now: the run lifts it when it ends
             del self._in_force[name]
             undo = self.actions[name].undo
-            if undo is None:
-                continue
-            try:
-                detail = await undo()
-            except Exception as e:
-                _log.exception("undoing recovery action %s failed", name)
-                undone.append(
-                    self._record(f"undo_{name}", "all", MANUAL, MANUAL, ActionResult.failed(str(e)))
-                )
-                continue
-            if detail is not None:
-                undone.append(self._record(f"undo_{name}", "all", MANUAL, MANUAL, ActionResult.ok(detail)))
+            if undo is not None:
+                self._running_actions[name] = "undo"
+                todo.append((name, undo))
+        undone: list[RecoveryAttempt] = []
+        try:
+            for i, (name, undo) in enumerate(todo):
+                try:
+                    detail = await undo()
+                except Exception as e:
+                    _log.exception("undoing recovery action %s failed", name)
+                    undone.append(
+                        self._record(f"undo_{name}", "all", MANUAL, MANUAL, ActionResult.failed(str(e)))
+                    )
+                    continue
+                finally:
+                    del self._running_actions[name]
+                    todo[i] = ("", undo)
+                if detail is not None:
+                    undone.append(
+                        self._record(f"undo_{name}", "all", MANUAL, MANUAL, ActionResult.ok(detail))
+                    )
+        finally:
+            for name, _ in todo:  # cancelled part-way: free what was not undone
+                if name:
+                    self._running_actions.pop(name, None)
         return undone
 
     def _record(

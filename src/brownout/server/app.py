@@ -24,7 +24,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -42,6 +42,7 @@ from brownout.durable.spool import Spool
 from brownout.errors import ServiceUnavailable
 from brownout.gateway.routes import CHAT_PATH, gateway_openapi, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
+from brownout.recovery.manager import RecoveryBusy, RecoveryOutcome
 from brownout.server import live
 from brownout.server.drain import Drain, DrainMiddleware
 from brownout.server.errors import (
@@ -214,7 +215,13 @@ class _BodyTooLarge(ApiError):
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
+        super().__init__(
+            413,
+            _too_large_message(limit),
+            headers={"Connection": "close"},
+            code="request_too_large",
+            limit_bytes=limit,
+        )
 
 
 def _too_large_message(limit: int) -> str:
@@ -223,7 +230,11 @@ def _too_large_message(limit: int) -> str:
 
 async def _too_large(send: Send, limit: int) -> None:
     body = error_bytes(413, _too_large_message(limit), code="request_too_large", limit_bytes=limit)
-    await send_error(send, 413, body)
+    # The rest of the body is not wanted: close rather than read and drop it to keep the connection.
+    await send_error(send, 413, body, _CLOSE)
+
+
+_CLOSE: Final = ((b"connection", b"close"),)
 
 
 class _StrictJSONRequest(Request):
@@ -255,6 +266,20 @@ class _JSONRoute(APIRoute):
             return await handler(_StrictJSONRequest(request.scope, request.receive))
 
         return strict
+
+
+def _dimmer_status(svc: BriefService) -> dict[str, Any]:
+    """The dimmer for /health: its level (0: full service), value and the latency it steers by."""
+    dim = svc.dimmer.snapshot()
+    return {
+        "level": dim.level,
+        "value": dim.value,
+        "dimming": dim.step,
+        "target_p95": dim.target_p95,
+        "observed_p95": dim.observed_p95,
+        "targets": dict(svc.config.dimmer.targets),
+        "enabled": svc.config.dimmer.enabled,
+    }
 
 
 def _unavailable(
@@ -371,6 +396,9 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
                 "healthy": probe.healthy,
                 "latency_ms": round(probe.latency * 1000, 1),
                 "error": probe.error,
+                # Busy: every slot was answering calls, so the model counts as healthy unprobed.
+                "busy": probe.busy,
+                "queued_ms": round(probe.queued * 1000, 1),
             },
             "server": server.status() if server is not None else None,
         }
@@ -409,6 +437,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "in_flight": svc.admission.in_flight,
             "system_mode": rt.modes.mode.value,
             "drain": drain.status(),
+            "dimmer": _dimmer_status(svc),
         }
         if not drain.admitting:
             # A load balancer takes the server out of rotation on the 503; the body says why.
@@ -523,23 +552,73 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             "history": [_action(a) for a in list(rt.history)[-50:]],
         }
 
-    @app.post("/api/v1/recovery/trigger", dependencies=[Depends(require_admin)])
-    async def recovery_trigger(body: TriggerRequest) -> dict[str, Any]:
+    admin_timeout = config.recovery.admin_timeout
+
+    async def finished(task: asyncio.Task[Any]) -> bool:
+        """Wait at most ``recovery.admin_timeout`` for ``task``, never cancelling it: False when it
+        still goes on; else True, or what it raised."""
+        await asyncio.wait({task}, timeout=admin_timeout)
+        if not task.done():
+            return False
+        task.result()
+        return True
+
+    def accepted(run: dict[str, Any] | None, what: str) -> JSONResponse:
+        # 202: the work was accepted and goes on; GET /api/v1/recovery/status shows its progress.
+        return JSONResponse(
+            {
+                "status": "running",
+                "detail": f"the {what} goes on after {admin_timeout:g} s; "
+                "GET /api/v1/recovery/status shows its progress",
+                "run": run,
+            },
+            status_code=202,
+        )
+
+    def busy(e: RecoveryBusy) -> ApiError:
+        return ApiError(503, str(e), code="recovery_busy", retry_after=e.retry_after)
+
+    @app.post(
+        "/api/v1/recovery/trigger",
+        dependencies=[Depends(require_admin)],
+        responses={202: {"description": "accepted; still running after `recovery.admin_timeout`"}},
+    )
+    async def recovery_trigger(body: TriggerRequest) -> Any:
+        rec = rt.recovery
         try:
             if body.failure_type is not None:
-                outcome = await rt.recovery.handle_failure(
+                started = rec.start_failure(
                     failure_type=body.failure_type, target=body.target, trigger="manual"
                 )
-                return outcome.as_dict()
-            assert body.action is not None
-            done = await rt.run_action(body.action, body.target)
+            else:
+                assert body.action is not None
+                started = rec.start_trigger(body.action, body.target)
         except ValueError as e:
             raise ApiError(422, str(e), code="invalid_value") from e
-        return _action(done)
+        except RecoveryBusy as e:
+            raise busy(e) from e
+        if isinstance(started, RecoveryOutcome):  # a manual chain is never held back; kept total
+            return started.as_dict()
+        assert started.task is not None
+        if not await finished(started.task):
+            return accepted(started.as_dict(), f"recovery run {started.id}")
+        if started.outcome is not None:
+            return {**started.outcome.as_dict(), "run_id": started.id}
+        return _action(started.attempt)
 
-    @app.post("/api/v1/recovery/reset", dependencies=[Depends(require_admin)])
-    async def recovery_reset() -> dict[str, Any]:
-        return {"done": [_action(a) for a in await rt.reset()]}
+    @app.post(
+        "/api/v1/recovery/reset",
+        dependencies=[Depends(require_admin)],
+        responses={202: {"description": "accepted; still running after `recovery.admin_timeout`"}},
+    )
+    async def recovery_reset() -> Any:
+        try:
+            task = rt.ops.start_reset()
+        except RecoveryBusy as e:
+            raise busy(e) from e
+        if not await finished(task):
+            return accepted(None, "reset")
+        return {"done": [_action(a) for a in task.result()]}
 
     _install_docs(app)
     if config.loop_block.enabled:

@@ -55,9 +55,11 @@ from brownout.config import ROLES, BrownoutConfig, WebhooksSection
 from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
+from brownout.server.connections import uvicorn_options
 from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
+    from brownout.briefs.service import BriefService
     from brownout.server.runtime import Runtime
 
 __all__ = [
@@ -177,6 +179,7 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
             "max_size": runtime.config.queue.max_size,
             "in_flight": svc.admission.in_flight,
         },
+        "dimmer": _dimmer(svc),
         "cache": {
             "size": cache.size,
             "max_size": cache.max_entries,
@@ -193,6 +196,18 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
         "gateway": _gateway_summary(runtime),
         "live_clients": hub.client_count if isinstance(hub, LiveHub) else 0,
         "at": _wall(),
+    }
+
+
+def _dimmer(svc: BriefService) -> dict[str, Any]:
+    """The brief service's dimmer: level 0 is full service; higher levels leave out optional steps."""
+    dim = svc.dimmer.snapshot()
+    return {
+        "level": dim.level,
+        "value": dim.value,
+        "dimming": dim.step,
+        "target_p95": dim.target_p95,
+        "observed_p95": dim.observed_p95,
     }
 
 
@@ -905,8 +920,10 @@ def quiet_probes(log_level: str = "info") -> None:
 def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
     """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
     and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
-    ``server.drain_timeout``, the rest answered 503), and health checks stay out of the log below
-    ``log_level="debug"`` (:func:`quiet_probes`).
+    ``server.drain_timeout``, the rest answered 503), health checks stay out of the log below
+    ``log_level="debug"`` (:func:`quiet_probes`), and every connection is held to the runtime's
+    ``server`` limits (:mod:`brownout.server.connections`: header, body and keep-alive timeouts,
+    connections per client address, allowed Hosts).
 
     uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
     ends by itself: without this a dashboard left open would hold the shutdown up.
@@ -940,6 +957,9 @@ def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **op
         def _drained(self) -> None:
             self.should_exit = True
 
+    # Time limits on every connection, a cap per client address and the Host allow-list
+    # (brownout.server.connections); explicit options win.
+    options = {**uvicorn_options(runtime.config.server), **options}
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
     server = _Server(config)

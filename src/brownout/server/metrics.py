@@ -48,6 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from brownout.briefs.service import DIMMED_FEATURES
 from brownout.clock import Clock
 from brownout.config import ROLES
 from brownout.server.runtime import Runtime
@@ -170,6 +171,23 @@ class RuntimeCollector(Collector):
         for reason, n in sorted(stats.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
+
+        # ---- the dimmer: overload is not failure (optional stages left out under load)
+        dim = service.dimmer.snapshot()
+        yield GaugeMetricFamily(
+            "brownout_dimmer_level",
+            "Dimmer level: how many optional steps are left out for some requests (0: full service)",
+            value=dim.level,
+        )
+        yield GaugeMetricFamily(
+            "brownout_dimmer_value", "Dimmer value, 0 (full service) to 1 (rules only)", value=dim.value
+        )
+        dimmed = CounterMetricFamily(
+            "brownout_briefs_dimmed", "Answers that left out a step under load, by step", labels=["dimmed"]
+        )
+        for step in DIMMED_FEATURES:
+            dimmed.add_metric([step], stats.dimmed.get(step, 0))
+        yield dimmed
 
         # ---- JSON hard guard (seed 004 section 1)
         parse = CounterMetricFamily(

@@ -39,7 +39,7 @@ import logging
 from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from brownout.config import ROLES
 from brownout.health.loop import LoopBlockDetector
@@ -60,7 +60,7 @@ from brownout.recovery.actions import (
 from brownout.recovery.artifact import ModelArtifact
 from brownout.recovery.busy import BusyCheck, ModelActivity
 from brownout.recovery.classify import FailureType
-from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
+from brownout.recovery.manager import RecoveryAttempt, RecoveryBusy, RecoveryManager
 
 if TYPE_CHECKING:
     from brownout.server.runtime import Runtime
@@ -68,6 +68,8 @@ if TYPE_CHECKING:
 __all__ = ["FEATURE_ROLES", "GENERATOR", "Operations"]
 
 _log = logging.getLogger("brownout.server")
+
+T = TypeVar("T")
 
 GENERATOR = "qwen"
 """The role without which no model answer exists (a core component)."""
@@ -183,6 +185,7 @@ class Operations:
         self.probe_streaks: Counter[str] = Counter()
         """Failed health probes in a row, by role."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reset_task: asyncio.Task[list[RecoveryAttempt]] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -208,15 +211,17 @@ class Operations:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
+        await self.recovery.aclose()
         await self.ttl.aclose()
         await self.modes.aclose()
         await self.resources.aclose()
         await self.loop_blocks.aclose()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -350,14 +355,31 @@ class Operations:
         undo lasting recovery changes (models back on, generation parameters restored), forget
         attempts and cooldowns, and re-derive the system mode now."""
         rec = self.recovery
-        done = [await rec.trigger(RESET_BREAKERS)]
-        for role, server in self.runtime.local.items():
-            if server.state != "running":
-                done.append(await rec.trigger("restart_model_server", role))
+        done: list[RecoveryAttempt] = []
+        steps = [(RESET_BREAKERS, "all")]
+        steps += [(RESTART_MODEL_SERVER, r) for r, s in self.runtime.local.items() if s.state != "running"]
+        for action, target in steps:
+            try:
+                done.append(await rec.trigger(action, target))
+            except RecoveryBusy as e:  # a chain is doing it right now: that run finishes it
+                _log.info("recovery reset: %s", e)
         done.extend(await rec.reset())
         self.probe_streaks.clear()
         self.modes.reset()
         return done
+
+    def start_reset(self) -> asyncio.Task[list[RecoveryAttempt]]:
+        """Run :meth:`reset` as a task of its own (the API waits for it a bounded time); raises
+        :class:`~brownout.recovery.manager.RecoveryBusy` at once while an earlier reset still runs."""
+        running = self._reset_task
+        if running is not None and not running.done():
+            raise RecoveryBusy(
+                "a recovery reset is running already; ask again when it has ended",
+                retry_after=self.runtime.config.recovery.admin_timeout,
+            )
+        task = self._spawn(self.reset())
+        self._reset_task = task
+        return task
 
     # ------------------------------------------------------------------ modes and TTL
 

@@ -170,7 +170,11 @@ class Runtime:
                 )
                 self.local[role] = server
                 to_start.append(server)
-                endpoints[role] = [EndpointConfig(url=server.url, model=role)]
+                # Never more requests in flight than the server has slots: the rest wait in the
+                # client's queue, where waiting is not counted against the model.
+                endpoints[role] = [
+                    EndpointConfig(url=server.url, model=role, max_concurrency=server.parallel)
+                ]
             await asyncio.gather(*(s.start() for s in to_start))
             if self.shared is not None:
                 await self.shared.start()

@@ -75,6 +75,16 @@ function render(s) {
     $("queue-size").textContent = s.queue.size;
     $("queue-detail").textContent = "of " + s.queue.max_size + " max, " + s.queue.in_flight + " running";
   }
+  if (s.dimmer) {
+    // Overload is not failure: the level says how much optional work is left out under load.
+    const d = s.dimmer;
+    $("dimmer-level").textContent = d.level === 0 ? "full" : "level " + d.level;
+    $("dimmer-level").setAttribute("data-level", String(d.level));
+    const p95 = d.observed_p95 === null ? "-" : d.observed_p95.toFixed(1) + " s";
+    $("dimmer-detail").textContent =
+      (d.dimming ? "dimming " + d.dimming + ", " : "") + "value " + d.value.toFixed(2) +
+      ", p95 " + p95 + " of " + d.target_p95 + " s target";
+  }
   if (s.cache) {
     $("cache-hit-rate").textContent = pct(s.cache.hit_rate);
     $("cache-detail").textContent =

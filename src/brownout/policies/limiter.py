@@ -1,0 +1,535 @@
+"""An adaptive concurrency limiter: as many calls in flight to a server as it can run, the rest wait here.
+
+A model server that is handed more requests than it has slots queues them inside itself, where a
+caller cannot see the wait, cannot leave the queue in order, and blames the wait on the model (a
+timeout counts against its breaker). The limiter keeps that queue on our side instead: at most
+``limit`` calls are in flight, further callers wait in a first-in, first-out queue, each for at most
+its own deadline (or ``max_wait``), and one whose time runs out leaves with
+:class:`~brownout.errors.Overloaded` -- *busy*, not *failed*: nothing was sent, so nothing counts
+against the server.
+
+The limit adapts to the server's measured latency, so it sits at the server's throughput knee -- the
+concurrency beyond which more requests in flight only make each one slower.
+
+Algorithm (a Vegas variant for few, slow slots)
+-----------------------------------------------
+
+TCP Vegas, and Netflix's concurrency-limits ``VegasLimit`` after it, estimate how many requests are
+*queued inside the server* from the latency: with a no-load latency ``base`` and a measured latency
+``rtt`` at limit ``L``, the server is running ``L * base / rtt`` requests at full speed and the other
+``queued = L * (1 - base / rtt)`` are waiting. The limit grows while that estimate is below ``alpha``
+and shrinks once it is above ``beta``:
+
+* samples are grouped into *rounds* of ``limit`` completed calls (about one service time of a full
+  server); ``rtt`` is the mean latency of a round, so one short or long answer does not move the limit;
+* ``base`` is the lowest round mean seen, re-learned from the current round every ``baseline_rounds``
+  rounds, so a model that got slower for good (longer prompts) does not look queued for ever;
+* ``queued < alpha`` (default 0.5) and the round was *saturated* (every permit was in use at some
+  point): ``limit + 1``. A round that never used its whole limit teaches nothing about more (the
+  caller was the bottleneck), so the limit does not grow on it;
+* ``queued > beta`` (default 1.5): ``limit - 1``;
+* a *drop* (a call that timed out or that the server refused as overloaded -- the caller says which,
+  see :meth:`Permit.release`) shrinks the limit at once to ``limit * drop_ratio`` (at least by one);
+* the limit stays within ``min_limit .. max_limit``, and never drops below the calls already in
+  flight -- it shrinks further as they finish -- so ``in_flight <= limit`` always holds.
+
+Why Vegas rather than Gradient2: a language model answers in seconds, so a server yields few samples a
+minute, and Gradient2's long-term latency average (hundreds of samples) would take many minutes to mean
+anything and drifts with the load it is meant to judge. Vegas needs only a no-load baseline and one
+round of samples, and its dead band (``alpha .. beta``, one queued request wide) suits servers with a
+handful of slots, where one request queued in the server costs a whole service time. With the knee at
+``k`` slots the limit settles at ``k`` or ``k + 1``: at ``k`` nothing queues (it probes one higher), at
+``k + 1`` one request queues (inside the dead band), at ``k + 2`` two do (it backs off). For a local
+llama.cpp server the caller sets ``max_limit`` to its slot count, so nothing ever queues inside it.
+
+Latency is the time a permit is held (from the grant to :meth:`Permit.release`); the wait in our own
+queue is never part of it. The same service-time average (an exponentially weighted moving average of
+every permit's hold time, ``ewma_alpha``) gives :meth:`AdaptiveLimiter.estimated_wait`, the expected
+wait of a newcomer -- what admission control and the dimmer need to decide, before anything waits,
+whether a call can start in time -- and the ``retry_after`` of an ``Overloaded``.
+
+::
+
+    limiter = AdaptiveLimiter("generator", LimiterConfig(max_limit=4))
+
+    result = await limiter.call(generate, prompt)       # engine
+    async with limiter:                                  # block form
+        ...
+    permit = await limiter.acquire(timeout=2.0)          # explicit permit: say how the call went
+    try:
+        ...
+    finally:
+        permit.release(dropped=timed_out)
+
+Events: :class:`LimitChanged` when the limit moves, :class:`~brownout.events.CallRejected`
+(``kind="limiter"``) when a caller is turned away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import Field, model_validator
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.errors import Overloaded
+from brownout.events import DEFAULT_BUS, CallRejected, Event, EventBus
+from brownout.policies._base import CallForms, EnteredGuards, PolicyConfig
+
+__all__ = ["AdaptiveLimiter", "LimitChanged", "LimiterConfig", "LimiterStats", "Permit"]
+
+_QUEUE_FULL = "queue_full"
+_QUEUE_TIMEOUT = "queue_timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitChanged(Event):
+    """An adaptive limiter moved its concurrency limit from ``old`` to ``new`` because of ``reason``."""
+
+    old: int
+    new: int
+    reason: str
+
+
+class LimiterConfig(PolicyConfig):
+    """Settings of an :class:`AdaptiveLimiter` (see the module docstring for the algorithm)."""
+
+    min_limit: int = Field(default=1, ge=1, description="The limit never goes below this many calls.")
+    max_limit: int = Field(
+        default=16,
+        ge=1,
+        description="The limit never goes above this (a local model server's slot count).",
+    )
+    initial_limit: int = Field(
+        default=4, ge=1, description="The limit to start from (clamped to min_limit..max_limit)."
+    )
+    max_queue: int = Field(default=1000, ge=0, description="Callers allowed to wait; 0 means never wait.")
+    max_wait: float = Field(
+        default=60.0, gt=0, description="Longest a caller without its own timeout waits, in seconds."
+    )
+    alpha: float = Field(
+        default=0.5, ge=0, description="Grow the limit while fewer requests than this queue in the server."
+    )
+    beta: float = Field(
+        default=1.5, gt=0, description="Shrink the limit once more requests than this queue in the server."
+    )
+    baseline_rounds: int = Field(
+        default=20, ge=1, description="Rounds after which the no-load latency is learned afresh."
+    )
+    drop_ratio: float = Field(
+        default=0.9, gt=0, lt=1, description="Factor applied to the limit on a dropped call."
+    )
+    ewma_alpha: float = Field(
+        default=0.2, gt=0, le=1, description="Weight of the newest call in the service-time average."
+    )
+    default_service_time: float = Field(
+        default=1.0, gt=0, description="Service time assumed until one has been measured, in seconds."
+    )
+    min_retry_after: float = Field(default=0.1, ge=0, description="Lower bound of a retry_after.")
+    max_retry_after: float = Field(default=300.0, ge=0, description="Upper bound of a retry_after.")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Self:
+        if self.min_limit > self.max_limit:
+            raise ValueError(f"min_limit ({self.min_limit}) must not exceed max_limit ({self.max_limit})")
+        if self.alpha >= self.beta:
+            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta})")
+        if self.min_retry_after > self.max_retry_after:
+            raise ValueError(
+                f"min_retry_after ({self.min_retry_after}) must not exceed "
+                f"max_retry_after ({self.max_retry_after})"
+            )
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStats:
+    """A snapshot of an :class:`AdaptiveLimiter`'s counters since it was built.
+
+    ``granted`` counts permits handed out, ``queued`` callers that had to wait (whatever became of
+    them), ``rejected`` callers turned away by reason, ``dropped`` permits released as drops.
+    """
+
+    limit: int
+    in_flight: int
+    queue_size: int
+    granted: int
+    queued: int
+    rejected: dict[str, int]
+    dropped: int
+    service_time: float | None
+    baseline: float | None
+
+
+class Permit:
+    """The right to have one call in flight; give it back with :meth:`release` exactly once."""
+
+    __slots__ = ("_epoch", "_limiter", "_released", "granted_at", "waited")
+
+    def __init__(self, limiter: AdaptiveLimiter, granted_at: float, waited: float, epoch: int) -> None:
+        self._limiter = limiter
+        self._epoch = epoch
+        self._released = False
+        self.granted_at = granted_at
+        """Clock time of the grant: the call's latency is measured from here."""
+        self.waited = waited
+        """Seconds the caller waited in the limiter's queue before the grant (0 when a permit was free)."""
+
+    @property
+    def released(self) -> bool:
+        """True once the permit was given back."""
+        return self._released
+
+    def release(self, *, dropped: bool = False, sample: bool = True) -> None:
+        """Give the permit back (to the oldest waiter, if any).
+
+        ``dropped``: the call timed out or the server said it was overloaded -- the limit shrinks.
+        ``sample=False``: the call's latency says nothing about the server's load (it failed at once,
+        or it was a tiny probe), so it is left out of the latency rounds. Releasing twice does nothing.
+        """
+        if self._released:
+            return
+        self._released = True
+        self._limiter._release(self, dropped=dropped, sample=sample)
+
+
+_entered: EnteredGuards[Permit] = EnteredGuards("brownout_limiter_permit")
+
+
+class AdaptiveLimiter(CallForms):
+    """Limits the calls in flight to one server to an adaptive ``limit``; see the module docstring.
+
+    Waiters are served strictly in arrival order: a freed permit goes to the oldest waiter, so a
+    newcomer can never barge ahead of the queue.
+    """
+
+    __slots__ = (
+        "_baseline",
+        "_clock",
+        "_dropped",
+        "_epoch",
+        "_events",
+        "_granted",
+        "_in_flight",
+        "_limit",
+        "_probe_from",
+        "_queued",
+        "_rejected",
+        "_round_n",
+        "_round_peak",
+        "_round_sum",
+        "_rounds",
+        "_service",
+        "_waiters",
+        "config",
+        "name",
+    )
+
+    def __init__(
+        self,
+        name: str = "limiter",
+        config: LimiterConfig | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+    ) -> None:
+        self.name = name
+        self.config = config if config is not None else LimiterConfig()
+        cfg = self.config
+        self._clock = clock
+        self._events = events
+        self._limit = min(max(cfg.initial_limit, cfg.min_limit), cfg.max_limit)
+        self._in_flight = 0
+        # Each waiter is a future resolved with the limit epoch its permit was granted in, or None
+        # (its time ran out).
+        # Invariant: waiters exist only while every permit is taken.
+        self._waiters: deque[asyncio.Future[int | None]] = deque()
+        self._service: float | None = None
+        self._baseline: float | None = None
+        self._round_sum = 0.0
+        self._round_n = 0
+        self._round_peak = 0
+        self._rounds = 0
+        self._epoch = 0
+        self._probe_from: int | None = None
+        self._granted = 0
+        self._queued = 0
+        self._dropped = 0
+        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0}
+
+    # -- read-only state ------------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The calls allowed in flight now."""
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        """Calls holding a permit now."""
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        """Callers waiting for a permit now."""
+        return len(self._waiters)
+
+    @property
+    def free(self) -> int:
+        """Permits a newcomer could take at once (0 when it would have to wait)."""
+        return 0 if self._waiters else max(0, self._limit - self._in_flight)
+
+    @property
+    def service_time(self) -> float | None:
+        """The service-time average in seconds (None before the first call finished)."""
+        return self._service
+
+    @property
+    def stats(self) -> LimiterStats:
+        """Counters since construction (a snapshot)."""
+        return LimiterStats(
+            limit=self._limit,
+            in_flight=self._in_flight,
+            queue_size=len(self._waiters),
+            granted=self._granted,
+            queued=self._queued,
+            rejected=dict(self._rejected),
+            dropped=self._dropped,
+            service_time=self._service,
+            baseline=self._baseline,
+        )
+
+    def estimated_wait(self) -> float:
+        """Seconds a caller arriving now would expect to wait for a permit (0 when one is free).
+
+        With every permit taken, permits come free about ``limit`` per service time, and the newcomer
+        needs the ones owed to everybody queued ahead of it plus its own:
+        ``(queued + 1 - free) * service_time / limit``. Before any call finished, the service time is
+        ``default_service_time``.
+        """
+        ahead = len(self._waiters) + 1 - max(0, self._limit - self._in_flight)
+        if ahead <= 0:
+            return 0.0
+        service = self._service if self._service is not None else self.config.default_service_time
+        return ahead * service / self._limit
+
+    def retry_after(self) -> float:
+        """The ``retry_after`` a rejected caller would get now: the estimated wait, within bounds."""
+        cfg = self.config
+        return min(max(self.estimated_wait(), cfg.min_retry_after), cfg.max_retry_after)
+
+    # -- permits --------------------------------------------------------------------------------
+
+    async def acquire(self, timeout: float | None = None) -> Permit:
+        """Wait for a permit, for at most ``timeout`` seconds (default ``max_wait``).
+
+        Raises :class:`~brownout.errors.Overloaded` (``reason`` ``"queue_full"`` or
+        ``"queue_timeout"``) when the caller cannot have one in time; a caller cancelled while
+        waiting leaves the queue and takes nothing.
+        """
+        clock = self._clock
+        asked = clock.now()
+        if not self._waiters and self._in_flight < self._limit:
+            return self._grant(asked, asked)
+        wait = self.config.max_wait if timeout is None else min(timeout, self.config.max_wait)
+        if wait <= 0:
+            raise self._reject(_QUEUE_TIMEOUT, asked)
+        if len(self._waiters) >= self.config.max_queue:
+            raise self._reject(_QUEUE_FULL, asked)
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._queued += 1
+        timer = clock.call_later(wait, functools.partial(self._expire, future))
+        try:
+            granted = await future
+        except BaseException:
+            # Cancelled while queued, or right after being handed a permit (the future has its result
+            # but this task never resumed to use it): give that permit on.
+            timer.cancel()
+            if future.done() and not future.cancelled():
+                if future.result() is not None:
+                    self._in_flight -= 1
+                    self._granted -= 1
+                    self._grant_waiters()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(future)
+            raise
+        timer.cancel()
+        if granted is None:
+            raise self._reject(_QUEUE_TIMEOUT, clock.now())
+        now = clock.now()
+        return Permit(self, now, now - asked, granted)
+
+    def try_acquire(self) -> Permit | None:
+        """A permit if one is free now and nobody waits, else None (never waits)."""
+        if not self._waiters and self._in_flight < self._limit:
+            now = self._clock.now()
+            return self._grant(now, now)
+        return None
+
+    def _grant(self, now: float, asked: float) -> Permit:
+        self._in_flight += 1
+        self._granted += 1
+        if self._in_flight > self._round_peak:
+            self._round_peak = self._in_flight
+        return Permit(self, now, now - asked, self._epoch)
+
+    def _expire(self, future: asyncio.Future[int | None]) -> None:
+        """Timer callback: the waiter's time ran out before a permit came free."""
+        if not future.done():
+            self._waiters.remove(future)
+            future.set_result(None)
+
+    def _grant_waiters(self) -> None:
+        """Hand free permits to the oldest live waiters."""
+        waiters = self._waiters
+        while waiters and self._in_flight < self._limit:
+            future = waiters.popleft()
+            if future.done():  # cancelled but not yet resumed
+                continue
+            self._in_flight += 1
+            self._granted += 1
+            if self._in_flight > self._round_peak:
+                self._round_peak = self._in_flight
+            future.set_result(self._epoch)
+
+    def _release(self, permit: Permit, *, dropped: bool, sample: bool) -> None:
+        elapsed = max(0.0, self._clock.now() - permit.granted_at)
+        service = self._service
+        alpha = self.config.ewma_alpha
+        self._service = elapsed if service is None else service + alpha * (elapsed - service)
+        self._in_flight -= 1
+        if dropped:
+            self._dropped += 1
+            self._shrink(max(1, math.floor(self._limit * (1.0 - self.config.drop_ratio))), "drop")
+        elif sample and permit._epoch == self._epoch:
+            # Only calls granted under the current limit say how the server runs at that limit.
+            self._sample(elapsed)
+        if self._probe_from is not None and self._limit > self.config.min_limit:
+            self._shrink(self._limit, "measuring the no-load latency")
+        self._grant_waiters()
+
+    # -- the algorithm --------------------------------------------------------------------------
+
+    def _sample(self, rtt: float) -> None:
+        self._round_sum += rtt
+        self._round_n += 1
+        limit = self._limit
+        if self._round_n < limit:
+            return
+        cfg = self.config
+        mean = self._round_sum / self._round_n
+        saturated = self._round_peak >= limit
+        self._round_sum = 0.0
+        self._round_n = 0
+        self._round_peak = self._in_flight
+        self._rounds += 1
+        if limit == cfg.min_limit:
+            # As few calls in flight as allowed: this round *is* the no-load latency.
+            self._baseline = mean
+            if self._probe_from is not None:
+                restore, self._probe_from = self._probe_from, None
+                self._set(restore, f"no-load latency measured: {mean:.3g}s")
+                return
+        base = self._baseline
+        if base is None or mean < base:
+            base = self._baseline = mean
+        queued = limit * (1.0 - base / mean) if mean > 0 else 0.0
+        if queued > cfg.beta:
+            # Straight to about the calls the server runs at full speed, at least one lower.
+            target = min(limit - 1, math.ceil(limit * base / mean))
+            self._shrink(limit - target, f"latency: about {queued:.2g} requests queued in the server")
+        elif queued < cfg.alpha and saturated and limit < cfg.max_limit:
+            self._set(limit + 1, "latency at its no-load level with every permit in use")
+        if self._rounds % cfg.baseline_rounds == 0 and self._limit > cfg.min_limit:
+            # The lowest latency seen may be stale (the model got slower for good, or it was learned
+            # while the server already queued): measure it again with min_limit calls in flight.
+            self._probe_from = self._limit
+            self._shrink(self._limit, "measuring the no-load latency")
+
+    def _shrink(self, by: int, reason: str) -> None:
+        # Never below the calls in flight: those already hold their permits, and in_flight <= limit
+        # must hold; the limit shrinks further as they finish.
+        target = max(self.config.min_limit, self._limit - by, self._in_flight)
+        if target < self._limit:
+            self._set(target, reason)
+
+    def _set(self, new: int, reason: str) -> None:
+        old = self._limit
+        self._limit = new
+        # A new limit starts a new round: calls granted before were taken at another concurrency.
+        self._epoch += 1
+        self._round_sum = 0.0
+        self._round_n = 0
+        self._round_peak = self._in_flight
+        if self._events.active:
+            self._events.emit(LimitChanged(self.name, self._clock.now(), old, new, reason))
+
+    def _reject(self, reason: str, now: float) -> Overloaded:
+        self._rejected[reason] += 1
+        retry_after = self.retry_after()
+        if self._events.active:
+            self._events.emit(CallRejected(self.name, now, "limiter", reason, retry_after))
+        return Overloaded(
+            self.name,
+            reason,
+            retry_after=retry_after,
+            queue_size=len(self._waiters),
+            in_flight=self._in_flight,
+        )
+
+    # -- call forms -----------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``await fn(*args, **kwargs)`` under a permit.
+
+        A ``TimeoutError`` from it is a drop; another exception (or a cancellation) gives the permit
+        back without a latency sample.
+        """
+        permit = await self.acquire()
+        try:
+            result = await fn(*args, **kwargs)
+        except TimeoutError:
+            permit.release(dropped=True)
+            raise
+        except BaseException:
+            # A failure or a cancellation says nothing about how fast the server answers.
+            permit.release(sample=False)
+            raise
+        permit.release()
+        return result
+
+    async def __aenter__(self) -> Self:
+        """Take a permit for the block (waiting up to ``max_wait``)."""
+        _entered.push(await self.acquire())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Give the permit back, judged as :meth:`call` judges its outcome."""
+        permit = _entered.pop()
+        if exc_type is None:
+            permit.release()
+        elif issubclass(exc_type, TimeoutError):
+            permit.release(dropped=True)
+        else:
+            permit.release(sample=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveLimiter({self.name!r}, in_flight={self._in_flight}/{self._limit}, "
+            f"queued={len(self._waiters)})"
+        )

@@ -1,0 +1,443 @@
+"""The adaptive concurrency limiter, on the FakeClock against a simulated model server.
+
+The simulated server has ``slots`` request slots: with up to ``slots`` requests in flight each takes
+``base`` seconds; beyond that it queues them inside itself, so each one takes ``base * n / slots``
+(the latency rises linearly past the knee while the throughput stays flat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from pydantic import ValidationError
+
+from brownout import AdaptiveLimiter, LimiterConfig
+from brownout.errors import Overloaded
+from brownout.events import CallRejected, Event, EventBus
+from brownout.policies.limiter import LimitChanged, Permit
+from brownout.testing import FakeClock
+
+
+class SimServer:
+    """A model server on the fake clock whose latency grows linearly past ``slots`` in flight."""
+
+    def __init__(self, clock: FakeClock, slots: int, base: float = 1.0) -> None:
+        self.clock = clock
+        self.slots = slots
+        self.base = base
+        self.slowdown = 1.0
+        self.in_flight = 0
+        self.peak = 0
+        self.served = 0
+
+    async def serve(self) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        latency = self.base * self.slowdown * max(1.0, self.in_flight / self.slots)
+        try:
+            await self.clock.sleep(latency)
+        finally:
+            self.in_flight -= 1
+        self.served += 1
+
+
+class Load:
+    """``callers`` closed-loop callers sending to ``server`` through ``limiter`` until stopped."""
+
+    def __init__(self, limiter: AdaptiveLimiter, server: SimServer, callers: int) -> None:
+        self.limiter = limiter
+        self.server = server
+        self.stopped = False
+        self.max_in_flight = 0
+        self.tasks = [asyncio.create_task(self._caller()) for _ in range(callers)]
+
+    async def _caller(self) -> None:
+        while not self.stopped:
+            async with self.limiter:
+                self.max_in_flight = max(self.max_in_flight, self.limiter.in_flight)
+                assert self.limiter.in_flight <= self.limiter.limit
+                await self.server.serve()
+
+    async def stop(self, clock: FakeClock) -> None:
+        self.stopped = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def make(clock: FakeClock, bus: EventBus | None = None, **config: Any) -> AdaptiveLimiter:
+    return AdaptiveLimiter("model", LimiterConfig(**config), clock=clock, events=bus or EventBus())
+
+
+def time_at_limit(changes: list[LimitChanged], initial: int, start: float, end: float) -> dict[int, float]:
+    """Seconds spent at each limit between clock times ``start`` and ``end``."""
+    spent: dict[int, float] = {}
+    limit, since = initial, float("-inf")
+    for change in [*changes, LimitChanged("end", end, -1, -1, "")]:
+        lo, hi = max(since, start), min(change.at, end)
+        if hi > lo:
+            spent[limit] = spent.get(limit, 0.0) + hi - lo
+        limit, since = change.new, change.at
+    return spent
+
+
+async def test_limit_converges_near_the_knee_from_below() -> None:
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=32, max_wait=3600)
+    server = SimServer(clock, slots=4)
+    load = Load(limiter, server, callers=40)
+    start = clock.now()
+    await clock.run(600, step_yields=20)
+    await load.stop(clock)
+    assert changes[0].old == 1
+    assert changes[0].new == 2
+    spent = time_at_limit(changes, 1, start + 200, start + 600)
+    # At the knee (4) or just above it (one or two requests queued in the server: the dead band, and
+    # the step that finds its edge) nearly all the time; the rest is the short dips that measure the
+    # no-load latency again.
+    assert sum(spent.get(n, 0.0) for n in (4, 5, 6)) / 400 >= 0.9, spent
+    assert spent.get(5, 0.0) > spent.get(6, 0.0)
+    assert max(spent) <= 6
+    assert server.peak <= 6  # 40 callers, yet the server never holds more than 6 requests
+    # The server runs at its full rate (4 requests per second) nearly all the time.
+    assert server.served >= 0.9 * 4 * 600
+
+
+async def test_limit_comes_down_to_the_knee_from_above() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=24, max_limit=32, max_wait=3600)
+    server = SimServer(clock, slots=3)
+    load = Load(limiter, server, callers=40)
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter._events = bus
+    start = clock.now()
+    await clock.run(600, step_yields=20)
+    await load.stop(clock)
+    spent = time_at_limit(changes, 24, start + 400, start + 600)
+    assert sum(spent.get(n, 0.0) for n in (3, 4, 5)) / 200 >= 0.9, spent
+    assert max(spent) <= 5
+
+
+async def test_limit_never_exceeds_max_limit_even_without_a_knee() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=6, max_wait=3600)
+    server = SimServer(clock, slots=1000)  # latency never rises: the limit would grow for ever
+    load = Load(limiter, server, callers=20)
+    await clock.run(300, step_yields=20)
+    await load.stop(clock)
+    assert limiter.limit == 6
+    assert server.peak == 6
+    assert load.max_in_flight == 6
+
+
+async def test_limit_recovers_after_a_latency_spike() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=4, max_limit=16, max_wait=3600, baseline_rounds=1000)
+    server = SimServer(clock, slots=4)
+    load = Load(limiter, server, callers=20)
+    await clock.run(200, step_yields=20)
+    assert 4 <= limiter.limit <= 5
+    server.slowdown = 4.0  # the server gets four times slower for a while
+    await clock.run(120, step_yields=20)
+    during = limiter.limit
+    server.slowdown = 1.0
+    await clock.run(300, step_yields=20)
+    after = limiter.limit
+    await load.stop(clock)
+    assert during < 4
+    assert 4 <= after <= 5
+
+
+async def test_waiters_get_permits_in_arrival_order() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    first = await limiter.acquire()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        permit = await limiter.acquire()
+        order.append(i)
+        await clock.sleep(1)
+        permit.release()
+
+    tasks = [asyncio.create_task(waiter(i)) for i in range(6)]
+    await clock.run(0)
+    assert limiter.queued == 6
+    # A newcomer while others wait cannot barge in, even at the moment a permit comes free.
+    assert limiter.try_acquire() is None
+    first.release()
+    await clock.run(10)
+    await asyncio.gather(*tasks)
+    assert order == list(range(6))
+    assert limiter.in_flight == 0
+    assert limiter.queued == 0
+
+
+async def test_a_waiter_whose_time_runs_out_leaves_overloaded_with_an_estimate() -> None:
+    clock = FakeClock()
+    bus = EventBus()
+    rejected: list[CallRejected] = []
+    bus.subscribe(rejected.append, CallRejected)
+    limiter = make(clock, bus, initial_limit=1, max_limit=1)
+    # Measure a service time of 2 s.
+    permit = await limiter.acquire()
+    clock.advance(2)
+    permit.release()
+    busy = await limiter.acquire()
+    task = asyncio.create_task(limiter.acquire(timeout=1.5))
+    await clock.run(0)
+    assert limiter.queued == 1
+    assert limiter.estimated_wait() == pytest.approx(4.0)  # itself and the one queued ahead of it
+    await clock.run(1.5)
+    with pytest.raises(Overloaded) as info:
+        await task
+    assert info.value.reason == "queue_timeout"
+    # The estimate for a caller now: one call in flight, nobody queued: one service time.
+    assert info.value.retry_after == pytest.approx(2.0)
+    assert limiter.queued == 0
+    assert limiter.in_flight == 1
+    assert [(r.kind, r.reason) for r in rejected] == [("limiter", "queue_timeout")]
+    busy.release()
+    assert limiter.stats.rejected == {"queue_full": 0, "queue_timeout": 1}
+
+
+async def test_a_full_queue_rejects_at_once() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1, max_queue=1)
+    held = await limiter.acquire()
+    waiting = asyncio.create_task(limiter.acquire())
+    await clock.run(0)
+    with pytest.raises(Overloaded) as info:
+        await limiter.acquire()
+    assert info.value.reason == "queue_full"
+    held.release()
+    (await waiting).release()
+    assert limiter.stats.rejected["queue_full"] == 1
+
+
+async def test_max_queue_zero_means_never_wait() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1, max_queue=0)
+    held = await limiter.acquire()
+    with pytest.raises(Overloaded):
+        await limiter.acquire()
+    held.release()
+    (await limiter.acquire()).release()
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_and_one_cancelled_after_the_hand_off_passes_it_on() -> (
+    None
+):
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    held = await limiter.acquire()
+    a = asyncio.create_task(limiter.acquire())
+    b = asyncio.create_task(limiter.acquire())
+    c = asyncio.create_task(limiter.acquire())
+    await clock.run(0)
+    a.cancel()
+    await asyncio.gather(a, return_exceptions=True)
+    assert limiter.queued == 2
+    held.release()  # hands the permit to b ...
+    b.cancel()  # ... which is cancelled before it resumes: the permit goes on to c
+    await asyncio.gather(b, return_exceptions=True)
+    permit = await c
+    assert limiter.in_flight == 1
+    assert limiter.queued == 0
+    permit.release()
+    permit.release()  # twice does nothing
+    assert limiter.in_flight == 0
+
+
+async def test_a_drop_shrinks_the_limit_but_never_below_the_calls_in_flight() -> None:
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=8, max_limit=8, drop_ratio=0.5)
+    permits = [await limiter.acquire() for _ in range(8)]
+    permits[0].release(dropped=True)  # 7 still in flight: the limit can only go to 7
+    assert limiter.limit == 7
+    for p in permits[1:5]:
+        p.release()
+    permits[5].release(dropped=True)  # 2 in flight: halving 7 gives 4 (floor of 3.5 taken off)
+    assert limiter.limit == 4
+    assert [c.reason for c in changes] == ["drop", "drop"]
+    for p in permits[6:]:
+        p.release()
+    assert limiter.stats.dropped == 2
+
+
+async def test_estimated_wait_is_zero_with_a_free_permit_and_grows_with_the_queue() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=2, max_limit=2, default_service_time=3.0)
+    assert limiter.estimated_wait() == 0.0
+    p1 = await limiter.acquire()
+    assert limiter.estimated_wait() == 0.0
+    p2 = await limiter.acquire()
+    assert limiter.estimated_wait() == pytest.approx(1.5)  # one of 2 permits frees per 1.5 s on average
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+    await clock.run(0)
+    assert limiter.estimated_wait() == pytest.approx(4 * 3.0 / 2)
+    for task in waiters:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    p1.release()
+    p2.release()
+
+
+async def test_call_forms_share_one_engine() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+
+    @limiter
+    async def double(x: int) -> int:
+        assert limiter.in_flight == 1
+        return 2 * x
+
+    assert await double(4) == 8
+    assert await limiter.call(double.__wrapped__, 5) == 10  # type: ignore[attr-defined]
+    async with limiter:
+        assert limiter.in_flight == 1
+    assert limiter.in_flight == 0
+
+    async def times_out() -> None:
+        raise TimeoutError
+
+    with pytest.raises(TimeoutError):
+        await limiter.call(times_out)
+    assert limiter.stats.dropped == 1
+    assert limiter.stats.granted == 4
+
+
+def test_config_errors_name_the_problem() -> None:
+    with pytest.raises(ValidationError, match="min_limit"):
+        LimiterConfig(min_limit=5, max_limit=2)
+    with pytest.raises(ValidationError, match="alpha"):
+        LimiterConfig(alpha=2.0, beta=1.0)
+    with pytest.raises(ValidationError, match="max_limit"):
+        LimiterConfig(max_limit=0)
+    with pytest.raises(ValidationError, match="extra"):
+        LimiterConfig(max=3)  # type: ignore[call-arg]
+    # An initial limit outside the bounds is clamped, not refused (a client sets max_limit per endpoint).
+    assert AdaptiveLimiter("x", LimiterConfig(initial_limit=10, max_limit=3), events=EventBus()).limit == 3
+
+
+# -- a state machine over acquire / release / timeout / cancel ----------------------------------------
+
+
+class LimiterMachine(RuleBasedStateMachine):
+    """Random acquires (with and without timeouts), releases (some as drops), cancellations and clock
+    moves. Every caller ends up holding a permit, rejected, cancelled or still waiting -- none is lost --
+    and ``in_flight <= limit`` always."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = FakeClock()
+        self.limiter: AdaptiveLimiter
+        self.tasks: list[asyncio.Task[Permit]] = []
+        self.held: list[Permit] = []
+        self.rejected = 0
+        self.cancelled = 0
+        self.granted = 0
+
+    @initialize(
+        initial=st.integers(1, 6),
+        top=st.integers(1, 6),
+        max_queue=st.integers(0, 8),
+        alpha=st.sampled_from([0.2, 0.5]),
+    )
+    def build(self, initial: int, top: int, max_queue: int, alpha: float) -> None:
+        self.limiter = AdaptiveLimiter(
+            "m",
+            LimiterConfig(
+                initial_limit=initial, max_limit=top, max_queue=max_queue, max_wait=30, alpha=alpha
+            ),
+            clock=self.clock,
+            events=EventBus(),
+        )
+
+    def settle(self) -> None:
+        async def yields() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        self.loop.run_until_complete(yields())
+        for task in [t for t in self.tasks if t.done()]:
+            self.tasks.remove(task)
+            if task.cancelled():
+                self.cancelled += 1
+            elif isinstance(task.exception(), Overloaded):
+                self.rejected += 1
+            else:
+                self.held.append(task.result())
+                self.granted += 1
+
+    @rule(timeout=st.none() | st.floats(0.0, 20.0))
+    def acquire(self, timeout: float | None) -> None:
+        self.tasks.append(self.loop.create_task(self.limiter.acquire(timeout=timeout)))
+        self.settle()
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data(), dropped=st.booleans(), work=st.floats(0.0, 5.0))
+    def release(self, data: st.DataObject, dropped: bool, work: float) -> None:
+        self.clock.advance(work)
+        permit = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        permit.release(dropped=dropped)
+        self.settle()
+
+    @precondition(lambda self: bool(self.tasks))
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        self.tasks[data.draw(st.integers(0, len(self.tasks) - 1))].cancel()
+        self.settle()
+
+    @rule(seconds=st.floats(0.0, 25.0))
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.settle()
+
+    @invariant()
+    def in_flight_within_limit(self) -> None:
+        if hasattr(self, "limiter"):
+            lim = self.limiter
+            assert lim.in_flight <= lim.limit
+            assert lim.config.min_limit <= lim.limit <= lim.config.max_limit
+
+    @invariant()
+    def no_waiter_is_lost(self) -> None:
+        if hasattr(self, "limiter"):
+            lim = self.limiter
+            # Every permit handed out is held by a caller; every queued entry is a waiting caller.
+            assert lim.in_flight == len(self.held)
+            assert lim.queued == len(self.tasks)
+            # Nobody waits while a permit is free.
+            assert lim.queued == 0 or lim.in_flight == lim.limit
+
+    def teardown(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.settle()
+        for permit in self.held:
+            permit.release()
+        assert not hasattr(self, "limiter") or (self.limiter.in_flight == 0 and self.limiter.queued == 0)
+        self.loop.close()
+
+
+TestLimiterMachine = LimiterMachine.TestCase
+TestLimiterMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_events_are_events() -> None:
+    assert issubclass(LimitChanged, Event)
