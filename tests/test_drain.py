@@ -297,13 +297,16 @@ async def _sigterm_under_load(
                 )
                 for i in range(IN_FLIGHT)
             ]
-            # Every brief is at its model before the signal.
+            # Every brief is in flight in the server before the signal: at its model, or waiting for
+            # one in the model's concurrency limiter (which starts below 20 and adapts).
             for _ in range(200):
-                if sum(f.chat_requests for f in fakes.values()) - before >= IN_FLIGHT:
+                health = (await http.get("/health")).json()
+                at_models = sum(f.chat_requests for f in fakes.values()) - before
+                if health["in_flight"] + health["queue_size"] >= IN_FLIGHT and at_models > 0:
                     break
                 await asyncio.sleep(0.05)
             else:
-                raise AssertionError("the briefs never reached the models")
+                raise AssertionError("the briefs never reached the server")
             proc.send_signal(sig)
             await asyncio.sleep(0.3)
             after: list[httpx.Response] = []
