@@ -8,6 +8,8 @@
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
 * ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls and LiteLLM;
+* ``brownout bench model-capacity [--json]`` -- the bare model server's throughput per threads x slots;
+* ``brownout bench overload [--json]`` -- a default server under distinct-text load, against that rate;
 * ``brownout drill NAME ...|all [--report DIR] [--json]``, ``brownout drill --list`` -- chaos drills;
 * ``brownout version``.
 """
@@ -381,6 +383,59 @@ def bench_guard(
             table.add_row(key, _fmt(value))
     console.print(table)
     console.print(f"  guard counters: {result['guard']}")
+
+
+@bench_app.command("model-capacity")
+def bench_model_capacity(
+    as_json: JsonFlag = False,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds each configuration is measured.")] = 20.0,
+    threads: Annotated[
+        list[int] | None, typer.Option(min=1, help="llama.cpp threads to try (repeat; default 1 and 2).")
+    ] = None,
+    parallel: Annotated[
+        list[int] | None, typer.Option(min=1, help="Request slots to try (repeat; default 1, 2 and 4).")
+    ] = None,
+    layouts: Annotated[
+        bool, typer.Option(help="Also measure the generator beside the validator and hinter (--no-layouts).")
+    ] = True,
+) -> None:
+    """The bare llama.cpp server on the embedded model, answering the generator's brief body at one
+    request per slot: completions/min, schema-valid/min, tokens/s, p50/p95 per threads x slots."""
+    from brownout.bench import capacity
+
+    try:
+        result = capacity.run(
+            seconds=seconds, threads=threads or (1, 2), parallel=parallel or (1, 2, 4), layouts=layouts
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    for title, rows in (
+        ("bare model server", result["grid"]),
+        ("generator beside the other roles", result["layouts"]),
+    ):
+        if not rows:
+            continue
+        table = Table(title=f"{title}, {seconds:g} s each ({result['machine']['cpus']} CPUs, shared machine)")
+        for col in ("configuration", "completions/min", "valid/min", "tokens/s", "p50 s", "p95 s", "note"):
+            table.add_column(col, justify="left" if col in ("configuration", "note") else "right")
+        for row in rows:
+            table.add_row(
+                row["name"],
+                _fmt(row["completions_per_min"]),
+                _fmt(row["valid_per_min"]),
+                _fmt(row["tokens_per_s"]),
+                _fmt(row["p50_s"]),
+                _fmt(row["p95_s"]),
+                row["error"] or row["others"],
+            )
+        console.print(table)
+    best = result["best"]
+    if best is not None:
+        console.print(f"  best: {best['name']}, {_fmt(best['valid_per_min'])} schema-valid completions/min")
 
 
 @bench_app.command("http")
