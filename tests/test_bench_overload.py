@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from brownout.bench import capacity
 from brownout.bench.overload import (
@@ -33,6 +34,7 @@ from brownout.bench.overload import (
     summarize,
 )
 from brownout.briefs.schema import ModelBrief
+from brownout.cli import app
 from brownout.config import BrownoutConfig, LocalModelsSection
 from brownout.server.errors import error_bytes
 
@@ -266,6 +268,30 @@ def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: 
     assert f["recovery_action_names"] == ["restart_model_server(qwen)"]
     assert f["full_mode_back_s"] is not None
     assert f["rejections"]["p50_ms"] is not None
+
+
+def test_the_bench_command_reports_each_level_against_a_given_server(fake_url: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            *("bench", "overload", "--json", "--url", fake_url, "--seconds", "1"),
+            *("--level", "2", "--level", "3", "--no-bare", "--settle", "2"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["target"] == fake_url
+    assert doc["bare"]["valid_per_min"] is None
+    assert [row["concurrency"] for row in doc["levels"]] == [2, 3]
+    for row in doc["levels"]:
+        assert row["answers"] == sum(row["counts"].values()) > 0
+        assert row["ratio_to_bare"] is None
+
+
+def test_the_bench_command_refuses_load_elsewhere() -> None:
+    result = CliRunner().invoke(app, ["bench", "overload", "--url", "http://10.1.2.3:8000", "--no-bare"])
+    assert result.exit_code == 2
+    assert "127.0.0.1 only" in result.output
 
 
 def test_load_goes_to_the_local_machine_only() -> None:

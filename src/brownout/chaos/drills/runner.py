@@ -1525,6 +1525,17 @@ async def _overload(d: Drill) -> None:
     target = 10.0  # seconds: the p95 latency target of an accepted answer on the embedded default
     d.phase("starting the server on the embedded models")
     load, watcher = await d.begin(_default_settings(), fakes=(), ready_timeout=d.settings.startup_timeout)
+    assert d.server is not None
+    # The server keeps a request up to its own deadline (60 s by default): a client giving up sooner
+    # would count its own impatience as a failed request.
+    await load.aclose()
+    d.load = load = Load(
+        load.base_url,
+        mode=s.mode,
+        timeout=d.server.config.server.request_timeout + 10.0,
+        clock=d.clock,
+        on_sample=lambda sample: d.progress.sample(s, sample),
+    )
     history_before = await _recovery_history(d)
     servers_before = {r: int(v.get("restarts", 0)) for r, v in (await watcher.poll()).servers.items()}
 
