@@ -8,6 +8,8 @@
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
 * ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls and LiteLLM;
+* ``brownout bench model-capacity [--json]`` -- the bare model server's throughput per threads x slots;
+* ``brownout bench overload [--json]`` -- a default server under distinct-text load, against that rate;
 * ``brownout drill NAME ...|all [--report DIR] [--json]``, ``brownout drill --list`` -- chaos drills;
 * ``brownout version``.
 """
@@ -382,6 +384,157 @@ def bench_guard(
             table.add_row(key, _fmt(value))
     console.print(table)
     console.print(f"  guard counters: {result['guard']}")
+
+
+@bench_app.command("model-capacity")
+def bench_model_capacity(
+    as_json: JsonFlag = False,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds each configuration is measured.")] = 20.0,
+    threads: Annotated[
+        list[int] | None, typer.Option(min=1, help="llama.cpp threads to try (repeat; default 1 and 2).")
+    ] = None,
+    parallel: Annotated[
+        list[int] | None, typer.Option(min=1, help="Request slots to try (repeat; default 1, 2 and 4).")
+    ] = None,
+    layouts: Annotated[
+        bool, typer.Option(help="Also measure the generator beside the validator and hinter (--no-layouts).")
+    ] = True,
+) -> None:
+    """The bare llama.cpp server on the embedded model, answering the generator's brief body at one
+    request per slot: completions/min, schema-valid/min, tokens/s, p50/p95 per threads x slots."""
+    from brownout.bench import capacity
+
+    try:
+        result = capacity.run(
+            seconds=seconds, threads=threads or (1, 2), parallel=parallel or (1, 2, 4), layouts=layouts
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    for title, rows in (
+        ("bare model server", result["grid"]),
+        ("generator beside the other roles", result["layouts"]),
+    ):
+        if not rows:
+            continue
+        table = Table(title=f"{title}, {seconds:g} s each ({result['machine']['cpus']} CPUs, shared machine)")
+        for col in ("configuration", "completions/min", "valid/min", "tokens/s", "p50 s", "p95 s", "note"):
+            table.add_column(col, justify="left" if col in ("configuration", "note") else "right")
+        for row in rows:
+            table.add_row(
+                row["name"],
+                _fmt(row["completions_per_min"]),
+                _fmt(row["valid_per_min"]),
+                _fmt(row["tokens_per_s"]),
+                _fmt(row["p50_s"]),
+                _fmt(row["p95_s"]),
+                row["error"] or row["others"],
+            )
+        console.print(table)
+    best = result["best"]
+    if best is not None:
+        console.print(f"  best: {best['name']}, {_fmt(best['valid_per_min'])} schema-valid completions/min")
+
+
+@bench_app.command("overload")
+def bench_overload(
+    as_json: JsonFlag = False,
+    url: Annotated[
+        str | None, typer.Option(help="A running server on 127.0.0.1 (default: start a default one).")
+    ] = None,
+    seconds: Annotated[float, typer.Option(min=1, help="Seconds of load per concurrency level.")] = 45.0,
+    level: Annotated[
+        list[int] | None,
+        typer.Option(min=1, max=200, help="Concurrency levels (repeat; default 1, 4, 16, 64, 200)."),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="Requested mode: fast, balanced or creative.")] = "fast",
+    settle: Annotated[
+        float, typer.Option(min=0, help="Longest wait for full mode after a level, seconds.")
+    ] = 60.0,
+    bare: Annotated[
+        bool, typer.Option(help="Measure the bare model server first, for the ratio (--no-bare: skip).")
+    ] = True,
+    bare_seconds: Annotated[float, typer.Option(min=1, help="Seconds per bare-server configuration.")] = 20.0,
+    bare_rate: Annotated[
+        float | None,
+        typer.Option(min=0, help="The bare server's schema-valid completions/min, instead of measuring it."),
+    ] = None,
+) -> None:
+    """A default server under distinct-text load at rising concurrency: answers/s, latency of briefs and
+    of refusals, what served each answer, breaker opens, recovery actions, and model-served briefs/min
+    against the bare model server's rate."""
+    from brownout.bench import overload
+
+    if mode not in ("fast", "balanced", "creative"):
+        raise typer.BadParameter("must be fast, balanced or creative", param_hint="--mode")
+    try:
+        result = overload.run(
+            url=url,
+            levels=level or (1, 4, 16, 64, 200),
+            seconds=seconds,
+            mode=mode,
+            settle=settle,
+            bare=bare,
+            bare_seconds=bare_seconds,
+            bare_rate=bare_rate,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    except RuntimeError as e:
+        typer.echo(f"bench overload: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    bare_rate_seen = result["bare"]["valid_per_min"]
+    table = Table(
+        title=f"POST /v1/briefs, mode {mode}, {seconds:g} s per level; bare model server: "
+        f"{_fmt(bare_rate_seen)} valid completions/min"
+    )
+    cols = (
+        "conc.",
+        "answers/s",
+        "brief p50/p95/p99 ms",
+        "503 p50/p95 ms",
+        "model",
+        "dimmed",
+        "cache",
+        "rules",
+        "503",
+        "failed",
+        "gen/min",
+        "ratio",
+        "breaker opens",
+        "recovery",
+        "back s",
+    )
+    for col in cols:
+        table.add_column(col, justify="right")
+    for row in result["levels"]:
+        share, acc, rej = row["share"], row["accepted"], row["rejections"]
+        model = share["full"] + share["downshifted"] + share["degraded"]
+        table.add_row(
+            str(row["concurrency"]),
+            _fmt(row["answers_per_s"]),
+            f"{_fmt(acc['p50_ms'])}/{_fmt(acc['p95_ms'])}/{_fmt(acc['p99_ms'])}",
+            f"{_fmt(rej['p50_ms'])}/{_fmt(rej['p95_ms'])}",
+            f"{model:.0%}",
+            f"{share['dimmed']:.0%}",
+            f"{share['cache']:.0%}",
+            f"{share['rules']:.0%}",
+            f"{share['rejected']:.0%}",
+            f"{share['failed']:.0%}",
+            _fmt(row["generator_briefs_per_min"]),
+            _fmt(row["ratio_to_bare"]),
+            str(row["breaker_opens"]),
+            str(row["recovery_actions"]),
+            _fmt(row["full_mode_back_s"]),
+        )
+    console.print(table)
 
 
 @bench_app.command("http")

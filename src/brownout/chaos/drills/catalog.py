@@ -52,6 +52,7 @@ Play = Literal[
     "queue_overflow",
     "loop_block",
     "memory_pressure",
+    "overload",
 ]
 
 REQUIREMENT_NOTES: Mapping[str, str] = MappingProxyType(
@@ -628,6 +629,48 @@ CATALOG: tuple[Scenario, ...] = (
         config=_frozen(
             {"models": {"roles": {"qwen": {"timeout": 10.0}}}, "server": {"request_timeout": 30.0}}
         ),
+    ),
+    Scenario(
+        name="overload",
+        title="Overload on healthy models (200 concurrent clients)",
+        category="API",
+        severity="Critical",
+        kind="load",
+        seed="issue 14: overload is not failure",
+        event="The embedded default (the real local models) gets more distinct-text requests than its "
+        "models can answer: 200 clients, each sending its next request as soon as the last is answered. "
+        "The models are healthy, only busy.",
+        detection=(
+            DetectionRow("Admission control", "a request that cannot start before its deadline", "immediate"),
+            DetectionRow("Concurrency limit", "model latency above its no-load latency", "a few calls"),
+        ),
+        response=(
+            "The models keep answering at their own rate: time spent queueing never counts against a "
+            "model, so no breaker opens and no recovery action runs.",
+            "What the models cannot take is dimmed (optional stages dropped, cache, rules) or refused at "
+            "once with 503 + Retry-After, never after a long wait.",
+            "When the load ends, full mode is back within seconds.",
+        ),
+        impact=(
+            ("Breaker opens", "0"),
+            ("Recovery actions", "0 (the models are healthy)"),
+            ("Generator-served briefs/min", ">= 0.9 x its rate at one client"),
+            ("Refusals", "p95 < 50 ms"),
+            ("Accepted answers", "p95 within the latency target (10 s)"),
+        ),
+        verification=(
+            "the default server on the real embedded models; one client for 20 s (the generator's "
+            "rate unloaded), then 200 clients for 30 s, then a gentle load",
+            "breaker states from /health, recovery actions from /api/v1/recovery/actions and model "
+            "server restarts, before and after",
+            "generator-served briefs/min under overload against the one-client rate; p95 of briefs "
+            "and of refusals; full mode back within 10 s of the load ending",
+        ),
+        play="overload",
+        fault=Fault("none", hold=30.0, behaviour=_frozen({"clients": 200, "baseline": 20.0})),
+        goals=Goals(detect=False, lost_writes=True),
+        mode="fast",
+        requires=("local-model",),
     ),
     Scenario(
         name="loop-blocking",

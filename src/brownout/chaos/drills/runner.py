@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import yaml
 
+from brownout.bench import percentile
 from brownout.chaos.drills.catalog import CATALOG, Scenario
 from brownout.chaos.drills.load import Load, Sample, brief_text
 from brownout.chaos.drills.measure import (
@@ -772,6 +773,19 @@ class Drill:
             await self.clock.sleep(0.1)
         await self.clock.sleep(self.settings.tail)
 
+    async def wait_recovered_with(self, load: Load, restore_at: float, budget: float) -> None:
+        """Like :meth:`wait_recovered`, with the answers of ``load`` (a load started after ``restore_at``)."""
+        assert self.watcher is not None
+        end = restore_at + budget + 5.0
+        while self.clock.now() < end:
+            back = recovery_time(
+                restore_at, self.watcher.samples, load.samples, self.scenario.mode, component=self.component
+            )
+            if back is not None:
+                break
+            await self.clock.sleep(0.1)
+        await self.clock.sleep(self.settings.tail)
+
     def audit_writes(self, rows: set[str], spool: Path) -> None:
         """Acknowledged writes against ``rows`` and the spool file; adds the lost-writes check."""
         assert self.load is not None
@@ -1463,6 +1477,146 @@ async def _memory_pressure(d: Drill) -> None:
     await d.finish_sqlite()
 
 
+def _default_settings() -> dict[str, Any]:
+    """The built-in defaults of what the drill settings shorten: the overload drill judges the server as
+    users run it (model timeouts, health probes, breakers, modes, the JSON guard, the local servers)."""
+    from brownout.config import BrownoutConfig
+
+    defaults = BrownoutConfig().model_dump(mode="json")
+    out: dict[str, Any] = {
+        "models": defaults["models"],
+        "circuit_breaker": defaults["circuit_breaker"],
+        "json_guard": defaults["json_guard"],
+        "server": {"request_timeout": defaults["server"]["request_timeout"]},
+    }
+    if "modes" in defaults:
+        out["modes"] = defaults["modes"]
+    return out
+
+
+async def _closed_loop(load: Load, clients: int, seconds: float, clock: Clock) -> None:
+    """``clients`` clients, each sending its next request (a distinct text) as soon as the last came back,
+    for ``seconds``; a refused client waits 0.1 s first, as a polite client would."""
+    until = clock.now() + seconds
+
+    async def client() -> None:
+        while clock.now() < until:
+            sample = await load.send()
+            if sample.outcome == "rejected":
+                await clock.sleep(0.1)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+def _model_served_per_min(samples: Sequence[Sample], since: float, until: float) -> float:
+    # Mode fast has one stage, the generator's: a full or downshifted answer is a brief it wrote (a
+    # similar earlier brief or the rules are "fallback"; the texts are distinct, so no exact-cache hit).
+    n = sum(1 for x in samples if since <= x.done < until and x.outcome in ("full", "downshifted"))
+    return n * 60.0 / (until - since) if until > since else 0.0
+
+
+def _p95_ms(values: Sequence[float]) -> float | None:
+    return round(percentile(values, 95) * 1000, 1) if values else None
+
+
+async def _overload(d: Drill) -> None:
+    """The embedded default on the real local models, then 200 closed-loop clients: a busy model must not
+    be treated as a broken one (issue 14's goals)."""
+    from brownout.bench.overload import breaker_opens, new_actions
+
+    s = d.scenario
+    clients = int(s.fault.behaviour.get("clients", 200))
+    baseline = float(s.fault.behaviour.get("baseline", 20.0))
+    target = 10.0  # seconds: the p95 latency target of an accepted answer on the embedded default
+    d.phase("starting the server on the embedded models")
+    load, watcher = await d.begin(_default_settings(), fakes=(), ready_timeout=d.settings.startup_timeout)
+    assert d.server is not None
+    # The server keeps a request up to its own deadline (60 s by default): a client giving up sooner
+    # would count its own impatience as a failed request.
+    await load.aclose()
+    d.load = load = Load(
+        load.base_url,
+        mode=s.mode,
+        timeout=d.server.config.server.request_timeout + 10.0,
+        clock=d.clock,
+        on_sample=lambda sample: d.progress.sample(s, sample),
+    )
+    history_before = await _recovery_history(d)
+    servers_before = {r: int(v.get("restarts", 0)) for r, v in (await watcher.poll()).servers.items()}
+
+    d.phase(f"one client for {baseline:g} s (the generator's rate unloaded)")
+    base_at = d.mark("one client")
+    await _closed_loop(load, 1, baseline, d.clock)
+    fault_at = d.mark(f"{clients} clients")
+    d.phase(f"{clients} clients for {s.fault.hold:g} s")
+    await _closed_loop(load, clients, s.fault.hold, d.clock)
+    restore_at = d.mark("load ends")
+    # The stragglers of the overload are in; a gentle load shows when full answers are back.
+    d.phase("gentle load until full mode is back")
+    gentle = Load(load.base_url, mode=s.mode, rate=0.5, clock=d.clock, timeout=load.timeout)
+    gentle.start()
+    try:
+        await d.wait_recovered_with(gentle, restore_at, 10.0)
+    finally:
+        await gentle.aclose()
+    load.samples.extend(gentle.samples)
+    after = await watcher.poll()
+    await d.end_load()
+    history_after = await _recovery_history(d)
+
+    r = d.result
+    samples = load.samples
+    r.counts = dict(load.counts())
+    unloaded = _model_served_per_min(samples, base_at, fault_at)
+    loaded = _model_served_per_min(samples, fault_at, restore_at)
+    during = [x for x in samples if fault_at <= x.sent < restore_at]
+    accepted = [x.latency for x in during if x.status == 200]
+    refused = [x.latency for x in during if x.outcome == "rejected"]
+    opens = breaker_opens([h.breakers for h in watcher.samples])
+    actions = new_actions(history_before, history_after)
+    restarts = {
+        role: int(info.get("restarts", 0)) - servers_before.get(role, 0)
+        for role, info in after.servers.items()
+    }
+    r.extra.update(
+        clients=clients,
+        generator_per_min_one_client=round(unloaded, 2),
+        generator_per_min_overload=round(loaded, 2),
+        accepted_p95_ms=_p95_ms(accepted),
+        refused_p95_ms=_p95_ms(refused),
+        refused=len(refused),
+        breaker_opens=opens,
+        recovery_actions=[f"{a.get('action')}({a.get('target')})" for a in actions],
+        model_server_restarts=restarts,
+        system_modes_seen=sorted({h.system_mode for h in watcher.samples if h.system_mode}),
+    )
+    d.failed_check()
+    d.check("no breaker opened", not opens, f"opens: {opens or 'none'}")
+    d.check(
+        "no recovery action while the models are healthy",
+        not actions and not any(restarts.values()),
+        f"actions: {r.extra['recovery_actions'] or 'none'}; model server restarts: {restarts}",
+    )
+    d.check(
+        "the generator kept serving at its rate",
+        unloaded > 0 and loaded >= 0.9 * unloaded,
+        f"{loaded:.1f} model briefs/min under {clients} clients, {unloaded:.1f} with one client "
+        f"(goal >= 0.9x)",
+    )
+    d.check(
+        f"accepted answers p95 within {target:g} s",
+        bool(accepted) and percentile(accepted, 95) <= target,
+        f"p95 {_s(percentile(accepted, 95) if accepted else None)} over {len(accepted)} briefs",
+    )
+    d.check(
+        "refusals answered in < 50 ms p95",
+        not refused or percentile(refused, 95) < 0.05,
+        f"p95 {_p95_ms(refused)} ms over {len(refused)} refusals" if refused else "no refusals",
+    )
+    d.recovery_check(restore_at, 10.0)
+    await d.finish_sqlite()
+
+
 PLAYS: dict[str, Callable[[Drill], Awaitable[None]]] = {
     "model_fault": _model_fault,
     "local_model_crash": _local_model_crash,
@@ -1474,6 +1628,7 @@ PLAYS: dict[str, Callable[[Drill], Awaitable[None]]] = {
     "queue_overflow": _queue_overflow,
     "loop_block": _loop_block,
     "memory_pressure": _memory_pressure,
+    "overload": _overload,
 }
 """The plays written so far, by :attr:`Scenario.play` name."""
 

@@ -1,0 +1,487 @@
+"""``brownout bench overload``: a default ``brownout serve`` under distinct-text load, level by level.
+
+Overload is not failure: a server with more requests than its models can answer should keep serving
+model answers at the models' rate, shed the rest at once, and never treat its busy models as broken.
+This bench measures how far the server is from that, against the bare model server's rate.
+
+1. The bare model server's rate (:mod:`brownout.bench.capacity`): the best schema-valid
+   completions/min of the generator's brief body over threads x slots, measured first, in the same
+   run, on the same machine (``--no-bare`` skips it, ``--bare-rate`` gives it).
+2. A default ``brownout serve`` (no config file, its own temporary working directory, a free port on
+   127.0.0.1), or the server at ``--url`` (127.0.0.1 only).
+3. Per concurrency level (1, 4, 16, 64, 200 by default): ``level`` clients, each sending the next
+   distinct text as soon as its previous answer came back, for ``seconds``. Per level: answers/s,
+   p50/p95/p99 of accepted answers and of rejections separately, the share of each kind of answer
+   (:func:`classify_answer`), generator-served briefs/min and their ratio to the bare rate, breaker
+   opens and system modes seen (``/api/v1/recovery/status`` polled twice a second), recovery actions
+   taken (its history before and after), and how long after the load ended the requested mode was
+   served in full again (``recovered_s``; the next level starts then, or after ``settle`` seconds).
+
+Load goes to 127.0.0.1 only, bounded in count (``level`` requests in flight) and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from brownout.bench import percentile
+
+__all__ = [
+    "KINDS",
+    "Answer",
+    "Kind",
+    "LevelResult",
+    "breaker_opens",
+    "classify_answer",
+    "new_actions",
+    "run",
+    "run_async",
+    "summarize",
+]
+
+Kind = Literal["full", "downshifted", "dimmed", "degraded", "cache", "rules", "rejected", "failed"]
+"""What served one answer (see :func:`classify_answer`)."""
+
+KINDS: tuple[Kind, ...] = (
+    "full",
+    "downshifted",
+    "dimmed",
+    "degraded",
+    "cache",
+    "rules",
+    "rejected",
+    "failed",
+)
+"""Every kind, the generator-served ones first."""
+
+GENERATOR_SERVED: frozenset[Kind] = frozenset({"full", "downshifted", "dimmed", "degraded"})
+"""The kinds whose brief the generator model wrote."""
+
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def classify_answer(status: int | None, headers: Mapping[str, str], body: Any, requested_mode: str) -> Kind:
+    """What served one answer of ``POST /v1/briefs``, from the answer alone.
+
+    * ``rejected``: 503 or 429 with a ``Retry-After`` header (shed; the client was told when to come back);
+    * ``failed``: anything else that is not a 200 with a brief (errors, timeouts: ``status`` None);
+    * for a brief, by who wrote it -- its ``generate`` stage (the first), or a cache hit:
+      ``cache`` (an exact-cache hit or a similar earlier request's brief), ``rules`` (rule-based,
+      popular or any other fallback that is not a model);
+    * a brief the generator wrote: ``dimmed`` when the answer says what was dimmed for load (a
+      non-empty ``dimmed`` field, or ``reason`` ``load``), else ``downshifted`` when served in a
+      poorer mode than requested, else ``degraded`` when a later stage fell back (template hints,
+      rule-based validation) or the generator answered with reduced context, else ``full``.
+    """
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("brief"), dict):
+        stages = [s for s in body.get("stages") or [] if isinstance(s, dict)]
+        by = [str(s.get("served_by", "")) for s in stages]
+        first = by[0] if by else ""
+        if body.get("cached") is True or first == "cache":
+            return "cache"
+        if not (first.startswith("model:") or first == "reduced_context"):
+            return "rules"
+        if body.get("dimmed") or body.get("reason") == "load":
+            return "dimmed"
+        if body.get("downshifted") or body.get("served_mode") != requested_mode:
+            return "downshifted"
+        if first == "reduced_context" or any(not b.startswith("model:") for b in by) or body.get("degraded"):
+            return "degraded"
+        return "full"
+    if status in (429, 503) and _retry_after(headers):
+        return "rejected"
+    return "failed"
+
+
+def _retry_after(headers: Mapping[str, str]) -> bool:
+    raw = headers.get("retry-after")
+    if raw is None:
+        return False
+    try:
+        return float(raw) >= 0
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One request of the load: its kind, latency (seconds) and when it came back (monotonic)."""
+
+    kind: Kind
+    latency: float
+    done: float
+    detail: str = ""
+
+
+def _pcts(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    return {f"p{q}_ms": round(percentile(values, q) * 1000, 1) for q in (50, 95, 99)}
+
+
+def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | None = None) -> dict[str, Any]:
+    """The per-level figures of ``answers`` received over ``elapsed`` seconds.
+
+    ``answers_per_s`` counts every answer (briefs and refusals alike), ``briefs_per_s`` the briefs;
+    ``accepted`` latencies are the briefs', ``rejections`` the 503/429's. ``share`` is each kind's share
+    of all answers. ``generator_briefs_per_min`` counts the briefs the generator wrote; ``ratio`` divides
+    it by ``bare_per_min`` (the bare model server's best) when given.
+    """
+    counts = Counter(a.kind for a in answers)
+    n = len(answers)
+    briefs = [a.latency for a in answers if a.kind not in ("rejected", "failed")]
+    rejected = [a.latency for a in answers if a.kind == "rejected"]
+    generated = sum(counts[k] for k in GENERATOR_SERVED)
+    per_min = generated * 60.0 / elapsed if elapsed > 0 else 0.0
+    return {
+        "answers": n,
+        "answers_per_s": round(n / elapsed, 2) if elapsed > 0 else 0.0,
+        "briefs_per_s": round(len(briefs) / elapsed, 2) if elapsed > 0 else 0.0,
+        "counts": {k: counts[k] for k in KINDS},
+        "share": {k: round(counts[k] / n, 4) if n else 0.0 for k in KINDS},
+        "accepted": _pcts(briefs),
+        "rejections": _pcts(rejected),
+        "generator_briefs": generated,
+        "generator_briefs_per_min": round(per_min, 2),
+        "ratio_to_bare": round(per_min / bare_per_min, 3) if bare_per_min else None,
+    }
+
+
+def breaker_opens(snapshots: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """How many times each breaker was seen going into ``open`` over ``snapshots`` (name -> state),
+    in order. A breaker open in the first snapshot counts once: it opened before or as the level began."""
+    opens: Counter[str] = Counter()
+    last: dict[str, str] = {}
+    for snap in snapshots:
+        for name, state in snap.items():
+            if state == "open" and last.get(name) != "open":
+                opens[name] += 1
+            last[name] = state
+    return dict(opens)
+
+
+def new_actions(
+    before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The recovery actions in history ``after`` that are not in ``before`` (by time, action and target)."""
+
+    def key(a: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+        return a.get("at"), a.get("action"), a.get("target")
+
+    seen = {key(a) for a in before}
+    return [dict(a) for a in after if key(a) not in seen]
+
+
+@dataclass(slots=True)
+class LevelResult:
+    """One concurrency level's raw material (turned into figures by :meth:`figures`)."""
+
+    level: int
+    seconds: float
+    answers: list[Answer] = field(default_factory=list)
+    snapshots: list[dict[str, str]] = field(default_factory=list)
+    modes_seen: list[str] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    recovered_s: float | None = None
+
+    def figures(self, bare_per_min: float | None) -> dict[str, Any]:
+        """The level's row of the report."""
+        opens = breaker_opens(self.snapshots)
+        failed = [a.detail for a in self.answers if a.kind == "failed" and a.detail]
+        return {
+            "concurrency": self.level,
+            "seconds": round(self.elapsed, 2),
+            **summarize(self.answers, self.elapsed, bare_per_min),
+            "breaker_opens": sum(opens.values()),
+            "breaker_opens_by_name": opens,
+            "system_modes_seen": list(dict.fromkeys(self.modes_seen)),
+            "recovery_actions": len(self.actions),
+            "recovery_action_names": [f"{a.get('action')}({a.get('target')})" for a in self.actions],
+            "full_mode_back_s": None if self.recovered_s is None else round(self.recovered_s, 2),
+            "first_failures": list(dict.fromkeys(failed))[:3],
+        }
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+
+def _text(level: int, i: int) -> str:
+    from brownout.chaos.drills.load import brief_text
+
+    # Distinct across levels too: no answer of one level is a cache hit in the next.
+    return f"{brief_text(i)} (level {level})"
+
+
+async def _status(http: httpx.AsyncClient) -> dict[str, Any] | None:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        response = await http.get("/api/v1/recovery/status")
+        body = response.json()
+        if response.status_code == 200 and isinstance(body, dict):
+            return body
+    return None
+
+
+async def _history(http: httpx.AsyncClient) -> list[dict[str, Any]]:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        body = (await http.get("/api/v1/recovery/actions")).json()
+        history = body.get("history") if isinstance(body, dict) else None
+        if isinstance(history, list):
+            return [a for a in history if isinstance(a, dict)]
+    return []
+
+
+def _full(status: Mapping[str, Any] | None, mode: str) -> bool:
+    return (
+        status is not None
+        and mode in (status.get("available_modes") or [])
+        and status.get("system_mode") in (None, "normal")
+        and all(s == "closed" for s in (status.get("breakers") or {}).values())
+    )
+
+
+async def _watch(http: httpx.AsyncClient, result: LevelResult, interval: float) -> None:
+    while True:
+        status = await _status(http)
+        if status is not None:
+            breakers = status.get("breakers") or {}
+            result.snapshots.append({str(k): str(v) for k, v in breakers.items()})
+            result.modes_seen.append(str(status.get("system_mode")))
+        await asyncio.sleep(interval)
+
+
+async def _client(
+    http: httpx.AsyncClient,
+    level: int,
+    numbers: itertools.count[int],
+    mode: str,
+    until: float,
+    out: list[Answer],
+) -> None:
+    while time.monotonic() < until:
+        i = next(numbers)
+        t0 = time.monotonic()
+        detail = ""
+        try:
+            response = await http.post("/v1/briefs", json={"text": _text(level, i), "mode": mode})
+        except httpx.HTTPError as e:
+            status, headers, body = None, {}, None
+            detail = f"{type(e).__name__}: {e}".rstrip(": ")
+        else:
+            status, headers = response.status_code, dict(response.headers)
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if status != 200:
+                detail = f"HTTP {status}"
+        done = time.monotonic()
+        kind = classify_answer(status, headers, body, mode)
+        out.append(Answer(kind, done - t0, done, detail if kind == "failed" else ""))
+        if kind == "rejected":
+            # A refused client waits a little before its next request, as a polite one would -- but not
+            # the whole Retry-After, or a level would only measure waiting.
+            await asyncio.sleep(0.1)
+
+
+async def run_level(
+    url: str,
+    level: int,
+    seconds: float,
+    *,
+    mode: str = "fast",
+    settle: float = 60.0,
+    poll: float = 0.5,
+    timeout: float = 120.0,
+) -> LevelResult:
+    """``level`` clients for ``seconds`` against ``url``, then up to ``settle`` seconds until the requested
+    mode is served in full again. Raises ValueError for a host other than 127.0.0.1."""
+    host = httpx.URL(url).host
+    if host not in _LOCAL_HOSTS:
+        raise ValueError(f"overload goes to 127.0.0.1 only, not {host!r}")
+    if level < 1 or seconds <= 0:
+        raise ValueError("level must be at least 1 and seconds positive")
+    result = LevelResult(level, seconds)
+    limits = httpx.Limits(
+        max_connections=level + 8, max_keepalive_connections=level + 8, keepalive_expiry=4.0
+    )
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as http,
+        httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False) as side,
+    ):
+        before = await _history(side)
+        watcher = asyncio.create_task(_watch(side, result, poll))
+        numbers = itertools.count()
+        t0 = time.monotonic()
+        try:
+            await asyncio.gather(
+                *(_client(http, level, numbers, mode, t0 + seconds, result.answers) for _ in range(level))
+            )
+            ended = time.monotonic()
+            result.elapsed = ended - t0
+            while time.monotonic() - ended < settle:
+                if _full(await _status(side), mode):
+                    result.recovered_s = time.monotonic() - ended
+                    break
+                await asyncio.sleep(poll)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        result.actions = new_actions(before, await _history(side))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class _Serve:
+    """``python -m brownout serve --port N`` with the built-in defaults, in a temporary directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        from brownout.llm.local import free_port
+
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "server.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, mode: str, timeout: float) -> None:
+        from brownout.chaos.drills.runner import _child_env
+
+        with self.log.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *(
+                    sys.executable,
+                    "-m",
+                    "brownout",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                ),
+                cwd=self.workdir,
+                env=_child_env(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        end = time.monotonic() + timeout
+        async with httpx.AsyncClient(base_url=self.url, timeout=5.0, trust_env=False) as http:
+            while not _full(await _status(http), mode):
+                if self.proc.returncode is not None:
+                    raise RuntimeError(f"brownout serve exited while starting:\n{self._tail()}")
+                if time.monotonic() > end:
+                    raise RuntimeError(
+                        f"brownout serve did not serve {mode} within {timeout:g}s:\n{self._tail()}"
+                    )
+                await asyncio.sleep(0.5)
+
+    def _tail(self) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+        return ""
+
+    async def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in load],
+        "note": "a shared machine: other sessions run tests beside this one, so figures are provisional",
+    }
+
+
+async def run_async(
+    *,
+    url: str | None = None,
+    levels: Sequence[int] = (1, 4, 16, 64, 200),
+    seconds: float = 45.0,
+    mode: str = "fast",
+    settle: float = 60.0,
+    bare: bool = True,
+    bare_seconds: float = 20.0,
+    bare_rate: float | None = None,
+    startup_timeout: float = 180.0,
+) -> dict[str, Any]:
+    """The whole bench (module docstring); returns the ``--json`` document."""
+    if not levels or min(levels) < 1 or max(levels) > 200:
+        raise ValueError("levels must be between 1 and 200")
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    if url is not None and httpx.URL(url).host not in _LOCAL_HOSTS:
+        raise ValueError(f"overload goes to 127.0.0.1 only, not {httpx.URL(url).host!r}")
+    machine = _machine()
+    capacity: dict[str, Any] | None = None
+    if bare_rate is None and bare:
+        from brownout.bench import capacity as bench_capacity
+
+        # Before the server starts: the bare server must not share the CPU with brownout's models.
+        capacity = await bench_capacity.run_async(seconds=bare_seconds, layouts=False)
+        best = capacity.get("best")
+        bare_rate = float(best["valid_per_min"]) if best else None
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="brownout-overload-") as tmp:
+        server = _Serve(Path(tmp)) if url is None else None
+        try:
+            if server is not None:
+                await server.start(mode, startup_timeout)
+                url = server.url
+            assert url is not None
+            for level in levels:
+                result = await run_level(url, level, seconds, mode=mode, settle=settle)
+                rows.append(result.figures(bare_rate))
+        finally:
+            if server is not None:
+                await server.stop()
+    return {
+        "bench": "overload",
+        "target": "a default brownout serve (built-in config)" if server is not None else url,
+        "mode": mode,
+        "seconds_per_level": seconds,
+        "machine": machine,
+        "bare": {
+            "valid_per_min": bare_rate,
+            "best": capacity.get("best") if capacity else None,
+            "grid": capacity.get("grid") if capacity else None,
+        },
+        "levels": rows,
+    }
+
+
+def run(**kwargs: Any) -> dict[str, Any]:
+    """:func:`run_async` in a new event loop."""
+    return asyncio.run(run_async(**kwargs))
