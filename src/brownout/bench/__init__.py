@@ -10,10 +10,30 @@ The results recorded on our machines live in ``benchmarks/`` at the repository r
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["percentile"]
+__all__ = ["child_env", "percentile"]
+
+# Where the brownout package is imported from; a source checkout (not site-packages) must be put on
+# the PYTHONPATH of a child ``python -m brownout`` so the child runs the same code.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_FROM_SOURCE_TREE = Path(_PACKAGE_ROOT).name not in ("site-packages", "dist-packages")
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a ``brownout serve`` that a bench or a drill starts.
+
+    The run's own config must be the one in force, so the user's ``BROWNOUT__*`` overrides and admin
+    token are left out; from a source checkout the package's root goes on ``PYTHONPATH``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BROWNOUT__")}
+    env.pop("BROWNOUT_ADMIN_TOKEN", None)
+    if _FROM_SOURCE_TREE:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import httpx
 
-from brownout.bench import percentile
+from brownout.bench import child_env, percentile
 
 __all__ = [
     "KINDS",
@@ -362,7 +362,6 @@ class _Serve:
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self, mode: str, timeout: float) -> None:
-        from brownout.chaos.drills.runner import _child_env
 
         with self.log.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
@@ -377,7 +376,7 @@ class _Serve:
                     "warning",
                 ),
                 cwd=self.workdir,
-                env=_child_env(),
+                env=child_env(),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import yaml
 
-from brownout.bench import percentile
+from brownout.bench import child_env, percentile
 from brownout.chaos.drills.catalog import CATALOG, Scenario
 from brownout.chaos.drills.load import Load, Sample, brief_text
 from brownout.chaos.drills.measure import (
@@ -79,11 +79,6 @@ __all__ = [
 ]
 
 ROLES = ("qwen", "mistral", "llama")
-
-# The source tree holding ``brownout``: put first on the children's PYTHONPATH so they run the same
-# code as the drill when it runs from a checkout (an installed package needs no help).
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
-_FROM_SOURCE_TREE = Path(_PACKAGE_ROOT).name not in ("site-packages", "dist-packages")
 
 # Children still running, killed at interpreter exit: a drill interrupted half-way leaves no server.
 _LIVE: set[int] = set()
@@ -253,15 +248,6 @@ def missing(scenario: Scenario) -> list[str]:
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def _child_env() -> dict[str, str]:
-    # The drill's config must be the one in force: environment overrides of the user's shell are not.
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("BROWNOUT__")}
-    env.pop("BROWNOUT_ADMIN_TOKEN", None)
-    if _FROM_SOURCE_TREE:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -294,7 +280,7 @@ class _Process:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                env=_child_env(),
+                env=child_env(),
             )
         finally:
             out.close()
