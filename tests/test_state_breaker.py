@@ -208,6 +208,28 @@ async def test_operator_reset_reaches_every_replica(replicas: Callable[..., Redi
         await a.call(ok)
 
 
+async def test_an_operator_change_holds_on_this_replica_at_once(
+    replicas: Callable[..., RedisBreakers],
+) -> None:
+    # Before the write to Redis lands: the replica that was told obeys already (it once answered
+    # "available" right after force_open, so a forced-open model still looked healthy).
+    a = replicas().breaker("m", CONFIG)
+    assert await a.call(ok) == "ok"
+    a.force_open()
+    assert a.state is BreakerState.FORCED_OPEN
+    assert not a.available
+    await asyncio.gather(*a._owner._background)
+    await a._owner.sync()
+    assert a.state is BreakerState.FORCED_OPEN
+    a.reset()
+    assert a.state is BreakerState.CLOSED
+    assert a.available
+    a.open_for(30.0, "provider asked")
+    assert a.state is BreakerState.OPEN
+    assert not a.available
+    assert a.retry_after() == pytest.approx(30.0)
+
+
 async def test_guard_form_records_outcomes(replicas: Callable[..., RedisBreakers]) -> None:
     a = replicas().breaker("m", CONFIG)
     for _ in range(4):

@@ -299,27 +299,34 @@ class SharedBreaker(CircuitBreaker):
     def reset(self) -> None:
         """Close the breaker for every replica (and this replica's local one)."""
         super().reset()
-        self._owner._schedule_set(self, "closed", "reset")
+        self._set_everywhere("closed", "reset")
 
     def force_open(self) -> None:
         """Reject every call on every replica until :meth:`reset`."""
         super().force_open()
-        self._owner._schedule_set(self, "forced_open", "forced open")
+        self._set_everywhere("forced_open", "forced open")
 
     def force_closed(self) -> None:
         """Run every call on every replica, never opening, until :meth:`reset`."""
         super().force_closed()
-        self._owner._schedule_set(self, "forced_closed", "forced closed")
+        self._set_everywhere("forced_closed", "forced closed")
 
     def disable(self) -> None:
         """Run every call and record nothing, on every replica, until :meth:`reset`."""
         super().disable()
-        self._owner._schedule_set(self, "disabled", "disabled")
+        self._set_everywhere("disabled", "disabled")
 
     def open_for(self, seconds: float, reason: str = "held open") -> None:
         """Open for ``seconds`` on every replica (a dependency's own ``Retry-After``)."""
         super().open_for(seconds, reason)
-        self._owner._schedule_set(self, "open", reason, until=self._clock.now() + seconds)
+        self._set_everywhere("open", reason, until=self._clock.now() + seconds)
+
+    def _set_everywhere(self, state: str, reason: str, *, until: float = 0.0) -> None:
+        # This replica obeys at once (an operator who forces a breaker open expects the very next call
+        # to be refused here); Redis, and through it the other replicas, follow when the write lands,
+        # and its reply (a newer generation) is adopted over this provisional view.
+        self._adopt(state, self._sgen, until, reason)
+        self._owner._schedule_set(self, state, reason, until=until)
 
     # ------------------------------------------------------------------ the engine
 
