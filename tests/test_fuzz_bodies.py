@@ -206,11 +206,10 @@ def test_a_hostile_body_is_refused_in_shape_never_a_server_error(
 @_SETTINGS
 @given(
     route=st.sampled_from(["briefs", "trigger"]),
-    # Up to the limit: past it, the 413 can be lost to a connection reset (see test_fuzz_http.py).
-    size=st.integers(BRIEF_LIMIT - 128, BRIEF_LIMIT),
+    size=st.integers(BRIEF_LIMIT - 64, BRIEF_LIMIT + 64),
     char=st.sampled_from(["a", "\u00e9", "\u20ac", "\U0001f600", "\\u00e9"]),
 )
-def test_a_string_up_to_the_body_limit_is_read_and_answered_in_shape(
+def test_a_string_near_the_body_limit_is_answered_in_shape(
     client: httpx.Client, route: str, size: int, char: str
 ) -> None:
     key = "text" if route == "briefs" else "target"
@@ -218,9 +217,9 @@ def test_a_string_up_to_the_body_limit_is_read_and_answered_in_shape(
     filler = (char * size).encode()[: max(0, size - len(prefix) - 2)]
     # Cut on a character boundary or not: either way the answer is a refusal in shape, or a brief.
     body = prefix.encode() + filler + b'"}'
-    assert len(body) <= BRIEF_LIMIT
     response = _send(client, route, body, "application/json")
-    assert response.status_code != 413
+    # Past the limit: a 413 (it used to be lost at times to a connection reset, see test_fuzz_http).
+    assert (response.status_code == 413) == (len(body) > BRIEF_LIMIT), response.text[:200]
 
 
 def test_the_named_numbers_are_refused_with_a_reason(client: httpx.Client) -> None:
