@@ -156,8 +156,11 @@ def running_app(tmp: Path, extra: Mapping[str, Any] | None = None) -> Iterator[R
             raise failure[0]
 
 
-def assert_error_shape(status: int, headers: Mapping[str, str], content: bytes, what: str) -> None:
-    """A 4xx/5xx answer is the one error shape; no 5xx but a 503 that says when to retry."""
+def assert_error_shape(status: int, headers: Mapping[str, Any], content: bytes, what: str) -> None:
+    """A 4xx/5xx answer is the one error shape; no 5xx but a 503 that says when to retry.
+
+    ``headers``: lower-case names to a value (httpx) or a list of values (schemathesis).
+    """
     if status >= 500:
         assert status == 503, f"{what}: answered {status}: {content[:300]!r}"
         assert headers.get("retry-after"), f"{what}: a 503 without Retry-After"

@@ -1,8 +1,9 @@
 """Schemathesis over the app's own OpenAPI spec: no server error, one error shape, no hang.
 
-The app runs on uvicorn on 127.0.0.1 (in a thread with its own event loop, since schemathesis's pytest
-integration is synchronous), each model role and a gateway model group (``chat``) on a healthy
-:class:`~brownout.chaos.fakellm.FakeLLM`, so nothing heavy runs: no local model, no real upstream.
+The app runs on a real uvicorn on 127.0.0.1 with the project's own HTTP protocol and connection limits
+(:mod:`fuzz_helpers`: in a thread, since schemathesis's pytest integration is synchronous), each model
+role and a gateway model group (``chat``) on a healthy :class:`~brownout.chaos.fakellm.FakeLLM`, so
+nothing heavy runs: no local model, no real upstream.
 
 Every operation of the spec (the gateway's too: they are in the document) goes through schemathesis'
 three phases, derandomized so a run is repeatable:
@@ -15,8 +16,9 @@ three phases, derandomized so a run is repeatable:
 * **fuzzing** -- up to ``MAX_EXAMPLES`` generated requests (valid and invalid bodies, parameters and
   headers).
 
-Admin operations get the admin token unless the generated request carries an ``Authorization`` of its
-own, so both the refusals (401) and the recovery API behind them are fuzzed; with external model
+Admin operations get the admin token, except in the coverage phase's cases about the
+``Authorization`` header itself (a missing or wrong token: 401), so both the refusals and the recovery
+API behind them are fuzzed; with external model
 endpoints the recovery actions only act inside the process (caches, breakers, switches), and
 ``recovery.admin_timeout`` is short so a longer run answers 202 in time.
 
@@ -30,10 +32,8 @@ Left out: ``GET /api/v1/events`` (an endless stream; ``tests/test_live.py`` cove
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -50,97 +50,30 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES
 from brownout.events import EventBus
 from brownout.recovery import actions
 from brownout.recovery.classify import FailureType
 from brownout.server.app import create_app
-from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
-from live_helpers import make_config, serve_app, until
+from fuzz_helpers import ADMIN_TOKEN, BOUND, GROUP, assert_error_shape, overrides, running_app
+from live_helpers import make_config
 
 # Per operation, for the fuzzing phase (examples and coverage run whole); =500 digs deeper by hand.
 MAX_EXAMPLES = int(os.environ.get("BROWNOUT_SCHEMATHESIS_EXAMPLES", "25"))
-BOUND = 5.0
-"""Seconds any one request may take, answer included: far above what any of them needs here."""
-ADMIN_TOKEN = "schemathesis-admin-token"
-GROUP = "chat"
-"""The gateway's one model group, on its own fake."""
-
-
-def _overrides(group_url: str) -> dict[str, Any]:
-    return {
-        "server": {"admin_token": ADMIN_TOKEN},
-        "loop_block": {"enabled": False},
-        "resources": {"enabled": False},
-        # A recovery run still going after this answers 202 with its run id, well inside BOUND.
-        "recovery": {"admin_timeout": 1.0},
-        "gateway": {"groups": {GROUP: {"endpoints": [{"url": group_url}], "timeout": 2.0}}},
-    }
 
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app with FakeLLM roles and gateway group, served by uvicorn in a thread; yields its base URL."""
-    tmp: Path = tmp_path_factory.mktemp("schemathesis")
-    ready = threading.Event()
-    found: dict[str, str] = {}
-    stop: list[asyncio.Event] = []
-    loop_box: list[asyncio.AbstractEventLoop] = []
-    failure: list[BaseException] = []
-
-    async def main() -> None:
-        loop_box.append(asyncio.get_running_loop())
-        stop.append(asyncio.Event())
-        fakes = [FakeLLM(model=name) for name in (*ROLES, GROUP)]
-        try:
-            for fake in fakes:
-                await fake.start()
-            config = make_config(
-                {role: fake.url for role, fake in zip(ROLES, fakes, strict=False)},
-                tmp / "briefs.db",
-                _overrides(fakes[-1].url),
-            )
-            runtime = Runtime(config, events=EventBus())
-            async with serve_app(create_app(config, runtime)) as url:
-                service = runtime.service
-                assert service is not None
-                await until(lambda: len(service.stats.health) == len(ROLES), what="the first probes")
-                found["url"] = url
-                ready.set()
-                await stop[0].wait()
-        finally:
-            await asyncio.gather(*(fake.stop() for fake in fakes))
-
-    def run() -> None:
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # reported to the test, which would otherwise wait in vain
-            failure.append(e)
-        finally:
-            ready.set()
-
-    thread = threading.Thread(target=run, name="schemathesis-app", daemon=True)
-    thread.start()
-    ready.wait(60)
-    if failure:
-        raise failure[0]
-    assert "url" in found, "the app did not start"
-    try:
-        yield found["url"]
-    finally:
-        loop_box[0].call_soon_threadsafe(stop[0].set)
-        thread.join(30)
-        assert not thread.is_alive(), "the app did not stop"
-        if failure:
-            raise failure[0]
+    with running_app(tmp_path_factory.mktemp("schemathesis")) as running:
+        yield running.url
 
 
 def _spec() -> dict[str, Any]:
     """The app's OpenAPI spec, built without starting anything (placeholder upstreams)."""
     config = make_config(
-        dict.fromkeys(ROLES, "http://127.0.0.1:9"), Path("unused.db"), _overrides("http://127.0.0.1:9")
+        dict.fromkeys(ROLES, "http://127.0.0.1:9"), Path("unused.db"), overrides("http://127.0.0.1:9")
     )
     return create_app(config, Runtime(config, events=EventBus())).openapi()
 
@@ -177,23 +110,12 @@ def _with_examples(spec: dict[str, Any]) -> dict[str, Any]:
 schema = schemathesis.openapi.from_dict(_with_examples(_spec())).exclude(path="/api/v1/events")
 
 
-def no_server_error(ctx: CheckContext, response: Any, case: schemathesis.Case) -> bool | None:
-    """No 5xx, except a 503 that says when to try again (header and body)."""
-    status = response.status_code
-    if status >= 500:
-        assert status == 503, f"{case.method} {case.path} answered {status}: {response.content[:500]!r}"
-        assert response.headers.get("retry-after"), f"a 503 without Retry-After on {case.path}"
-    return None
-
-
-def error_shape(ctx: CheckContext, response: Any, case: schemathesis.Case) -> bool | None:
-    """A 4xx/5xx answer is JSON of the one error shape (retry_after on 429/503)."""
-    if response.status_code < 400:
-        return None
-    error = ErrorResponse.model_validate_json(response.content).error
-    assert error.message, case.path
-    if response.status_code in (429, 503):
-        assert error.retry_after is not None, case.path
+def no_server_error_and_one_error_shape(
+    ctx: CheckContext, response: Any, case: schemathesis.Case
+) -> bool | None:
+    """No 5xx but a 503 that says when to retry; every 4xx/5xx in the one error shape."""
+    what = f"{case.method} {case.formatted_path}"
+    assert_error_shape(response.status_code, response.headers, response.content, what)
     return None
 
 
@@ -201,8 +123,7 @@ SEEN: Counter[tuple[str, str, str, int]] = Counter()
 """Answers by (method, path, phase, status), for the test that the fuzzing reached what it should."""
 
 CHECKS = [
-    no_server_error,
-    error_shape,
+    no_server_error_and_one_error_shape,
     status_code_conformance,
     content_type_conformance,
     response_schema_conformance,
