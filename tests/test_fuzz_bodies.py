@@ -198,6 +198,20 @@ _SETTINGS = settings(
 def test_a_hostile_body_is_refused_in_shape_never_a_server_error(
     client: httpx.Client, route: str, body: bytes, content_type: str | None
 ) -> None:
+    _hostile(client, route, body, content_type)
+
+
+@pytest.mark.slow
+@settings(_SETTINGS, max_examples=1000, derandomize=False, database=None)
+@given(route=st.sampled_from(list(ROUTES)), body=_raw_bodies, content_type=_content_types)
+def test_many_more_hostile_bodies_drawn_afresh(
+    client: httpx.Client, route: str, body: bytes, content_type: str | None
+) -> None:
+    """The same property with new random draws each run and a larger budget (``-m slow``)."""
+    _hostile(client, route, body, content_type)
+
+
+def _hostile(client: httpx.Client, route: str, body: bytes, content_type: str | None) -> None:
     response = _send(client, route, body, content_type)
     if response.status_code < 300 and route != "chat":
         response.json()  # what was accepted is answered as JSON
