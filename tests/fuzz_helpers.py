@@ -74,6 +74,9 @@ class RunningApp:
     port: int
     runtime: Runtime
     policy: ConnectionPolicy
+    fakes: dict[str, FakeLLM]
+    """The fakes by role, and the gateway group's under :data:`GROUP`; ``fake.set(...)`` from the
+    test thread only swaps its behaviour object (one assignment)."""
 
 
 @contextlib.contextmanager
@@ -124,7 +127,15 @@ def running_app(tmp: Path, extra: Mapping[str, Any] | None = None) -> Iterator[R
                 service = runtime.service
                 assert service is not None
                 await until(lambda: len(service.stats.health) == len(ROLES), what="the first probes")
-                found.append(RunningApp(f"http://127.0.0.1:{port}", port, runtime, policy))
+                found.append(
+                    RunningApp(
+                        f"http://127.0.0.1:{port}",
+                        port,
+                        runtime,
+                        policy,
+                        dict(zip((*ROLES, GROUP), fakes, strict=True)),
+                    )
+                )
                 ready.set()
                 await stop[0].wait()
             finally:

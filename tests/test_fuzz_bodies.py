@@ -42,10 +42,15 @@ ROUTES = {
 }
 
 
+REQUEST_TIMEOUT = 3.0
+"""server.request_timeout of the app under test: a brief is answered by then, whatever the models do."""
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
-    """The app on uvicorn with its fakes (briefs' body limit: the default)."""
-    with running_app(tmp_path_factory.mktemp("fuzz-bodies")) as running:
+    """The app on uvicorn with its fakes (briefs' body limit: the default; deadlines inside BOUND)."""
+    extra = {"server": {"request_timeout": REQUEST_TIMEOUT}}
+    with running_app(tmp_path_factory.mktemp("fuzz-bodies"), extra) as running:
         yield running
 
 
@@ -256,3 +261,26 @@ def test_a_large_valid_chat_near_the_gateway_limit_is_served(client: httpx.Clien
     response = _send(client, "chat", body, "application/json")
     assert response.status_code == 200
     assert response.json()["choices"]
+
+
+# Last in the module: the breakers it opens would only add 503s to the tests above.
+@pytest.mark.parametrize(
+    "mode", ["error", "hang", "garbage", "malformed", "wrong_schema", "rate_limited", "down", "break_mid"]
+)
+def test_valid_requests_are_answered_in_shape_and_in_time_while_the_models_misbehave(
+    app: RunningApp, client: httpx.Client, mode: str
+) -> None:
+    """Every model and the gateway's upstream in one fault mode: a brief is still answered within
+    server.request_timeout (from a fallback), and the chat route and recovery API never with a 500."""
+    for fake in app.fakes.values():
+        fake.set(mode)  # type: ignore[arg-type]
+    try:
+        brief = _send(client, "briefs", b'{"text": "a fresh citrus scent", "mode": "creative"}', _JSON)
+        assert brief.status_code in (200, 503), brief.text[:300]
+        chat = b'{"model": "chat", "messages": [{"role": "user", "content": "hi"}]}'
+        _send(client, "chat", chat, _JSON)
+        _send(client, "chat", chat[:-1] + b', "stream": true}', _JSON)
+        _send(client, "trigger", b'{"action": "check_health"}', _JSON)
+    finally:
+        for fake in app.fakes.values():
+            fake.set("ok")
