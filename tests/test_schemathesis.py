@@ -204,6 +204,9 @@ def test_the_fuzzing_reached_the_recovery_api_the_upstream_and_every_phase() -> 
     for phase in ("coverage", "fuzzing"):
         ran = {(m, p) for (m, p, ph, _) in SEEN if ph == phase}
         assert operations <= ran, (phase, operations - ran)
+    # The examples added to the spec were sent, and acted: actions ran, the upstream answered.
+    for path in ("/api/v1/recovery/trigger", "/v1/chat/completions"):
+        assert any((m, p, ph) == ("POST", path, "examples") and s < 300 for (m, p, ph, s) in SEEN), path
 
 
 def test_the_spec_documents_what_the_server_sends() -> None:
