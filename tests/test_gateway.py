@@ -435,7 +435,13 @@ async def test_client_fault_4xx_is_passed_back_not_retried_not_counted(fakes: An
     async with gateway({"chat": group(refusing, good, max_attempts=3)}) as gw:
         r = await gw.post(chat())
         assert r.status_code == status
-        assert r.json()["error"]["message"] == f"injected error {status}"  # the upstream's own body
+        assert r.json()["error"]["message"] == f"injected error {status}"  # the upstream's own words
+        # ... in the one error shape, though the upstream sent a numeric code and no param: the
+        # code becomes the status's own name.
+        error = ErrorResponse.model_validate(r.json()).error
+        assert isinstance(error.code, str)
+        assert error.code
+        assert error.param is None
         assert r.headers["x-brownout-served-by"] == f"chat/{label(refusing)}"
         stats = breaker_of(gw.gateway, "chat", 0).metrics()
         assert (stats.calls, stats.failures) == (0, 0)

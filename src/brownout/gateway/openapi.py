@@ -107,6 +107,22 @@ _HEADERS_SERVED = {
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 
 
+_SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "description": "one Server-Sent Event of the stream",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a chat.completion.chunk as JSON, then [DONE]; or an error in the one shape",
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
 def _json(ref: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF.format(model=ref)}}}
 
@@ -154,7 +170,8 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                             "headers": _HEADERS_SERVED,
                             "content": {
                                 **_json("ChatCompletion"),
-                                "text/event-stream": {"schema": {"type": "string"}},
+                                # With stream: true, one schema per event (tools check each).
+                                "text/event-stream": {"schema": _SSE_EVENT},
                             },
                         },
                         "400": _error("Not UTF-8, not JSON, not an object, NaN/Infinity, no `model`"),

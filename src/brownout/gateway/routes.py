@@ -21,8 +21,9 @@ UTF-8, not JSON, not a JSON object, holds NaN/Infinity or a lone surrogate, or l
 ``model_not_found`` for an unknown group; 413 for a body over ``gateway.max_body_bytes``; 415 without
 ``Content-Type: application/json``; 429 ``overloaded`` with ``Retry-After`` (and ``retry_after``)
 when the group's admission sheds the request; 503 ``upstream_unavailable`` with ``Retry-After`` when
-no endpoint of the group or its fallbacks answered. Upstream 4xx that blame the request come back as
-the upstream sent them.
+no endpoint of the group or its fallbacks answered. Upstream 4xx that blame the request come back with
+the upstream's status and words, put in the one shape (llama.cpp's server, for one, sends a numeric
+``code`` and no ``param``).
 
 The routes are documented in ``/openapi.json`` by :func:`gateway_openapi` (request and answer schemas,
 the error shape) without becoming FastAPI routes: they keep the fast path.
@@ -31,7 +32,7 @@ the error shape) without becoming FastAPI routes: they keep the fast path.
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import Any, Final, get_args
 
 from prometheus_client import CollectorRegistry
 from starlette.routing import Route, Router
@@ -48,10 +49,13 @@ from brownout.gateway.router import (
     Group,
     Passthrough,
     retry_after_header,
+    snippet,
 )
 from brownout.gateway.stream import OpenStream, open_stream, relay
 from brownout.server.errors import (
+    DEFAULT_RETRY_AFTER,
     ApiError,
+    ErrorType,
     check_json_content_type,
     error_bytes,
     error_content,
@@ -196,9 +200,10 @@ class ChatCompletions:
             stats.outcomes["unavailable"] += 1
             await _unavailable(send, e)
             return
+        answer_headers, answer_body = _shaped(answer)
         headers = [
-            *answer.headers,
-            (b"content-length", str(len(answer.body)).encode()),
+            *answer_headers,
+            (b"content-length", str(len(answer_body)).encode()),
             (b"x-brownout-served-by", answer.served_by),
             (b"x-brownout-fallbacks", answer.path),
             (b"x-brownout-attempts", str(answer.attempts).encode()),
@@ -208,7 +213,7 @@ class ChatCompletions:
         if answer.guard is not None:
             headers.append((b"x-brownout-json-guard", answer.guard.encode()))
         await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer.body})
+        await send({"type": "http.response.body", "body": answer_body})
         stats.outcomes["served" if answer.status < 400 else "client_error"] += 1
         stats.overhead.observe(max(0.0, now() - t0 - answer.upstream))
 
@@ -253,15 +258,59 @@ class ChatCompletions:
 
 
 async def _reply_whole(send: Send, answer: Answer) -> None:
+    answer_headers, answer_body = _shaped(answer)
     headers = [
-        *answer.headers,
-        (b"content-length", str(len(answer.body)).encode()),
+        *answer_headers,
+        (b"content-length", str(len(answer_body)).encode()),
         (b"x-brownout-served-by", answer.served_by),
         (b"x-brownout-fallbacks", answer.path),
         (b"x-brownout-attempts", str(answer.attempts).encode()),
     ]
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": answer.body})
+    await send({"type": "http.response.body", "body": answer_body})
+
+
+_ERROR_TYPES: Final = frozenset(get_args(ErrorType))
+
+
+def _shaped(answer: Answer) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers and body to send for ``answer``: as they came when it succeeded; when the upstream
+    refused the request (a 4xx passed back), its status and words in the one error shape -- a client
+    of this gateway reads one shape, whichever server stands behind it."""
+    if answer.status < 400:
+        return answer.headers, answer.body
+    message, fields = _upstream_error(answer.status, answer.body)
+    body = error_bytes(answer.status, message, **fields)
+    headers = [(n, v) for n, v in answer.headers if n not in (b"content-type", b"content-length")]
+    headers.append(_JSON)
+    if answer.status in (429, 503) and not any(n == b"retry-after" for n, _ in headers):
+        headers.append((b"retry-after", str(DEFAULT_RETRY_AFTER).encode()))
+    return headers, body
+
+
+def _upstream_error(status: int, raw: bytes) -> tuple[str, dict[str, Any]]:
+    """The message and error fields an upstream's error body gives (OpenAI's shape or near it)."""
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, str) and error:
+        return error, {}
+    if not isinstance(error, dict):
+        return f"the upstream refused the request (HTTP {status}): {snippet(raw)}", {}
+    message = error.get("message")
+    fields: dict[str, Any] = {}
+    kind, code, param = error.get("type"), error.get("code"), error.get("param")
+    if kind in _ERROR_TYPES:
+        fields["type"] = kind
+    if isinstance(code, str) and code:
+        fields["code"] = code  # a numeric code repeats the status: the status's own name is used
+    if isinstance(param, str) and param:
+        fields["param"] = param
+    if not isinstance(message, str) or not message:
+        message = f"the upstream refused the request (HTTP {status})"
+    return message, fields
 
 
 async def _too_large(send: Send, limit: int) -> None:

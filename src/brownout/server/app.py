@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 from fastapi import Depends, FastAPI, Header, Query
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -506,7 +506,8 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
             return _unhealthy(model, result)
         return JSONResponse(result)
 
-    @app.get("/metrics")
+    # Documented as Prometheus text, not JSON (FastAPI's default): clients check the content type.
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_json_error_responses())
     async def metrics() -> Response:
         return Response(exporter.exposition(), media_type=CONTENT_TYPE_LATEST)
 
@@ -632,6 +633,16 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # answered 503 here rather than 500 by uvicorn.
     app.add_middleware(DrainMiddleware, drain=drain)
     return app
+
+
+def _json_error_responses() -> dict[int | str, dict[str, Any]]:
+    """:func:`openapi_error_responses` spelled out as JSON, for a route whose success is not JSON
+    (FastAPI would document its errors with the route's own media type)."""
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {
+        status: {"description": answer["description"], "content": content}
+        for status, answer in openapi_error_responses().items()
+    }
 
 
 def _unhealthy(model: str, result: dict[str, Any]) -> Response:

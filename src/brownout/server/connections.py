@@ -20,6 +20,15 @@ it has no limit on the time a request's line and headers take, none on a body th
   answered 503 with ``Retry-After`` at once, without reading its request, and closed; the client's
   other connections carry on. WebSocket connections leave the count when they upgrade: the live
   view caps them itself (``server.live_max_clients``).
+* **header size**: a request's line and headers may take at most ``ConnectionPolicy.max_header_bytes``
+  (64 KiB); past that it is answered 431 and the connection closed. uvicorn's httptools parser has
+  no limit: a 1 MB header, or 10,000 of them, used to be read and served.
+* **malformed requests**: what uvicorn's parser cannot read is answered 400 in the one error shape
+  (uvicorn's own answer is plain text).
+* **closing while the client still sends**: an answer that closes the connection before the request
+  was read whole (413 on a declared size, 400, 431, a refused Host) first half-closes and reads and
+  drops what still comes for up to 2 s. Closing with unread data resets the connection, and a
+  client busy sending its body then lost the 413 it was meant to read.
 * **Host** (``server.allowed_hosts``): a request whose ``Host`` header is not allowed is answered 400
   before the app sees it. A web page on a domain whose DNS the attacker points at 127.0.0.1 (DNS
   rebinding) sends its own domain as ``Host``; the default accepts only ``localhost``, the name
@@ -40,7 +49,7 @@ import ipaddress
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -72,6 +81,10 @@ class ConnectionStats:
     """Connections refused because their client address had ``max_connections_per_client`` open."""
     bad_host: int = 0
     """Requests refused because their ``Host`` is not allowed."""
+    malformed: int = 0
+    """Requests the HTTP parser could not read (answered 400)."""
+    headers_too_large: int = 0
+    """Requests whose line and headers passed ``max_header_bytes`` (answered 431)."""
 
 
 @dataclass(slots=True)
@@ -88,6 +101,8 @@ class ConnectionPolicy:
     allowed_hosts: frozenset[str] | None = None
     """Lower-case names and ``*.suffix`` patterns; None: localhost, ``bind_host`` and IP addresses."""
     bind_host: str = "127.0.0.1"
+    max_header_bytes: int = 65536
+    """The most bytes a request's line and headers may take (uvicorn's parser has no limit)."""
     open_by_client: Counter[str] = field(default_factory=Counter)
     stats: ConnectionStats = field(default_factory=ConnectionStats)
 
@@ -160,6 +175,38 @@ def _timeout_answer(what: str, seconds: float, key: str) -> bytes:
     return _raw_response(408, "Request Timeout", error_bytes(408, message, code="request_timeout"))
 
 
+def _malformed_answer(reason: str) -> bytes:
+    message = f"the request is not valid HTTP/1.1 and cannot be read ({reason})"
+    return _raw_response(400, "Bad Request", error_bytes(400, message, code="malformed_request"))
+
+
+def _headers_too_large_answer(limit: int) -> bytes:
+    message = f"the request line and headers are over {limit} bytes"
+    body = error_bytes(431, message, code="headers_too_large", limit_bytes=limit)
+    return _raw_response(431, "Request Header Fields Too Large", body)
+
+
+class _HeadersTooLarge(Exception):
+    """Raised in the parser's callbacks when a request's line and headers pass the limit."""
+
+
+class _LingeringClose:
+    """The transport a request's answer is written to: its ``close()`` lingers (see
+    :meth:`GuardedHttpToolsProtocol._close`) when the request was not read whole."""
+
+    __slots__ = ("_protocol", "_transport")
+
+    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: asyncio.Transport) -> None:
+        self._protocol = protocol
+        self._transport = transport
+
+    def close(self) -> None:
+        self._protocol._close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 def _over_cap_answer(cap: int) -> bytes:
     body = error_bytes(
         503,
@@ -227,6 +274,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._counted: str | None = None  # the client address this connection is counted under
         self._refused = False
         self._host_ok = True
+        self._header_bytes = 0  # received while a request's headers were being read
+        self._parsed_header_bytes = 0  # of the request line and headers parsed so far
+        self._lingering = False  # half-closed: what the client still sends is dropped
 
     # ------------------------------------------------------------------------------------- the connection
 
@@ -283,19 +333,86 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed the parser, then start the header clock when a new request begins."""
-        if self._refused:
-            return  # the 503 is on its way: the request is not read
+        if self._refused or self._lingering:
+            return  # the answer is on its way and the connection closing: the rest is not read
         if self._headers_since is None and self._body_since is None and self._idle():
             # The first byte after a finished exchange: the next request's headers are on the clock.
             self._headers_since = self.loop.time()
         if self._headers_since is not None and data:
             self._sent_some = True
+            self._header_bytes += len(data)
         super().data_received(data)
+        if (
+            self._headers_since is not None
+            and self._header_bytes > self.policy.max_header_bytes
+            and not self.transport.is_closing()
+            and not self._lingering
+        ):
+            self._headers_too_large()
+            return
         if self._timer is None and not self.transport.is_closing():
             if self._headers_since is not None:
                 self._arm(self._headers_since + self.policy.header_timeout - self.loop.time())
             elif self._body_since is not None:
                 self._arm(self.policy.body_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        """Count the request line against ``max_header_bytes``."""
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Count the header against ``max_header_bytes``."""
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, size: int) -> None:
+        # Exact, for headers that arrive in one read (data_received only sees them whole). Raising
+        # stops the parser, which reports it through send_400_response.
+        self._parsed_header_bytes += size
+        if self._parsed_header_bytes > self.policy.max_header_bytes:
+            raise _HeadersTooLarge
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser cannot read is answered 400 in the one error shape (uvicorn's is plain
+        text); headers past ``max_header_bytes`` stopped it, 431."""
+        if self._parsed_header_bytes > self.policy.max_header_bytes:
+            self._headers_too_large()
+            return
+        self.policy.stats.malformed += 1
+        self.transport.write(_malformed_answer(msg.rstrip(".")))
+        self._close(lingering=True)
+
+    def _headers_too_large(self) -> None:
+        policy = self.policy
+        policy.stats.headers_too_large += 1
+        _log.info(
+            "refused a request from %s: its headers passed %d bytes",
+            self.client[0] if self.client else "?",
+            policy.max_header_bytes,
+        )
+        self.transport.write(_headers_too_large_answer(policy.max_header_bytes))
+        self._close(lingering=True)
+
+    def _close(self, *, lingering: bool | None = None) -> None:
+        """Close the connection; first, when the client may still be sending (``lingering``, by
+        default: its request's body was not read whole), half-close and drop what comes for up to
+        ``_LINGER`` seconds, so that it reads the answer instead of a reset."""
+        transport = self.transport
+        if lingering is None:
+            lingering = self._body_since is not None
+        if self._lingering or transport.is_closing():
+            return
+        if not lingering or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self.pipeline.clear()  # requests sent after this one are not answered: the connection ends
+        transport.write_eof()  # after what was written: the answer goes out, then the end
+        self.flow.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(_LINGER, transport.close)
 
     def _idle(self) -> bool:
         """No request in progress on this connection (none yet, or the last one answered)."""
@@ -307,11 +424,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """Headers are in: stop their clock, start the body's, and refuse a Host that is not allowed."""
         self._headers_since = None
         self._sent_some = False
+        self._header_bytes = 0
+        self._parsed_header_bytes = 0
         self._body_since = self.loop.time()
         host = next((value for name, value in self.headers if name == b"host"), None)
         self._host_ok = self.policy.host_allowed(host)
         if self._host_ok:
             super().on_headers_complete()
+            self._linger_on_close()
             return
         self.policy.stats.bad_host += 1
         _log.info(
@@ -322,6 +442,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+        self._linger_on_close()
+
+    def _linger_on_close(self) -> None:
+        # The answer closes through _close: a request not read whole gets its answer, not a reset.
+        cycle = self.cycle
+        if cycle is not None and not isinstance(cycle.transport, _LingeringClose):
+            cycle.transport = cast(asyncio.Transport, _LingeringClose(self, self.transport))
 
     def _should_upgrade(self) -> bool:
         # A WebSocket handshake for a Host not allowed is answered 400 like any other request.

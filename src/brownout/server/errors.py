@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
@@ -266,7 +267,8 @@ MAX_DEPTH: Final = 64
 
 
 class _NonFinite:
-    """What the strict decoder makes of ``NaN``, ``Infinity`` and ``-Infinity`` (refused afterwards)."""
+    """What the strict decoder makes of ``NaN``, ``Infinity``, ``-Infinity`` and of a number too
+    large for a float, such as ``1e400`` (refused afterwards)."""
 
     __slots__ = ("token",)
     made = 0
@@ -279,7 +281,14 @@ class _NonFinite:
         _NonFinite.made += 1
 
 
-_DECODER: Final = json.JSONDecoder(parse_constant=_NonFinite)
+def _parse_float(token: str) -> float | _NonFinite:
+    # 1e400 is valid JSON, but Python reads it as infinity: refused like Infinity itself.
+    value = float(token)
+    return value if math.isfinite(value) else _NonFinite(token)
+
+
+_DECODER: Final = json.JSONDecoder(parse_constant=_NonFinite, parse_float=_parse_float)
+_CONSTANTS: Final = frozenset({"NaN", "Infinity", "-Infinity"})
 
 
 def check_json_content_type(content_type: str | bytes | None) -> ApiError | None:
@@ -306,7 +315,13 @@ def _find_bad_value(root: Any) -> tuple[list[str | int], str, str] | None:
     while stack:
         value, path = stack.pop()
         if isinstance(value, _NonFinite):
-            return path, f"{value.token} is not a JSON number: send a finite number", "non_finite_number"
+            if value.token in _CONSTANTS:
+                return path, f"{value.token} is not a JSON number: send a finite number", "non_finite_number"
+            return (
+                path,
+                f"the number {value.token[:40]} is too large (it would be infinity): send a finite number",
+                "non_finite_number",
+            )
         if isinstance(value, str):
             found = _SURROGATE.search(value)
             if found is not None:
@@ -357,8 +372,10 @@ def parse_json_body(raw: bytes, where: str = "body", max_depth: int | None = MAX
     400 ``invalid_encoding`` for bytes that are not UTF-8 (with the byte offset), 400 ``invalid_json``
     with the parser's line and column, 400 ``too_deep`` past ``max_depth`` levels (None: only what
     the parser itself cannot take -- the gateway's long conversations skip the count), 400
-    ``invalid_number`` for NaN/Infinity and ``invalid_unicode`` for a lone surrogate escape -- these
-    two name the field (``param`` and ``errors``). A UTF-8 byte-order mark is allowed.
+    ``invalid_number`` for NaN/Infinity or a number too large for a float (``1e400``) and
+    ``invalid_unicode`` for a lone surrogate escape -- these two name the field (``param`` and
+    ``errors``) -- and 400 ``invalid_number`` for an integer of more digits than Python converts
+    (4,300 by default). A UTF-8 byte-order mark is allowed.
     """
     try:
         text = raw.decode("utf-8-sig")
@@ -384,6 +401,15 @@ def parse_json_body(raw: bytes, where: str = "body", max_depth: int | None = MAX
         ) from None
     except RecursionError:  # deeper than the interpreter's own limit: never a 500
         raise ApiError(400, "the JSON body nests too deeply", code="too_deep") from None
+    except ValueError:
+        # Not a JSONDecodeError: an integer past Python's limit on converting digits (4,300 by
+        # default), e.g. 100,000 nines. It was a 500; no client means such a number.
+        raise ApiError(
+            400,
+            f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits: "
+            "send numbers a program can hold",
+            code="invalid_number",
+        ) from None
     # Looked for only when the body may hold one: a NaN was made, or a \uD800-\uDFFF escape is there.
     if _NonFinite.made != made or ("\\u" in text and ("\\ud" in text or "\\uD" in text)):
         bad = _find_bad_value(value)
