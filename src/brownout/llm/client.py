@@ -358,11 +358,21 @@ class ModelClient:
         """Each endpoint's concurrency limiter, by the same names as :attr:`breakers`."""
         return {ep.breaker.name: ep.limiter for ep in self._endpoints}
 
-    def estimated_wait(self) -> float:
+    def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a call arriving now would expect to wait for a slot on the best available endpoint
-        (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls)."""
-        waits = [ep.limiter.estimated_wait() for ep in self._endpoints if ep.breaker.available]
+        (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls).
+        ``ahead``: callers not queued here yet that will come first (see
+        :meth:`~brownout.policies.limiter.AdaptiveLimiter.estimated_wait`)."""
+        waits = [ep.limiter.estimated_wait(ahead) for ep in self._endpoints if ep.breaker.available]
         return min(waits) if waits else 0.0
+
+    def service_time(self) -> float | None:
+        """The expected seconds one call holds a slot, from the fastest available endpoint that has
+        measured one (None before any call finished)."""
+        times = [
+            t for ep in self._endpoints if ep.breaker.available and (t := ep.limiter.service_time) is not None
+        ]
+        return min(times) if times else None
 
     @property
     def retry(self) -> Retry:

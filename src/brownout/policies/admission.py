@@ -240,6 +240,11 @@ class Admission(CallForms):
             queue_size=len(self._waiters),
         )
 
+    @property
+    def service_time(self) -> float | None:
+        """The average service time of a call in seconds (None before the first call completed)."""
+        return self._ewma
+
     def estimated_wait(self) -> float | None:
         """Seconds a caller arriving now would wait before it starts (0 with a free slot), or None
         before any call completed (no service time to estimate from)."""

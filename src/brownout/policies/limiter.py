@@ -308,15 +308,16 @@ class AdaptiveLimiter(CallForms):
             baseline=self._baseline,
         )
 
-    def estimated_wait(self) -> float:
+    def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a caller arriving now would expect to wait for a permit (0 when one is free).
 
         With every permit taken, permits come free about ``limit`` per service time, and the newcomer
         needs the ones owed to everybody queued ahead of it plus its own:
-        ``(queued + 1 - free) * service_time / limit``. Before any call finished, the service time is
-        ``default_service_time``.
+        ``(queued + ahead + 1 - free) * service_time / limit``, where ``ahead`` counts callers the
+        limiter cannot see yet that will come before this one (e.g. waiting in an admission queue in
+        front of it). Before any call finished, the service time is ``default_service_time``.
         """
-        ahead = len(self._waiters) + 1 - max(0, self._limit - self._in_flight)
+        ahead = len(self._waiters) + ahead + 1 - max(0, self._limit - self._in_flight)
         if ahead <= 0:
             return 0.0
         service = self._service if self._service is not None else self.config.default_service_time
