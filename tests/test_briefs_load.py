@@ -14,16 +14,19 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from brownout.briefs.service import BriefService
 from brownout.chaos.fakellm import FakeLLM
-from brownout.config import ROLES, BrownoutConfig
-from brownout.errors import ServiceUnavailable
+from brownout.config import ROLES, BrownoutConfig, load_config
+from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import ProbeResult
 from brownout.policies.breaker import BreakerState
+from brownout.server.live import snapshot
 from test_briefs_dimmer import distinct_text
-from test_server import _merge, make_config, until
+from test_server import _merge, make_config, sample, serve, until
 
 
 @contextlib.asynccontextmanager
@@ -200,3 +203,65 @@ def test_a_busy_probe_is_never_the_roles_best_latency(fakes: dict[str, FakeLLM],
     failed = ProbeResult("qwen", "http://b", False, 0.01, "HTTP 500")
     svc.record_health("qwen", [failed, busy])
     assert svc.stats.health["qwen"] is busy
+
+
+# -------------------------------------------------------------------------------- config and display
+
+
+async def test_limiter_settings_from_the_config_reach_each_endpoint_and_show(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    overrides = {
+        "models": {
+            "roles": {
+                "qwen": {
+                    "limiter": {"max_limit": 2, "initial_limit": 2, "max_queue": 7},
+                    "alive_window": 12.0,
+                },
+                "mistral": {"limiter": {"min_limit": 2, "initial_limit": 3}},
+            }
+        }
+    }
+    async with serve(fakes, tmp_path, overrides) as stack:
+        qwen_client = stack.runtime.clients["qwen"]
+        (lim,) = qwen_client.limiters.values()
+        assert (lim.config.max_limit, lim.limit, lim.config.max_queue) == (2, 2, 7)
+        assert qwen_client.alive_window == 12.0
+        (mistral_lim,) = stack.runtime.clients["mistral"].limiters.values()
+        # No max_limit of its own: the endpoint's max_concurrency (16 by default) is the ceiling.
+        assert (mistral_lim.config.min_limit, mistral_lim.limit, mistral_lim.config.max_limit) == (2, 3, 16)
+        (llama_lim,) = stack.runtime.clients["llama"].limiters.values()
+        assert llama_lim.config.max_limit == 16
+
+        await stack.brief("a bright neroli cologne", "fast")
+        metrics = await stack.metrics()
+        labels = {"model": "qwen", "endpoint": "qwen"}
+        assert sample(metrics, "brownout_model_concurrency_limit", **labels) == 2.0
+        assert ("brownout_model_concurrency_in_flight", frozenset(labels.items())) in metrics
+        assert ("brownout_model_concurrency_queued", frozenset(labels.items())) in metrics
+        # Start-up's constraint check and the brief: two well-formed completions, no slow call.
+        assert sample(metrics, "brownout_model_completed_total", **labels) == 2.0
+        assert sample(metrics, "brownout_model_slow_calls_total", **labels) == 0.0
+
+        health = (await stack.http.get("/health")).json()
+        text = str(health)
+        assert "'completed': 2" in text
+        snap = snapshot(stack.runtime)
+        [concurrency] = snap["models"]["qwen"]["concurrency"]
+        assert concurrency["limit"] == 2
+        assert concurrency["queued"] == 0
+
+
+def test_limiter_settings_are_validated_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"models\.roles\.qwen\.limiter"):
+        load_config(None, environ={"BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MIN_LIMIT": "0"})
+    with pytest.raises(ConfigError, match="min_limit"):
+        load_config(
+            None,
+            environ={
+                "BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MIN_LIMIT": "4",
+                "BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MAX_LIMIT": "2",
+            },
+        )
+    with pytest.raises(ConfigError, match="alive_window"):
+        load_config(None, environ={"BROWNOUT__MODELS__ROLES__QWEN__ALIVE_WINDOW": "-1"})

@@ -236,8 +236,8 @@ class ModelClient:
     closes it. ``breaker_factory(name, config)`` makes the endpoint breakers instead (for instance
     :meth:`brownout.state.breaker.RedisBreakers.breaker`, to share their state across replicas).
     ``limiter`` configures the per-endpoint concurrency limiters (default :data:`DEFAULT_LIMITER`);
-    each endpoint's ``max_concurrency`` is its limiter's ``max_limit`` (and caps the configured
-    ``max_limit``). ``alive_window`` is how recent a sign of life must be for a timed-out call to
+    each endpoint's limiter's ``max_limit`` is its ``max_concurrency``, or the given ``max_limit``
+    when that is lower. ``alive_window`` is how recent a sign of life must be for a timed-out call to
     count as slow rather than failed (default: three times ``timeout``; see the module docstring).
     """
 
@@ -304,8 +304,7 @@ class ModelClient:
             )
             limits = limiter or DEFAULT_LIMITER
             # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it.
-            explicit = limiter is not None and "max_limit" in limiter.model_fields_set
-            top = min(cfg.max_concurrency, limits.max_limit) if explicit else cfg.max_concurrency
+            top = cfg.max_concurrency if limiter is None else min(cfg.max_concurrency, limits.max_limit)
             limiter_config = limits.model_copy(
                 update={
                     "max_limit": top,
