@@ -129,6 +129,32 @@ async def test_a_request_that_cannot_start_its_generator_call_in_time_is_served_
         assert svc.stats.dimmed["generation"] == len(by_load)
 
 
+async def test_a_busy_validator_is_left_out_for_load_and_the_answer_says_so(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The validator answers in 0.6 s on one slot and the target is 1 s: a second balanced request
+    # cannot wait for it, so its validation is left to the rules -- dimmed for load, not "unavailable".
+    fakes["mistral"].set("slow", delay=0.6)
+    overrides = {"dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}}}
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "balanced")
+        before = fakes["mistral"].chat_requests
+        first, second = await asyncio.gather(
+            svc.create_brief(distinct_text(1), "balanced"), svc.create_brief(distinct_text(2), "balanced")
+        )
+        served = sorted([first, second], key=lambda a: "dimmed" in a)
+        full, dimmed = served
+        assert [s["served_by"] for s in full["stages"]] == ["model:qwen", "model:mistral"]
+        assert "dimmed" not in full
+        assert [s["served_by"] for s in dimmed["stages"]] == ["model:qwen", "rules"]
+        assert dimmed["dimmed"] == ["validation"]
+        assert dimmed["reason"] == "load"
+        assert fakes["mistral"].chat_requests - before == 1
+        assert svc.stats.failures["mistral"] == 0
+        assert svc.stats.dimmed["validation"] == 1
+
+
 async def test_a_slow_call_on_a_busy_generator_is_load_not_failure(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:

@@ -144,6 +144,8 @@ DIMMER_STEPS = ("creative_hints", "validation", "generation", "model")
 """What the dimmer leaves out as load rises, in order: the hinter, the validator, generating when a
 similar earlier brief exists, and last any model call at all (a similar brief, else the rules)."""
 
+_FEATURE_OF_STAGE = {"generate": "generation", "validate": "validation", "hint": "creative_hints"}
+
 DIMMED_FEATURES = ("creative_hints", "validation", "generation")
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``)."""
 
@@ -231,8 +233,8 @@ class Budget:
     plan, model calls wait for a slot as long as the request's deadline allows."""
     queued: float = 0.0
     """Seconds its model calls spent waiting for a slot of their servers (not the models' time)."""
-    overloaded: bool = False
-    """A model call was refused for load or was slow under load: the generator is busy, not down."""
+    overloaded: set[str] = field(default_factory=set)
+    """Roles whose call was refused for load or was slow under load: busy, not down."""
 
 
 @dataclass
@@ -669,9 +671,18 @@ class BriefService:
         plan = plan if plan is not None else Budget()
         dimmed, ceiling = self._dimmed_for(decision, mode)
         response = await self._run_pipeline(text, mode, ceiling, plan)
-        if plan.overloaded and not response["stages"][0]["served_by"].startswith("model:"):
-            # The generator was busy, not down: its stage was served without it because of the load.
-            dimmed = [*dimmed, "generation"]
+        for stage in response["stages"]:
+            # A stage served without its model because the model was busy (not down): the load left
+            # it out, and the answer says so like any other dimmed step.
+            feature = _FEATURE_OF_STAGE.get(stage["stage"])
+            role = ROLE_OF_STAGE.get(stage["stage"])
+            if (
+                feature is not None
+                and role in plan.overloaded
+                and not stage["served_by"].startswith("model:")
+                and feature not in dimmed
+            ):
+                dimmed = sorted([*dimmed, feature], key=DIMMED_FEATURES.index)
         return self._mark_dimmed(response, dimmed) if dimmed else response
 
     def _mark_dimmed(self, response: dict[str, Any], dimmed: list[str]) -> dict[str, Any]:
@@ -854,7 +865,7 @@ class BriefService:
             except Overloaded:
                 # Refused for load, or slow under load: the model is busy, not failing.
                 if plan is not None:
-                    plan.overloaded = True
+                    plan.overloaded.add(role)
                     plan.queued += self._clock.now() - asked
                 raise
             except BaseException:
@@ -885,7 +896,7 @@ class BriefService:
         # would let a hung generator hold a request 30x longer than the operator allowed a call.
         if any("qwen" in roles for roles in self.switched_off.values()):
             raise Decline("the generator is switched off")
-        if ctx.budget.overloaded:
+        if "qwen" in ctx.budget.overloaded:
             # The generator is busy, not failing: another, longer call would only add to its load.
             raise Decline("the generator is busy (load)")
         section = self.config.models.roles["qwen"]
