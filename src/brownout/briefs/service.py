@@ -862,11 +862,14 @@ class BriefService:
                     timeout=timeout or section.timeout,
                     queue_timeout=queue_timeout,
                 )
-            except Overloaded:
+            except Overloaded as e:
                 # Refused for load, or slow under load: the model is busy, not failing.
                 if plan is not None:
                     plan.overloaded.add(role)
-                    plan.queued += self._clock.now() - asked
+                    if e.reason != "slow":
+                        # Refused before it was sent: all of it was waiting. A slow call's time was
+                        # mostly the model's, and reaches the dimmer as service time (latency).
+                        plan.queued += self._clock.now() - asked
                 raise
             except BaseException:
                 self.stats.failures[role] += 1
