@@ -26,7 +26,10 @@ costing its callers time:
 
 What counts against an endpoint (breaker failure, retried): connection errors, timeouts of an
 endpoint that shows no sign of life (below), HTTP 5xx, 408, 425 and 429, and 2xx bodies that are not
-an OpenAI chat completion.
+an OpenAI chat completion. What does not (raised at once, never retried, not recorded): other 4xx
+statuses such as 400, 401, 403, 404, 413 and 422 -- the request was wrong, not the endpoint. A
+``Retry-After`` header rides on the :class:`~brownout.errors.ModelError` as ``retry_after``, which
+the retry honours.
 
 Overload is not failure: slow calls
 -----------------------------------
@@ -56,10 +59,7 @@ model is slow by definition), it shrinks the endpoint's concurrency limit (a dro
 Connection errors, 5xx answers and malformed bodies are failures whatever the load: a model that
 answers nothing at all still opens its breaker. The per-endpoint counters ``completed`` (well-formed
 completions) and ``slow`` are in :meth:`ModelClient.endpoints_status`; ``completed`` is what the
-recovery's busy check reads as "making progress". What does not (raised at
-once, never retried, not recorded): other 4xx statuses such as 400, 401, 403, 404, 413 and 422 --
-the request was wrong, not the endpoint. A ``Retry-After`` header rides on the
-:class:`~brownout.errors.ModelError` as ``retry_after``, which the retry honours.
+recovery's busy check reads as "making progress".
 
 Errors: :class:`~brownout.errors.ModelUnavailable` when no endpoint can take the call (its
 ``retry_after`` is the soonest any breaker lets a call through), :class:`~brownout.errors.ModelError`
@@ -67,8 +67,8 @@ when the attempts failed (the last failure, as the retry re-raises it),
 :class:`~brownout.errors.Overloaded` when no slot came free in time (reason ``"queue_timeout"`` or
 ``"queue_full"``; ``"deadline"`` at once when the expected wait already exceeds the caller's
 ``queue_timeout``) or a sent call was slow under load (reason ``"slow"``; ``retry_after`` estimated
-from the measured service time), and :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline cut
-the call short.
+from the measured service time), and :class:`~brownout.errors.DeadlineExceeded` when the caller's
+deadline cut the call short.
 
 Health probes (:meth:`ModelClient.probe`) measure the model, not the queue: a probe takes a free slot
 when there is one; when every slot is busy and the endpoint answered a call successfully within
