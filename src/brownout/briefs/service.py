@@ -572,8 +572,9 @@ class BriefService:
                 response = await self._flights.do(key, lambda: self._compute(key, text, mode))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
-            if e.reason == "deadline":
-                # Refused at once: the estimate of when the backlog drains is the useful Retry-After.
+            if e.reason in ("deadline", "queue_timeout"):
+                # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
+                # the estimate of when the backlog drains is the useful Retry-After.
                 raise ServiceUnavailable(
                     f"Service busy - this request could not start within its "
                     f"{self.config.dimmer.target(mode):g}s latency target",
