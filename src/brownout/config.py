@@ -205,7 +205,7 @@ class RoleSection(_Section):
         default=None,
         gt=0,
         description=(
-            "a call that times out under load is slow, not failed, while the model answered something "
+            "a call that times out under load is slow, not failed, while the model completed a call "
             "this recently (seconds); none: three timeouts"
         ),
     )

@@ -43,10 +43,12 @@ them apart by whether the endpoint is demonstrably alive:
     * *under load*: it was not alone -- when it was sent or when it timed out, another call was in
       flight to the endpoint or waiting for one of its slots. A lone call on an idle endpoint that
       gets no answer has no load to blame: that is a failure;
-    * *alive*: the endpoint gave a well-formed completion -- to a call or to a health probe -- no
-      longer than ``alive_window`` seconds before the timeout (default: three attempt timeouts).
-      That covers "it completed other calls while this one waited" (a completion after this call was
-      sent is within one timeout of it) and "it answered recently".
+    * *alive*: the endpoint completed a call (a well-formed completion) no longer than
+      ``alive_window`` seconds before the timeout (default: three attempt timeouts). That covers "it
+      completed other calls while this one waited" (a completion after this call was sent is within
+      one timeout of it) and "it answered recently". A passing health probe does not count here: a
+      model that answers a four-token probe but no real call within its timeout is too slow for its
+      callers, not busy (the probe still keeps the role available and recovery away).
 
     Otherwise -- an idle endpoint, or nothing completed for ``alive_window`` seconds -- the timeout is
     a failure.
@@ -178,7 +180,6 @@ class _Endpoint:
         "ewma",
         "headers",
         "in_flight",
-        "last_alive",
         "last_success",
         "limiter",
         "slow",
@@ -195,8 +196,6 @@ class _Endpoint:
         self.in_flight = 0  # HTTP requests being sent or answered
         self.ewma: float | None = None  # seconds; None until the first answer
         self.last_success: float | None = None  # clock time of the last well-formed completion
-        # Clock time of the last sign of life: a well-formed completion of a call or of a probe.
-        self.last_alive: float | None = None
         self.completed = 0  # well-formed completions of calls (probes not included)
         self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
 
@@ -279,7 +278,8 @@ class ModelClient:
         if not window > 0 or math.isinf(window):
             raise ConfigError("alive_window", f"must be a positive number of seconds, got {alive_window!r}")
         self.alive_window = float(window)
-        """A timed-out call is slow, not failed, when the endpoint showed life this recently (seconds)."""
+        """A timed-out call under load is slow, not failed, when the endpoint completed a call this
+        recently (seconds)."""
         self._clock = clock
         base = (breakers or BreakerGroupConfig()).for_name(role)
         breaker_config = base.model_copy(update={"ignore_exceptions": (*base.ignore_exceptions, _NotCounted)})
@@ -578,7 +578,7 @@ class ModelClient:
                 raise _NotCounted(error) from e
             now = clock.now()
             ep.observe(now - start)
-            alive = ep.last_alive
+            alive = ep.last_success
             # in_flight still counts this call here (the finally below has not run yet).
             loaded = crowded or ep.in_flight > 1 or ep.limiter.queued > 0
             if loaded and alive is not None and now - alive <= self.alive_window:
@@ -603,7 +603,7 @@ class ModelClient:
             raise error
         content, finish_reason, usage = _parse(ep.url, response.content, status)
         ep.observe(latency)
-        ep.last_success = ep.last_alive = clock.now()
+        ep.last_success = clock.now()
         ep.completed += 1
         return ChatResult(
             content=content,
@@ -686,10 +686,8 @@ class ModelClient:
                 else:
                     if not content.strip():
                         error = "empty answer"
-        now = clock.now()
-        if error is None:
-            ep.last_alive = now
-        return ProbeResult(self.role, ep.url, error is None, now - start, error)
+        latency = clock.now() - start
+        return ProbeResult(self.role, ep.url, error is None, latency, error)
 
     # ------------------------------------------------------------------ lifecycle
 
