@@ -605,6 +605,25 @@ async def test_a_caller_that_cannot_start_in_time_is_refused_at_once(clock: Fake
     assert adm.stats.rejected["deadline"] == 1
 
 
+async def test_a_queued_caller_never_waits_past_its_budget(clock: FakeClock) -> None:
+    adm = make(clock, max_concurrent=1, max_wait=1e6)
+    gate = Gate()
+    tasks = await _busy(clock, adm, gate, service=2.0, queued=0)
+    # One ahead at 2 s: the estimate (2 s) fits a 3 s budget, so it queues...
+    waiter = asyncio.create_task(adm.call_within(3.0, gate.body, 7))
+    await settle()
+    assert adm.queue_size == 1
+    # ...but the call ahead runs long: at its budget it leaves rather than start too late.
+    await clock.run(3.0)
+    with pytest.raises(Overloaded) as info:
+        await waiter
+    assert info.value.reason == "queue_timeout"
+    assert adm.queue_size == 0
+    assert 7 not in gate.started
+    gate.finish(0)
+    await asyncio.gather(*tasks)
+
+
 async def test_the_enclosing_deadline_scope_is_the_budget(clock: FakeClock) -> None:
     adm = make(clock, max_concurrent=1, max_wait=1e6)
     gate = Gate()

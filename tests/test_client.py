@@ -456,9 +456,10 @@ async def test_calls_beyond_the_servers_slots_wait_in_our_queue_and_nothing_coun
         assert (status["limit"], status["max_limit"], status["in_flight"], status["queued"]) == (1, 1, 0, 0)
 
 
-async def test_without_a_limit_the_servers_own_queue_times_calls_out_and_they_count() -> None:
+async def test_without_a_limit_the_servers_own_queue_times_calls_out_as_slow_not_failed() -> None:
     # The same load with up to 8 calls in flight: they queue inside the server, where the wait runs
-    # against their timeout -- what the limit prevents.
+    # against their timeout -- what the limit prevents. The server completes calls all the while, so
+    # the timeouts are slow calls under load: the breaker counts none of them, the limit shrinks.
     async with (
         FakeLLM("slow", delay=0.25, slots=1) as fake,
         client(
@@ -467,9 +468,101 @@ async def test_without_a_limit_the_servers_own_queue_times_calls_out_and_they_co
     ):
         outcomes = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(8)), return_exceptions=True)
         assert fake.peak_open_chats == 8
-        timed_out = [o for o in outcomes if isinstance(o, ModelError)]
-        assert timed_out
-        assert failures(c) == (8, len(timed_out))
+        slow = [o for o in outcomes if isinstance(o, Overloaded)]
+        assert slow
+        assert all(o.reason == "slow" for o in slow)
+        assert len(slow) + sum(isinstance(o, ChatResult) for o in outcomes) == 8
+        assert failures(c) == (8 - len(slow), 0)
+        [status] = c.endpoints_status()
+        assert (status["completed"], status["slow"]) == (8 - len(slow), len(slow))
+        assert status["limit"] < 8
+
+
+async def test_a_saturated_server_never_opens_the_breaker_and_a_dead_one_still_does() -> None:
+    # A server with one slot whose latency rises with load (each request waits for the ones ahead of
+    # it), sent up to 4 at a time: under saturation many calls time out, none opens the breaker that
+    # two failures would open.
+    async with (
+        FakeLLM("slow", delay=0.1, slots=1) as fake,
+        client(ep(fake, max_concurrency=4), timeout=0.35, retry=TWO_TRIES) as c,
+    ):
+        slow = done = 0
+        for _ in range(4):
+            outcomes = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(6)), return_exceptions=True)
+            for o in outcomes:
+                if isinstance(o, Overloaded):
+                    slow += o.reason == "slow"
+                else:
+                    assert isinstance(o, ChatResult), o
+                    done += 1
+        assert done > 0
+        assert slow > 0
+        breaker = c.breakers["gen"]
+        assert breaker.state is BreakerState.CLOSED
+        assert breaker.metrics().failures == 0
+        # Slow calls are not retried: another attempt would only add load to a busy model.
+        assert c.retry.stats.retries == 0
+        # The same client against a dead port: connection refused is a failure whatever the load.
+    async with client(ep(dead_url()), timeout=0.35) as dead:
+        for _ in range(2):
+            with pytest.raises(ModelError):
+                await dead.chat(MESSAGES)
+        assert dead.breakers["gen"].state is BreakerState.OPEN
+
+
+async def test_a_model_that_stops_answering_opens_its_breaker_once_its_last_sign_of_life_is_old() -> None:
+    async with FakeLLM("ok") as fake, client(ep(fake), timeout=0.2, alive_window=0.3, breakers=WIDE) as c:
+        await c.chat(MESSAGES)
+        fake.set("hang")
+        # Two calls at once within alive_window of the last completion: slow under load, not failed.
+        outcomes = await asyncio.gather(c.chat(MESSAGES), c.chat(MESSAGES), return_exceptions=True)
+        assert [getattr(o, "reason", o) for o in outcomes] == ["slow", "slow"]
+        assert failures(c) == (1, 0)
+        # Nothing completed for longer than alive_window: under load or not, timeouts are failures.
+        outcomes = await asyncio.gather(c.chat(MESSAGES), c.chat(MESSAGES), return_exceptions=True)
+        assert all(type(o) is ModelError for o in outcomes), outcomes
+        assert failures(c) == (3, 2)
+
+
+async def test_a_lone_call_that_times_out_on_an_idle_endpoint_is_a_failure() -> None:
+    # No load to blame: even right after a completion, a call alone on its endpoint that gets no
+    # answer counts against it.
+    async with FakeLLM("ok") as fake, client(ep(fake), timeout=0.2) as c:
+        await c.chat(MESSAGES)
+        fake.set("hang")
+        with pytest.raises(ModelError):
+            await c.chat(MESSAGES)
+        assert failures(c) == (2, 1)
+        assert c.endpoints_status()[0]["slow"] == 0
+
+
+async def test_a_model_that_answers_probes_but_no_call_in_time_is_too_slow_not_busy() -> None:
+    # A four-token probe passes, but no real call completes within its timeout: the model is too slow
+    # for its callers, and under load or not its timeouts count against it.
+    async with FakeLLM("slow", delay=0.4) as fake, client(ep(fake), timeout=0.2, breakers=WIDE) as c:
+        [probe] = await c.probe(timeout=2.0)
+        assert probe.healthy
+        outcomes = await asyncio.gather(c.chat(MESSAGES), c.chat(MESSAGES), return_exceptions=True)
+        assert all(type(o) is ModelError for o in outcomes), outcomes
+        assert failures(c) == (2, 2)
+        assert c.endpoints_status()[0]["completed"] == 0  # probes are not calls
+
+
+async def test_a_caller_with_a_queue_bound_is_refused_at_once_when_the_wait_would_exceed_it() -> None:
+    async with (
+        FakeLLM("slow", delay=0.3, slots=1) as fake,
+        client(ep(fake, max_concurrency=1), timeout=5.0) as c,
+    ):
+        await c.chat(MESSAGES)  # a measured service time
+        first = asyncio.create_task(c.chat(MESSAGES))
+        while c.endpoints_status()[0]["in_flight"] == 0:  # noqa: ASYNC110 - no hook for "sent"
+            await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as info:
+            await c.chat(MESSAGES, queue_timeout=0.05)
+        assert info.value.reason == "deadline"
+        await first
+        assert fake.chat_requests == 2
+        assert c.limiters["gen"].stats.rejected["deadline"] == 1
 
 
 async def test_a_caller_whose_wait_runs_out_is_overloaded_and_the_breaker_stays_closed() -> None:

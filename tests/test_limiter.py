@@ -208,7 +208,38 @@ async def test_a_waiter_whose_time_runs_out_leaves_overloaded_with_an_estimate()
     assert limiter.in_flight == 1
     assert [(r.kind, r.reason) for r in rejected] == [("limiter", "queue_timeout")]
     busy.release()
-    assert limiter.stats.rejected == {"queue_full": 0, "queue_timeout": 1}
+    assert limiter.stats.rejected == {"queue_full": 0, "queue_timeout": 1, "deadline": 0}
+
+
+async def test_shed_late_refuses_at_once_a_caller_whose_expected_wait_exceeds_its_timeout() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    held = await limiter.acquire()
+    # No service time measured yet: no estimate, so nobody is refused for a deadline.
+    early = asyncio.create_task(limiter.acquire(timeout=0.5, shed_late=True))
+    await clock.run(0)
+    assert limiter.queued == 1
+    await clock.run(0.5)
+    with pytest.raises(Overloaded) as first:
+        await early
+    assert first.value.reason == "queue_timeout"
+    clock.advance(1.5)
+    held.release()  # a 2 s service time
+    held = await limiter.acquire()
+    started = clock.now()
+    with pytest.raises(Overloaded) as info:
+        await limiter.acquire(timeout=1.0, shed_late=True)  # expects to wait 2 s
+    assert info.value.reason == "deadline"
+    assert clock.now() == started  # told at once, nothing queued
+    assert limiter.queued == 0
+    # A caller with time enough for the expected wait queues as usual.
+    patient = asyncio.create_task(limiter.acquire(timeout=3.0, shed_late=True))
+    await clock.run(0)
+    assert limiter.queued == 1
+    clock.advance(2)
+    held.release()
+    (await patient).release()
+    assert limiter.stats.rejected == {"queue_full": 0, "queue_timeout": 1, "deadline": 1}
 
 
 async def test_a_full_queue_rejects_at_once() -> None:

@@ -981,6 +981,28 @@ async def test_a_model_that_answered_its_probe_recently_is_busy(clock: FakeClock
     assert ran == []
 
 
+async def test_a_model_completing_calls_is_busy_even_with_failed_probes_and_no_process_here(
+    clock: FakeClock,
+) -> None:
+    # An external endpoint (no process to read CPU from) whose probes timed out behind its work: it
+    # still completes calls, so it is making progress -- busy, not down. Once it stops completing,
+    # recovery may act again.
+    completed = [10]
+
+    def read(role: str) -> ModelActivity:
+        return ModelActivity(True, in_flight=3, cpu_seconds=None, completed=completed[0])
+
+    busy = BusyCheck(read, recent=60.0, clock=clock)
+    busy.probed("qwen", passed=False)
+    clock.advance(15)
+    completed[0] += 4
+    reason = busy.why_busy("qwen")
+    assert reason == "model busy, not down: qwen completed 4 calls in the last 15 s"
+    busy.probed("qwen", passed=False)
+    clock.advance(15)
+    assert busy.why_busy("qwen") is None  # nothing completed since the last probe round
+
+
 async def test_a_dead_or_wedged_model_is_still_restarted(clock: FakeClock) -> None:
     qwen = Model()
     manager, ran = guarded_manager(clock, {"qwen": qwen})

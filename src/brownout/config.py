@@ -39,6 +39,7 @@ from brownout.errors import ConfigError
 from brownout.gateway.config import GatewaySection
 from brownout.llm.types import EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig
+from brownout.policies.limiter import LimiterConfig
 
 __all__ = [
     "AdaptiveTTLSection",
@@ -196,6 +197,43 @@ class LocalModelsSection(_Section):
         return threads, parallel, self.ctx * parallel
 
 
+class RoleLimiterSection(_Section):
+    """The adaptive concurrency limit of each endpoint of a role (:mod:`brownout.policies.limiter`).
+
+    The limit adapts to the endpoint's latency between ``min_limit`` and ``max_limit``; the
+    endpoint's ``max_concurrency`` (a local model server: its slots) is always a ceiling too.
+    """
+
+    min_limit: int = Field(default=1, ge=1, description="calls in flight the limit never goes below")
+    max_limit: int | None = Field(
+        default=None, ge=1, description="calls in flight it never goes above; none: the endpoint's slots"
+    )
+    initial_limit: int = Field(default=4, ge=1, description="the limit to start from")
+    max_queue: int = Field(default=1000, ge=0, description="calls allowed to wait for a slot; 0: never wait")
+    max_wait: float = Field(default=60.0, gt=0, description="longest a call waits for a slot, seconds")
+
+    @model_validator(mode="after")
+    def _check(self) -> RoleLimiterSection:
+        if self.max_limit is not None and self.min_limit > self.max_limit:
+            raise ValueError(f"min_limit ({self.min_limit}) must not exceed max_limit ({self.max_limit})")
+        return self
+
+    def config(self) -> LimiterConfig:
+        """As the limiter's own settings (no ``max_limit``: the endpoints' ``max_concurrency`` rules)."""
+        top = self.max_limit if self.max_limit is not None else _NO_LIMIT
+        return LimiterConfig(
+            min_limit=self.min_limit,
+            max_limit=max(top, self.min_limit),
+            initial_limit=self.initial_limit,
+            max_queue=self.max_queue,
+            max_wait=self.max_wait,
+        )
+
+
+# Above any endpoint's max_concurrency: "no ceiling of our own".
+_NO_LIMIT = 4096
+
+
 class RoleSection(_Section):
     """One model role: external endpoints (empty: the local model) and its call settings."""
 
@@ -203,6 +241,17 @@ class RoleSection(_Section):
     timeout: float = Field(default=10.0, gt=0, description="seconds per model call (mistral: 5)")
     max_tokens: int = Field(default=512, ge=16, le=8192, description="max_tokens of a normal call")
     temperature: float = Field(default=0.7, ge=0, le=2)
+    limiter: RoleLimiterSection = Field(
+        default_factory=RoleLimiterSection, description="adaptive concurrency limit per endpoint"
+    )
+    alive_window: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "a call that times out under load is slow, not failed, while the model completed a call "
+            "this recently (seconds); none: three timeouts"
+        ),
+    )
 
 
 def _default_roles() -> dict[str, RoleSection]:

@@ -27,6 +27,38 @@ and ``dimmed: [...]`` (``creative_hints``, ``validation``, ``generation``); an a
 dimmed for has no ``dimmed``. A request that cannot even start within its target is answered at once
 with 503 and an estimated Retry-After (admission with a deadline), never after waiting to fail.
 
+The path of one request under load, and its budgets
+---------------------------------------------------
+
+A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m]`` and ``S`` is the
+generator's expected service time (the time one call holds a slot of the generator's server, as its
+concurrency limiter measures it; 0 until measured). It may wait in *one* budget, never two:
+
+1. the exact-answer cache and the coalescing of identical requests: no wait;
+2. the dimmer decides what it leaves out, *before* it queues anywhere. One that needs no model call
+   (generation dimmed: a similar earlier brief, or the rules) is answered at once, queueing nowhere;
+3. the admission queue (``queue.max_concurrent`` pipelines at once). The wait it expects counts the
+   generator's queue too -- the callers waiting for a slot of the generator's server and those ahead
+   in the admission queue, each one a service time over the server's concurrency limit -- so a
+   request that could not *start its generator call* by ``t0 + T - S`` is refused at once: 503 and
+   an estimated Retry-After;
+4. the pipeline; every model call may wait for a slot of its server (the model client's concurrency
+   limiter) only until ``t0 + T`` minus that role's own expected service time, and is refused at once
+   when the expected wait is longer. That is the same budget as step 3, not a second one: the time
+   the request spent in the admission queue has already been taken from it. A generator call refused
+   this way, or one that was sent and timed out on a live, busy server (*slow*, see
+   :mod:`brownout.llm.client`), leaves the generation to a similar earlier brief or the rules
+   (never to the reduced-context retry, which would only add load), and the answer says
+   ``reason: "load"``, ``dimmed: ["generation"]``;
+5. once sent, a model call has its role's whole ``timeout``: the wait before it never eats into the
+   model's time, so a timeout is the model's own slowness (which the client judges: busy or down).
+   ``server.request_timeout`` remains the hard deadline of the whole pipeline.
+
+So an accepted request plans to finish by ``t0 + T``: at most ``T - S`` waiting, then about ``S``
+generating. The dimmer sees the same picture: its queue signal is the wait a new request would have
+before its generator call starts (admission queue and generator queue together), and each answer's
+latency reaches it split into that wait and the service time.
+
 What the validator model says reaches the answer's ``warnings``; when it rejects the brief or raises
 an IFRA concern the brief is still served (it passed the schema's checks) with reliability ``medium``,
 and is neither cached nor offered to similar requests. A cache hit has one ``cache`` stage and says how
@@ -94,6 +126,7 @@ if TYPE_CHECKING:  # Redis support is optional (the server extra); only its type
     from brownout.state.singleflight import RedisSingleflight
 
 __all__ = [
+    "Budget",
     "BriefContext",
     "BriefService",
     "ModelBackend",
@@ -110,6 +143,8 @@ ROLE_OF_STAGE = {"generate": "qwen", "validate": "mistral", "hint": "llama"}
 DIMMER_STEPS = ("creative_hints", "validation", "generation", "model")
 """What the dimmer leaves out as load rises, in order: the hinter, the validator, generating when a
 similar earlier brief exists, and last any model call at all (a similar brief, else the rules)."""
+
+_FEATURE_OF_STAGE = {"generate": "generation", "validate": "validation", "hint": "creative_hints"}
 
 DIMMED_FEATURES = ("creative_hints", "validation", "generation")
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``)."""
@@ -175,11 +210,31 @@ class ModelBackend(Protocol):
         temperature: float = 0.7,
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
+        queue_timeout: float | None = None,
     ) -> Any:
-        """One chat completion; returns an object with ``content``."""
+        """One chat completion; returns an object with ``content`` and ``latency`` (seconds sent)."""
 
     async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
         """A tiny test inference on every endpoint."""
+
+    def estimated_wait(self, ahead: int = 0) -> float:
+        """Seconds a call arriving now (behind ``ahead`` more callers) would wait for a slot."""
+
+    def service_time(self) -> float | None:
+        """Seconds one call is expected to hold a slot (None before any was measured)."""
+
+
+@dataclass
+class Budget:
+    """The time budget of one request (see "The path of one request" in the module docstring)."""
+
+    finish_by: float | None = None
+    """Clock time by which the request plans to be answered (its arrival plus its target); None: no
+    plan, model calls wait for a slot as long as the request's deadline allows."""
+    queued: float = 0.0
+    """Seconds its model calls spent waiting for a slot of their servers (not the models' time)."""
+    overloaded: set[str] = field(default_factory=set)
+    """Roles whose call was refused for load or was slow under load: busy, not down."""
 
 
 @dataclass
@@ -189,6 +244,8 @@ class BriefContext(PipelineContext):
     reliability: str = "high"
     freshness: dict[str, Any] | None = None
     """Where an emergency answer came from: source, freshness, fallback_reason (seed 002 §1)."""
+    budget: Budget = field(default_factory=Budget)
+    """Its time budget and what the load did to it."""
 
 
 @dataclass
@@ -275,6 +332,7 @@ class BriefService:
             ),
             clock=clock,
             events=events,
+            wait_estimator=self._start_wait,
         )
         d = config.dimmer
         self.dimmer = Dimmer(
@@ -297,7 +355,7 @@ class BriefService:
             clock=clock,
             events=events,
             rng=rng,
-            queue_delay=lambda: self.admission.estimated_wait() or 0.0,
+            queue_delay=self.queue_delay,
         )
         """Under load, which optional stages a request leaves out (see the module docstring)."""
         if not d.enabled:
@@ -375,6 +433,42 @@ class BriefService:
             events=events,
         )
 
+    # ------------------------------------------------------------------ load
+
+    def _generator(self) -> ModelBackend | None:
+        return self.backends.get(ROLE_OF_STAGE["generate"])
+
+    def generator_service(self) -> float:
+        """Seconds the generator is expected to take for one call (0 until measured)."""
+        gen = self._generator()
+        measured = gen.service_time() if gen is not None else None
+        return 0.0 if measured is None else measured
+
+    def _start_wait(self, position: int) -> float | None:
+        """The admission's wait estimator: seconds until the caller at ``position`` in the admission
+        queue (1: next) could start its generator call.
+
+        Two things must come free first, and the later one decides: an admission slot (pipelines
+        finish about ``max_concurrent`` per pipeline service time) and a slot of the generator's
+        server, behind everybody already waiting for one and the ``position - 1`` callers ahead in
+        the admission queue (model-server queueing is visible here, not hidden in the pipeline).
+        """
+        own = self.admission.service_time
+        slot = None if own is None else own * position / self.admission.config.max_concurrent
+        gen = self._generator()
+        model = (
+            gen.estimated_wait(position - 1) if gen is not None and gen.service_time() is not None else None
+        )
+        known = [w for w in (slot, model) if w is not None]
+        return max(known) if known else None
+
+    def queue_delay(self) -> float:
+        """Seconds a request arriving now would wait before its generator call starts (the dimmer's
+        queue signal): the admission queue's wait when it has one, else the generator's queue."""
+        admission = self.admission.estimated_wait() or 0.0
+        gen = self._generator()
+        return max(admission, gen.estimated_wait() if gen is not None else 0.0)
+
     # ------------------------------------------------------------------ availability and health
 
     def role_available(self, role: str) -> bool:
@@ -402,7 +496,9 @@ class BriefService:
         ok = any(r.healthy for r in results)
         self._health_ok[role] = ok
         if results:
-            best = min(results, key=lambda r: (not r.healthy, r.latency))
+            # A busy probe sent nothing (latency 0): it says the model answers, not how fast. A probe
+            # that measured the model is the role's best latency; a busy one only when none did.
+            best = min(results, key=lambda r: (not r.healthy, r.busy, r.latency))
             self.stats.health[role] = best
         if not ok:
             self.stats.health_failures[role] += 1
@@ -476,8 +572,9 @@ class BriefService:
                 response = await self._flights.do(key, lambda: self._compute(key, text, mode))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
-            if e.reason == "deadline":
-                # Refused at once: the estimate of when the backlog drains is the useful Retry-After.
+            if e.reason in ("deadline", "queue_timeout"):
+                # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
+                # the estimate of when the backlog drains is the useful Retry-After.
                 raise ServiceUnavailable(
                     f"Service busy - this request could not start within its "
                     f"{self.config.dimmer.target(mode):g}s latency target",
@@ -513,17 +610,31 @@ class BriefService:
 
     async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
         target = self.config.dimmer.target(mode)
-        # The request's deadline to *start*: its latency target. One that cannot start in time is
-        # refused at once by the admission (503 + Retry-After) instead of waiting to fail.
-        budget = target if self.config.dimmer.shed_late else None
         queued_at = self._clock.now()
+        # What this request leaves out is decided on arrival: one that needs no model call queues
+        # nowhere (it would only wait behind model work it does not need).
+        decision = self.dimmer.decide()
+        if decision.dims("generation"):
+            ctx = BriefContext(text=text, requested_mode=mode)
+            if decision.dims("model") or await self._search_similar(text) is not None:
+                dimmed, _ = self._dimmed_for(decision, mode)
+                served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
+                return self._mark_dimmed(served, [*dimmed, "generation"])
+        # One budget for the whole request (module docstring): it must start its generator call by
+        # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
+        shed = self.config.dimmer.shed_late
+        plan = Budget(finish_by=queued_at + target if shed else None)
+        start_budget = max(0.0, target - self.generator_service()) if shed else None
         began: list[float] = []
         try:
-            response: dict[str, Any] = await self.admission.call_within(budget, self._run, text, mode, began)
+            response: dict[str, Any] = await self.admission.call_within(
+                start_budget, self._run, text, mode, began, decision, plan
+            )
         finally:
             if began:  # it ran (refused requests never started and have no latency to report)
                 latency = self._clock.now() - queued_at
-                self.dimmer.observe(latency, target=target, waited=min(latency, began[0] - queued_at))
+                waited = began[0] - queued_at + plan.queued
+                self.dimmer.observe(latency, target=target, waited=min(latency, max(0.0, waited)))
         if not response["degraded"] and self.config.cache.enabled:
             # The cached copy says when it was made, so that a later hit can tell its age.
             stored = {**response, "cached_at": _stamp(self.wall_clock.now())}
@@ -546,21 +657,33 @@ class BriefService:
             ceiling = "fast"
         return dimmed, ceiling
 
-    async def _run(self, text: str, mode: str, began: list[float] | None = None) -> dict[str, Any]:
+    async def _run(
+        self,
+        text: str,
+        mode: str,
+        began: list[float] | None = None,
+        decision: DimmerDecision | None = None,
+        plan: Budget | None = None,
+    ) -> dict[str, Any]:
         if began is not None:
             began.append(self._clock.now())
-        decision = self.dimmer.decide()
-        if not decision.dimmed:
-            return await self._run_pipeline(text, mode, None)
+        if decision is None:
+            decision = self.dimmer.decide()
+        plan = plan if plan is not None else Budget()
         dimmed, ceiling = self._dimmed_for(decision, mode)
-        if decision.dims("generation"):
-            ctx = BriefContext(text=text, requested_mode=mode)
-            # Serve a similar earlier brief in place of generating; with "model" dimmed too, the rules
-            # when there is none (no model call at all).
-            if decision.dims("model") or await self._search_similar(text) is not None:
-                response = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
-                return self._mark_dimmed(response, [*dimmed, "generation"])
-        response = await self._run_pipeline(text, mode, ceiling)
+        response = await self._run_pipeline(text, mode, ceiling, plan)
+        for stage in response["stages"]:
+            # A stage served without its model because the model was busy (not down): the load left
+            # it out, and the answer says so like any other dimmed step.
+            feature = _FEATURE_OF_STAGE.get(stage["stage"])
+            role = ROLE_OF_STAGE.get(stage["stage"])
+            if (
+                feature is not None
+                and role in plan.overloaded
+                and not stage["served_by"].startswith("model:")
+                and feature not in dimmed
+            ):
+                dimmed = sorted([*dimmed, feature], key=DIMMED_FEATURES.index)
         return self._mark_dimmed(response, dimmed) if dimmed else response
 
     def _mark_dimmed(self, response: dict[str, Any], dimmed: list[str]) -> dict[str, Any]:
@@ -575,8 +698,10 @@ class BriefService:
             "reason": "load" if response["reason"] in (None, "load") else response["reason"],
         }
 
-    async def _run_pipeline(self, text: str, mode: str, ceiling: str | None) -> dict[str, Any]:
-        ctx = BriefContext(text=text, requested_mode=mode)
+    async def _run_pipeline(
+        self, text: str, mode: str, ceiling: str | None, plan: Budget | None = None
+    ) -> dict[str, Any]:
+        ctx = BriefContext(text=text, requested_mode=mode, budget=plan if plan is not None else Budget())
         try:
             async with deadline(self.config.server.request_timeout, clock=self._clock):
                 try:
@@ -705,10 +830,16 @@ class BriefService:
     # ------------------------------------------------------------------ stages (model-backed)
 
     def _ask(
-        self, role: str, *, timeout: float | None = None, temperature: float | None = None
+        self,
+        role: str,
+        ctx: BriefContext | None = None,
+        *,
+        timeout: float | None = None,
+        temperature: float | None = None,
     ) -> Callable[[list[Message], int, dict[str, Any] | None], Awaitable[str]]:
         backend = self.backends[role]
         section = self.config.models.roles[role]
+        plan = ctx.budget if ctx is not None else None
 
         async def ask(
             messages: list[Message], max_tokens: int, response_format: dict[str, Any] | None
@@ -718,6 +849,11 @@ class BriefService:
             limit = self.generation_limit
             if limit is not None:
                 max_tokens, temp = min(max_tokens, limit[0]), min(temp, limit[1])
+            asked = self._clock.now()
+            queue_timeout: float | None = None
+            if plan is not None and plan.finish_by is not None:
+                # Wait for a slot only while this call can still finish by the request's target.
+                queue_timeout = max(0.0, plan.finish_by - asked - (backend.service_time() or 0.0))
             try:
                 result = await backend.chat(
                     messages,
@@ -725,10 +861,23 @@ class BriefService:
                     temperature=temp,
                     response_format=response_format,
                     timeout=timeout or section.timeout,
+                    queue_timeout=queue_timeout,
                 )
+            except Overloaded as e:
+                # Refused for load, or slow under load: the model is busy, not failing.
+                if plan is not None:
+                    plan.overloaded.add(role)
+                    if e.reason != "slow":
+                        # Refused before it was sent: all of it was waiting. A slow call's time was
+                        # mostly the model's, and reaches the dimmer as service time (latency).
+                        plan.queued += self._clock.now() - asked
+                raise
             except BaseException:
                 self.stats.failures[role] += 1
                 raise
+            if plan is not None:
+                # What the call spent before it was sent: its wait for a slot of the server.
+                plan.queued += max(0.0, self._clock.now() - asked - float(result.latency))
             content: str = result.content
             return content
 
@@ -737,7 +886,7 @@ class BriefService:
     async def _generate(self, ctx: BriefContext) -> CreativeBrief:
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
-            self._ask("qwen"),
+            self._ask("qwen", ctx),
             generator_messages(ctx.text, ctx.requested_mode, constrained=self.constrained.get("qwen", True)),
             max_tokens=section.max_tokens,
             constrained=self.constrained.get("qwen", True),
@@ -751,9 +900,12 @@ class BriefService:
         # would let a hung generator hold a request 30x longer than the operator allowed a call.
         if any("qwen" in roles for roles in self.switched_off.values()):
             raise Decline("the generator is switched off")
+        if "qwen" in ctx.budget.overloaded:
+            # The generator is busy, not failing: another, longer call would only add to its load.
+            raise Decline("the generator is busy (load)")
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
-            self._ask("qwen", timeout=3 * section.timeout, temperature=0.5),
+            self._ask("qwen", ctx, timeout=3 * section.timeout, temperature=0.5),
             generator_messages(
                 ctx.text, ctx.requested_mode, reduced=True, constrained=self.constrained.get("qwen", True)
             ),
@@ -766,7 +918,7 @@ class BriefService:
     async def _validate(self, ctx: BriefContext) -> ValidationReport:
         brief: CreativeBrief = ctx.values["generate"]
         result = await self.guard_verdict.run(
-            self._ask("mistral"),
+            self._ask("mistral", ctx),
             validator_messages(brief, constrained=self.constrained.get("mistral", True)),
             max_tokens=256,
             constrained=self.constrained.get("mistral", True),
@@ -784,7 +936,7 @@ class BriefService:
     async def _hint(self, ctx: BriefContext) -> list[str]:
         brief: CreativeBrief = ctx.values["generate"]
         result = await self.guard_hints.run(
-            self._ask("llama"),
+            self._ask("llama", ctx),
             hinter_messages(brief, constrained=self.constrained.get("llama", True)),
             max_tokens=256,
             constrained=self.constrained.get("llama", True),

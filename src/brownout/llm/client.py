@@ -24,18 +24,53 @@ costing its callers time:
   cut short by the wait in our queue, a timeout is the caller's (:class:`DeadlineExceeded`), not the
   endpoint's: it is not counted.
 
-What counts against an endpoint (breaker failure, retried): connection errors, timeouts, HTTP 5xx,
-408, 425 and 429, and 2xx bodies that are not an OpenAI chat completion. What does not (raised at
-once, never retried, not recorded): other 4xx statuses such as 400, 401, 403, 404, 413 and 422 --
-the request was wrong, not the endpoint. A ``Retry-After`` header rides on the
-:class:`~brownout.errors.ModelError` as ``retry_after``, which the retry honours.
+What counts against an endpoint (breaker failure, retried): connection errors, timeouts of an
+endpoint that shows no sign of life (below), HTTP 5xx, 408, 425 and 429, and 2xx bodies that are not
+an OpenAI chat completion. What does not (raised at once, never retried, not recorded): other 4xx
+statuses such as 400, 401, 403, 404, 413 and 422 -- the request was wrong, not the endpoint. A
+``Retry-After`` header rides on the :class:`~brownout.errors.ModelError` as ``retry_after``, which
+the retry honours.
+
+Overload is not failure: slow calls
+-----------------------------------
+
+A call that was *sent* and got no answer within its attempt timeout is either a sign that the model
+is down (hung, wedged, lost) or that it is saturated and answers slowly under load. The client tells
+them apart by whether the endpoint is demonstrably alive:
+
+    A timed-out call is **slow under load, not failed**, when both hold:
+
+    * *under load*: it was not alone -- when it was sent or when it timed out, another call was in
+      flight to the endpoint or waiting for one of its slots. A lone call on an idle endpoint that
+      gets no answer has no load to blame: that is a failure;
+    * *alive*: the endpoint completed a call (a well-formed completion) no longer than
+      ``alive_window`` seconds before the timeout (default: three attempt timeouts). That covers "it
+      completed other calls while this one waited" (a completion after this call was sent is within
+      one timeout of it) and "it answered recently". A passing health probe does not count here: a
+      model that answers a four-token probe but no real call within its timeout is too slow for its
+      callers, not busy (the probe still keeps the role available and recovery away).
+
+    Otherwise -- an idle endpoint, or nothing completed for ``alive_window`` seconds -- the timeout is
+    a failure.
+
+A slow call is recorded by no breaker (neither success nor failure, as resilience4j keeps slow calls
+apart from failures; the breaker's own slow-call rate stays off for model endpoints, since a saturated
+model is slow by definition), it shrinks the endpoint's concurrency limit (a drop), it is not retried
+(another attempt would only add load to a busy model), and the caller gets
+:class:`~brownout.errors.Overloaded` with reason ``"slow"``, ``retry_after`` the limiter's estimate.
+Connection errors, 5xx answers and malformed bodies are failures whatever the load: a model that
+answers nothing at all still opens its breaker. The per-endpoint counters ``completed`` (well-formed
+completions) and ``slow`` are in :meth:`ModelClient.endpoints_status`; ``completed`` is what the
+recovery's busy check reads as "making progress".
 
 Errors: :class:`~brownout.errors.ModelUnavailable` when no endpoint can take the call (its
 ``retry_after`` is the soonest any breaker lets a call through), :class:`~brownout.errors.ModelError`
 when the attempts failed (the last failure, as the retry re-raises it),
-:class:`~brownout.errors.Overloaded` when no slot came free in time (``retry_after`` estimated from the
-measured service time), and :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline cut
-the call short.
+:class:`~brownout.errors.Overloaded` when no slot came free in time (reason ``"queue_timeout"`` or
+``"queue_full"``; ``"deadline"`` at once when the expected wait already exceeds the caller's
+``queue_timeout``) or a sent call was slow under load (reason ``"slow"``; ``retry_after`` estimated
+from the measured service time), and :class:`~brownout.errors.DeadlineExceeded` when the caller's
+deadline cut the call short.
 
 Health probes (:meth:`ModelClient.probe`) measure the model, not the queue: a probe takes a free slot
 when there is one; when every slot is busy and the endpoint answered a call successfully within
@@ -130,18 +165,24 @@ class _NotCounted(Exception):
         self.error = error
 
 
+class _SlowCall(_NotCounted):
+    """A sent call timed out while its endpoint was demonstrably alive: slow under load, not failed."""
+
+
 class _Endpoint:
     """One endpoint's runtime state."""
 
     __slots__ = (
         "breaker",
         "chat_url",
+        "completed",
         "config",
         "ewma",
         "headers",
         "in_flight",
         "last_success",
         "limiter",
+        "slow",
         "url",
     )
 
@@ -155,6 +196,8 @@ class _Endpoint:
         self.in_flight = 0  # HTTP requests being sent or answered
         self.ewma: float | None = None  # seconds; None until the first answer
         self.last_success: float | None = None  # clock time of the last well-formed completion
+        self.completed = 0  # well-formed completions of calls (probes not included)
+        self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
 
     def observe(self, latency: float) -> None:
         ewma = self.ewma
@@ -192,10 +235,21 @@ class ModelClient:
     closes it. ``breaker_factory(name, config)`` makes the endpoint breakers instead (for instance
     :meth:`brownout.state.breaker.RedisBreakers.breaker`, to share their state across replicas).
     ``limiter`` configures the per-endpoint concurrency limiters (default :data:`DEFAULT_LIMITER`);
-    each endpoint's ``max_concurrency`` is its limiter's ``max_limit``.
+    each endpoint's limiter's ``max_limit`` is its ``max_concurrency``, or the given ``max_limit``
+    when that is lower. ``alive_window`` is how recent a sign of life must be for a timed-out call to
+    count as slow rather than failed (default: three times ``timeout``; see the module docstring).
     """
 
-    __slots__ = ("_clock", "_endpoints", "_http", "_own_http", "_retry", "role", "timeout")
+    __slots__ = (
+        "_clock",
+        "_endpoints",
+        "_http",
+        "_own_http",
+        "_retry",
+        "alive_window",
+        "role",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -210,6 +264,7 @@ class ModelClient:
         http: httpx.AsyncClient | None = None,
         breaker_factory: Callable[[str, BreakerConfig], CircuitBreaker] | None = None,
         limiter: LimiterConfig | None = None,
+        alive_window: float | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigError("endpoints", f"model role {role!r} needs at least one endpoint")
@@ -219,6 +274,12 @@ class ModelClient:
         """The model role served (also the breaker name, or its prefix with several endpoints)."""
         self.timeout = float(timeout)
         """Seconds one attempt may take when the call gives none."""
+        window = 3.0 * self.timeout if alive_window is None else alive_window
+        if not window > 0 or math.isinf(window):
+            raise ConfigError("alive_window", f"must be a positive number of seconds, got {alive_window!r}")
+        self.alive_window = float(window)
+        """A timed-out call under load is slow, not failed, when the endpoint completed a call this
+        recently (seconds)."""
         self._clock = clock
         base = (breakers or BreakerGroupConfig()).for_name(role)
         breaker_config = base.model_copy(update={"ignore_exceptions": (*base.ignore_exceptions, _NotCounted)})
@@ -241,8 +302,9 @@ class ModelClient:
                 if breaker_factory is not None
                 else CircuitBreaker(name, breaker_config, clock=clock, events=events)
             )
-            top = cfg.max_concurrency
             limits = limiter or DEFAULT_LIMITER
+            # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it.
+            top = cfg.max_concurrency if limiter is None else min(cfg.max_concurrency, limits.max_limit)
             limiter_config = limits.model_copy(
                 update={
                     "max_limit": top,
@@ -295,11 +357,21 @@ class ModelClient:
         """Each endpoint's concurrency limiter, by the same names as :attr:`breakers`."""
         return {ep.breaker.name: ep.limiter for ep in self._endpoints}
 
-    def estimated_wait(self) -> float:
+    def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a call arriving now would expect to wait for a slot on the best available endpoint
-        (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls)."""
-        waits = [ep.limiter.estimated_wait() for ep in self._endpoints if ep.breaker.available]
+        (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls).
+        ``ahead``: callers not queued here yet that will come first (see
+        :meth:`~brownout.policies.limiter.AdaptiveLimiter.estimated_wait`)."""
+        waits = [ep.limiter.estimated_wait(ahead) for ep in self._endpoints if ep.breaker.available]
         return min(waits) if waits else 0.0
+
+    def service_time(self) -> float | None:
+        """The expected seconds one call holds a slot, from the fastest available endpoint that has
+        measured one (None before any call finished)."""
+        times = [
+            t for ep in self._endpoints if ep.breaker.available and (t := ep.limiter.service_time) is not None
+        ]
+        return min(times) if times else None
 
     @property
     def retry(self) -> Retry:
@@ -313,8 +385,9 @@ class ModelClient:
     def endpoints_status(self) -> list[dict[str, Any]]:
         """One dict per endpoint: url, model, breaker name and state, availability, the concurrency
         limit, its ceiling, calls in flight and waiting for a slot, the expected wait for a newcomer in
-        seconds, the latency average in ms (None before the first answer) and the breaker's
-        retry_after."""
+        seconds, the latency average in ms (None before the first answer), the breaker's retry_after,
+        the well-formed completions so far (``completed``) and the calls that were slow under load
+        (``slow``, see the module docstring)."""
         out = []
         for ep in self._endpoints:
             b = ep.breaker
@@ -333,6 +406,8 @@ class ModelClient:
                     "estimated_wait": round(lim.estimated_wait(), 3),
                     "ewma_latency_ms": None if ep.ewma is None else round(ep.ewma * 1000.0, 3),
                     "retry_after": b.retry_after(),
+                    "completed": ep.completed,
+                    "slow": ep.slow,
                 }
             )
         return out
@@ -413,8 +488,10 @@ class ModelClient:
         wait = (
             left if queue_timeout is None else (queue_timeout if left is None else min(left, queue_timeout))
         )
-        # Waiting for a slot is not the model's time: nothing here reaches the breaker.
-        permit = await ep.limiter.acquire(timeout=wait)
+        # Waiting for a slot is not the model's time: nothing here reaches the breaker. A caller that
+        # said how long it may wait is told at once when the expected wait is longer (it would only
+        # wait to fail); one that gave no bound waits up to its deadline or the limiter's max_wait.
+        permit = await ep.limiter.acquire(timeout=wait, shed_late=queue_timeout is not None)
         try:
             result = await self._attempt_with(ep, body, limit, permit)
         except ModelError as e:
@@ -423,6 +500,10 @@ class ModelClient:
                 dropped=isinstance(cause, httpx.TimeoutException) or e.status in _OVERLOAD_STATUSES,
                 sample=False,
             )
+            raise
+        except Overloaded as e:
+            # A slow call under load: the server has more work than it can do in time -- shrink.
+            permit.release(dropped=e.reason == "slow", sample=False)
             raise
         except BaseException:
             permit.release(sample=False)
@@ -445,6 +526,19 @@ class ModelClient:
         excused = capped and permit.waited > 0
         try:
             result: ChatResult = await ep.breaker.call(self._send, ep, body, timeout, excused)
+        except _SlowCall as e:
+            # Sent, timed out, but the endpoint is alive: busy, not failed (see the module docstring).
+            if capped:
+                # ...and the time it had was what was left of the caller's deadline: say so.
+                raise DeadlineExceeded(timeout, policy=self.role) from e.error
+            lim = ep.limiter
+            raise Overloaded(
+                ep.breaker.name,
+                "slow",
+                retry_after=lim.retry_after(),
+                queue_size=lim.queued,
+                in_flight=lim.in_flight,
+            ) from e.error
         except _NotCounted as e:
             if excused and isinstance(e.error.__cause__, httpx.TimeoutException):
                 raise DeadlineExceeded(timeout, policy=self.role) from e.error
@@ -470,6 +564,8 @@ class ModelClient:
         ignores)."""
         clock = self._clock
         start = clock.now()
+        # Under load when sent: another call in flight or waiting for a slot of this endpoint.
+        crowded = ep.in_flight > 0 or ep.limiter.queued > 0
         ep.in_flight += 1
         try:
             response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
@@ -480,7 +576,14 @@ class ModelClient:
             error.__cause__ = e
             if excused:
                 raise _NotCounted(error) from e
-            ep.observe(clock.now() - start)
+            now = clock.now()
+            ep.observe(now - start)
+            alive = ep.last_success
+            # in_flight still counts this call here (the finally below has not run yet).
+            loaded = crowded or ep.in_flight > 1 or ep.limiter.queued > 0
+            if loaded and alive is not None and now - alive <= self.alive_window:
+                ep.slow += 1
+                raise _SlowCall(error) from e
             raise error from e
         except httpx.HTTPError as e:
             raise ModelError(f"{ep.url}: {type(e).__name__}: {e}", endpoint=ep.url) from e
@@ -501,6 +604,7 @@ class ModelClient:
         content, finish_reason, usage = _parse(ep.url, response.content, status)
         ep.observe(latency)
         ep.last_success = clock.now()
+        ep.completed += 1
         return ChatResult(
             content=content,
             role=self.role,

@@ -240,6 +240,11 @@ class Admission(CallForms):
             queue_size=len(self._waiters),
         )
 
+    @property
+    def service_time(self) -> float | None:
+        """The average service time of a call in seconds (None before the first call completed)."""
+        return self._ewma
+
     def estimated_wait(self) -> float | None:
         """Seconds a caller arriving now would wait before it starts (0 with a free slot), or None
         before any call completed (no service time to estimate from)."""
@@ -283,7 +288,8 @@ class Admission(CallForms):
         self, budget: float | None, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
     ) -> Any:
         """Like :meth:`call`, for a caller with ``budget`` seconds left to *start* (None: the enclosing
-        deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it."""
+        deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it, and
+        with ``"queue_timeout"`` if it queued and the budget ran out before a slot came free."""
         if self._in_flight < self._fast_limit:
             self._in_flight += 1
         else:
@@ -368,7 +374,10 @@ class Admission(CallForms):
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         waiters.append(future)
         self._queued += 1
-        timer = self._clock.call_later(self._max_wait, functools.partial(self._expire, future))
+        # A caller with a deadline to start never waits past it: when the estimate was wrong, leaving
+        # at the deadline beats starting too late to finish in time.
+        wait = self._max_wait if budget is None else max(0.0, min(self._max_wait, budget))
+        timer = self._clock.call_later(wait, functools.partial(self._expire, future))
         try:
             granted = await future
         except BaseException:

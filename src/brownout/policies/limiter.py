@@ -88,6 +88,7 @@ __all__ = ["AdaptiveLimiter", "LimitChanged", "LimiterConfig", "LimiterStats", "
 
 _QUEUE_FULL = "queue_full"
 _QUEUE_TIMEOUT = "queue_timeout"
+_DEADLINE = "deadline"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +264,7 @@ class AdaptiveLimiter(CallForms):
         self._granted = 0
         self._queued = 0
         self._dropped = 0
-        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0}
+        self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0, _DEADLINE: 0}
 
     # -- read-only state ------------------------------------------------------------------------
 
@@ -307,15 +308,16 @@ class AdaptiveLimiter(CallForms):
             baseline=self._baseline,
         )
 
-    def estimated_wait(self) -> float:
+    def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a caller arriving now would expect to wait for a permit (0 when one is free).
 
         With every permit taken, permits come free about ``limit`` per service time, and the newcomer
         needs the ones owed to everybody queued ahead of it plus its own:
-        ``(queued + 1 - free) * service_time / limit``. Before any call finished, the service time is
-        ``default_service_time``.
+        ``(queued + ahead + 1 - free) * service_time / limit``, where ``ahead`` counts callers the
+        limiter cannot see yet that will come before this one (e.g. waiting in an admission queue in
+        front of it). Before any call finished, the service time is ``default_service_time``.
         """
-        ahead = len(self._waiters) + 1 - max(0, self._limit - self._in_flight)
+        ahead = len(self._waiters) + ahead + 1 - max(0, self._limit - self._in_flight)
         if ahead <= 0:
             return 0.0
         service = self._service if self._service is not None else self.config.default_service_time
@@ -328,12 +330,15 @@ class AdaptiveLimiter(CallForms):
 
     # -- permits --------------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float | None = None) -> Permit:
+    async def acquire(self, timeout: float | None = None, *, shed_late: bool = False) -> Permit:
         """Wait for a permit, for at most ``timeout`` seconds (default ``max_wait``).
 
         Raises :class:`~brownout.errors.Overloaded` (``reason`` ``"queue_full"`` or
         ``"queue_timeout"``) when the caller cannot have one in time; a caller cancelled while
-        waiting leaves the queue and takes nothing.
+        waiting leaves the queue and takes nothing. With ``shed_late``, a caller that would have to
+        wait is refused at once (reason ``"deadline"``) when :meth:`estimated_wait` already exceeds
+        its ``timeout`` (once a service time has been measured): waiting only to time out would hold
+        it for nothing.
         """
         clock = self._clock
         asked = clock.now()
@@ -342,6 +347,14 @@ class AdaptiveLimiter(CallForms):
         wait = self.config.max_wait if timeout is None else min(timeout, self.config.max_wait)
         if wait <= 0:
             raise self._reject(_QUEUE_TIMEOUT, asked)
+        # Before any call finished there is no service time to estimate from: nobody is refused.
+        if (
+            shed_late
+            and timeout is not None
+            and self._service is not None
+            and self.estimated_wait() > timeout
+        ):
+            raise self._reject(_DEADLINE, asked)
         if len(self._waiters) >= self.config.max_queue:
             raise self._reject(_QUEUE_FULL, asked)
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()

@@ -7,6 +7,8 @@ overload worse. Before any such action, recovery asks :class:`BusyCheck` whether
 not down*: its server is up **and** it is making progress, which means either
 
 * its latest health probe passed, no longer than ``recent`` seconds ago; or
+* it completed calls since the previous reading (its client's ``completed`` counter of well-formed
+  answers moved) -- it is answering, however slowly; this holds for external endpoints too; or
 * it has requests in flight **and** its local server process used CPU since the previous reading
   (it is computing them) -- which is what a saturated model whose probes queue behind its work looks
   like.
@@ -36,12 +38,14 @@ BUSY_NOT_DOWN = "model busy, not down"
 @dataclass(frozen=True, slots=True)
 class ModelActivity:
     """One look at a model: ``alive`` (its server process is up; True for external endpoints),
-    ``in_flight`` (requests to it not answered yet) and ``cpu_seconds`` (CPU its local server process
-    has used so far; None when it has none here)."""
+    ``in_flight`` (requests to it not answered yet), ``cpu_seconds`` (CPU its local server process
+    has used so far; None when it has none here) and ``completed`` (well-formed answers to calls so
+    far; None when unknown)."""
 
     alive: bool
     in_flight: int = 0
     cpu_seconds: float | None = None
+    completed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,14 @@ class BusyCheck:
         if probe is not None and probe.passed and now - probe.at <= self.recent:
             flight = f", {activity.in_flight} requests in flight" if activity.in_flight else ""
             return f"{BUSY_NOT_DOWN}: {role} answered a health probe {now - probe.at:.0f} s ago{flight}"
+        if (
+            before is not None
+            and activity.completed is not None
+            and before.activity.completed is not None
+            and activity.completed > before.activity.completed
+        ):
+            done = activity.completed - before.activity.completed
+            return f"{BUSY_NOT_DOWN}: {role} completed {done} calls in the last {now - before.at:.0f} s"
         if (
             activity.in_flight > 0
             and activity.cpu_seconds is not None

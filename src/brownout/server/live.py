@@ -94,7 +94,7 @@ _QUIET = frozenset(
     }
 )
 # Events after which the state shown has changed: a fresh snapshot follows at once.
-_STATEFUL = frozenset({"breaker", "mode", "health", "recovery", "spool"})
+_STATEFUL = frozenset({"breaker", "mode", "health", "recovery", "spool", "load"})
 
 
 class TooManyClients(Exception):
@@ -154,6 +154,11 @@ def snapshot(runtime: Runtime) -> dict[str, Any]:
                 "error": probe.error,
             },
             "server": server.state if server is not None else None,
+            # Each endpoint's adaptive concurrency limit: calls in flight, and waiting in our queue.
+            "concurrency": [
+                {k: ep[k] for k in ("breaker", "limit", "in_flight", "queued", "estimated_wait")}
+                for ep in (client.endpoints_status() if client is not None else [])
+            ],
         }
     healthy = [r for r, m in models.items() if m["status"] == "healthy"]
     cache = svc.cache.stats()
@@ -246,6 +251,9 @@ def _summary(name: str, event: Event, fields: Mapping[str, Any]) -> str:
         off = fields.get("switched_off") or ()
         text = f"system mode: {fields.get('old')} -> {fields.get('new')} ({fields.get('reason')})"
         return text + (f"; off: {', '.join(off)}" if off else "")
+    if name == "LimitChanged":
+        old, new, reason = fields.get("old"), fields.get("new"), fields.get("reason")
+        return f"concurrency limit {event.source}: {old} -> {new} ({reason})"
     if name == "ModeDownshifted":
         served, requested, reason = fields.get("served"), fields.get("requested"), fields.get("reason")
         return f"{event.source}: served {served} instead of {requested} ({reason})"
@@ -256,6 +264,8 @@ def _summary(name: str, event: Event, fields: Mapping[str, Any]) -> str:
 def _category(name: str) -> str:
     if name == "BreakerStateChanged":
         return "breaker"
+    if name in ("LimitChanged", "DimmerChanged"):
+        return "load"  # overload is not failure: how the limits and the dimmer follow the load
     if "Recovery" in name or name == "ModelServerRestarted":
         return "recovery"
     if "Health" in name or "Status" in name or name == "ResourceAlert":

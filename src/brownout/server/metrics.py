@@ -109,6 +109,41 @@ class RuntimeCollector(Collector):
                 state.add_metric([role, name], breaker.state.metric)
         yield state
 
+        # ---- the adaptive concurrency limit of each model endpoint (overload is not failure)
+        labels = ["model", "endpoint"]
+        limit = GaugeMetricFamily(
+            "brownout_model_concurrency_limit", "Calls allowed in flight to the endpoint now", labels=labels
+        )
+        in_flight = GaugeMetricFamily(
+            "brownout_model_concurrency_in_flight", "Calls in flight to the endpoint now", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "brownout_model_concurrency_queued",
+            "Calls waiting in our queue for a slot of the endpoint (never inside the model server)",
+            labels=labels,
+        )
+        completed = CounterMetricFamily(
+            "brownout_model_completed", "Well-formed completions from the endpoint", labels=labels
+        )
+        slow = CounterMetricFamily(
+            "brownout_model_slow_calls",
+            "Calls that timed out under load on a live endpoint (slow, not failed: no breaker counts them)",
+            labels=labels,
+        )
+        for role, client in rt.clients.items():
+            for ep in client.endpoints_status():
+                key = [role, ep["breaker"]]
+                limit.add_metric(key, ep["limit"])
+                in_flight.add_metric(key, ep["in_flight"])
+                queued.add_metric(key, ep["queued"])
+                completed.add_metric(key, ep["completed"])
+                slow.add_metric(key, ep["slow"])
+        yield limit
+        yield in_flight
+        yield queued
+        yield completed
+        yield slow
+
         model_health = GaugeMetricFamily(
             "model_health_status",
             "1 when the model role can serve (process up, a breaker lets calls through, last probe passed)",

@@ -275,19 +275,22 @@ class Operations:
                 self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
 
     def _activity(self, role: str) -> ModelActivity:
-        """What ``role``'s model is doing now: its process up, requests in flight, CPU used."""
+        """What ``role``'s model is doing now: its process up, requests in flight, CPU used, calls
+        completed (the progress a busy model makes)."""
         rt = self.runtime
         server = rt.local.get(role)
         pid = server.pid if server is not None else None
         alive = rt.role_alive(role) and (server is None or pid is not None)
         client = rt.clients.get(role)
-        in_flight = sum(int(ep.get("in_flight", 0)) for ep in client.endpoints_status()) if client else 0
+        status = client.endpoints_status() if client else []
+        in_flight = sum(int(ep.get("in_flight", 0)) for ep in status)
+        completed = sum(int(ep.get("completed", 0)) for ep in status) if client else None
         cpu: float | None = None
         if pid is not None:
             host = self._hosts.setdefault(role, HostReader())
             tree = host.processes(pid)
             cpu = sum(p.cpu_seconds for p in tree) if tree else None
-        return ModelActivity(alive, in_flight, cpu)
+        return ModelActivity(alive, in_flight, cpu, completed)
 
     def _guard(self, kind: FailureType, target: str, action: str, trigger: str) -> str | None:
         """Why an action of an automatic or proactive chain must not run now (None: it may)."""

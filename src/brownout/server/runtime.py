@@ -189,13 +189,16 @@ class Runtime:
                 shared_breakers = (
                     self.shared is not None and cfg.redis.share_breakers and role not in self.local
                 )
+                section = cfg.models.roles[role]
                 client = ModelClient(
                     role,
                     endpoints[role],
                     breakers=group,
-                    timeout=cfg.models.roles[role].timeout,
+                    timeout=section.timeout,
                     clock=self.clock,
                     events=self.events,
+                    limiter=section.limiter.config(),
+                    alive_window=section.alive_window,
                     breaker_factory=self.shared.breakers.breaker
                     if self.shared is not None and shared_breakers
                     else None,
