@@ -232,6 +232,9 @@ async def _serve(
         "queue": {"max_concurrent": 32},
         "loop_block": {"enabled": False},
         "resources": {"enabled": False},
+        # Every brief waits for its (slow, fake) model: the drain is under test, not load shedding,
+        # which would answer the later ones from the rules at once.
+        "dimmer": {"shed_late": False},
         "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}", "spool_path": str(tmp_path / "s.db")},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
