@@ -1,5 +1,5 @@
-"""``python -m brownout`` runs the command line."""
+"""``python -m brownout`` runs the command line (the same front door as the ``brownout`` script)."""
 
-from brownout.cli import main
+from brownout._entry import main
 
 main()
