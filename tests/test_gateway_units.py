@@ -16,8 +16,8 @@ from brownout.events import BreakerStateChanged, EventBus
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
 from brownout.gateway.guard import SchemaGuard, reask_body, requested_schema
-from brownout.gateway.metrics import Histogram
 from brownout.gateway.router import Gateway, forwarded, retry_after_header
+from brownout.gateway.stats import Histogram
 from brownout.gateway.stream import complete_events, error_event
 from brownout.policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from brownout.testing import FakeClock

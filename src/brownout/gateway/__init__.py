@@ -12,7 +12,8 @@ groups, an optional exact-match cache for deterministic requests and a JSON guar
 * :mod:`brownout.gateway.upstream` -- the keep-alive HTTP/1.1 client of the upstream calls;
 * :mod:`brownout.gateway.guard`, :mod:`brownout.gateway.cache` -- the JSON guard and the cache key;
 * :mod:`brownout.gateway.routes` -- the ASGI routes and :func:`install_gateway`;
-* :mod:`brownout.gateway.metrics` -- counters and the Prometheus collector.
+* :mod:`brownout.gateway.stats` -- the counters the engine keeps;
+* :mod:`brownout.gateway.metrics` -- the Prometheus collector that reads them.
 
 The config names are imported here; the rest (which needs the ``server`` extra) on first use.
 """

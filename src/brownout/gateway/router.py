@@ -43,7 +43,7 @@ from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
 from brownout.gateway.guard import GuardOutcome, SchemaGuard, reask_body, requested_schema
-from brownout.gateway.metrics import EndpointStats, GroupStats
+from brownout.gateway.stats import EndpointStats, GroupStats
 from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 from brownout.llm.client import _retry_after as parse_retry_after
 from brownout.llm.client import is_caller_fault
