@@ -171,8 +171,17 @@ def test_config_is_frozen() -> None:
         cfg.open_wait = 1  # type: ignore[misc]
 
 
-async def test_registry_applies_the_seed_qwen_override(clock: FakeClock, bus: EventBus) -> None:
-    registry = BreakerRegistry(clock=clock, events=bus)
+def test_group_default_has_no_override() -> None:
+    # Names of dependencies are the application's: the toolkit's default group treats all alike.
+    group = BreakerGroupConfig()
+    assert group.overrides == {}
+    assert group.for_name("qwen") is group.defaults
+    assert BreakerRegistry().get("qwen").config == BreakerConfig()
+
+
+async def test_registry_applies_a_per_name_override(clock: FakeClock, bus: EventBus) -> None:
+    group = BreakerGroupConfig(overrides={"qwen": {"failure_rate_threshold": 0.4}})
+    registry = BreakerRegistry(group, clock=clock, events=bus)
     qwen, mistral = registry.get("qwen"), registry["mistral"]
     assert qwen.config.failure_rate_threshold == 0.4
     assert mistral.config.failure_rate_threshold == 0.5
@@ -201,7 +210,7 @@ def test_group_config_custom_defaults_and_overrides() -> None:
     )
     assert group.for_name("llama").success_threshold == 2
     assert group.for_name("llama").open_wait == 30
-    assert group.for_name("qwen") is group.defaults  # a custom override map replaces the seed's
+    assert group.for_name("qwen") is group.defaults  # only the names given are overridden
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.config import CircuitBreakerSection
 from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable, Overloaded
 from brownout.events import BreakerStateChanged, EventBus
 from brownout.llm.client import ModelClient, is_caller_fault
@@ -327,10 +328,13 @@ async def test_probe_reports_connection_failure_and_garbage() -> None:
 
 def test_breaker_config_comes_from_the_group_by_role() -> None:
     url = "http://127.0.0.1:9"
-    qwen = ModelClient("qwen", [ep(url)])
-    mistral = ModelClient("mistral", [ep(url)])
-    assert qwen.breakers["qwen"].config.failure_rate_threshold == 0.4  # seed 004's override
+    server_group = CircuitBreakerSection().group()  # what the server passes
+    qwen = ModelClient("qwen", [ep(url)], breakers=server_group)
+    mistral = ModelClient("mistral", [ep(url)], breakers=server_group)
+    assert qwen.breakers["qwen"].config.failure_rate_threshold == 0.4  # the generator opens earlier
     assert mistral.breakers["mistral"].config.failure_rate_threshold == 0.5
+    # Without a group, every role gets the toolkit's defaults: no role is special to the client.
+    assert ModelClient("qwen", [ep(url)]).breakers["qwen"].config.failure_rate_threshold == 0.5
     group = BreakerGroupConfig(overrides={"qwen": {"failure_rate_threshold": 0.25, "open_wait": 5.0}})
     tuned = ModelClient("qwen", [ep(url)], breakers=group).breakers["qwen"].config
     assert (tuned.failure_rate_threshold, tuned.open_wait) == (0.25, 5.0)
@@ -338,7 +342,7 @@ def test_breaker_config_comes_from_the_group_by_role() -> None:
 
 async def test_qwen_breaker_opens_at_40_percent_failures() -> None:
     defaults = BreakerConfig(minimum_calls=5, window_size=5, open_wait=30.0)
-    group = BreakerGroupConfig(defaults=defaults)  # the default overrides: qwen at 0.4
+    group = BreakerGroupConfig(defaults=defaults, overrides=CircuitBreakerSection().group().overrides)
     async with FakeLLM() as fake:
         clients = {
             role: ModelClient(role, [ep(fake)], breakers=group, retry=ONE_TRY, events=EventBus())

@@ -27,6 +27,16 @@ def test_defaults_are_the_seeds_numbers() -> None:
     assert group.for_name("llama").half_open_max_calls == 3
 
 
+def test_the_generator_override_is_the_servers_own_default() -> None:
+    # The toolkit's breaker groups have no override; the server's config brings the generator's.
+    group = load_config(None, environ={}).circuit_breaker.group()
+    assert group.overrides == {"qwen": {"failure_rate_threshold": 0.4}}
+    assert group.for_name("qwen") == group.defaults.model_copy(update={"failure_rate_threshold": 0.4})
+    # A models map in the YAML replaces the default one: qwen then gets the shared defaults.
+    other = BrownoutConfig.model_validate({"circuit_breaker": {"models": {"mistral": {"timeout": 9}}}})
+    assert other.circuit_breaker.group().for_name("qwen").failure_rate_threshold == 0.5
+
+
 def test_the_documented_example_is_exactly_the_defaults() -> None:
     assert load_config(ROOT / "deploy" / "brownout.example.yaml", environ={}) == BrownoutConfig()
 

@@ -304,6 +304,9 @@ class CircuitBreakerSection(_Section):
     minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
     window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
     auto_downshift: bool = True
+    # The brief server's own default, not the toolkit's (whose breaker groups have no override): the
+    # design opens the generator's breaker earlier, at 0.4, so briefs move to the rules sooner when
+    # the model that writes them starts failing. A `models` map in the YAML replaces this one.
     models: dict[str, dict[str, Any]] = Field(
         default_factory=lambda: {"qwen": {"failure_threshold": 0.4}},
         description="per-model overrides of the keys above (e.g. qwen: failure_threshold 0.4)",

@@ -23,6 +23,7 @@ from brownout.bench import percentile
 from brownout.briefs.prompts import generator_messages
 from brownout.briefs.rules import rule_based_brief
 from brownout.briefs.schema import CreativeBrief, ModelBrief
+from brownout.config import CircuitBreakerSection
 from brownout.errors import GuardFailed
 from brownout.llm.client import ModelClient
 from brownout.llm.guard import GuardConfig, JSONGuard
@@ -85,7 +86,13 @@ def _valid_first(content: str) -> bool:
 
 async def _run_async(prompts: list[str], threads: int, seed_config: GuardConfig) -> dict[str, Any]:
     async with LocalModelServer("qwen", threads=threads) as server:
-        client = ModelClient("qwen", [EndpointConfig(url=server.url, model="qwen")], timeout=60.0)
+        # The server's breaker settings for the generator (its circuit_breaker section's defaults).
+        client = ModelClient(
+            "qwen",
+            [EndpointConfig(url=server.url, model="qwen")],
+            breakers=CircuitBreakerSection().group(),
+            timeout=60.0,
+        )
         guard = JSONGuard("generate", ModelBrief, seed_config)
         try:
             first_unconstrained = 0

@@ -4,8 +4,8 @@
 costing its callers time:
 
 * each endpoint has its own :class:`~brownout.policies.breaker.CircuitBreaker`, configured by
-  ``BreakerGroupConfig.for_name(role)`` (so seed 004's ``qwen`` override of 0.4 applies to the
-  generator role);
+  ``BreakerGroupConfig.for_name(role)`` (the server passes its ``circuit_breaker`` section, whose
+  default opens the generator role, ``qwen``, earlier: at a failure rate of 0.4);
 * each endpoint has its own :class:`~brownout.policies.limiter.AdaptiveLimiter`: at most its
   ``limit`` calls are in flight to it (adapted to its latency, never above the endpoint's
   ``max_concurrency`` -- for a local model server its slots, so nothing queues inside the server);
@@ -228,7 +228,8 @@ class _Endpoint:
 class ModelClient:
     """Chat completions for one model role over one or more endpoints (see the module docstring).
 
-    ``breakers`` configures the per-endpoint breakers (``for_name(role)``), ``retry`` the attempts
+    ``breakers`` configures the per-endpoint breakers (``for_name(role)``; default: the toolkit's
+    defaults for every role, with no per-role override), ``retry`` the attempts
     (default :data:`DEFAULT_RETRY`), ``timeout`` the seconds one attempt may take. ``http`` lets the
     caller share an ``httpx.AsyncClient``; without one the client makes its own (ignoring proxy
     environment variables: model servers are local or on the private network) and :meth:`aclose`

@@ -683,12 +683,14 @@ class CircuitBreaker(CallForms):
 class BreakerGroupConfig(PolicyConfig):
     """Breakers for a set of named dependencies: shared defaults plus per-name overrides.
 
-    The default override is seed 004's: Qwen, the generator, opens earlier (failure rate 0.4).
+    There is no override by default: which dependency deserves its own settings is the application's
+    knowledge, so it names them (the brief server, for one, opens its generator model's breaker
+    earlier, from its ``circuit_breaker.models`` config).
     """
 
     defaults: BreakerConfig = Field(default_factory=BreakerConfig)
     overrides: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"qwen": {"failure_rate_threshold": 0.4}},
+        default_factory=dict,
         description="per-name settings that replace the defaults",
     )
 
