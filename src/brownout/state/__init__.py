@@ -4,8 +4,8 @@
 local front that keeps answering through a Redis outage (seed 000); :mod:`brownout.state.singleflight`
 the cross-replica singleflight; :mod:`brownout.state.tiered` the tiered reader with freshness labels
 (Redis → database → memory → default, seed 002 §1). Redis support needs the optional
-``redis`` package (the ``server`` extra), so the names below are imported on first use: importing
-:mod:`brownout.state` alone does not require it.
+``redis`` package (the ``redis`` extra, or the ``server`` one), so the names below are imported on
+first use: importing :mod:`brownout.state` alone does not require it.
 """
 
 from __future__ import annotations
