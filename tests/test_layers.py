@@ -202,6 +202,55 @@ DOC = "see brownout.health for details"
     assert "brownout.health" not in names  # prose naming a module is not an import
 
 
+def _import_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of ``package`` it imports (any import statement, as the scan above)."""
+    root = PACKAGE.parent / package.replace(".", "/")
+    modules = {_module_name(p): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        source = path.read_text(encoding="utf-8")
+        names = imported_modules(source, name, is_package=path.name == "__init__.py")
+        graph[name] = {n for n in names if n in modules and n != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order), or None. Packages' own ``__init__`` are
+    left out: a package naming its submodules for lazy import is not a cycle."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, set())):
+            if nxt in graph and state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if state.get(nxt) is None and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if state.get(start) is None and (found := visit(start)):
+            return found
+    return None
+
+
+def test_the_gateway_modules_import_each_other_without_a_cycle() -> None:
+    graph = _import_graph("brownout.gateway")
+    graph.pop("brownout.gateway", None)
+    assert "brownout.gateway.router" in graph["brownout.gateway.metrics"]  # the collector reads it
+    assert _cycle(graph) is None
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycle(graph) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
 # -- what `import brownout` loads ---------------------------------------------------------------------
 
 _PROBE = """
