@@ -624,6 +624,37 @@ async def test_a_queued_caller_never_waits_past_its_budget(clock: FakeClock) -> 
     await asyncio.gather(*tasks)
 
 
+async def test_the_queue_learns_its_real_pace_so_later_refusals_come_at_once(clock: FakeClock) -> None:
+    # A hopeful estimator (0.5 s per place) while the slot is really held 4 s: the first caller
+    # queues on the estimate and leaves at its 3 s budget, seconds later. What it waited teaches the
+    # queue its pace, and the next caller in the same spot is refused at once instead of at its budget.
+    adm = Admission(
+        "gpu",
+        AdmissionConfig(max_concurrent=1, max_wait=1e6),
+        clock=clock,
+        events=EventBus(),
+        wait_estimator=lambda position: 0.5 * position,
+    )
+    gate = Gate()
+    holder = asyncio.create_task(adm.call(gate.body, 0))
+    await settle()
+    hopeful = asyncio.create_task(adm.call_within(3.0, gate.body, 1))
+    await settle()
+    assert adm.queue_size == 1  # 0.5 s estimated: it queues
+    await clock.run(3.0)
+    with pytest.raises(Overloaded) as first:
+        await hopeful
+    assert first.value.reason == "queue_timeout"
+    at, queued = clock.now(), adm.stats.queued
+    with pytest.raises(Overloaded) as second:
+        await adm.call_within(2.0, gate.body, 2)
+    assert second.value.reason == "deadline"
+    assert clock.now() == at  # refused without waiting
+    assert adm.stats.queued == queued
+    gate.finish(0)
+    await holder
+
+
 async def test_the_enclosing_deadline_scope_is_the_budget(clock: FakeClock) -> None:
     adm = make(clock, max_concurrent=1, max_wait=1e6)
     gate = Gate()

@@ -157,6 +157,7 @@ class Admission(CallForms):
         "_max_retry_after",
         "_max_wait",
         "_min_retry_after",
+        "_pace",
         "_queued",
         "_rejected",
         "_starts",
@@ -205,6 +206,9 @@ class Admission(CallForms):
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._ewma: float | None = None
         self._completed = 0
+        # Measured seconds of queue wait per place in the queue (None until a queued caller started or
+        # left): the estimate the queue itself proves, see _wait_for.
+        self._pace: float | None = None
         self._queued = 0
         self._rejected: dict[str, int] = {_QUEUE_FULL: 0, _QUEUE_TIMEOUT: 0, _TRIPPED: 0, _DEADLINE: 0}
         # Slot start times of the ``async with`` form, per task (the block form has nowhere else to
@@ -374,6 +378,7 @@ class Admission(CallForms):
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         waiters.append(future)
         self._queued += 1
+        entered, position = now, depth + 1
         # A caller with a deadline to start never waits past it: when the estimate was wrong, leaving
         # at the deadline beats starting too late to finish in time.
         wait = self._max_wait if budget is None else max(0.0, min(self._max_wait, budget))
@@ -392,8 +397,12 @@ class Admission(CallForms):
                     waiters.remove(future)
             raise
         timer.cancel()
+        left = self._clock.now()
+        # What this caller's wait says about the queue's real pace (a caller that timed out gives a
+        # lower bound, which is what matters: the estimate must learn it was too hopeful).
+        self._observe_pace((left - entered) / position)
         if not granted:
-            raise self._reject(_QUEUE_TIMEOUT, self._estimate(len(waiters)), self._clock.now())
+            raise self._reject(_QUEUE_TIMEOUT, self._estimate(len(waiters)), left)
 
     def _expire(self, future: asyncio.Future[bool]) -> None:
         """Timer callback: the waiter waited ``max_wait`` without getting a slot."""
@@ -427,12 +436,29 @@ class Admission(CallForms):
                 return
         self._in_flight -= 1
 
+    def _observe_pace(self, per_place: float) -> None:
+        pace = self._pace
+        self._pace = per_place if pace is None else pace + self._ewma_alpha * (per_place - pace)
+
     def _wait_for(self, position: int) -> float | None:
-        """Estimated seconds until the caller at ``position`` in the queue (1: next) starts."""
+        """Estimated seconds until the caller at ``position`` in the queue (1: next) starts.
+
+        The larger of two estimates: the model's (``service time * position / max_concurrent``, or
+        the ``wait_estimator``'s) and the queue's measured pace (seconds each place ahead has really
+        cost the callers before). Service times alone can be too hopeful -- quick answers pull the
+        average down while the slow ones hold the slots -- and a caller admitted on a hopeful
+        estimate is refused at its deadline, seconds later, instead of at once.
+        """
         if self._wait_estimator is not None:
-            return self._wait_estimator(position)
-        ewma = self._ewma
-        return None if ewma is None else ewma * position / self._max
+            modelled = self._wait_estimator(position)
+        else:
+            ewma = self._ewma
+            modelled = None if ewma is None else ewma * position / self._max
+        pace = self._pace
+        if pace is None:
+            return modelled
+        measured = pace * position
+        return measured if modelled is None else max(modelled, measured)
 
     def _estimate(self, queue_size: int) -> float:
         ewma = self._ewma
