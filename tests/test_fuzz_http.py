@@ -83,14 +83,12 @@ def _read_answer(sock: socket.socket, deadline: float) -> Answer:
         data += chunk
 
 
-def _exchange(app: RunningApp, *parts: bytes, pause: float = 0.0) -> Answer:
-    """Send ``parts`` (``pause`` seconds apart) on a new connection and read the answer."""
+def _exchange(app: RunningApp, *parts: bytes) -> Answer:
+    """Send ``parts`` one after another on a new connection and read the answer."""
     started = time.monotonic()
     deadline = started + BOUND
     with socket.create_connection(("127.0.0.1", app.port), timeout=BOUND) as sock:
-        for i, part in enumerate(parts):
-            if i and pause:
-                time.sleep(pause)
+        for part in parts:
             try:
                 sock.sendall(part)
             except (BrokenPipeError, ConnectionResetError):
