@@ -675,6 +675,10 @@ async def test_a_full_queue_answers_503_with_retry_after(fakes: dict[str, FakeLL
         assert sample(metrics, "brief_rejections_total", reason="queue_full") == 5
         assert sample(metrics, "http_errors_total", status="503") == 5
         assert sample(metrics, "queue_size") == 0
+        # brownout_shed_seconds times each refusal from the server's side: all five, none of them held
+        # until the running call's 0.5 s were over.
+        assert sample(metrics, "brownout_shed_seconds_count") == 5
+        assert sample(metrics, "brownout_shed_seconds_bucket", le="0.5") == 5
 
 
 # -------------------------------------------------------------------------------- 11. singleflight

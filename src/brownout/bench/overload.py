@@ -36,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import h11
 import httpx
 
 from brownout.bench import child_env, percentile
+from brownout.bench.client import LoadClient, retry_pause
 
 __all__ = [
     "KINDS",
@@ -265,7 +267,7 @@ async def _watch(http: httpx.AsyncClient, result: LevelResult, interval: float) 
 
 
 async def _client(
-    http: httpx.AsyncClient,
+    http: LoadClient,
     level: int,
     numbers: itertools.count[int],
     mode: str,
@@ -276,13 +278,14 @@ async def _client(
         i = next(numbers)
         t0 = time.monotonic()
         detail = ""
+        headers: dict[str, str] = {}
         try:
-            response = await http.post("/v1/briefs", json={"text": _text(level, i), "mode": mode})
-        except httpx.HTTPError as e:
-            status, headers, body = None, {}, None
+            response = await http.post_json("/v1/briefs", {"text": _text(level, i), "mode": mode})
+        except (TimeoutError, OSError, h11.ProtocolError) as e:
+            status, body = None, None
             detail = f"{type(e).__name__}: {e}".rstrip(": ")
         else:
-            status, headers = response.status_code, dict(response.headers)
+            status, headers = response.status, response.headers
             try:
                 body = response.json()
             except ValueError:
@@ -293,9 +296,16 @@ async def _client(
         kind = classify_answer(status, headers, body, mode)
         out.append(Answer(kind, done - t0, done, detail if kind == "failed" else ""))
         if kind == "rejected":
-            # A refused client waits a little before its next request, as a polite one would -- but not
-            # the whole Retry-After, or a level would only measure waiting.
-            await asyncio.sleep(0.1)
+            # A refused client comes back after the Retry-After it was given, as a polite one would.
+            pause = retry_pause(_seconds(headers.get("retry-after")))
+            await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
+
+
+def _seconds(raw: str | None) -> float | None:
+    try:
+        return None if raw is None else float(raw)
+    except ValueError:
+        return None
 
 
 async def run_level(
@@ -316,11 +326,10 @@ async def run_level(
     if level < 1 or seconds <= 0:
         raise ValueError("level must be at least 1 and seconds positive")
     result = LevelResult(level, seconds)
-    limits = httpx.Limits(
-        max_connections=level + 8, max_keepalive_connections=level + 8, keepalive_expiry=4.0
-    )
+    # The load on the light client (a tenth of httpx's cost per request: the clients must not be what
+    # is measured); the status polls, a few a second, on httpx.
     async with (
-        httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, trust_env=False) as http,
+        LoadClient(url, timeout=timeout, max_connections=level + 8) as http,
         httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False) as side,
     ):
         before = await _history(side)

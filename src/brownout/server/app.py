@@ -127,10 +127,15 @@ class _Guard:
         http = self.runtime.http
         http.requests += 1
         errors = http.errors
+        clock = self.runtime.clock
+        arrived = clock.now()
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start" and message["status"] >= 400:
-                errors[message["status"]] += 1
+                status = message["status"]
+                errors[status] += 1
+                if status in (429, 503) and any(k == b"retry-after" for k, _ in message.get("headers", ())):
+                    http.shed.observe(clock.now() - arrived)
             await send(message)
 
         if scope["path"] == CHAT_PATH:

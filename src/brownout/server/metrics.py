@@ -280,6 +280,12 @@ class RuntimeCollector(Collector):
 
         # ---- HTTP
         yield CounterMetricFamily("http_requests", "HTTP requests received", value=rt.http.requests)
+        shed = HistogramMetricFamily(
+            "brownout_shed_seconds",
+            "Time from a request reaching the app to its refusal (503 or 429 with Retry-After)",
+        )
+        shed.add_metric([], rt.http.shed.cumulative(), rt.http.shed.total)
+        yield shed
         errors = CounterMetricFamily("http_errors", "HTTP responses with status >= 400", labels=["status"])
         for status, n in sorted(rt.http.errors.items()):
             errors.add_metric([str(status)], n)

@@ -26,6 +26,7 @@ from brownout.durable.store import BriefRecord, BriefStore
 from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.gateway.router import Gateway
+from brownout.gateway.stats import Histogram
 from brownout.health.modes import SystemModes
 from brownout.llm.client import ModelClient
 from brownout.llm.local import LocalModelServer, free_port
@@ -52,10 +53,18 @@ RecoveryAction = RecoveryAttempt
 
 @dataclass
 class HttpStats:
-    """HTTP request and error counts (``http_requests_total``, ``http_errors_total`` by status)."""
+    """HTTP request and error counts (``http_requests_total``, ``http_errors_total`` by status), and how
+    long refusals took (``brownout_shed_seconds``): from a request reaching the app to its 503/429 with
+    ``Retry-After``. Shedding is only worth its name when it answers in milliseconds while the models are
+    saturated; this histogram shows it does, from the server's side."""
 
     errors: Counter[int] = field(default_factory=Counter)
     requests: int = 0
+    shed: Histogram = field(default_factory=lambda: Histogram(SHED_BUCKETS))
+
+
+SHED_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+"""Bucket bounds of ``brownout_shed_seconds`` (the goal: a refusal within 50 ms)."""
 
 
 class Runtime:

@@ -46,6 +46,7 @@ import httpx
 import yaml
 
 from brownout.bench import child_env, percentile
+from brownout.bench.client import retry_pause
 from brownout.chaos.drills.catalog import CATALOG, Scenario
 from brownout.chaos.drills.load import Load, Sample, brief_text
 from brownout.chaos.drills.measure import (
@@ -1482,14 +1483,15 @@ def _default_settings() -> dict[str, Any]:
 
 async def _closed_loop(load: Load, clients: int, seconds: float, clock: Clock) -> None:
     """``clients`` clients, each sending its next request (a distinct text) as soon as the last came back,
-    for ``seconds``; a refused client waits 0.1 s first, as a polite client would."""
+    for ``seconds``; a refused client first waits the Retry-After it was given, as a polite client (the
+    OpenAI SDK, any client honouring the header) would, with a little jitter (:func:`retry_pause`)."""
     until = clock.now() + seconds
 
     async def client() -> None:
         while clock.now() < until:
             sample = await load.send()
             if sample.outcome == "rejected":
-                await clock.sleep(0.1)
+                await clock.sleep(min(retry_pause(sample.retry_after), max(0.0, until - clock.now())))
 
     await asyncio.gather(*(client() for _ in range(clients)))
 
