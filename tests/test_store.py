@@ -194,3 +194,68 @@ async def test_latest_full_answer_by_cache_key(tmp_path: Path) -> None:
         assert got.cache_key == "fast:k"
     finally:
         await store.aclose()
+
+
+# -------------------------------------------------------------------------------- group commit
+
+
+async def test_briefs_written_at_once_share_transactions_and_each_caller_hears_of_its_own(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from sqlalchemy import event
+
+    path = tmp_path / "b.db"
+    store = BriefStore(f"sqlite+aiosqlite:///{path}")
+    commits: list[int] = []
+    try:
+        await store.init()
+        for engine in store._engines:
+            event.listen(engine.sync_engine, "commit", lambda conn: commits.append(1))
+        results = await asyncio.gather(*(store.save(record(i)) for i in range(200)), store.save(record(7)))
+        # Every write answered once its row was committed: each new one True, the repeat of req-7 False.
+        assert sorted(results) == [False] + [True] * 200
+        # Far fewer transactions than writes: the writes that arrived while one committed went together.
+        assert 1 <= len(commits) <= 10
+        assert await store.save(record(7)) is False
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM briefs").fetchone() == (200,)
+        # A file database runs in WAL mode, synced on every commit (FULL = 2).
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_a_row_refused_for_its_data_fails_alone_in_its_group(tmp_path: Path) -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from sqlalchemy.exc import IntegrityError
+
+    store = BriefStore(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    try:
+        await store.init()
+        bad = replace(record("bad"), text=None)  # type: ignore[arg-type]  # the NOT NULL column refuses it
+        results = await asyncio.gather(
+            *(store.save(record(i)) for i in range(20)), store.save(bad), return_exceptions=True
+        )
+        assert results[:20] == [True] * 20
+        assert isinstance(results[20], IntegrityError)
+        assert await store.count() == 20
+    finally:
+        await store.aclose()
+
+
+async def test_closing_the_store_finishes_the_writes_already_queued(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "b.db"
+    store = BriefStore(f"sqlite+aiosqlite:///{path}")
+    await store.init()
+    writes = [asyncio.create_task(store.save(record(i))) for i in range(50)]
+    await asyncio.sleep(0)  # queued, the first batch under way
+    await store.aclose()
+    assert [w.result() for w in writes] == [True] * 50
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM briefs").fetchone() == (50,)
