@@ -134,7 +134,7 @@ async def test_redis_kill_and_start_again(make_redis_server: MakeRedis) -> None:
     assert refused(server.port)
     server.start()
     assert server.pid not in (None, pid)
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
 
 
 async def test_redis_pause_hangs_and_resume_answers(make_redis_server: MakeRedis) -> None:
@@ -162,7 +162,7 @@ async def test_ensure_running_resumes_and_restarts(make_redis_server: MakeRedis)
     server.pause()
     server.ensure_running()
     assert not server.paused
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
     server.stop()
     server.ensure_running()
     assert server.running
@@ -377,7 +377,7 @@ def test_reap_orphans_cleans_up_after_a_crashed_owner() -> None:
 def test_reap_orphans_spares_live_owners(make_redis_server: MakeRedis) -> None:
     server = make_redis_server()
     assert str(server.base_dir) not in reap_orphans()
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
 
 
 # -- Errors -----------------------------------------------------------------------------------------

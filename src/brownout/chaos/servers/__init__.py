@@ -26,7 +26,7 @@ The modules, by concern:
 * :mod:`~brownout.chaos.servers.base` -- the lifecycle both servers share (start, stop, kill, pause,
   resume, clean up, also at interpreter exit);
 * :mod:`~brownout.chaos.servers.redis` and :mod:`~brownout.chaos.servers.postgres` -- the two
-  launchers, with ``command`` and ``execute`` for fixtures that talk to their server.
+  launchers, whose ``command`` and ``execute`` talk to their server through redis-py and asyncpg.
 """
 
 from __future__ import annotations

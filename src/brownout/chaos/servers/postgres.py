@@ -1,28 +1,30 @@
 """A private PostgreSQL for tests and drills: scratch or durable, primary or hot standby.
 
 Every server of a process copies one ``initdb`` template (faster than running initdb each time).
-:meth:`PostgresServer.execute` runs SQL over just enough of the wire protocol to return its rows as
-text, for fixtures and drills that must not depend on a driver.
+:meth:`PostgresServer.execute` runs a statement through asyncpg and returns its rows in PostgreSQL's
+text form, for fixtures and drills that call from synchronous code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import contextlib
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
 from brownout.chaos.servers.base import ManagedServer, ServerStartError
 from brownout.chaos.servers.binaries import find_postgres_bindir, unprivileged_user
@@ -30,9 +32,11 @@ from brownout.chaos.servers.processes import make_private_dir
 
 __all__ = ["PostgresDatabase", "PostgresError", "PostgresServer"]
 
+_T = TypeVar("_T")
+
 
 class PostgresError(RuntimeError):
-    """An error response from PostgreSQL to :meth:`PostgresServer.execute`."""
+    """An error response from PostgreSQL to :meth:`PostgresServer.execute` (``"SQLSTATE: message"``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,80 +62,50 @@ def _remove_templates() -> None:
 atexit.register(_remove_templates)
 
 
-def _pg_message(kind: bytes, payload: bytes) -> bytes:
-    return kind + struct.pack("!i", len(payload) + 4) + payload
-
-
-class _PgConnection:
-    """Just enough of the PostgreSQL protocol for readiness probes and simple statements (trust auth)."""
-
-    def __init__(self, host: str, port: int, user: str, database: str, timeout: float) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+async def _text_rows(
+    host: str, port: int, user: str, database: str, sql: str, timeout: float
+) -> list[tuple[str | None, ...]]:
+    """Run one statement and return its rows, every scalar value in PostgreSQL's text form."""
+    try:
+        connection = await asyncpg.connect(
+            host=host, port=port, user=user, database=database, ssl=False, timeout=timeout
+        )
         try:
-            params = b"user\0" + user.encode() + b"\0database\0" + database.encode() + b"\0\0"
-            self.sock.sendall(struct.pack("!ii", len(params) + 8, 196608) + params)
-            self._until_ready()
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def _recv_exact(self, size: int) -> bytes:
-        chunks = bytearray()
-        while len(chunks) < size:
-            chunk = self.sock.recv(size - len(chunks))
-            if not chunk:
-                raise ConnectionError("connection closed by postgres")
-            chunks += chunk
-        return bytes(chunks)
-
-    def _message(self) -> tuple[bytes, bytes]:
-        header = self._recv_exact(5)
-        (length,) = struct.unpack("!i", header[1:])
-        return header[:1], self._recv_exact(length - 4)
-
-    def _until_ready(self) -> list[tuple[str | None, ...]]:
-        rows: list[tuple[str | None, ...]] = []
-        error: str | None = None
-        while True:
-            kind, body = self._message()
-            if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
-                raise PostgresError("postgres asked for a password: the test server expects trust auth")
-            if kind == b"E":
-                fields = {f[:1]: f[1:].decode(errors="replace") for f in body.split(b"\0") if f}
-                error = f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}"
-                if _is_fatal(fields):
-                    raise PostgresError(error)
-            elif kind == b"D":
-                (count,) = struct.unpack("!h", body[:2])
-                offset = 2
-                row: list[str | None] = []
-                for _ in range(count):
-                    (size,) = struct.unpack("!i", body[offset : offset + 4])
-                    offset += 4
-                    if size < 0:
-                        row.append(None)
-                    else:
-                        row.append(body[offset : offset + size].decode())
-                        offset += size
-                rows.append(tuple(row))
-            elif kind == b"Z":
-                if error is not None:
-                    raise PostgresError(error)
-                return rows
-
-    def query(self, sql: str) -> list[tuple[str | None, ...]]:
-        self.sock.sendall(_pg_message(b"Q", sql.encode() + b"\0"))
-        return self._until_ready()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.sendall(_pg_message(b"X", b""))
-        self.sock.close()
+            statement = await connection.prepare(sql, timeout=timeout)
+            columns = {a.type for a in statement.get_attributes() if a.type.kind == "scalar"}
+            if columns:
+                # Read the columns as text ("t", "2"), as psql shows them, rather than as Python values.
+                for column in columns:
+                    await connection.set_type_codec(
+                        column.name, schema=column.schema, encoder=str, decoder=str, format="text"
+                    )
+                statement = await connection.prepare(sql, timeout=timeout)
+            return [tuple(record) for record in await statement.fetch(timeout=timeout)]
+        finally:
+            await connection.close(timeout=timeout)
+    except asyncpg.PostgresError as error:
+        raise PostgresError(f"{error.sqlstate}: {error}") from error
 
 
-def _is_fatal(fields: Mapping[bytes, str]) -> bool:
-    # A FATAL error ends the session (no ReadyForQuery follows): raise at once rather than wait.
-    return fields.get(b"S") in ("FATAL", "PANIC") or fields.get(b"V") in ("FATAL", "PANIC")
+async def _connects(host: str, port: int, user: str, timeout: float) -> bool:
+    try:
+        connection = await asyncpg.connect(
+            host=host, port=port, user=user, database="postgres", ssl=False, timeout=timeout
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return False  # refused, or "the database system is starting up"
+    await connection.close(timeout=timeout)
+    return True
+
+
+def _blocking(coroutine: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coroutine`` to its end on an event loop of its own, in a worker thread.
+
+    The callers are synchronous: fixtures, drills' worker threads, and async tests calling the blocking
+    API. A thread of its own works from each, and leaves the caller's event loop (if any) alone.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 class PostgresServer(ManagedServer):
@@ -286,25 +260,18 @@ class PostgresServer(ManagedServer):
         return command
 
     def _probe(self) -> bool:
-        try:
-            connection = _PgConnection(self.host, self._port, self.user, "postgres", 0.5)
-        except (OSError, PostgresError):
-            return False  # refused, or "the database system is starting up"
-        connection.close()
-        return True
+        return _blocking(_connects(self.host, self._port, self.user, 0.5))
 
     def execute(
         self, sql: str, *, database: str | None = None, timeout: float = 10.0
     ) -> list[tuple[str | None, ...]]:
-        """Run SQL (simple protocol, one or more statements) and return the rows as text.
+        """Run one SQL statement on a connection of its own and return the rows, values as text.
 
-        For fixtures and drills that must not depend on a driver; code under test uses asyncpg.
+        Blocking, for fixtures and drills; it works from any thread, one running an event loop
+        included (the loop waits meanwhile). An error from the server raises :class:`PostgresError`.
         """
-        connection = _PgConnection(self.host, self._port, self.user, database or self.database, timeout)
-        try:
-            return connection.query(sql)
-        finally:
-            connection.close()
+        database = database or self.database
+        return _blocking(_text_rows(self.host, self._port, self.user, database, sql, timeout))
 
     @property
     def in_recovery(self) -> bool:

@@ -1,51 +1,22 @@
 """A private ``redis-server`` for tests and drills, without persistence.
 
-:meth:`RedisServer.command` sends one command and returns its decoded reply, for fixtures such as
-``command("FLUSHALL")``.
+:meth:`RedisServer.command` sends one command through redis-py and returns the server's reply as it
+came (no per-command reshaping), for fixtures such as ``command("FLUSHALL")``.
 """
 
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+
+from redis import Connection
+from redis.exceptions import RedisError
 
 from brownout.chaos.servers.base import ManagedServer
 from brownout.chaos.servers.binaries import find_redis_server
 
 __all__ = ["RedisServer"]
-
-
-def _resp_encode(args: Sequence[str | bytes | int]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _resp_read(reader: BinaryIO) -> object:
-    line = reader.readline()
-    if not line.endswith(b"\r\n"):
-        raise ConnectionError("connection closed by redis")
-    kind, body = line[:1], line[1:-2]
-    if kind == b"+":
-        return body.decode()
-    if kind == b"-":
-        raise RuntimeError(f"redis error: {body.decode()}")
-    if kind == b":":
-        return int(body)
-    if kind == b"$":
-        size = int(body)
-        if size < 0:
-            return None
-        return reader.read(size + 2)[:-2]
-    if kind == b"*":
-        count = int(body)
-        return None if count < 0 else [_resp_read(reader) for _ in range(count)]
-    raise ConnectionError(f"unexpected reply from redis: {line!r}")
 
 
 class RedisServer(ManagedServer):
@@ -93,13 +64,28 @@ class RedisServer(ManagedServer):
 
     def _probe(self) -> bool:
         try:
-            return self.command("PING", timeout=0.5) == "PONG"
-        except (OSError, RuntimeError):
+            return self.command("PING", timeout=0.5) == b"PONG"
+        except (OSError, RedisError):
             return False  # refused while starting, or -LOADING
 
     def command(self, *args: str | bytes | int, timeout: float = 5.0) -> object:
-        """Send one command and return its decoded reply (for fixtures: ``command("FLUSHALL")``)."""
-        with socket.create_connection((self.host, self._port), timeout=timeout) as sock:
-            sock.sendall(_resp_encode(args))
-            with sock.makefile("rb") as reader:
-                return _resp_read(reader)
+        """Send one command on a connection of its own and return the reply as the server sent it.
+
+        Strings come back as bytes, integers as ints, arrays as lists and nil as None (RESP2, with
+        none of redis-py's per-command reshaping). An error reply raises
+        :class:`redis.exceptions.ResponseError`; no connection, :class:`redis.exceptions.ConnectionError`.
+        """
+        # One connection, no retries: a fixture or a drill's audit asks once, and an outage is an error.
+        # (redis-py's Connection carries no type annotations, hence the ignores.)
+        connection = Connection(  # type: ignore[no-untyped-call]
+            host=self.host,
+            port=self._port,
+            protocol=2,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        try:
+            connection.send_command(*args)  # type: ignore[no-untyped-call]
+            return connection.read_response()
+        finally:
+            connection.disconnect()  # type: ignore[no-untyped-call]
