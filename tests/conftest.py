@@ -10,15 +10,15 @@ from typing import Any, TypeVar
 import pytest
 
 from brownout.chaos.fakellm import FakeLLM
-from brownout.config import ROLES
-from brownout.events import EventBus
-from brownout.testing import FakeClock
-from brownout.testing_servers import (
+from brownout.chaos.servers import (
     PostgresDatabase,
     PostgresServer,
     RedisServer,
     ensure_installed,
 )
+from brownout.config import ROLES
+from brownout.events import EventBus
+from brownout.testing import FakeClock
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ async def fakes() -> AsyncIterator[dict[str, FakeLLM]]:
 
 
 # ---- Real Redis and PostgreSQL servers ------------------------------------------------------------
-# Private instances on free 127.0.0.1 ports with their own data directories (brownout.testing_servers):
+# Private instances on free 127.0.0.1 ports with their own data directories (brownout.chaos.servers):
 # the machine's shared servers on 6379/5432 are never used by tests that take a server down. A missing
 # binary is installed once with scripts/services install, as CI starts from a clean clone; tests are
 # never skipped for it.

@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry as RedisRetry
 from redis.backoff import NoBackoff
 
+from brownout.chaos.servers import RedisServer
 from brownout.durable.outbox import EventOutbox
 from brownout.durable.spool import Spool, SpoolReplayer
 from brownout.errors import GuardFailed
@@ -36,7 +37,6 @@ from brownout.policies.retry import Retry, RetryConfig, capped_exponential
 from brownout.recovery.actions import BackoffSpec
 from brownout.state.breaker import RedisBreakers
 from brownout.testing import FakeClock
-from brownout.testing_servers import RedisServer
 
 FAILURES = st.integers(0, 10**6)
 EXPONENTS = st.integers(-10, 10**9) | st.floats(-10.0, 1e9, allow_nan=False)

@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from brownout.bench import durable
+from brownout.chaos.servers import PostgresDatabase, PostgresServer, RedisServer, ensure_installed
 from brownout.cli import app
-from brownout.testing_servers import PostgresDatabase, PostgresServer, RedisServer, ensure_installed
 
 RECORDS, PER_ENTRY, BATCH, READS, HOT_KEYS = 60, 10, 8, 40, 4
 

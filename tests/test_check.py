@@ -197,7 +197,7 @@ async def test_a_model_failing_its_test_inference_fails_the_health_check(tmp_pat
 
 
 async def test_an_unreachable_server_fails_every_check() -> None:
-    from brownout.testing_servers import free_port
+    from brownout.chaos.servers import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
     results = by_name(await asyncio.to_thread(run_checks, url, timeout=5.0))
@@ -231,7 +231,7 @@ async def test_status_prints_the_live_state(tmp_path: Path) -> None:
 
 
 async def test_status_of_an_unreachable_server_exits_1() -> None:
-    from brownout.testing_servers import free_port
+    from brownout.chaos.servers import free_port
 
     code, out = await cli("status", "--url", f"http://127.0.0.1:{free_port()}", "--timeout", "5")
     assert code == 1

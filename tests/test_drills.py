@@ -21,9 +21,9 @@ from brownout.chaos.drills import CATALOG, OUTCOMES, Load, classify, missing, sc
 from brownout.chaos.drills.catalog import REQUIREMENT_NOTES
 from brownout.chaos.drills.load import refusal_info
 from brownout.chaos.drills.runner import PLAYS, REQUIREMENTS
+from brownout.chaos.servers import ensure_installed
 from brownout.cli import app
 from brownout.server.errors import error_bytes
-from brownout.testing_servers import ensure_installed
 
 SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
 FAST = [s.name for s in CATALOG if s.fast]

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from brownout.testing_servers import PostgresServer, RedisServer
+from brownout.chaos.servers import PostgresServer, RedisServer
 from examples.pricing.app import PricingSettings, create_app
 from examples.pricing.seed import SAMPLE_PRICES, seed
 

@@ -41,7 +41,6 @@ APPLICATION = (
     "brownout.bench",
     "brownout.chaos",
     "brownout.checks",
-    "brownout.testing_servers",
 )
 """Every module of the package that is not the toolkit (the console script's front door aside)."""
 

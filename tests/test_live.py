@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.chaos.servers import free_port
 from brownout.config import BrownoutConfig, WebhooksSection, load_config
 from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, CallRejected, EventBus, ModeDownshifted, SpoolAppended
@@ -32,7 +33,6 @@ from brownout.policies.breaker import BreakerState
 from brownout.server.live import Alert, LiveClient, LiveHub, TooManyClients, WebhookSender
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
-from brownout.testing_servers import free_port
 from live_helpers import LiveStack, Receiver, live_stack, make_config, serve_app, until
 
 TRIP: dict[str, Any] = {"circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600}}

@@ -30,12 +30,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.parser import text_string_to_metric_families
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.chaos.servers import free_port
 from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.server.app import create_app
 from brownout.server.metrics import MULTIPROCESS_ENV, WorkerSnapshots, multiprocess_dir
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
-from brownout.testing_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

@@ -14,10 +14,10 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from brownout.chaos.servers import RedisServer
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
 from brownout.events import BreakerStateChanged, EventBus, SystemModeChanged
 from brownout.testing import FakeClock
-from brownout.testing_servers import RedisServer
 
 STREAM = "test:events"
 

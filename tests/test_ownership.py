@@ -23,13 +23,13 @@ import pytest
 import yaml
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.chaos.servers import free_port
 from brownout.checks import run_checks
 from brownout.durable.spool import Spool
 from brownout.errors import ConfigError
 from brownout.events import EventBus
 from brownout.server.listener import listen
 from brownout.server.runtime import Runtime
-from brownout.testing_servers import free_port
 from test_server import make_config, metric_values, serve
 
 MARKER = "BROWNOUT_OWNERSHIP_TEST_MARKER"

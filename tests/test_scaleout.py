@@ -26,11 +26,11 @@ import httpx
 import yaml
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.chaos.servers import PostgresDatabase, PostgresServer, RedisServer, free_port
 from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.events import EventBus
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
-from brownout.testing_servers import PostgresDatabase, PostgresServer, RedisServer, free_port
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The private Redis and PostgreSQL servers that outage tests run against (brownout.testing_servers).
+"""The private Redis and PostgreSQL servers that outage tests run against (brownout.chaos.servers).
 
 Real processes on free 127.0.0.1 ports: they start and answer, refuse connections when stopped, come
 back on the same port (PostgreSQL with its data), die on kill, hang on pause, and leave nothing behind.
@@ -25,13 +25,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import brownout.testing_servers as ts
-from brownout.testing_servers import (
+import brownout.chaos.servers as servers
+import brownout.chaos.servers.base as servers_base
+from brownout.chaos.servers import (
     PostgresDatabase,
     PostgresServer,
     RedisServer,
     ServerBinaryMissing,
     ServerStartError,
+    binaries,
+    processes,
     reap_orphans,
 )
 
@@ -51,7 +54,7 @@ def redis_client(server: RedisServer, timeout: float = 2.0) -> aioredis.Redis:
 
 def state(pid: int) -> str | None:
     """The process state letter from /proc (None when gone or a zombie)."""
-    stat = ts._proc_stat(pid)
+    stat = processes.proc_stat(pid)
     return None if stat is None else stat[0]
 
 
@@ -69,7 +72,7 @@ def processes_using(path: Path) -> list[int]:
     return [
         int(pid)
         for pid in os.listdir("/proc")
-        if pid.isdigit() and ts._alive(int(pid)) and ts._uses_dir(int(pid), path)
+        if pid.isdigit() and processes.alive(int(pid)) and processes.uses_dir(int(pid), path)
     ]
 
 
@@ -81,8 +84,8 @@ def test_services_script_finds_both_binaries() -> None:
         [str(REPO / "scripts" / "services"), "where"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"redis-server: {ts.find_redis_server()}" in result.stdout
-    assert f"initdb:       {ts.find_postgres_bindir() / 'initdb'}" in result.stdout
+    assert f"redis-server: {servers.find_redis_server()}" in result.stdout
+    assert f"initdb:       {servers.find_postgres_bindir() / 'initdb'}" in result.stdout
 
 
 # -- Redis ------------------------------------------------------------------------------------------
@@ -131,7 +134,7 @@ async def test_redis_kill_and_start_again(make_redis_server: MakeRedis) -> None:
     assert refused(server.port)
     server.start()
     assert server.pid not in (None, pid)
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
 
 
 async def test_redis_pause_hangs_and_resume_answers(make_redis_server: MakeRedis) -> None:
@@ -159,7 +162,7 @@ async def test_ensure_running_resumes_and_restarts(make_redis_server: MakeRedis)
     server.pause()
     server.ensure_running()
     assert not server.paused
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
     server.stop()
     server.ensure_running()
     assert server.running
@@ -292,7 +295,7 @@ async def test_async_start_and_stop_keep_the_event_loop_running(make_postgres_se
 
 def test_postgres_errors_are_reported(make_postgres_server: MakePostgres) -> None:
     server = make_postgres_server()
-    with pytest.raises(ts.PostgresError, match="42P01"):
+    with pytest.raises(servers.PostgresError, match="42P01"):
         server.execute("SELECT * FROM no_such_table")
     database = server.create_database("made_here")
     assert server.execute("SELECT current_database()", database="made_here") == [("made_here",)]
@@ -324,17 +327,16 @@ def test_cleanup_stops_every_process_and_removes_the_directory() -> None:
     assert [pid for pid in pids if state(pid) is not None] == []
     assert [base for base in bases if base.exists()] == []
     assert [pid for base in bases for pid in processes_using(base)] == []
-    assert redis_server not in ts._LIVE
+    assert redis_server not in servers_base._LIVE
     redis_server.cleanup()  # idempotent
 
 
 _CHILD_SCRIPT = """
 import json, os, sys
-from brownout import testing_servers
-from brownout.testing_servers import PostgresServer, RedisServer
+from brownout.chaos.servers import PostgresServer, RedisServer, postgres
 r = RedisServer(); r.start()
 p = PostgresServer(); p.start()
-templates = [str(t) for t in testing_servers._PG_TEMPLATES.values()]
+templates = [str(t) for t in postgres._PG_TEMPLATES.values()]
 bases = [str(r.base_dir), str(p.base_dir)]
 print(json.dumps({"bases": bases, "pids": r.pids() + p.pids(), "templates": templates}))
 sys.stdout.flush()
@@ -375,7 +377,7 @@ def test_reap_orphans_cleans_up_after_a_crashed_owner() -> None:
 def test_reap_orphans_spares_live_owners(make_redis_server: MakeRedis) -> None:
     server = make_redis_server()
     assert str(server.base_dir) not in reap_orphans()
-    assert server.command("PING") == "PONG"
+    assert server.command("PING") == b"PONG"
 
 
 # -- Errors -----------------------------------------------------------------------------------------
@@ -385,8 +387,8 @@ def test_missing_binaries_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("BROWNOUT_REDIS_SERVER", raising=False)
     monkeypatch.delenv("BROWNOUT_PG_BINDIR", raising=False)
-    monkeypatch.setattr(ts, "_REDIS_FALLBACK_DIRS", ())
-    monkeypatch.setattr(ts, "_PG_LIB_ROOT", str(tmp_path / "postgresql"))
+    monkeypatch.setattr(binaries, "_REDIS_FALLBACK_DIRS", ())
+    monkeypatch.setattr(binaries, "_PG_LIB_ROOT", str(tmp_path / "postgresql"))
     with pytest.raises(ServerBinaryMissing, match=r"redis-server not found.*scripts/services install"):
         RedisServer()
     with pytest.raises(ServerBinaryMissing, match=r"initdb, postgres.*scripts/services install"):
@@ -396,16 +398,16 @@ def test_missing_binaries_name_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_ensure_installed_runs_the_script_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("BROWNOUT_REDIS_SERVER", raising=False)
-    monkeypatch.setattr(ts, "_REDIS_FALLBACK_DIRS", ())
-    monkeypatch.setattr(ts, "_install_ran", False)
+    monkeypatch.setattr(binaries, "_REDIS_FALLBACK_DIRS", ())
+    monkeypatch.setattr(binaries, "_install_ran", False)
     marker = tmp_path / "ran"
     script = tmp_path / "services"
     script.write_text(f'#!/bin/sh\necho "$1" >> {marker}\n')
     script.chmod(0o755)
     with pytest.raises(ServerBinaryMissing, match="redis-server not found"):
-        ts.ensure_installed(script)
+        servers.ensure_installed(script)
     with pytest.raises(ServerBinaryMissing, match="redis-server not found"):
-        ts.ensure_installed(script)
+        servers.ensure_installed(script)
     assert marker.read_text() == "install\n"  # run once, with "install"
 
 

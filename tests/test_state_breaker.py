@@ -10,12 +10,12 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from brownout.chaos.servers import RedisServer
 from brownout.errors import CircuitOpen, ConfigError
 from brownout.events import BreakerStateChanged, EventBus
 from brownout.policies.breaker import BreakerConfig, BreakerState
 from brownout.state.breaker import RedisBreakers
 from brownout.testing import FakeClock
-from brownout.testing_servers import RedisServer
 
 CONFIG = BreakerConfig(
     window_size=10,

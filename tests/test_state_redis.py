@@ -18,13 +18,13 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from brownout.chaos.servers import RedisServer
 from brownout.errors import DeadlineExceeded
 from brownout.events import Event, EventBus, RedisStatusChanged
 from brownout.policies.cache import Cache, CacheConfig
 from brownout.state import RedisHealthDetector, SharedCache
 from brownout.state.redis import _bounded
 from brownout.testing import FakeClock
-from brownout.testing_servers import RedisServer
 
 # Far above any real check on this machine, so "healthy" does not depend on how loaded it is.
 _SLOW = 5.0

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from brownout.chaos.servers import RedisServer
 from brownout.errors import ConfigError, DeadlineExceeded
 from brownout.policies.deadline import deadline
 from brownout.state.singleflight import RedisSingleflight, RemoteComputationFailed
-from brownout.testing_servers import RedisServer
 
 Value = dict[str, int]
 

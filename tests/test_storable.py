@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.chaos.servers import PostgresDatabase
 from brownout.durable.spool import Spool, default_data_fault, default_transient, error_summary
 from brownout.durable.store import BriefRecord, BriefStore
 from brownout.testing import FakeClock
-from brownout.testing_servers import PostgresDatabase
 from test_server import serve
 
 SECRET = "my secret wish for jasmine"

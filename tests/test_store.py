@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from brownout.chaos.servers import PostgresDatabase, PostgresServer
 from brownout.durable.store import BriefRecord, BriefStore, ReadOnlyDatabase, split_hosts
 from brownout.testing import FakeClock
-from brownout.testing_servers import PostgresDatabase, PostgresServer
 
 
 def record(i: int | str) -> BriefRecord:

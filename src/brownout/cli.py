@@ -644,7 +644,7 @@ def bench_durable(
     """Spool replay into PostgreSQL (writes/s) and cache reads through Redis with and without the
     local front cache (reads/s, p50/p99), on private servers unless URLs are given."""
     from brownout.bench import durable as bench
-    from brownout.testing_servers import ServerBinaryMissing, ServerStartError
+    from brownout.chaos.servers import ServerBinaryMissing, ServerStartError
 
     try:
         result = bench.run(

@@ -108,7 +108,7 @@ def _servers(
     postgres_url: str | None, redis_url: str | None, durable: bool
 ) -> Iterator[tuple[str, str, str]]:
     """Yield (postgres_url, redis_url, what_postgres_is), starting private servers where no URL is given."""
-    from brownout.testing_servers import PostgresServer, RedisServer
+    from brownout.chaos.servers import PostgresServer, RedisServer
 
     with contextlib.ExitStack() as stack:
         where = "url"

@@ -138,7 +138,7 @@ class DrillProgress:
 
 
 def _need_postgres() -> str | None:
-    from brownout.testing_servers import ServerBinaryMissing, find_postgres_bindir
+    from brownout.chaos.servers import ServerBinaryMissing, find_postgres_bindir
 
     try:
         find_postgres_bindir()
@@ -148,7 +148,7 @@ def _need_postgres() -> str | None:
 
 
 def _need_redis() -> str | None:
-    from brownout.testing_servers import ServerBinaryMissing, find_redis_server
+    from brownout.chaos.servers import ServerBinaryMissing, find_redis_server
 
     try:
         find_redis_server()
@@ -321,7 +321,7 @@ class FakeModel(_Process):
     """A ``brownout.chaos.fakellm`` process serving one role on 127.0.0.1."""
 
     def __init__(self, role: str, workdir: Path) -> None:
-        from brownout.testing_servers import free_port
+        from brownout.chaos.servers import free_port
 
         self.role = role
         self.port = free_port()
@@ -510,7 +510,7 @@ class Drill:
         for role in fakes:
             self.fakes[role] = FakeModel(role, self.workdir)
         await asyncio.gather(*(f.start(self.clock, 30.0) for f in self.fakes.values()))
-        from brownout.testing_servers import free_port
+        from brownout.chaos.servers import free_port
 
         urls = {role: fake.url for role, fake in self.fakes.items()}
         config = server_config(
@@ -898,7 +898,7 @@ async def _local_model_crash(d: Drill) -> None:
 
 
 async def _postgres(d: Drill, **kwargs: Any) -> Any:
-    from brownout.testing_servers import PostgresServer
+    from brownout.chaos.servers import PostgresServer
 
     pg = PostgresServer(**kwargs)
     d.servers.append(pg)
@@ -959,7 +959,7 @@ async def _database_switch(d: Drill) -> None:
     d.phase("starting PostgreSQL primary and standby, fakes and server")
     primary = await _postgres(d)
     database = await asyncio.to_thread(primary.create_database)
-    from brownout.testing_servers import PostgresServer
+    from brownout.chaos.servers import PostgresServer
 
     standby = PostgresServer(standby_of=primary)
     d.servers.append(standby)
@@ -1006,7 +1006,7 @@ async def _database_switch(d: Drill) -> None:
 
 
 async def _redis(d: Drill) -> Any:
-    from brownout.testing_servers import RedisServer
+    from brownout.chaos.servers import RedisServer
 
     redis = RedisServer()
     d.servers.append(redis)
