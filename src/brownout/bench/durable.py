@@ -361,7 +361,7 @@ def run(
     ``spool_appends_per_s``, ``cache_reads_per_s_redis`` / ``_front`` / ``_raw_redis`` with their
     ``cache_p50_us_*`` / ``cache_p99_us_*``, the detailed ``replay`` and ``cache`` sections, and
     ``goals``. Raises ``ValueError`` for bad sizes, ``TimeoutError`` when the run exceeds ``budget``
-    seconds, and :class:`~brownout.testing_servers.ServerBinaryMissing` when a private server is needed
+    seconds, and :class:`~brownout.chaos.servers.ServerBinaryMissing` when a private server is needed
     and not installed.
     """
     if records < 2:
