@@ -8,6 +8,7 @@ import pytest
 
 from brownout.config import BrownoutConfig, load_config
 from brownout.errors import ConfigError
+from brownout.policies.breaker import BreakerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,6 +84,68 @@ def test_a_bad_per_model_override_names_model_and_key() -> None:
         load_config(None, environ=env)
     env = {"BROWNOUT__CIRCUIT_BREAKER__MODELS": "{qwen: {speed: 3}}"}
     with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, environ=env)
+
+
+# -- the breaker keys: one vocabulary for circuit_breaker and the gateway's groups ---------------------
+
+BREAKER_YAML = (
+    "{failure_threshold: 0.25, success_threshold: 2, timeout: 7, half_open_requests: 1, "
+    "minimum_calls: 4, window_size: 8}"
+)
+
+
+def _gateway_breaker(breaker: str) -> dict[str, str]:
+    group = "{chat: {endpoints: [{url: 'http://h:1'}], breaker: " + breaker + "}}"
+    return {"BROWNOUT__GATEWAY__GROUPS": group}
+
+
+def test_both_breaker_sections_turn_the_same_keys_into_the_same_policy() -> None:
+    env = {"BROWNOUT__CIRCUIT_BREAKER": BREAKER_YAML, **_gateway_breaker(BREAKER_YAML)}
+    c = load_config(None, environ=env)
+    expected = BreakerConfig(
+        failure_rate_threshold=0.25,
+        success_threshold=2,
+        open_wait=7,
+        half_open_max_calls=1,
+        minimum_calls=4,
+        window_size=8,
+    )
+    assert c.circuit_breaker.group().defaults == expected
+    assert c.gateway.groups["chat"].breaker.policy() == expected
+    # Out of the box both sections hold the same defaults too.
+    defaults = load_config(None, environ=_gateway_breaker("{}"))
+    assert defaults.circuit_breaker.policy() == defaults.gateway.groups["chat"].breaker.policy()
+
+
+@pytest.mark.parametrize(
+    ("breaker", "key", "message"),
+    [
+        ("{timeout: .inf}", "timeout", "finite number"),
+        ("{failure_threshold: 1.5}", "failure_threshold", "less than or equal to 1"),
+        ("{window_size: 3}", "", "minimum_calls (5) cannot exceed window_size (3)"),
+        ("{open_wait: 3}", "open_wait", "Extra inputs"),  # the policy's name for timeout is not a YAML key
+    ],
+)
+def test_both_breaker_sections_refuse_a_bad_value_under_the_key_the_user_wrote(
+    breaker: str, key: str, message: str
+) -> None:
+    for env, section in (
+        ({"BROWNOUT__CIRCUIT_BREAKER": breaker}, "circuit_breaker"),
+        (_gateway_breaker(breaker), "gateway.groups.chat.breaker"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, environ=env)
+        assert err.value.key == (f"{section}.{key}" if key else section)
+        assert message in str(err.value)
+
+
+def test_a_per_model_override_is_checked_by_the_same_rules() -> None:
+    env = {"BROWNOUT__CIRCUIT_BREAKER__MODELS": "{qwen: {window_size: 3}}"}
+    with pytest.raises(ConfigError, match=r"models\.qwen: minimum_calls \(5\) cannot exceed window_size"):
+        load_config(None, environ=env)
+    env = {"BROWNOUT__CIRCUIT_BREAKER__MODELS": "{qwen: {timeout: .inf}}"}
+    with pytest.raises(ConfigError, match=r"models\.qwen\.timeout: Input should be a finite number"):
         load_config(None, environ=env)
 
 

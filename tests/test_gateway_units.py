@@ -15,10 +15,11 @@ from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, EventBus
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
-from brownout.gateway.guard import SchemaGuard, reask_body, requested_schema
+from brownout.gateway.guard import SchemaGuard, requested_schema
 from brownout.gateway.router import Gateway, forwarded, retry_after_header
 from brownout.gateway.stats import Histogram
 from brownout.gateway.stream import complete_events, error_event
+from brownout.llm.guard import Accepted, Rejection
 from brownout.policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from brownout.testing import FakeClock
 
@@ -291,32 +292,76 @@ def test_requested_schema_reads_openai_json_schema_only() -> None:
     assert requested_schema({}) is None
 
 
-def test_schema_guard_lists_problems_per_path() -> None:
+def test_schema_check_lists_problems_per_path() -> None:
     guard = SchemaGuard()
-    validator = guard.validator(SCHEMA)
-    assert validator is not None
-    assert guard.validator(dict(reversed(list(SCHEMA.items())))) is validator  # compiled once
-    assert guard.problems(validator, completion('{"n": 1, "s": "a"}')) is None
-    bad, problems = guard.problems(validator, completion('{"n": 1, "s": "a"}', '{"n": 9}')) or ("", [])
-    assert bad == '{"n": 9}'
-    assert problems == ['at /: "s" is a required property', "at /n: 9 is greater than the maximum of 3"]
-    found = guard.problems(validator, completion("Sure! {oops"))
-    assert found is not None
-    assert found[1][0].startswith("the answer is not JSON")
-    assert guard.problems(validator, completion(None)) is None  # a tool call: not the guard's to judge
-    assert guard.problems(validator, b"not a completion") is None
-    assert guard.validator({"type": "wat"}) is None
+    check = guard.for_schema(SCHEMA)
+    assert check is not None
+    assert guard.for_schema(dict(reversed(list(SCHEMA.items())))) is check  # compiled once
+    assert isinstance(check.judge(completion('{"n": 1, "s": "a"}')), Accepted)
+    bad = check.judge(completion('{"n": 1, "s": "a"}', '{"n": 9}'))
+    assert isinstance(bad, Rejection)
+    assert bad.text == '{"n": 9}'
+    assert bad.problems == ('at /: "s" is a required property', "at /n: 9 is greater than the maximum of 3")
+    found = check.judge(completion("Sure! {oops"))
+    assert isinstance(found, Rejection)
+    assert "\n- the answer is not JSON: " in check.reask_messages([], found)[-1]["content"]
+    assert isinstance(check.judge(completion(None)), Accepted)  # a tool call: not the guard's to judge
+    assert isinstance(check.judge(b"not a completion"), Accepted)
+    assert guard.for_schema({"type": "wat"}) is None
 
 
-def test_reask_appends_the_bad_answer_and_the_problems() -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
-    again = reask_body(body, "x" * 5000, ["at /n: too big"])
+class Reply:
+    """A whole upstream answer, as far as the guard reads it."""
+
+    def __init__(self, *contents: str | None) -> None:
+        self.body = completion(*contents)
+
+
+async def test_reask_appends_the_bad_answer_and_the_problems() -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
+    bad = Reply(json.dumps({"n": 9, "s": "a", "pad": "x" * 5000}))
+    good = Reply('{"n": 1, "s": "a"}')
+    sent: list[dict[str, Any]] = []
+
+    async def ask(again: dict[str, Any]) -> Reply:
+        sent.append(again)
+        return good
+
+    assert await SchemaGuard().run(SCHEMA, body, bad, ask) == (good, "fixed")
+    [again] = sent
     assert again["temperature"] == 0
     assert again["messages"][0] == body["messages"][0]
     assert again["messages"][1]["role"] == "assistant"
     assert len(again["messages"][1]["content"]) < 4100  # a long bad answer is cut
-    assert "- at /n: too big" in again["messages"][2]["content"]
+    assert "- at /n: 9 is greater than the maximum of 3" in again["messages"][2]["content"]
     assert body["messages"] == [{"role": "user", "content": "q"}]  # the original is untouched
+
+
+async def test_the_guard_reasks_once_and_keeps_the_last_answer_it_has() -> None:
+    body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    first, second = Reply('{"n": 9}'), Reply('{"n": 8}')
+    asked: list[dict[str, Any]] = []
+
+    async def ask_bad(again: dict[str, Any]) -> Reply:
+        asked.append(again)
+        return second
+
+    async def nothing(again: dict[str, Any]) -> Reply | None:
+        asked.append(again)
+        return None  # no upstream answered, or one answered with an error
+
+    guard = SchemaGuard()
+    ok = Reply('{"n": 1, "s": "a"}')
+    assert await guard.run(SCHEMA, body, ok, ask_bad) == (ok, "valid")
+    assert asked == []
+    assert await guard.run(SCHEMA, body, first, ask_bad) == (second, "invalid")
+    assert await guard.run(SCHEMA, body, first, nothing) == (first, "invalid")
+    assert len(asked) == 2  # one re-ask each time, never more
+    assert await guard.run({"type": "wat"}, body, first, ask_bad) == (first, "skipped")
+    # An answer nested too deep for the JSON reader is not JSON, like any other unreadable answer.
+    deep = Reply("[" * 100_000)
+    assert await guard.run(SCHEMA, body, deep, ask_bad) == (second, "invalid")
+    assert "the answer is not JSON" in asked[-1]["messages"][-1]["content"]
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -1,4 +1,5 @@
-"""Tests of brownout.llm.guard: re-asking the model, repair, backoff, deadlines, token growth, counters."""
+"""Tests of brownout.llm.guard: re-asking the model, repair, backoff, deadlines, token growth, counters,
+and the one engine under the pipeline's guard and the gateway's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 from brownout.errors import ConfigError, DeadlineExceeded, GuardFailed, ModelError, ModelUnavailable
 from brownout.events import Event, EventBus, GuardGaveUp, GuardRetried
-from brownout.llm.guard import MAX_REPAIR_CHARS, GuardConfig, GuardResult, GuardStats, JSONGuard
+from brownout.gateway.guard import SchemaCheck, SchemaGuard
+from brownout.llm.guard import (
+    MAX_REPAIR_CHARS,
+    Accepted,
+    GuardConfig,
+    GuardResult,
+    GuardStats,
+    JSONGuard,
+    Rejection,
+)
 from brownout.llm.types import Message
 from brownout.policies.deadline import deadline
 from brownout.testing import FakeClock
@@ -374,6 +384,14 @@ async def test_a_roomy_deadline_does_not_stop_the_guard(jclock: FakeClock) -> No
     assert result.attempts == 3
 
 
+async def test_a_zero_wait_is_no_wait(clock: FakeClock) -> None:
+    # The gateway re-asks at once; a clock that moves only when told must not hold the re-ask.
+    guard = make_guard(clock, backoff_base=0.0, jitter=0.0)
+    result = await asyncio.wait_for(guard.run(ScriptedAsk("junk", GOOD), PROMPT), timeout=5)
+    assert result.attempts == 2
+    assert clock.sleeps == []
+
+
 # --- errors of ask itself --------------------------------------------------------------------------------
 
 
@@ -571,3 +589,86 @@ async def test_an_answer_too_long_to_repair_is_re_asked(jclock: FakeClock) -> No
     assert (result.attempts, result.repaired) == (2, False)
     assert guard.stats.repairs == 0
     assert guard.stats.parse_failures == 1
+
+
+# --- one engine, two front ends: the brief pipeline's and the gateway's ------------------------------------
+
+
+def gateway_check() -> SchemaCheck:
+    check = SchemaGuard().for_schema(Brief.model_json_schema())
+    assert check is not None
+    return check
+
+
+READ_ALIKE = [
+    GOOD,
+    "  " + GOOD + "\n",
+    GOOD + ",",  # trailing junk
+    '```json\n{"intensity": 0.5, "notes": ["rose"], "longevity": "long"}\n```',  # a code fence
+    "{'intensity': 0.5, 'notes': ['rose'], 'longevity': 'long'}",  # single quotes
+    '{"intensity": 0.5, "notes": ["rose", "mu',  # cut off
+    "Sure! Here is a lovely fragrance for you.",
+    "",
+    "[" * 100_000,  # nested deeper than the JSON reader goes
+    "[" * 5_000 + "]" * 5_000,
+    '{"intensity": 33, "notes": ["rose"], "longevity": "long"}',
+    '{"intensity": 0.2, "notes": []}',
+    '"just a string"',
+]
+
+
+@pytest.mark.parametrize("text", READ_ALIKE, ids=range(len(READ_ALIKE)))
+def test_both_front_ends_read_an_answer_alike(jclock: FakeClock, text: str) -> None:
+    # Without repair (the gateway never repairs), the two front ends take and refuse the same answers,
+    # and say the same thing about an answer that is not JSON: the reading is the engine's.
+    pipeline = make_guard(jclock, repair=False).check(text)
+    gateway = gateway_check().check(text)
+    assert type(pipeline) is type(gateway)
+    if isinstance(pipeline, Rejection):
+        assert isinstance(gateway, Rejection)
+        assert (gateway.detail, gateway.parsed, gateway.truncated) == (
+            pipeline.detail,
+            pipeline.parsed,
+            pipeline.truncated,
+        )
+
+
+def test_repair_is_the_engines_and_the_gateway_leaves_it_off(jclock: FakeClock) -> None:
+    fenced = "```json\n" + GOOD + "\n```"
+    assert make_guard(jclock).check(fenced) == Accepted(GOOD_VALUE, repaired=True)
+    # The gateway passes an answer on as the upstream wrote it: what only a repair can read is not JSON.
+    unrepaired = make_guard(jclock, repair=False).check(fenced)
+    gateway = gateway_check().check(fenced)
+    assert isinstance(unrepaired, Rejection)
+    assert isinstance(gateway, Rejection)
+    assert gateway.detail == unrepaired.detail is not None
+
+
+class Answer:
+    """A whole gateway answer (a chat completion of one choice), as far as the gateway's guard reads it."""
+
+    def __init__(self, content: str) -> None:
+        self.body = json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+
+
+async def test_both_front_ends_build_the_re_ask_alike(jclock: FakeClock) -> None:
+    # The original messages, the bad answer cut to the same length, then the correction in the front
+    # end's words; the same bad answer gets the same echo from both.
+    garbage = "blah " * 5000
+    ask = ScriptedAsk(garbage, GOOD)
+    await make_guard(jclock).run(ask, PROMPT)
+    pipeline = ask.messages(2)
+
+    sent: list[dict[str, Any]] = []
+
+    async def upstream(again: dict[str, Any]) -> Answer:
+        sent.append(again)
+        return Answer(GOOD)
+
+    body = {"model": "m", "messages": PROMPT}
+    assert (await SchemaGuard().run(Brief.model_json_schema(), body, Answer(garbage), upstream))[1] == "fixed"
+    gateway = sent[0]["messages"]
+    assert gateway[: len(PROMPT)] == pipeline[: len(PROMPT)] == PROMPT
+    assert gateway[len(PROMPT)] == pipeline[len(PROMPT)] == {"role": "assistant", "content": garbage[:4000]}
+    assert gateway[-1]["role"] == pipeline[-1]["role"] == "user"
+    assert len(gateway) == len(pipeline) == len(PROMPT) + 2

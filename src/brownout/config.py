@@ -37,8 +37,9 @@ from pydantic import (
 
 from brownout.errors import ConfigError
 from brownout.gateway.config import GatewaySection
+from brownout.llm.breaker_settings import BreakerSettings
 from brownout.llm.types import EndpointConfig
-from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig
+from brownout.policies.breaker import BreakerGroupConfig
 from brownout.policies.limiter import LimiterConfig
 
 __all__ = [
@@ -293,16 +294,14 @@ class JsonGuardSection(_Section):
     extra_tokens: int = Field(default=128, ge=0, description="max_tokens added per re-ask")
 
 
-class CircuitBreakerSection(_Section):
-    """Seed 004 §2: ``circuit_breaker``, with per-model overrides under ``models``."""
+class CircuitBreakerSection(BreakerSettings):
+    """Seed 004 §2: ``circuit_breaker``, with per-model overrides under ``models``.
+
+    The breaker keys, their defaults and their one translation to the policy come from
+    :class:`~brownout.llm.breaker_settings.BreakerSettings`, which the gateway's groups share.
+    """
 
     enabled: bool = True
-    failure_threshold: float = Field(default=0.5, gt=0, le=1, description="failure rate that opens")
-    success_threshold: int = Field(default=5, ge=1, description="successful probes that close")
-    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing")
-    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open")
-    minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
-    window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
     auto_downshift: bool = True
     # The brief server's own default, not the toolkit's (whose breaker groups have no override): the
     # design opens the generator's breaker earlier, at 0.4, so briefs move to the rules sooner when
@@ -312,32 +311,10 @@ class CircuitBreakerSection(_Section):
         description="per-model overrides of the keys above (e.g. qwen: failure_threshold 0.4)",
     )
 
-    _KEYS = {
-        "failure_threshold": "failure_rate_threshold",
-        "success_threshold": "success_threshold",
-        "timeout": "open_wait",
-        "half_open_requests": "half_open_max_calls",
-        "minimum_calls": "minimum_calls",
-        "window_size": "window_size",
-    }
-
     def group(self) -> BreakerGroupConfig:
         """The breaker settings as policy config: defaults plus per-model overrides."""
-        defaults = BreakerConfig(**{ours: getattr(self, seed) for seed, ours in self._KEYS.items()})
-        overrides: dict[str, dict[str, Any]] = {}
-        for model, values in self.models.items():
-            unknown = [k for k in values if k not in self._KEYS]
-            if unknown:
-                raise ValueError(f"models.{model}: unknown key(s) {unknown}; allowed {list(self._KEYS)}")
-            overrides[model] = {self._KEYS[k]: v for k, v in values.items()}
-            try:
-                BreakerConfig.model_validate({**defaults.model_dump(), **overrides[model]})
-            except ValidationError as e:
-                err = e.errors()[0]
-                ours = str(err["loc"][0]) if err["loc"] else ""
-                seed = next((k for k, v in self._KEYS.items() if v == ours), ours)
-                raise ValueError(f"models.{model}.{seed}: {err['msg']}") from None
-        return BreakerGroupConfig(defaults=defaults, overrides=overrides)
+        overrides = {model: self.override(f"models.{model}", values) for model, values in self.models.items()}
+        return BreakerGroupConfig(defaults=self.policy(), overrides=overrides)
 
     @model_validator(mode="after")
     def _check(self) -> CircuitBreakerSection:

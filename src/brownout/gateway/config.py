@@ -29,8 +29,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from brownout.llm.breaker_settings import BreakerSettings
 from brownout.policies.admission import AdmissionConfig
-from brownout.policies.breaker import BreakerConfig
 from brownout.policies.cache import CacheConfig
 
 __all__ = [
@@ -93,34 +93,9 @@ class GatewayEndpoint(_Section):
         return self.url.split("://", 1)[1].split("/", 1)[0]
 
 
-class GatewayBreakerSection(_Section):
-    """Each endpoint's circuit breaker; the keys and defaults of the ``circuit_breaker`` section."""
-
-    failure_threshold: float = Field(default=0.5, gt=0, le=1, description="failure rate that opens")
-    success_threshold: int = Field(default=5, ge=1, description="successful probes that close")
-    timeout: float = Field(default=60.0, gt=0, description="seconds open before probing")
-    half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open")
-    minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
-    window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
-
-    @model_validator(mode="after")
-    def _check(self) -> GatewayBreakerSection:
-        if self.minimum_calls > self.window_size:
-            raise ValueError(
-                f"minimum_calls ({self.minimum_calls}) cannot exceed window_size ({self.window_size})"
-            )
-        return self
-
-    def policy(self) -> BreakerConfig:
-        """The settings as a :class:`~brownout.policies.breaker.BreakerConfig`."""
-        return BreakerConfig(
-            failure_rate_threshold=self.failure_threshold,
-            success_threshold=self.success_threshold,
-            open_wait=self.timeout,
-            half_open_max_calls=self.half_open_requests,
-            minimum_calls=self.minimum_calls,
-            window_size=self.window_size,
-        )
+class GatewayBreakerSection(BreakerSettings):
+    """Each endpoint's circuit breaker: the keys, defaults and translation of the ``circuit_breaker``
+    section (:class:`~brownout.llm.breaker_settings.BreakerSettings`), without its per-model map."""
 
 
 class GatewayAdmissionSection(_Section):

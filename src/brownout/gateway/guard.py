@@ -12,6 +12,12 @@ The outcome goes back in the ``x-brownout-json-guard`` header:
 * ``skipped`` -- the request streams (nothing can be checked before it is sent) or its schema does
   not compile.
 
+This is a front end of the JSON guard's one engine (:class:`brownout.llm.guard.GuardEngine`), which
+parses, validates and decides the re-ask, as it does for the brief pipeline. The gateway's part is the
+schema (the client's, compiled once), the words of the correction, and one setting the pipeline does
+not share: no repair, because an answer is passed on as the upstream wrote it, and a client could not
+read what only a repair could.
+
 Unlike seed 004's guard, the re-ask is a new request that tells the model what was wrong; the same bad
 output is never examined twice.
 """
@@ -20,19 +26,36 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
-from typing import Any, Final, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import jsonschema_rs
 
-__all__ = ["GuardOutcome", "SchemaGuard", "reask_body", "requested_schema"]
+from brownout.llm.guard import Accepted, GuardConfig, GuardEngine, Mismatch, Rejection
+from brownout.llm.types import Message
+
+__all__ = ["GuardOutcome", "SchemaCheck", "SchemaGuard", "requested_schema"]
 
 GuardOutcome = Literal["valid", "fixed", "invalid", "skipped"]
 """The values of the ``x-brownout-json-guard`` header."""
 
 _MAX_PROBLEMS: Final = 5
-_MAX_ECHO: Final = 4000  # characters of the bad answer sent back: a re-ask must not grow with garbage
 _COMPILED: Final = 256  # compiled schemas kept (clients tend to send the same few schemas)
+
+_CONFIG: Final = GuardConfig(max_retries=1, backoff_base=0.0, jitter=0.0, repair=False)
+"""One re-ask, sent at once (the client is waiting for its answer), and no repair (see the module
+docstring)."""
+
+_PASSES: Final[Accepted[Any]] = Accepted(None, False)
+
+
+class _Completion(Protocol):
+    """A whole upstream answer: what the gateway's router returns, as far as the guard reads it."""
+
+    body: bytes
+
+
+C = TypeVar("C", bound=_Completion)
 
 
 def requested_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -45,75 +68,122 @@ def requested_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else None
 
 
-class SchemaGuard:
-    """Validates completion bodies against request schemas, keeping compiled validators by schema."""
+class SchemaCheck(GuardEngine[Any]):
+    """The guard's engine for one request schema: validates with jsonschema-rs, corrects in the
+    gateway's words. Made by :meth:`SchemaGuard.for_schema`."""
 
-    __slots__ = ("_validators",)
+    __slots__ = ("_validator",)
 
-    def __init__(self) -> None:
-        self._validators: OrderedDict[str, Any] = OrderedDict()
+    def __init__(self, validator: Any) -> None:
+        # No events: the gateway counts its guard's outcomes per group (gateway_json_guard_total).
+        super().__init__("gateway", _CONFIG, events=None)
+        self._validator = validator
 
-    def validator(self, schema: dict[str, Any]) -> Any | None:
-        """The compiled validator of ``schema``, or None when the schema does not compile."""
-        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-        found = self._validators.get(key)
-        if found is not None:
-            self._validators.move_to_end(key)
-            return found
-        try:
-            compiled = jsonschema_rs.validator_for(schema)
-        except (ValueError, jsonschema_rs.ReferencingError):
-            return None
-        self._validators[key] = compiled
-        if len(self._validators) > _COMPILED:
-            self._validators.popitem(last=False)
-        return compiled
-
-    @staticmethod
-    def problems(validator: Any, completion: bytes) -> tuple[str, list[str]] | None:
-        """None when every choice's content is schema-valid JSON; else (the bad content, its problems).
+    def judge(self, completion: bytes) -> Accepted[Any] | Rejection:
+        """The first choice whose ``message.content`` fails, or a pass when every one passes.
 
         A body that is not a chat completion, or a choice without text content (a tool call), is not
         the guard's to judge and passes.
         """
         try:
             doc = json.loads(completion)
-        except ValueError:
-            return None
+        except (ValueError, RecursionError):
+            return _PASSES
         choices = doc.get("choices") if isinstance(doc, dict) else None
         if not isinstance(choices, list):
-            return None
+            return _PASSES
         for choice in choices:
             message = choice.get("message") if isinstance(choice, dict) else None
             content = message.get("content") if isinstance(message, dict) else None
             if not isinstance(content, str):
                 continue
-            try:
-                value = json.loads(content)
-            except ValueError as e:
-                return content, [f"the answer is not JSON: {e}"]
-            found = []
-            for error in validator.iter_errors(value):
-                where = "/" + "/".join(str(p) for p in error.instance_path)
-                found.append(f"at {where}: {error.message}")
-                if len(found) >= _MAX_PROBLEMS:
-                    break
-            if found:
-                return content, found
-        return None
+            verdict = self.check(content)
+            if isinstance(verdict, Rejection):
+                return verdict
+        return _PASSES
 
+    def _validate(self, obj: Any) -> Any:
+        found = []
+        for error in self._validator.iter_errors(obj):
+            where = "/" + "/".join(str(p) for p in error.instance_path)
+            found.append(f"at {where}: {error.message}")
+            if len(found) >= _MAX_PROBLEMS:
+                break
+        if found:
+            raise Mismatch(found)
+        return obj
 
-def reask_body(body: Mapping[str, Any], bad: str, problems: list[str]) -> dict[str, Any]:
-    """The request that asks again: the same body, plus the bad answer and what was wrong with it."""
-    echo = bad if len(bad) <= _MAX_ECHO else bad[:_MAX_ECHO] + "..."
-    messages = list(body.get("messages") or [])
-    messages.append({"role": "assistant", "content": echo})
-    messages.append(
-        {
-            "role": "user",
-            "content": "Your answer does not match the required JSON schema:\n"
+    def _words(self, rejection: Rejection) -> str:
+        problems = rejection.problems
+        if rejection.detail is not None:
+            problems = (f"the answer is not JSON: {rejection.detail}",)
+        return (
+            "Your answer does not match the required JSON schema:\n"
             + "\n".join(f"- {p}" for p in problems)
-            + "\nReply with the corrected JSON only, nothing else.",
-        }
-    )
-    return {**body, "messages": messages}
+            + "\nReply with the corrected JSON only, nothing else."
+        )
+
+
+class _NoAnswer(Exception):
+    """The re-ask got no whole answer (no upstream answered, or one answered with an error)."""
+
+
+class SchemaGuard:
+    """The gateway's JSON guard: one :class:`SchemaCheck` per request schema, kept compiled."""
+
+    __slots__ = ("_checks",)
+
+    def __init__(self) -> None:
+        self._checks: OrderedDict[str, SchemaCheck] = OrderedDict()
+
+    def for_schema(self, schema: dict[str, Any]) -> SchemaCheck | None:
+        """The check of ``schema``, or None when the schema does not compile."""
+        key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+        found = self._checks.get(key)
+        if found is not None:
+            self._checks.move_to_end(key)
+            return found
+        try:
+            compiled = jsonschema_rs.validator_for(schema)
+        except (ValueError, jsonschema_rs.ReferencingError):
+            return None
+        check = self._checks[key] = SchemaCheck(compiled)
+        if len(self._checks) > _COMPILED:
+            self._checks.popitem(last=False)
+        return check
+
+    async def run(
+        self,
+        schema: dict[str, Any],
+        body: Mapping[str, Any],
+        first: C,
+        ask: Callable[[dict[str, Any]], Awaitable[C | None]],
+    ) -> tuple[C, GuardOutcome]:
+        """Judge ``first``, the answer to ``body``; re-ask once through ``ask`` if it fails.
+
+        ``ask`` sends a request body and returns the whole answer, or None when none came back; the
+        guard then returns the last answer it has, flagged ``invalid``. Returns the answer to send
+        and the outcome for the ``x-brownout-json-guard`` header.
+        """
+        check = self.for_schema(schema)
+        if check is None:
+            return first, "skipped"
+        last = first
+
+        async def reask(messages: list[Message], attempt: int) -> C:
+            nonlocal last
+            answer = await ask({**body, "messages": messages})
+            if answer is None:
+                raise _NoAnswer
+            last = answer
+            return answer
+
+        try:
+            outcome = await check.exchange(
+                reask, list(body.get("messages") or []), lambda a: check.judge(a.body), first=first
+            )
+        except _NoAnswer:
+            return last, "invalid"
+        if outcome.stopped is not None:
+            return outcome.answer, "invalid"
+        return outcome.answer, "valid" if outcome.attempts == 1 else "fixed"

@@ -42,7 +42,7 @@ from brownout.errors import CircuitOpen, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
-from brownout.gateway.guard import GuardOutcome, SchemaGuard, reask_body, requested_schema
+from brownout.gateway.guard import GuardOutcome, SchemaGuard, requested_schema
 from brownout.gateway.stats import EndpointStats, GroupStats
 from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
 from brownout.llm.client import _retry_after as parse_retry_after
@@ -463,28 +463,22 @@ class Gateway:
         self, group: Group, body: dict[str, Any], schema: dict[str, Any], first: Answer
     ) -> Answer:
         """Check a whole answer against the request's schema; re-ask once with the problems if it fails."""
-        validator = self.schemas.validator(schema)
-        if validator is None:
-            first.guard = "skipped"
-            return first
-        found = self.schemas.problems(validator, first.body)
-        if found is None:
-            first.guard = "valid"
-            group.stats.guard["valid"] += 1
-            return first
-        try:
-            second: Answer | None = await self.route(group, reask_body(body, *found), None, self._post)
-        except (GatewayUnavailable, Passthrough):
-            second = None
-        if second is None or second.status != 200:
-            first.guard = "invalid"
-            group.stats.guard["invalid"] += 1
-            return first
-        second.upstream += first.upstream
-        second.attempts += first.attempts
-        second.guard = "fixed" if self.schemas.problems(validator, second.body) is None else "invalid"
-        group.stats.guard[second.guard] += 1
-        return second
+
+        async def ask(again: dict[str, Any]) -> Answer | None:
+            try:
+                answer = await self.route(group, again, None, self._post)
+            except (GatewayUnavailable, Passthrough):
+                return None
+            return answer if answer.status == 200 else None
+
+        answer, outcome = await self.schemas.run(schema, body, first, ask)
+        answer.guard = outcome
+        if outcome != "skipped":
+            group.stats.guard[outcome] += 1
+        if answer is not first:  # the re-asked answer: it carries the first one's cost too
+            answer.upstream += first.upstream
+            answer.attempts += first.attempts
+        return answer
 
     async def _post(self, group: Group, ep: Endpoint, content: bytes) -> Answer:
         """One attempt on ``ep`` through its breaker (a permit is taken before any await)."""

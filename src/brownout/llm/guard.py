@@ -1,5 +1,15 @@
 """The JSON hard guard: get a schema-valid JSON answer out of a model, or fail clearly.
 
+One engine, two front ends. :class:`GuardEngine` is what every guarded exchange shares: reading an
+answer as JSON (repairing it when allowed), validating it, and deciding whether, when and with which
+conversation to ask the model again. A front end brings the schema's validator and the words of the
+correction sent to the model:
+
+* :class:`JSONGuard` (here) -- the brief pipeline's: answers validated as a pydantic model, re-asked
+  up to ``max_retries`` times with backoff, :class:`~brownout.errors.GuardFailed` when none passed;
+* :class:`brownout.gateway.guard.SchemaCheck` -- the gateway's: answers checked against the JSON
+  schema a client sent, re-asked once, never repaired (the gateway passes answers on unchanged).
+
 Seed 004's guard re-parsed the *same* output on each "retry", so a bad answer stayed bad however many
 times it was looked at. This guard asks the model again, and tells it what was wrong::
 
@@ -22,12 +32,15 @@ One run goes like this:
    re-ask ``n`` the guard waits ``min(backoff_max, backoff_base * 2**(n-1)) + uniform(0, jitter)``
    seconds on its clock (:func:`reask_wait`, which no retry count can overflow) -- unless that wait
    would reach the caller's deadline (:func:`brownout.policies.deadline.remaining`), in which case it
-   stops. Each re-ask may use
-   ``extra_tokens`` more tokens (capped at ``max_tokens_cap``), because a common failure is an answer
-   cut off by ``max_tokens``.
+   stops (a wait of 0 s is no wait: the re-ask goes at once). Each re-ask may use ``extra_tokens``
+   more tokens (capped at ``max_tokens_cap``), because a common failure is an answer cut off by
+   ``max_tokens``.
 5. After ``1 + max_retries`` failed attempts, raise :class:`~brownout.errors.GuardFailed` carrying the
    problem of every attempt. Serving a fallback (cache, rules, a template) is the caller's fallback
    chain's job; ``fallback_enabled`` is the switch it reads.
+
+Steps 2 to 5 are the engine's (:meth:`GuardEngine.exchange`), but for what is :class:`JSONGuard`'s:
+the ``response_format`` and the token growth, the words of the correction, and raising GuardFailed.
 
 Errors raised by ``ask`` itself -- the model is down, a breaker is open, a deadline passed -- are not
 guard failures: they propagate at once, unchanged, for the caller's fallback chain to handle.
@@ -45,7 +58,7 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -65,8 +78,22 @@ try:  # json-repair comes with the "server" extra; the guard refuses repair=True
 except ImportError:  # pragma: no cover - depends on the installed extras
     _repair_loads = None
 
-__all__ = ["Ask", "GuardConfig", "GuardResult", "GuardStats", "JSONGuard", "reask_wait"]
+__all__ = [
+    "Accepted",
+    "Ask",
+    "GuardConfig",
+    "GuardEngine",
+    "GuardResult",
+    "GuardStats",
+    "JSONGuard",
+    "Mismatch",
+    "Outcome",
+    "Rejection",
+    "reask_wait",
+]
 
+V = TypeVar("V")
+A = TypeVar("A")
 M = TypeVar("M", bound=BaseModel)
 
 Ask = Callable[[list[Message], int, dict[str, Any] | None], Awaitable[str]]
@@ -87,7 +114,11 @@ _SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 class GuardConfig(PolicyConfig):
-    """Config of a :class:`JSONGuard`; names and defaults follow seed 004's ``json_guard`` section."""
+    """Config of a guard (:class:`JSONGuard`'s defaults: seed 004's ``json_guard`` section, same names).
+
+    ``strict_schema``, ``extra_tokens`` and ``max_tokens_cap`` are :class:`JSONGuard`'s; the rest is the
+    engine's. ``fallback_enabled`` is read by the caller's fallback chain.
+    """
 
     enabled: bool = Field(
         default=True, description="False: one attempt, no repair, no re-ask (GuardFailed on a bad answer)"
@@ -120,6 +151,266 @@ def reask_wait(config: GuardConfig, retry: int) -> float:
     return capped_exponential(config.backoff_base, 2.0, retry - 1, config.backoff_max)
 
 
+# ---------------------------------------------------------------------------------------- the engine
+
+
+class Mismatch(Exception):
+    """Raised by a front end's validator: the answer is JSON, but not what the schema asks for.
+
+    ``problems`` says what is wrong, a line each, in words the model can act on.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(Generic[V]):
+    """An answer that passed: its validated ``value``, and whether json_repair had to fix it first."""
+
+    value: V
+    repaired: bool
+
+
+class Rejection:
+    """Why one answer was rejected: not JSON (``detail`` says why) or JSON that broke the schema
+    (``problems``, a line each). ``text`` is the answer itself."""
+
+    __slots__ = ("_truncated", "detail", "problems", "text")
+
+    def __init__(self, text: str, *, detail: str | None = None, problems: Sequence[str] = ()) -> None:
+        self.text = text
+        """The rejected answer, as the model sent it."""
+        self.detail = detail
+        """Why it could not be read as JSON (the parser's message); None when it was JSON."""
+        self.problems = tuple(problems)
+        """What breaks the schema, a line each (empty when it was not JSON)."""
+        self._truncated: bool | None = None
+
+    @property
+    def parsed(self) -> bool:
+        """True when the answer was JSON (it broke the schema), False when it could not be read."""
+        return self.detail is None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the answer starts a JSON object or array and stops with it still open: cut off."""
+        if self._truncated is None:  # a walk over the whole answer: done once, and only when asked
+            self._truncated = _looks_truncated(self.text)
+        return self._truncated
+
+    @property
+    def summary(self) -> str:
+        """One line for errors and events: ``not JSON: ...``, ``truncated JSON: ...`` or ``schema: ...``."""
+        if self.detail is not None:
+            return f"{'truncated JSON' if self.truncated else 'not JSON'}: {self.detail}"
+        return "schema: " + _clip("; ".join(self.problems), _MAX_PROBLEM)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[A, V]):
+    """How one guarded exchange ended.
+
+    ``answer`` is the last answer the model gave and ``verdict`` the engine's judgement of it (an
+    :class:`Accepted` when it passed); ``attempts`` counts answers, ``errors`` holds the problem of
+    each rejected one, in order, and ``stopped`` why the engine gave up (``"attempts exhausted"`` or
+    ``"deadline"``), or None when the last answer passed.
+    """
+
+    answer: A
+    verdict: Accepted[V] | Rejection
+    attempts: int
+    errors: tuple[str, ...]
+    stopped: Literal["attempts exhausted", "deadline"] | None
+
+
+@dataclass(frozen=True, slots=True)
+class GuardStats:
+    """Counters of a guard since it was made (the seed's ``llm_json_*`` metrics).
+
+    ``parse_failures`` counts answers that were not JSON even after repair, ``validation_failures``
+    answers that were JSON but broke the schema, ``repairs`` answers json_repair turned into JSON,
+    ``retries`` re-asks, ``successes`` and ``failures`` runs that ended with a valid answer and runs
+    that gave up (:class:`JSONGuard` raises GuardFailed then). ``retry_counts`` maps re-asks per
+    finished run to how many runs needed that many (a histogram).
+    """
+
+    parse_failures: int
+    validation_failures: int
+    repairs: int
+    retries: int
+    successes: int
+    failures: int
+    retry_counts: dict[int, int]
+
+
+class GuardEngine(Generic[V]):
+    """The guard's one engine: parse, repair, validate, and the re-ask decisions (module docstring).
+
+    A front end subclasses it with :meth:`_validate` (the schema's check of a parsed answer) and
+    :meth:`_words` (the correction the model is sent), and calls :meth:`check` on one answer or
+    :meth:`exchange` for a whole exchange. ``events`` None: the engine emits no events.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_events",
+        "_random",
+        "config",
+        "failures",
+        "name",
+        "parse_failures",
+        "repairs",
+        "retries",
+        "retry_counts",
+        "successes",
+        "validation_failures",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        config: GuardConfig | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus | None = DEFAULT_BUS,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name
+        """Names this guard in errors and events."""
+        self.config = config if config is not None else GuardConfig()
+        """The validated config."""
+        if self.config.repair and self.config.enabled and _repair_loads is None:  # pragma: no cover
+            raise ConfigError("repair", "needs the json-repair package (pip install 'brownout[server]')")
+        self._clock = clock
+        self._events = events
+        self._random: Callable[[], float] = rng.random if rng is not None else random.random
+        self.parse_failures = 0
+        """Answers that were not JSON even after repair."""
+        self.validation_failures = 0
+        """Answers that were JSON but did not validate."""
+        self.repairs = 0
+        """Answers that json_repair turned into JSON."""
+        self.retries = 0
+        """Re-asks made."""
+        self.successes = 0
+        """Runs that ended with a validated value."""
+        self.failures = 0
+        """Runs that gave up (GuardFailed, for :class:`JSONGuard`)."""
+        self.retry_counts: Counter[int] = Counter()
+        """Re-asks per finished run -> number of runs (a histogram of the seed's llm_json_retry_count)."""
+
+    @property
+    def stats(self) -> GuardStats:
+        """A snapshot of the counters."""
+        return GuardStats(
+            self.parse_failures,
+            self.validation_failures,
+            self.repairs,
+            self.retries,
+            self.successes,
+            self.failures,
+            dict(self.retry_counts),
+        )
+
+    def _validate(self, obj: Any) -> V:
+        """The schema's check of a parsed answer: its value, or :class:`Mismatch` naming the problems."""
+        raise NotImplementedError
+
+    def _words(self, rejection: Rejection) -> str:
+        """The user message that tells the model what was wrong with a rejected answer."""
+        raise NotImplementedError
+
+    def check(self, text: str) -> Accepted[V] | Rejection:
+        """Read one answer as JSON (repairing it when the config allows) and validate it."""
+        cfg = self.config
+        repaired = False
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; deep nesting recurses
+            obj = _repair(text) if cfg.repair and cfg.enabled else None
+            if obj is None:
+                self.parse_failures += 1
+                return Rejection(text, detail=_clip(str(exc) or type(exc).__name__, _MAX_LINE))
+            self.repairs += 1
+            repaired = True
+        try:
+            return Accepted(self._validate(obj), repaired)
+        except Mismatch as exc:
+            self.validation_failures += 1
+            return Rejection(text, problems=exc.problems)
+
+    def reask_messages(self, messages: Sequence[Message], rejection: Rejection) -> list[Message]:
+        """The conversation of a re-ask: ``messages``, the bad answer (cut short), then what was wrong."""
+        return [
+            *messages,
+            {"role": "assistant", "content": rejection.text[:_MAX_ECHO]},
+            {"role": "user", "content": self._words(rejection)},
+        ]
+
+    async def exchange(
+        self,
+        ask: Callable[[list[Message], int], Awaitable[A]],
+        messages: list[Message],
+        judge: Callable[[A], Accepted[V] | Rejection],
+        *,
+        first: A | None = None,
+    ) -> Outcome[A, V]:
+        """Ask until ``judge`` accepts an answer or the config says stop; how it ended, never raising
+        for a bad answer.
+
+        ``ask(messages, attempt)`` asks the model (``attempt`` counts from 1) and raises for model
+        failures, which propagate at once, unchanged; ``judge`` is :meth:`check` for a plain answer,
+        or a front end's reading of a richer one. ``first`` is an answer already given, judged before
+        anything is asked.
+        """
+        cfg = self.config
+        max_attempts = 1 + cfg.max_retries if cfg.enabled else 1
+        answer = first if first is not None else await ask(messages, 1)
+        attempts = 1
+        errors: list[str] = []
+        events = self._events
+        while True:
+            verdict = judge(answer)
+            if isinstance(verdict, Accepted):
+                self.successes += 1
+                self.retry_counts[attempts - 1] += 1
+                return Outcome(answer, verdict, attempts, tuple(errors), None)
+            errors.append(f"attempt {attempts}: {verdict.summary}")
+            stopped: Literal["attempts exhausted", "deadline"] | None = None
+            delay = 0.0
+            if attempts >= max_attempts:
+                stopped = "attempts exhausted"
+            else:
+                delay = self._backoff(attempts)
+                left = remaining()
+                # Waiting until (or past) the deadline cannot help: the re-ask would have no time to answer.
+                if left is not None and delay >= left:
+                    stopped = "deadline"
+            if stopped is not None:
+                self.failures += 1
+                self.retry_counts[attempts - 1] += 1
+                if events is not None and events.active:
+                    events.emit(GuardGaveUp(self.name, self._clock.now(), attempts, verdict.summary))
+                return Outcome(answer, verdict, attempts, tuple(errors), stopped)
+            attempts += 1
+            self.retries += 1
+            if events is not None and events.active:
+                events.emit(GuardRetried(self.name, self._clock.now(), attempts, verdict.summary))
+            if delay > 0:  # no wait is no sleep: a clock that moves only when told would hold the re-ask
+                await self._clock.sleep(delay)
+            answer = await ask(self.reask_messages(messages, verdict), attempts)
+
+    def _backoff(self, retry: int) -> float:
+        """The wait before re-ask number ``retry`` (1-based): capped exponential plus random jitter."""
+        cfg = self.config
+        return reask_wait(cfg, retry) + cfg.jitter * self._random()
+
+
+# ------------------------------------------------------------------------- the brief pipeline's front end
+
+
 @dataclass(frozen=True, slots=True)
 class GuardResult(Generic[M]):
     """A guarded answer: the validated ``value`` and how it was obtained.
@@ -136,55 +427,10 @@ class GuardResult(Generic[M]):
     errors: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class GuardStats:
-    """Counters of a :class:`JSONGuard` since it was made (the seed's ``llm_json_*`` metrics).
-
-    ``parse_failures`` counts answers that were not JSON even after repair, ``validation_failures``
-    answers that were JSON but broke the schema, ``repairs`` answers json_repair turned into JSON,
-    ``retries`` re-asks, ``successes`` and ``failures`` runs that returned and raised GuardFailed.
-    ``retry_counts`` maps re-asks per finished run to how many runs needed that many (a histogram).
-    """
-
-    parse_failures: int
-    validation_failures: int
-    repairs: int
-    retries: int
-    successes: int
-    failures: int
-    retry_counts: dict[int, int]
-
-
-class _Bad:
-    """Why one answer was rejected: ``summary`` for errors and events, ``problem`` for the model."""
-
-    __slots__ = ("problem", "summary")
-
-    def __init__(self, summary: str, problem: str) -> None:
-        self.summary = summary
-        self.problem = problem
-
-
-class JSONGuard(Generic[M]):
+class JSONGuard(GuardEngine[M]):
     """Asks a model until it answers JSON that validates as ``model``; see the module docstring."""
 
-    __slots__ = (
-        "_clock",
-        "_events",
-        "_random",
-        "_response_format",
-        "_schema",
-        "config",
-        "failures",
-        "model",
-        "name",
-        "parse_failures",
-        "repairs",
-        "retries",
-        "retry_counts",
-        "successes",
-        "validation_failures",
-    )
+    __slots__ = ("_response_format", "_schema", "model")
 
     def __init__(
         self,
@@ -198,17 +444,9 @@ class JSONGuard(Generic[M]):
     ) -> None:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise ConfigError("model", f"must be a pydantic BaseModel subclass, got {model!r}")
-        self.name = name
-        """Names this guard in errors and events."""
+        super().__init__(name, config, clock=clock, events=events, rng=rng)
         self.model = model
         """The pydantic model every accepted answer validates as."""
-        self.config = config if config is not None else GuardConfig()
-        """The validated config."""
-        if self.config.repair and self.config.enabled and _repair_loads is None:  # pragma: no cover
-            raise ConfigError("repair", "needs the json-repair package (pip install 'brownout[server]')")
-        self._clock = clock
-        self._events = events
-        self._random: Callable[[], float] = rng.random if rng is not None else random.random
         # Building the JSON schema walks the whole model; do it once, not per run.
         self._schema: dict[str, Any] = model.model_json_schema()
         self._response_format: dict[str, Any] = {
@@ -220,20 +458,6 @@ class JSONGuard(Generic[M]):
                 "strict": True,
             },
         }
-        self.parse_failures = 0
-        """Answers that were not JSON even after repair."""
-        self.validation_failures = 0
-        """Answers that were JSON but did not validate."""
-        self.repairs = 0
-        """Answers that json_repair turned into JSON."""
-        self.retries = 0
-        """Re-asks made."""
-        self.successes = 0
-        """Runs that returned a validated value."""
-        self.failures = 0
-        """Runs that raised GuardFailed."""
-        self.retry_counts: Counter[int] = Counter()
-        """Re-asks per finished run -> number of runs (a histogram of the seed's llm_json_retry_count)."""
 
     def response_format(self) -> dict[str, Any]:
         """The OpenAI-style ``response_format`` asking for JSON that matches ``model``'s schema.
@@ -241,19 +465,6 @@ class JSONGuard(Generic[M]):
         A fresh copy each call, so a caller may change it without affecting the guard.
         """
         return copy.deepcopy(self._response_format)
-
-    @property
-    def stats(self) -> GuardStats:
-        """A snapshot of the counters."""
-        return GuardStats(
-            self.parse_failures,
-            self.validation_failures,
-            self.repairs,
-            self.retries,
-            self.successes,
-            self.failures,
-            dict(self.retry_counts),
-        )
 
     async def run(
         self,
@@ -273,111 +484,56 @@ class JSONGuard(Generic[M]):
             raise ConfigError("max_tokens", f"must be >= 1, got {max_tokens!r}")
         cfg = self.config
         response_format = self._response_format if cfg.strict_schema and constrained else None
-        enabled = cfg.enabled
-        repair = cfg.repair and enabled
-        text = await ask(messages, max_tokens, response_format)
-        # The fast path: a good first answer costs one json.loads and one validation.
-        try:
-            value = self.model.model_validate(json.loads(text))
-        except (ValueError, RecursionError):  # JSONDecodeError and ValidationError are ValueErrors
-            pass
-        else:
-            self.successes += 1
-            self.retry_counts[0] += 1
-            return GuardResult(value, 1, False, response_format is not None, ())
-        attempts = 1
-        max_attempts = 1 + cfg.max_retries if enabled else 1
-        errors: list[str] = []
-        while True:
-            value_or_bad, repaired = self._check(text, repair)
-            if not isinstance(value_or_bad, _Bad):
-                self.successes += 1
-                self.retry_counts[attempts - 1] += 1
-                return GuardResult(
-                    value_or_bad, attempts, repaired, response_format is not None, tuple(errors)
-                )
-            bad = value_or_bad
-            errors.append(f"attempt {attempts}: {bad.summary}")
-            if attempts >= max_attempts:
-                raise self._give_up(errors, attempts, "attempts exhausted", bad)
-            delay = self._backoff(attempts)
-            left = remaining()
-            # Waiting until (or past) the deadline cannot help: the re-ask would have no time to answer.
-            if left is not None and delay >= left:
-                raise self._give_up(errors, attempts, "deadline", bad)
-            attempts += 1
-            self.retries += 1
-            if self._events.active:
-                self._events.emit(GuardRetried(self.name, self._clock.now(), attempts, bad.summary))
-            await self._clock.sleep(delay)
-            retry_messages = [
-                *messages,
-                {"role": "assistant", "content": text[:_MAX_ECHO]},
-                {"role": "user", "content": bad.problem},
-            ]
-            tokens = max(max_tokens, min(cfg.max_tokens_cap, max_tokens + cfg.extra_tokens * (attempts - 1)))
-            text = await ask(retry_messages, tokens, response_format)
 
-    def _check(self, text: str, repair: bool) -> tuple[M | _Bad, bool]:
-        """Parse (and repair) and validate one answer: the value and whether it was repaired, or why not."""
-        repaired = False
-        try:
-            obj = json.loads(text)
-        except (ValueError, RecursionError) as exc:
-            obj = _repair(text) if repair else None
-            if obj is None:
-                self.parse_failures += 1
-                return self._not_json(text, exc), False
-            self.repairs += 1
-            repaired = True
-        try:
-            return self.model.model_validate(obj), repaired
-        except ValidationError as exc:
-            self.validation_failures += 1
-            return self._invalid(text, exc), repaired
-
-    def _not_json(self, text: str, exc: BaseException) -> _Bad:
-        detail = _clip(str(exc) or type(exc).__name__, _MAX_LINE)
-        keys = _top_level_keys(self._schema)
-        shape = f"a JSON object with the keys {keys}" if keys else "a JSON value matching the schema"
-        if _looks_truncated(text):
-            return _Bad(
-                f"truncated JSON: {detail}",
-                f"Your previous answer was cut off before the JSON was complete ({detail}). "
-                f"Reply with only {shape}, complete and with short string values, and no other text.",
+        async def asking(conversation: list[Message], attempt: int) -> str:
+            # Each re-ask may use more tokens: a common failure is an answer cut off by max_tokens.
+            extra = cfg.extra_tokens * (attempt - 1)
+            return await ask(
+                conversation, max(max_tokens, min(cfg.max_tokens_cap, max_tokens + extra)), response_format
             )
-        return _Bad(
-            f"not JSON: {detail}",
-            f"Your previous answer is not valid JSON ({detail}). Reply with only {shape}, and no other text.",
+
+        outcome = await self.exchange(asking, messages, self.check)
+        verdict = outcome.verdict
+        if not isinstance(verdict, Accepted):
+            exc = GuardFailed(self.name, outcome.errors, attempts=outcome.attempts)
+            exc.add_note(f"brownout JSON guard {self.name!r} stopped: {outcome.stopped}")
+            raise exc
+        return GuardResult(
+            verdict.value, outcome.attempts, verdict.repaired, response_format is not None, outcome.errors
         )
 
-    def _invalid(self, text: str, exc: ValidationError) -> _Bad:
-        lines = [_describe_error(self._schema, err) for err in exc.errors()[:_MAX_ERRORS]]
-        more = exc.error_count() - len(lines)
-        if more > 0:
-            lines.append(f"... and {more} more problem(s)")
+    def _validate(self, obj: Any) -> M:
+        try:
+            return self.model.model_validate(obj)
+        except ValidationError as exc:
+            lines = [_describe_error(self._schema, err) for err in exc.errors()[:_MAX_ERRORS]]
+            more = exc.error_count() - len(lines)
+            if more > 0:
+                lines.append(f"... and {more} more problem(s)")
+            raise Mismatch(lines) from None
+
+    def _words(self, rejection: Rejection) -> str:
+        if rejection.detail is not None:
+            detail = rejection.detail
+            keys = _top_level_keys(self._schema)
+            shape = f"a JSON object with the keys {keys}" if keys else "a JSON value matching the schema"
+            if rejection.truncated:
+                return (
+                    f"Your previous answer was cut off before the JSON was complete ({detail}). "
+                    f"Reply with only {shape}, complete and with short string values, and no other text."
+                )
+            return (
+                f"Your previous answer is not valid JSON ({detail}). "
+                f"Reply with only {shape}, and no other text."
+            )
         parts = [
             "Your previous answer does not match the required schema:",
-            _clip("\n".join(f"- {line}" for line in lines), _MAX_PROBLEM),
+            _clip("\n".join(f"- {line}" for line in rejection.problems), _MAX_PROBLEM),
         ]
-        if _looks_truncated(text):
+        if rejection.truncated:
             parts.append("It was also cut off before the JSON was complete; keep string values short.")
         parts.append("Reply with only the corrected JSON object, and no other text.")
-        return _Bad("schema: " + _clip("; ".join(lines), _MAX_PROBLEM), "\n".join(parts))
-
-    def _backoff(self, retry: int) -> float:
-        """The wait before re-ask number ``retry`` (1-based): capped exponential plus random jitter."""
-        cfg = self.config
-        return reask_wait(cfg, retry) + cfg.jitter * self._random()
-
-    def _give_up(self, errors: Sequence[str], attempts: int, reason: str, bad: _Bad) -> GuardFailed:
-        self.failures += 1
-        self.retry_counts[attempts - 1] += 1
-        exc = GuardFailed(self.name, errors, attempts=attempts)
-        exc.add_note(f"brownout JSON guard {self.name!r} stopped: {reason}")
-        if self._events.active:
-            self._events.emit(GuardGaveUp(self.name, self._clock.now(), attempts, bad.summary))
-        return exc
+        return "\n".join(parts)
 
     def __repr__(self) -> str:
         return f"JSONGuard({self.name!r}, {self.model.__name__}, max_retries={self.config.max_retries})"
