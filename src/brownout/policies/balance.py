@@ -36,8 +36,8 @@ Among the available endpoints (those whose ``available`` is true), the one that 
 4. **the fewest calls in flight**, then **the order given**.
 
 Why this order. The wait for a slot comes first because it is time in *our* queue, before anything is
-sent, and it is counted rather than guessed: a limiter with no free slot was adapted to what its
-server can run, and one more call there only waits, however fast the server answers once it starts.
+sent: a limiter with no free slot was adapted to what its server can run, and one more call there
+only waits, however fast the server answers once it starts.
 Among endpoints that can start the call now, the expected latency is the classic "least expected
 latency" rule: fewest-in-flight alone would give a replica three times slower the same share of the
 calls, and lowest-latency alone would send a burst of calls all to the one replica that was fastest
@@ -47,7 +47,7 @@ faster one has enough in flight. It overstates the latency of a server that runs
 but it overstates it alike for every replica, and only the order matters here.
 
 An endpoint that has not answered yet has no latency average: it counts as the fastest, so a new
-or restored replica gets tried (and measured) rather than left idle because the others are known.
+replica gets tried (and measured) rather than left idle because the others are known.
 Among endpoints that tie -- all unknown, or equally fast and loaded -- the fewest in flight wins,
 so calls picked at the same moment spread over them; only then does the order given decide.
 
