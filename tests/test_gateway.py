@@ -583,7 +583,7 @@ async def test_a_stream_that_breaks_mid_way_ends_with_an_explicit_error_event(fa
         ErrorResponse.model_validate({"error": error})  # the one error shape, mid-stream too
         assert breaker_of(gw.gateway, "chat", 0).metrics().failures == 1
         assert gw.group().stats.outcomes["stream_error"] == 1
-        assert gw.group().endpoints[0].in_flight == 0
+        assert gw.group().endpoints[0].load.in_flight == 0
     assert other.chat_requests == 0  # no silent restart on another replica after the first token
 
 
@@ -619,7 +619,7 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream_request(scrip
         # The client closed its connection; the gateway must stop reading the upstream.
         await asyncio.wait_for(upstream_saw_disconnect.wait(), 5.0)
         endpoint = gw.group().endpoints[0]
-        await until(lambda: endpoint.in_flight == 0, "the stream to be released")
+        await until(lambda: endpoint.load.in_flight == 0, "the stream to be released")
         assert endpoint.breaker.metrics().failures == 0  # the client left; the upstream did nothing wrong
         await until(lambda: gw.group().stats.outcomes["disconnected"] == 1, "the outcome")
         assert gw.group().admission.in_flight == 0

@@ -20,6 +20,7 @@ from brownout.gateway.router import Gateway, forwarded, retry_after_header
 from brownout.gateway.stats import Histogram
 from brownout.gateway.stream import complete_events, error_event
 from brownout.llm.guard import Accepted, Rejection
+from brownout.policies.balance import pick
 from brownout.policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from brownout.testing import FakeClock
 
@@ -156,17 +157,18 @@ def make_gateway(clock: FakeClock, n: int = 3, **settings: Any) -> Gateway:
 def test_pick_prefers_untried_then_lowest_expected_wait_then_fewest_in_flight(clock: FakeClock) -> None:
     g = make_gateway(clock).groups["chat"]
     a, b, c = g.endpoints
-    assert g.pick(None) is a  # nothing known: the order given
-    a.in_flight = 1
-    assert g.pick(None) is b  # equal (unknown) latency: fewest in flight
+    assert pick(g.endpoints, None) is a  # nothing known: the order given
+    a.load.begin()
+    assert pick(g.endpoints, None) is b  # equal (unknown) latency: fewest in flight
     for ep, latency in ((a, 0.1), (b, 0.5), (c, 0.3)):
-        ep.observe(latency)
-    a.in_flight = 0
-    assert g.pick(None) is a
-    a.in_flight = 3  # expected wait (3 + 1) * 0.1 = 0.4 > c's 0.3
-    assert g.pick(None) is c
-    assert g.pick([c]) is a  # a replica already tried goes last
-    assert g.pick([a, b, c]) is c
+        ep.load.observe(latency)
+    a.load.end()
+    assert pick(g.endpoints, None) is a
+    for _ in range(3):
+        a.load.begin()  # expected wait (3 + 1) * 0.1 = 0.4 > c's 0.3
+    assert pick(g.endpoints, None) is c
+    assert pick(g.endpoints, [c]) is a  # a replica already tried goes last
+    assert pick(g.endpoints, [a, b, c]) is c
 
 
 def test_pick_skips_endpoints_whose_breaker_refuses(clock: FakeClock) -> None:
@@ -174,9 +176,9 @@ def test_pick_skips_endpoints_whose_breaker_refuses(clock: FakeClock) -> None:
     g = gw.groups["chat"]
     a, b = g.endpoints
     a.breaker.open_for(10)
-    assert g.pick(None) is b
+    assert pick(g.endpoints, None) is b
     b.breaker.force_open()
-    assert g.pick(None) is None
+    assert pick(g.endpoints, None) is None
     assert not g.available
     assert g.retry_after() == 10
     assert gw.status()["status"] == "unhealthy"
@@ -184,10 +186,10 @@ def test_pick_skips_endpoints_whose_breaker_refuses(clock: FakeClock) -> None:
 
 def test_latency_average_moves_towards_new_answers(clock: FakeClock) -> None:
     ep = make_gateway(clock, n=1).groups["chat"].endpoints[0]
-    ep.observe(1.0)
-    assert ep.ewma == 1.0
-    ep.observe(0.0)
-    assert ep.ewma == pytest.approx(0.7)
+    ep.load.observe(1.0)
+    assert ep.load.ewma == 1.0
+    ep.load.observe(0.0)
+    assert ep.load.ewma == pytest.approx(0.7)
 
 
 def test_fallback_chains_follow_the_config_order(clock: FakeClock) -> None:

@@ -108,6 +108,6 @@ class GatewayCollector(Collector):
                 up_failures.add_metric(labels, es.failures)
                 latency.add_metric(labels, es.latency.cumulative(), es.latency.total)
                 state.add_metric(labels, ep.breaker.state.metric)
-                ep_in_flight.add_metric(labels, ep.in_flight)
+                ep_in_flight.add_metric(labels, ep.load.in_flight)
         yield from (requests, responses, fallbacks, cache, guard, overhead)
         yield from (up_requests, up_failures, latency, state, ep_in_flight, adm_in_flight, adm_queue)

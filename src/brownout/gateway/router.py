@@ -3,10 +3,12 @@
 A request names a model group. The gateway tries the group, then its fallback groups in order; in
 each group it makes up to ``max_attempts`` attempts:
 
-* **Choice of endpoint** -- among endpoints whose breaker permits a call, one not yet tried in this
-  request, then the lowest expected wait ``(in_flight + 1) * latency`` (an exponentially weighted
-  moving average of recent answers), then the fewest in flight. So replicas share the load, a slower
-  one gets less of it, and a retry goes to another replica when there is one.
+* **Choice of endpoint** -- :func:`brownout.policies.balance.pick`: among endpoints whose breaker
+  permits a call, one not yet tried in this request, then the least expected latency
+  ``(in_flight + 1) * latency`` (an exponentially weighted moving average of recent answers), then
+  the fewest in flight. So replicas share the load, a slower one gets less of it, and a retry goes to
+  another replica when there is one. (Gateway endpoints have no concurrency limiter, so the picker's
+  wait for a slot is always 0 here.)
 * **What fails an attempt** (counted by the endpoint's breaker, retried): connection errors,
   timeouts, HTTP 5xx, 408, 425 and 429, and a stream that breaks before its first event. An upstream
   ``Retry-After`` on a 429 or 503 opens that endpoint's breaker for that long (at most 10 minutes).
@@ -48,6 +50,7 @@ from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTim
 from brownout.llm.client import _retry_after as parse_retry_after
 from brownout.llm.client import is_caller_fault
 from brownout.policies.admission import Admission
+from brownout.policies.balance import EndpointLoad, pick
 from brownout.policies.breaker import BreakerConfig, CircuitBreaker
 from brownout.policies.cache import Cache
 from brownout.policies.retry import RetryBudget
@@ -82,7 +85,6 @@ R = TypeVar("R", bound=Routed)
 MAX_HOLD: Final = 600.0
 """Longest an upstream's ``Retry-After`` may keep its endpoint's breaker open, in seconds."""
 
-_EWMA_ALPHA: Final = 0.3  # weight of the newest latency: about the last five answers matter
 _BUDGET_WINDOW: Final = 10.0
 
 # Response headers that describe one hop, not the answer: never forwarded. The body is forwarded as
@@ -183,10 +185,9 @@ class Endpoint:
     __slots__ = (
         "breaker",
         "config",
-        "ewma",
         "head",
-        "in_flight",
         "label",
+        "load",
         "model",
         "pool",
         "served_by",
@@ -220,26 +221,27 @@ class Endpoint:
         self.pool: Pool | None = None
         """The endpoint's keep-alive connections, opened by :meth:`Gateway.start`."""
         self.breaker = CircuitBreaker(f"gateway:{group}/{self.label}", breaker, clock=clock, events=events)
-        self.in_flight = 0
-        self.ewma = 0.0  # seconds; 0 until the first answer, so a new replica gets tried
+        self.load = EndpointLoad()
+        """Attempts in flight and the latency average: what the picker ranks by."""
         self.stats = EndpointStats()
 
-    def observe(self, seconds: float) -> None:
-        """Fold one answer's latency into the moving average."""
-        ewma = self.ewma
-        self.ewma = seconds if ewma == 0.0 else ewma + _EWMA_ALPHA * (seconds - ewma)
+    @property
+    def available(self) -> bool:
+        """True when the endpoint's breaker would let a call through now."""
+        return self.breaker.available
 
     def status(self) -> dict[str, Any]:
         """The endpoint's state for ``/health/gateway``."""
         b = self.breaker
+        load = self.load
         return {
             "endpoint": self.label,
             "url": self.config.url,
             "breaker": b.state.value,
             "available": b.available,
             "retry_after": round(b.retry_after(), 3),
-            "in_flight": self.in_flight,
-            "ewma_latency_ms": round(self.ewma * 1000.0, 3) if self.ewma else None,
+            "in_flight": load.in_flight,
+            "ewma_latency_ms": None if load.ewma is None else round(load.ewma * 1000.0, 3),
             "requests": self.stats.requests,
             "failures": self.stats.failures,
         }
@@ -288,18 +290,6 @@ class Group:
         self.chain: tuple[Group, ...] = (self,)
         """This group, then its fallbacks in order (set by the :class:`Gateway`)."""
         self.stats = GroupStats()
-
-    def pick(self, tried: list[Endpoint] | None) -> Endpoint | None:
-        """The endpoint for the next attempt, or None when every breaker refuses (see the module doc)."""
-        best: Endpoint | None = None
-        best_key: tuple[bool, float, int] | None = None
-        for ep in self.endpoints:
-            if not ep.breaker.available:
-                continue
-            key = (tried is not None and ep in tried, (ep.in_flight + 1) * ep.ewma, ep.in_flight)
-            if best_key is None or key < best_key:
-                best, best_key = ep, key
-        return best
 
     @property
     def available(self) -> bool:
@@ -498,14 +488,15 @@ class Gateway:
         clock = self.clock
         stats = ep.stats
         stats.requests += 1
-        ep.in_flight += 1
+        load = ep.load
+        load.begin()
         start = clock.now()
         try:
             response = await self.send(group, ep, content)
             body = await response.read(group.timeout)
         except UpstreamTimeout as e:
             elapsed = clock.now() - start
-            ep.observe(elapsed)
+            load.observe(elapsed)
             stats.failures += 1
             raise UpstreamFailed(
                 f"{group.name}/{ep.label}: no answer within {group.timeout:g}s ({e})", elapsed=elapsed
@@ -514,11 +505,11 @@ class Gateway:
             stats.failures += 1
             raise UpstreamFailed(f"{group.name}/{ep.label}: {e}", elapsed=clock.now() - start) from e
         finally:
-            ep.in_flight -= 1
+            load.end()
         elapsed = clock.now() - start
         status = response.status
         if status < 400:
-            ep.observe(elapsed)
+            load.observe(elapsed)
             stats.latency.observe(elapsed)
             return Answer(status, forwarded(response.headers), body, upstream=elapsed)
         self.refuse(group, ep, response, body, elapsed)
@@ -573,7 +564,7 @@ class Gateway:
             tried: list[Endpoint] | None = None
             n = 0
             while n < g.max_attempts:
-                ep = g.pick(tried)
+                ep = pick(g.endpoints, tried)
                 if ep is None:
                     break
                 if n:
@@ -582,7 +573,7 @@ class Gateway:
                         break
                     if tried is not None and ep in tried and g.backoff > 0:
                         await clock.sleep(g.backoff * self._random())
-                        ep = g.pick(tried)
+                        ep = pick(g.endpoints, tried)
                         if ep is None:
                             break
                 n += 1

@@ -97,7 +97,7 @@ async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: byt
     timeout = group.timeout
     stats = ep.stats
     stats.requests += 1
-    ep.in_flight += 1
+    ep.load.begin()
     start = clock.now()
     response: Response | None = None
     try:
@@ -144,13 +144,13 @@ async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: byt
                 elapsed=clock.now() - start,
             ) from e
     except BaseException as e:
-        ep.in_flight -= 1
+        ep.load.end()
         if response is not None:
             response.close()
         await permit.__aexit__(type(e), e, e.__traceback__)
         raise
     elapsed = clock.now() - start
-    ep.observe(elapsed)
+    ep.load.observe(elapsed)
     stats.latency.observe(elapsed)
     first = buf[:cut]
     return OpenStream(
@@ -253,7 +253,7 @@ async def relay(stream: OpenStream, receive: Receive, send: Send, headers: list[
     finally:
         watch.finished = True
         watcher.cancel()
-        ep.in_flight -= 1
+        ep.load.end()
         stream.response.close()
         if failure is not None:
             await stream.permit.__aexit__(UpstreamFailed, failure, None)

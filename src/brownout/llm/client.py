@@ -14,9 +14,10 @@ costing its callers time:
   wait runs out leaves with :class:`~brownout.errors.Overloaded` (or
   :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline passed) without anything
   counted against the endpoint -- a busy model is not a failing one;
-* a call goes to an endpoint whose breaker permits it -- one with a free slot before one without,
-  then the fewest calls in flight, then the lowest recent latency (an exponentially weighted moving
-  average);
+* a call goes to an endpoint whose breaker permits it, chosen by
+  :func:`brownout.policies.balance.pick` -- one with a free slot before one without (then the shorter
+  expected wait), then the least expected latency ``(in flight + 1) * recent latency`` (an
+  exponentially weighted moving average), then the fewest calls in flight;
 * a failed attempt is retried (a :class:`~brownout.policies.retry.Retry`, 2 attempts by default) on
   another available endpoint when there is one;
 * each attempt is bounded by the client's timeout, or by the caller's deadline
@@ -106,6 +107,7 @@ from brownout.errors import (
 )
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
+from brownout.policies.balance import EndpointLoad, pick
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, CircuitBreaker
 from brownout.policies.deadline import remaining
 from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig, Permit
@@ -118,9 +120,6 @@ DEFAULT_RETRY: Final = RetryConfig(max_attempts=2, backoff_base=0.2)
 
 PROBE_PROMPT: Final = "Reply with OK."
 """The test inference of :meth:`ModelClient.probe` (with ``max_tokens=4``)."""
-
-# Weight of the newest latency in the moving average: about the last five calls matter.
-_EWMA_ALPHA: Final = 0.3
 
 # 4xx statuses that say "not now" rather than "wrong request": the endpoint is to blame.
 _SERVER_SIDE_4XX: Final = frozenset({408, 425, 429})
@@ -177,11 +176,11 @@ class _Endpoint:
         "chat_url",
         "completed",
         "config",
-        "ewma",
         "headers",
-        "in_flight",
         "last_success",
         "limiter",
+        "load",
+        "sending",
         "slow",
         "url",
     )
@@ -193,15 +192,19 @@ class _Endpoint:
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
         self.breaker = breaker
         self.limiter = limiter
-        self.in_flight = 0  # HTTP requests being sent or answered
-        self.ewma: float | None = None  # seconds; None until the first answer
+        # What the picker ranks by: the limiter's wait and permits, and the latency average.
+        self.load = EndpointLoad(limiter)
+        # HTTP requests being sent or answered (probes aside): whether a timed-out call was "under
+        # load" (see _SlowCall). Not the picker's count, which starts when a call gets its slot.
+        self.sending = 0
         self.last_success: float | None = None  # clock time of the last well-formed completion
         self.completed = 0  # well-formed completions of calls (probes not included)
         self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
 
-    def observe(self, latency: float) -> None:
-        ewma = self.ewma
-        self.ewma = latency if ewma is None else ewma + _EWMA_ALPHA * (latency - ewma)
+    @property
+    def available(self) -> bool:
+        """True when the endpoint's breaker would let a call through now."""
+        return self.breaker.available
 
     def body(
         self,
@@ -405,7 +408,7 @@ class ModelClient:
                     "in_flight": lim.in_flight,
                     "queued": lim.queued,
                     "estimated_wait": round(lim.estimated_wait(), 3),
-                    "ewma_latency_ms": None if ep.ewma is None else round(ep.ewma * 1000.0, 3),
+                    "ewma_latency_ms": None if (ewma := ep.load.ewma) is None else round(ewma * 1000.0, 3),
                     "retry_after": b.retry_after(),
                     "completed": ep.completed,
                     "slow": ep.slow,
@@ -450,27 +453,9 @@ class ModelClient:
         raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
 
     def _pick(self, tried: list[_Endpoint] | None) -> _Endpoint:
-        """The endpoint for the next attempt, or raise ModelUnavailable.
-
-        Order: not yet tried in this call, a free slot before none (then the shorter expected wait),
-        fewest in flight, lowest latency average (an endpoint that has not answered yet counts as
-        fastest, so it gets tried), then the order given.
-        """
-        eps = self._endpoints
-        if len(eps) == 1:
-            only = eps[0]
-            if only.breaker.available:
-                return only
-            raise self._unavailable()
-        best: _Endpoint | None = None
-        best_key: tuple[bool, float, int, float] | None = None
-        for ep in eps:
-            if not ep.breaker.available:
-                continue
-            lim = ep.limiter
-            key = (tried is not None and ep in tried, lim.estimated_wait(), lim.in_flight, ep.ewma or 0.0)
-            if best_key is None or key < best_key:
-                best, best_key = ep, key
+        """The endpoint for the next attempt (see :func:`brownout.policies.balance.pick`), or raise
+        ModelUnavailable."""
+        best = pick(self._endpoints, tried)
         if best is None:
             raise self._unavailable()
         return best
@@ -566,8 +551,8 @@ class ModelClient:
         clock = self._clock
         start = clock.now()
         # Under load when sent: another call in flight or waiting for a slot of this endpoint.
-        crowded = ep.in_flight > 0 or ep.limiter.queued > 0
-        ep.in_flight += 1
+        crowded = ep.sending > 0 or ep.limiter.queued > 0
+        ep.sending += 1
         try:
             response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
         except httpx.TimeoutException as e:
@@ -578,10 +563,10 @@ class ModelClient:
             if excused:
                 raise _NotCounted(error) from e
             now = clock.now()
-            ep.observe(now - start)
+            ep.load.observe(now - start)
             alive = ep.last_success
-            # in_flight still counts this call here (the finally below has not run yet).
-            loaded = crowded or ep.in_flight > 1 or ep.limiter.queued > 0
+            # sending still counts this call here (the finally below has not run yet).
+            loaded = crowded or ep.sending > 1 or ep.limiter.queued > 0
             if loaded and alive is not None and now - alive <= self.alive_window:
                 ep.slow += 1
                 raise _SlowCall(error) from e
@@ -589,7 +574,7 @@ class ModelClient:
         except httpx.HTTPError as e:
             raise ModelError(f"{ep.url}: {type(e).__name__}: {e}", endpoint=ep.url) from e
         finally:
-            ep.in_flight -= 1
+            ep.sending -= 1
         latency = clock.now() - start
         status = response.status_code
         if not 200 <= status < 300:
@@ -603,7 +588,7 @@ class ModelClient:
                 raise _NotCounted(error)
             raise error
         content, finish_reason, usage = _parse(ep.url, response.content, status)
-        ep.observe(latency)
+        ep.load.observe(latency)
         ep.last_success = clock.now()
         ep.completed += 1
         return ChatResult(
