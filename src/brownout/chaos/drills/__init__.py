@@ -6,11 +6,15 @@ client on 127.0.0.1, injects the fault, restores, and measures: requests by outc
 recovery times, acknowledged writes against the database, computations. Each scenario gets a verdict
 against its goals, and :func:`write_report` writes Markdown, a PNG timeline per scenario and JSON.
 
-* :mod:`.catalog` -- the scenarios in seed 003's template, as data (:data:`CATALOG`);
-* :mod:`.runner` -- starts the stack and runs a scenario's play (:func:`run_scenario`);
+* :mod:`.scenarios` -- one module per scenario: its description in seed 003's template and its play;
+* :mod:`.catalog` -- the scenarios in order, as data (:data:`CATALOG`), and the types of :mod:`.spec`;
+* :mod:`.harness` -- :class:`~.harness.Drill`, what every play works with; :mod:`.processes`, the
+  child processes it starts;
+* :mod:`.runner` -- runs a scenario's play when what it needs is here (:func:`run_scenario`);
 * :mod:`.load` -- the load client and the outcome of each answer (:func:`classify`);
 * :mod:`.measure` -- health polling, detection/recovery times, lost writes, results;
-* :mod:`.report` -- Markdown, PNG (matplotlib, the ``drill`` extra) and JSON.
+* :mod:`.report` -- Markdown, PNG (matplotlib, the ``drill`` extra) and JSON;
+* :mod:`.console` -- ``brownout drill`` in the terminal.
 """
 
 from __future__ import annotations
