@@ -244,6 +244,17 @@ def test_the_gateway_modules_import_each_other_without_a_cycle() -> None:
     assert _cycle(graph) is None
 
 
+def test_the_drills_import_each_other_without_a_cycle_and_never_the_command_line() -> None:
+    # `brownout` mounts the drill command from the drills, so the drills must not import it back.
+    graph = _import_graph("brownout.chaos")
+    assert "brownout.chaos.drills.scenarios" in graph["brownout.chaos.drills.catalog"]  # the scan reads it
+    assert _cycle(graph) is None
+    for path in (PACKAGE / "chaos").rglob("*.py"):
+        source, name = path.read_text(encoding="utf-8"), _module_name(path)
+        names = imported_modules(source, name, is_package=path.name == "__init__.py")
+        assert not any(n == "brownout.cli" or n.startswith("brownout.cli.") for n in names), name
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycle(graph) == ["a", "b", "c", "a"]

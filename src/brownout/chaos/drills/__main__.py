@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import sys
+import typer
 
-from brownout.cli import app
+from brownout.chaos.drills.command import drill
 
-app(["drill", *sys.argv[1:]], prog_name="python -m brownout.chaos.drills")
+app = typer.Typer(add_completion=False)
+app.command()(drill)
+app(prog_name="python -m brownout.chaos.drills")

@@ -30,7 +30,7 @@ from typing import Any
 import h11
 
 from brownout.bench.client import LoadClient, LocalOnly
-from brownout.chaos.drills.catalog import OUTCOMES, Outcome
+from brownout.chaos.drills.spec import OUTCOMES, Outcome
 from brownout.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["Load", "Sample", "brief_text", "classify", "refusal_info"]

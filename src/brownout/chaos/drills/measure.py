@@ -37,6 +37,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 
 __all__ = [
     "MODE_ROLES",
+    "ROLES",
     "Check",
     "EventRecorder",
     "HealthSample",
