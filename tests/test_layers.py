@@ -255,6 +255,14 @@ def test_the_drills_import_each_other_without_a_cycle_and_never_the_command_line
         assert not any(n == "brownout.cli" or n.startswith("brownout.cli.") for n in names), name
 
 
+def test_the_benchmarks_stand_below_the_drills() -> None:
+    # The overload drill uses the benchmarks' load client and figures; the benchmarks never use the drills.
+    for path in (PACKAGE / "bench").rglob("*.py"):
+        source, name = path.read_text(encoding="utf-8"), _module_name(path)
+        names = imported_modules(source, name, is_package=path.name == "__init__.py")
+        assert not any(n.startswith("brownout.chaos.drills") for n in names), name
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycle(graph) == ["a", "b", "c", "a"]

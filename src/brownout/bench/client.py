@@ -8,6 +8,9 @@ loop. This client does only what a load needs -- ``POST`` or ``GET`` a small bod
 whole -- with h11 (the HTTP/1.1 state machine httpx itself is built on) over plain asyncio streams and
 a pool of kept-alive connections; it costs about a tenth of httpx per request.
 
+:func:`brief_text` makes the distinct request texts the loads send (the drills and ``brownout bench
+overload``), so that each reaches the pipeline rather than the response cache.
+
 It talks to 127.0.0.1 only (loads and drills never go to the network) and understands what
 ``brownout serve`` answers: a ``Content-Length`` or chunked body, keep-alive or close.
 """
@@ -25,13 +28,27 @@ from urllib.parse import urlsplit
 
 import h11
 
-__all__ = ["LoadClient", "LoadResponse", "LocalOnly", "retry_pause"]
+__all__ = ["LoadClient", "LoadResponse", "LocalOnly", "brief_text", "retry_pause"]
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # uvicorn closes an idle kept-alive connection after 5 s; one idle for this long is not reused, so a
 # request never goes out on a connection the server is closing at that very moment.
 _IDLE_EXPIRY = 4.0
+
+
+_STYLES = ("fresh", "warm", "woody", "floral", "oriental", "aquatic", "gourmand", "green")
+_NOTES = ("lemon", "bergamot", "vanilla", "amber", "sandalwood", "rose", "jasmine", "sea salt", "fig", "tea")
+_OCCASIONS = ("summer days", "winter evenings", "the office", "a wedding", "weekends", "night out")
+
+
+def brief_text(i: int) -> str:
+    """The ``i``-th request text of a load: varied wording, unique by its number."""
+    style = _STYLES[i % len(_STYLES)]
+    a = _NOTES[i % len(_NOTES)]
+    b = _NOTES[(i * 7 + 3) % len(_NOTES)]
+    occasion = _OCCASIONS[(i // 3) % len(_OCCASIONS)]
+    return f"A {style} scent with {a} and {b} for {occasion}, customer request {i}"
 
 
 def retry_pause(retry_after: float | None, rng: random.Random | None = None) -> float:

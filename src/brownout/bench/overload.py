@@ -40,7 +40,7 @@ import h11
 import httpx
 
 from brownout.bench import child_env, percentile
-from brownout.bench.client import LoadClient, retry_pause
+from brownout.bench.client import LoadClient, brief_text, retry_pause
 
 __all__ = [
     "KINDS",
@@ -223,8 +223,6 @@ class LevelResult:
 
 
 def _text(level: int, i: int) -> str:
-    from brownout.chaos.drills.load import brief_text
-
     # Distinct across levels too: no answer of one level is a cache hit in the next.
     return f"{brief_text(i)} (level {level})"
 

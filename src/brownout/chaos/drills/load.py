@@ -29,27 +29,13 @@ from typing import Any
 
 import h11
 
-from brownout.bench.client import LoadClient, LocalOnly
+from brownout.bench.client import LoadClient, LocalOnly, brief_text
 from brownout.chaos.drills.spec import OUTCOMES, Outcome
 from brownout.clock import SYSTEM_CLOCK, Clock
 
 __all__ = ["Load", "Sample", "brief_text", "classify", "refusal_info"]
 
-_STYLES = ("fresh", "warm", "woody", "floral", "oriental", "aquatic", "gourmand", "green")
-_NOTES = ("lemon", "bergamot", "vanilla", "amber", "sandalwood", "rose", "jasmine", "sea salt", "fig", "tea")
-_OCCASIONS = ("summer days", "winter evenings", "the office", "a wedding", "weekends", "night out")
-
-
 _INFO = ("retry_after", "queue_size", "suggestion", "type", "code")
-
-
-def brief_text(i: int) -> str:
-    """The ``i``-th request text of a load: varied wording, unique by its number."""
-    style = _STYLES[i % len(_STYLES)]
-    a = _NOTES[i % len(_NOTES)]
-    b = _NOTES[(i * 7 + 3) % len(_NOTES)]
-    occasion = _OCCASIONS[(i // 3) % len(_OCCASIONS)]
-    return f"A {style} scent with {a} and {b} for {occasion}, customer request {i}"
 
 
 @dataclass(slots=True)
