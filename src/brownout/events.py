@@ -199,7 +199,7 @@ class SpoolAppended(Event):
 
     Emitted only on transitions, to stay cheap while the database is down: when the spool becomes
     non-empty (writes have started to spool) and when ``pending`` first rises above the alert threshold
-    (``alert`` is then true; seed 000: more than 100 pending writes is an alert condition).
+    (``alert`` is then true; more than 100 pending writes is an alert condition by default).
     """
 
     key: str

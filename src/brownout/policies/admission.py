@@ -3,10 +3,10 @@
 At most ``max_concurrent`` calls run at once. Further callers wait in a first-in, first-out queue of at
 most ``max_queue`` callers, each for at most ``max_wait`` seconds; past that, calls are *shed* with
 :class:`~brownout.errors.Overloaded`, whose ``retry_after`` estimates when the backlog will have
-drained (seed 000: reject above 500 queued, ``retry_after`` 30 s). Seed 003's queue-depth breaker is the
-``trip_queue_depth`` option: once the queue reaches that depth the admission *trips* and rejects every
-new call for ``trip_cooldown`` seconds, giving the backend room to recover instead of a queue that never
-empties.
+drained (by default at most 500 callers wait, and ``retry_after`` is 30 s until a service time has
+been seen). The ``trip_queue_depth`` option is a queue-depth breaker: once the queue reaches that depth
+the admission *trips* and rejects every new call for ``trip_cooldown`` seconds, giving the backend room
+to recover instead of a queue that never empties.
 
 ::
 
@@ -61,19 +61,19 @@ _DEADLINE = "deadline"
 
 
 class AdmissionConfig(PolicyConfig):
-    """Settings of an :class:`Admission`; the defaults are the seeds' numbers."""
+    """Settings of an :class:`Admission`; by default 10 calls run at once and up to 500 wait."""
 
     max_concurrent: int = Field(default=10, ge=1, description="Calls allowed to run at the same time.")
     max_queue: int = Field(
         default=500,
         ge=0,
-        description="Callers allowed to wait for a slot (seed 000: 500); 0 means never wait.",
+        description="Callers allowed to wait for a slot (default 500); 0 means never wait.",
     )
     max_wait: float = Field(
         default=30.0, gt=0, description="Longest a caller waits in the queue, in seconds."
     )
     default_retry_after: float = Field(
-        default=30.0, ge=0, description="retry_after until a service time has been observed (seed 000: 30 s)."
+        default=30.0, ge=0, description="retry_after until a service time has been observed (default 30 s)."
     )
     min_retry_after: float = Field(default=1.0, ge=0, description="Lower bound of the retry_after estimate.")
     max_retry_after: float = Field(
@@ -87,11 +87,11 @@ class AdmissionConfig(PolicyConfig):
         ge=1,
         description=(
             "A caller that finds this many already waiting trips the admission, which then rejects "
-            "every new call for trip_cooldown (seed 003 suggests 50; off by default)."
+            "every new call for trip_cooldown (50 is a sensible depth; off by default)."
         ),
     )
     trip_cooldown: float = Field(
-        default=30.0, gt=0, description="How long a tripped admission rejects every call (seed 003: 30 s)."
+        default=30.0, gt=0, description="How long a tripped admission rejects every call (default 30 s)."
     )
 
     @model_validator(mode="after")
@@ -362,8 +362,8 @@ class Admission(CallForms):
             return
         depth = len(waiters)
         if self._trip_depth is not None and depth >= self._trip_depth:
-            # Seed 003's queue-depth breaker: a queue this deep means the backend is not keeping up;
-            # stop accepting work for a while rather than let every caller time out in the queue.
+            # The queue-depth breaker: a queue this deep means the backend is not keeping up; stop
+            # accepting work for a while rather than let every caller time out in the queue.
             self._tripped_until = now + self._trip_cooldown
             self._fast_limit = 0
             raise self._reject(_TRIPPED, self._trip_cooldown, now)

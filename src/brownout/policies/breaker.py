@@ -19,8 +19,9 @@ States (``circuit_breaker_state`` metric value in brackets):
   :meth:`CircuitBreaker.reset`. Forced-closed runs every call and keeps recording (metrics only);
   disabled runs every call and records nothing.
 
-Unlike the seed sketch, a success does not reset the failure count: rates are computed over the whole
-window, successes included. Exceptions count as failures when they match ``record_exceptions`` and
+A success does not reset the failure count (a breaker that did could never open under alternating
+outcomes, and its "failure rate" would mean nothing): rates are computed over the whole window,
+successes included. Exceptions count as failures when they match ``record_exceptions`` and
 not ``ignore_exceptions`` (ignored ones count as neither); ``failure_result`` lets a *result* such as
 an HTTP 503 response count as a failure while still being returned to the caller. A cancelled call is
 never counted.
@@ -93,10 +94,10 @@ _HALF_OPEN = BreakerState.HALF_OPEN
 
 
 class BreakerConfig(PolicyConfig):
-    """Settings of one circuit breaker. Defaults are seed 004's (``llm_ensemble.yaml``)."""
+    """Settings of one circuit breaker; by default it opens at a 50 % failure rate and stays open 60 s."""
 
     failure_rate_threshold: float = Field(
-        default=0.5, gt=0, le=1, description="failure rate (0..1] at which the breaker opens (seed: 0.5)"
+        default=0.5, gt=0, le=1, description="failure rate (0..1] at which the breaker opens (default 0.5)"
     )
     slow_call_rate_threshold: float | None = Field(
         default=None, gt=0, le=1, description="slow-call rate (0..1] at which it opens; None: not tracked"
@@ -112,12 +113,12 @@ class BreakerConfig(PolicyConfig):
     half_open_max_calls: int = Field(
         default=3,
         ge=1,
-        description="probe calls allowed at once while half-open (seed: half_open_requests 3)",
+        description="probe calls allowed at once while half-open (default 3)",
     )
     success_threshold: int = Field(
-        default=5, ge=1, description="consecutive successful probes that close the breaker (seed: 5)"
+        default=5, ge=1, description="consecutive successful probes that close the breaker (default 5)"
     )
-    open_wait: float = Field(default=60.0, gt=0, description="seconds to stay open before probing (seed: 60)")
+    open_wait: float = Field(default=60.0, gt=0, description="seconds to stay open before probing")
     open_wait_multiplier: float = Field(
         default=1.0, ge=1, description="open_wait grows by this factor on each re-open without a close"
     )

@@ -1,9 +1,9 @@
 """An in-process LRU + TTL cache that protects what it caches.
 
-The seed 004 guard is an LRU cache of 1000 entries whose entries live 600 seconds, swept every 60
-seconds. On top of that this cache carries the protections the other seeds ask for:
+At its base it is an LRU cache of 1000 entries whose entries live 600 seconds, swept every 60
+seconds. On top of that it protects what it caches:
 
-* **Stampede protection** (seed 003): :meth:`Cache.fetch` computes a missing value through a
+* **Stampede protection**: :meth:`Cache.fetch` computes a missing value through a
   :class:`~brownout.policies.singleflight.Singleflight`, so a thousand concurrent callers of a cold key
   cause one computation.
 * **Early refresh** ("XFetch", Vattani et al., *Optimal Probabilistic Cache Stampede Prevention*):
@@ -66,7 +66,7 @@ _MAX_NEG_LN_U = 37.0
 
 
 class CacheConfig(PolicyConfig):
-    """Settings of a :class:`Cache`; the defaults are seed 004's (1000 entries, 10 minutes, 60 s sweep)."""
+    """Settings of a :class:`Cache`; by default 1000 entries, fresh for 10 minutes, swept every 60 s."""
 
     max_entries: int = Field(default=1000, ge=1, description="Most entries kept; beyond it the LRU one goes.")
     ttl: float = Field(default=600.0, gt=0, description="Seconds an entry stays fresh, unless set otherwise.")

@@ -1,8 +1,8 @@
 """Fallback chains: try a list of strategies in order and serve the first answer.
 
-Seed 000 answers a failed model with a cached similar request, then rule-based generation, then a
-default brief "with warning"; seed 002 reads Redis, then the database, then a stale copy, then a
-default. Both are a :class:`FallbackChain`::
+A brief service answers a failed model with a cached similar request, then rule-based generation,
+then a default brief "with warning"; a pricing service reads Redis, then the database, then a stale
+copy, then a default. Both are a :class:`FallbackChain`::
 
     chain = FallbackChain("brief", [
         Strategy("cache", from_cache),                          # raises Decline on a miss

@@ -26,8 +26,8 @@ retrying clients best) -- and tries again, unless one of these says stop:
 
 Giving up re-raises the *last* error unchanged, with a note saying why the retry stopped; errors the
 config does not name as retriable, and ``BaseException`` s that are not ``Exception`` s (cancellation,
-``KeyboardInterrupt``), pass through at once with no note. Unlike the seed's JSON guard, each attempt
-calls the function again -- it never re-examines the same failed output.
+``KeyboardInterrupt``), pass through at once with no note. Each attempt calls the function again --
+it never re-examines the same failed output, which would fail the same way every time.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ _EPSILON = 1e-9
 
 
 class RetryConfig(PolicyConfig):
-    """Config of a :class:`Retry`. The defaults follow seed 004's JSON guard (3 attempts, 1 s base)."""
+    """Config of a :class:`Retry`; by default 3 attempts with a 1 s backoff base."""
 
     max_attempts: int = Field(default=3, ge=1, description="attempts in all, the first one included")
     backoff_base: float = Field(default=1.0, ge=0, description="seconds of backoff before the 2nd attempt")

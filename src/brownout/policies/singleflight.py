@@ -1,7 +1,7 @@
 """Request coalescing: concurrent callers for one key share one computation.
 
 When a popular cache key expires and a thousand requests arrive at once, only one of them should run
-the model; the rest wait for its answer (seed 003, "cache stampede")::
+the model; the rest wait for its answer (this prevents a "cache stampede")::
 
     flight: Singleflight[str, Prediction] = Singleflight("predict")
     prediction = await flight.do(key, lambda: model.predict(features))
@@ -19,9 +19,9 @@ and throwing it away would only make the next caller start it again.
 The result -- value or exception -- is shared by everyone who waited; nothing is remembered once the
 computation finishes, so the next call computes again. Caching results is the cache's job.
 
-Unlike the seed's sketch, a failure reaches every waiter (the seed left waiters of a failed call
-hanging on a future that was never resolved), and an exception nobody waited for is retrieved, so
-asyncio does not log "Task exception was never retrieved".
+A failure reaches every waiter (none is left hanging on a future that is never resolved), and an
+exception nobody waited for is retrieved, so asyncio does not log "Task exception was never
+retrieved".
 """
 
 from __future__ import annotations
