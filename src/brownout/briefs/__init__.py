@@ -1,4 +1,4 @@
-"""The creative-brief domain of seed 000, as pure Python with no I/O.
+"""The creative-brief domain (a fragrance brief from free text), as pure Python with no I/O.
 
 * :mod:`~brownout.briefs.schema` -- the brief users get (:class:`CreativeBrief`) and the grammar-friendly
   shapes the generator, validator and hinter models are asked for;

@@ -26,7 +26,7 @@ __all__ = [
 MAX_TEXT_CHARS: Final = 1000
 """The most characters of a user's request a prompt carries."""
 REDUCED_TEXT_CHARS: Final = 300
-"""The same bound for the reduced-context retry (seed 000: shorten the prompt)."""
+"""The same bound for the reduced-context retry (a shorter prompt the generator may still manage)."""
 
 _MODE_STYLE: Final[dict[str, str]] = {
     "fast": "Keep it simple.",
@@ -80,7 +80,7 @@ def generator_messages(
 ) -> list[Message]:
     """Messages asking the generator for a :class:`~brownout.briefs.schema.ModelBrief` JSON object.
 
-    ``reduced=True`` is seed 000's retry with reduced context: a shorter instruction and at most
+    ``reduced=True`` is the generator's retry with reduced context: a shorter instruction and at most
     :data:`REDUCED_TEXT_CHARS` of the request. ``constrained=False`` is for an endpoint that does not
     enforce the JSON schema: the keys and their allowed values are then spelled out.
     """

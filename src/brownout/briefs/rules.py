@@ -1,10 +1,10 @@
-"""The deterministic fallbacks of the creative-brief pipeline (seed 000, scenarios 1-4).
+"""The deterministic fallbacks of the creative-brief pipeline, one for each model that can be down.
 
 When a model role is down these answer instead, without I/O and without failing:
 
 * :func:`rule_based_brief` stands in for the generator: keywords of the request mapped to a valid brief;
 * :func:`rule_based_validation` stands in for the validator: range and vocabulary checks, IFRA unknown;
-* :func:`template_hints` stands in for the hinter: the seed's pre-written hints per style;
+* :func:`template_hints` stands in for the hinter: pre-written hints per style;
 * :func:`popular_brief` is the emergency answer when nothing else is left;
 * :func:`mode_impact` tells a user what a downshift cost them.
 """
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 IFRA_SKIPPED_WARNING: Final = "Rule-based validation only (IFRA check skipped)"
-"""The warning every rule-based validation carries (seed 000 scenario 2)."""
+"""The warning every rule-based validation carries: the safety (IFRA) check needs the validator model."""
 
 # Requests are bounded here too: a 100 kB paste must not make the fallback the slow path.
 _MAX_ANALYSED_CHARS: Final = 4000
@@ -352,7 +352,7 @@ _MISSING: Final = object()
 
 
 def rule_based_validation(brief: CreativeBrief | Mapping[str, object]) -> ValidationReport:
-    """Validate a brief by rules alone (the validator's fallback, seed 000 scenario 2).
+    """Validate a brief by rules alone (the fallback while the validator model is down).
 
     Works on unvalidated data -- a brief made with ``CreativeBrief.model_construct`` or a raw mapping --
     and reports what is wrong instead of raising. Errors are critical (the report is invalid); hint
@@ -472,7 +472,7 @@ _TEMPLATE_HINTS: Final[dict[str, tuple[str, ...]]] = {
 
 
 def template_hints(style: str) -> list[str]:
-    """The seed's pre-written creative hints for ``style`` (fresh ones for an unknown style); a new list."""
+    """Pre-written creative hints for ``style`` (fresh ones for an unknown style); a new list."""
     return list(_TEMPLATE_HINTS.get(style, _TEMPLATE_HINTS["fresh"]))
 
 
@@ -509,7 +509,7 @@ _POPULAR: Final[dict[str, CreativeBrief]] = {
 
 
 def popular_brief(mode: str) -> CreativeBrief:
-    """The pre-computed popular brief for ``mode`` (seed 000 scenario 4), served when every model is down.
+    """The pre-computed popular brief for ``mode``, served when every model is down.
 
     An unknown mode gets the ``fast`` brief: the emergency path must always have an answer. The brief is
     a fresh deep copy, so a caller cannot alter the one the next caller gets.
@@ -553,7 +553,7 @@ MODE_IMPACT: Final[dict[str, dict[str, Any]]] = {
         "features_lost": ["creative_hints", "validation", "model_generation", "personalisation"],
     },
 }
-"""Seed 000's ``get_mode_comparison`` table, plus what falling back to rules or emergency costs."""
+"""What each downshift costs (latency, quality, features lost), rules and emergency fallbacks included."""
 
 
 def mode_impact(from_mode: str, to_mode: str) -> dict[str, Any]:

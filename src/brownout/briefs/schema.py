@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 Style = Literal["fresh", "floral", "woody", "oriental"]
-"""The four fragrance styles of the seeds."""
+"""The four fragrance styles a brief can have."""
 
 ProductCategory = Literal["EDP", "EDT", "Cologne", "Body Spray"]
 """Product categories, strongest (eau de parfum) to lightest (body spray)."""

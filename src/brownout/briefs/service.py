@@ -1,4 +1,4 @@
-"""The creative-brief service: seed 000's three-model pipeline with downshift and fallbacks.
+"""The creative-brief service: a three-model pipeline with downshift and fallbacks.
 
 Modes (poorest first): ``fast`` = generate (qwen); ``balanced`` = + validate (mistral);
 ``creative`` = + hint (llama). A request names a mode and is served in the richest mode not above it
@@ -65,7 +65,7 @@ and is neither cached nor offered to similar requests. A cache hit has one ``cac
 old it is (``cached_at``, ``cache_age_seconds``).
 
 Identical requests share one pipeline run (singleflight) and full-quality answers are cached (LRU +
-TTL, seed 004 numbers). Admission control bounds concurrent runs and the queue (seed 000: 500).
+TTL: 1000 entries, 10 minutes). Admission control bounds concurrent runs and the queue (500 by default).
 """
 
 from __future__ import annotations
@@ -243,14 +243,14 @@ class BriefContext(PipelineContext):
 
     reliability: str = "high"
     freshness: dict[str, Any] | None = None
-    """Where an emergency answer came from: source, freshness, fallback_reason (seed 002 §1)."""
+    """Where an emergency answer came from: source, freshness, fallback_reason (tiered reads)."""
     budget: Budget = field(default_factory=Budget)
     """Its time budget and what the load did to it."""
 
 
 @dataclass
 class ServiceStats:
-    """Counters read by the metrics endpoint (names follow the seeds' metrics)."""
+    """Counters read by the metrics endpoint; the comment beside each names the metric it feeds."""
 
     requests: Counter[str] = field(default_factory=Counter)  # llm_requests_total{model}
     failures: Counter[str] = field(default_factory=Counter)  # llm_request_failures_total{model}
@@ -486,7 +486,7 @@ class BriefService:
         return self._role_alive(role) and backend.available and self._health_ok.get(role, True)
 
     async def check_health(self, role: str) -> list[ProbeResult]:
-        """Probe ``role`` now (seed 004's test inference) and remember the outcome."""
+        """Probe ``role`` now with a small test inference and remember the outcome."""
         results = await self.backends[role].probe(timeout=self.config.models.health_timeout)
         self.record_health(role, results)
         return results
@@ -723,7 +723,8 @@ class BriefService:
         brief: CreativeBrief = ctx.values["generate"]
         validation: ValidationReport | None = ctx.values.get("validate")
         if validation is not None and validation.has_critical_errors and validation.source == "rules":
-            # Seed 000 scenario 2: critical errors reject the model's brief; serve the rule-based one.
+            # Without the validator model, critical rule errors reject the model's brief: serve the
+            # rule-based one instead.
             brief = rule_based_brief(text, mode)
             ctx.reliability = "low"
         hints: list[str] | None = ctx.values.get("hint")
@@ -895,9 +896,9 @@ class BriefService:
         return brief
 
     async def _generate_reduced(self, ctx: BriefContext) -> CreativeBrief:
-        # Seed 000 scenario 1, strategy 2: max_tokens 256, a longer timeout, temperature 0.5. The seed
-        # raises 10 s to 30 s; keep that ratio to the configured timeout rather than a fixed 30 s, which
-        # would let a hung generator hold a request 30x longer than the operator allowed a call.
+        # The generator's second chance: max_tokens 256, a longer timeout, temperature 0.5. A fixed
+        # recipe would raise 10 s to 30 s; keep that ratio to the configured timeout rather than a fixed
+        # 30 s, which would let a hung generator hold a request 30x longer than the operator allowed a call.
         if any("qwen" in roles for roles in self.switched_off.values()):
             raise Decline("the generator is switched off")
         if "qwen" in ctx.budget.overloaded:
@@ -978,7 +979,7 @@ class BriefService:
         raise Decline("not cached")
 
     def read_stored_answers(self, tiers: Sequence[Tier[dict[str, Any]]]) -> None:
-        """Let emergency mode answer from earlier full answers to the same request (seed 002 §1).
+        """Let emergency mode answer from earlier full answers to the same request.
 
         ``tiers`` read a response by cache key -- typically Redis (real-time), then the database
         (stale); the reader adds the last value held in process (very stale). When all miss, the

@@ -1,6 +1,7 @@
 """The similar-request cache: when the generator fails, serve the brief of a request close enough to this one.
 
-Seed 000 scenario 1 asks for a "semantic search" over past requests with a similarity threshold of 0.8.
+When the generator is down, a "semantic search" over past requests finds one similar enough (a
+similarity of at least 0.8) to serve its brief.
 The default measure is lexical and dependency-free: the cosine of TF-IDF vectors over the request's word
 unigrams and character 3-grams (so "roses" still meets "rose" and a typo costs little). An embedding
 model can replace it through the :class:`Embedder` protocol.

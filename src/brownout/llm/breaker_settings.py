@@ -1,8 +1,9 @@
 """A model endpoint's circuit breaker in the configuration's words, and their one translation.
 
-The YAML names a breaker's settings as seed 004's ``llm_ensemble.yaml`` does (``failure_threshold``,
-``timeout``, ``half_open_requests``, ...); the toolkit's :class:`~brownout.policies.breaker.BreakerConfig`
-names them for what they do (``failure_rate_threshold``, ``open_wait``, ``half_open_max_calls``, ...).
+The YAML keeps the key names of the original LLM-ensemble configuration (``failure_threshold``,
+``timeout``, ``half_open_requests``, ...; see docs/origins.md); the toolkit's
+:class:`~brownout.policies.breaker.BreakerConfig` names them for what they do
+(``failure_rate_threshold``, ``open_wait``, ``half_open_max_calls``, ...).
 :class:`BreakerSettings` holds the YAML keys, their defaults and limits, and is the only place that
 maps them to the policy. Both breaker sections are built on it:
 
@@ -38,7 +39,7 @@ _POLICY_KEYS: Final = {
 
 
 class BreakerSettings(BaseModel):
-    """One circuit breaker's settings under the YAML's keys (defaults: seed 004's, and a 20-call window).
+    """One circuit breaker's settings under the YAML's keys (defaults: open at 50 % failures, 20-call window).
 
     :meth:`policy` turns them into the breaker's own config. Values that no breaker can use (an
     infinite ``timeout``, ``minimum_calls`` above ``window_size``) are refused here, when the

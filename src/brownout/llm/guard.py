@@ -10,8 +10,8 @@ correction sent to the model:
 * :class:`brownout.gateway.guard.SchemaCheck` -- the gateway's: answers checked against the JSON
   schema a client sent, re-asked once, never repaired (the gateway passes answers on unchanged).
 
-Seed 004's guard re-parsed the *same* output on each "retry", so a bad answer stayed bad however many
-times it was looked at. This guard asks the model again, and tells it what was wrong::
+Re-parsing the *same* output on each "retry" would leave a bad answer bad however many times it was
+looked at, so this guard asks the model again, and tells it what was wrong::
 
     guard = JSONGuard("brief", Brief)                     # Brief: a pydantic model
     result = await guard.run(client_ask, messages, max_tokens=512, constrained=endpoint.json_schema)
@@ -114,7 +114,7 @@ _SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 class GuardConfig(PolicyConfig):
-    """Config of a guard (:class:`JSONGuard`'s defaults: seed 004's ``json_guard`` section, same names).
+    """Config of a guard (:class:`JSONGuard`'s defaults, under the names of the ``json_guard`` section).
 
     ``strict_schema``, ``extra_tokens`` and ``max_tokens_cap`` are :class:`JSONGuard`'s; the rest is the
     engine's. ``fallback_enabled`` is read by the caller's fallback chain.
@@ -227,7 +227,7 @@ class Outcome(Generic[A, V]):
 
 @dataclass(frozen=True, slots=True)
 class GuardStats:
-    """Counters of a guard since it was made (the seed's ``llm_json_*`` metrics).
+    """Counters of a guard since it was made (exported as the ``llm_json_*`` metrics).
 
     ``parse_failures`` counts answers that were not JSON even after repair, ``validation_failures``
     answers that were JSON but broke the schema, ``repairs`` answers json_repair turned into JSON,
@@ -299,7 +299,7 @@ class GuardEngine(Generic[V]):
         self.failures = 0
         """Runs that gave up (GuardFailed, for :class:`JSONGuard`)."""
         self.retry_counts: Counter[int] = Counter()
-        """Re-asks per finished run -> number of runs (a histogram of the seed's llm_json_retry_count)."""
+        """Re-asks per finished run -> number of runs (the histogram behind llm_json_retry_count)."""
 
     @property
     def stats(self) -> GuardStats:

@@ -8,7 +8,7 @@ are ordered from poorest to richest (``fast`` < ``balanced`` < ``creative``).
 The downshift rule is the whole of it: **serve the richest mode not above the one requested whose
 roles are all available and fit the load**. What fits the load is the caller's to say: ``ceiling``
 names the richest mode the load allows for this request (the brief service asks its dimmer); a
-downshift caused by it alone says ``reason`` "load". Seed 000's decision tree (creative → balanced
+downshift caused by it alone says ``reason`` "load". The usual downshift tree (creative → balanced
 when Llama is down, → fast when Mistral is down too, → fallback when Qwen is down) is a consequence.
 When no mode is available, :meth:`Pipeline.run` raises :class:`NoModeAvailable` and the caller
 decides (the brief service goes to its fallback or emergency path).
@@ -62,7 +62,7 @@ class Stage(Generic[C]):
 
     ``run(ctx)`` calls the model; ``fallbacks`` are tried in order when it fails (each is a
     :class:`~brownout.policies.fallback.Strategy` whose ``fn`` takes the context). ``feature`` names
-    what a mode without this stage lacks (seed 000's ``features_lost``).
+    what a mode without this stage lacks (reported in ``features_lost``).
     """
 
     name: str
