@@ -99,7 +99,7 @@ class GatewayBreakerSection(BreakerSettings):
 
 
 class GatewayAdmissionSection(_Section):
-    """Admission control of one group: requests served at once and waiting (seed 000's queue)."""
+    """Admission control of one group: requests served at once and waiting (500 may wait by default)."""
 
     max_concurrent: int = Field(default=100, ge=1, description="requests of this group served at once")
     max_queue: int = Field(default=500, ge=0, description="requests waiting for a slot before 429")

@@ -18,8 +18,8 @@ schema (the client's, compiled once), the words of the correction, and one setti
 not share: no repair, because an answer is passed on as the upstream wrote it, and a client could not
 read what only a repair could.
 
-Unlike seed 004's guard, the re-ask is a new request that tells the model what was wrong; the same bad
-output is never examined twice.
+The re-ask is a new request that tells the model what was wrong; the same bad output is never examined
+twice, since it would fail the same way again.
 """
 
 from __future__ import annotations
