@@ -1,12 +1,13 @@
 """Domain events to a broker (Redis Streams), through a durable outbox: never dropped silently.
 
-Seed 002 §3 buffers events in memory while Kafka is down and drops them after 5 failed retries. Here
-every event first goes to an :class:`EventOutbox` -- a :class:`~brownout.durable.spool.Spool` file,
-committed with fsync -- and a replayer publishes what the outbox holds in batches of 100 (one broker
-round trip each). While the broker is down events wait on disk, across restarts; when it returns they
-go out in order. An event the broker *refuses* (not an outage: a wrong-type key, an out-of-memory
-refusal) is retried ``max_attempts`` times (seed: 5) and then moved to the outbox file's dead-letter
-table, where :meth:`EventOutbox.dead_letters` shows it and :meth:`EventOutbox.requeue_dead` sends it back.
+Buffering events in memory while the broker is down, and dropping them after 5 failed retries, loses
+them silently. Here every event first goes to an :class:`EventOutbox` -- a
+:class:`~brownout.durable.spool.Spool` file, committed with fsync -- and a replayer publishes what the
+outbox holds in batches of 100 (one broker round trip each). While the broker is down events wait on
+disk, across restarts; when it returns they go out in order. An event the broker *refuses* (not an
+outage: a wrong-type key, an out-of-memory refusal) is retried ``max_attempts`` times (default 5) and
+then moved to the outbox file's dead-letter table, where :meth:`EventOutbox.dead_letters` shows it and
+:meth:`EventOutbox.requeue_dead` sends it back.
 
 The publisher is a small interface, :class:`EventPublisher`: one async method that takes a batch. The
 shipped one is :class:`RedisStreamPublisher`; a Kafka one (aiokafka) fits the same interface.

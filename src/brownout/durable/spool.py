@@ -1,11 +1,11 @@
 """A durable local write spool: writes that cannot reach the database now are kept on disk, not lost.
 
-Seed 000 keeps pending database writes in a Python list and drops the ones whose flush fails; a crash,
-or a second failure, loses acknowledged data. :class:`Spool` instead appends each write to its own
-SQLite file and returns only once the transaction is committed with ``PRAGMA synchronous=FULL`` -- the
-write is on disk before the request is acknowledged. When the database is back, :meth:`Spool.replay`
-hands the entries to a *sink* (for briefs, :meth:`brownout.durable.store.BriefStore.save`), oldest
-first and strictly in order, and deletes each entry only after its sink call succeeded::
+Pending database writes kept in a Python list, dropped when their flush fails, are lost on a crash or a
+second failure -- after the request was acknowledged. :class:`Spool` instead appends each write to its
+own SQLite file and returns only once the transaction is committed with ``PRAGMA synchronous=FULL`` --
+the write is on disk before the request is acknowledged. When the database is back, :meth:`Spool.replay`
+hands the entries to a *sink* (for briefs, :meth:`brownout.durable.store.BriefStore.save`), oldest first
+and strictly in order, and deletes each entry only after its sink call succeeded::
 
     spool = Spool(Path("var/spool.db"), name="briefs")
     try:
@@ -328,7 +328,7 @@ class SpoolStats:
     spooled a write, found its key already spooled, or were refused because the spool was full.
     ``replayed`` counts entries handed to a sink successfully and deleted; ``failed_attempts`` counts
     replay runs stopped by a sink error, and ``last_error`` is the error of the latest run (None once a
-    run succeeds). ``alert`` is true above ``alert_pending`` entries (seed 000: more than 100).
+    run succeeds). ``alert`` is true above ``alert_pending`` entries (by default, more than 100).
     ``bytes_on_disk`` is the size of the database file with its WAL and shared-memory files.
     ``dead`` entries were refused ``max_attempts`` times and wait in the dead-letter table.
     ``lost`` entries were acknowledged but found missing from the file on open (see :attr:`Spool.lost`).

@@ -8,7 +8,7 @@ SQLite (aiosqlite) by default, PostgreSQL (asyncpg) when the URL says so. Writes
 records the version, and the steps of :data:`MIGRATIONS` above it run once, in order, in one transaction
 (on PostgreSQL under an advisory lock, so replicas starting together migrate once).
 
-**Failover** (seed 002 §2, seed 003 scenario A). Give several hosts -- a list of URLs, or one multi-host
+**Failover** (no acknowledged write is lost). Give several hosts -- a list of URLs, or one multi-host
 URL ``postgresql+asyncpg://user@primary:5432,backup:5432/db`` -- and the store writes to the first host
 that accepts writes (not in recovery, not read-only). When a write fails because the host went away, the
 next write first looks again, in order, for a writable host. While no host is writable, writes raise

@@ -1,9 +1,9 @@
 """Watching the system: resources, event-loop blocking, system modes and the adaptive cache TTL.
 
-* :mod:`brownout.health.resources` -- :class:`ResourceMonitor` (seed 001: CPU, memory, GPU memory);
-* :mod:`brownout.health.loop` -- :class:`LoopBlockDetector` and its ASGI middleware (seed 003 §C);
-* :mod:`brownout.health.modes` -- :class:`SystemModes` normal/degraded/emergency (seed 002) and
-  :class:`AdaptiveTTL` (seed 000).
+* :mod:`brownout.health.resources` -- :class:`ResourceMonitor` (CPU, memory, GPU memory);
+* :mod:`brownout.health.loop` -- :class:`LoopBlockDetector` and its ASGI middleware (who held the loop);
+* :mod:`brownout.health.modes` -- :class:`SystemModes` normal/degraded/emergency and
+  :class:`AdaptiveTTL` (a cache TTL that follows the load).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Event-loop blocking detection (seed 003 §C): warn, with the route, when the loop is held > 100 ms.
+"""Event-loop blocking detection: warn, with the route, when the loop is held > 100 ms.
 
-Seed 003's middleware times whole requests, so every request that *awaits* a slow model for two
-seconds is reported as "blocking" -- and a real block in a background task is never seen. Blocking is
+A middleware that times whole requests reports every request that *awaits* a slow model for two
+seconds as "blocking" -- and never sees a real block in a background task. Blocking is
 one step of a task running without yielding, so this detector measures steps:
 
 * **request steps** -- :class:`LoopBlockMiddleware` (ASGI) drives each request's coroutine and times
@@ -92,7 +92,7 @@ class LoopBlockDetector:
         self.name = name
         """The ``source`` of this detector's events."""
         self.threshold = threshold
-        """Seconds of running without yielding that count as a block (seed 003: 0.1)."""
+        """Seconds of running without yielding that count as a block (0.1 by default)."""
         self.interval = interval
         """Seconds between heartbeat ticks."""
         self.blocked: Counter[tuple[str, str]] = Counter()

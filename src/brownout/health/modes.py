@@ -1,4 +1,4 @@
-"""System modes (seed 002) and the adaptive cache TTL (seed 000).
+"""System modes (normal, degraded, emergency) and the adaptive cache TTL.
 
 **Modes.** :class:`SystemModes` derives the mode from the health of the components, every
 ``interval`` seconds (and on demand):
@@ -7,20 +7,21 @@
 * ``degraded`` -- some component is not healthy;
 * ``normal`` -- every component is healthy.
 
-Seed 002's orchestrator escalates one step per reported failure and never comes back down. Here the
-mode is recomputed from health: it rises at once, and falls only after ``recover_after`` consecutive
+A mode that escalated one step per reported failure would never come back down, so here the mode is
+recomputed from health: it rises at once, and falls only after ``recover_after`` consecutive
 evaluations agree that things are better (then to the worst of those), so a flapping component
-does not flap the mode. Each mode switches features off (:data:`DEFAULT_SWITCH_OFF`, seed 002's
-"disable non-critical features" / "minimal functionality"); a mode change calls ``on_change`` -- the
-server applies the switches there -- and emits :class:`~brownout.events.SystemModeChanged`. Each
-component failure is kept in :attr:`SystemModes.failure_history` with the mode it happened in and,
-later, when it recovered.
+does not flap the mode. Each mode switches features off (:data:`DEFAULT_SWITCH_OFF`: non-critical
+features when degraded, all but the minimum in an emergency); a mode change calls
+``on_change`` -- the server applies the switches there -- and emits
+:class:`~brownout.events.SystemModeChanged`. Each component failure is kept in
+:attr:`SystemModes.failure_history` with the mode it happened in and, later, when it recovered.
 
-**Adaptive TTL.** :class:`AdaptiveTTL` follows seed 000: the TTL starts at ``base`` (3600 s); every
-``interval`` (60 s) it is doubled when the load factor is above ``high_load`` (0.8) and halved when it
-is below ``low_load`` (0.3), within ``[min_ttl, max_ttl]`` (600 s, 86400 s). Under high load more
-answers come from the cache; when idle, fresher ones. While ``may_shorten()`` says no (the system is
-degraded: seed 002's "increase cache TTL"), it is never lowered.
+**Adaptive TTL.** :class:`AdaptiveTTL` lets the cache carry more of the load when the load is high: the
+TTL starts at ``base`` (3600 s); every ``interval`` (60 s) it is doubled when the load factor is above
+``high_load`` (0.8) and halved when it is below ``low_load`` (0.3), within ``[min_ttl, max_ttl]``
+(600 s, 86400 s). Under high load more answers come from the cache; when idle, fresher ones. While
+``may_shorten()`` says no (the system is degraded, and the cache should carry more, not less), it is
+never lowered.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ ComponentStatus = Literal["healthy", "degraded", "unhealthy"]
 
 
 class SystemMode(StrEnum):
-    """The system-wide mode (seed 002)."""
+    """The system-wide mode, derived from the health of the components."""
 
     NORMAL = "normal"
     DEGRADED = "degraded"
@@ -85,8 +86,8 @@ DEFAULT_SWITCH_OFF: Mapping[SystemMode, tuple[str, ...]] = {
     SystemMode.DEGRADED: ("creative_hints", "cache_ttl_shortening"),
     SystemMode.EMERGENCY: ("creative_hints", "model_validation", "cache_ttl_shortening"),
 }
-"""Features each mode switches off (seed 002: degraded disables non-critical features and raises the
-cache TTL; emergency keeps the minimum -- here, one model call per brief)."""
+"""Features each mode switches off (degraded disables non-critical features and lets the cache TTL only
+rise; emergency keeps the minimum -- here, one model call per brief)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +308,7 @@ class SystemModes:
 
 
 class AdaptiveTTL:
-    """A cache TTL that follows the load (seed 000's ``AdaptiveCacheTTL``); see the module docstring.
+    """A cache TTL that follows the load; see the module docstring.
 
     ``load()`` returns the load factor (0 idle .. 1 overloaded; clamped); ``apply(ttl)`` sets the TTL
     of new cache entries; ``may_shorten()`` False forbids lowering it.
@@ -367,7 +368,7 @@ class AdaptiveTTL:
         self._task: asyncio.Task[None] | None = None
 
     def adjust(self, load: float) -> float:
-        """Move the TTL for ``load`` (seed 000's ``adjust_ttl``) and apply it; returns the TTL."""
+        """Move the TTL for ``load`` (doubled above ``high_load``, halved below ``low_load``); returns it."""
         load = min(1.0, max(0.0, load))
         self.last_load = load
         old = self.current

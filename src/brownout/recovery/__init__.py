@@ -1,4 +1,4 @@
-"""Recovery (seed 001): classify failures, run action chains with cooldowns and attempt limits, keep a
+"""Recovery: classify failures, run action chains with cooldowns and attempt limits, keep a
 history, and check model files' integrity.
 
 * :mod:`brownout.recovery.classify` -- :func:`classify` an exception (or error text) into a

@@ -1,4 +1,4 @@
-"""Recovery actions and the chain of actions run for each kind of failure (seed 001).
+"""Recovery actions and the chain of actions run for each kind of failure.
 
 An :class:`Action` is a named async step with a description. It returns an :class:`ActionResult` whose
 status is ``"ok"`` (it did its job), ``"failed"`` (it tried and could not) or ``"skipped"`` (it does not
@@ -6,7 +6,8 @@ apply here: no local model server to restart, a backend that already runs on the
 change how the service runs until reset (:data:`REDUCE_GENERATION_PARAMS`, :data:`FALLBACK_TO_RULES`)
 carry an ``undo``; ``final`` actions end a chain when they succeed (the failure is then *mitigated*).
 
-:data:`DEFAULT_CHAINS` follows seed 001's strategies, mapped onto what this stack can do:
+:data:`DEFAULT_CHAINS` tries the cheapest remedy first and falls back to rules last, mapped onto what
+this stack can do:
 
 =================================  =====================================================================
 failure                            chain
@@ -21,10 +22,10 @@ network_error                      retry_model_load → fallback_to_rules
 unknown                            check_health → clear_cache → restart_model_server
 =================================  =====================================================================
 
-Two departures from the seed: ``apply_vram_optimization`` becomes ``reduce_generation_params`` or
-``cpu_offload`` (llama.cpp has no separate optimisation switch), and a system resource error does not
-end in ``fallback_to_rules``: resource pressure passes, and the system modes already shed load while
-it lasts, whereas rules-only mode stays until an operator resets it.
+Two choices worth knowing: the usual ``apply_vram_optimization`` step becomes
+``reduce_generation_params`` or ``cpu_offload`` (llama.cpp has no separate optimisation switch), and a
+system resource error does not end in ``fallback_to_rules``: resource pressure passes, and the system
+modes already shed load while it lasts, whereas rules-only mode stays until an operator resets it.
 
 :func:`brief_server_actions` builds the concrete actions for ``brownout serve`` against structural
 types (any object with the right attributes), so this module imports nothing from the server.
@@ -138,7 +139,7 @@ class Action:
 
 @dataclass(frozen=True, slots=True)
 class BackoffSpec:
-    """Attempts and exponential backoff of a retried step (seed 001's ``_retry_config`` entries)."""
+    """Attempts and exponential backoff of a retried step (reloading or re-downloading a model)."""
 
     max_attempts: int
     initial_delay: float
@@ -245,9 +246,9 @@ def brief_server_actions(
     ``roles`` are the model roles and ``generator`` the one without which no model answer exists.
     ``artifacts(path)`` gives the integrity record of a local model file; ``resource_problem()``
     re-samples the machine and describes a critical resource, or returns None. ``load`` and
-    ``download`` are the backoffs of reloading and re-downloading a model (seed 001's numbers), and
-    ``reduced`` is the (max_tokens, temperature) cap of :data:`REDUCE_GENERATION_PARAMS` (seed 000's
-    reduced-context numbers).
+    ``download`` are the backoffs of reloading and re-downloading a model, and ``reduced`` is the
+    (max_tokens, temperature) cap of :data:`REDUCE_GENERATION_PARAMS` (the same numbers as the
+    generator's reduced-context retry).
     """
 
     def chosen(target: str) -> list[str]:

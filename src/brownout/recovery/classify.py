@@ -1,4 +1,4 @@
-"""Failure classification (seed 001): which kind of failure an exception (or an error text) is.
+"""Failure classification: which kind of failure an exception (or an error text) is.
 
 :func:`classify` reads the whole story of an error -- the exception, its ``__cause__`` and
 ``__context__`` chain, the members of an :class:`ExceptionGroup` and the causes carried by
@@ -35,7 +35,7 @@ __all__ = ["Classification", "FailureType", "classify"]
 
 
 class FailureType(StrEnum):
-    """The failure kinds of seed 001 (values are the seed's names), plus ``unknown``."""
+    """The failure kinds recovery tells apart (values: the recovery API's names), plus ``unknown``."""
 
     MODEL_LOADING = "model_loading_failure"
     VRAM_EXHAUSTION = "vram_exhaustion"

@@ -1,4 +1,4 @@
-"""The recovery manager (seed 001): classify a failure, run its action chain, keep a history.
+"""The recovery manager: classify a failure, run its action chain, keep a history.
 
 ::
 
@@ -14,7 +14,7 @@ action that succeeds (falling back to rules) ends the chain as ``"mitigated"``. 
 of actions is ``"unresolved"``. Without a ``resolved`` check, the first action that does its job ends
 the chain as resolved.
 
-Limits, all in clock time (seed 001: ``recovery_cooldown_seconds = 30``, ``max_recovery_attempts = 3``):
+Limits, all in clock time (by default a 30 s cooldown and 3 attempts):
 
 * **cooldown per failure type**: the same kind of failure is handled at most once per ``cooldown``
   seconds; a report inside the cooldown is *suppressed* (counted, not acted on);

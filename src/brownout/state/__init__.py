@@ -1,11 +1,11 @@
 """Where shared state lives when one process is not enough: Redis (and, by default, memory).
 
-:mod:`brownout.state.redis` holds the Redis health detector (seed 002 §1) and the shared cache with a
-local front that keeps answering through a Redis outage (seed 000); :mod:`brownout.state.singleflight`
-the cross-replica singleflight; :mod:`brownout.state.tiered` the tiered reader with freshness labels
-(Redis → database → memory → default, seed 002 §1). Redis support needs the optional
-``redis`` package (the ``redis`` extra, or the ``server`` one), so the names below are imported on
-first use: importing :mod:`brownout.state` alone does not require it.
+:mod:`brownout.state.redis` holds the Redis health detector and the shared cache with a local front that
+keeps answering through a Redis outage; :mod:`brownout.state.singleflight` the cross-replica
+singleflight; :mod:`brownout.state.tiered` the tiered reader with freshness labels (Redis → database →
+memory → default). Redis support needs the optional ``redis`` package (the ``redis`` extra, or the
+``server`` one), so the names below are imported on first use: importing :mod:`brownout.state` alone
+does not require it.
 """
 
 from __future__ import annotations

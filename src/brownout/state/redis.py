@@ -1,20 +1,21 @@
 """Redis as shared state: a health detector and a shared cache with a local front that keeps answering.
 
-Seed 002 §1 asks for a Redis failure detector: PING, SET and GET of a probe key, "degraded" when that
-takes over 100 ms, and fallback mode after 3 consecutive failures. Seed 000 (§Cache Failure Recovery)
-asks that a Redis outage never stops the service: serve from the in-process cache and keep answering.
+A Redis outage must never stop the service: it is detected (PING, SET and GET of a probe key,
+"degraded" when that takes over 100 ms, fallback mode after 3 consecutive failures), and meanwhile the
+in-process cache keeps answering.
 
 * :class:`RedisHealthDetector` runs that check on demand (:meth:`~RedisHealthDetector.check`) or every
   ``interval`` seconds in the background (:meth:`~RedisHealthDetector.start`). Its ``status`` is
   ``"healthy"``, ``"degraded"`` (the check was slow, or failed fewer than ``failures_to_fallback`` times
   in a row) or ``"fallback"`` (it failed that many times in a row). Fallback lasts until a check
   succeeds -- that is what brings Redis back, so run the background loop wherever a detector gates
-  traffic. Unlike the seed's detector, every successful check (slow ones too) resets the failure
-  count, and failures reported by the users of Redis (:meth:`~RedisHealthDetector.record_failure`)
-  count as well, so fallback starts as soon as real traffic sees the outage.
+  traffic. Every successful check (slow ones too) resets the failure count, so only failures in a row
+  lead to fallback, and failures reported by the users of Redis
+  (:meth:`~RedisHealthDetector.record_failure`) count as well, so fallback starts as soon as real
+  traffic sees the outage.
 * :class:`SharedCache` is a cache shared by replicas through Redis, with a
   :class:`~brownout.policies.cache.Cache` in front of it in each process. Reads try the local front,
-  then Redis; every Redis operation is bounded by ``redis_timeout`` (100 ms, seed 002's per-operation
+  then Redis; every Redis operation is bounded by ``redis_timeout`` (100 ms, the per-operation
   budget for a degraded Redis), and a Redis error or timeout never reaches the caller: it is counted,
   reported to the detector, and the call is answered from the local front. While the detector is in
   fallback, Redis is not tried at all ("local-only" mode).
@@ -92,7 +93,7 @@ RedisStatus = Literal["healthy", "degraded", "fallback"]
 
 
 class RedisHealthConfig(PolicyConfig):
-    """Settings of a :class:`RedisHealthDetector`; the defaults are seed 002's."""
+    """Settings of a :class:`RedisHealthDetector`; by default slow above 100 ms, fallback after 3 failures."""
 
     degraded_after: float = Field(default=0.1, ge=0, description="A check slower than this (s) is degraded.")
     failures_to_fallback: int = Field(
@@ -125,7 +126,7 @@ class RedisHealth:
 
 
 class RedisHealthDetector:
-    """Watches one Redis with PING/SET/GET checks; decides healthy, degraded or fallback (seed 002 §1).
+    """Watches one Redis with PING/SET/GET checks; decides healthy, degraded or fallback.
 
     The probe key is unique to this detector (``brownout:health:<name>:<random>``) so replicas checking
     one Redis do not overwrite each other's probes, and it expires on its own (TTL of a few intervals).
@@ -329,7 +330,7 @@ class SharedCacheConfig(PolicyConfig):
         default=600.0, gt=0, description="Seconds a value lives in Redis unless set otherwise."
     )
     redis_timeout: float = Field(
-        default=0.1, gt=0, description="Seconds one Redis operation may take (seed 002: 100 ms)."
+        default=0.1, gt=0, description="Seconds one Redis operation may take (default 100 ms)."
     )
 
     @model_validator(mode="after")
@@ -361,7 +362,7 @@ class SharedCache:
 
     ``get`` answers from the local front when it holds a fresh value, else from Redis (the value is then
     kept in the front). ``set`` stores in both. Redis failures and timeouts (``redis_timeout`` per
-    operation) never raise: the cache keeps answering from the local front (seed 000) and reports the
+    operation) never raise: the cache keeps answering from the local front and reports the
     failure to ``detector``; while the detector is in fallback, Redis is skipped altogether.
 
     Trade-offs to know: a value in the local front is served until it expires there (its ``ttl``,

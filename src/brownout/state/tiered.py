@@ -1,6 +1,6 @@
 """Tiered reads with freshness labels: real-time store, then slower stores, then memory, then a default.
 
-Seed 002 §1 keeps pricing answering through a Redis outage by reading, in order, Redis (real-time),
+A pricing service keeps answering through a Redis outage by reading, in order, Redis (real-time),
 the database (stale), the last value this process saw (very stale) and finally a default price that is
 flagged as low confidence. :class:`TieredReader` is that reader, for any storage::
 
