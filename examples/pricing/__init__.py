@@ -1,1 +1,1 @@
-"""Seed 002's dynamic pricing service: tiered reads with freshness labels on Redis and PostgreSQL."""
+"""A dynamic pricing service: tiered reads with freshness labels on Redis and PostgreSQL."""

@@ -1,4 +1,4 @@
-"""Dynamic pricing that keeps answering while Redis and PostgreSQL fail (seed 002 §1).
+"""Dynamic pricing that keeps answering while Redis and PostgreSQL fail.
 
 ``GET /pricing/{zone}`` reads the zone's price from the first place that can answer, and says where
 it came from:
@@ -115,12 +115,12 @@ class PricingAnswer(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class PricingSettings:
-    """Knobs of the example; the defaults are seed 002's where it has numbers."""
+    """Knobs of the example (where its default numbers come from: docs/origins.md)."""
 
     redis_timeout: float = 0.5
     """Seconds a Redis read may take while Redis is healthy."""
     degraded_redis_timeout: float = 0.1
-    """Seconds a Redis read may take while the detector says degraded (seed 002: 100 ms)."""
+    """Seconds a Redis read may take while the detector says degraded (soon giving way to the database)."""
     database_timeout: float = 2.0
     """Seconds a PostgreSQL read may take."""
     health_interval: float = 5.0
@@ -130,7 +130,7 @@ class PricingSettings:
     price_ttl: float = 300.0
     """Seconds a published price stays in Redis: after that it is no longer real-time."""
     default_base_fare: float = 12.50
-    """The flagged default price's base fare (seed 002)."""
+    """The flagged default price's base fare."""
 
 
 class RedisFallbackMode(ConnectionError):

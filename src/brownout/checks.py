@@ -1,11 +1,11 @@
-"""Seed 004's pre-promotion checklist against a running server (``brownout check --url URL``).
+"""The pre-promotion checklist against a running server (``brownout check --url URL``).
 
 A canary is safe to promote when all four guards hold:
 
 1. **JSON hard guard** -- enabled, at least 3 retries, fallback on (``GET /api/v1/config/summary``);
 2. **circuit breakers** -- enabled, and every breaker closed now (``GET /api/v1/status``);
 3. **cache LRU + TTL** -- enabled, and expiry and regeneration verified (``GET /api/v1/selftest/cache``:
-   a cache of the same class and settings as the live one, walked through the seed's TTL test on a
+   a cache of the same class and settings as the live one, walked through a TTL expiry test on a
    manual clock, so nothing waits out the 600 s TTL);
 4. **LLM health** -- every model passes a live test inference (``GET /health/llm?model=all``).
 

@@ -1,8 +1,9 @@
 """The server's configuration: one YAML file, environment overrides, validated at start.
 
-The file follows seed 004's ``llm_ensemble.yaml`` (sections ``json_guard``, ``circuit_breaker``,
-``cache``) plus ``server``, ``models``, ``queue`` and ``database``; every default is the seeds'
-number where they give one. Load it with :func:`load_config`::
+The file keeps the sections of the original LLM-ensemble configuration (``json_guard``,
+``circuit_breaker``, ``cache``) plus ``server``, ``models``, ``queue`` and ``database``; the defaults
+keep that design's numbers where it gives one (docs/origins.md says which came from where). Load it
+with :func:`load_config`::
 
     config = load_config("brownout.yaml")          # or None for the defaults
 
@@ -283,7 +284,7 @@ class ModelsSection(_Section):
 
 
 class JsonGuardSection(_Section):
-    """Seed 004 §1: ``json_guard``."""
+    """How a model's answer is made schema-valid JSON: re-asks, repair, fallback."""
 
     enabled: bool = True
     max_retries: int = Field(default=3, ge=0, le=10, description="re-asks after the first answer")
@@ -295,7 +296,7 @@ class JsonGuardSection(_Section):
 
 
 class CircuitBreakerSection(BreakerSettings):
-    """Seed 004 §2: ``circuit_breaker``, with per-model overrides under ``models``.
+    """One circuit breaker per model role, with per-model overrides under ``models``.
 
     The breaker keys, their defaults and their one translation to the policy come from
     :class:`~brownout.llm.breaker_settings.BreakerSettings`, which the gateway's groups share.
@@ -323,7 +324,7 @@ class CircuitBreakerSection(BreakerSettings):
 
 
 class CacheSection(_Section):
-    """Seed 004 §3: ``cache`` (LRU + TTL)."""
+    """The response cache (LRU + TTL), so a repeated request costs no model call."""
 
     enabled: bool = True
     type: Literal["lru_ttl"] = "lru_ttl"
@@ -335,7 +336,7 @@ class CacheSection(_Section):
 
 
 class QueueSection(_Section):
-    """Seed 000 §Queue: admission control in front of the pipeline."""
+    """Admission control in front of the pipeline: how many runs at once, how many wait (then 503)."""
 
     max_size: int = Field(default=500, ge=0, description="waiting requests before 503")
     max_concurrent: int = Field(default=4, ge=1, description="pipeline runs at once")
@@ -441,7 +442,7 @@ class WebhooksSection(_Section):
 
 
 class BackoffSection(_Section):
-    """Attempts and exponential backoff of a retried recovery step (seed 001's ``_retry_config``)."""
+    """Attempts and exponential backoff of a retried recovery step (a model download or reload)."""
 
     max_attempts: int = Field(default=3, ge=1, le=20, description="attempts in all")
     initial_delay: float = Field(default=5.0, ge=0, description="seconds before the second attempt")
@@ -450,7 +451,7 @@ class BackoffSection(_Section):
 
 
 class RecoverySection(_Section):
-    """Seed 001: the recovery manager (failure classification, action chains, cooldown, attempts)."""
+    """The recovery manager (failure classification, action chains, cooldown, attempts)."""
 
     enabled: bool = Field(
         default=True, description="run recovery chains automatically (manual triggers work either way)"
@@ -494,7 +495,7 @@ class RecoverySection(_Section):
 
 
 class ResourcesSection(_Section):
-    """Seed 001: the resource monitor (percent used; warning and critical levels; 100 turns a level off)."""
+    """The resource monitor (percent used; warning and critical levels; 100 turns a level off)."""
 
     enabled: bool = True
     interval: float = Field(default=60.0, gt=0, description="seconds between samples")
@@ -514,7 +515,7 @@ class ResourcesSection(_Section):
 
 
 class AdaptiveTTLSection(_Section):
-    """Seed 000: the response cache's TTL follows the load."""
+    """The response cache's TTL follows the load, so a busy server answers more from the cache."""
 
     enabled: bool = Field(default=True, description="adapt the TTL; off: cache.ttl_seconds stays")
     base: float = Field(default=3600.0, gt=0, description="starting TTL, seconds")
@@ -545,7 +546,7 @@ def _emergency_off() -> list[ModeFeature]:
 
 
 class ModesSection(_Section):
-    """Seed 002: system modes normal / degraded / emergency, derived from component health."""
+    """System modes normal / degraded / emergency, derived from component health."""
 
     interval: float = Field(default=10.0, gt=0, description="seconds between evaluations")
     recover_after: int = Field(
@@ -563,7 +564,7 @@ class ModesSection(_Section):
 
 
 class LoopBlockSection(_Section):
-    """Seed 003 §C: warn when the event loop is blocked."""
+    """Warn when the event loop is blocked (every request waits while it is)."""
 
     enabled: bool = True
     threshold: float = Field(default=0.1, gt=0, description="seconds without yielding that count")
@@ -577,7 +578,7 @@ class LoopBlockSection(_Section):
 
 
 class RedisSection(_Section):
-    """Shared state across replicas (seed 000 §Cache, seed 002 §1, seed 003 §B); off without ``url``."""
+    """Shared state across replicas (cache, breakers, request coalescing); off without ``url``."""
 
     url: str | None = Field(
         default=None, description="redis://host:port/db; none: every replica keeps its state in memory"
@@ -606,7 +607,7 @@ class RedisSection(_Section):
 
 
 class EventsSection(_Section):
-    """Seed 002 §3: domain events (brief created, breaker and mode changes) to a Redis stream.
+    """Domain events (brief created, breaker and mode changes) to a Redis stream.
 
     Needs ``redis.url``. Events pass through a durable outbox file, so a broker outage delays them
     instead of losing them; refused ones end in the outbox's dead-letter table after ``max_attempts``.

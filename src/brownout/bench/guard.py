@@ -5,7 +5,7 @@ requests, measures:
 
 * the share of first answers that are schema-valid briefs *without* a JSON-schema constraint, and
   *with* it (grammar-constrained decoding) -- what the guard starts from;
-* through the whole guard (constraint, repair, re-ask with the validation error, seed 004 settings)
+* through the whole guard (constraint, repair, re-ask with the validation error, default settings)
   and its fallback (the rule-based brief): the share of served briefs that are schema-valid, model
   calls per request, the share served by the fallback, and latency per brief.
 """
@@ -171,5 +171,5 @@ def run(prompts: int = len(PROMPTS), threads: int = 2) -> dict[str, Any]:
     """Run the benchmark on the first ``prompts`` requests; returns the ``--json`` document."""
     if not 1 <= prompts <= len(PROMPTS):
         raise ValueError(f"prompts must be between 1 and {len(PROMPTS)}")
-    # Seed 004's json_guard settings (3 re-asks, 1 s backoff base, 0.5 s jitter).
+    # The default json_guard settings (3 re-asks, 1 s backoff base, 0.5 s jitter).
     return asyncio.run(_run_async(list(PROMPTS[:prompts]), threads, GuardConfig()))

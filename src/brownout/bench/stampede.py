@@ -1,4 +1,4 @@
-"""``brownout bench stampede``: 1000 callers hit one missing key at once (seed 003, scenario B).
+"""``brownout bench stampede``: 1000 callers hit one missing key at once (a cache stampede).
 
 Each library gets a fresh cache, the same computation (a 50 ms ``asyncio.sleep`` that counts how
 often it runs), and ``callers`` tasks started together that all ask for the same key. Reported per

@@ -1,4 +1,4 @@
-"""Chaos drills: every failure scenario of the seeds, run for real against the real stack.
+"""Chaos drills: every failure scenario brownout is built for, run for real against the real stack.
 
 ``brownout drill NAME ...`` (or ``all``) starts what each scenario needs -- the brownout server as a
 subprocess, fault-injecting model servers, a private PostgreSQL -- drives bounded load from an async
@@ -6,7 +6,7 @@ client on 127.0.0.1, injects the fault, restores, and measures: requests by outc
 recovery times, acknowledged writes against the database, computations. Each scenario gets a verdict
 against its goals, and :func:`write_report` writes Markdown, a PNG timeline per scenario and JSON.
 
-* :mod:`.scenarios` -- one module per scenario: its description in seed 003's template and its play;
+* :mod:`.scenarios` -- one module per scenario: its description in the scenario template and its play;
 * :mod:`.catalog` -- the scenarios in order, as data (:data:`CATALOG`), and the types of :mod:`.spec`;
 * :mod:`.harness` -- :class:`~.harness.Drill`, what every play works with; :mod:`.processes`, the
   child processes it starts;

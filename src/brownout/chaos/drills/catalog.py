@@ -1,4 +1,4 @@
-"""The drill catalog: every failure scenario of the seeds, written in seed 003's template, as data.
+"""The drill catalog: every failure scenario, written in the scenario template, as data.
 
 :data:`CATALOG` lists them in the order ``brownout drill all`` runs them; :func:`scenario` looks one up
 by name and :meth:`Scenario.to_markdown` renders the template. Each scenario is one module of

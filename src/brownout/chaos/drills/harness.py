@@ -143,7 +143,7 @@ def server_config(
             "health_interval": settings.health_interval,
             "health_timeout": settings.health_timeout,
         },
-        # Re-asks without the seed's 1 s backoff: a drill measures the guard, not its waiting.
+        # Re-asks without the default 1 s backoff: a drill measures the guard, not its waiting.
         "json_guard": {"backoff_base": 0.05, "jitter": 0.05},
         "circuit_breaker": {"timeout": settings.breaker_timeout},
         "database": {
@@ -153,7 +153,7 @@ def server_config(
         },
     }
     # Sections of the operations layer, where the server has them: the system mode follows health
-    # within a second instead of the seed's 10 s evaluations, and the database is looked for again
+    # within a second instead of the default 10 s evaluations, and the database is looked for again
     # every half second while writes are spooled.
     if config_has("modes"):
         config["modes"] = {"interval": settings.health_interval}

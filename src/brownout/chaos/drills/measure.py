@@ -341,7 +341,7 @@ def database_ok(h: HealthSample) -> bool:
 
 
 def redis_ok(h: HealthSample) -> bool:
-    """Redis is healthy (seed 002's detector)."""
+    """Redis is healthy (by the server's Redis health detector)."""
     return h.redis_status == "healthy"
 
 

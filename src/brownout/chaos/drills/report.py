@@ -5,7 +5,7 @@
 * ``report.json`` -- :func:`report_json`: ``{"scenarios": [{"name", "passed", "sent", "failed",
   "lost_writes", ...}], "passed": ..., "generated_at": ...}``;
 * ``report.md`` -- a summary table, then per scenario its verdict, figures, checks, the timeline and
-  the scenario itself in seed 003's template;
+  the scenario itself in the scenario template;
 * ``<name>.png`` -- the timeline of each scenario that ran: requests per second by outcome, the
   richest mode the server could serve, and each breaker's state (plus the database for data drills),
   with the fault and restore marked.

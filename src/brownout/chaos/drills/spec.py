@@ -1,11 +1,11 @@
-"""What a drill scenario is: seed 003's template as data, and what the runner needs to execute it.
+"""What a drill scenario is: the scenario template as data, and what the runner needs to execute it.
 
-Each :class:`Scenario` holds the template's parts -- *event*, *detection* (component, method,
-timeout), *expected response*, *impact*, *verification* -- next to what the runner needs to execute
-it: the ``play`` (how the fault is driven), the :class:`Fault` itself, the :class:`Goals` its verdict
-is judged against, the requested mode of the load, server config overrides, and ``requires``: the
-pieces of the stack it cannot run without (see :data:`REQUIREMENT_NOTES` and
-:func:`brownout.chaos.drills.runner.missing`).
+Each :class:`Scenario` holds the template's parts -- *event*, *detection* (component, method, timeout),
+*expected response*, *impact*, *verification*, and ``seed``, the design the scenario comes from (shown
+as "From" in the report; docs/origins.md) -- next to what the runner needs to execute it: the ``play``
+(how the fault is driven), the :class:`Fault` itself, the :class:`Goals` its verdict is judged against,
+the requested mode of the load, server config overrides, and ``requires``: the pieces of the stack it
+cannot run without (see :data:`REQUIREMENT_NOTES` and :func:`brownout.chaos.drills.runner.missing`).
 
 The scenarios themselves are in :mod:`brownout.chaos.drills.scenarios`, one module each, and
 :mod:`brownout.chaos.drills.catalog` lists them; this module is apart so that the scenario modules can
@@ -108,7 +108,7 @@ class Goals:
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
-    """One failure scenario: seed 003's template plus how to run and judge it (module docstring).
+    """One failure scenario: the scenario template plus how to run and judge it (module docstring).
 
     ``play`` names the coroutine that drives the fault, the ``play`` of the scenario's module; scenarios
     driven the same way share one (every ``model_fault`` scenario, for instance).
@@ -135,7 +135,7 @@ class Scenario:
     seed: str = ""
 
     def to_markdown(self) -> str:
-        """The scenario in seed 003's template (Markdown)."""
+        """The scenario in the scenario template (Markdown)."""
         lines = [
             f"### {self.title} (`{self.name}`)",
             "",

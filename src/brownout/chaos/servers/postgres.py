@@ -123,7 +123,7 @@ class PostgresServer(ManagedServer):
     ``-c name=value`` options.
 
     ``standby_of=primary`` makes a hot standby of a running primary (``pg_basebackup -R``: streaming
-    replication, read-only until :meth:`promote`) -- seed 003's primary/replica pair for failover tests.
+    replication, read-only until :meth:`promote`) -- a primary/replica pair for failover tests.
     """
 
     kind = "postgres"

@@ -1,7 +1,7 @@
 """The drill scenarios, one module each; :data:`MODULES` lists them in the order ``brownout drill all``
 runs them, and the catalog and the plays are assembled from it here.
 
-A scenario module holds ``SCENARIO``, its :class:`~brownout.chaos.drills.spec.Scenario` (seed 003's
+A scenario module holds ``SCENARIO``, its :class:`~brownout.chaos.drills.spec.Scenario` (the scenario
 template and how to judge it), and ``play``, the coroutine that drives its fault against a
 :class:`~brownout.chaos.drills.harness.Drill`. Scenarios driven the same way import one play (the model
 faults share :func:`._model_fault.play`); helpers several plays use are in :mod:`._shared`. To add a

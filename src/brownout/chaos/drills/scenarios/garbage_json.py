@@ -13,7 +13,7 @@ SCENARIO = Scenario(
     category="Model",
     severity="High",
     kind="model",
-    seed="004 §1 (JSON hard guard)",
+    seed="004 (JSON hard guard)",
     event="The generator answers HTTP 200 with chatty text that is not JSON "
     "('Sure! Here is your brief: {oops').",
     detection=(

@@ -15,7 +15,7 @@ SCENARIO = Scenario(
     category="API",
     severity="High",
     kind="model",
-    seed="003 scenario C",
+    seed="003 (event-loop blocking)",
     event="A CPU-bound call runs on the server's event loop: for one second the generator answers "
     "long malformed JSON (16 000 characters, just under the guard's repair limit), and the JSON "
     "guard repairs each answer with json_repair on the loop -- 50 to 100 ms of CPU per answer. "

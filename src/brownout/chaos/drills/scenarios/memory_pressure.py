@@ -68,7 +68,7 @@ async def play(d: Drill) -> None:
     }
     if config_has("recovery", "cooldown"):
         # A short cooldown, as the breaker's: a CPU spike of a busy machine (100 % cannot be excluded
-        # by a threshold) must not hold the memory's recovery back for the seed's 30 s.
+        # by a threshold) must not hold the memory's recovery back for the default 30 s.
         overrides["recovery"] = {"cooldown": 1.0}
     load, _watcher = await d.begin(overrides)
     load.start()

@@ -55,8 +55,8 @@ async def play(d: Drill) -> None:
     s = d.scenario
     role = s.fault.roles[0]
     d.phase("starting fakes, the local model and the server")
-    # The real model answers in seconds, one request at a time: give its role the seed's timeout,
-    # requests room, and health probes (which queue behind a generation) the seed's 10 s.
+    # The real model answers in seconds, one request at a time: give its role a 20 s timeout,
+    # requests room, and health probes (which queue behind a generation) 10 s.
     load, watcher = await d.begin(
         {
             "models": {"roles": {role: {"timeout": 20.0}}, "health_timeout": 10.0},

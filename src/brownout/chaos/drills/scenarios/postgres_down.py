@@ -17,7 +17,7 @@ SCENARIO = Scenario(
     category="Data",
     severity="Critical",
     kind="data",
-    seed="000 (pending writes), 003 scenario A",
+    seed="000 (pending writes), 003 (primary database failure)",
     event="The PostgreSQL holding the briefs is killed (SIGKILL) under load and restarted seconds later.",
     detection=(
         DetectionRow("Runtime.record", "database write error or write_timeout", "database.write_timeout"),

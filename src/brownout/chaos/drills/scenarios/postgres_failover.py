@@ -17,7 +17,7 @@ SCENARIO = Scenario(
     category="Data",
     severity="Critical",
     kind="data",
-    seed="003 scenario A",
+    seed="003 (primary database failure)",
     event="The PostgreSQL primary is killed; a streaming standby is promoted and becomes the primary.",
     detection=(
         DetectionRow("Application", "connection error", "immediate"),
@@ -51,7 +51,7 @@ async def play(d: Drill) -> None:
     standby = PostgresServer(standby_of=primary)
     d.servers.append(standby)
     await standby.astart()
-    # Synchronous commit (seed 003 scenario A: "zero data loss"): a write is acknowledged only once the
+    # Synchronous commit ("zero data loss" on failover): a write is acknowledged only once the
     # standby has it, so promoting the standby loses nothing that was acknowledged.
     await asyncio.to_thread(primary.execute, "ALTER SYSTEM SET synchronous_standby_names = '*'")
     await asyncio.to_thread(primary.execute, "SELECT pg_reload_conf()")

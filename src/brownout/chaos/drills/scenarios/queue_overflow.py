@@ -16,7 +16,7 @@ SCENARIO = Scenario(
     category="API",
     severity="High",
     kind="load",
-    seed="000 §Queue",
+    seed="000 (queue overflow)",
     event="The generator slows to 2 s per call while 700 requests arrive at once: 4 run, 500 wait, "
     "the rest overflow.",
     detection=(DetectionRow("Admission control", "queue length above queue.max_size (500)", "immediate"),),
@@ -96,7 +96,7 @@ async def play(d: Drill) -> None:
         len(rejected) >= s.goals.min_rejected,
         f"{len(rejected)} rejected",
     )
-    # Seed 000: the refusal says how full the queue is and suggests the fast mode. (How fast a refusal
+    # The refusal says how full the queue is and suggests the fast mode. (How fast a refusal
     # comes back is the admission policy's tests' business: from here it would measure the client's
     # time to open 700 connections on the machine as much as the server.)
     limit = d.server.config.queue.max_size if d.server is not None else 500
