@@ -104,9 +104,9 @@ from brownout.clock import SYSTEM_CLOCK, WALL_CLOCK, Clock
 from brownout.config import BrownoutConfig
 from brownout.errors import (
     AllFallbacksFailed,
-    BrownoutError,
     DeadlineExceeded,
     Overloaded,
+    RemoteComputationFailed,
     ServiceUnavailable,
 )
 from brownout.events import DEFAULT_BUS, EventBus
@@ -586,9 +586,7 @@ class BriefService:
         except ServiceUnavailable as e:
             self.stats.rejected[e.policy or "unavailable"] += 1
             raise
-        except BrownoutError as e:
-            if type(e).__name__ != "RemoteComputationFailed":
-                raise
+        except RemoteComputationFailed as e:
             # The replica that computed this key failed (its error came through Redis): answer as it did.
             self.stats.rejected["unavailable"] += 1
             raise ServiceUnavailable(f"Another replica's computation failed: {e}", retry_after=5.0) from e
