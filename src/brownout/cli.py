@@ -82,7 +82,7 @@ def serve(
         typer.echo(f"cannot start: {e}", err=True)
         raise typer.Exit(2) from e
     from brownout.server.app import create_app
-    from brownout.server.live import run_server
+    from brownout.server.runner import run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(cfg)

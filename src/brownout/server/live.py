@@ -33,14 +33,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import socket
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from importlib import resources
-from types import FrameType
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -52,10 +50,8 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, WebhooksSection
-from brownout.errors import ConfigError
 from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
-from brownout.server.connections import uvicorn_options
 from brownout.server.errors import ErrorResponse, error_response
 
 if TYPE_CHECKING:
@@ -67,13 +63,9 @@ __all__ = [
     "LiveClient",
     "LiveHub",
     "LiveMessage",
-    "PROBE_PATHS",
-    "ProbeAccessFilter",
     "TooManyClients",
     "WebhookSender",
     "install",
-    "quiet_probes",
-    "run_server",
     "snapshot",
 ]
 
@@ -887,102 +879,6 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) ->
     if origin in allowed or "*" in allowed:
         return True
     return host is not None and urlsplit(origin).netloc == host
-
-
-PROBE_PATHS = frozenset(
-    {"/health", "/health/llm", "/health/gateway", "/metrics", "/api/v1/status", "/api/v1/events"}
-)
-"""Paths that load balancers, Prometheus, ``brownout status`` and the dashboard ask over and over."""
-
-
-class ProbeAccessFilter(logging.Filter):
-    """Moves the access-log lines of health checks, metric scrapes and live polls to DEBUG.
-
-    Probes used to be two thirds of the log at the default level (351 of 516 lines), burying the
-    requests someone made. Attached to uvicorn's access logger: a probe's line becomes a DEBUG record,
-    written only when that logger is at DEBUG (``--log-level debug``); every other request logs as before.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False to drop a probe's line at INFO; probe lines that pass are relabelled DEBUG."""
-        args = record.args
-        # uvicorn's access record: (client address, method, path with query, HTTP version, status).
-        if not isinstance(args, tuple) or len(args) < 5 or record.levelno != logging.INFO:
-            return True
-        if str(args[2]).partition("?")[0] not in PROBE_PATHS:
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-def quiet_probes(log_level: str = "info") -> None:
-    """Keep health checks out of the log below ``debug``: the probes' access lines (see
-    :class:`ProbeAccessFilter`) and httpx's line per outgoing request -- the server's own model health
-    probes (every role, every ``models.health_interval``) and model calls, which the metrics count.
-    """
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, ProbeAccessFilter) for f in access.filters):
-        access.addFilter(ProbeAccessFilter())
-    debug = log_level.lower() in ("debug", "trace")
-    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
-
-
-def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
-    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
-    and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
-    ``server.drain_timeout``, the rest answered 503), health checks stay out of the log below
-    ``log_level="debug"`` (:func:`quiet_probes`), and every connection is held to the runtime's
-    ``server`` limits (:mod:`brownout.server.connections`: header, body and keep-alive timeouts,
-    connections per client address, allowed Hosts).
-
-    uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
-    ends by itself: without this a dashboard left open would hold the shutdown up.
-
-    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
-    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
-    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
-    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
-    """
-    import uvicorn
-
-    runtime = app.state.runtime
-    drain = getattr(app.state, "drain", None)
-    drain_seconds = float(runtime.config.drain_seconds)
-
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            runtime.live.close_clients_soon()
-            if drain is None or self.force_exit:
-                super().handle_exit(sig, frame)
-                return
-            if self.should_exit:  # a signal after the drain: quit without waiting any more
-                self.force_exit = True
-                return
-            # Graceful drain (brownout.server.drain): uvicorn's own shutdown -- sockets closed, then
-            # the app's -- starts only once in-flight requests are answered; a second signal cuts
-            # the wait short. The signal is not re-raised after shutdown (uvicorn's default), so a
-            # drained server exits 0.
-            drain.begin_soon(drain_seconds, self._drained)
-
-        def _drained(self) -> None:
-            self.should_exit = True
-
-    # Time limits on every connection, a cap per client address and the Host allow-list
-    # (brownout.server.connections); explicit options win.
-    options = {**uvicorn_options(runtime.config.server), **options}
-    config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
-    quiet_probes(str(options.get("log_level") or "info"))
-    server = _Server(config)
-    try:
-        # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=sockets)
-    except SystemExit:
-        # uvicorn exits (status 3) when the startup failed; a setting at fault is named instead.
-        error = runtime.start_error
-        if isinstance(error, ConfigError):
-            raise error from None
-        raise
 
 
 def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
