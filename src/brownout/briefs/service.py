@@ -363,6 +363,7 @@ class BriefService:
         elif d.force_value is not None:
             self.dimmer.force(d.force_value)
         self._health_ok: dict[str, bool] = {}
+        self._started = False
         self.shared_cache: SharedCache | None = None
         """The Redis tier behind ``cache`` when Redis is configured (see :meth:`share`)."""
         self._shared_flights: RedisSingleflight[dict[str, Any]] | None = None
@@ -1030,12 +1031,20 @@ class BriefService:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def started(self) -> bool:
+        """True from :meth:`start` to :meth:`aclose`: the server answers briefs only then (before, it
+        says it is starting up)."""
+        return self._started
+
     def start(self) -> None:
         """Start background work (the cache sweeper)."""
         self.cache.start()
+        self._started = True
 
     async def aclose(self) -> None:
         """Stop background work."""
+        self._started = False
         await self.cache.aclose()
 
 
