@@ -1,4 +1,4 @@
-"""The live view: an event hub, its SSE and WebSocket streams, alert webhooks, and the dashboard.
+"""The live view's hub: the server's state and events fanned out to live streams, and alert webhooks.
 
 :class:`LiveHub` subscribes to the server's :class:`~brownout.events.EventBus` and fans messages out
 to every connected client, each through its own bounded queue. The bus calls subscribers
@@ -52,6 +52,7 @@ __all__ = [
     "LiveClient",
     "LiveHub",
     "LiveMessage",
+    "Snapshot",
     "TooManyClients",
     "WebhookSender",
     "event_id",
