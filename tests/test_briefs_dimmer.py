@@ -24,7 +24,6 @@ from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.pipeline import Mode, Pipeline, PipelineContext, Stage
 from brownout.llm.types import EndpointConfig
-from brownout.server.live import snapshot
 from test_server import make_config, serve, until
 
 TEXT = "a fresh citrus perfume for hot summer days"
@@ -297,7 +296,7 @@ async def test_health_metrics_and_the_live_snapshot_show_the_dimmer(
         assert 'brownout_briefs_dimmed_total{dimmed="validation"} 1.0' in text
         assert 'brownout_briefs_dimmed_total{dimmed="generation"} 0.0' in text
 
-        snap = snapshot(stack.runtime)
+        snap = stack.runtime.status.snapshot()
         assert snap["dimmer"]["level"] == 2
         assert snap["dimmer"]["dimming"] == "validation"
 

@@ -24,7 +24,6 @@ from brownout.events import EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import ProbeResult
 from brownout.policies.breaker import BreakerState
-from brownout.server.live import snapshot
 from test_briefs_dimmer import distinct_text
 from test_server import _merge, make_config, sample, serve, until
 
@@ -272,7 +271,7 @@ async def test_limiter_settings_from_the_config_reach_each_endpoint_and_show(
         health = (await stack.http.get("/health")).json()
         text = str(health)
         assert "'completed': 2" in text
-        snap = snapshot(stack.runtime)
+        snap = stack.runtime.status.snapshot()
         [concurrency] = snap["models"]["qwen"]["concurrency"]
         assert concurrency["limit"] == 2
         assert concurrency["queued"] == 0

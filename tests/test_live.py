@@ -63,7 +63,9 @@ async def hub(tmp_path: Path, clock: FakeClock, bus: EventBus) -> AsyncIterator[
         tmp_path / "b.db",
     )
     runtime = Runtime(config, clock=clock, events=bus)
-    live = LiveHub(runtime, clock=clock, events=bus, client_queue=4, burst=5, burst_window=10.0)
+    live = LiveHub(
+        runtime.status.snapshot, clock=clock, events=bus, client_queue=4, burst=5, burst_window=10.0
+    )
     live.start()
     try:
         yield live

@@ -200,7 +200,11 @@ async def test_a_second_runtime_on_the_same_spool_fails_naming_the_key(
         assert caught.value.key == "database.spool_path"
         assert str(stack.runtime.spool.path) in caught.value.message
         assert f"process {os.getpid()}" in caught.value.message
-        assert second.clients == {}  # it stopped before any model client or server
+        # It stopped before any model server started or any model was called.
+        assert not second.started
+        assert second.service.stats.health == {}
+        assert not +second.service.stats.requests
+        assert all(s.state == "stopped" for s in second.local.values())
         assert not (tmp_path / "other.db").exists()  # nor did it touch its database
 
 

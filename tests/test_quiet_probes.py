@@ -17,7 +17,7 @@ import yaml
 
 from brownout.chaos.fakellm import FakeLLM
 from brownout.llm.local import free_port
-from brownout.server.live import PROBE_PATHS, ProbeAccessFilter, quiet_probes
+from brownout.server.runner import PROBE_PATHS, ProbeAccessFilter, quiet_probes
 from test_server import until
 
 # uvicorn's access line: 127.0.0.1:5555 - "GET /health HTTP/1.1" 200 OK

@@ -46,7 +46,7 @@ class _OpsShim:
     def __init__(self, machine: RecoveryMachine) -> None:
         self.recovery = machine.manager
         self.resources = machine.monitor
-        self.runtime = SimpleNamespace(config=SimpleNamespace(recovery=SimpleNamespace(enabled=True)))
+        self.config = SimpleNamespace(recovery=SimpleNamespace(enabled=True))
         self._machine = machine
 
     def _spawn(self, coro: Any) -> None:

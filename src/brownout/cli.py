@@ -83,10 +83,16 @@ def serve(
         typer.echo(f"cannot start: {e}", err=True)
         raise typer.Exit(2) from e
     from brownout.server.app import create_app
-    from brownout.server.live import run_server
+    from brownout.server.runner import run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(cfg)
+    try:
+        # Building the server's parts reads the config once more (a local model file, say): a setting
+        # at fault stops it here, before anything starts.
+        app = create_app(cfg)
+    except ConfigError as e:
+        typer.echo(f"cannot start: {e}", err=True)
+        raise typer.Exit(2) from e
     typer.echo(
         f"brownout {__version__}: serving briefs on http://{cfg.server.host}:{cfg.server.port} (Ctrl-C stops)"
     )

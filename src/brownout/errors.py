@@ -13,7 +13,8 @@
     ├── ModelError             a model endpoint failed: connection, HTTP status, malformed answer
     ├── GuardFailed            the JSON guard got no schema-valid answer within its attempts
     ├── ModelIntegrityError    a model file is missing or its sha256 is not the expected one
-    └── AllFallbacksFailed     every strategy of a fallback chain failed; carries each cause
+    ├── AllFallbacksFailed     every strategy of a fallback chain failed; carries each cause
+    └── RemoteComputationFailed  another replica's computation of a shared key failed; its error
 
 A retry that gives up re-raises the last error it saw, unchanged, so callers handle the real cause;
 the reason it stopped (attempts, budget, deadline) is added as a note on that exception.
@@ -38,6 +39,7 @@ __all__ = [
     "ModelUnavailable",
     "Overloaded",
     "Rejected",
+    "RemoteComputationFailed",
     "ServiceUnavailable",
 ]
 
@@ -192,3 +194,22 @@ class AllFallbacksFailed(BrownoutError):
         self.causes: tuple[tuple[str, BaseException], ...] = tuple(causes)
         hints = [e.retry_after for _, e in causes if isinstance(e, Rejected)]
         self.retry_after = min(hints) if hints else default_retry_after
+
+
+class RemoteComputationFailed(BrownoutError):
+    """The computation for ``key`` failed in another replica; this is its error, as it was stored.
+
+    ``error_type`` is the name of the exception's class there and ``remote_message`` its message.
+    Raised by :class:`~brownout.state.singleflight.RedisSingleflight`; defined here so that callers can
+    catch it by class without importing the Redis support.
+    """
+
+    def __init__(self, name: str, key: str, error_type: str, remote_message: str) -> None:
+        super().__init__(
+            f"singleflight {name!r}: the computation for {key!r} failed in another replica: "
+            f"{error_type}: {remote_message}"
+        )
+        self.name = name
+        self.key = key
+        self.error_type = error_type
+        self.remote_message = remote_message

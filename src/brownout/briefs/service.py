@@ -104,9 +104,9 @@ from brownout.clock import SYSTEM_CLOCK, WALL_CLOCK, Clock
 from brownout.config import BrownoutConfig
 from brownout.errors import (
     AllFallbacksFailed,
-    BrownoutError,
     DeadlineExceeded,
     Overloaded,
+    RemoteComputationFailed,
     ServiceUnavailable,
 )
 from brownout.events import DEFAULT_BUS, EventBus
@@ -363,6 +363,7 @@ class BriefService:
         elif d.force_value is not None:
             self.dimmer.force(d.force_value)
         self._health_ok: dict[str, bool] = {}
+        self._started = False
         self.shared_cache: SharedCache | None = None
         """The Redis tier behind ``cache`` when Redis is configured (see :meth:`share`)."""
         self._shared_flights: RedisSingleflight[dict[str, Any]] | None = None
@@ -586,9 +587,7 @@ class BriefService:
         except ServiceUnavailable as e:
             self.stats.rejected[e.policy or "unavailable"] += 1
             raise
-        except BrownoutError as e:
-            if type(e).__name__ != "RemoteComputationFailed":
-                raise
+        except RemoteComputationFailed as e:
             # The replica that computed this key failed (its error came through Redis): answer as it did.
             self.stats.rejected["unavailable"] += 1
             raise ServiceUnavailable(f"Another replica's computation failed: {e}", retry_after=5.0) from e
@@ -1033,12 +1032,20 @@ class BriefService:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def started(self) -> bool:
+        """True from :meth:`start` to :meth:`aclose`: the server answers briefs only then (before, it
+        says it is starting up)."""
+        return self._started
+
     def start(self) -> None:
         """Start background work (the cache sweeper)."""
         self.cache.start()
+        self._started = True
 
     async def aclose(self) -> None:
         """Stop background work."""
+        self._started = False
         await self.cache.aclose()
 
 

@@ -207,7 +207,7 @@ class _Service(Protocol):
 
 
 class Plant(Protocol):
-    """What the brief server's actions act on; ``brownout.server.runtime.Runtime`` is one."""
+    """What the brief server's actions act on; ``brownout.server.operations.ServerParts`` is one."""
 
     @property
     def service(self) -> _Service | None: ...

@@ -1,4 +1,5 @@
-"""Read-only routes behind seed 004's pre-promotion checklist (``brownout check --url``).
+"""What the read-only routes behind seed 004's pre-promotion checklist (``brownout check --url``) answer
+(the routes: :mod:`brownout.server.routes.check`).
 
 * ``GET /api/v1/config/summary`` -- the settings that decide whether the guards are on (the JSON guard,
   the breakers, the cache, the queue), the server's limits, and only *whether* secrets are set: no
@@ -16,20 +17,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
-
-from fastapi import FastAPI
 
 from brownout.config import BrownoutConfig
 from brownout.events import EventBus
 from brownout.policies.cache import Cache
 from brownout.testing import FakeClock
 
-if TYPE_CHECKING:
-    from brownout.server.runtime import Runtime
-
-__all__ = ["cache_selftest", "config_summary", "install"]
+__all__ = ["cache_selftest", "config_summary"]
 
 _FILL_LIMIT = 100_000
 
@@ -155,18 +151,3 @@ async def cache_selftest(config: BrownoutConfig, live: Cache[Any, Any] | None) -
         "max_size": size,
         "steps": steps,
     }
-
-
-def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
-    """Add ``GET /api/v1/config/summary`` and ``GET /api/v1/selftest/cache``."""
-
-    @app.get("/api/v1/config/summary")
-    async def summary() -> dict[str, Any]:
-        """The guard settings in force (no secrets)."""
-        return config_summary(config)
-
-    @app.get("/api/v1/selftest/cache")
-    async def selftest_cache() -> dict[str, Any]:
-        """Cache expiry and regeneration, verified on a same-class, same-settings cache (no waiting)."""
-        svc = runtime.service
-        return await cache_selftest(config, svc.cache if svc is not None else None)

@@ -1,6 +1,6 @@
-"""The live view: an event hub, its SSE and WebSocket streams, alert webhooks, and the dashboard.
+"""The live view's hub: the server's state and events fanned out to live streams, and alert webhooks.
 
-:class:`LiveHub` subscribes to the runtime's :class:`~brownout.events.EventBus` and fans messages out
+:class:`LiveHub` subscribes to the server's :class:`~brownout.events.EventBus` and fans messages out
 to every connected client, each through its own bounded queue. The bus calls subscribers
 synchronously, so the hub never waits: a client whose queue is full is *dropped* (told so, and its
 stream ends) -- a slow browser tab must never slow down a breaker. Messages are JSON, serialised once
@@ -15,10 +15,10 @@ for all clients:
   would be thousands a second, and metrics count them. A burst of one kind from one source is cut to
   ``burst`` per ``burst_window`` seconds, the next message saying how many were suppressed.
 
-Routes (installed by :func:`install`): ``GET /api/v1/events`` (Server-Sent Events, resumable with
-``Last-Event-ID``), ``GET /api/v1/ws`` (WebSocket, same JSON messages), ``GET /api/v1/status`` (the
-snapshot as JSON, for ``brownout status``), and ``GET /dashboard`` (plain HTML and JS, no build step,
-no external assets, so it works offline).
+The hub is given the function that takes the snapshot (:meth:`~brownout.server.status.ServerStatus.snapshot`),
+never the runtime. Its routes -- ``GET /api/v1/events`` (Server-Sent Events), ``GET /api/v1/ws``
+(WebSocket), ``GET /api/v1/status`` and ``GET /dashboard`` -- are in :mod:`brownout.server.routes.live`;
+the server runner, which ends the streams at shutdown, in :mod:`brownout.server.runner`.
 
 Alerts go to the configured webhooks (``webhooks.endpoints``; generic JSON or Slack-compatible), sent
 by :class:`WebhookSender` in the background with a timeout and retries: a circuit breaker opened, a
@@ -33,48 +33,29 @@ import contextlib
 import dataclasses
 import json
 import logging
-import socket
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
-from enum import Enum
-from importlib import resources
-from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import httpx
-from fastapi import FastAPI, Header, WebSocket
-from fastapi.responses import Response, StreamingResponse
-from starlette.middleware.cors import CORSMiddleware
-from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.config import ROLES, BrownoutConfig, WebhooksSection
-from brownout.errors import ConfigError
-from brownout.events import BreakerStateChanged, Event, EventBus, SpoolAppended
+from brownout.config import WebhooksSection
+from brownout.events import DEFAULT_BUS, BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
-from brownout.server.connections import uvicorn_options
-from brownout.server.errors import ErrorResponse, error_response
-
-if TYPE_CHECKING:
-    from brownout.briefs.service import BriefService
-    from brownout.server.runtime import Runtime
+from brownout.server.status import display_time, plain
 
 __all__ = [
     "Alert",
     "LiveClient",
     "LiveHub",
     "LiveMessage",
-    "PROBE_PATHS",
-    "ProbeAccessFilter",
+    "Snapshot",
     "TooManyClients",
     "WebhookSender",
-    "install",
-    "quiet_probes",
-    "run_server",
-    "snapshot",
+    "event_id",
 ]
 
 _log = logging.getLogger("brownout.live")
@@ -99,130 +80,6 @@ _STATEFUL = frozenset({"breaker", "mode", "health", "recovery", "spool", "load"}
 
 class TooManyClients(Exception):
     """The hub already serves ``server.live_max_clients`` streams."""
-
-
-# ---------------------------------------------------------------------------------------------- snapshot
-
-
-def _wall() -> str:
-    """Wall-clock time for display (never used for timing)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _value(x: Any) -> Any:
-    return x.value if isinstance(x, Enum) else x
-
-
-def _system_mode(runtime: Runtime, status: str) -> dict[str, Any]:
-    """normal / degraded / emergency, why, and what it switches off: from the runtime's mode manager
-    when it has one, else derived from the health status."""
-    manager = getattr(runtime, "modes", None)
-    mode = getattr(manager, "mode", None) if manager is not None else None
-    if mode is not None:
-        return {
-            "system_mode": str(_value(mode)),
-            "mode_reason": str(getattr(manager, "reason", "")),
-            "switched_off": list(getattr(manager, "switched_off", ())),
-        }
-    derived = {"healthy": "normal", "degraded": "degraded"}.get(status, "emergency")
-    return {"system_mode": derived, "mode_reason": f"health is {status}", "switched_off": []}
-
-
-def snapshot(runtime: Runtime) -> dict[str, Any]:
-    """The live state of ``runtime`` as plain JSON data (cheap: no I/O, no awaits)."""
-    svc = runtime.service
-    if svc is None:
-        return {"status": "starting", "system_mode": "starting", "at": _wall(), "models": {}, "breakers": {}}
-    models: dict[str, Any] = {}
-    breakers: dict[str, str] = {}
-    for role in ROLES:
-        client = runtime.clients.get(role)
-        probe = svc.stats.health.get(role)
-        server = runtime.local.get(role)
-        role_breakers = (
-            {name: str(_value(b.state)) for name, b in client.breakers.items()} if client is not None else {}
-        )
-        breakers.update(role_breakers)
-        models[role] = {
-            "status": "healthy" if svc.role_available(role) else "unhealthy",
-            "breakers": role_breakers,
-            "last_check": None
-            if probe is None
-            else {
-                "healthy": probe.healthy,
-                "latency_ms": round(probe.latency * 1000, 1),
-                "error": probe.error,
-            },
-            "server": server.state if server is not None else None,
-            # Each endpoint's adaptive concurrency limit: calls in flight, and waiting in our queue.
-            "concurrency": [
-                {k: ep[k] for k in ("breaker", "limit", "in_flight", "queued", "estimated_wait")}
-                for ep in (client.endpoints_status() if client is not None else [])
-            ],
-        }
-    healthy = [r for r, m in models.items() if m["status"] == "healthy"]
-    cache = svc.cache.stats()
-    if len(healthy) == len(ROLES) and runtime.store_ok:
-        status = "healthy"
-    elif "qwen" in healthy or cache.size > 0:
-        status = "degraded"
-    else:
-        status = "unhealthy"
-    lookups = cache.hits + cache.misses
-    spool = runtime.spool.stats()
-    hub = getattr(runtime, "live", None)
-    return {
-        "status": status,
-        **_system_mode(runtime, status),
-        "available_modes": [
-            m.name for m in svc.pipeline.modes if all(svc.role_available(r) for r in svc.pipeline.roles(m))
-        ],
-        "models": models,
-        "breakers": breakers,
-        "queue": {
-            "size": svc.admission.queue_size,
-            "max_size": runtime.config.queue.max_size,
-            "in_flight": svc.admission.in_flight,
-        },
-        "dimmer": _dimmer(svc),
-        "cache": {
-            "size": cache.size,
-            "max_size": cache.max_entries,
-            "hits": cache.hits,
-            "misses": cache.misses,
-            "hit_rate": round(cache.hits / lookups, 4) if lookups else None,
-            "ttl_seconds": cache.ttl,
-        },
-        "spool": {"pending": spool.pending, "alert": spool.alert},
-        "database": {"status": "healthy" if runtime.store_ok else "unhealthy"},
-        "redis": {
-            "status": runtime.shared.detector.status if runtime.shared is not None else "not configured"
-        },
-        "gateway": _gateway_summary(runtime),
-        "live_clients": hub.client_count if isinstance(hub, LiveHub) else 0,
-        "at": _wall(),
-    }
-
-
-def _dimmer(svc: BriefService) -> dict[str, Any]:
-    """The brief service's dimmer: level 0 is full service; higher levels leave out optional steps."""
-    dim = svc.dimmer.snapshot()
-    return {
-        "level": dim.level,
-        "value": dim.value,
-        "dimming": dim.step,
-        "target_p95": dim.target_p95,
-        "observed_p95": dim.observed_p95,
-    }
-
-
-def _gateway_summary(runtime: Runtime) -> dict[str, Any]:
-    """The gateway's model groups: overall status, and per group whether it can answer."""
-    status = runtime.gateway.status()
-    groups = {
-        name: "available" if g.get("available") else "unavailable" for name, g in status["groups"].items()
-    }
-    return {"status": status["status"], "groups": groups}
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -282,7 +139,7 @@ def _new_state(event: Event) -> str | None:
     for attr in ("new", "mode", "to", "status", "current"):
         value = getattr(event, attr, None)
         if value is not None:
-            return str(_value(value))
+            return str(plain(value))
     return None
 
 
@@ -326,6 +183,13 @@ class Alert:
             "text": f"{icon} [{word}] {self.name}: {self.summary}",
             "attachments": [{"color": color, "fields": fields, "footer": f"brownout, {self.at}"}],
         }
+
+
+def event_id(text: str | None) -> int | None:
+    """A decimal integer (an SSE id, a Retry-After), or None; ``isdigit`` alone lets "²" through to int()."""
+    if text and text.isascii() and text.isdigit() and len(text) < 20:
+        return int(text)
+    return None
 
 
 def _redact(url: str) -> str:
@@ -458,7 +322,7 @@ class WebhookSender:
                     response = await self._post(http, url, body)
                     if response.status_code >= 500 or response.status_code in (408, 429):
                         hint = response.headers.get("retry-after", "")
-                        raise _WebhookFailed(response.status_code, _event_id(hint))
+                        raise _WebhookFailed(response.status_code, event_id(hint))
                     if response.status_code >= 400:
                         self.failed += 1
                         _log.error(
@@ -492,15 +356,25 @@ class LiveClient:
         return await self.queue.get()
 
 
+Snapshot = Callable[[int], dict[str, Any]]
+"""Takes the state to show, given how many live clients are connected (:meth:`ServerStatus.snapshot`)."""
+
+
 class LiveHub:
-    """Fans the runtime's state and events out to live clients and alerts to webhooks (module docstring)."""
+    """Fans the server's state and events out to live clients and alerts to webhooks (module docstring).
+
+    ``snapshot`` takes the state shown (see :data:`Snapshot`); ``events`` is the bus the hub listens
+    to; ``webhooks`` sends the alerts (default: none). ``mode_events`` says whether a mode manager
+    reports the system mode on the bus (``SystemModeChanged``, as the server's does); when False, the
+    hub derives mode changes from the snapshots.
+    """
 
     def __init__(
         self,
-        runtime: Runtime,
+        snapshot: Snapshot,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        events: EventBus | None = None,
+        events: EventBus = DEFAULT_BUS,
         interval: float = 5.0,
         max_clients: int = 100,
         client_queue: int = 256,
@@ -508,18 +382,18 @@ class LiveHub:
         burst: int = 5,
         burst_window: float = 10.0,
         webhooks: WebhookSender | None = None,
+        mode_events: bool = True,
     ) -> None:
-        self.runtime = runtime
+        self._snapshot = snapshot
         self.clock = clock
-        self.events = events if events is not None else runtime.events
+        self.events = events
         self.interval = interval
         self.max_clients = max_clients
         self.client_queue = client_queue
         self.burst = burst
         self.burst_window = burst_window
-        self.webhooks = (
-            webhooks if webhooks is not None else WebhookSender(runtime.config.webhooks, clock=clock)
-        )
+        self.webhooks = webhooks if webhooks is not None else WebhookSender(WebhooksSection(), clock=clock)
+        self._mode_events = mode_events
         self._clients: set[LiveClient] = set()
         self._history: deque[LiveMessage] = deque(maxlen=history)
         self._seq = 0
@@ -553,9 +427,9 @@ class LiveHub:
             return
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        # With a mode manager on the runtime, its SystemModeChanged events are the mode changes;
-        # without one, the hub derives them from the snapshots.
-        self._bus_modes = getattr(self.runtime, "modes", None) is not None
+        # With a mode manager, its SystemModeChanged events are the mode changes; without one, the hub
+        # derives them from the snapshots.
+        self._bus_modes = self._mode_events
         self._unsubscribe = self.events.subscribe(self._on_event)
         self.webhooks.start()
         self._ticker = self._loop.create_task(self._tick_forever(), name="brownout-live")
@@ -642,7 +516,7 @@ class LiveHub:
     # -------------------------------------------------------------- snapshots
 
     def _make_snapshot(self) -> LiveMessage:
-        message = self._message("snapshot", {"data": snapshot(self.runtime)}, record=False)
+        message = self._message("snapshot", {"data": self._snapshot(self.client_count)}, record=False)
         self._latest = message
         return message
 
@@ -654,7 +528,7 @@ class LiveHub:
     def tick(self) -> dict[str, Any]:
         """Take a snapshot now, publish it, and raise what changed (health, mode, recovery actions)."""
         self._snapshot_due = False
-        state = snapshot(self.runtime)
+        state = self._snapshot(self.client_count)
         self._diff(state)
         message = self.publish("snapshot", {"data": state}, record=False)
         self._latest = message
@@ -731,7 +605,7 @@ class LiveHub:
 
     def _handle(self, event: Event) -> None:
         name = type(event).__name__
-        fields = {f.name: _value(getattr(event, f.name)) for f in dataclasses.fields(event)}
+        fields = {f.name: plain(getattr(event, f.name)) for f in dataclasses.fields(event)}
         category = _category(name)
         if self._allowed(name, event.source):
             key = (name, event.source)
@@ -744,7 +618,7 @@ class LiveHub:
                     "source": event.source,
                     "summary": _summary(name, event, fields),
                     "fields": {k: v for k, v in fields.items() if k not in ("source", "at")},
-                    "at": _wall(),
+                    "at": display_time(),
                     **extra,
                 },
             )
@@ -761,7 +635,7 @@ class LiveHub:
                 "source": source,
                 "summary": summary,
                 "fields": dict(fields),
-                "at": _wall(),
+                "at": display_time(),
             },
         )
 
@@ -837,257 +711,15 @@ class LiveHub:
         if key in self._alerting:
             return
         self._alerting.add(key)
-        self._raise(Alert(name, "firing", severity, summary, labels, details, _wall()))
+        self._raise(Alert(name, "firing", severity, summary, labels, details, display_time()))
 
     def _resolve(self, key: tuple[str, ...], name: str, summary: str, labels: dict[str, str]) -> None:
         if key not in self._alerting:
             return
         self._alerting.discard(key)
-        self._raise(Alert(name, "resolved", "info", summary, labels, {}, _wall()))
+        self._raise(Alert(name, "resolved", "info", summary, labels, {}, display_time()))
 
     def _raise(self, alert: Alert) -> None:
         self.alerts.append(alert)
         self.webhooks.submit(alert)
         self.publish("alert", alert.json_payload())
-
-
-# ---------------------------------------------------------------------------------------------- routes
-
-_ASSETS = {
-    "dashboard.js": "text/javascript; charset=utf-8",
-    "dashboard.css": "text/css; charset=utf-8",
-}
-# The page loads only its own script and style and talks only to its own origin.
-_PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; "
-        "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",
-}
-
-
-def _asset(name: str) -> bytes:
-    return resources.files("brownout.server").joinpath("static", name).read_bytes()
-
-
-def _event_id(text: str | None) -> int | None:
-    """A decimal integer (an SSE id, a Retry-After), or None; ``isdigit`` alone lets "²" through to int()."""
-    if text and text.isascii() and text.isdigit() and len(text) < 20:
-        return int(text)
-    return None
-
-
-def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
-    """Browsers send ``Origin`` on WebSocket handshakes but apply no CORS to them: check it here."""
-    if origin is None:
-        return True  # not a browser
-    if origin in allowed or "*" in allowed:
-        return True
-    return host is not None and urlsplit(origin).netloc == host
-
-
-PROBE_PATHS = frozenset(
-    {"/health", "/health/llm", "/health/gateway", "/metrics", "/api/v1/status", "/api/v1/events"}
-)
-"""Paths that load balancers, Prometheus, ``brownout status`` and the dashboard ask over and over."""
-
-
-class ProbeAccessFilter(logging.Filter):
-    """Moves the access-log lines of health checks, metric scrapes and live polls to DEBUG.
-
-    Probes used to be two thirds of the log at the default level (351 of 516 lines), burying the
-    requests someone made. Attached to uvicorn's access logger: a probe's line becomes a DEBUG record,
-    written only when that logger is at DEBUG (``--log-level debug``); every other request logs as before.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """False to drop a probe's line at INFO; probe lines that pass are relabelled DEBUG."""
-        args = record.args
-        # uvicorn's access record: (client address, method, path with query, HTTP version, status).
-        if not isinstance(args, tuple) or len(args) < 5 or record.levelno != logging.INFO:
-            return True
-        if str(args[2]).partition("?")[0] not in PROBE_PATHS:
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-
-
-def quiet_probes(log_level: str = "info") -> None:
-    """Keep health checks out of the log below ``debug``: the probes' access lines (see
-    :class:`ProbeAccessFilter`) and httpx's line per outgoing request -- the server's own model health
-    probes (every role, every ``models.health_interval``) and model calls, which the metrics count.
-    """
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, ProbeAccessFilter) for f in access.filters):
-        access.addFilter(ProbeAccessFilter())
-    debug = log_level.lower() in ("debug", "trace")
-    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
-
-
-def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
-    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
-    and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
-    ``server.drain_timeout``, the rest answered 503), health checks stay out of the log below
-    ``log_level="debug"`` (:func:`quiet_probes`), and every connection is held to the runtime's
-    ``server`` limits (:mod:`brownout.server.connections`: header, body and keep-alive timeouts,
-    connections per client address, allowed Hosts).
-
-    uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
-    ends by itself: without this a dashboard left open would hold the shutdown up.
-
-    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
-    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
-    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
-    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
-    """
-    import uvicorn
-
-    runtime = app.state.runtime
-    drain = getattr(app.state, "drain", None)
-    drain_seconds = float(runtime.config.drain_seconds)
-
-    class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            runtime.live.close_clients_soon()
-            if drain is None or self.force_exit:
-                super().handle_exit(sig, frame)
-                return
-            if self.should_exit:  # a signal after the drain: quit without waiting any more
-                self.force_exit = True
-                return
-            # Graceful drain (brownout.server.drain): uvicorn's own shutdown -- sockets closed, then
-            # the app's -- starts only once in-flight requests are answered; a second signal cuts
-            # the wait short. The signal is not re-raised after shutdown (uvicorn's default), so a
-            # drained server exits 0.
-            drain.begin_soon(drain_seconds, self._drained)
-
-        def _drained(self) -> None:
-            self.should_exit = True
-
-    # Time limits on every connection, a cap per client address and the Host allow-list
-    # (brownout.server.connections); explicit options win.
-    options = {**uvicorn_options(runtime.config.server), **options}
-    config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
-    quiet_probes(str(options.get("log_level") or "info"))
-    server = _Server(config)
-    try:
-        # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
-        with contextlib.suppress(KeyboardInterrupt):
-            server.run(sockets=sockets)
-    except SystemExit:
-        # uvicorn exits (status 3) when the startup failed; a setting at fault is named instead.
-        error = runtime.start_error
-        if isinstance(error, ConfigError):
-            raise error from None
-        raise
-
-
-def install(app: FastAPI, runtime: Runtime, config: BrownoutConfig) -> None:
-    """Add the live routes, the dashboard, the pre-promotion check's routes and (when configured) CORS."""
-    from brownout.server import check
-
-    hub = runtime.live
-    origins = list(config.server.cors_origins)
-    if origins:
-        # Off unless origins are listed: a browser page elsewhere can then not read this API.
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-            max_age=600,
-        )
-    page = _asset("dashboard.html")
-    assets = {name: _asset(name) for name in _ASSETS}
-
-    @app.get(
-        "/api/v1/events",
-        response_class=StreamingResponse,
-        responses={
-            200: {"content": {"text/event-stream": {}}, "description": "snapshot, event and alert messages"},
-            503: {"model": ErrorResponse, "description": "too many live clients"},
-        },
-    )
-    async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
-        """Server-Sent Events: snapshots, breaker/mode/health/recovery events and alerts, live."""
-        after = _event_id(last_event_id)
-        try:
-            client = hub.connect(after=after)
-        except TooManyClients as e:
-            return error_response(503, str(e), code="too_many_clients", retry_after=5)
-
-        async def stream() -> AsyncIterator[str]:
-            try:
-                yield "retry: 3000\n\n"
-                while True:
-                    message = await client.get()
-                    if message is None:
-                        return
-                    yield message.sse()
-            finally:
-                hub.disconnect(client)
-
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    @app.websocket("/api/v1/ws")
-    async def live_ws(websocket: WebSocket) -> None:
-        """The same messages as ``/api/v1/events``, as WebSocket text frames."""
-        if not _origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), origins):
-            await websocket.close(code=1008, reason="origin not allowed")
-            return
-        try:
-            client = hub.connect()
-        except TooManyClients:
-            await websocket.close(code=1013, reason="too many live clients")
-            return
-        await websocket.accept()
-
-        async def send_all() -> None:
-            while True:
-                message = await client.get()
-                if message is None:
-                    break
-                await websocket.send_text(message.data)
-            if websocket.application_state == WebSocketState.CONNECTED:
-                await websocket.close(code=1001)
-
-        sender = asyncio.create_task(send_all())
-        try:
-            while True:
-                received = await websocket.receive()
-                if received["type"] == "websocket.disconnect":
-                    break
-        except (WebSocketDisconnect, RuntimeError):
-            pass
-        finally:
-            hub.disconnect(client)
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sender
-
-    @app.get("/api/v1/status")
-    async def live_status() -> dict[str, Any]:
-        """The live state now: mode, models and breakers, queue, cache, spool, database."""
-        return snapshot(runtime)
-
-    @app.get("/dashboard", response_class=Response, responses={200: {"content": {"text/html": {}}}})
-    async def dashboard() -> Response:
-        """The live dashboard (HTML)."""
-        return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
-
-    @app.get("/dashboard/dashboard.js", response_class=Response, include_in_schema=False)
-    async def dashboard_js() -> Response:
-        return Response(assets["dashboard.js"], media_type=_ASSETS["dashboard.js"], headers=_PAGE_HEADERS)
-
-    @app.get("/dashboard/dashboard.css", response_class=Response, include_in_schema=False)
-    async def dashboard_css() -> Response:
-        return Response(assets["dashboard.css"], media_type=_ASSETS["dashboard.css"], headers=_PAGE_HEADERS)
-
-    check.install(app, runtime, config)

@@ -84,7 +84,7 @@ class RuntimeCollector(Collector):
         """Every metric family of this process, built from the parts' plain counters."""
         rt = self.runtime
         service = rt.service
-        if service is None:
+        if not service.started:
             return
         stats = service.stats
 
@@ -328,17 +328,17 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "spool_replay_running",
             "1 while the background replayer runs",
-            value=1.0 if replayer is not None and replayer.running else 0.0,
+            value=1.0 if replayer.running else 0.0,
         )
         yield GaugeMetricFamily(
             "spool_replay_consecutive_failures",
             "Replay runs in a row a database error stopped (0 after a success)",
-            value=replayer.consecutive_failures if replayer is not None else 0,
+            value=replayer.consecutive_failures,
         )
         yield CounterMetricFamily(
             "spool_replay_attempts",
             "Replay runs started",
-            value=replayer.attempts if replayer is not None else 0,
+            value=replayer.attempts,
         )
         yield from _operations(rt)
         yield from _shared(rt)

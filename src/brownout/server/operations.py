@@ -1,8 +1,10 @@
 """The server's operations layer: recovery manager, resource monitor, system modes, adaptive cache TTL
-and the event-loop blocking detector, wired to the runtime.
+and the event-loop blocking detector, wired to the server's parts.
 
-:class:`Operations` is built by :class:`~brownout.server.runtime.Runtime` and started and stopped with
-it. What it connects:
+:class:`Operations` is built by :class:`~brownout.server.runtime.Runtime` from the config and the parts it
+watches and acts on (:class:`ServerParts`: the brief service, the model clients and local servers, the
+edge cache, the records, one round of health probes), and started and stopped with it. What it
+connects:
 
 * **recovery** (seed 001) -- :class:`~brownout.recovery.RecoveryManager` with the brief server's
   actions. Failures reach it three ways: a model role failing ``recovery.unhealthy_probes`` health
@@ -37,14 +39,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from brownout.config import ROLES
+from brownout.briefs.service import BriefService
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.config import ROLES, BrownoutConfig
+from brownout.events import DEFAULT_BUS, EventBus
 from brownout.health.loop import LoopBlockDetector
 from brownout.health.modes import AdaptiveTTL, ComponentHealth, ComponentStatus, SystemMode, SystemModes
 from brownout.health.resources import HostReader, Level, ResourceMonitor, ResourceSample, Thresholds
+from brownout.llm.client import ModelClient
+from brownout.llm.local import LocalModelServer
 from brownout.recovery.actions import (
     CLEAR_CACHE,
     CPU_OFFLOAD,
@@ -61,11 +69,10 @@ from brownout.recovery.artifact import ModelArtifact
 from brownout.recovery.busy import BusyCheck, ModelActivity
 from brownout.recovery.classify import FailureType
 from brownout.recovery.manager import RecoveryAttempt, RecoveryBusy, RecoveryManager
+from brownout.server.edge import EdgeCache
+from brownout.server.records import BriefRecords
 
-if TYPE_CHECKING:
-    from brownout.server.runtime import Runtime
-
-__all__ = ["FEATURE_ROLES", "GENERATOR", "Operations"]
+__all__ = ["FEATURE_ROLES", "GENERATOR", "Operations", "ServerParts"]
 
 _log = logging.getLogger("brownout.server")
 
@@ -98,13 +105,34 @@ def _backoff(section: Any) -> BackoffSpec:
     return BackoffSpec(section.max_attempts, section.initial_delay, section.backoff_factor, section.max_delay)
 
 
-class Operations:
-    """See the module docstring; ``runtime`` is the server's runtime."""
+@dataclass(frozen=True)
+class ServerParts:
+    """What the operations layer watches and acts on, each built before it (this is also the
+    :class:`~brownout.recovery.actions.Plant` the recovery actions act on)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        cfg = runtime.config
-        clock, events = runtime.clock, runtime.events
+    service: BriefService
+    clients: Mapping[str, ModelClient]
+    local: Mapping[str, LocalModelServer]
+    edge: EdgeCache | None
+    records: BriefRecords
+    probe_all: Callable[[], Coroutine[Any, Any, None]]
+    """One round of health probes over every role."""
+
+
+class Operations:
+    """See the module docstring; ``parts`` are the server's parts it watches and acts on."""
+
+    def __init__(
+        self,
+        config: BrownoutConfig,
+        parts: ServerParts,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        events: EventBus = DEFAULT_BUS,
+    ) -> None:
+        self.config = config
+        self.parts = parts
+        cfg = config
         lb = cfg.loop_block
         self.loop_blocks = LoopBlockDetector(
             threshold=lb.threshold, interval=lb.interval, clock=clock, events=events
@@ -129,7 +157,7 @@ class Operations:
         self.artifacts: dict[Path, ModelArtifact] = {}
         """Integrity records of the local model files, by path."""
         actions = brief_server_actions(
-            runtime,
+            parts,
             roles=ROLES,
             generator=GENERATOR,
             artifacts=self.artifact,
@@ -191,7 +219,7 @@ class Operations:
 
     async def start(self) -> None:
         """Start the watchers (the service is running), and record model checksums if none ship."""
-        cfg = self.runtime.config
+        cfg = self.config
         if cfg.loop_block.enabled:
             self.loop_blocks.start()
         if cfg.resources.enabled:
@@ -199,7 +227,7 @@ class Operations:
         self.modes.start()
         if cfg.modes.adaptive_ttl.enabled:
             self.ttl.start()
-        for server in self.runtime.local.values():
+        for server in self.parts.local.values():
             artifact = self.artifact(server.model_path)
             if artifact is not None and artifact.expected is None:
                 # The servers just loaded it: this is the first successful load.
@@ -234,7 +262,7 @@ class Operations:
         """The integrity record of the local model file ``path`` (made on first use)."""
         found = self.artifacts.get(path)
         if found is None:
-            rc = self.runtime.config.recovery
+            rc = self.config.recovery
             found = ModelArtifact.for_model(path, url=rc.model_url, record_file=rc.checksum_file)
             self.artifacts[path] = found
         return found
@@ -242,10 +270,8 @@ class Operations:
     async def after_probes(self) -> None:
         """Called after each round of health probes: hand a role failing ``unhealthy_probes`` probes in
         a row to recovery (the manager's cooldown and attempt limit bound the repeats)."""
-        svc = self.runtime.service
-        if svc is None:
-            return
-        needed = self.runtime.config.recovery.unhealthy_probes
+        svc = self.parts.service
+        needed = self.config.recovery.unhealthy_probes
         for role in ROLES:
             probe = svc.stats.health.get(role)
             if probe is not None:
@@ -271,17 +297,18 @@ class Operations:
                 self.probe_streaks[role] = 0
                 continue
             self.probe_streaks[role] += 1
-            if self.probe_streaks[role] >= needed and self.runtime.config.recovery.enabled:
+            if self.probe_streaks[role] >= needed and self.config.recovery.enabled:
                 self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
 
     def _activity(self, role: str) -> ModelActivity:
         """What ``role``'s model is doing now: its process up, requests in flight, CPU used, calls
         completed (the progress a busy model makes)."""
-        rt = self.runtime
-        server = rt.local.get(role)
+        parts = self.parts
+        server = parts.local.get(role)
         pid = server.pid if server is not None else None
-        alive = rt.role_alive(role) and (server is None or pid is not None)
-        client = rt.clients.get(role)
+        # Down or restarting is known at once from the server's state, not at the next probe.
+        alive = server is None or (server.state == "running" and pid is not None)
+        client = parts.clients.get(role)
         status = client.endpoints_status() if client else []
         in_flight = sum(int(ep.get("in_flight", 0)) for ep in status)
         completed = sum(int(ep.get("completed", 0)) for ep in status) if client else None
@@ -302,15 +329,14 @@ class Operations:
 
     def why_unhealthy(self, role: str) -> str:
         """The best description of why ``role`` is unhealthy (for classification)."""
-        rt = self.runtime
-        server = rt.local.get(role)
+        parts = self.parts
+        server = parts.local.get(role)
         if server is not None and server.state != "running":
             return f"local model server {server.state}: {server.last_error or 'no error recorded'}"
-        svc = rt.service
-        probe = svc.stats.health.get(role) if svc is not None else None
+        probe = parts.service.stats.health.get(role)
         if probe is not None and not probe.healthy:
             return probe.error or "health probe failed"
-        client = rt.clients.get(role)
+        client = parts.clients.get(role)
         if client is not None and not client.available:
             return f"{role}: circuit breaker open"
         return f"{role} unhealthy"
@@ -318,9 +344,7 @@ class Operations:
     async def _resolved(self, failure_type: FailureType, target: str) -> bool:
         if failure_type in (FailureType.SYSTEM_RESOURCE, FailureType.VRAM_EXHAUSTION):
             return await self._resource_problem() is None
-        svc = self.runtime.service
-        if svc is None:
-            return False
+        svc = self.parts.service
         roles = list(ROLES) if target in ("all", "") else [target]
         await asyncio.gather(*(svc.check_health(r) for r in roles), return_exceptions=True)
         return all(svc.role_healthy(r) for r in roles)
@@ -336,7 +360,7 @@ class Operations:
         return "; ".join(critical) if critical else None
 
     async def _on_critical(self, resource: str, sample: ResourceSample) -> None:
-        if not self.runtime.config.recovery.enabled or self.recovery.busy:
+        if not self.config.recovery.enabled or self.recovery.busy:
             return  # busy: a chain runs (maybe the one re-sampling now)
         kind = FailureType.VRAM_EXHAUSTION if resource.startswith("gpu") else FailureType.SYSTEM_RESOURCE
         percent = sample.readings().get(resource, 0.0)
@@ -360,7 +384,7 @@ class Operations:
         rec = self.recovery
         done: list[RecoveryAttempt] = []
         steps = [(RESET_BREAKERS, "all")]
-        steps += [(RESTART_MODEL_SERVER, r) for r, s in self.runtime.local.items() if s.state != "running"]
+        steps += [(RESTART_MODEL_SERVER, r) for r, s in self.parts.local.items() if s.state != "running"]
         for action, target in steps:
             try:
                 done.append(await rec.trigger(action, target))
@@ -378,7 +402,7 @@ class Operations:
         if running is not None and not running.done():
             raise RecoveryBusy(
                 "a recovery reset is running already; ask again when it has ended",
-                retry_after=self.runtime.config.recovery.admin_timeout,
+                retry_after=self.config.recovery.admin_timeout,
             )
         task = self._spawn(self.reset())
         self._reset_task = task
@@ -388,11 +412,11 @@ class Operations:
 
     def components(self) -> list[ComponentHealth]:
         """The health of every component the system mode is derived from."""
-        rt = self.runtime
-        svc = rt.service
+        svc = self.parts.service
+        records = self.parts.records
         out: list[ComponentHealth] = []
         for role in ROLES:
-            ok = svc is None or svc.role_healthy(role)
+            ok = svc.role_healthy(role)
             out.append(
                 ComponentHealth(
                     f"model:{role}",
@@ -401,15 +425,13 @@ class Operations:
                     detail="" if ok else self.why_unhealthy(role),
                 )
             )
-        if rt.store_ok:
+        if records.ok:
             out.append(ComponentHealth("database", "healthy"))
         else:
-            spool = rt.spool.stats()
+            spool = records.spool.stats()
             status: ComponentStatus = "unhealthy" if spool.alert else "degraded"
             out.append(
-                ComponentHealth(
-                    "database", status, detail=f"{rt.store_error}; {spool.pending} writes spooled"
-                )
+                ComponentHealth("database", status, detail=f"{records.error}; {spool.pending} writes spooled")
             )
         level = self.resources.level
         # A warning is reported (health, alerts, webhooks) but switches nothing off: seed 001's
@@ -424,7 +446,7 @@ class Operations:
         # the mode (the hinter is switched off) and run their recovery chain; they never reach
         # emergency, which would stop validation too.
         out.append(ComponentHealth("resources", status_of[level], core=False, detail=detail))
-        forced = sorted(svc.switched_off.get(RECOVERY_SOURCE, ())) if svc is not None else []
+        forced = sorted(svc.switched_off.get(RECOVERY_SOURCE, ()))
         out.append(
             ComponentHealth(
                 "recovery",
@@ -435,9 +457,7 @@ class Operations:
         return out
 
     def _apply_mode(self, old: SystemMode, new: SystemMode, reason: str) -> None:
-        svc = self.runtime.service
-        if svc is None:
-            return
+        svc = self.parts.service
         roles = frozenset(FEATURE_ROLES[f] for f in self.modes.switch_off[new] if f in FEATURE_ROLES)
         if roles:
             svc.switched_off[MODE_SOURCE] = roles
@@ -446,19 +466,16 @@ class Operations:
 
     def load_factor(self) -> float:
         """0 (idle) .. 1 (overloaded): the larger of the queue's fill and the CPU use."""
-        rt = self.runtime
-        svc = rt.service
         queue = 0.0
-        if svc is not None and rt.config.queue.max_size > 0:
-            queue = svc.admission.queue_size / rt.config.queue.max_size
+        max_size = self.config.queue.max_size
+        if max_size > 0:
+            queue = self.parts.service.admission.queue_size / max_size
         last = self.resources.last
         cpu = (last.cpu_percent or 0.0) / 100 if last is not None else 0.0
         return min(1.0, max(queue, cpu))
 
     def _apply_ttl(self, ttl: float) -> None:
-        svc = self.runtime.service
-        if svc is not None:
-            svc.cache.ttl = ttl
+        self.parts.service.cache.ttl = ttl
 
     # ------------------------------------------------------------------ views
 

@@ -55,10 +55,11 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import BrownoutError, ConfigError, DeadlineExceeded
+from brownout.errors import ConfigError, DeadlineExceeded, RemoteComputationFailed
 from brownout.policies.deadline import remaining
 from brownout.policies.singleflight import Singleflight
 
+# RemoteComputationFailed is defined in brownout.errors (caught by class without Redis) and re-exported here.
 __all__ = ["RedisSingleflight", "RedisSingleflightStats", "RemoteComputationFailed"]
 
 V = TypeVar("V")
@@ -105,23 +106,6 @@ _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-
-
-class RemoteComputationFailed(BrownoutError):
-    """The computation for ``key`` failed in another replica; this is its error, as it was stored.
-
-    ``error_type`` is the name of the exception's class there and ``remote_message`` its message.
-    """
-
-    def __init__(self, name: str, key: str, error_type: str, remote_message: str) -> None:
-        super().__init__(
-            f"singleflight {name!r}: the computation for {key!r} failed in another replica: "
-            f"{error_type}: {remote_message}"
-        )
-        self.name = name
-        self.key = key
-        self.error_type = error_type
-        self.remote_message = remote_message
 
 
 @dataclass(frozen=True, slots=True)
