@@ -8,7 +8,7 @@ Two measurements of the durability and shared-state layers, on real servers:
   <brownout.durable.store.BriefStore.save>`, what the spool falls back to when a batch fails), the
   rest by a :class:`~brownout.durable.spool.SpoolReplayer` with a *batch sink*, :meth:`BriefStore.save_many
   <brownout.durable.store.BriefStore.save_many>`, ``batch`` entries per transaction -- as the brief server
-  replays (``Runtime._save_batch``, batches of ``REPLAY_BATCH`` = 500). Reported: appends/s, writes/s of
+  replays (``BriefRecords._save_batch``, batches of ``REPLAY_BATCH`` = 500). Reported: appends/s, writes/s of
   both replays, and the share of each replay's time spent inside the sink (the rest is the spool's: reading,
   decoding and deleting entries, one fsync per batch). The run checks that every record is in the
   database exactly once.
@@ -147,7 +147,7 @@ class _Timed:
         self.rows += 1
 
     async def many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """A batch in one transaction: :meth:`BriefStore.save_many`, as ``Runtime._save_batch`` does."""
+        """A batch in one transaction: :meth:`BriefStore.save_many`, as ``BriefRecords._save_batch`` does."""
         t0 = time.perf_counter()
         await self.store.save_many([BriefRecord.from_payload(payload) for _, _, payload in entries])
         self.seconds += time.perf_counter() - t0
