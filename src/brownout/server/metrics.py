@@ -32,8 +32,6 @@ left from an earlier run would keep adding that run's counter totals.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -48,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from brownout.background import Periodic
 from brownout.briefs.service import DIMMED_FEATURES
 from brownout.clock import Clock
 from brownout.config import ROLES
@@ -635,7 +634,9 @@ class RuntimeMetrics:
             )
             self._exposed = CollectorRegistry(auto_describe=False)
             self._exposed.register(_MergingCollector(self.registry, self.shared))
-        self._task: asyncio.Task[None] | None = None
+        self._publishing = Periodic(
+            "brownout-metrics", self._publish_now, lambda: self.interval, clock=runtime.clock, logger=_log
+        )
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric (merged over the workers when shared)."""
@@ -651,25 +652,18 @@ class RuntimeMetrics:
 
     def start(self) -> None:
         """Start publishing this worker's snapshot periodically (needs a running loop)."""
-        if self.shared is None or self._task is not None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="brownout-metrics")
+        if self.shared is not None:
+            self._publishing.start()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                self.publish()
-            except OSError as e:  # a full or vanished directory must not stop the server
-                _log.warning("cannot write the metrics snapshot: %s", e)
-            await self.runtime.clock.sleep(self.interval)
+    def _publish_now(self) -> None:
+        try:
+            self.publish()
+        except OSError as e:  # a full or vanished directory must not stop the server
+            _log.warning("cannot write the metrics snapshot: %s", e)
 
     async def aclose(self) -> None:
         """Stop publishing, and mark this worker's snapshot stopped (its counters keep counting)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._publishing.stop()
         try:
             self.publish(alive=False)
         except OSError as e:

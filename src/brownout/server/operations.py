@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from brownout.background import TaskSet
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
@@ -212,7 +213,7 @@ class Operations:
         """The adaptive cache TTL."""
         self.probe_streaks: Counter[str] = Counter()
         """Failed health probes in a row, by role."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("operations", logger=_log)  # checksums, recoveries and resets under way
         self._reset_task: asyncio.Task[list[RecoveryAttempt]] | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -231,30 +232,16 @@ class Operations:
             artifact = self.artifact(server.model_path)
             if artifact is not None and artifact.expected is None:
                 # The servers just loaded it: this is the first successful load.
-                self._spawn(artifact.record())
+                self._tasks.spawn(artifact.record())
 
     async def aclose(self) -> None:
         """Stop the watchers and any recovery still running."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._tasks.cancel()
         await self.recovery.aclose()
         await self.ttl.aclose()
         await self.modes.aclose()
         await self.resources.aclose()
         await self.loop_blocks.aclose()
-
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("operations task failed: %r", task.exception())
 
     # ------------------------------------------------------------------ recovery
 
@@ -298,7 +285,7 @@ class Operations:
                 continue
             self.probe_streaks[role] += 1
             if self.probe_streaks[role] >= needed and self.config.recovery.enabled:
-                self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
+                self._tasks.spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
 
     def _activity(self, role: str) -> ModelActivity:
         """What ``role``'s model is doing now: its process up, requests in flight, CPU used, calls
@@ -364,7 +351,7 @@ class Operations:
             return  # busy: a chain runs (maybe the one re-sampling now)
         kind = FailureType.VRAM_EXHAUSTION if resource.startswith("gpu") else FailureType.SYSTEM_RESOURCE
         percent = sample.readings().get(resource, 0.0)
-        self._spawn(
+        self._tasks.spawn(
             self.recovery.handle_failure(
                 f"{resource} at {percent:.0f}% (critical)", failure_type=kind, trigger="proactive"
             )
@@ -404,7 +391,7 @@ class Operations:
                 "a recovery reset is running already; ask again when it has ended",
                 retry_after=self.config.recovery.admin_timeout,
             )
-        task = self._spawn(self.reset())
+        task = self._tasks.spawn(self.reset())
         self._reset_task = task
         return task
 
