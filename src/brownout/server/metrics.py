@@ -1,4 +1,4 @@
-"""Prometheus metrics with the seeds' names, read from the running parts at scrape time.
+"""Prometheus metrics under the names dashboards and alerts expect, read from the parts at scrape time.
 
 Nothing on the request path touches Prometheus: the service, guards, cache, breakers, admission, spool
 and HTTP middleware keep plain counters, and :class:`RuntimeCollector` turns them into metric families
@@ -87,7 +87,7 @@ class RuntimeCollector(Collector):
             return
         stats = service.stats
 
-        # ---- models: calls, failures, breakers, health (seeds 000 and 004)
+        # ---- models: calls, failures, breakers, health
         requests = CounterMetricFamily("llm_requests", "Model calls made, by model role", labels=["model"])
         failures = CounterMetricFamily(
             "llm_request_failures", "Model calls that failed, by model role", labels=["model"]
@@ -176,7 +176,7 @@ class RuntimeCollector(Collector):
             restarts.add_metric([role], server.restarts)
         yield restarts
 
-        # ---- modes and downshift (seed 004 section 2)
+        # ---- modes and downshift: which modes can serve, what was served instead, what was refused
         available = GaugeMetricFamily(
             "llm_mode_available", "1 when every model role the mode needs can serve", labels=["mode"]
         )
@@ -223,7 +223,7 @@ class RuntimeCollector(Collector):
             dimmed.add_metric([step], stats.dimmed.get(step, 0))
         yield dimmed
 
-        # ---- JSON hard guard (seed 004 section 1)
+        # ---- JSON hard guard: answers that were not valid JSON, repairs, re-asks
         parse = CounterMetricFamily(
             "llm_json_parse_failures", "Model answers that were not JSON", labels=["stage"]
         )
@@ -258,8 +258,8 @@ class RuntimeCollector(Collector):
             value=stats.fallback_used,
         )
 
-        # ---- response cache (seed 004 section 3). Counters end in _total in the exposition, so
-        # seed 000's cache_requests / cache_misses are cache_requests_total / cache_misses_total here.
+        # ---- response cache. Counters end in _total in the exposition, so the cache_requests /
+        # cache_misses the HighCacheMissRate alert reads are cache_requests_total / cache_misses_total.
         cache = service.cache.stats()
         yield CounterMetricFamily("cache_requests", "Response-cache lookups", value=cache.hits + cache.misses)
         yield CounterMetricFamily("cache_hits", "Response-cache hits", value=cache.hits)
@@ -269,7 +269,7 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily("cache_size", "Entries in the response cache", value=cache.size)
         yield GaugeMetricFamily("cache_max_size", "Capacity of the response cache", value=cache.max_entries)
 
-        # ---- queue (seed 000 section Queue)
+        # ---- queue: requests waiting for a pipeline slot (QueueOverload reads it), runs in progress
         yield GaugeMetricFamily(
             "queue_size", "Requests waiting for a pipeline slot", value=service.admission.queue_size
         )
@@ -290,7 +290,7 @@ class RuntimeCollector(Collector):
             errors.add_metric([str(status)], n)
         yield errors
 
-        # ---- the write spool and its replay (seed 000 "Database Unavailable", issue 3)
+        # ---- the write spool and its replay: briefs kept locally while the database is unavailable
         spool = rt.spool.stats()
         yield GaugeMetricFamily(
             "spool_pending", "Writes waiting in the local spool for the database", value=spool.pending

@@ -6,32 +6,32 @@ watches and acts on (:class:`ServerParts`: the brief service, the model clients 
 edge cache, the records, one round of health probes), and started and stopped with it. What it
 connects:
 
-* **recovery** (seed 001) -- :class:`~brownout.recovery.RecoveryManager` with the brief server's
-  actions. Failures reach it three ways: a model role failing ``recovery.unhealthy_probes`` health
-  probes in a row (its error is classified: a local server that died while starting is a model loading
-  failure, a refused connection a network error, ...), a critical resource (proactive), and the
-  recovery API (manual). A chain is *resolved* when the roles concerned pass a fresh probe (or, for
-  resource failures, no resource is critical any more). When resources come back from critical, the
-  lasting changes their chains made (reduced generation parameters) are undone.
+* **recovery** (act on a failure, not only report it) -- :class:`~brownout.recovery.RecoveryManager`
+  with the brief server's actions. Failures reach it three ways: a model role failing
+  ``recovery.unhealthy_probes`` health probes in a row (its error is classified: a local server that
+  died while starting is a model loading failure, a refused connection a network error, ...), a critical
+  resource (proactive), and the recovery API (manual). A chain is *resolved* when the roles concerned
+  pass a fresh probe (or, for resource failures, no resource is critical any more). When resources come
+  back from critical, the lasting changes their chains made (reduced generation parameters) are undone.
   **Busy is not down**: before an automatic chain clears the cache, restarts or reloads a model,
   caps its generation or switches it off, :class:`~brownout.recovery.busy.BusyCheck` asks whether the
   model is only busy (alive, and its latest probe passed recently, or it has requests in flight and
   its server is computing); then the action is skipped and recorded as ``model busy, not down``. A
   proactive chain for CPU or memory (our own processes at critical: that is load, not failure) only
   reports: it probes and re-samples, and clears, restarts and caps nothing.
-* **resources** (seed 001) -- :class:`~brownout.health.ResourceMonitor`; the worst level is a
-  component of the system mode (not a core one: at worst it degrades the mode).
-* **modes** (seed 002) -- :class:`~brownout.health.SystemModes` over these components: ``model:qwen``
-  (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while writes are spooled),
-  ``resources`` and ``recovery`` (degraded while recovery has switched a role off). Event-loop
-  blocks are counted and alerted, not a component: one slow request is a bug to fix, not a reason to
-  switch features off. The mode's switched-off features become roles switched
-  off in the brief service: ``creative_hints`` -> llama, ``model_validation`` -> mistral.
-* **adaptive TTL** (seed 000) -- :class:`~brownout.health.AdaptiveTTL` sets the response cache's TTL
-  from the load factor ``max(queue fill, CPU use)``; it is not lowered while the mode switches off
-  ``cache_ttl_shortening``.
-* **loop blocks** (seed 003 §C) -- :class:`~brownout.health.LoopBlockDetector`; the app adds its
-  middleware.
+* **resources** (CPU, memory, GPU memory) -- :class:`~brownout.health.ResourceMonitor`; the worst level
+  is a component of the system mode (not a core one: at worst it degrades the mode).
+* **modes** (normal, degraded, emergency) -- :class:`~brownout.health.SystemModes` over these
+  components: ``model:qwen`` (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while
+  writes are spooled), ``resources`` and ``recovery`` (degraded while recovery has switched a role off).
+  Event-loop blocks are counted and alerted, not a component: one slow request is a bug to fix, not a
+  reason to switch features off. The mode's switched-off features become roles switched off in the brief
+  service: ``creative_hints`` -> llama, ``model_validation`` -> mistral.
+* **adaptive TTL** (a busy server answers more from the cache) -- :class:`~brownout.health.AdaptiveTTL`
+  sets the response cache's TTL from the load factor ``max(queue fill, CPU use)``; it is not lowered
+  while the mode switches off ``cache_ttl_shortening``.
+* **loop blocks** (every request waits while the event loop is held) --
+  :class:`~brownout.health.LoopBlockDetector`; the app adds its middleware.
 """
 
 from __future__ import annotations
@@ -421,8 +421,8 @@ class Operations:
                 ComponentHealth("database", status, detail=f"{records.error}; {spool.pending} writes spooled")
             )
         level = self.resources.level
-        # A warning is reported (health, alerts, webhooks) but switches nothing off: seed 001's
-        # warnings ask for attention, its critical level for action.
+        # A warning is reported (health, alerts, webhooks) but switches nothing off: a warning asks for
+        # attention, the critical level for action.
         status_of: dict[str, ComponentStatus] = {
             "ok": "healthy",
             "warning": "healthy",

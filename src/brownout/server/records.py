@@ -166,7 +166,8 @@ class BriefRecords:
         self._brief_created(payload)
 
     def _brief_created(self, payload: dict[str, Any]) -> None:
-        """Seed 002 §3's event for a stored (or spooled) brief, keyed by request id (sent once)."""
+        """Tell the event stream that a brief was stored (or spooled): ``brief_created``, keyed by
+        request id (sent once)."""
         if self.outbox is not None:
             self.outbox.emit(
                 "brief_created",
