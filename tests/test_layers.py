@@ -1,8 +1,8 @@
 """The two layers: the toolkit (``pip install brownout``) and the application built on it.
 
-The toolkit -- the package root, ``clock``, ``errors``, ``events``, ``testing``, ``policies/`` and
-``state/`` (shared state on Redis, the toolkit's optional extra) -- depends on pydantic alone and imports
-nothing of the application: not at the top of a module, not inside a function, not under
+The toolkit -- the package root, ``background``, ``clock``, ``errors``, ``events``, ``testing``,
+``policies/`` and ``state/`` (shared state on Redis, the toolkit's optional extra) -- depends on pydantic
+alone and imports nothing of the application: not at the top of a module, not inside a function, not under
 ``TYPE_CHECKING``. Checked twice: by running ``import brownout`` in a fresh interpreter and reading
 ``sys.modules``, and by reading every toolkit module's source. The ``brownout`` command's front door
 is checked here too: without the server extra it says so in one line.
@@ -25,7 +25,7 @@ from brownout._entry import MISSING_SERVER_EXTRA
 
 PACKAGE = Path(brownout.__file__).resolve().parent
 
-TOOLKIT_MODULES = ("__init__.py", "clock.py", "errors.py", "events.py", "testing.py")
+TOOLKIT_MODULES = ("__init__.py", "background.py", "clock.py", "errors.py", "events.py", "testing.py")
 TOOLKIT_PACKAGES = ("policies", "state")
 
 APPLICATION = (
@@ -64,6 +64,7 @@ HEAVY = (
 
 TOOLKIT_IMPORTS = (
     "brownout",
+    "brownout.background",
     "brownout.clock",
     "brownout.errors",
     "brownout.events",

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from brownout.background import TaskSet
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.durable.spool import DeadLetter, Spool, SpoolReplayer, SpoolStats
 from brownout.events import DEFAULT_BUS, BreakerStateChanged, EventBus, SystemModeChanged
@@ -154,7 +155,7 @@ class EventOutbox:
         )
         self._bus = events
         self._unsubscribe: list[Callable[[], None]] = []
-        self._tasks: set[asyncio.Task[str]] = set()
+        self._tasks = TaskSet("events-outbox", logger=_log)  # appends on their way to the file
         self.dropped = 0
         """Events that could not even be written to the outbox file (logged one by one)."""
 
@@ -179,12 +180,10 @@ class EventOutbox:
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         """Put an event in the outbox without waiting for the disk (from a task; see :meth:`add`)."""
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return
-        task = loop.create_task(self.add(kind, data))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(self.add(kind, data))
 
     async def add(self, kind: str, data: dict[str, Any], *, event_id: str | None = None) -> str:
         """Put one event in the outbox durably (fsync'd) and have it published; returns its id.
@@ -229,7 +228,6 @@ class EventOutbox:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
         await self.replayer.aclose()
         await self.spool.aclose()

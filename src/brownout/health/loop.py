@@ -24,8 +24,6 @@ task -- no allocation, no lock. Time comes from the injected clock (the real one
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator, MutableMapping
@@ -33,6 +31,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError
 from brownout.events import DEFAULT_BUS, EventBus, LoopBlocked
@@ -109,7 +108,10 @@ class LoopBlockDetector:
         """Requests running now, by route (for attributing loop blocks)."""
         self._clock = clock
         self._events = events
-        self._task: asyncio.Task[None] | None = None
+        self._heartbeat = Periodic(
+            f"brownout-{name}", self._beat, lambda: self.interval, clock=clock, logger=_log
+        )
+        self._slept_at: float | None = None  # clock time the heartbeat's current sleep began
         self._last_request_block = float("-inf")  # clock time a request block was last reported
 
     @property
@@ -145,28 +147,29 @@ class LoopBlockDetector:
 
     def start(self) -> None:
         """Start the heartbeat task on the running loop."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._beat(), name=f"brownout-{self.name}")
+        if not self._heartbeat.running:
+            self._slept_at = None
+            self._heartbeat.start()
 
-    async def _beat(self) -> None:
+    def _beat(self) -> None:
+        # One round of the heartbeat, run every `interval`: how late did this wake-up come?
         clock = self._clock
-        while True:
-            started = clock.now()
-            await clock.sleep(self.interval)
+        started = self._slept_at
+        try:
+            if started is None:
+                return  # the first round, at start: nothing slept yet
             woke = clock.now()
             self.ticks += 1
             late = woke - started - self.interval
             if late > self.threshold and self._last_request_block < started:
                 routes = sorted(r for r, n in self.in_flight.items() if n > 0)
                 self.report("loop", ", ".join(routes), late)
+        finally:
+            self._slept_at = clock.now()  # the next sleep starts now: nothing awaits in between
 
     async def aclose(self) -> None:
         """Stop the heartbeat."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._heartbeat.stop()
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view: threshold, totals, the longest block and the latest ones."""

@@ -26,8 +26,6 @@ never lowered.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, deque
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError
 from brownout.events import DEFAULT_BUS, CacheTTLChanged, EventBus, SystemModeChanged
@@ -189,7 +188,9 @@ class SystemModes:
         self._on_change = on_change
         self._clock = clock
         self._events = events
-        self._task: asyncio.Task[None] | None = None
+        self._evaluating = Periodic(
+            f"brownout-{name}", self.evaluate, lambda: self.interval, clock=clock, logger=_log
+        )
 
     @property
     def switched_off(self) -> tuple[str, ...]:
@@ -273,24 +274,11 @@ class SystemModes:
 
     def start(self) -> None:
         """Evaluate now and every ``interval`` seconds, in a background task."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"brownout-{self.name}")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                self.evaluate()
-            except Exception:
-                _log.exception("system mode evaluation failed")
-            await self._clock.sleep(self.interval)
+        self._evaluating.start()
 
     async def aclose(self) -> None:
         """Stop evaluating."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._evaluating.stop()
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view: the mode, why, since when, what it switches off, components, failures."""
@@ -365,7 +353,9 @@ class AdaptiveTTL:
         self._may_shorten = may_shorten
         self._clock = clock
         self._events = events
-        self._task: asyncio.Task[None] | None = None
+        self._adjusting = Periodic(
+            f"brownout-{name}", self.tick, lambda: self.interval, clock=clock, immediately=False, logger=_log
+        )
 
     def adjust(self, load: float) -> float:
         """Move the TTL for ``load`` (doubled above ``high_load``, halved below ``low_load``); returns it."""
@@ -398,24 +388,11 @@ class AdaptiveTTL:
     def start(self) -> None:
         """Apply ``base`` now, then adjust every ``interval`` seconds in a background task."""
         self._apply(self.current)
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"brownout-{self.name}")
-
-    async def _run(self) -> None:
-        while True:
-            await self._clock.sleep(self.interval)
-            try:
-                self.tick()
-            except Exception:
-                _log.exception("cache TTL adjustment failed")
+        self._adjusting.start()
 
     async def aclose(self) -> None:
         """Stop adjusting."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._adjusting.stop()
 
     def status(self) -> dict[str, Any]:
         """A JSON-ready view."""

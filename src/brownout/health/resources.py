@@ -43,7 +43,6 @@ says why. Nothing is imported from NVML at module import time.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import logging
@@ -55,6 +54,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError
 from brownout.events import DEFAULT_BUS, EventBus, ResourceAlert
@@ -594,7 +594,9 @@ class ResourceMonitor:
         self._on_level = on_level
         self._clock = clock
         self._events = events
-        self._task: asyncio.Task[None] | None = None
+        self._sampling = Periodic(
+            f"brownout-{name}", self.check, lambda: self.interval, clock=clock, logger=_log
+        )
 
     @property
     def level(self) -> Level:
@@ -673,24 +675,11 @@ class ResourceMonitor:
 
     def start(self) -> None:
         """Sample now and every ``interval`` seconds, in a background task."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"brownout-{self.name}")
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                _log.exception("resource sampling failed")
-            await self._clock.sleep(self.interval)
+        self._sampling.start()
 
     async def aclose(self) -> None:
         """Stop sampling; release NVML."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._sampling.stop()
         self._gpu.close()
 
     def status(self) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from typing import Any, Generic, Literal, Self, TypeVar
 
 from pydantic import Field
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError
 from brownout.events import DEFAULT_BUS, CacheRefreshFailed, EventBus
@@ -214,7 +215,9 @@ class Cache(Generic[K, V]):
         # Strong references to background refreshes: the event loop keeps only weak ones, and a
         # collected task would silently stop refreshing.
         self._background: set[asyncio.Future[V]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Periodic(
+            f"{name}-sweeper", self.sweep, lambda: self.config.sweep_interval, clock=clock, immediately=False
+        )
         self._hits = 0
         self._misses = 0
         self._evictions = 0
@@ -334,16 +337,7 @@ class Cache(Generic[K, V]):
 
     def start(self) -> None:
         """Start the background sweeper (idempotent; needs a running event loop)."""
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(
-                self._sweep_forever(), name=f"{self.name}-sweeper"
-            )
-
-    async def _sweep_forever(self) -> None:
-        interval = self.config.sweep_interval
-        while True:
-            await self._clock.sleep(interval)
-            self.sweep()
+        self._sweeper.start()
 
     async def aclose(self) -> None:
         """Stop the sweeper and cancel running background refreshes.
@@ -352,11 +346,9 @@ class Cache(Generic[K, V]):
         :class:`asyncio.CancelledError`. The cache stays usable.
         """
         tasks: list[asyncio.Future[Any]] = [*self._background]
-        if self._sweeper is not None:
-            tasks.append(self._sweeper)
-            self._sweeper = None
         for task in tasks:
             task.cancel()
+        await self._sweeper.stop()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -72,10 +72,11 @@ import itertools
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from brownout.background import TaskSet
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, RecoveryActionRun
@@ -291,7 +292,7 @@ class RecoveryManager:
         self._runs: dict[int, RecoveryRun] = {}  # in progress, by id
         self._done_runs: deque[RecoveryRun] = deque(maxlen=history_size)
         self._running_actions: dict[str, str] = {}  # action name -> what runs it ("run 3", "undo")
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet(f"recovery {name}", logger=_log)  # runs started by start_trigger/start_failure
         self._attempts: Counter[FailureType] = Counter()  # unresolved handlings per type
         self._last_handled: dict[FailureType, float] = {}
         self._action_runs: Counter[str] = Counter()
@@ -410,9 +411,9 @@ class RecoveryManager:
     def start_trigger(self, action: str, target: str = "all") -> RecoveryRun:
         """Like :meth:`trigger`, but run the action as a task the manager owns and return its run at
         once (errors for unknown names, or an action already running, are raised here)."""
-        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
+        asyncio.get_running_loop()  # first: without a loop, no run may be taken (raises RuntimeError)
         run = self._begin_action(action, target)
-        run.task = self._own(loop, self._action_run(run))
+        run.task = self._tasks.spawn(self._action_run(run), name=f"brownout-{self.name}-run")
         return run
 
     async def handle_failure(
@@ -443,11 +444,11 @@ class RecoveryManager:
     ) -> RecoveryRun | RecoveryOutcome:
         """Like :meth:`handle_failure`, but run the chain as a task the manager owns and return its
         run at once; a failure not acted on is answered with its suppressed outcome."""
-        loop = asyncio.get_running_loop()  # first: without a loop, no run may be taken
+        asyncio.get_running_loop()  # first: without a loop, no run may be taken (raises RuntimeError)
         begun = self._begin_chain(error, failure_type, target, trigger)
         if isinstance(begun, RecoveryOutcome):
             return begun
-        begun.task = self._own(loop, self._chain_run(begun))
+        begun.task = self._tasks.spawn(self._chain_run(begun), name=f"brownout-{self.name}-run")
         return begun
 
     async def release(self, failure_type: FailureType) -> list[RecoveryAttempt]:
@@ -475,11 +476,7 @@ class RecoveryManager:
 
     async def aclose(self) -> None:
         """Cancel the runs started with :meth:`start_trigger` or :meth:`start_failure` (shutting down)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._tasks.cancel()
 
     # ------------------------------------------------------------------ internals
 
@@ -493,12 +490,6 @@ class RecoveryManager:
         run.current = None
         self._runs.pop(run.id, None)
         self._done_runs.append(run)
-
-    def _own(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = loop.create_task(coro, name=f"brownout-{self.name}-run")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     def _begin_action(self, action: str, target: str) -> RecoveryRun:
         # No await in here: the check that the action is free and taking it are one step.

@@ -4,7 +4,7 @@
   requested/served mode, downshift reason and impact, warnings and what served each stage;
 * ``GET /health``, ``GET /health/models/{name}``, ``GET /health/llm?model=qwen|mistral|llama|all``;
 * ``GET /metrics`` (Prometheus);
-* the recovery API of seed 001: ``GET /api/v1/recovery/status|health|actions`` and
+* the recovery API, for operators: ``GET /api/v1/recovery/status|health|actions`` and
   ``POST /api/v1/recovery/trigger|reset`` (bearer token from ``server.admin_token``; refused when none
   is configured);
 * the live view, the dashboard and the pre-promotion check's routes, and the OpenAI-compatible gateway.
@@ -267,7 +267,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     recovery.install(router, config=config, state=rt.status, ops=rt.ops)
     docs.install(app)
     if config.loop_block.enabled:
-        # Inside _Guard: times each step of every request's task (seed 003 §C blocking detection).
+        # Inside _Guard: times each step of every request's task, to warn when one holds the event loop.
         app.add_middleware(LoopBlockMiddleware, detector=rt.ops.loop_blocks)
     app.add_middleware(
         _Guard, http=rt.http, clock=rt.clock, edge=rt.edge, max_body=config.server.max_body_bytes

@@ -1,5 +1,5 @@
-"""What the read-only routes behind seed 004's pre-promotion checklist (``brownout check --url``) answer
-(the routes: :mod:`brownout.server.routes.check`).
+"""What the read-only routes behind the pre-promotion checklist (``brownout check --url``, run before a
+canary is promoted) answer (the routes: :mod:`brownout.server.routes.check`).
 
 * ``GET /api/v1/config/summary`` -- the settings that decide whether the guards are on (the JSON guard,
   the breakers, the cache, the queue), the server's limits, and only *whether* secrets are set: no
@@ -7,8 +7,8 @@
 * ``GET /api/v1/selftest/cache`` -- proves that the response cache expires and regenerates entries.
   Waiting out the real TTL (600 s by default) is no check one runs before a promotion, so the
   self-test builds a second cache of the *same class with the same settings* as the live one, on a
-  manual clock, and walks it through the seed's test: set, hit while fresh, miss once the TTL has
-  passed (counted as an expiration), regenerate (the seed's set-again and the stampede-safe
+  manual clock, and walks it through the checklist's cache test: set, hit while fresh, miss once the
+  TTL has passed (counted as an expiration), regenerate (set again, and the stampede-safe
   ``fetch``), hit the new value, evict the least recently used entry when full, sweep expired
   entries. It never touches the live cache's entries or counters; it also checks that the live cache
   has the configured size and a TTL in range (the configured one, or the adaptive TTL's range when
@@ -83,7 +83,8 @@ async def cache_selftest(config: BrownoutConfig, live: Cache[Any, Any] | None) -
     if live is None:
         step("live cache", False, "the service has not started")
         return {"ok": False, "steps": steps}
-    # The TTL in force: the adaptive TTL (seed 000) moves it within its range; else the configured one.
+    # The TTL in force: the adaptive TTL (it follows the load) moves it within its range; else the
+    # configured one.
     in_force = float(getattr(live, "ttl", live.config.ttl))
     adaptive = getattr(getattr(config, "modes", None), "adaptive_ttl", None)
     if adaptive is not None and adaptive.enabled:

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import WebhooksSection
 from brownout.events import DEFAULT_BUS, BreakerStateChanged, Event, EventBus, SpoolAppended
@@ -399,7 +400,7 @@ class LiveHub:
         self._seq = 0
         self._latest: LiveMessage | None = None
         self._unsubscribe: Any = None
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker = Periodic("brownout-live", self.tick, lambda: self.interval, clock=clock, logger=_log)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = 0
         self._snapshot_due = False
@@ -423,7 +424,7 @@ class LiveHub:
 
     def start(self) -> None:
         """Subscribe to the bus and start the periodic snapshots and the webhook sender."""
-        if self._ticker is not None:
+        if self._ticker.running:
             return
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
@@ -432,18 +433,14 @@ class LiveHub:
         self._bus_modes = self._mode_events
         self._unsubscribe = self.events.subscribe(self._on_event)
         self.webhooks.start()
-        self._ticker = self._loop.create_task(self._tick_forever(), name="brownout-live")
+        self._ticker.start()
 
     async def aclose(self) -> None:
         """Unsubscribe, end every stream, stop the sender."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
-            self._ticker = None
+        await self._ticker.stop()
         self.close_clients()
         await self.webhooks.aclose()
 
@@ -519,11 +516,6 @@ class LiveHub:
         message = self._message("snapshot", {"data": self._snapshot(self.client_count)}, record=False)
         self._latest = message
         return message
-
-    async def _tick_forever(self) -> None:
-        while True:
-            self.tick()
-            await self.clock.sleep(self.interval)
 
     def tick(self) -> dict[str, Any]:
         """Take a snapshot now, publish it, and raise what changed (health, mode, recovery actions)."""

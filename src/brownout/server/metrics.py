@@ -1,4 +1,4 @@
-"""Prometheus metrics with the seeds' names, read from the running parts at scrape time.
+"""Prometheus metrics under the names dashboards and alerts expect, read from the parts at scrape time.
 
 Nothing on the request path touches Prometheus: the service, guards, cache, breakers, admission, spool
 and HTTP middleware keep plain counters, and :class:`RuntimeCollector` turns them into metric families
@@ -32,8 +32,6 @@ left from an earlier run would keep adding that run's counter totals.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -48,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from brownout.background import Periodic
 from brownout.briefs.service import DIMMED_FEATURES
 from brownout.clock import Clock
 from brownout.config import ROLES
@@ -88,7 +87,7 @@ class RuntimeCollector(Collector):
             return
         stats = service.stats
 
-        # ---- models: calls, failures, breakers, health (seeds 000 and 004)
+        # ---- models: calls, failures, breakers, health
         requests = CounterMetricFamily("llm_requests", "Model calls made, by model role", labels=["model"])
         failures = CounterMetricFamily(
             "llm_request_failures", "Model calls that failed, by model role", labels=["model"]
@@ -177,7 +176,7 @@ class RuntimeCollector(Collector):
             restarts.add_metric([role], server.restarts)
         yield restarts
 
-        # ---- modes and downshift (seed 004 section 2)
+        # ---- modes and downshift: which modes can serve, what was served instead, what was refused
         available = GaugeMetricFamily(
             "llm_mode_available", "1 when every model role the mode needs can serve", labels=["mode"]
         )
@@ -224,7 +223,7 @@ class RuntimeCollector(Collector):
             dimmed.add_metric([step], stats.dimmed.get(step, 0))
         yield dimmed
 
-        # ---- JSON hard guard (seed 004 section 1)
+        # ---- JSON hard guard: answers that were not valid JSON, repairs, re-asks
         parse = CounterMetricFamily(
             "llm_json_parse_failures", "Model answers that were not JSON", labels=["stage"]
         )
@@ -259,8 +258,8 @@ class RuntimeCollector(Collector):
             value=stats.fallback_used,
         )
 
-        # ---- response cache (seed 004 section 3). Counters end in _total in the exposition, so
-        # seed 000's cache_requests / cache_misses are cache_requests_total / cache_misses_total here.
+        # ---- response cache. Counters end in _total in the exposition, so the cache_requests /
+        # cache_misses the HighCacheMissRate alert reads are cache_requests_total / cache_misses_total.
         cache = service.cache.stats()
         yield CounterMetricFamily("cache_requests", "Response-cache lookups", value=cache.hits + cache.misses)
         yield CounterMetricFamily("cache_hits", "Response-cache hits", value=cache.hits)
@@ -270,7 +269,7 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily("cache_size", "Entries in the response cache", value=cache.size)
         yield GaugeMetricFamily("cache_max_size", "Capacity of the response cache", value=cache.max_entries)
 
-        # ---- queue (seed 000 section Queue)
+        # ---- queue: requests waiting for a pipeline slot (QueueOverload reads it), runs in progress
         yield GaugeMetricFamily(
             "queue_size", "Requests waiting for a pipeline slot", value=service.admission.queue_size
         )
@@ -291,7 +290,7 @@ class RuntimeCollector(Collector):
             errors.add_metric([str(status)], n)
         yield errors
 
-        # ---- the write spool and its replay (seed 000 "Database Unavailable", issue 3)
+        # ---- the write spool and its replay: briefs kept locally while the database is unavailable
         spool = rt.spool.stats()
         yield GaugeMetricFamily(
             "spool_pending", "Writes waiting in the local spool for the database", value=spool.pending
@@ -635,7 +634,9 @@ class RuntimeMetrics:
             )
             self._exposed = CollectorRegistry(auto_describe=False)
             self._exposed.register(_MergingCollector(self.registry, self.shared))
-        self._task: asyncio.Task[None] | None = None
+        self._publishing = Periodic(
+            "brownout-metrics", self._publish_now, lambda: self.interval, clock=runtime.clock, logger=_log
+        )
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric (merged over the workers when shared)."""
@@ -651,25 +652,18 @@ class RuntimeMetrics:
 
     def start(self) -> None:
         """Start publishing this worker's snapshot periodically (needs a running loop)."""
-        if self.shared is None or self._task is not None:
-            return
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="brownout-metrics")
+        if self.shared is not None:
+            self._publishing.start()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                self.publish()
-            except OSError as e:  # a full or vanished directory must not stop the server
-                _log.warning("cannot write the metrics snapshot: %s", e)
-            await self.runtime.clock.sleep(self.interval)
+    def _publish_now(self) -> None:
+        try:
+            self.publish()
+        except OSError as e:  # a full or vanished directory must not stop the server
+            _log.warning("cannot write the metrics snapshot: %s", e)
 
     async def aclose(self) -> None:
         """Stop publishing, and mark this worker's snapshot stopped (its counters keep counting)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._publishing.stop()
         try:
             self.publish(alive=False)
         except OSError as e:

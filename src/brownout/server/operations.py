@@ -6,32 +6,32 @@ watches and acts on (:class:`ServerParts`: the brief service, the model clients 
 edge cache, the records, one round of health probes), and started and stopped with it. What it
 connects:
 
-* **recovery** (seed 001) -- :class:`~brownout.recovery.RecoveryManager` with the brief server's
-  actions. Failures reach it three ways: a model role failing ``recovery.unhealthy_probes`` health
-  probes in a row (its error is classified: a local server that died while starting is a model loading
-  failure, a refused connection a network error, ...), a critical resource (proactive), and the
-  recovery API (manual). A chain is *resolved* when the roles concerned pass a fresh probe (or, for
-  resource failures, no resource is critical any more). When resources come back from critical, the
-  lasting changes their chains made (reduced generation parameters) are undone.
+* **recovery** (act on a failure, not only report it) -- :class:`~brownout.recovery.RecoveryManager`
+  with the brief server's actions. Failures reach it three ways: a model role failing
+  ``recovery.unhealthy_probes`` health probes in a row (its error is classified: a local server that
+  died while starting is a model loading failure, a refused connection a network error, ...), a critical
+  resource (proactive), and the recovery API (manual). A chain is *resolved* when the roles concerned
+  pass a fresh probe (or, for resource failures, no resource is critical any more). When resources come
+  back from critical, the lasting changes their chains made (reduced generation parameters) are undone.
   **Busy is not down**: before an automatic chain clears the cache, restarts or reloads a model,
   caps its generation or switches it off, :class:`~brownout.recovery.busy.BusyCheck` asks whether the
   model is only busy (alive, and its latest probe passed recently, or it has requests in flight and
   its server is computing); then the action is skipped and recorded as ``model busy, not down``. A
   proactive chain for CPU or memory (our own processes at critical: that is load, not failure) only
   reports: it probes and re-samples, and clears, restarts and caps nothing.
-* **resources** (seed 001) -- :class:`~brownout.health.ResourceMonitor`; the worst level is a
-  component of the system mode (not a core one: at worst it degrades the mode).
-* **modes** (seed 002) -- :class:`~brownout.health.SystemModes` over these components: ``model:qwen``
-  (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while writes are spooled),
-  ``resources`` and ``recovery`` (degraded while recovery has switched a role off). Event-loop
-  blocks are counted and alerted, not a component: one slow request is a bug to fix, not a reason to
-  switch features off. The mode's switched-off features become roles switched
-  off in the brief service: ``creative_hints`` -> llama, ``model_validation`` -> mistral.
-* **adaptive TTL** (seed 000) -- :class:`~brownout.health.AdaptiveTTL` sets the response cache's TTL
-  from the load factor ``max(queue fill, CPU use)``; it is not lowered while the mode switches off
-  ``cache_ttl_shortening``.
-* **loop blocks** (seed 003 §C) -- :class:`~brownout.health.LoopBlockDetector`; the app adds its
-  middleware.
+* **resources** (CPU, memory, GPU memory) -- :class:`~brownout.health.ResourceMonitor`; the worst level
+  is a component of the system mode (not a core one: at worst it degrades the mode).
+* **modes** (normal, degraded, emergency) -- :class:`~brownout.health.SystemModes` over these
+  components: ``model:qwen`` (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while
+  writes are spooled), ``resources`` and ``recovery`` (degraded while recovery has switched a role off).
+  Event-loop blocks are counted and alerted, not a component: one slow request is a bug to fix, not a
+  reason to switch features off. The mode's switched-off features become roles switched off in the brief
+  service: ``creative_hints`` -> llama, ``model_validation`` -> mistral.
+* **adaptive TTL** (a busy server answers more from the cache) -- :class:`~brownout.health.AdaptiveTTL`
+  sets the response cache's TTL from the load factor ``max(queue fill, CPU use)``; it is not lowered
+  while the mode switches off ``cache_ttl_shortening``.
+* **loop blocks** (every request waits while the event loop is held) --
+  :class:`~brownout.health.LoopBlockDetector`; the app adds its middleware.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from brownout.background import TaskSet
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
@@ -212,7 +213,7 @@ class Operations:
         """The adaptive cache TTL."""
         self.probe_streaks: Counter[str] = Counter()
         """Failed health probes in a row, by role."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskSet("operations", logger=_log)  # checksums, recoveries and resets under way
         self._reset_task: asyncio.Task[list[RecoveryAttempt]] | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -231,30 +232,16 @@ class Operations:
             artifact = self.artifact(server.model_path)
             if artifact is not None and artifact.expected is None:
                 # The servers just loaded it: this is the first successful load.
-                self._spawn(artifact.record())
+                self._tasks.spawn(artifact.record())
 
     async def aclose(self) -> None:
         """Stop the watchers and any recovery still running."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._tasks.cancel()
         await self.recovery.aclose()
         await self.ttl.aclose()
         await self.modes.aclose()
         await self.resources.aclose()
         await self.loop_blocks.aclose()
-
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            _log.error("operations task failed: %r", task.exception())
 
     # ------------------------------------------------------------------ recovery
 
@@ -298,7 +285,7 @@ class Operations:
                 continue
             self.probe_streaks[role] += 1
             if self.probe_streaks[role] >= needed and self.config.recovery.enabled:
-                self._spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
+                self._tasks.spawn(self.recovery.handle_failure(self.why_unhealthy(role), target=role))
 
     def _activity(self, role: str) -> ModelActivity:
         """What ``role``'s model is doing now: its process up, requests in flight, CPU used, calls
@@ -364,7 +351,7 @@ class Operations:
             return  # busy: a chain runs (maybe the one re-sampling now)
         kind = FailureType.VRAM_EXHAUSTION if resource.startswith("gpu") else FailureType.SYSTEM_RESOURCE
         percent = sample.readings().get(resource, 0.0)
-        self._spawn(
+        self._tasks.spawn(
             self.recovery.handle_failure(
                 f"{resource} at {percent:.0f}% (critical)", failure_type=kind, trigger="proactive"
             )
@@ -404,7 +391,7 @@ class Operations:
                 "a recovery reset is running already; ask again when it has ended",
                 retry_after=self.config.recovery.admin_timeout,
             )
-        task = self._spawn(self.reset())
+        task = self._tasks.spawn(self.reset())
         self._reset_task = task
         return task
 
@@ -434,8 +421,8 @@ class Operations:
                 ComponentHealth("database", status, detail=f"{records.error}; {spool.pending} writes spooled")
             )
         level = self.resources.level
-        # A warning is reported (health, alerts, webhooks) but switches nothing off: seed 001's
-        # warnings ask for attention, its critical level for action.
+        # A warning is reported (health, alerts, webhooks) but switches nothing off: a warning asks for
+        # attention, the critical level for action.
         status_of: dict[str, ComponentStatus] = {
             "ok": "healthy",
             "warning": "healthy",

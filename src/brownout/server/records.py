@@ -10,12 +10,12 @@ writes are spooled (or the database is known down) and wakes the replayer the mo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from brownout.background import Periodic
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import DatabaseSection
@@ -85,7 +85,9 @@ class BriefRecords:
         self.error: str | None = None
         """Why the database is not ok: the driver's error class and short message, never the SQL."""
         self._schema_ready = False
-        self._watch: asyncio.Task[None] | None = None
+        self._watch = Periodic(
+            "brownout-db-watch", self._check_database, section.check_interval, clock=clock, immediately=False
+        )
 
     async def open(self) -> None:
         """Open the database (the service answers without one: then ``ok`` is False and the watch
@@ -98,30 +100,28 @@ class BriefRecords:
             self.ok, self.error = False, error_summary(e)
             _log.error("database unavailable at start: %s", self.error)
         self.replayer.start()
-        self._watch = asyncio.create_task(self._database_watch(), name="brownout-db-watch")
+        self._watch.start()
 
-    async def _database_watch(self) -> None:
-        """While writes are spooled (or the database is known down), check it every check_interval and
-        wake the replayer the moment some host takes writes again (reconnecting or failing over)."""
-        interval = self.section.check_interval
-        while True:
-            await self.clock.sleep(interval)
-            if self.spool.pending == 0 and self.ok:
-                continue
-            try:
-                if self._schema_ready:
-                    await self.store.ping()
-                else:  # the database was down at start: create or migrate the schema now
-                    await self.store.init()
-                    self._schema_ready = True
-            except Exception as e:
-                self.ok, self.error = False, error_summary(e)
-                continue
-            if not self.ok:
-                _log.warning("database reachable again (%s)", self.store.writable_host)
-            self.ok, self.error = True, None
-            if self.spool.pending:
-                self.replayer.wake()
+    async def _check_database(self) -> None:
+        """The watch's round, every check_interval: while writes are spooled (or the database is known
+        down), check it, and wake the replayer the moment some host takes writes again (reconnecting or
+        failing over)."""
+        if self.spool.pending == 0 and self.ok:
+            return
+        try:
+            if self._schema_ready:
+                await self.store.ping()
+            else:  # the database was down at start: create or migrate the schema now
+                await self.store.init()
+                self._schema_ready = True
+        except Exception as e:
+            self.ok, self.error = False, error_summary(e)
+            return
+        if not self.ok:
+            _log.warning("database reachable again (%s)", self.store.writable_host)
+        self.ok, self.error = True, None
+        if self.spool.pending:
+            self.replayer.wake()
 
     async def record(self, text: str, response: dict[str, Any]) -> None:
         """Persist a served brief before it is acknowledged: in the database, or else in the spool.
@@ -166,7 +166,8 @@ class BriefRecords:
         self._brief_created(payload)
 
     def _brief_created(self, payload: dict[str, Any]) -> None:
-        """Seed 002 §3's event for a stored (or spooled) brief, keyed by request id (sent once)."""
+        """Tell the event stream that a brief was stored (or spooled): ``brief_created``, keyed by
+        request id (sent once)."""
         if self.outbox is not None:
             self.outbox.emit(
                 "brief_created",
@@ -189,11 +190,7 @@ class BriefRecords:
 
     async def aclose(self) -> None:
         """Stop the watch and the replayer, then close the spool and the store; safe to call twice."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+        await self._watch.stop()
         await self.replayer.aclose()
         with contextlib.suppress(Exception):
             await self.spool.aclose()

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brownout.background import Periodic
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
@@ -291,7 +292,14 @@ class Runtime:
             interval=cfg.server.live_interval,
             max_clients=cfg.server.live_max_clients,
         )
-        self._monitor: asyncio.Task[None] | None = None
+        # Probes every role every models.health_interval, from start() to stop().
+        self._monitor = Periodic(
+            "brownout-health",
+            self._probe_round,
+            lambda: self.config.models.health_interval,
+            clock=clock,
+            logger=_log,
+        )
         self.start_error: BaseException | None = None
         """Why the last :meth:`start` failed, if it did (the server runner reports it)."""
 
@@ -362,7 +370,7 @@ class Runtime:
             await self.records.open()
             await self.service.verify_constraints()
             await self.ops.start()
-            self._monitor = asyncio.create_task(self._health_loop(), name="brownout-health")
+            self._monitor.start()
             self.live.start()
         except BaseException as e:
             # Kept for the runner: uvicorn logs a failed startup but does not hand the error back.
@@ -370,12 +378,10 @@ class Runtime:
             await self.stop()
             raise
 
-    async def _health_loop(self) -> None:
-        interval = self.config.models.health_interval
-        while True:
-            await self.probes.probe_all()
-            await self.ops.after_probes()
-            await self.clock.sleep(interval)
+    async def _probe_round(self) -> None:
+        # The health monitor's round, every models.health_interval from start to stop.
+        await self.probes.probe_all()
+        await self.ops.after_probes()
 
     async def probe_all(self) -> None:
         """Probe every role once, concurrently."""
@@ -395,11 +401,7 @@ class Runtime:
         if self.shared is not None:
             with contextlib.suppress(Exception):
                 await self.shared.aclose()
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._monitor
-            self._monitor = None
+        await self._monitor.stop()
         await self.service.aclose()
         for client in self.clients.values():
             with contextlib.suppress(Exception):

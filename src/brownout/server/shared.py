@@ -2,14 +2,15 @@
 
 One Redis client feeds four parts, each of which keeps the service answering when Redis does not:
 
-* a :class:`~brownout.state.redis.RedisHealthDetector` (seed 002 §1: ping/set/get, over 100 ms is
-  degraded, 3 failures in a row is fallback) whose background check also brings Redis back;
+* a :class:`~brownout.state.redis.RedisHealthDetector` (ping/set/get; over 100 ms is degraded, 3
+  failures in a row is fallback, when Redis is not used at all) whose background check also brings
+  Redis back;
 * :class:`~brownout.state.breaker.RedisBreakers`: one breaker state per configured endpoint across
   replicas (local model servers are per replica, so their breakers stay local);
 * a :class:`~brownout.state.redis.SharedCache` behind the brief service's LRU;
 * a :class:`~brownout.state.singleflight.RedisSingleflight`: one computation per key across replicas;
 * shared health checks: per interval, one replica probes each configured endpoint and the others
-  read its results (seed 000's checks, cheap for the models however many replicas there are).
+  read its results (the models' health checks, cheap for the models however many replicas there are).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class SharedState:
     async def probe_once(
         self, role: str, interval: float, probe: Callable[[], Awaitable[list[ProbeResult]]]
     ) -> tuple[list[ProbeResult], bool] | None:
-        """Seed 000's health check, once per interval across replicas: (results, probed here).
+        """One role's health check, once per interval across replicas: (results, probed here).
 
         The replica that takes the role's lock for this interval probes and publishes the results;
         the others take them from Redis. None when Redis cannot help (down, or no results yet): the

@@ -43,6 +43,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 from redis.asyncio import Redis
 
+from brownout.background import Periodic, TaskSet
 from brownout.clock import WALL_CLOCK, Clock
 from brownout.errors import CircuitOpen, ConfigError
 from brownout.events import DEFAULT_BUS, BreakerStateChanged, CallRejected, EventBus
@@ -554,8 +555,10 @@ class RedisBreakers:
         self._ok = True
         self.errors = 0
         self.last_error: str | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._syncing = Periodic(
+            "brownout-breaker-sync", self.sync, lambda: self.sync_interval, clock=clock, logger=_log
+        )
+        self._background = TaskSet("shared breakers", logger=_log)  # outcomes and changes on their way
 
     @property
     def ok(self) -> bool:
@@ -630,9 +633,7 @@ class RedisBreakers:
         return True
 
     def _spawn_report(self, b: SharedBreaker, gen: int, outcome: int, probe: str) -> None:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(self._report(b, gen, outcome, probe))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(self._report(b, gen, outcome, probe))
 
     async def _acquire(self, b: SharedBreaker, probe: str) -> tuple[bool, float] | None:
         cfg = b.config
@@ -657,12 +658,10 @@ class RedisBreakers:
                 b._adopt(_text(reply[0]), int(reply[1]), float(_text(reply[2])), reason)
 
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller at start-up): the local breaker took the change
-        task = loop.create_task(apply())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._background.spawn(apply())
 
     async def sync(self) -> bool:
         """Send pending successes and read every breaker's state back; True when Redis answered."""
@@ -707,23 +706,12 @@ class RedisBreakers:
 
     def start(self) -> None:
         """Start the background sync (needs a running loop); a second call does nothing."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="brownout-breaker-sync")
-
-    async def _loop(self) -> None:
-        while True:
-            await self.sync()
-            await self.clock.sleep(self.sync_interval)
+        self._syncing.start()
 
     async def aclose(self) -> None:
         """Stop the sync after sending what is pending (best effort)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self._syncing.stop()
+        await self._background.wait()
         with contextlib.suppress(Exception):
             await self.sync()
 

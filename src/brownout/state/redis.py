@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol, Self, TypeVar
 from pydantic import Field, model_validator
 from redis.asyncio import Redis
 
+from brownout.background import Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.events import DEFAULT_BUS, EventBus, RedisStatusChanged
 from brownout.policies._base import PolicyConfig
@@ -134,6 +135,7 @@ class RedisHealthDetector:
     """
 
     __slots__ = (
+        "_checking",
         "_client",
         "_clock",
         "_consecutive_failures",
@@ -144,7 +146,6 @@ class RedisHealthDetector:
         "_probe_ttl_ms",
         "_probes",
         "_status",
-        "_task",
         "config",
         "name",
     )
@@ -183,7 +184,9 @@ class RedisHealthDetector:
         self._consecutive_failures = 0
         self._last_latency: float | None = None
         self._last_error = ""
-        self._task: asyncio.Task[None] | None = None
+        self._checking = Periodic(
+            f"{name}-health", self.check, lambda: self.config.interval, clock=clock, logger=_log
+        )
 
     @property
     def status(self) -> RedisStatus:
@@ -271,28 +274,16 @@ class RedisHealthDetector:
 
     def start(self) -> None:
         """Start checking every ``interval`` seconds in the background (idempotent; needs a running loop)."""
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-health")
+        self._checking.start()
 
     @property
     def running(self) -> bool:
         """Whether the background loop runs."""
-        return self._task is not None and not self._task.done()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except Exception:  # check() catches Redis failures; anything else is a bug, keep watching
-                _log.exception("redis health check %r failed unexpectedly", self.name)
-            await self._clock.sleep(self.config.interval)
+        return self._checking.running
 
     async def aclose(self) -> None:
         """Stop the background loop (the detector keeps its last status and can be started again)."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._checking.stop()
 
     async def __aenter__(self) -> Self:
         """Start the background loop."""

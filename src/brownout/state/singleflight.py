@@ -54,6 +54,7 @@ from typing import Any, Generic, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
+from brownout.background import STOP, Periodic
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import ConfigError, DeadlineExceeded, RemoteComputationFailed
 from brownout.policies.deadline import remaining
@@ -288,20 +289,27 @@ class RedisSingleflight(Generic[V]):
     async def _hold(self, key: str, base: str, lock: str, token: str, fn: Callable[[], Awaitable[V]]) -> V:
         """Compute as the lock's holder, keep the lock alive meanwhile, then hand the outcome over."""
         self._computations += 1
-        watchdog = asyncio.ensure_future(self._watch(lock, token))
+        watchdog = Periodic(
+            f"{self.name}-lock-watchdog",
+            functools.partial(self._keep, lock, token),
+            self._lock_ttl / 2,
+            clock=self._clock,
+            immediately=False,
+        )
+        watchdog.start()
         try:
             value = await fn()
         except Exception as error:
-            watchdog.cancel()
+            await watchdog.stop()
             failure = {"error": type(error).__name__, "message": str(error)}
             await self._hand_over(base, lock, token, "e" + json.dumps(failure))
             raise
         except BaseException:
             # Cancelled (shutting down): no outcome to share; free the lock for another replica.
-            watchdog.cancel()
+            await watchdog.stop()
             await self._let_go(lock, token)
             raise
-        watchdog.cancel()
+        await watchdog.stop()
         try:
             payload = "v" + self._encode(value)
         except Exception as error:  # the value is ours to return; waiters elsewhere learn why not theirs
@@ -313,17 +321,15 @@ class RedisSingleflight(Generic[V]):
         await self._hand_over(base, lock, token, payload)
         return value
 
-    async def _watch(self, lock: str, token: str) -> None:
-        """Extend the lock every ``lock_ttl / 2`` while it is still ours (the holder is alive)."""
-        while True:
-            await self._clock.sleep(self._lock_ttl / 2)
-            try:
-                held = await self._extend(keys=[lock], args=[token, self._lock_ttl_ms])
-            except _REDIS_ERRORS:
-                self._redis_errors += 1  # try again next time; the lock may outlive a short outage
-                continue
-            if not held:
-                return  # lost it (expired during a stall, or Redis restarted): nothing left to guard
+    async def _keep(self, lock: str, token: str) -> object:
+        """The watchdog's round, every ``lock_ttl / 2``: extend the lock while it is still ours."""
+        try:
+            held = await self._extend(keys=[lock], args=[token, self._lock_ttl_ms])
+        except _REDIS_ERRORS:
+            self._redis_errors += 1  # try again next time; the lock may outlive a short outage
+            return None
+        # Lost it (expired during a stall, or Redis restarted): nothing left to guard.
+        return None if held else STOP
 
     async def _hand_over(self, base: str, lock: str, token: str, payload: str) -> None:
         try:
