@@ -15,12 +15,7 @@ from brownout.events import CallRejected, Event, EventBus
 from brownout.policies.admission import Admission, AdmissionConfig
 from brownout.policies.deadline import deadline
 from brownout.testing import FakeClock
-
-
-async def settle(n: int = 10) -> None:
-    """Let every ready task run (no real time passes)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
+from support.wait import settle
 
 
 class Gate:

@@ -37,6 +37,7 @@ from brownout.policies.retry import Retry, RetryConfig, capped_exponential
 from brownout.recovery.actions import BackoffSpec
 from brownout.state.breaker import RedisBreakers
 from brownout.testing import FakeClock
+from support.wait import until
 
 FAILURES = st.integers(0, 10**6)
 EXPONENTS = st.integers(-10, 10**9) | st.floats(-10.0, 1e9, allow_nan=False)
@@ -429,16 +430,6 @@ async def _never_called(key: str, kind: str, payload: dict[str, Any]) -> None:
 LONG_OUTAGE = 1_100
 
 
-async def eventually(condition: Callable[[], bool], what: str) -> None:
-    """Yield to the loop (and the spool's worker thread) until ``condition`` holds; never sleeps."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 20
-    while not condition():
-        if loop.time() > give_up:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0)
-
-
 async def test_spool_replayer_outlives_a_long_outage_and_delivers(tmp_path: Path) -> None:
     clock = FakeClock(start=0.0, autojump=True)  # each backoff passes at once, in fake time
     spool = Spool(tmp_path / "spool.db", clock=clock, events=EventBus(), max_attempts=None)
@@ -472,7 +463,12 @@ async def test_spool_replayer_outlives_a_long_outage_and_delivers(tmp_path: Path
         assert waits[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
         assert len(waits) == LONG_OUTAGE
         assert set(waits[6:]) == {60.0}
-        await eventually(lambda: spool.pending == 0 and replayer.consecutive_failures == 0, "an empty spool")
+        await until(
+            lambda: spool.pending == 0 and replayer.consecutive_failures == 0,
+            "an empty spool",
+            timeout=20,
+            interval=0,
+        )
     finally:
         await replayer.aclose()
         await spool.aclose()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from brownout.briefs.schema import ModelBrief
 from brownout.cli import app
 from brownout.config import BrownoutConfig, LocalModelsSection
 from brownout.server.errors import error_bytes
+from support.net import free_port
 
 
 def _brief(by: list[str], requested: str = "fast", served: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -196,13 +196,6 @@ def test_capacity_counter_counts_completions_valid_ones_and_tokens() -> None:
 # ------------------------------------------------------------------------------ a level, for real
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _fake_brief_server() -> FastAPI:
     """Answers like a saturated brief server: every 3rd request refused, every 3rd rule-based."""
     app = FastAPI()
@@ -238,7 +231,7 @@ def _fake_brief_server() -> FastAPI:
 
 @pytest.fixture
 def fake_url() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(_fake_brief_server(), host="127.0.0.1", port=port, log_level="error")
     )

@@ -19,6 +19,7 @@ from brownout.policies.breaker import (
     CircuitBreaker,
 )
 from brownout.testing import FakeClock
+from support.wait import settle
 
 CLOSED = BreakerState.CLOSED
 OPEN = BreakerState.OPEN
@@ -50,12 +51,6 @@ async def run(breaker: CircuitBreaker, pattern: str) -> None:
         else:
             with pytest.raises(Boom):
                 await breaker.call(fail)
-
-
-async def settle(n: int = 10) -> None:
-    """Let every ready task run (no real time passes)."""
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 class Gate:

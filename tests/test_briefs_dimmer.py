@@ -24,7 +24,8 @@ from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.pipeline import Mode, Pipeline, PipelineContext, Stage
 from brownout.llm.types import EndpointConfig
-from test_server import make_config, serve, until
+from support.stack import distinct_text, make_config, serve
+from support.wait import until
 
 TEXT = "a fresh citrus perfume for hot summer days"
 
@@ -158,40 +159,6 @@ async def test_the_dimmer_can_be_switched_off_or_pinned_in_config(
 
 # -------------------------------------------------------------------------------- bounded load
 
-WORDS = [
-    "amber",
-    "cedar",
-    "citrus",
-    "vetiver",
-    "rose",
-    "jasmine",
-    "musk",
-    "vanilla",
-    "pepper",
-    "iris",
-    "leather",
-    "tobacco",
-    "oud",
-    "neroli",
-    "bergamot",
-    "fig",
-    "tea",
-    "sandalwood",
-    "patchouli",
-    "lavender",
-    "mint",
-    "ginger",
-    "incense",
-    "saffron",
-    "plum",
-]
-
-
-def distinct_text(i: int) -> str:
-    """A different request each time (no exact or similar cache hit between them)."""
-    rng = random.Random(i)
-    return f"brief {i}: " + " ".join(rng.sample(WORDS, 6)) + f" for customer {i * 7919}"
-
 
 async def test_under_overload_answers_dim_rejections_never_wait_and_full_service_returns(
     fakes: dict[str, FakeLLM], tmp_path: Path
@@ -254,7 +221,9 @@ async def test_under_overload_answers_dim_rejections_never_wait_and_full_service
         assert sum(svc.stats.failures.values()) == 0
         # The load is over: full service comes back by itself.
         await until(
-            lambda: svc.dimmer.level == 0, svc.dimmer.recovery_time + 5.0, "the dimmer back at level 0"
+            lambda: svc.dimmer.level == 0,
+            "the dimmer back at level 0",
+            timeout=svc.dimmer.recovery_time + 5.0,
         )
         after = await svc.create_brief(distinct_text(1000), "creative")
         assert after["served_mode"] == "creative"

@@ -24,8 +24,8 @@ from brownout.events import EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import ProbeResult
 from brownout.policies.breaker import BreakerState
-from test_briefs_dimmer import distinct_text
-from test_server import _merge, make_config, sample, serve, until
+from support.stack import distinct_text, make_config, merge, sample, serve
+from support.wait import until
 
 
 @contextlib.asynccontextmanager
@@ -37,7 +37,7 @@ async def one_slot_service(
     config: BrownoutConfig = make_config(
         {r: f.url for r, f in fakes.items()},
         tmp_path / "b.db",
-        _merge({"models": {"roles": roles}, "cache": {"enabled": False}}, overrides or {}),
+        merge({"models": {"roles": roles}, "cache": {"enabled": False}}, overrides or {}),
     )
     events = EventBus()
     clients = {
@@ -79,7 +79,9 @@ async def test_model_server_queueing_is_visible_to_admission_and_the_dimmer(
         # Three requests at once: one holds the generator's only slot, two wait in the client's queue,
         # while the admission (four pipelines at once) has slots to spare.
         tasks = [asyncio.create_task(svc.create_brief(distinct_text(i), "fast")) for i in (1, 2, 3)]
-        await until(lambda: gen.limiters["qwen"].queued == 2, 5.0, "two calls waiting for the generator")
+        await until(
+            lambda: gen.limiters["qwen"].queued == 2, "two calls waiting for the generator", timeout=5.0
+        )
         assert svc.admission.queue_size == 0
         # The wait is the generator's, and both the dimmer's signal and the admission's estimate see it.
         assert svc.queue_delay() >= 2 * service

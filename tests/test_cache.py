@@ -16,6 +16,7 @@ from brownout.errors import ConfigError
 from brownout.events import CacheRefreshFailed, Event, EventBus
 from brownout.policies.cache import Cache, CacheConfig, CacheResult, CacheStats
 from brownout.testing import FakeClock
+from support.wait import settle
 
 
 @pytest.fixture
@@ -26,11 +27,6 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     yield errors
     loop.set_exception_handler(None)
-
-
-async def settle(n: int = 10) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 class FixedRandom(random.Random):

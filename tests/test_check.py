@@ -20,7 +20,8 @@ from brownout.checks import CheckResult, run_checks
 from brownout.config import BrownoutConfig, load_config
 from brownout.policies.cache import Cache, CacheConfig
 from brownout.server.check import cache_selftest, config_summary
-from live_helpers import live_stack, make_config
+from support.live import live_stack
+from support.stack import make_config
 
 TRIP: dict[str, Any] = {"circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600}}
 NAMES = ["JSON hard guard", "circuit breakers", "cache LRU+TTL", "LLM health", "durable writes"]

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,12 @@ from brownout.errors import ConfigError
 from brownout.server.app import create_app
 from brownout.server.connections import ConnectionPolicy, host_allowed, uvicorn_options
 from brownout.server.runtime import Runtime
-from test_server import make_config, until
+from support.net import EmbeddedServer
+from support.stack import make_config
+from support.wait import until
 
 # Far longer than any limit configured here: reaching it means the server held the connection.
 BOUND = 15.0
-
-
-class _Embedded(uvicorn.Server):
-    """uvicorn inside pytest's process: it must leave pytest's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 @contextlib.asynccontextmanager
@@ -66,10 +60,10 @@ async def serve(
         timeout_graceful_shutdown=2,
         **uvicorn_options(section, policy),
     )
-    server = _Embedded(config)
+    server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await until(lambda: server.started or task.done(), what="uvicorn to start")
+        await until(lambda: server.started or task.done(), "uvicorn to start")
         if task.done():
             task.result()
         yield port, policy
@@ -248,7 +242,7 @@ async def test_connections_beyond_the_per_client_cap_get_503_while_the_others_wo
         assert policy.stats.over_client_cap == 1
         # One closes: its place is free again.
         conns[0][1].close()
-        await until(lambda: sum(policy.open_by_client.values()) == 2, what="the closed connection to leave")
+        await until(lambda: sum(policy.open_by_client.values()) == 2, "the closed connection to leave")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request())
         assert (await read_response(reader))[0] == 200

@@ -34,7 +34,8 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from brownout.policies.breaker import BreakerState
-from live_helpers import live_stack, until
+from support.live import live_stack
+from support.wait import until
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIP: dict[str, Any] = {
@@ -153,7 +154,9 @@ async def chromium(tmp_path: Path, binary: str) -> AsyncIterator[CDP]:
     try:
         port_file = profile / "DevToolsActivePort"
         await until(
-            lambda: port_file.exists() and len(port_file.read_text().splitlines()) >= 2, 30, "DevTools"
+            lambda: port_file.exists() and len(port_file.read_text().splitlines()) >= 2,
+            "DevTools",
+            timeout=30,
         )
         port = int(port_file.read_text().splitlines()[0])
         async with httpx.AsyncClient(timeout=10) as http:

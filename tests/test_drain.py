@@ -23,6 +23,7 @@ from brownout.config import ROLES, load_config
 from brownout.llm.local import free_port
 from brownout.server.drain import Drain, DrainMiddleware
 from brownout.testing import FakeClock
+from support.wait import until
 
 # ---------------------------------------------------------------- the middleware, in one process
 
@@ -57,14 +58,6 @@ async def _client(drain: Drain, app: _App) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def _until(condition: Any, what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
-
-
 def _assert_draining_503(response: httpx.Response) -> None:
     assert response.status_code == 503, response.text
     assert response.headers["content-type"] == "application/json"
@@ -80,7 +73,7 @@ async def test_new_requests_are_refused_while_draining_and_health_paths_still_an
     async with _client(drain, app) as client:
         assert (await client.get("/fast")).status_code == 200
         task = asyncio.create_task(drain.drain(30.0))
-        await _until(lambda: drain.state != "serving", "the drain to begin")
+        await until(lambda: drain.state != "serving", "the drain to begin", interval=0)
         refused = await client.get("/fast")
         _assert_draining_503(refused)
         assert refused.headers["retry-after"] == "7"
@@ -100,10 +93,10 @@ async def test_in_flight_requests_finish_within_the_drain_time() -> None:
     drain, app = Drain(clock=clock), _App()
     async with _client(drain, app) as client:
         requests = [asyncio.create_task(client.get("/slow")) for _ in range(5)]
-        await _until(lambda: app.entered == 5, "five requests in flight")
+        await until(lambda: app.entered == 5, "five requests in flight", interval=0)
         assert drain.in_flight == 5
         task = asyncio.create_task(drain.drain(60.0))
-        await _until(lambda: drain.state == "draining", "the drain to begin")
+        await until(lambda: drain.state == "draining", "the drain to begin", interval=0)
         clock.advance(59.0)  # not over yet: the drain still waits for them
         await asyncio.sleep(0)
         assert not task.done()
@@ -119,9 +112,9 @@ async def test_requests_left_when_the_drain_time_runs_out_get_503_json() -> None
     drain, app = Drain(clock=clock, retry_after=3), _App()
     async with _client(drain, app) as client:
         requests = [asyncio.create_task(client.get("/slow")) for _ in range(4)]
-        await _until(lambda: app.entered == 4, "four requests in flight")
+        await until(lambda: app.entered == 4, "four requests in flight", interval=0)
         task = asyncio.create_task(drain.drain(10.0))
-        await _until(lambda: drain.state == "draining" and bool(clock.sleeps), "the drain to wait")
+        await until(lambda: drain.state == "draining" and bool(clock.sleeps), "the drain to wait", interval=0)
         clock.advance(10.0)
         answers = await asyncio.gather(*requests)
         for response in answers:
@@ -162,11 +155,11 @@ async def test_every_request_gets_its_answer_or_a_503_never_anything_else(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         flying = [asyncio.create_task(client.get(f"/work?seconds={d}")) for d in durations]
-        await _until(lambda: drain.in_flight == len(durations), "every request in flight")
+        await until(lambda: drain.in_flight == len(durations), "every request in flight", interval=0)
         task = asyncio.create_task(drain.drain(limit))
-        await _until(lambda: drain.state != "serving", "the drain to begin")
+        await until(lambda: drain.state != "serving", "the drain to begin", interval=0)
         refused = [await client.get("/work?seconds=0") for _ in range(late)]
-        await _until(lambda: limit in clock.sleeps, "the drain to wait")
+        await until(lambda: limit in clock.sleeps, "the drain to wait", interval=0)
         # Half a second at a time: the requests end on whole seconds, the drain time half-way between.
         for _ in range(2 * timeout + 4):
             clock.advance(0.5)

@@ -29,7 +29,7 @@ from brownout.server.errors import (
     error_bytes,
     parse_json_body,
 )
-from live_helpers import LiveStack, live_stack
+from support.live import LiveStack, live_stack
 
 TOKEN = "catalogue-token"
 JSON = {"content-type": "application/json"}

@@ -2,7 +2,7 @@
 
 ``POST /v1/briefs``, ``POST /api/v1/recovery/trigger`` (with the admin token) and
 ``POST /v1/chat/completions`` get bodies as raw bytes over HTTP, through the real server
-(:mod:`fuzz_helpers`): JSON with NaN/Infinity/-Infinity tokens, lone surrogates (escaped, and as
+(:mod:`support.fuzz`): JSON with NaN/Infinity/-Infinity tokens, lone surrogates (escaped, and as
 the bytes a surrogate would have in UTF-8), nesting up to 5,000 deep, numbers past a float
 (``1e400``) and integers past Python's 4,300-digit conversion limit, duplicate keys, byte-order
 marks, bytes that are not UTF-8, JSON cut short, every top-level type, strings up to the body
@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fuzz_helpers import ADMIN_TOKEN, BOUND, GROUP, RunningApp, assert_error_shape, running_app
+from support.fuzz import ADMIN_TOKEN, BOUND, GROUP, RunningApp, assert_error_shape, running_app
 
 # Per route; the named examples run besides. BROWNOUT_FUZZ_EXAMPLES=1000 digs deeper by hand.
 MAX_EXAMPLES = int(os.environ.get("BROWNOUT_FUZZ_EXAMPLES", "150"))

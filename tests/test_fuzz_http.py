@@ -1,4 +1,4 @@
-"""Raw HTTP oddities over a real socket, against a real server (:mod:`fuzz_helpers`).
+"""Raw HTTP oddities over a real socket, against a real server (:mod:`support.fuzz`).
 
 Invalid request lines, header folding, duplicate or contradicting ``Content-Length``,
 ``Transfer-Encoding: chunked`` beside ``Content-Length``, absurd header sizes, bodies declared huge,
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_helpers import BOUND, RunningApp, assert_error_shape, running_app
+from support.fuzz import BOUND, RunningApp, assert_error_shape, running_app
 
 LIMIT_SECONDS = 1.0
 """server.header_timeout and server.body_timeout of the app under test."""

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from brownout.server.app import create_app
 from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
+from support.net import EmbeddedServer
+from support.wait import until
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -72,17 +74,12 @@ def breaker_of(gw: Gateway, name: str, index: int = 0) -> Any:
 # ------------------------------------------------------------------------------------------ servers
 
 
-class _Embedded(uvicorn.Server):
-    """uvicorn inside the test's event loop: pytest owns the signal handlers, and stopping is an
-    event rather than a flag polled every 0.1 s."""
+class _Embedded(EmbeddedServer):
+    """uvicorn inside the test's event loop, stopped by an event rather than a flag polled every 0.1 s."""
 
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.stop_event = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
     async def main_loop(self) -> None:
         await self.on_tick(0)
@@ -186,16 +183,6 @@ async def sse_start(send: Send) -> None:
     await send(
         {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
     )
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for ``condition`` (polling), or fail naming ``what``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 # ------------------------------------------------------------------------------------------ fixtures

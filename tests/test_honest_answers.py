@@ -22,7 +22,7 @@ from brownout.events import EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.types import EndpointConfig
 from brownout.testing import FakeClock
-from test_server import make_config, serve, stage_sources
+from support.stack import make_config, serve, stage_sources
 
 TEXT = "a fresh citrus perfume for hot summer days"
 

@@ -10,10 +10,8 @@ is checked here too: without the server extra it says so in one line.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +20,7 @@ import pytest
 
 import brownout
 from brownout._entry import MISSING_SERVER_EXTRA
-
-PACKAGE = Path(brownout.__file__).resolve().parent
+from support.imports import PACKAGE, find_cycle, import_graph, imported_modules, module_name
 
 TOOLKIT_MODULES = ("__init__.py", "clock.py", "errors.py", "events.py", "testing.py")
 TOOLKIT_PACKAGES = ("policies", "state")
@@ -74,46 +71,11 @@ TOOLKIT_IMPORTS = (
 )
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _toolkit_files() -> list[Path]:
     files = [PACKAGE / name for name in TOOLKIT_MODULES]
     for package in TOOLKIT_PACKAGES:
         files += sorted((PACKAGE / package).rglob("*.py"))
     return files
-
-
-_DOTTED = re.compile(r"brownout(\.\w+)+")
-
-
-def imported_modules(source: str, module: str, *, is_package: bool = False) -> set[str]:
-    """Every module ``source`` (the text of ``module``) may import, wherever the import statement is.
-
-    Walks the whole tree, so imports inside functions, ``try`` blocks and ``if TYPE_CHECKING:`` count.
-    ``from a import b`` yields ``a`` and ``a.b`` (``b`` may be a module); relative imports are resolved.
-    A string that is a dotted ``brownout.…`` name counts too: that is how lazy imports name their
-    module (``importlib.import_module("brownout.state.redis")``).
-    """
-    found: set[str] = set()
-    package = module if is_package else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base_parts = package.split(".")
-                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
-                base = ".".join([*base_parts, *([node.module] if node.module else [])])
-            else:
-                base = node.module or ""
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _DOTTED.fullmatch(node.value):
-            found.add(node.value)
-    return found
 
 
 def _is_application(name: str) -> bool:
@@ -149,7 +111,7 @@ def test_no_toolkit_module_imports_the_application() -> None:
     offenders = {}
     for path in files:
         names = imported_modules(
-            path.read_text(encoding="utf-8"), _module_name(path), is_package=path.name == "__init__.py"
+            path.read_text(encoding="utf-8"), module_name(path), is_package=path.name == "__init__.py"
         )
         bad = sorted(n for n in names if _is_application(n))
         if bad:
@@ -160,7 +122,7 @@ def test_no_toolkit_module_imports_the_application() -> None:
 def test_the_toolkit_needs_pydantic_alone_and_its_shared_state_redis() -> None:
     used: dict[str, set[str]] = {}
     for path in _toolkit_files():
-        names = imported_modules(path.read_text(encoding="utf-8"), _module_name(path))
+        names = imported_modules(path.read_text(encoding="utf-8"), module_name(path))
         for name in names:
             top = _third_party(name)
             if top is not None:
@@ -201,56 +163,20 @@ DOC = "see brownout.health for details"
     assert "brownout.health" not in names  # prose naming a module is not an import
 
 
-def _import_graph(package: str) -> dict[str, set[str]]:
-    """Module -> the modules of ``package`` it imports (any import statement, as the scan above)."""
-    root = PACKAGE.parent / package.replace(".", "/")
-    modules = {_module_name(p): p for p in root.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        source = path.read_text(encoding="utf-8")
-        names = imported_modules(source, name, is_package=path.name == "__init__.py")
-        graph[name] = {n for n in names if n in modules and n != name}
-    return graph
-
-
-def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of ``graph`` (its modules in order), or None. Packages' own ``__init__`` are
-    left out: a package naming its submodules for lazy import is not a cycle."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph.get(node, set())):
-            if nxt in graph and state.get(nxt) == 1:
-                return [*path[path.index(nxt) :], nxt]
-            if state.get(nxt) is None and (found := visit(nxt)):
-                return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(graph):
-        if state.get(start) is None and (found := visit(start)):
-            return found
-    return None
-
-
 def test_the_gateway_modules_import_each_other_without_a_cycle() -> None:
-    graph = _import_graph("brownout.gateway")
+    graph = import_graph("brownout.gateway")
     graph.pop("brownout.gateway", None)
     assert "brownout.gateway.router" in graph["brownout.gateway.metrics"]  # the collector reads it
-    assert _cycle(graph) is None
+    assert find_cycle(graph) is None
 
 
 def test_the_drills_import_each_other_without_a_cycle_and_never_the_command_line() -> None:
     # `brownout` mounts the drill command from the drills, so the drills must not import it back.
-    graph = _import_graph("brownout.chaos")
+    graph = import_graph("brownout.chaos")
     assert "brownout.chaos.drills.scenarios" in graph["brownout.chaos.drills.catalog"]  # the scan reads it
-    assert _cycle(graph) is None
+    assert find_cycle(graph) is None
     for path in (PACKAGE / "chaos").rglob("*.py"):
-        source, name = path.read_text(encoding="utf-8"), _module_name(path)
+        source, name = path.read_text(encoding="utf-8"), module_name(path)
         names = imported_modules(source, name, is_package=path.name == "__init__.py")
         assert not any(n == "brownout.cli" or n.startswith("brownout.cli.") for n in names), name
 
@@ -258,15 +184,15 @@ def test_the_drills_import_each_other_without_a_cycle_and_never_the_command_line
 def test_the_benchmarks_stand_below_the_drills() -> None:
     # The overload drill uses the benchmarks' load client and figures; the benchmarks never use the drills.
     for path in (PACKAGE / "bench").rglob("*.py"):
-        source, name = path.read_text(encoding="utf-8"), _module_name(path)
+        source, name = path.read_text(encoding="utf-8"), module_name(path)
         names = imported_modules(source, name, is_package=path.name == "__init__.py")
         assert not any(n.startswith("brownout.chaos.drills") for n in names), name
 
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
-    assert _cycle(graph) == ["a", "b", "c", "a"]
-    assert _cycle({"a": {"b"}, "b": set()}) is None
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 # -- what `import brownout` loads ---------------------------------------------------------------------

@@ -33,7 +33,9 @@ from brownout.policies.breaker import BreakerState
 from brownout.server.live import Alert, LiveClient, LiveHub, TooManyClients, WebhookSender
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
-from live_helpers import LiveStack, Receiver, live_stack, make_config, serve_app, until
+from support.live import LiveStack, Receiver, live_stack, serve_app
+from support.stack import make_config
+from support.wait import until
 
 TRIP: dict[str, Any] = {"circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600}}
 # Snapshots and system-mode evaluations every 0.2 s, so changes show up quickly.
@@ -162,7 +164,7 @@ async def test_events_from_a_worker_thread_reach_the_loop(
     thread = threading.Thread(target=lambda: bus.emit(breaker_event("threaded", clock)))
     thread.start()
     thread.join()
-    await until(lambda: not client.queue.empty(), what="the event from the thread")
+    await until(lambda: not client.queue.empty(), "the event from the thread")
     (event,) = [m for m in drain(client) if m["type"] == "event"]
     assert event["source"] == "threaded"
 
@@ -226,7 +228,7 @@ async def test_webhooks_retry_a_failing_receiver_and_send_json_and_slack(
         try:
             with caplog.at_level(logging.DEBUG):
                 sender.submit(_alert())
-                await until(lambda: sender.sent == 2, what="both deliveries")
+                await until(lambda: sender.sent == 2, "both deliveries")
         finally:
             await sender.aclose()
     assert flaky.attempts == 3  # two 503s, then accepted
@@ -272,7 +274,7 @@ async def test_webhooks_give_up_on_a_client_error_and_after_the_retries(
         try:
             with caplog.at_level(logging.DEBUG):
                 sender.submit(_alert())
-                await until(lambda: sender.failed == 2, what="both deliveries to give up")
+                await until(lambda: sender.failed == 2, "both deliveries to give up")
         finally:
             await sender.aclose()
     assert refusing.attempts == 1  # a 400 is not retried
@@ -425,7 +427,7 @@ async def test_sse_streams_a_breaker_opening_its_alert_and_the_recovery(
                 assert action["category"] == "recovery"
                 assert (action["fields"]["target"], action["fields"]["status"]) == ("llama", "ok")
                 assert action["summary"].startswith("recovery reset_breakers (llama, manual) ok")
-                await until(lambda: len(receiver.received) == 4, what="the firing and resolved webhooks")
+                await until(lambda: len(receiver.received) == 4, "the firing and resolved webhooks")
     # An open breaker also makes its model unhealthy (seed 004 raises both alerts); each fires once
     # and is resolved once the recovery action closed the breaker.
     assert [(r["alert"], r["status"], r["labels"]["model"]) for r in receiver.received] == [
@@ -491,7 +493,7 @@ async def test_websocket_streams_the_same_messages(tmp_path: Path) -> None:
                 ),
             )
             assert [m["seq"] for m in seen] == sorted(m["seq"] for m in seen)
-        await until(lambda: stack.runtime.live.client_count == 0, what="the hub to forget the socket")
+        await until(lambda: stack.runtime.live.client_count == 0, "the hub to forget the socket")
 
 
 async def test_websocket_refuses_a_foreign_origin(tmp_path: Path) -> None:
@@ -513,7 +515,7 @@ async def test_sse_clients_beyond_the_limit_get_503(tmp_path: Path) -> None:
         http.stream("GET", "/api/v1/events") as first,
     ):
         assert first.status_code == 200
-        await until(lambda: stack.runtime.live.client_count == 1, what="the first client")
+        await until(lambda: stack.runtime.live.client_count == 1, "the first client")
         second = await http.get("/api/v1/events")
         assert second.status_code == 503
         assert second.headers["retry-after"] == "5"

@@ -27,6 +27,7 @@ from brownout.events import EventBus, ModelServerRestarted
 from brownout.llm import _serve_local
 from brownout.llm._serve_local import default_model_path
 from brownout.llm.local import LocalModelServer, free_port
+from support.wait import until
 
 SERVE_MODULE = "brownout.llm._serve_local"
 
@@ -84,15 +85,6 @@ def our_model_children() -> list[int]:
         if fields[1] == me and SERVE_MODULE.encode() in cmdline and fields[0] not in ("Z", "X"):
             found.append(int(entry))
     return found
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    """Wait (real time) until ``predicate()`` holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def health(url: str) -> int:
@@ -241,7 +233,12 @@ async def test_killed_process_is_restarted_on_the_same_port(bus: EventBus) -> No
         url, old = server.url, server.pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
-        await eventually(lambda: server.restarts == 1 and server.state == "running")
+        await until(
+            lambda: server.restarts == 1 and server.state == "running",
+            "the first restart",
+            timeout=15,
+            interval=0.05,
+        )
         assert server.url == url
         assert server.pid not in (None, old)
         assert gone(old)
@@ -285,7 +282,12 @@ async def test_wedged_process_is_killed_and_restarted(bus: EventBus) -> None:
         assert old is not None
         os.kill(old, signal.SIGSTOP)  # alive, port open, but never answers
         try:
-            await eventually(lambda: server.restarts == 1 and server.state == "running")
+            await until(
+                lambda: server.restarts == 1 and server.state == "running",
+                "the first restart",
+                timeout=15,
+                interval=0.05,
+            )
         finally:
             if not gone(old):
                 os.kill(old, signal.SIGKILL)
@@ -327,7 +329,7 @@ async def test_restarts_back_off_exponentially_then_recover(tmp_path: Path, bus:
         old = server.pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
-        await eventually(lambda: len(backoffs()) >= 4)
+        await until(lambda: len(backoffs()) >= 4, "four restart backoffs", timeout=15, interval=0.05)
         assert server.state == "restarting"
         assert server.pid is None
         assert "while starting" in (server.last_error or "")
@@ -335,7 +337,7 @@ async def test_restarts_back_off_exponentially_then_recover(tmp_path: Path, bus:
 
         link.unlink()
         link.symlink_to(default_model_path())
-        await eventually(lambda: server.state == "running")
+        await until(lambda: server.state == "running", "the server running", timeout=15, interval=0.05)
         assert backoffs()[:4] == [base, base * 2, cap, cap]
         assert server.restarts == 1
         assert len(seen) == 1
@@ -349,7 +351,12 @@ async def test_restarts_back_off_exponentially_then_recover(tmp_path: Path, bus:
         current = server.pid
         assert current is not None
         os.kill(current, signal.SIGKILL)
-        await eventually(lambda: server.restarts == 2 and server.state == "running")
+        await until(
+            lambda: server.restarts == 2 and server.state == "running",
+            "the second restart",
+            timeout=15,
+            interval=0.05,
+        )
         assert backoffs()[0] == base
     assert our_model_children() == []
 
@@ -395,7 +402,9 @@ async def test_stop_during_start_leaves_no_process(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     server = LocalModelServer("generator", model_path=fifo, startup_timeout=30)
     task = asyncio.ensure_future(server.start())
-    await eventually(lambda: our_model_children() != [])
+    await until(
+        lambda: our_model_children() != [], "the model server's child process", timeout=15, interval=0.05
+    )
     await asyncio.sleep(0.3)  # well inside the wait for readiness
     assert server.state == "starting"
     task.cancel()

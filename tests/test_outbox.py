@@ -18,6 +18,7 @@ from brownout.chaos.servers import RedisServer
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
 from brownout.events import BreakerStateChanged, EventBus, SystemModeChanged
 from brownout.testing import FakeClock
+from support.wait import until
 
 STREAM = "test:events"
 
@@ -33,14 +34,6 @@ async def stream(client: Redis) -> list[tuple[str, str, dict[str, object]]]:
     """(id, type, data) of every stream entry, in order."""
     entries = await client.xrange(STREAM)
     return [(f[b"id"].decode(), f[b"type"].decode(), json.loads(f[b"data"])) for _, f in entries]
-
-
-async def until(condition: Callable[[], object], what: str) -> None:
-    for _ in range(2000):
-        if await condition() if asyncio.iscoroutinefunction(condition) else condition():
-            return
-        await asyncio.sleep(0.005)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 async def test_events_reach_the_stream_in_order_and_once(

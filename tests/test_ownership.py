@@ -30,7 +30,7 @@ from brownout.errors import ConfigError
 from brownout.events import EventBus
 from brownout.server.listener import listen
 from brownout.server.runtime import Runtime
-from test_server import make_config, metric_values, serve
+from support.stack import make_config, metric_values, serve
 
 MARKER = "BROWNOUT_OWNERSHIP_TEST_MARKER"
 """Set in the environment of a server under test: any process it started carries it."""

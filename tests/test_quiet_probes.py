@@ -18,7 +18,7 @@ import yaml
 from brownout.chaos.fakellm import FakeLLM
 from brownout.llm.local import free_port
 from brownout.server.runner import PROBE_PATHS, ProbeAccessFilter, quiet_probes
-from test_server import until
+from support.wait import until
 
 # uvicorn's access line: 127.0.0.1:5555 - "GET /health HTTP/1.1" 200 OK
 ACCESS = re.compile(r'- "(GET|POST) (\S+) HTTP/1\.1" (\d{3})')
@@ -122,7 +122,7 @@ async def test_a_served_log_shows_the_briefs_and_not_the_probes(
                 # The server probed its models meanwhile (chat calls beyond the 5 briefs' own).
                 await until(
                     lambda: sum(f.chat_requests for f in fakes.values()) >= probes_before + 5 + 3,
-                    what="the server's own model probes",
+                    "the server's own model probes",
                 )
             proc.send_signal(signal.SIGINT)
             assert await asyncio.wait_for(proc.wait(), 30) == 0

@@ -53,6 +53,7 @@ from brownout.server.app import create_app
 from brownout.server.operations import DISRUPTIVE
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
+from support.wait import until
 
 TOKEN = "recovery-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -735,18 +736,13 @@ async def serve(tmp_path: Path, **extra: Any) -> AsyncIterator[Stack]:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://b", timeout=30) as http:
                 # The health loop probes (a chat each) once at start: let that finish first.
-                await until(lambda: runtime.service is not None and len(runtime.service.stats.health) == 3)
+                await until(
+                    lambda: runtime.service is not None and len(runtime.service.stats.health) == 3,
+                    "the first probes",
+                )
                 yield Stack(runtime, http, fakes)
     finally:
         await asyncio.gather(*(f.stop() for f in fakes.values()))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "timed out"
-        await asyncio.sleep(0.01)
 
 
 async def test_the_actions_endpoint_lists_actions_failure_types_and_history(tmp_path: Path) -> None:
@@ -868,11 +864,11 @@ async def test_a_model_failing_its_probes_is_recovered_automatically(tmp_path: P
         for _ in range(3):  # recovery.unhealthy_probes
             await rt.probe_all()
             await rt.ops.after_probes()
-        await until(lambda: bool(rt.recovery.outcomes))
+        await until(lambda: bool(rt.recovery.outcomes), "a recovery outcome")
         outcome = rt.recovery.outcomes[-1]
         assert outcome.failure_type is FailureType.PIPELINE_ERROR
         assert (outcome.target, outcome.trigger) == ("llama", "automatic")
-        await until(lambda: not rt.recovery.busy)
+        await until(lambda: not rt.recovery.busy, "recovery to be idle")
         assert rt.recovery.outcomes[-1].status == "mitigated"
         assert rt.ops.probe_streaks["llama"] == 3
         # Only the failing hinter falls back to its rules (templates); the generator keeps serving.
@@ -881,7 +877,7 @@ async def test_a_model_failing_its_probes_is_recovered_automatically(tmp_path: P
         # A fourth failed probe inside the cooldown is not acted on again.
         await rt.probe_all()
         await rt.ops.after_probes()
-        await until(lambda: rt.recovery.suppressed["cooldown"] == 1)
+        await until(lambda: rt.recovery.suppressed["cooldown"] == 1, "a run held back by the cooldown")
         # Healthy again: the next probes lift what the automatic chain switched off, and full mode
         # returns by itself (a manual fallback_to_rules, by contrast, stays until an operator resets).
         s.fakes["llama"].set("ok")
@@ -1069,7 +1065,7 @@ async def test_an_open_breaker_on_a_model_that_answers_probes_is_left_alone(tmp_
         for _ in range(3):  # recovery.unhealthy_probes
             await rt.probe_all()
             await rt.ops.after_probes()
-        await until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy)
+        await until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy, "the recovery run to end")
         outcome = rt.recovery.outcomes[-1]
         assert (outcome.target, outcome.status) == ("qwen", "suppressed")
         assert outcome.reason.startswith("model busy, not down: qwen answered a health probe")
@@ -1139,7 +1135,7 @@ async def test_recovery_api_answers_after_a_critical_cpu_sample_that_passes(tmp_
         readings = iter([99.0])
         rt.ops.resources.sampler = lambda first: ResourceSample(0.0, next(readings, 5.0), 40.0)
         await rt.ops.resources.check()  # critical: the proactive chain starts
-        await asyncio.wait_for(until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy), 10)
+        await until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy, "the proactive chain to end")
         assert rt.recovery.outcomes[-1].trigger == "proactive"
         reset = await asyncio.wait_for(s.http.post("/api/v1/recovery/reset", headers=AUTH), 10)
         assert reset.status_code == 200
@@ -1192,7 +1188,7 @@ async def test_admin_calls_answer_within_their_timeout_and_never_queue(tmp_path:
         assert "reset_breakers" not in [a["action"] for a in reset.json()["done"]]
 
         gate.set()
-        await until(lambda: not rt.recovery.busy)
+        await until(lambda: not rt.recovery.busy, "recovery to be idle")
         status = (await s.http.get("/api/v1/recovery/status")).json()["recovery"]
         assert status["running"] == []
         done = {r["id"]: r for r in status["recent_runs"]}[run["id"]]
@@ -1209,7 +1205,8 @@ async def test_admin_calls_answer_within_their_timeout_and_never_queue(tmp_path:
         assert "Retry-After" in second.headers
         gate.set()
         await until(
-            lambda: not rt.recovery.busy and rt.ops._reset_task is not None and rt.ops._reset_task.done()
+            lambda: not rt.recovery.busy and rt.ops._reset_task is not None and rt.ops._reset_task.done(),
+            "the reset to finish",
         )
         assert (await s.http.post("/api/v1/recovery/reset", headers=AUTH)).status_code == 200
 
@@ -1235,7 +1232,7 @@ async def test_a_manual_chain_longer_than_the_timeout_is_answered_with_its_run(t
         auto = await asyncio.wait_for(rt.recovery.handle_failure(failure_type=FailureType.NETWORK), 5)
         assert (auto.status, auto.reason) == ("suppressed", "in_progress")
         gate.set()
-        await until(lambda: not rt.recovery.busy)
+        await until(lambda: not rt.recovery.busy, "recovery to be idle")
         found = rt.recovery.run(run_id)
         assert found is not None
         assert found.outcome is not None

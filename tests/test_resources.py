@@ -7,7 +7,7 @@ import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -36,6 +36,7 @@ from brownout.recovery import FailureType
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
+from support.wait import until
 
 
 def sample(cpu: float | None, memory: float, *gpus: float, at: float = 0.0) -> ResourceSample:
@@ -311,14 +312,14 @@ async def test_a_real_busy_child_counts_and_a_busy_neighbour_does_not(tmp_path: 
     neighbour = await asyncio.create_subprocess_exec(sys.executable, str(burner))
     try:
         top = psutil.Process(brownout.pid)
-        await until_true(lambda: len(top.children()) == 1)
+        await until(lambda: len(top.children()) == 1, "the child process")
         child = top.children()[0]
         sampler = ProcessTreeSampler(root=brownout.pid, interval=60, min_span=0.1)
         sampler()
         assert set(sampler.pids) == {brownout.pid, child.pid}
         assert neighbour.pid not in sampler.pids
         before = sum(child.cpu_times()[:2])
-        await until_true(lambda: sum(child.cpu_times()[:2]) - before > 0.8, timeout=30)
+        await until(lambda: sum(child.cpu_times()[:2]) - before > 0.8, "0.8 s of CPU time", timeout=30)
         s = sampler()
         used = sampler.cpu_seconds()
         # The child's CPU time since the first look is counted...
@@ -339,14 +340,6 @@ async def test_a_real_busy_child_counts_and_a_busy_neighbour_does_not(tmp_path: 
             if proc.returncode is None:
                 proc.kill()
             await proc.wait()
-
-
-async def until_true(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        assert loop.time() < end, "timed out"
-        await asyncio.sleep(0.01)
 
 
 def test_no_gpu_is_skipped_cleanly() -> None:

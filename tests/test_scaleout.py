@@ -31,17 +31,8 @@ from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.events import EventBus
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = (
-            _merge(out[key], value)
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
+from support.stack import merge
+from support.wait import until
 
 
 def config_dict(fakes: Mapping[str, FakeLLM], tmp: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,12 +53,12 @@ def config_dict(fakes: Mapping[str, FakeLLM], tmp: Path, overrides: Mapping[str,
         },
         "events": {"outbox_path": str(tmp / "events.db")},
     }
-    return _merge(ours, overrides)
+    return merge(ours, overrides)
 
 
 @contextlib.asynccontextmanager
 async def app_client(config: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncClient, Runtime]]:
-    cfg = BrownoutConfig.model_validate(_merge(load_config(None, environ={}).model_dump(), config))
+    cfg = BrownoutConfig.model_validate(merge(load_config(None, environ={}).model_dump(), config))
     runtime = Runtime(cfg, events=EventBus())
     app = create_app(cfg, runtime)
     async with app.router.lifespan_context(app):
@@ -77,6 +68,8 @@ async def app_client(config: dict[str, Any]) -> AsyncIterator[tuple[httpx.AsyncC
             await until(
                 lambda: runtime.service is not None and len(runtime.service.stats.health) == len(ROLES),
                 "the first probes",
+                timeout=30.0,
+                interval=0.05,
             )
             yield http, runtime
 
@@ -123,20 +116,6 @@ async def drive(
     return acked, statuses
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        value = condition()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 # -------------------------------------------------------------------------------- PostgreSQL
 
 
@@ -160,7 +139,12 @@ async def test_postgres_stop_and_restart_under_load_loses_nothing_and_writes_not
 
         acked, statuses = await drive(http, 150, on_sent=outage)
         assert statuses == {200: 150}  # the outage cost no request its answer
-        await until(lambda: runtime.spool.pending == 0 and runtime.store_ok, "the spool to drain")
+        await until(
+            lambda: runtime.spool.pending == 0 and runtime.store_ok,
+            "the spool to drain",
+            timeout=30.0,
+            interval=0.05,
+        )
         stored = await runtime.store.request_ids()
         assert len(stored) == len(set(stored))
         assert sorted(stored) == sorted(acked)  # every acknowledged write, once; nothing else
@@ -194,7 +178,12 @@ async def test_primary_lost_and_standby_promoted_under_load(
 
         acked, statuses = await drive(http, 130, on_sent=switch)
         assert statuses == {200: 130}
-        await until(lambda: runtime.spool.pending == 0 and runtime.store_ok, "the spool to drain")
+        await until(
+            lambda: runtime.spool.pending == 0 and runtime.store_ok,
+            "the spool to drain",
+            timeout=30.0,
+            interval=0.05,
+        )
         assert runtime.store.writable_host == standby.url_for("app")
         health = (await http.get("/health")).json()
         assert health["database"]["failovers"] == 1
@@ -225,7 +214,10 @@ async def test_redis_stop_and_restart_keeps_answering(
         _, statuses = await drive(http, 40, on_sent=check)
         assert statuses == {200: 40}
         await until(
-            lambda: runtime.shared is not None and runtime.shared.detector.status == "fallback", "fallback"
+            lambda: runtime.shared is not None and runtime.shared.detector.status == "fallback",
+            "fallback",
+            timeout=30.0,
+            interval=0.05,
         )
         # A repeat is still answered from the local front while Redis is down.
         again = await http.post("/v1/briefs", json={"text": "vetiver in the rain", "mode": "fast"})
@@ -233,9 +225,17 @@ async def test_redis_stop_and_restart_keeps_answering(
         assert again.json()["cached"] is True
         await asyncio.to_thread(redis.start)
         await until(
-            lambda: runtime.shared is not None and runtime.shared.detector.status == "healthy", "recovery"
+            lambda: runtime.shared is not None and runtime.shared.detector.status == "healthy",
+            "recovery",
+            timeout=30.0,
+            interval=0.05,
         )
-        await until(lambda: runtime.shared is not None and runtime.shared.breakers.ok, "shared breakers")
+        await until(
+            lambda: runtime.shared is not None and runtime.shared.breakers.ok,
+            "shared breakers",
+            timeout=30.0,
+            interval=0.05,
+        )
         fresh = await http.post("/v1/briefs", json={"text": "iris and suede", "mode": "fast"})
         assert fresh.status_code == 200
         assert (await asyncio.to_thread(redis.command, "DBSIZE")) not in (0, b"0")  # Redis is written again
@@ -247,7 +247,7 @@ async def test_redis_stop_and_restart_keeps_answering(
 def start_replica(config: dict[str, Any], tmp: Path, name: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(_merge(config, {"server": {"port": port}})))
+    path.write_text(yaml.safe_dump(merge(config, {"server": {"port": port}})))
     log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 -- closed with the process below
     process = subprocess.Popen(
         [sys.executable, "-m", "brownout", "serve", "--config", str(path), "--log-level", "warning"],
@@ -287,7 +287,9 @@ async def test_two_replicas_share_one_breaker_state_and_one_computation_per_key(
             urls.append(url)
         async with httpx.AsyncClient(timeout=30.0) as http:
             for url in urls:
-                await until(lambda url=url: _healthy(http, url), f"replica {url}", timeout=60.0)
+                await until(
+                    lambda url=url: _healthy(http, url), f"replica {url}", timeout=60.0, interval=0.05
+                )
             a, b = urls
             generator = fakes["qwen"]
 
@@ -310,7 +312,10 @@ async def test_two_replicas_share_one_breaker_state_and_one_computation_per_key(
                     break
             assert await _breaker(http, a) == "open"
             await until(
-                lambda: _breaker_is(http, b, "open"), "replica B to see the open breaker", timeout=5.0
+                lambda: _breaker_is(http, b, "open"),
+                "replica B to see the open breaker",
+                timeout=5.0,
+                interval=0.05,
             )
             calls = generator.chat_requests
             for i in range(5):

@@ -1,7 +1,7 @@
 """Schemathesis over the app's own OpenAPI spec: no server error, one error shape, no hang.
 
 The app runs on a real uvicorn on 127.0.0.1 with the project's own HTTP protocol and connection limits
-(:mod:`fuzz_helpers`: in a thread, since schemathesis's pytest integration is synchronous), each model
+(:mod:`support.fuzz`: in a thread, since schemathesis's pytest integration is synchronous), each model
 role and a gateway model group (``chat``) on a healthy :class:`~brownout.chaos.fakellm.FakeLLM`, so
 nothing heavy runs: no local model, no real upstream.
 
@@ -56,8 +56,8 @@ from brownout.recovery import actions
 from brownout.recovery.classify import FailureType
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
-from fuzz_helpers import ADMIN_TOKEN, BOUND, GROUP, assert_error_shape, overrides, running_app
-from live_helpers import make_config
+from support.fuzz import ADMIN_TOKEN, BOUND, GROUP, assert_error_shape, overrides, running_app
+from support.stack import make_config
 
 # Per operation, for the fuzzing phase (examples and coverage run whole); =500 digs deeper by hand.
 MAX_EXAMPLES = int(os.environ.get("BROWNOUT_SCHEMATHESIS_EXAMPLES", "25"))

@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from live_helpers import live_stack, until
+from support.live import live_stack
+from support.wait import until
 
 TOKEN = "T0k3n-that-must-never-leak-9c1e"
 HOOK_SECRET = "B0GUS/HOOK/SECRET-77"
@@ -124,7 +125,7 @@ async def test_no_secret_reaches_a_log_or_an_answer(tmp_path: Path, caplog: pyte
             # An alert that the (unreachable) webhook fails to take: logged, but never with its URL.
             stack.breaker("llama").open_for(3600, "test")
             hub = stack.runtime.live
-            await until(lambda: hub.webhooks.failed >= 1, what="the webhook to give up")
+            await until(lambda: hub.webhooks.failed >= 1, "the webhook to give up")
             spec = (await http.get("/openapi.json")).json()
             for path, ops in spec["paths"].items():
                 if "get" in ops and "{" not in path and path != "/api/v1/events":

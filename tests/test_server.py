@@ -9,29 +9,23 @@ tests), so waits are on conditions, never fixed sleeps, and model timeouts are s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from brownout.briefs.rules import IFRA_SKIPPED_WARNING, popular_brief, template_hints
-from brownout.briefs.schema import CreativeBrief
-from brownout.briefs.service import BriefService
 from brownout.chaos.fakellm import FakeLLM, Mode
-from brownout.config import ROLES, BrownoutConfig, load_config
-from brownout.events import EventBus, GuardRetried
-from brownout.policies.breaker import BreakerState, CircuitBreaker
-from brownout.server.app import create_app
-from brownout.server.runtime import Runtime
+from brownout.config import ROLES
+from brownout.events import GuardRetried
+from brownout.policies.breaker import BreakerState
+from support.net import free_port
+from support.stack import brief_of, merge, metric_values, sample, serve, stage_sources
+from support.wait import until
 
 STAGE_ROLE = {"generate": "qwen", "validate": "mistral", "hint": "llama"}
 MODE_STAGES = {
@@ -42,137 +36,6 @@ MODE_STAGES = {
 # Breakers that open after two failed calls and stay open for the rest of the test.
 TRIP: dict[str, Any] = {"circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600}}
 TOKEN = "s3cret-admin-token"
-
-
-# -------------------------------------------------------------------------------- harness
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def make_config(
-    urls: Mapping[str, str], db: Path, overrides: Mapping[str, Any] | None = None
-) -> BrownoutConfig:
-    """The defaults, with each role on its fake, short timeouts, no probing, no guard backoff.
-
-    Breakers keep their seed thresholds but need 100 calls before a rate counts, so they stay closed
-    unless a test asks for ``TRIP``.
-    """
-    base = load_config(None, environ={}).model_dump()
-    ours: dict[str, Any] = {
-        "models": {
-            "local": {"enabled": False},
-            "health_interval": 3600.0,
-            "health_timeout": 2.0,
-            "roles": {role: {"endpoints": [{"url": urls[role]}], "timeout": 1.0} for role in ROLES},
-        },
-        "json_guard": {"backoff_base": 0.0, "jitter": 0.0},
-        "circuit_breaker": {"minimum_calls": 100, "window_size": 100},
-        "database": {"url": f"sqlite+aiosqlite:///{db}", "spool_path": str(db.with_suffix(".spool.db"))},
-    }
-    return BrownoutConfig.model_validate(_merge(_merge(base, ours), overrides or {}))
-
-
-async def until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Wait for ``condition`` to hold (polling the real clock), or fail naming ``what``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def metric_values(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a Prometheus text exposition, by (sample name, labels)."""
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
-
-
-def brief_of(body: Mapping[str, Any]) -> CreativeBrief:
-    """The brief of a response body, validated."""
-    return CreativeBrief.model_validate(body["brief"])
-
-
-@dataclass
-class Stack:
-    """A running app with its runtime, its model fakes and an HTTP client."""
-
-    app: FastAPI
-    runtime: Runtime
-    http: httpx.AsyncClient
-    fakes: Mapping[str, FakeLLM]
-    bus: EventBus
-
-    @property
-    def service(self) -> BriefService:
-        assert self.runtime.service is not None
-        return self.runtime.service
-
-    def breaker(self, role: str) -> CircuitBreaker:
-        (breaker,) = self.runtime.clients[role].breakers.values()
-        return breaker
-
-    async def post(self, text: str, mode: str = "balanced") -> httpx.Response:
-        return await self.http.post("/v1/briefs", json={"text": text, "mode": mode})
-
-    async def brief(self, text: str, mode: str = "balanced") -> dict[str, Any]:
-        """POST a brief request that must succeed; returns the body, its brief validated."""
-        response = await self.post(text, mode)
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        brief_of(body)
-        assert body["requested_mode"] == mode
-        return body
-
-    async def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        response = await self.http.get("/metrics")
-        assert response.status_code == 200
-        return metric_values(response.text)
-
-
-def sample(
-    metrics: Mapping[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float:
-    """One sample's value (0 when absent, as for a counter never incremented)."""
-    return metrics.get((name, frozenset(labels.items())), 0.0)
-
-
-@contextlib.asynccontextmanager
-async def serve(
-    fakes: Mapping[str, FakeLLM],
-    tmp_path: Path,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    urls: Mapping[str, str] | None = None,
-) -> AsyncIterator[Stack]:
-    """Run the app on ``fakes`` (or ``urls``) with ``overrides``; yields once the first probes are in."""
-    where = dict(urls) if urls is not None else {role: fake.url for role, fake in fakes.items()}
-    config = make_config(where, tmp_path / "briefs.db", overrides)
-    bus = EventBus()
-    runtime = Runtime(config, events=bus)
-    app = create_app(config, runtime)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://brownout", timeout=30.0) as http:
-            stack = Stack(app, runtime, http, fakes, bus)
-            # The health loop probes every role once at start; let it finish so it cannot race a test.
-            await until(lambda: len(stack.service.stats.health) == len(ROLES), what="the first probes")
-            yield stack
-
-
-def stage_sources(body: Mapping[str, Any]) -> list[tuple[str, str]]:
-    return [(s["stage"], s["served_by"]) for s in body["stages"]]
 
 
 # -------------------------------------------------------------------------------- 1. healthy
@@ -495,7 +358,7 @@ async def test_json_guard_gives_up_on_wrong_schema_and_falls_back(
 
 
 async def test_hanging_generator_is_cut_at_its_timeout(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
-    overrides = _merge(TRIP, {"models": {"roles": {"qwen": {"timeout": 0.3}}}})
+    overrides = merge(TRIP, {"models": {"roles": {"qwen": {"timeout": 0.3}}}})
     async with serve(fakes, tmp_path, overrides) as stack:
         qwen = fakes["qwen"]
         qwen.set("hang")
@@ -569,13 +432,6 @@ async def test_slow_validator_beyond_its_timeout_is_replaced_by_rules(
 # -------------------------------------------------------------------------------- 9. crash
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _spawn_fake(port: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "brownout.chaos.fakellm", "--port", str(port)],
@@ -607,7 +463,7 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 
 async def test_generator_process_crash_and_restart(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     urls = {"qwen": f"http://127.0.0.1:{port}", "mistral": fakes["mistral"].url, "llama": fakes["llama"].url}
     overrides = {
         "circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 1.0, "success_threshold": 1}
@@ -635,7 +491,7 @@ async def test_generator_process_crash_and_restart(fakes: dict[str, FakeLLM], tm
 
             procs.append(await _start_fake_process(port))
             client = stack.runtime.clients["qwen"]
-            await until(lambda: client.available, what="the breaker's open wait")
+            await until(lambda: client.available, "the breaker's open wait")
             back = await stack.brief("after the restart: a citrus cologne", "balanced")
             assert back["served_mode"] == "balanced"
             assert back["downshifted"] is False
@@ -925,7 +781,7 @@ async def test_recovery_reads_and_refuses_admin_actions_without_a_token(
 async def test_recovery_reset_with_the_token_closes_every_breaker(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
-    async with serve(fakes, tmp_path, _merge(TRIP, {"server": {"admin_token": TOKEN}})) as stack:
+    async with serve(fakes, tmp_path, merge(TRIP, {"server": {"admin_token": TOKEN}})) as stack:
         fakes["llama"].set("error")
         fakes["mistral"].set("error")
         await stack.brief("a rose perfume", "creative")
@@ -987,7 +843,7 @@ async def test_no_fault_ever_turns_into_a_500(
     fakes: dict[str, FakeLLM], tmp_path: Path, fault: Mode, targets: str
 ) -> None:
     timeouts = {role: {"timeout": 0.3} for role in ROLES}
-    async with serve(fakes, tmp_path, _merge(TRIP, {"models": {"roles": timeouts}})) as stack:
+    async with serve(fakes, tmp_path, merge(TRIP, {"models": {"roles": timeouts}})) as stack:
         await stack.brief("a seen-before request for musk", "fast")
         for role in ("qwen",) if targets == "generator" else ROLES:
             fakes[role].set(fault)
@@ -1030,7 +886,7 @@ async def test_briefs_served_while_the_database_is_down_are_spooled_and_replayed
         await stack.runtime.store.init()
         assert stack.runtime.replayer is not None
         stack.runtime.replayer.wake()
-        await until(lambda: stack.runtime.spool.pending == 0, what="the spool to drain")
+        await until(lambda: stack.runtime.spool.pending == 0, "the spool to drain")
         assert await stack.runtime.store.count() == len(ids)
         for request_id in ids:
             record = await stack.runtime.store.get(request_id)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from brownout.policies.singleflight import Singleflight, SingleflightStats
+from support.wait import settle
 
 
 @pytest.fixture
@@ -20,11 +21,6 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     yield errors
     loop.set_exception_handler(None)
-
-
-async def settle(n: int = 10) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 class Gate:

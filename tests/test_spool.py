@@ -10,7 +10,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from brownout.durable.store import BriefRecord, BriefStore
 from brownout.errors import ConfigError, Overloaded
 from brownout.events import CallRejected, Event, EventBus, SpoolAppended, SpoolReplayed
 from brownout.testing import FakeClock
+from support.wait import until
 
 # ---------------------------------------------------------------------------------------- helpers
 
@@ -47,20 +47,6 @@ class Sink:
             raise ConnectionError(f"cannot write {key}")
         self.written.append(key)
         self.payloads[key] = payload
-
-
-async def eventually(condition: Callable[[], bool], what: str = "condition") -> None:
-    """Let the loop (and the spool's worker thread) run until ``condition`` holds.
-
-    SQLite work happens on a real thread, so a test sometimes has to let real time pass; this yields
-    without sleeping and only uses the loop's time to give up on a hang.
-    """
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + 20
-    while not condition():
-        if loop.time() > give_up:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0)
 
 
 def rows(path: Path) -> list[tuple[str, str, str, int]]:
@@ -394,11 +380,21 @@ async def test_full_spool_retry_after_follows_the_replayer_schedule(tmp_path: Pa
         await spool.append("a", "brief", {})
         await spool.append("b", "brief", {})
         replayer.start()
-        await eventually(lambda: replayer.consecutive_failures == 1 and replayer.next_attempt_at is not None)
+        await until(
+            lambda: replayer.consecutive_failures == 1 and replayer.next_attempt_at is not None,
+            "the first failed attempt",
+            timeout=20,
+            interval=0,
+        )
         # First attempt at once (entries already pending), failed: next in 2 s.
         assert replayer.next_attempt_at == clock.now() + 2.0
         await clock.run(2.0)
-        await eventually(lambda: replayer.consecutive_failures == 2 and replayer.next_attempt_at is not None)
+        await until(
+            lambda: replayer.consecutive_failures == 2 and replayer.next_attempt_at is not None,
+            "the second failed attempt",
+            timeout=20,
+            interval=0,
+        )
         assert replayer.next_attempt_at == clock.now() + 4.0
         clock.advance(1.5)
         with pytest.raises(Overloaded) as info:
@@ -552,34 +548,49 @@ async def test_replayer_wake_retries_at_once(tmp_path: Path, clock: FakeClock) -
     sink = Sink(failures=2)
     async with spool, SpoolReplayer(spool, sink, interval=10.0) as replayer:
         # Pending at start: tried at once, fails; next in 10 s.
-        await eventually(lambda: replayer.consecutive_failures == 1 and clock.pending_timers == 1)
+        await until(
+            lambda: replayer.consecutive_failures == 1 and clock.pending_timers == 1,
+            "the first backoff",
+            timeout=20,
+            interval=0,
+        )
         assert replayer.next_attempt_at == clock.now() + 10.0
         replayer.wake()  # fails again; next in 20 s
-        await eventually(lambda: replayer.consecutive_failures == 2 and clock.pending_timers == 1)
+        await until(
+            lambda: replayer.consecutive_failures == 2 and clock.pending_timers == 1,
+            "the second backoff",
+            timeout=20,
+            interval=0,
+        )
         assert replayer.next_attempt_at == clock.now() + 20.0
         replayer.wake()  # "the database is back"
-        await eventually(lambda: spool.pending == 0, "the replay")
+        await until(lambda: spool.pending == 0, "the replay", timeout=20, interval=0)
         assert clock.now() == 1000.0  # no clock time had to pass
         assert sink.written == ["a"]
         assert replayer.attempts == 3
-        await eventually(lambda: replayer.next_attempt_at is None and clock.pending_timers == 0)
+        await until(
+            lambda: replayer.next_attempt_at is None and clock.pending_timers == 0,
+            "no attempt planned",
+            timeout=20,
+            interval=0,
+        )
 
 
 async def test_replayer_waits_an_interval_after_new_entries(tmp_path: Path, clock: FakeClock) -> None:
     spool = Spool(tmp_path / "s.db", clock=clock)
     sink = Sink()
     async with spool, SpoolReplayer(spool, sink, interval=5.0) as replayer:
-        await eventually(lambda: replayer.idle, "the replayer to idle")
+        await until(lambda: replayer.idle, "the replayer to idle", timeout=20, interval=0)
         await spool.append("a", "brief", {})
-        await eventually(lambda: clock.pending_timers == 1, "the interval to start")
+        await until(lambda: clock.pending_timers == 1, "the interval to start", timeout=20, interval=0)
         assert replayer.next_attempt_at == clock.now() + 5.0
         await clock.run(4.9)
         assert sink.calls == 0
         await clock.run(0.1)
-        await eventually(lambda: spool.pending == 0, "the replay")
+        await until(lambda: spool.pending == 0, "the replay", timeout=20, interval=0)
         assert sink.written == ["a"]
         assert clock.sleeps == [5.0]
-        await eventually(lambda: replayer.idle, "the replayer to idle again")
+        await until(lambda: replayer.idle, "the replayer to idle again", timeout=20, interval=0)
         assert replayer.next_attempt_at is None
 
 
@@ -603,7 +614,7 @@ async def test_replayer_survives_a_spool_error(
     replayer = SpoolReplayer(spool, sink)
     try:
         replayer.start()
-        await eventually(lambda: sink.written == ["a"], "the second attempt")
+        await until(lambda: sink.written == ["a"], "the second attempt", timeout=20, interval=0)
         assert clock.sleeps == [1.0]
         assert calls[0] == 2
         assert "disk I/O error" in caplog.text
@@ -623,7 +634,7 @@ async def test_replayer_retries_a_spool_file_it_cannot_open(
     replayer = SpoolReplayer(spool, sink, interval=1.0, max_interval=4.0)
     try:
         replayer.start()
-        await eventually(lambda: len(clock.sleeps) >= 4, "a few failed opens")
+        await until(lambda: len(clock.sleeps) >= 4, "a few failed opens", timeout=20, interval=0)
         assert clock.sleeps[:4] == [1.0, 2.0, 4.0, 4.0]
         assert replayer.attempts == 0  # no replay could start
         with pytest.raises(sqlite3.OperationalError):
@@ -631,7 +642,7 @@ async def test_replayer_retries_a_spool_file_it_cannot_open(
         path.rmdir()
         await spool.append("a", "brief", {})
         replayer.wake()
-        await eventually(lambda: sink.written == ["a"], "the replay")
+        await until(lambda: sink.written == ["a"], "the replay", timeout=20, interval=0)
         assert "unable to open database file" in caplog.text
     finally:
         await replayer.aclose()
@@ -643,10 +654,15 @@ async def test_replayer_stops_when_its_spool_closes(tmp_path: Path, clock: FakeC
     await spool.append("a", "brief", {})
     replayer = SpoolReplayer(spool, Sink(failures=1), interval=3.0)
     replayer.start()
-    await eventually(lambda: replayer.consecutive_failures == 1 and clock.pending_timers == 1)
+    await until(
+        lambda: replayer.consecutive_failures == 1 and clock.pending_timers == 1,
+        "the first backoff",
+        timeout=20,
+        interval=0,
+    )
     await spool.aclose()
     await clock.run(3.0)
-    await eventually(lambda: not replayer.running, "the replayer to stop")
+    await until(lambda: not replayer.running, "the replayer to stop", timeout=20, interval=0)
     assert replayer.attempts == 1
     assert replayer.next_attempt_at is None
     await replayer.aclose()
@@ -782,7 +798,9 @@ async def test_writes_spooled_during_a_real_outage_reach_the_store(tmp_path: Pat
         assert len(acknowledged) == 20
         assert spool.pending == 20
         replayer.start()
-        await eventually(lambda: replayer.consecutive_failures >= 3, "failed attempts while down")
+        await until(
+            lambda: replayer.consecutive_failures >= 3, "failed attempts while down", timeout=20, interval=0
+        )
         db_dir.mkdir()
         await store.init()  # the database is back
         replayer.wake()

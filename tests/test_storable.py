@@ -15,7 +15,7 @@ from brownout.chaos.servers import PostgresDatabase
 from brownout.durable.spool import Spool, default_data_fault, default_transient, error_summary
 from brownout.durable.store import BriefRecord, BriefStore
 from brownout.testing import FakeClock
-from test_server import serve
+from support.stack import serve
 
 SECRET = "my secret wish for jasmine"
 

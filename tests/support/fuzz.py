@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ from brownout.server.app import create_app
 from brownout.server.connections import ConnectionPolicy, uvicorn_options
 from brownout.server.errors import ErrorResponse
 from brownout.server.runtime import Runtime
-from live_helpers import make_config, until
+from support.net import EmbeddedServer
+from support.stack import make_config
+from support.wait import until
 
 __all__ = ["ADMIN_TOKEN", "BOUND", "GROUP", "RunningApp", "assert_error_shape", "overrides", "running_app"]
 
@@ -55,14 +57,6 @@ def overrides(group_url: str, extra: Mapping[str, Any] | None = None) -> dict[st
     for key, value in (extra or {}).items():
         out[key] = {**out.get(key, {}), **value} if isinstance(value, Mapping) else value
     return out
-
-
-class _Embedded(uvicorn.Server):
-    """uvicorn off the main thread: signals are pytest's."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 @dataclass
@@ -107,7 +101,7 @@ def running_app(tmp: Path, extra: Mapping[str, Any] | None = None) -> Iterator[R
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-            server = _Embedded(
+            server = EmbeddedServer(
                 uvicorn.Config(
                     app,
                     log_config=None,
@@ -120,13 +114,13 @@ def running_app(tmp: Path, extra: Mapping[str, Any] | None = None) -> Iterator[R
             )
             task = asyncio.create_task(server.serve(sockets=[sock]))
             try:
-                await until(lambda: server.started or task.done(), what="uvicorn to start")
+                await until(lambda: server.started or task.done(), "uvicorn to start")
                 if task.done():
                     task.result()
                     raise RuntimeError("uvicorn stopped during startup")
                 service = runtime.service
                 assert service is not None
-                await until(lambda: len(service.stats.health) == len(ROLES), what="the first probes")
+                await until(lambda: len(service.stats.health) == len(ROLES), "the first probes")
                 found.append(
                     RunningApp(
                         f"http://127.0.0.1:{port}",

@@ -1,4 +1,5 @@
-"""Helpers of the live-view tests: the app on a real uvicorn on 127.0.0.1, and a webhook receiver.
+"""The app on a real uvicorn on 127.0.0.1, and a webhook receiver: the live view's, the dashboard's
+and the security tests' harness.
 
 Server-Sent Events and WebSockets need a real server (``httpx.ASGITransport`` buffers whole
 responses), so these tests run ``create_app`` under uvicorn in the test's own event loop, on a free
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Generator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,11 @@ from brownout.events import EventBus
 from brownout.policies.breaker import CircuitBreaker
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
-from test_server import make_config, until
+from support.net import EmbeddedServer
+from support.stack import make_config
+from support.wait import until
 
-__all__ = ["LiveStack", "Receiver", "live_stack", "make_config", "serve_app", "until"]
-
-
-class _Embedded(uvicorn.Server):
-    """uvicorn inside pytest's process: it must leave pytest's signal handlers alone."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
+__all__ = ["LiveStack", "Receiver", "live_stack", "serve_app"]
 
 
 @contextlib.asynccontextmanager
@@ -59,10 +54,10 @@ async def serve_app(app: Any, *, lifespan: str = "on") -> AsyncIterator[str]:
         loop="asyncio",
         timeout_graceful_shutdown=2,
     )
-    server = _Embedded(config)
+    server = EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await until(lambda: server.started or task.done(), what="uvicorn to start")
+        await until(lambda: server.started or task.done(), "uvicorn to start")
         if task.done():
             task.result()
             raise RuntimeError("uvicorn stopped during startup")
@@ -118,7 +113,7 @@ async def live_stack(
         async with serve_app(app) as url:
             service = runtime.service
             assert service is not None
-            await until(lambda: len(service.stats.health) == len(ROLES), what="the first probes")
+            await until(lambda: len(service.stats.health) == len(ROLES), "the first probes")
             yield LiveStack(app, runtime, url, fakes, bus, config)
     finally:
         await asyncio.gather(*(f.stop() for f in fakes.values()))
