@@ -37,8 +37,8 @@ from brownout.chaos.servers import (
     processes,
     reap_orphans,
 )
+from support import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED_PORTS = {5432, 6379}
 
 MakeRedis = Callable[..., RedisServer]
@@ -81,7 +81,7 @@ def processes_using(path: Path) -> list[int]:
 
 def test_services_script_finds_both_binaries() -> None:
     result = subprocess.run(
-        [str(REPO / "scripts" / "services"), "where"], capture_output=True, text=True, check=False
+        [str(ROOT / "scripts" / "services"), "where"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"redis-server: {servers.find_redis_server()}" in result.stdout

@@ -27,7 +27,7 @@ Checked on every answer: no 5xx except a 503 that says when to retry (``Retry-Af
 (:class:`~brownout.server.errors.ErrorResponse`); status code, content type and body conform to the
 spec; and no request takes longer than ``BOUND`` seconds -- a generous bound on behaviour (a hang or
 a wait on something that never comes), not a performance figure.
-Left out: ``GET /api/v1/events`` (an endless stream; ``tests/test_live.py`` covers it).
+Left out: ``GET /api/v1/events`` (an endless stream; ``tests/server/test_live.py`` covers it).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The gateway's ``local`` group: the embedded model offered out of the box, and how configuration
-changes it. (The official OpenAI client against it: ``tests/test_model_smoke.py``, ``-m model``.)"""
+changes it. (The official OpenAI client against it: ``tests/llm/test_model_smoke.py``, ``-m model``.)"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from brownout.config import BrownoutConfig, load_config
 from brownout.errors import ConfigError
 from brownout.server.runtime import Runtime
+from support import ROOT
 
 ONE = {"endpoints": [{"url": "http://10.0.0.5:8000"}]}
 
@@ -73,7 +74,7 @@ def test_no_local_group_while_the_generator_runs_elsewhere(tmp_path: Path) -> No
 
 
 def test_the_documented_example_offers_local() -> None:
-    example = Path(__file__).resolve().parents[1] / "deploy" / "brownout.example.yaml"
+    example = ROOT / "deploy" / "brownout.example.yaml"
     loaded = load_config(example, environ={})
     assert loaded.gateway.local.enabled
     assert loaded.gateway_local_role == "qwen"

@@ -24,8 +24,9 @@ from brownout.chaos.drills.runner import PLAYS, REQUIREMENTS
 from brownout.chaos.servers import ensure_installed
 from brownout.cli import app
 from brownout.server.errors import error_bytes
+from support import ROOT
 
-SERVICES_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "services"
+SERVICES_SCRIPT = ROOT / "scripts" / "services"
 FAST = [s.name for s in CATALOG if s.fast]
 
 # Issue 5 item 2: every scenario it asks for, by the catalog's name for it.

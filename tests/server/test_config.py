@@ -9,8 +9,7 @@ import pytest
 from brownout.config import BrownoutConfig, load_config
 from brownout.errors import ConfigError
 from brownout.policies.breaker import BreakerConfig
-
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT
 
 
 def test_defaults_are_the_seeds_numbers() -> None:

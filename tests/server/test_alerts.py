@@ -3,7 +3,7 @@
 promtool comes from Debian's ``prometheus`` package. Like the Redis and PostgreSQL tests' servers, a
 missing promtool is installed once with ``scripts/promtool install`` (CI starts from a clean machine);
 the tests are never skipped for it. That every metric the rules query is one ``/metrics`` exports is
-checked against a running app in ``tests/test_metrics.py``.
+checked against a running app in ``tests/server/test_metrics.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 PROM = ROOT / "deploy" / "prometheus"
 ALERTS = PROM / "alerts.yml"
 ALERTS_TEST = PROM / "alerts_test.yml"

@@ -1,6 +1,6 @@
 """``/metrics``: the seeds' metric names from a running app, and metrics shared by several workers.
 
-* The app is built as in ``tests/test_server.py``: each model role on its own
+* The app is built as in ``tests/server/test_server.py``: each model role on its own
   :class:`~brownout.chaos.fakellm.FakeLLM` on 127.0.0.1, the lifespan run, requests through
   ``httpx.ASGITransport``.
 * Several workers: :class:`~brownout.server.metrics.WorkerSnapshots` merging hand-built families on a
@@ -36,8 +36,8 @@ from brownout.server.app import create_app
 from brownout.server.metrics import MULTIPROCESS_ENV, WorkerSnapshots, multiprocess_dir
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "brownout-dashboard.json"
 

@@ -34,10 +34,10 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from brownout.policies.breaker import BreakerState
+from support import ROOT
 from support.live import live_stack
 from support.wait import until
 
-ROOT = Path(__file__).resolve().parents[1]
 TRIP: dict[str, Any] = {
     "circuit_breaker": {"minimum_calls": 2, "window_size": 4, "timeout": 3600},
     "server": {"live_interval": 0.5},

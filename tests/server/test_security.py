@@ -1,6 +1,7 @@
 """Security of the HTTP API: CORS off unless configured, admin endpoints behind a bearer token, and no
 secret -- the admin token, a model API key, a webhook URL, a database password -- in any log line or
-any answer. (Body limits: ``tests/test_server.py``; no 5xx for any input: ``tests/test_schemathesis.py``.)
+any answer. (Body limits: ``tests/server/test_server.py``; no 5xx for any input:
+``tests/server/test_schemathesis.py``.)
 """
 
 from __future__ import annotations
