@@ -16,6 +16,7 @@ from brownout.durable.spool import Spool, default_data_fault, default_transient,
 from brownout.durable.store import BriefRecord, BriefStore
 from brownout.testing import FakeClock
 from support.stack import serve
+from support.wait import until
 
 SECRET = "my secret wish for jasmine"
 
@@ -165,9 +166,6 @@ async def test_health_says_degraded_while_writes_wait_in_the_spool(
         assert health["status"] == "degraded"
         assert stack.runtime.replayer is not None
         stack.runtime.replayer.wake()
-        for _ in range(200):
-            if stack.runtime.spool.pending == 0:
-                break
-            await stack.runtime.clock.sleep(0.01)
+        await until(lambda: stack.runtime.spool.pending == 0, "the replay")
         assert (await stack.http.get("/health")).json()["database"]["status"] == "healthy"
         assert await stack.runtime.store.count() == 1

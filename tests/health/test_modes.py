@@ -30,6 +30,7 @@ from brownout.health.resources import ResourceSample
 from brownout.server.app import create_app
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
+from support.wait import until
 
 # -------------------------------------------------------------------------------- deriving the mode
 
@@ -306,10 +307,8 @@ async def test_degraded_mode_switches_the_hinter_off_and_normal_brings_it_back(t
         rt.ops.resources.sampler = lambda first: ResourceSample(0.0, cpu["now"], 40.0)
         await rt.ops.resources.check()
         assert rt.ops.modes.evaluate() is SystemMode.DEGRADED
-        for _ in range(500):  # the proactive recovery chain (it probes the models) runs its course
-            if rt.recovery.outcomes and not rt.recovery.busy:
-                break
-            await asyncio.sleep(0.01)
+        # The proactive recovery chain (it probes the models) runs its course.
+        await until(lambda: bool(rt.recovery.outcomes) and not rt.recovery.busy, "the proactive chain to end")
         before = fakes["llama"].chat_requests
         body = (await http.post("/v1/briefs", json={"text": "a smoky vetiver", "mode": "creative"})).json()
         assert body["served_mode"] == "balanced"

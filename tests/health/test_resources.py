@@ -426,18 +426,12 @@ async def serve(tmp_path: Path) -> AsyncIterator[tuple[Runtime, httpx.AsyncClien
 
 async def test_a_critical_resource_is_only_reported_by_its_proactive_chain(tmp_path: Path) -> None:
     async with serve(tmp_path) as (rt, http):
-        for _ in range(500):  # the monitor's own first sample (at start) is in
-            if rt.ops.resources.samples:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(rt.ops.resources.samples), "the monitor's own first sample (at start)")
         load = {"cpu": 97.0}
         rt.ops.resources.sampler = lambda first: sample(load["cpu"], 40.0)
         await rt.ops.resources.check()
         rec = rt.recovery
-        for _ in range(500):
-            if rec.outcomes and not rec.busy:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(rec.outcomes) and not rec.busy, "the recovery run to end")
         outcome = rec.outcomes[0]
         assert (outcome.failure_type, outcome.trigger) == (FailureType.SYSTEM_RESOURCE, "proactive")
         assert [(a.action, a.status) for a in outcome.attempts] == [

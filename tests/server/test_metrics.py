@@ -37,6 +37,7 @@ from brownout.server.metrics import MULTIPROCESS_ENV, WorkerSnapshots, multiproc
 from brownout.server.runtime import Runtime
 from brownout.testing import FakeClock
 from support import ROOT
+from support.wait import until
 
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "brownout-dashboard.json"
@@ -189,10 +190,11 @@ async def running_app(fakes: Mapping[str, FakeLLM], tmp_path: Path) -> AsyncIter
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://brownout", timeout=30.0) as http:
-            for _ in range(1000):  # the health loop probes every role once at start
-                if runtime.service is not None and len(runtime.service.stats.health) == len(ROLES):
-                    break
-                await asyncio.sleep(0.01)
+            # The health loop probes every role once at start.
+            await until(
+                lambda: runtime.service is not None and len(runtime.service.stats.health) == len(ROLES),
+                "the first probes",
+            )
             yield http
 
 

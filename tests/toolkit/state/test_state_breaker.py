@@ -16,6 +16,7 @@ from brownout.events import BreakerStateChanged, EventBus
 from brownout.policies.breaker import BreakerConfig, BreakerState
 from brownout.state.breaker import RedisBreakers
 from brownout.testing import FakeClock
+from support.wait import until
 
 CONFIG = BreakerConfig(
     window_size=10,
@@ -127,10 +128,8 @@ async def test_half_open_admits_the_probes_in_total_across_replicas(
     t1 = asyncio.create_task(a.call(probe, "a1"))
     t2 = asyncio.create_task(a.call(probe, "a2"))
     t3 = asyncio.create_task(b.call(probe, "b1"))
-    for _ in range(1000):  # each probe needs a real Redis round trip to get its permit
-        if len(started) == 3:
-            break
-        await asyncio.sleep(0.001)
+    # Each probe needs a real Redis round trip to get its permit.
+    await until(lambda: len(started) == 3, "three probes started", interval=0.001)
     # A fourth caller, on either replica, is refused: three probes exist in total.
     with pytest.raises(CircuitOpen, match="half_open"):
         await b.call(probe, "b2")
@@ -274,3 +273,118 @@ def test_shared_breakers_need_count_windows(clock: FakeClock) -> None:
         registry.breaker("t", BreakerConfig(window_type="time"))
     with pytest.raises(ConfigError, match="sync_interval"):
         RedisBreakers(client, sync_interval=0)
+
+
+async def test_forced_closed_and_disabled_reach_every_replica(replicas: Callable[..., RedisBreakers]) -> None:
+    a = replicas().breaker("m", CONFIG)
+    b = replicas().breaker("m", CONFIG)
+    b.force_closed()
+    await asyncio.gather(*b._owner._background)
+    await a._owner.sync()
+    assert a.state is BreakerState.FORCED_CLOSED
+    await fail_n(a, 6)  # every call runs; the breaker never opens
+    assert a.state is BreakerState.FORCED_CLOSED
+    assert a.available
+    assert a.retry_after() == 0.0
+    b.disable()
+    await asyncio.gather(*b._owner._background)
+    await a._owner.sync()
+    assert a.state is BreakerState.DISABLED
+    assert await a.call(ok) == "ok"
+
+
+async def test_what_a_shared_breaker_reports_while_open(
+    replicas: Callable[..., RedisBreakers], clock: FakeClock
+) -> None:
+    a = replicas().breaker("m", CONFIG)
+    assert repr(a) == "SharedBreaker('m', state=closed, redis)"
+    await fail_n(a, 4)
+    await a._owner.sync()
+    metrics = a.metrics()
+    assert (metrics.state, metrics.calls, metrics.failures, metrics.failure_rate) == (
+        BreakerState.OPEN,
+        4,
+        4,
+        1.0,
+    )
+    assert metrics.retry_after == pytest.approx(10.0)
+    with pytest.raises(CircuitOpen):
+        await a.call(ok)
+    assert a.metrics().rejected == 1
+    clock.advance(4.0)
+    assert a.retry_after() == pytest.approx(6.0)
+    a.force_open()
+    assert a.retry_after() == CONFIG.open_wait  # until an operator resets it
+
+
+async def test_half_open_with_every_probe_out_says_when_to_come_back(
+    replicas: Callable[..., RedisBreakers], clock: FakeClock
+) -> None:
+    a = replicas().breaker("m", CONFIG)
+    await fail_n(a, 4)
+    clock.advance(10.0)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    async def held() -> str:
+        started.append(1)
+        await release.wait()
+        return "ok"
+
+    probes = [asyncio.create_task(a.call(held)) for _ in range(CONFIG.half_open_max_calls)]
+    await until(lambda: len(started) == CONFIG.half_open_max_calls, "every probe running", interval=0.001)
+    await a._owner.sync()  # the probe count as Redis holds it
+    assert a.state is BreakerState.HALF_OPEN
+    assert not a.available
+    assert a.retry_after() == CONFIG.half_open_retry_after
+    release.set()
+    assert await asyncio.gather(*probes) == ["ok"] * CONFIG.half_open_max_calls
+
+
+async def test_the_decorator_and_block_forms_judge_results_and_ignore_what_they_are_told_to(
+    replicas: Callable[..., RedisBreakers],
+) -> None:
+    config = CONFIG.model_copy(
+        update={"failure_result": lambda r: r == "bad", "ignore_exceptions": (KeyError,)}
+    )
+    a = replicas().breaker("m", config)
+
+    @a
+    async def answer(value: str) -> str:
+        return value
+
+    assert answer.__name__ == "answer"
+    for _ in range(4):
+        assert await answer("bad") == "bad"  # returned, but counted as a failure
+    await asyncio.gather(*a._owner._background)
+    assert a.state is BreakerState.OPEN
+    a.reset()
+    await asyncio.gather(*a._owner._background)
+    for _ in range(4):
+        with pytest.raises(KeyError):
+            async with a:
+                raise KeyError("not the model's fault")
+        async with a.guard() as guard:
+            guard.record_result("fine")
+    await asyncio.gather(*a._owner._background)
+    assert a.state is BreakerState.CLOSED
+
+
+async def test_without_redis_a_guard_is_judged_by_the_local_breaker(
+    make_redis_server: Callable[..., RedisServer], replicas: Callable[..., RedisBreakers]
+) -> None:
+    server = make_redis_server()
+    registry = replicas(server.url)
+    a = registry.breaker("m", CONFIG)
+    assert await registry.sync()
+    server.stop()
+    assert not await registry.sync()
+    assert repr(a) == "SharedBreaker('m', state=closed, local)"
+    for _ in range(4):
+        with pytest.raises(Boom):
+            async with a.guard():
+                raise Boom("x")
+    assert a.state is BreakerState.OPEN  # the local breaker's own window
+    assert a.metrics().failures == 4
+    assert a.retry_after() == pytest.approx(10.0)
+    assert not a.available

@@ -18,6 +18,7 @@ from brownout.chaos.servers import RedisServer
 from brownout.errors import ConfigError, DeadlineExceeded
 from brownout.policies.deadline import deadline
 from brownout.state.singleflight import RedisSingleflight, RemoteComputationFailed
+from support.wait import until
 
 Value = dict[str, int]
 
@@ -28,11 +29,9 @@ def lock_key(name: str, key: str) -> str:
 
 async def lock_taken(client: redis.asyncio.Redis, key: str, name: str = "singleflight") -> None:
     """Wait until some replica holds the lock of ``key`` (so which replica computes is known)."""
-    for _ in range(500):
-        if await client.exists(lock_key(name, key)):
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"nobody took the lock of {key!r}")
+    await until(
+        lambda: client.exists(lock_key(name, key)), f"a replica to take the lock of {key!r}", interval=0.005
+    )
 
 
 @pytest.fixture
@@ -290,6 +289,16 @@ async def test_deadline_bounds_the_wait_but_not_the_flight(clients: list[redis.a
     assert await patient == {"answer": 42}
     assert compute.runs == 1
     assert a.stats.takeovers == 1
+
+
+async def test_an_error_reaches_a_caller_with_a_deadline(clients: list[redis.asyncio.Redis]) -> None:
+    a, _ = replicas(clients)
+    with pytest.raises(ValueError, match="bad input"):
+        async with deadline(5.0):
+            await a.do("k", Counting(delay=0.01, error=ValueError("bad input")))
+    async with deadline(5.0):
+        assert await a.do("k", Counting(delay=0.01)) == {"answer": 42}
+    assert repr(a) == "RedisSingleflight('singleflight', in_flight=0)"
 
 
 def test_invalid_settings_name_the_field() -> None:
