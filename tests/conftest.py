@@ -20,6 +20,9 @@ from brownout.config import ROLES
 from brownout.events import EventBus
 from brownout.testing import FakeClock
 
+# The shared helpers (tests/support/) assert too: rewrite their asserts as pytest does the tests'.
+pytest.register_assert_rewrite("support")
+
 
 @pytest.fixture
 def clock() -> FakeClock:

@@ -1,0 +1,320 @@
+"""The overload bench's accounting and the local model servers' capacity settings.
+
+Everything here runs in the default suite without a model: answer classification, percentiles and
+shares, breaker-open and recovery-action counting, a level driven for real against a small HTTP
+server on 127.0.0.1 that answers the brief server's shapes, the generator's request body, and the
+``models.local`` settings that size each local model server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from brownout.bench import capacity
+from brownout.bench.overload import (
+    KINDS,
+    Answer,
+    breaker_opens,
+    classify_answer,
+    new_actions,
+    run_level,
+    summarize,
+)
+from brownout.briefs.schema import ModelBrief
+from brownout.cli import app
+from brownout.config import BrownoutConfig, LocalModelsSection
+from brownout.server.errors import error_bytes
+from support.net import free_port
+
+
+def _brief(by: list[str], requested: str = "fast", served: str | None = None, **extra: Any) -> dict[str, Any]:
+    served = served or requested
+    return {
+        "brief": {"style": "fresh"},
+        "requested_mode": requested,
+        "served_mode": served,
+        "downshifted": served != requested,
+        "reason": None,
+        "stages": [{"stage": f"s{i}", "served_by": b, "latency_ms": 1.0} for i, b in enumerate(by)],
+        "degraded": served != requested or any(not b.startswith("model:") for b in by),
+        "cached": False,
+        **extra,
+    }
+
+
+REFUSAL = json.loads(error_bytes(503, "busy", retry_after=2))
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "requested", "expected"),
+    [
+        (200, {}, _brief(["model:qwen"]), "fast", "full"),
+        (200, {}, _brief(["model:qwen", "model:mistral", "model:llama"], "creative"), "creative", "full"),
+        (200, {}, _brief(["model:qwen", "model:mistral"], "creative", "balanced"), "creative", "downshifted"),
+        (
+            200,
+            {},
+            _brief(["model:qwen", "model:mistral"], "creative", "balanced", dimmed=["hints"], reason="load"),
+            "creative",
+            "dimmed",
+        ),
+        (200, {}, _brief(["model:qwen"], "balanced", "fast", reason="load"), "balanced", "dimmed"),
+        (200, {}, _brief(["model:qwen", "model:mistral", "template"], "creative"), "creative", "degraded"),
+        (200, {}, _brief(["reduced_context"]), "fast", "degraded"),
+        (200, {}, _brief(["cache"], cached=True, degraded=False), "fast", "cache"),
+        (200, {}, _brief(["cache"], "fast", "fallback"), "fast", "cache"),
+        (200, {}, _brief(["rules"], "fast", "fallback"), "fast", "rules"),
+        (200, {}, _brief(["popular"], "fast", "emergency"), "fast", "rules"),
+        (200, {}, _brief(["rules"], "creative", "fallback", dimmed=["everything"]), "creative", "rules"),
+        (503, {"retry-after": "2"}, REFUSAL, "fast", "rejected"),
+        (429, {"retry-after": "0"}, REFUSAL, "fast", "rejected"),
+        (503, {}, REFUSAL, "fast", "failed"),
+        (503, {"retry-after": "soon"}, REFUSAL, "fast", "failed"),
+        (200, {}, {"detail": "no brief"}, "fast", "failed"),
+        (500, {}, None, "fast", "failed"),
+        (None, {}, None, "fast", "failed"),
+    ],
+)
+def test_classify_answer(
+    status: int | None, headers: dict[str, str], body: Any, requested: str, expected: str
+) -> None:
+    assert classify_answer(status, headers, body, requested) == expected
+
+
+def test_summary_counts_shares_rates_and_percentiles() -> None:
+    # 10 s: 6 briefs by the generator (4 full, 1 downshifted, 1 dimmed), 2 rule-based, 4 refused, 1 failed.
+    kinds = ["full"] * 4 + ["downshifted", "dimmed", "rules", "rules"] + ["rejected"] * 4 + ["failed"]
+    briefs_ms = [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000]
+    rejected_ms = [10, 20, 30, 40]
+    latencies = [*briefs_ms, *rejected_ms, 90_000]
+    answers = [Answer(k, ms / 1000, float(i)) for i, (k, ms) in enumerate(zip(kinds, latencies, strict=True))]  # type: ignore[arg-type]
+    s = summarize(answers, 10.0, bare_per_min=72.0)
+    assert s["answers"] == 13
+    assert s["answers_per_s"] == 1.3
+    assert s["briefs_per_s"] == 0.8
+    assert s["counts"] == {
+        "full": 4,
+        "downshifted": 1,
+        "dimmed": 1,
+        "degraded": 0,
+        "cache": 0,
+        "rules": 2,
+        "rejected": 4,
+        "failed": 1,
+    }
+    assert sum(s["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert s["share"]["rejected"] == round(4 / 13, 4)
+    # Inclusive linear interpolation over the briefs only (the failure's 90 s is in neither list).
+    assert s["accepted"] == {"p50_ms": 4500.0, "p95_ms": 7650.0, "p99_ms": 7930.0}
+    assert s["rejections"] == {"p50_ms": 25.0, "p95_ms": 38.5, "p99_ms": 39.7}
+    assert s["generator_briefs"] == 6
+    assert s["generator_briefs_per_min"] == 36.0
+    assert s["ratio_to_bare"] == 0.5
+
+
+def test_summary_of_nothing() -> None:
+    s = summarize([], 5.0)
+    assert s["answers"] == 0
+    assert s["accepted"] == {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    assert s["ratio_to_bare"] is None
+    assert set(s["counts"]) == set(KINDS)
+
+
+def test_breaker_opens_count_transitions_into_open() -> None:
+    snaps = [
+        {"qwen": "closed", "mistral": "open"},
+        {"qwen": "open", "mistral": "open"},
+        {"qwen": "half_open", "mistral": "open"},
+        {"qwen": "open", "mistral": "closed"},
+        {"qwen": "open", "mistral": "closed"},
+    ]
+    assert breaker_opens(snaps) == {"qwen": 2, "mistral": 1}
+    assert breaker_opens([{"qwen": "closed"}] * 3) == {}
+
+
+def test_new_actions_are_the_ones_not_in_history_before() -> None:
+    old = {"at": 1.0, "action": "clear_cache", "target": "all"}
+    restart = {"at": 5.0, "action": "restart_model_server", "target": "qwen"}
+    off = {"at": 6.0, "action": "fallback_to_rules", "target": "qwen"}
+    assert new_actions([old], [old, restart, off]) == [restart, off]
+    assert new_actions([old], [old]) == []
+
+
+def test_the_generator_body_is_the_brief_services_request() -> None:
+    body = capacity.brief_body("A fresh lemon scent for summer")
+    assert body["model"] == "qwen"
+    assert body["max_tokens"] == 512
+    assert body["temperature"] == 0.7
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["schema"] == ModelBrief.model_json_schema()
+    assert "A fresh lemon scent for summer" in body["messages"][-1]["content"]
+
+
+def test_capacity_counter_counts_completions_valid_ones_and_tokens() -> None:
+    valid = json.dumps(
+        {
+            "style": "fresh",
+            "intensity": 40,
+            "complexity": 30,
+            "notes": [{"note": "citrus", "weight": 80}],
+            "product_category": "EDT",
+            "longevity": "medium",
+            "description": "A bright lemon scent.",
+        }
+    )
+    ModelBrief.model_validate_json(valid)  # the fixture itself must be a valid brief
+    counter = capacity.Counter()
+
+    def completion(content: str, tokens: int) -> dict[str, Any]:
+        return {"choices": [{"message": {"content": content}}], "usage": {"completion_tokens": tokens}}
+
+    counter.record(200, completion(valid, 100), 2.0)
+    counter.record(200, completion('{"style": ', 40), 1.0)
+    counter.record(503, {"error": {"message": "busy"}}, 0.1)
+    assert counter.completions == 2
+    assert counter.valid == 1
+    assert counter.tokens == 140
+    assert counter.errors == 1
+    row = capacity.ConfigResult.of("t", 1, 1, 2048, 1, 30.0, counter)
+    assert row.completions_per_min == 4.0
+    assert row.tokens_per_s == round(140 / 30, 1)
+
+
+# ------------------------------------------------------------------------------ a level, for real
+
+
+def _fake_brief_server() -> FastAPI:
+    """Answers like a saturated brief server: every 3rd request refused, every 3rd rule-based."""
+    app = FastAPI()
+    seen = {"n": 0, "status": 0}
+
+    @app.post("/v1/briefs")
+    async def briefs(request: Request) -> JSONResponse:
+        body = await request.json()
+        seen["n"] += 1
+        n = seen["n"]
+        if n % 3 == 0:
+            return JSONResponse(REFUSAL, status_code=503, headers={"Retry-After": "1"})
+        await asyncio.sleep(0.01)
+        by = ["rules"] if n % 3 == 1 else ["model:qwen"]
+        return JSONResponse(_brief(by, body["mode"], "fallback" if by == ["rules"] else None))
+
+    @app.get("/api/v1/recovery/status")
+    async def status() -> dict[str, Any]:
+        # The breaker is seen open on the 2nd poll and closed again from the 4th on.
+        seen["status"] += 1
+        state = "open" if seen["status"] in (2, 3) else "closed"
+        return {"breakers": {"qwen": state}, "available_modes": ["fast"], "system_mode": "normal"}
+
+    @app.get("/api/v1/recovery/actions")
+    async def actions() -> dict[str, Any]:
+        history = [{"at": 1.0, "action": "clear_cache", "target": "all"}]
+        if seen["n"]:
+            history.append({"at": 2.0, "action": "restart_model_server", "target": "qwen"})
+        return {"history": history}
+
+    return app
+
+
+@pytest.fixture
+def fake_url() -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(_fake_brief_server(), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    end = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < end, "fake brief server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: str) -> None:
+    result = asyncio.run(run_level(fake_url, 4, 1.5, mode="fast", settle=5.0, poll=0.1))
+    f = result.figures(bare_per_min=60.0)
+    counts = f["counts"]
+    assert f["answers"] == sum(counts.values()) > 12
+    # The fake's cycle: rules, model, refused -- whatever the interleaving, a third of each.
+    for kind in ("rules", "full", "rejected"):
+        assert abs(counts[kind] - f["answers"] / 3) <= 4, counts
+    assert counts["failed"] == 0
+    assert f["generator_briefs"] == counts["full"]
+    assert f["breaker_opens"] == 1
+    assert f["recovery_actions"] == 1
+    assert f["recovery_action_names"] == ["restart_model_server(qwen)"]
+    assert f["full_mode_back_s"] is not None
+    assert f["rejections"]["p50_ms"] is not None
+
+
+def test_the_bench_command_reports_each_level_against_a_given_server(fake_url: str) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            *("bench", "overload", "--json", "--url", fake_url, "--seconds", "1"),
+            *("--level", "2", "--level", "3", "--no-bare", "--settle", "2"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["target"] == fake_url
+    assert doc["bare"]["valid_per_min"] is None
+    assert [row["concurrency"] for row in doc["levels"]] == [2, 3]
+    for row in doc["levels"]:
+        assert row["answers"] == sum(row["counts"].values()) > 0
+        assert row["ratio_to_bare"] is None
+
+
+def test_the_bench_command_refuses_load_elsewhere() -> None:
+    result = CliRunner().invoke(app, ["bench", "overload", "--url", "http://10.1.2.3:8000", "--no-bare"])
+    assert result.exit_code == 2
+    assert "127.0.0.1 only" in result.output
+
+
+def test_load_goes_to_the_local_machine_only() -> None:
+    with pytest.raises(ValueError, match=r"127\.0\.0\.1 only"):
+        asyncio.run(run_level("http://10.1.2.3:8000", 1, 1.0))
+
+
+# ------------------------------------------------------------------------------ models.local sizing
+
+
+def test_local_server_settings_default_and_per_role() -> None:
+    local = LocalModelsSection()
+    assert local.server_settings("qwen") == (local.threads, local.parallel, local.ctx * local.parallel)
+    local = LocalModelsSection.model_validate(
+        {"threads": 1, "parallel": 1, "ctx": 1024, "per_role": {"qwen": {"threads": 2, "parallel": 4}}}
+    )
+    assert local.server_settings("qwen") == (2, 4, 4096)
+    assert local.server_settings("llama") == (1, 1, 1024)
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        {"parallel": 0},
+        {"parallel": 65},
+        {"per_role": {"generator": {"parallel": 2}}},
+        {"per_role": {"qwen": {"threads": 0}}},
+        {"per_role": {"qwen": {"slots": 2}}},
+    ],
+)
+def test_bad_local_server_settings_are_refused(local: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        BrownoutConfig.model_validate({"models": {"local": local}})

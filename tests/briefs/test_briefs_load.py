@@ -1,0 +1,294 @@
+"""The brief service under load: one budget per request across admission and the generator's queue.
+
+Real pipeline runs over real HTTP to fault-injecting model servers on 127.0.0.1 (the ``fakes``
+fixture) with one slot each, so requests beyond it wait in the model client's queue -- the queue the
+admission and the dimmer must see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from brownout.briefs.service import BriefService
+from brownout.chaos.fakellm import FakeLLM
+from brownout.config import ROLES, BrownoutConfig, load_config
+from brownout.errors import ConfigError, ServiceUnavailable
+from brownout.events import EventBus
+from brownout.llm.client import ModelClient
+from brownout.llm.types import ProbeResult
+from brownout.policies.breaker import BreakerState
+from support.stack import distinct_text, make_config, merge, sample, serve
+from support.wait import until
+
+
+@contextlib.asynccontextmanager
+async def one_slot_service(
+    fakes: dict[str, FakeLLM], tmp_path: Path, overrides: Mapping[str, Any] | None = None
+) -> AsyncIterator[BriefService]:
+    """The brief service alone, each role on its fake with one slot (as the embedded llama.cpp)."""
+    roles = {role: {"endpoints": [{"url": fakes[role].url, "max_concurrency": 1}]} for role in ROLES}
+    config: BrownoutConfig = make_config(
+        {r: f.url for r, f in fakes.items()},
+        tmp_path / "b.db",
+        merge({"models": {"roles": roles}, "cache": {"enabled": False}}, overrides or {}),
+    )
+    events = EventBus()
+    clients = {
+        role: ModelClient(
+            role,
+            config.models.roles[role].endpoints,
+            breakers=config.circuit_breaker.group(),
+            timeout=config.models.roles[role].timeout,
+            events=events,
+        )
+        for role in ROLES
+    }
+    service = BriefService(config, clients, events=events, rng=random.Random(5))
+    try:
+        yield service
+    finally:
+        await service.aclose()
+        for client in clients.values():
+            await client.aclose()
+
+
+def qwen(svc: BriefService) -> ModelClient:
+    client = svc.backends["qwen"]
+    assert isinstance(client, ModelClient)
+    return client
+
+
+async def test_model_server_queueing_is_visible_to_admission_and_the_dimmer(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    fakes["qwen"].set("slow", delay=0.4)
+    async with one_slot_service(fakes, tmp_path) as svc:
+        await svc.create_brief(distinct_text(0), "fast")  # the generator's service time: ~0.4 s
+        gen = qwen(svc)
+        service = gen.service_time()
+        assert service is not None
+        assert service > 0
+        assert svc.queue_delay() == 0.0  # idle
+        # Three requests at once: one holds the generator's only slot, two wait in the client's queue,
+        # while the admission (four pipelines at once) has slots to spare.
+        tasks = [asyncio.create_task(svc.create_brief(distinct_text(i), "fast")) for i in (1, 2, 3)]
+        await until(
+            lambda: gen.limiters["qwen"].queued == 2, "two calls waiting for the generator", timeout=5.0
+        )
+        assert svc.admission.queue_size == 0
+        # The wait is the generator's, and both the dimmer's signal and the admission's estimate see it.
+        assert svc.queue_delay() >= 2 * service
+        first_in_admission_queue = svc._start_wait(1)
+        assert first_in_admission_queue is not None
+        assert first_in_admission_queue >= 2 * service
+        # Every caller further back in the admission queue waits one more service time.
+        later = svc._start_wait(3)
+        assert later is not None
+        assert later >= first_in_admission_queue + 2 * service * 0.99
+        for task in tasks:
+            await task
+
+
+async def test_a_request_that_cannot_start_its_generator_call_in_time_is_served_without_it(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The generator answers in 0.5 s on one slot; the target is 1.2 s, so a request may wait about
+    # 0.7 s for it: one caller ahead is fine, two are not. Four requests fit the admission's four
+    # pipelines, so they all reach the generator's queue.
+    fakes["qwen"].set("slow", delay=0.5)
+    overrides = {"dimmer": {"targets": {"fast": 1.2, "balanced": 1.2, "creative": 1.2}}}
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)  # the budgets alone, without the controller
+        await svc.create_brief(distinct_text(0), "fast")
+        before = fakes["qwen"].chat_requests
+        answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in range(1, 5)))
+        by_model = [a for a in answers if a["stages"][0]["served_by"] == "model:qwen"]
+        by_load = [a for a in answers if a.get("dimmed")]
+        assert len(by_model) + len(by_load) == 4
+        assert 1 <= len(by_model) < 4
+        assert by_load
+        for answer in by_load:
+            # Refused at once by the generator's queue: the generation is left to the rules, the
+            # answer says the load did it, and the busy generator got no reduced-context call.
+            assert answer["reason"] == "load"
+            assert answer["dimmed"] == ["generation"]
+            assert answer["stages"][0]["served_by"] in ("rules", "cache")
+        # Only the requests the generator served reached it: nothing was sent only to time out.
+        assert fakes["qwen"].chat_requests - before == len(by_model)
+        gen = qwen(svc)
+        assert gen.limiters["qwen"].stats.rejected["deadline"] == len(by_load)
+        # The load failed nothing: no breaker failure, no model failure counted.
+        assert gen.breakers["qwen"].metrics().failures == 0
+        assert svc.stats.failures["qwen"] == 0
+        assert svc.stats.dimmed["generation"] == len(by_load)
+
+
+async def test_a_busy_validator_is_left_out_for_load_and_the_answer_says_so(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The validator answers in 0.6 s on one slot and the target is 1 s: a second balanced request
+    # cannot wait for it, so its validation is left to the rules -- dimmed for load, not "unavailable".
+    fakes["mistral"].set("slow", delay=0.6)
+    overrides = {"dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}}}
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "balanced")
+        before = fakes["mistral"].chat_requests
+        first, second = await asyncio.gather(
+            svc.create_brief(distinct_text(1), "balanced"), svc.create_brief(distinct_text(2), "balanced")
+        )
+        served = sorted([first, second], key=lambda a: "dimmed" in a)
+        full, dimmed = served
+        assert [s["served_by"] for s in full["stages"]] == ["model:qwen", "model:mistral"]
+        assert "dimmed" not in full
+        assert [s["served_by"] for s in dimmed["stages"]] == ["model:qwen", "rules"]
+        assert dimmed["dimmed"] == ["validation"]
+        assert dimmed["reason"] == "load"
+        assert fakes["mistral"].chat_requests - before == 1
+        assert svc.stats.failures["mistral"] == 0
+        assert svc.stats.dimmed["validation"] == 1
+
+
+async def test_a_slow_call_on_a_busy_generator_is_load_not_failure(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The generator's server has one slot but the client believes it has four: calls queue inside the
+    # server, and those that wait there too long time out. The server completes calls all the while:
+    # those timeouts are load, so no breaker opens and the answers say so.
+    roles: dict[str, dict[str, Any]] = {"qwen": {"timeout": 0.7}}
+    overrides = {"models": {"roles": roles}, "circuit_breaker": {"minimum_calls": 2, "window_size": 10}}
+    async with FakeLLM("slow", delay=0.3, slots=1, model="qwen") as one_slot:
+        roles["qwen"]["endpoints"] = [{"url": one_slot.url, "max_concurrency": 4}]
+        async with one_slot_service({**fakes, "qwen": one_slot}, tmp_path, overrides) as svc:
+            svc.dimmer.force(0.0)
+            await svc.create_brief(distinct_text(0), "fast")
+            answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in range(1, 5)))
+            check_load_not_failure(svc, answers)
+
+
+def check_load_not_failure(svc: BriefService, answers: list[dict[str, Any]]) -> None:
+    """The timeouts were load: said in the answers, no breaker failure, the generator still serves."""
+    by_load = [a for a in answers if a.get("dimmed")]
+    assert by_load, "nothing timed out: the test's load is too light"
+    assert all(a["reason"] == "load" for a in by_load)
+    gen = qwen(svc)
+    assert gen.breakers["qwen"].state is BreakerState.CLOSED
+    assert gen.breakers["qwen"].metrics().failures == 0
+    [status] = gen.endpoints_status()
+    assert status["slow"] > 0
+    assert status["completed"] >= 1 + len(answers) - len(by_load)
+    assert svc.role_available("qwen")
+
+
+async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # One pipeline at a time: the admission queue is where requests wait, and its estimate includes
+    # the generator's service time.
+    fakes["qwen"].set("slow", delay=0.3)
+    overrides = {
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "fast")
+        outcomes = await asyncio.gather(
+            *(svc.create_brief(distinct_text(i), "fast") for i in range(1, 9)), return_exceptions=True
+        )
+        refused = [o for o in outcomes if isinstance(o, ServiceUnavailable)]
+        answered = [o for o in outcomes if isinstance(o, dict)]
+        assert len(refused) + len(answered) == 8
+        assert refused
+        assert all(e.retry_after >= 1.0 and "latency target" in str(e) for e in refused)
+        stats = svc.admission.stats
+        assert stats.rejected["deadline"] == len(refused)
+        assert stats.rejected["queue_timeout"] == 0
+        # Nobody refused ever waited: each caller that joined the queue was admitted.
+        assert stats.queued <= stats.admitted
+
+
+def test_a_busy_probe_is_never_the_roles_best_latency(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
+    config = make_config({r: f.url for r, f in fakes.items()}, tmp_path / "b.db")
+    clients = {role: ModelClient(role, config.models.roles[role].endpoints) for role in ROLES}
+    svc = BriefService(config, clients)
+    busy = ProbeResult("qwen", "http://a", True, 0.0, None, busy=True)
+    measured = ProbeResult("qwen", "http://b", True, 0.25, None)
+    svc.record_health("qwen", [busy, measured])
+    assert svc.stats.health["qwen"] is measured
+    # Busy alone: it is what there is (healthy, said to be busy).
+    svc.record_health("qwen", [busy])
+    assert svc.stats.health["qwen"] is busy
+    # A failed probe never beats a healthy busy one.
+    failed = ProbeResult("qwen", "http://b", False, 0.01, "HTTP 500")
+    svc.record_health("qwen", [failed, busy])
+    assert svc.stats.health["qwen"] is busy
+
+
+# -------------------------------------------------------------------------------- config and display
+
+
+async def test_limiter_settings_from_the_config_reach_each_endpoint_and_show(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    overrides = {
+        "models": {
+            "roles": {
+                "qwen": {
+                    "limiter": {"max_limit": 2, "initial_limit": 2, "max_queue": 7},
+                    "alive_window": 12.0,
+                },
+                "mistral": {"limiter": {"min_limit": 2, "initial_limit": 3}},
+            }
+        }
+    }
+    async with serve(fakes, tmp_path, overrides) as stack:
+        qwen_client = stack.runtime.clients["qwen"]
+        (lim,) = qwen_client.limiters.values()
+        assert (lim.config.max_limit, lim.limit, lim.config.max_queue) == (2, 2, 7)
+        assert qwen_client.alive_window == 12.0
+        (mistral_lim,) = stack.runtime.clients["mistral"].limiters.values()
+        # No max_limit of its own: the endpoint's max_concurrency (16 by default) is the ceiling.
+        assert (mistral_lim.config.min_limit, mistral_lim.limit, mistral_lim.config.max_limit) == (2, 3, 16)
+        (llama_lim,) = stack.runtime.clients["llama"].limiters.values()
+        assert llama_lim.config.max_limit == 16
+
+        await stack.brief("a bright neroli cologne", "fast")
+        metrics = await stack.metrics()
+        labels = {"model": "qwen", "endpoint": "qwen"}
+        assert sample(metrics, "brownout_model_concurrency_limit", **labels) == 2.0
+        assert ("brownout_model_concurrency_in_flight", frozenset(labels.items())) in metrics
+        assert ("brownout_model_concurrency_queued", frozenset(labels.items())) in metrics
+        # Start-up's constraint check and the brief: two well-formed completions, no slow call.
+        assert sample(metrics, "brownout_model_completed_total", **labels) == 2.0
+        assert sample(metrics, "brownout_model_slow_calls_total", **labels) == 0.0
+
+        health = (await stack.http.get("/health")).json()
+        text = str(health)
+        assert "'completed': 2" in text
+        snap = stack.runtime.status.snapshot()
+        [concurrency] = snap["models"]["qwen"]["concurrency"]
+        assert concurrency["limit"] == 2
+        assert concurrency["queued"] == 0
+
+
+def test_limiter_settings_are_validated_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"models\.roles\.qwen\.limiter"):
+        load_config(None, environ={"BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MIN_LIMIT": "0"})
+    with pytest.raises(ConfigError, match="min_limit"):
+        load_config(
+            None,
+            environ={
+                "BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MIN_LIMIT": "4",
+                "BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MAX_LIMIT": "2",
+            },
+        )
+    with pytest.raises(ConfigError, match="alive_window"):
+        load_config(None, environ={"BROWNOUT__MODELS__ROLES__QWEN__ALIVE_WINDOW": "-1"})
