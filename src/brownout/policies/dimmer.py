@@ -45,8 +45,8 @@ setpoint]`` only the proportional part acts, so a steady load settles instead of
 level also has a small ``level_hysteresis``. When nothing (or fewer than ``min_samples``) completed
 in the window and the queue is short, there is no load to dim for and the value falls by
 ``max_step_down`` per step: after the load ends it is back at 0 within :attr:`Dimmer.recovery_time`.
-Defaults were chosen on a simulated queue (see ``tests/test_dimmer.py``): two slots, 4 s per full
-request, arrivals at three times capacity -- p95 held under the target, the generator kept at
+Defaults were chosen on a simulated queue (see ``tests/toolkit/policies/test_dimmer.py``): two slots,
+4 s per full request, arrivals at three times capacity -- p95 held under the target, the generator kept at
 about 90 % of what it can do.
 """
 
