@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.service import BriefService
 from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES, BrownoutConfig
@@ -83,6 +84,10 @@ async def test_a_cache_hit_says_it_came_from_the_cache_and_how_old_it_is(
         assert hit["cached_stages"] == first["stages"]
         assert hit["brief"] == first["brief"]
         assert hit["request_id"] != first["request_id"]
+        # Both have every key an answer always has, and none it is not typed to have.
+        for answer in (first, hit):
+            assert BriefAnswer.__required_keys__ <= answer.keys() <= BriefAnswer.__annotations__.keys()
+        assert "cached_stages" in hit
 
         wall.advance(600.0)  # wall time only: the cache's own TTL runs on the service clock
         later = await service.create_brief(TEXT, "balanced")

@@ -37,14 +37,14 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import delete, func, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from brownout.bench import percentile
 from brownout.durable.spool import Spool, SpoolReplayer
-from brownout.durable.store import BriefRecord, BriefStore, briefs
+from brownout.durable.store import BriefPayload, BriefRecord, BriefStore, briefs
 
 __all__ = ["GOAL_REPLAY_WRITES_PER_S", "run"]
 
@@ -141,7 +141,7 @@ class _Timed:
     async def one(self, key: str, kind: str, payload: dict[str, Any]) -> None:
         """One write per transaction: :meth:`BriefStore.save` (the server's per-entry sink)."""
         t0 = time.perf_counter()
-        await self.store.save(BriefRecord.from_payload(payload))
+        await self.store.save(BriefRecord.from_payload(cast(BriefPayload, payload)))
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.rows += 1
@@ -149,7 +149,9 @@ class _Timed:
     async def many(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
         """A batch in one transaction: :meth:`BriefStore.save_many`, as ``BriefRecords._save_batch`` does."""
         t0 = time.perf_counter()
-        await self.store.save_many([BriefRecord.from_payload(payload) for _, _, payload in entries])
+        await self.store.save_many(
+            [BriefRecord.from_payload(cast(BriefPayload, payload)) for _, _, payload in entries]
+        )
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.rows += len(entries)

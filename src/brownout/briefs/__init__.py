@@ -6,11 +6,13 @@
   template hints, popular briefs, the cost of a mode downshift;
 * :mod:`~brownout.briefs.similar` -- the similar-request index the generator's failure falls back to;
 * :mod:`~brownout.briefs.prompts` -- the chat messages for the three model roles;
+* :mod:`~brownout.briefs.answer` -- the answer to a request, as a typed dict (:class:`BriefAnswer`);
 * :mod:`~brownout.briefs.service` -- the pipeline that runs them under brownout's policies.
 """
 
 from __future__ import annotations
 
+from brownout.briefs.answer import BriefAnswer, StageRecord
 from brownout.briefs.prompts import generator_messages, hinter_messages, validator_messages
 from brownout.briefs.rules import (
     IFRA_SKIPPED_WARNING,
@@ -51,6 +53,7 @@ __all__ = [
     "MODE_IMPACT",
     "NOTES",
     "STYLES",
+    "BriefAnswer",
     "CreativeBrief",
     "Embedder",
     "HintList",
@@ -61,6 +64,7 @@ __all__ = [
     "Note",
     "ProductCategory",
     "SimilarityIndex",
+    "StageRecord",
     "Style",
     "ValidationReport",
     "ValidatorVerdict",

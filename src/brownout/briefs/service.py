@@ -81,8 +81,9 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.prompts import generator_messages, hinter_messages, validator_messages
 from brownout.briefs.rules import (
     mode_impact,
@@ -548,8 +549,12 @@ class BriefService:
         norm = " ".join(text.lower().split())
         return f"{mode}:{hashlib.sha256(norm.encode()).hexdigest()[:32]}"
 
-    async def create_brief(self, text: str, mode: str) -> dict[str, Any]:
-        """Serve one brief request; raises ValueError (bad input) or ServiceUnavailable (503)."""
+    async def create_brief(self, text: str, mode: str) -> BriefAnswer:
+        """Serve one brief request; raises ValueError (bad input) or ServiceUnavailable (503).
+
+        The helpers below build the answer as a plain dict (it also passes through the cache, Redis
+        and the singleflight as one); it is typed once, here, where it leaves the service.
+        """
         text = self.validate_request(text, mode)
         started = self._clock.now()
         key = self.cache_key(text, mode)
@@ -558,12 +563,13 @@ class BriefService:
         if cached is None and caching and self.shared_cache is not None:
             cached = await self.shared_cache.get(key)  # another replica's answer (never raises)
         if cached is not None:
-            return cache_hit(
+            hit = cache_hit(
                 cached,
                 age=cache_age(cached, self.wall_clock.now()),
                 request_id=uuid.uuid4().hex,
                 latency_ms=_ms(self._clock.now() - started),
             )
+            return cast(BriefAnswer, hit)
         try:
             if self._shared_flights is not None:
                 response: dict[str, Any] = await self._shared_flights.do(
@@ -591,7 +597,8 @@ class BriefService:
             # The replica that computed this key failed (its error came through Redis): answer as it did.
             self.stats.rejected["unavailable"] += 1
             raise ServiceUnavailable(f"Another replica's computation failed: {e}", retry_after=5.0) from e
-        return {**response, "request_id": uuid.uuid4().hex, "latency_ms": _ms(self._clock.now() - started)}
+        answer = {**response, "request_id": uuid.uuid4().hex, "latency_ms": _ms(self._clock.now() - started)}
+        return cast(BriefAnswer, answer)
 
     def share(
         self,

@@ -81,7 +81,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -631,7 +631,7 @@ class Spool:
 
     # ------------------------------------------------------------------ append
 
-    async def append(self, key: str, kind: str, payload: dict[str, Any]) -> bool:
+    async def append(self, key: str, kind: str, payload: Mapping[str, Any]) -> bool:
         """Spool one write durably; True when it was new, False when ``key`` is already pending.
 
         Returns only after the entry is committed to disk. Raises :class:`~brownout.errors.Overloaded`

@@ -33,10 +33,10 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, NotRequired, TypedDict
 
 from sqlalchemy import (
     Boolean,
@@ -60,7 +60,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.durable.spool import default_transient
 from brownout.errors import ServiceUnavailable
 
-__all__ = ["MIGRATIONS", "BriefRecord", "BriefStore", "ReadOnlyDatabase", "split_hosts"]
+__all__ = ["MIGRATIONS", "BriefPayload", "BriefRecord", "BriefStore", "ReadOnlyDatabase", "split_hosts"]
 
 _log = logging.getLogger("brownout.store")
 
@@ -112,6 +112,26 @@ class ReadOnlyDatabase(ServiceUnavailable):
     """No configured database host accepts writes now (all down, or only a read-only standby answers)."""
 
 
+class BriefPayload(TypedDict):
+    """A served brief as it is written: to the database, to the spool (as JSON), to the event outbox.
+
+    A plain dict at run time (the spool stores it as JSON and hands it back decoded); the types say
+    what :meth:`BriefRecord.from_payload` may read.
+    """
+
+    request_id: str
+    text: str
+    requested_mode: str
+    served_mode: str
+    degraded: bool
+    response: dict[str, Any]
+    """The whole answer, as sent."""
+    created_at: str
+    """When it was served, ISO 8601 with its UTC offset."""
+    cache_key: NotRequired[str | None]
+    """The request's cache key; absent from writes spooled by an earlier version."""
+
+
 @dataclass(frozen=True, slots=True)
 class BriefRecord:
     """One served request, as stored."""
@@ -126,8 +146,8 @@ class BriefRecord:
     cache_key: str | None = None
 
     @classmethod
-    def from_payload(cls, payload: Mapping[str, Any]) -> BriefRecord:
-        """The record of a spooled write (``Runtime.record``'s payload: ``created_at`` in ISO form)."""
+    def from_payload(cls, payload: BriefPayload) -> BriefRecord:
+        """The record of a written or spooled brief (``BriefRecords.record``'s payload)."""
         return cls(
             request_id=payload["request_id"],
             text=payload["text"],

@@ -13,15 +13,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from brownout.background import Periodic
+from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import DatabaseSection
 from brownout.durable.outbox import EventOutbox
 from brownout.durable.spool import Spool, SpoolReplayer, default_data_fault, error_summary
-from brownout.durable.store import BriefRecord, BriefStore
+from brownout.durable.store import BriefPayload, BriefRecord, BriefStore
 from brownout.errors import ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.policies.deadline import deadline
@@ -123,27 +124,28 @@ class BriefRecords:
         if self.spool.pending:
             self.replayer.wake()
 
-    async def record(self, text: str, response: dict[str, Any]) -> None:
+    async def record(self, text: str, response: BriefAnswer) -> None:
         """Persist a served brief before it is acknowledged: in the database, or else in the spool.
 
         While anything waits in the spool, new writes queue behind it so the database receives them
         in order. Raises ServiceUnavailable only when neither the database nor the spool took the
         write -- then the request must not be acknowledged.
         """
-        payload = {
+        payload: BriefPayload = {
             "request_id": response["request_id"],
             "text": text,
             "requested_mode": response["requested_mode"],
             "served_mode": response["served_mode"],
-            "degraded": bool(response.get("degraded")),
-            "response": response,
+            "degraded": bool(response["degraded"]),
+            # The answer as sent: to the store it is JSON like any other.
+            "response": cast(dict[str, Any], response),
             "created_at": datetime.now(UTC).isoformat(),
             "cache_key": BriefService.cache_key(text.strip(), response["requested_mode"]),
         }
         if self.spool.pending == 0:
             try:
                 async with deadline(self.section.write_timeout, clock=self.clock):
-                    await self._save(payload["request_id"], "brief", payload)
+                    await self.store.save(BriefRecord.from_payload(payload))
                 self.ok, self.error = True, None
                 self._brief_created(payload)
                 return
@@ -165,7 +167,7 @@ class BriefRecords:
         self.replayer.wake()
         self._brief_created(payload)
 
-    def _brief_created(self, payload: dict[str, Any]) -> None:
+    def _brief_created(self, payload: BriefPayload) -> None:
         """Tell the event stream that a brief was stored (or spooled): ``brief_created``, keyed by
         request id (sent once)."""
         if self.outbox is not None:
@@ -180,12 +182,17 @@ class BriefRecords:
             )
 
     async def _save(self, key: str, kind: str, payload: dict[str, Any]) -> None:
-        """The spool's sink: one idempotent write of a brief record (by request_id)."""
-        await self.store.save(BriefRecord.from_payload(payload))
+        """The spool's sink: one idempotent write of a brief record (by request_id).
+
+        The spool hands back what :meth:`record` wrote (a :class:`BriefPayload`), decoded from JSON.
+        """
+        await self.store.save(BriefRecord.from_payload(cast(BriefPayload, payload)))
 
     async def _save_batch(self, entries: list[tuple[str, str, dict[str, Any]]]) -> None:
         """The spool's batch sink: up to REPLAY_BATCH records in one transaction, idempotent by request_id."""
-        await self.store.save_many([BriefRecord.from_payload(payload) for _, _, payload in entries])
+        await self.store.save_many(
+            [BriefRecord.from_payload(cast(BriefPayload, payload)) for _, _, payload in entries]
+        )
         self.ok, self.error = True, None
 
     async def aclose(self) -> None:

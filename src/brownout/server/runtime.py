@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from brownout.background import Periodic
+from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
@@ -387,7 +388,7 @@ class Runtime:
         """Probe every role once, concurrently."""
         await self.probes.probe_all()
 
-    async def record(self, text: str, response: dict[str, Any]) -> None:
+    async def record(self, text: str, response: BriefAnswer) -> None:
         """Persist a served brief before it is acknowledged (see :meth:`BriefRecords.record`)."""
         await self.records.record(text, response)
 

@@ -93,12 +93,12 @@ def install(
         except ServiceUnavailable as e:
             overloaded = isinstance(e.__cause__, Overloaded)
             return _unavailable(e, overloaded=overloaded, queue_size=svc.admission.queue_size)
-        if not response.get("cached"):
+        if not response["cached"]:
             try:
                 await records.record(body.text, response)
             except ServiceUnavailable as e:
                 return _unavailable(e)
         raw = getattr(request.state, "raw_body", None)
-        if edge is not None and raw is not None and not response.get("degraded"):
+        if edge is not None and raw is not None and not response["degraded"]:
             edge.remember(raw, svc.cache_key(body.text.strip(), body.mode))
         return JSONResponse(response)
