@@ -200,6 +200,13 @@ class LoadClient:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     raise ConnectionResetError("the server closed the connection before answering")
+        except (ConnectionResetError, BrokenPipeError) as e:
+            c.close()
+            if reused and not answered:
+                # A kept-alive connection the server had closed: writing to it draws a reset instead
+                # of an end of stream. Nothing was answered; a new connection may try again.
+                raise _StaleConnection from e
+            raise
         except BaseException:
             c.close()
             raise
