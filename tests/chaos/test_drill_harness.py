@@ -73,7 +73,7 @@ def test_a_log_tail_is_its_last_lines(tmp_path: Path) -> None:
 
 
 async def test_a_child_process_logs_freezes_thaws_and_stops(tmp_path: Path) -> None:
-    script = "import sys, time; print('ready', flush=True); time.sleep(60)"
+    script = "import signal; print('ready', flush=True); signal.pause()"  # until a signal stops it
     child = ChildProcess("sleeper", [sys.executable, "-c", script], tmp_path / "sleeper.log")
     assert child.pid is None
     with pytest.raises(DrillError, match="sleeper is not running"):
