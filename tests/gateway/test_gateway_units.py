@@ -180,7 +180,7 @@ def test_pick_skips_endpoints_whose_breaker_refuses(clock: FakeClock) -> None:
     b.breaker.force_open()
     assert pick(g.endpoints, None) is None
     assert not g.available
-    assert g.retry_after() == 10
+    assert g.retry_after() == min(10, b.breaker.config.open_wait)  # forced open: its open wait
     assert gw.status()["status"] == "unhealthy"
 
 

@@ -111,10 +111,31 @@ def test_both_breaker_sections_turn_the_same_keys_into_the_same_policy() -> None
         window_size=8,
     )
     assert c.circuit_breaker.group().defaults == expected
-    assert c.gateway.groups["chat"].breaker.policy() == expected
-    # Out of the box both sections hold the same defaults too.
-    defaults = load_config(None, environ=_gateway_breaker("{}"))
-    assert defaults.circuit_breaker.policy() == defaults.gateway.groups["chat"].breaker.policy()
+    # The gateway's replicas keep their own growth of the open wait (short first, doubled on re-opens).
+    grown = {"open_wait_multiplier": 2.0, "open_wait_max": 60.0}
+    assert c.gateway.groups["chat"].breaker.policy() == expected.model_copy(update=grown)
+    env = {
+        "BROWNOUT__CIRCUIT_BREAKER": BREAKER_YAML,
+        **_gateway_breaker(BREAKER_YAML[:-1] + ", timeout_multiplier: 1, max_timeout: 7}"),
+    }
+    same = load_config(None, environ=env)
+    assert same.gateway.groups["chat"].breaker.policy().model_dump() == {
+        **expected.model_dump(),
+        "open_wait_max": 7.0,
+    }
+
+
+def test_the_gateway_breaker_recovers_fast_by_default() -> None:
+    # A healed provider gets traffic back within seconds: a short first open wait that doubles on
+    # each re-open (to a minute at most), and two good probes close it.
+    policy = load_config(None, environ=_gateway_breaker("{}")).gateway.groups["chat"].breaker.policy()
+    assert (policy.open_wait, policy.open_wait_multiplier, policy.open_wait_max) == (2.0, 2.0, 60.0)
+    assert policy.success_threshold == 2
+    # A first wait raised above the default cap is not refused: the cap gives way to it.
+    raised = load_config(None, environ=_gateway_breaker("{timeout: 120}")).gateway.groups["chat"].breaker
+    assert raised.policy().open_wait_max == 120.0
+    with pytest.raises(ValueError, match="max_timeout"):
+        load_config(None, environ=_gateway_breaker("{timeout: 120, max_timeout: 30}"))
 
 
 @pytest.mark.parametrize(

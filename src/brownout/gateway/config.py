@@ -65,6 +65,11 @@ class GatewayEndpoint(_Section):
         default=None, description="sent upstream as a bearer token (client credentials never are)"
     )
     headers: dict[str, str] = Field(default_factory=dict, description="extra headers sent upstream")
+    prefill: bool | None = Field(
+        default=None,
+        description="whether the endpoint continues a trailing assistant message (prefill) when a "
+        "stream broken elsewhere is continued here; null: try it and remember a refusal",
+    )
 
     @model_validator(mode="after")
     def _no_line_breaks(self) -> GatewayEndpoint:
@@ -94,8 +99,22 @@ class GatewayEndpoint(_Section):
 
 
 class GatewayBreakerSection(BreakerSettings):
-    """Each endpoint's circuit breaker: the keys, defaults and translation of the ``circuit_breaker``
-    section (:class:`~brownout.llm.breaker_settings.BreakerSettings`), without its per-model map."""
+    """Each endpoint's circuit breaker: the keys and translation of the ``circuit_breaker`` section
+    (:class:`~brownout.llm.breaker_settings.BreakerSettings`), without its per-model map.
+
+    Its defaults differ where a gateway's replicas differ from a brief's model: a healed provider
+    should get its traffic back within seconds, since a fallback group (often dearer or weaker) serves
+    meanwhile. So the first open wait is short (2 s), doubles on each re-open without a close (a
+    provider that stays down is probed ever more rarely, up to once a minute), and two good probes
+    close the breaker.
+    """
+
+    timeout: float = Field(default=2.0, gt=0, description="seconds open before probing (first open)")
+    timeout_multiplier: float = Field(
+        default=2.0, ge=1, description="the open wait grows by this factor on each re-open without a close"
+    )
+    max_timeout: float | None = Field(default=60.0, gt=0, description="longest grown open wait, seconds")
+    success_threshold: int = Field(default=2, ge=1, description="successful probes that close")
 
 
 class GatewayAdmissionSection(_Section):
@@ -139,11 +158,42 @@ class ModelGroup(_Section):
     fallbacks: list[str] = Field(
         default_factory=list, description="groups tried in order when this one cannot answer"
     )
+    budget: float = Field(
+        default=100.0,
+        gt=0,
+        le=86_400,
+        description="seconds a request may take in all -- waits, attempts, retries, fallbacks, a "
+        "continued stream -- counted from its arrival; a request's x-brownout-budget header may set "
+        "its own",
+    )
     timeout: float = Field(
         default=60.0,
         gt=0,
-        description="seconds without a byte from upstream before an attempt fails (the whole answer "
-        "when not streaming; the first and each next chunk when streaming)",
+        description="seconds without a byte from upstream before a whole (not streamed) answer's "
+        "attempt fails; never more than what is left of the budget",
+    )
+    first_token_timeout: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds a streamed attempt may take to send its first token before the next "
+        "endpoint is tried",
+    )
+    stall_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a stream may go silent between tokens before it is continued elsewhere",
+    )
+    max_retry_after: float = Field(
+        default=10.0,
+        ge=0,
+        description="longest upstream Retry-After (429/503) worth waiting for to retry the same "
+        "endpoint, when no other replica can take the call and the budget allows; longer: fail over",
+    )
+    context_window: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokens of context the group's model takes; a request refused for its length "
+        "goes to the first fallback with a larger one",
     )
     connect_timeout: float = Field(default=5.0, gt=0, description="seconds to open a connection")
     max_attempts: int = Field(
@@ -196,6 +246,9 @@ class LocalGroupSection(_Section):
     timeout: float = Field(
         default=120.0, gt=0, description="seconds without a byte from the model before a call fails"
     )
+    budget: float = Field(
+        default=300.0, gt=0, le=86_400, description="seconds a request may take in all, queue included"
+    )
     max_attempts: int = Field(default=1, ge=1, le=10, description="attempts per request")
     max_concurrent: int = Field(default=2, ge=1, description="requests sent to the model at once")
     max_queue: int = Field(default=32, ge=0, description="requests waiting for a slot before 429")
@@ -213,6 +266,10 @@ class LocalGroupSection(_Section):
         return ModelGroup(
             endpoints=[GatewayEndpoint(url=url, model=model, name=self.name)],
             timeout=self.timeout,
+            # A request may wait behind others in the one-slot server: its first token comes late.
+            first_token_timeout=self.timeout,
+            stall_timeout=self.timeout,
+            budget=self.budget,
             max_attempts=self.max_attempts,
             admission=GatewayAdmissionSection(
                 max_concurrent=self.max_concurrent, max_queue=self.max_queue, max_wait=self.max_wait

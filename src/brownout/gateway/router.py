@@ -1,28 +1,44 @@
 """The gateway's engine: model groups of endpoints, and how a chat request finds one that answers.
 
 A request names a model group. The gateway tries the group, then its fallback groups in order; in
-each group it makes up to ``max_attempts`` attempts:
+each group it makes up to ``max_attempts`` attempts, all within the request's **budget**:
 
+* **The budget** -- ``budget`` seconds from the request's arrival (the group's setting, or the
+  request's ``x-brownout-budget`` header) for everything: the wait for admission, every attempt,
+  retries, Retry-After waits, fallbacks and a continued stream. Each attempt's timeouts are carved
+  from what is left, so no request outlives its budget, whatever fails; when it is spent the client
+  gets 504 ``budget_exhausted``.
 * **Choice of endpoint** -- :func:`brownout.policies.balance.pick`: among endpoints whose breaker
   permits a call, one not yet tried in this request, then the least expected latency
   ``(in_flight + 1) * latency`` (an exponentially weighted moving average of recent answers), then
   the fewest in flight. So replicas share the load, a slower one gets less of it, and a retry goes to
   another replica when there is one. (Gateway endpoints have no concurrency limiter, so the picker's
   wait for a slot is always 0 here.)
-* **What fails an attempt** (counted by the endpoint's breaker, retried): connection errors,
-  timeouts, HTTP 5xx, 408, 425 and 429, and a stream that breaks before its first event. An upstream
-  ``Retry-After`` on a 429 or 503 opens that endpoint's breaker for that long (at most 10 minutes).
-* **What does not** (passed back to the client as the upstream sent it, not retried, ignored by the
-  breaker): the other 4xx -- 400, 401, 403, 404, 413, 422 -- which blame the request.
+* **Classify before acting.** What fails an attempt (counted by the endpoint's breaker): connection
+  errors, timeouts, HTTP 5xx, 408, 425 and 429, and a stream that breaks before its first token.
+  Then:
+
+  - a **timeout** leaves that endpoint for the rest of the request (a silent provider is not asked
+    twice), as does a **429 without a hint** (asking again at once only adds to its load);
+  - a **429 or 503 with Retry-After** holds the endpoint's breaker open for that long (at most 10
+    minutes), so no request hammers it; when no other replica of the group can take the call, the
+    hint is at most ``max_retry_after`` and the budget allows, the request waits the hint and tries
+    the same endpoint again, else it fails over;
+  - other failures may be retried on the same endpoint after a random ``[0, retry_backoff)`` pause.
+
+  What does not fail an attempt -- the other 4xx (400, 401, 403, 404, 413, 422), which blame the
+  request -- is passed back as the upstream sent it, not retried, ignored by the breaker: a
+  content-policy refusal reaches the caller with the provider's reason. One exception: a request
+  refused for its **length** (``context_length_exceeded``) goes to the first fallback group whose
+  declared ``context_window`` is larger than the refusing group's, when there is one.
 * **Retries** after the first attempt spend the group's retry budget (20 % of the requests of the last
-  10 s, plus 10 per second); a spent budget moves on to the fallback groups. A retry on an endpoint
-  already tried waits a random ``[0, retry_backoff)`` first; one on another endpoint goes at once.
+  10 s, plus 10 per second); a spent budget moves on to the fallback groups.
 * **Admission** is per requested group: at most ``max_concurrent`` requests served at once, up to
   ``max_queue`` waiting (:class:`~brownout.errors.Overloaded` -> 429 with ``Retry-After``). A fallback
   group serves under the requesting group's admission, so fallback traffic stays bounded by it.
 
-When nothing answered, :class:`GatewayUnavailable` (-> 503) carries ``retry_after``: the soonest any
-breaker on the path lets a call through (at least 1 s).
+When nothing answered, :class:`GatewayUnavailable` (-> 503, or 504 once the budget is spent) carries
+``retry_after``: the soonest any breaker on the path lets a call through (at least 1 s).
 
 The request body is parsed once (by the route) and forwarded as received, or re-serialised only when
 an endpoint's ``model`` replaces the group name. Unknown fields pass through untouched; so do the
@@ -35,7 +51,7 @@ import functools
 import json
 import math
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
@@ -65,6 +81,7 @@ __all__ = [
     "Passthrough",
     "Routed",
     "UpstreamFailed",
+    "context_overflow",
     "forwarded",
     "retry_after_header",
     "snippet",
@@ -110,16 +127,24 @@ class UpstreamFailed(Exception):
     """One attempt failed in a way that counts against its endpoint (and may be retried elsewhere).
 
     ``retry_after`` is the upstream's own hint on a 429 or 503, in seconds; ``elapsed`` the time the
-    attempt took.
+    attempt took; ``timed_out`` True when the endpoint said nothing for the time allowed (it is then
+    not asked again by the same request).
     """
 
     def __init__(
-        self, message: str, *, status: int | None = None, retry_after: float | None = None, elapsed: float
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        elapsed: float,
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
         self.elapsed = elapsed
+        self.timed_out = timed_out
 
 
 class Passthrough(Exception):
@@ -131,17 +156,26 @@ class Passthrough(Exception):
 
 
 class GatewayUnavailable(ServiceUnavailable):
-    """No endpoint of the group or its fallbacks answered; an HTTP layer answers 503 + ``Retry-After``.
+    """No endpoint of the group or its fallbacks answered; an HTTP layer answers 503 + ``Retry-After``
+    (504 when ``budget_spent``: the request's budget ran out first).
 
     ``path`` lists the groups tried, ``attempts`` how many upstream calls were made.
     """
 
     def __init__(
-        self, group: str, message: str, *, retry_after: float, path: list[str], attempts: int
+        self,
+        group: str,
+        message: str,
+        *,
+        retry_after: float,
+        path: list[str],
+        attempts: int,
+        budget_spent: bool = False,
     ) -> None:
         super().__init__(message, retry_after=retry_after, policy=group)
         self.path = path
         self.attempts = attempts
+        self.budget_spent = budget_spent
 
 
 @dataclass(slots=True)
@@ -155,7 +189,7 @@ class Answer:
     served_by: bytes = b""
     """``group/endpoint`` that answered."""
     path: bytes = b""
-    """Groups tried, in order, joined by ``>``."""
+    """Groups tried, in order, joined by ``>``; empty when the group asked for answered."""
     attempts: int = 1
     upstream: float = 0.0
     """Seconds spent waiting on upstreams (every attempt)."""
@@ -190,6 +224,7 @@ class Endpoint:
         "load",
         "model",
         "pool",
+        "prefill",
         "served_by",
         "stats",
     )
@@ -224,6 +259,9 @@ class Endpoint:
         self.load = EndpointLoad()
         """Attempts in flight and the latency average: what the picker ranks by."""
         self.stats = EndpointStats()
+        self.prefill: bool | None = config.prefill
+        """Whether the endpoint continues a trailing assistant message: from the config, else None
+        until a continuation learns it (:mod:`brownout.gateway.stream`)."""
 
     @property
     def available(self) -> bool:
@@ -257,11 +295,16 @@ class Group:
         "cache",
         "chain",
         "config",
+        "context_window",
         "endpoints",
+        "first_token_timeout",
         "json_guard",
         "max_attempts",
+        "max_retry_after",
         "name",
         "name_bytes",
+        "request_budget",
+        "stall_timeout",
         "stats",
         "timeout",
     )
@@ -284,6 +327,12 @@ class Group:
             else None
         )
         self.timeout = config.timeout
+        self.request_budget = config.budget
+        """Seconds a request may take in all (its ``x-brownout-budget`` header may say otherwise)."""
+        self.first_token_timeout = config.first_token_timeout
+        self.stall_timeout = config.stall_timeout
+        self.max_retry_after = config.max_retry_after
+        self.context_window = config.context_window
         self.max_attempts = config.max_attempts
         self.backoff = config.retry_backoff
         self.json_guard = config.json_guard
@@ -403,24 +452,27 @@ class Gateway:
     # ------------------------------------------------------------------ whole answers
 
     async def complete(
-        self, group: Group, body: dict[str, Any], raw: bytes | None
+        self, group: Group, body: dict[str, Any], raw: bytes | None, deadline: float | None = None
     ) -> tuple[Answer, str | None]:
         """A whole answer to ``body`` from ``group`` (or its fallbacks), and the cache's word.
 
         The cache's word is None when the group has no cache, else ``"hit"``, ``"miss"`` or
         ``"bypass"`` (not a deterministic request). ``raw`` is the body as received (forwarded as it
-        is where no model name is replaced), or None to serialise ``body``. Raises
+        is where no model name is replaced), or None to serialise ``body``. ``deadline``: the clock
+        time by which the request must be answered (default: the group's budget from now). Raises
         :class:`~brownout.errors.Overloaded` when the group's admission sheds the request and
         :class:`GatewayUnavailable` when nothing answered.
         """
+        if deadline is None:
+            deadline = self.clock.now() + group.request_budget
         cache = group.cache
         if cache is None:
-            return await group.admission.call(self._serve, group, body, raw), None
+            return await group.admission.call(self._serve, group, body, raw, deadline), None
         if not deterministic(body):
-            return await group.admission.call(self._serve, group, body, raw), "bypass"
+            return await group.admission.call(self._serve, group, body, raw, deadline), "bypass"
         try:
             result = await cache.fetch(
-                cache_key(group.name, body), functools.partial(self._cacheable, group, body, raw)
+                cache_key(group.name, body), functools.partial(self._cacheable, group, body, raw, deadline)
             )
         except _Uncacheable as e:
             group.stats.cache["miss"] += 1
@@ -431,32 +483,34 @@ class Gateway:
         group.stats.cache["miss"] += 1
         return result.value, "miss"
 
-    async def _cacheable(self, group: Group, body: dict[str, Any], raw: bytes | None) -> Answer:
+    async def _cacheable(
+        self, group: Group, body: dict[str, Any], raw: bytes | None, deadline: float
+    ) -> Answer:
         # Runs once for all concurrent identical requests (the cache's singleflight), under one slot.
-        answer: Answer = await group.admission.call(self._serve, group, body, raw)
+        answer: Answer = await group.admission.call(self._serve, group, body, raw, deadline)
         if answer.status != 200 or answer.guard == "invalid":
             raise _Uncacheable(answer)
         return answer
 
-    async def _serve(self, group: Group, body: dict[str, Any], raw: bytes | None) -> Answer:
+    async def _serve(self, group: Group, body: dict[str, Any], raw: bytes | None, deadline: float) -> Answer:
         try:
-            answer = await self.route(group, body, raw, self._post)
+            answer = await self.route(group, body, raw, self._post, deadline=deadline)
         except Passthrough as e:
             return e.answer
         if group.json_guard and answer.status == 200:
             schema = requested_schema(body)
             if schema is not None:
-                answer = await self._guard(group, body, schema, answer)
+                answer = await self._guard(group, body, schema, answer, deadline)
         return answer
 
     async def _guard(
-        self, group: Group, body: dict[str, Any], schema: dict[str, Any], first: Answer
+        self, group: Group, body: dict[str, Any], schema: dict[str, Any], first: Answer, deadline: float
     ) -> Answer:
         """Check a whole answer against the request's schema; re-ask once with the problems if it fails."""
 
         async def ask(again: dict[str, Any]) -> Answer | None:
             try:
-                answer = await self.route(group, again, None, self._post)
+                answer = await self.route(group, again, None, self._post, deadline=deadline)
             except (GatewayUnavailable, Passthrough):
                 return None
             return answer if answer.status == 200 else None
@@ -470,36 +524,37 @@ class Gateway:
             answer.attempts += first.attempts
         return answer
 
-    async def _post(self, group: Group, ep: Endpoint, content: bytes) -> Answer:
+    async def _post(self, group: Group, ep: Endpoint, content: bytes, deadline: float) -> Answer:
         """One attempt on ``ep`` through its breaker (a permit is taken before any await)."""
-        answer: Answer = await ep.breaker.call(self._send, group, ep, content)
+        answer: Answer = await ep.breaker.call(self._send, group, ep, content, deadline)
         return answer
 
-    async def send(self, group: Group, ep: Endpoint, content: bytes) -> Response:
-        """POST ``content`` to ``ep``; returns once the answer's head has arrived (body not yet read)."""
+    async def send(self, group: Group, ep: Endpoint, content: bytes, timeout: float) -> Response:
+        """POST ``content`` to ``ep``; returns once the answer's head has arrived (body not yet read),
+        waiting at most ``timeout`` seconds for it."""
         pool = ep.pool
         if pool is None:
             raise UpstreamError("the gateway is not started")
-        return await pool.request(
-            ep.head + b"content-length: %d\r\n\r\n" % len(content) + content, group.timeout
-        )
+        return await pool.request(ep.head + b"content-length: %d\r\n\r\n" % len(content) + content, timeout)
 
-    async def _send(self, group: Group, ep: Endpoint, content: bytes) -> Answer:
+    async def _send(self, group: Group, ep: Endpoint, content: bytes, deadline: float) -> Answer:
         clock = self.clock
         stats = ep.stats
         stats.requests += 1
         load = ep.load
         load.begin()
         start = clock.now()
+        # Each wait for the upstream within the group's timeout, and never past the request's deadline.
+        limit = min(group.timeout, deadline - start)
         try:
-            response = await self.send(group, ep, content)
-            body = await response.read(group.timeout)
+            response = await self.send(group, ep, content, limit)
+            body = await response.read(max(0.001, min(group.timeout, deadline - clock.now())))
         except UpstreamTimeout as e:
             elapsed = clock.now() - start
             load.observe(elapsed)
             stats.failures += 1
             raise UpstreamFailed(
-                f"{group.name}/{ep.label}: no answer within {group.timeout:g}s ({e})", elapsed=elapsed
+                f"{group.name}/{ep.label}: no answer within {limit:g}s ({e})", elapsed=elapsed, timed_out=True
             ) from e
         except UpstreamError as e:
             stats.failures += 1
@@ -540,72 +595,112 @@ class Gateway:
         group: Group,
         body: Mapping[str, Any],
         raw: bytes | None,
-        attempt: Callable[[Group, Endpoint, bytes], Awaitable[R]],
+        attempt: Callable[[Group, Endpoint, bytes, float], Awaitable[R]],
+        *,
+        deadline: float,
+        skip: Collection[Endpoint] = (),
+        content_for: Callable[[Endpoint], bytes] | None = None,
     ) -> R:
-        """Run ``attempt(group, endpoint, content)`` on the group's endpoints, then its fallbacks'.
+        """Run ``attempt(group, endpoint, content, deadline)`` on the group's endpoints, then its fallbacks'.
 
         ``attempt`` raises :class:`UpstreamFailed` for a failure to retry elsewhere and
         :class:`Passthrough` for an answer to return at once; what it returns gets ``served_by``,
-        ``path``, ``attempts`` and ``upstream`` set (or, for a Passthrough, the answer in it). Raises
-        :class:`GatewayUnavailable` when no attempt succeeded.
+        ``path``, ``attempts`` and ``upstream`` set (or, for a Passthrough, the answer in it).
+        ``deadline``: the clock time the request must be done by (no attempt starts after it, and
+        each attempt is given it to carve its timeouts from). ``skip``: endpoints not to try at all
+        (a continued stream's broken ones). ``content_for``: the body to send to an endpoint, when it
+        is not ``body`` (with the endpoint's ``model``). Raises :class:`GatewayUnavailable` when no
+        attempt succeeded.
         """
         clock = self.clock
         errors: list[str] | None = None
         path: list[str] | None = None
         attempts = 0
         waited = 0.0
+        spent = False
         contents: dict[str | None, bytes] = {}
-        for g in group.chain:
+        left: set[Endpoint] | None = set(skip) if skip else None
+        chain = group.chain
+        i = 0
+        while i < len(chain):
+            g = chain[i]
+            i += 1
             if g is not group:
                 path = [group.name] if path is None else path
                 path.append(g.name)
             budget = g.budget
             budget.record_call()
             tried: list[Endpoint] | None = None
+            hinted = False  # an endpoint of this group asked to be called again shortly (Retry-After)
             n = 0
             while n < g.max_attempts:
-                ep = pick(g.endpoints, tried)
+                if clock.now() >= deadline:
+                    spent = True
+                    break
+                ep = _pick(g, tried, left)
+                resumed = False
+                if ep is None and hinted:
+                    # Only hinted endpoints are left: wait for the soonest one when worth it.
+                    wait = min(e.breaker.retry_after() for e in g.endpoints if left is None or e not in left)
+                    if wait <= g.max_retry_after and clock.now() + wait < deadline:
+                        await clock.sleep(wait)
+                        ep = _pick(g, tried, left)
+                        resumed = True
                 if ep is None:
                     break
                 if n:
                     if not budget.try_spend():
                         errors = _note(errors, f"{g.name}: retry budget exhausted")
                         break
-                    if tried is not None and ep in tried and g.backoff > 0:
-                        await clock.sleep(g.backoff * self._random())
-                        ep = pick(g.endpoints, tried)
+                    if not resumed and tried is not None and ep in tried and g.backoff > 0:
+                        await clock.sleep(min(g.backoff * self._random(), max(0.0, deadline - clock.now())))
+                        ep = _pick(g, tried, left)
                         if ep is None:
                             break
                 n += 1
                 attempts += 1
-                content = contents.get(ep.model)
-                if content is None:
-                    content = _content(body, raw, ep.model)
-                    contents[ep.model] = content
+                if content_for is not None:
+                    content = content_for(ep)
+                elif (known := contents.get(ep.model)) is not None:
+                    content = known
+                else:
+                    content = contents[ep.model] = _content(body, raw, ep.model)
                 try:
-                    result = await attempt(g, ep, content)
+                    result = await attempt(g, ep, content, deadline)
                 except Passthrough as e:
                     answer = e.answer
+                    larger = _larger_context(chain, i - 1) if context_overflow(answer) else None
+                    if larger is not None:
+                        # Refused for its length: a fallback that declares a larger context may take it.
+                        errors = _note(errors, f"{g.name}/{ep.label}: the request is over its context window")
+                        waited += answer.upstream
+                        i = larger
+                        break
                     answer.attempts = attempts
-                    answer.path = _path(group, path)
+                    answer.path = _path(path)
                     answer.upstream += waited
                     raise
                 except UpstreamFailed as e:
                     waited += e.elapsed
                     errors = _note(errors, str(e))
                     tried = [ep] if tried is None else [*tried, ep]
-                    if e.retry_after is not None and e.retry_after > 0:
-                        ep.breaker.open_for(
-                            min(e.retry_after, MAX_HOLD), f"upstream Retry-After {e.retry_after:g}s"
-                        )
+                    hint = e.retry_after
+                    if hint is not None and hint > 0:
+                        # The endpoint said when to come back: no request calls it before then.
+                        ep.breaker.open_for(min(hint, MAX_HOLD), f"upstream Retry-After {hint:g}s")
+                        hinted = hinted or hint <= g.max_retry_after
+                    elif e.timed_out or e.status == 429:
+                        # Silent, or rate-limited without a hint: asking it again now would only wait
+                        # again or add to its load.
+                        left = {ep} if left is None else left | {ep}
                     continue
                 except CircuitOpen:
                     # The permit went between the pick and the attempt (the pick found it available
-                    # and the attempt takes it before any await, so only a backoff sleep allows this).
+                    # and the attempt takes it before any await, so only a pause allows this).
                     tried = [ep] if tried is None else [*tried, ep]
                     continue
                 result.served_by = ep.served_by
-                result.path = _path(group, path)
+                result.path = _path(path)
                 result.attempts = attempts
                 result.upstream += waited
                 if g is not group:
@@ -615,18 +710,73 @@ class Gateway:
                             FallbackServed(f"gateway:{group.name}", clock.now(), g.name, group.chain.index(g))
                         )
                 return result
+            if spent:
+                break
             if n == 0:
                 errors = _note(errors, f"{g.name}: every endpoint's breaker is open")
         retry_after = max(1.0, min(g.retry_after() for g in group.chain))
         names = [group.name] if path is None else path
         detail = "; ".join(errors or ())
+        if spent:
+            message = f"the request's budget ran out after {attempts} attempt(s) on {' > '.join(names)}"
+        else:
+            message = f"no endpoint of {' > '.join(names)} could answer ({attempts} attempt(s))"
         raise GatewayUnavailable(
             group.name,
-            f"no endpoint of {' > '.join(names)} could answer ({attempts} attempt(s)): {detail}",
+            f"{message}: {detail}" if detail else message,
             retry_after=retry_after,
             path=names,
             attempts=attempts,
+            budget_spent=spent,
         )
+
+
+def _pick(group: Group, tried: list[Endpoint] | None, left: set[Endpoint] | None) -> Endpoint | None:
+    """The endpoint for the next attempt; ``left``: endpoints this request will not call again."""
+    if left is None:
+        return pick(group.endpoints, tried)
+    return pick([ep for ep in group.endpoints if ep not in left], tried)
+
+
+def _larger_context(chain: tuple[Group, ...], at: int) -> int | None:
+    """The index of the first group after ``chain[at]`` that declares a larger context window."""
+    own = chain[at].context_window
+    for j in range(at + 1, len(chain)):
+        window = chain[j].context_window
+        if window is not None and (own is None or window > own):
+            return j
+    return None
+
+
+_OVERFLOW_CODES: Final = frozenset({"context_length_exceeded", "string_above_max_length"})
+_OVERFLOW_WORDS: Final = (
+    "context length",
+    "context window",
+    "context_length_exceeded",
+    "maximum context",
+    "too many tokens",
+    "prompt is too long",
+    "input is too long",
+)
+
+
+def context_overflow(answer: Answer) -> bool:
+    """True when an upstream refused the request for its length (OpenAI's ``context_length_exceeded``,
+    or the words other servers -- vLLM, llama.cpp, Anthropic's -- use for it)."""
+    if answer.status not in (400, 413, 422):
+        return False
+    body = answer.body
+    if len(body) > 65_536:
+        return False
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and error.get("code") in _OVERFLOW_CODES:
+        return True
+    text = body.decode("utf-8", "replace").lower()
+    return any(words in text for words in _OVERFLOW_WORDS)
 
 
 class _Uncacheable(Exception):
@@ -646,8 +796,8 @@ def _content(body: Mapping[str, Any], raw: bytes | None, model: str | None) -> b
     return json.dumps({**body, "model": model}, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _path(group: Group, path: list[str] | None) -> bytes:
-    return group.name_bytes if path is None else ">".join(path).encode()
+def _path(path: list[str] | None) -> bytes:
+    return b"" if path is None else ">".join(path).encode()
 
 
 def _note(errors: list[str] | None, message: str) -> list[str]:

@@ -63,12 +63,15 @@ from brownout.server.errors import (
     send_error,
 )
 
-__all__ = ["CHAT_PATH", "ChatCompletions", "gateway_openapi", "install_gateway"]
+__all__ = ["CHAT_PATH", "MAX_BUDGET", "ChatCompletions", "gateway_openapi", "install_gateway"]
 
 CHAT_PATH: Final = "/v1/chat/completions"
 """Where the chat route is installed (the server's body-size guard gives it the gateway's limit)."""
 
 _JSON: Final = (b"content-type", b"application/json")
+
+MAX_BUDGET: Final = 86_400.0
+"""The largest ``x-brownout-budget`` a request may ask for, in seconds."""
 _SSE_EXTRA: Final = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 
@@ -185,13 +188,29 @@ class ChatCompletions:
                 send, 503, "the gateway is starting", [(b"retry-after", b"1")], code="starting", retry_after=1
             )
             return
+        budget = group.request_budget
+        for name, value in scope["headers"]:
+            if name == b"x-brownout-budget":
+                asked = _budget(value)
+                if asked is None:
+                    await _refuse(
+                        send,
+                        400,
+                        f"x-brownout-budget must be a number of seconds above 0 and at most {MAX_BUDGET:g}",
+                        code="invalid_value",
+                        param="x-brownout-budget",
+                    )
+                    return
+                budget = asked
+                break
+        deadline = t0 + budget
         stats = group.stats
         stats.requests += 1
         if stream:
-            await self._stream(group, body, raw, t0, receive, send)
+            await self._stream(group, body, raw, t0, deadline, receive, send)
             return
         try:
-            answer, cached = await gateway.complete(group, body, raw)
+            answer, cached = await gateway.complete(group, body, raw, deadline)
         except Overloaded as e:
             stats.outcomes["overloaded"] += 1
             await _overloaded(send, group, e)
@@ -205,9 +224,10 @@ class ChatCompletions:
             *answer_headers,
             (b"content-length", str(len(answer_body)).encode()),
             (b"x-brownout-served-by", answer.served_by),
-            (b"x-brownout-fallbacks", answer.path),
             (b"x-brownout-attempts", str(answer.attempts).encode()),
         ]
+        if answer.path:
+            headers.append((b"x-brownout-fallbacks", answer.path))
         if cached is not None:
             headers.append((b"x-brownout-cache", cached.encode()))
         if answer.guard is not None:
@@ -218,7 +238,14 @@ class ChatCompletions:
         stats.overhead.observe(max(0.0, now() - t0 - answer.upstream))
 
     async def _stream(
-        self, group: Group, body: dict[str, Any], raw: bytes, t0: float, receive: Receive, send: Send
+        self,
+        group: Group,
+        body: dict[str, Any],
+        raw: bytes,
+        t0: float,
+        deadline: float,
+        receive: Receive,
+        send: Send,
     ) -> None:
         gateway = self.gateway
         stats = group.stats
@@ -232,7 +259,11 @@ class ChatCompletions:
         try:
             try:
                 opened: OpenStream = await gateway.route(
-                    group, body, raw, lambda g, ep, content: open_stream(gateway, g, ep, content)
+                    group,
+                    body,
+                    raw,
+                    lambda g, ep, content, until: open_stream(gateway, g, ep, content, until),
+                    deadline=deadline,
                 )
             except Passthrough as e:
                 answer: Answer = e.answer
@@ -246,13 +277,14 @@ class ChatCompletions:
             headers = [
                 *_SSE_EXTRA,
                 (b"x-brownout-served-by", opened.served_by),
-                (b"x-brownout-fallbacks", opened.path),
                 (b"x-brownout-attempts", str(opened.attempts).encode()),
             ]
+            if opened.path:
+                headers.append((b"x-brownout-fallbacks", opened.path))
             if group.json_guard and requested_schema(body) is not None:
                 headers.append((b"x-brownout-json-guard", b"skipped"))
             stats.overhead.observe(max(0.0, gateway.clock.now() - t0 - opened.upstream))
-            stats.outcomes[await relay(opened, receive, send, headers)] += 1
+            stats.outcomes[await relay(gateway, opened, body, deadline, receive, send, headers)] += 1
         finally:
             await admission.__aexit__(None, None, None)
 
@@ -263,9 +295,10 @@ async def _reply_whole(send: Send, answer: Answer) -> None:
         *answer_headers,
         (b"content-length", str(len(answer_body)).encode()),
         (b"x-brownout-served-by", answer.served_by),
-        (b"x-brownout-fallbacks", answer.path),
         (b"x-brownout-attempts", str(answer.attempts).encode()),
     ]
+    if answer.path:
+        headers.append((b"x-brownout-fallbacks", answer.path))
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer_body})
 
@@ -313,6 +346,15 @@ def _upstream_error(status: int, raw: bytes) -> tuple[str, dict[str, Any]]:
     return message, fields
 
 
+def _budget(value: bytes) -> float | None:
+    """The seconds an ``x-brownout-budget`` header asks for, or None when it is not a usable number."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0.0 < seconds <= MAX_BUDGET else None
+
+
 async def _too_large(send: Send, limit: int) -> None:
     # The connection closes after the answer: the rest of the body is not read.
     await _refuse(
@@ -342,18 +384,14 @@ async def _overloaded(send: Send, group: Group, e: Overloaded) -> None:
 
 async def _unavailable(send: Send, e: GatewayUnavailable) -> None:
     retry = retry_after_header(e.retry_after)
-    await _refuse(
-        send,
-        503,
-        str(e),
-        [
-            (b"retry-after", retry),
-            (b"x-brownout-fallbacks", ">".join(e.path).encode()),
-            (b"x-brownout-attempts", str(e.attempts).encode()),
-        ],
-        code="upstream_unavailable",
-        retry_after=int(retry),
-    )
+    headers = [(b"retry-after", retry), (b"x-brownout-attempts", str(e.attempts).encode())]
+    if len(e.path) > 1:
+        headers.append((b"x-brownout-fallbacks", ">".join(e.path).encode()))
+    if e.budget_spent:
+        # Out of time rather than out of endpoints: a gateway timeout, said so.
+        await _refuse(send, 504, str(e), headers, code="budget_exhausted", retry_after=int(retry))
+        return
+    await _refuse(send, 503, str(e), headers, code="upstream_unavailable", retry_after=int(retry))
 
 
 class _Models:

@@ -1,28 +1,51 @@
-"""Streaming (``stream: true``) pass-through, server-sent event by event.
+"""Streaming (``stream: true``): server-sent events, watched, checked and carried to a complete answer.
 
-An attempt (:func:`open_stream`) sends the request with the endpoint's breaker permit held and reads
-until the upstream has sent its first whole SSE event. Anything that goes wrong until then -- a
-refused connection, an error status, a timeout, a stream that ends or breaks before an event -- is an
-ordinary failed attempt, so the gateway retries it or falls back *before the client has seen a byte*.
+**Before the first token.** An attempt (:func:`open_stream`) sends the request with the endpoint's
+breaker permit held and reads until the upstream has sent its first *token* -- the first event with
+content, a tool call or a finish reason; a role-only event before it is held back. It has
+``first_token_timeout`` seconds for that (never more than what is left of the request's budget).
+Anything that goes wrong until then -- a refused connection, an error status, a silent or slow
+upstream, a stream that ends, breaks or sends a malformed event -- is an ordinary failed attempt, so
+the gateway retries it or falls back *before the client has seen a byte*.
 
-From the first event on, :func:`relay` forwards each event as soon as it has arrived whole (a read
-that ends inside an event keeps that partial event until the rest comes, so the events forwarded are
-always whole). Nothing else is held back. If the upstream then fails -- a broken connection, no byte
-for ``timeout`` seconds, or an end without ``data: [DONE]`` -- the client gets an explicit error
-event and the end of the stream, never a silent truncation::
+**While relaying** (:func:`relay`), every event is forwarded as soon as it has arrived whole, after
+a check: its ``data`` must be ``[DONE]`` or a JSON object that is not an error. An upstream *breaks*
+the stream when it
+
+* sends a malformed event (never forwarded: it would crash the client's parser) or an error event,
+* goes silent for ``stall_timeout`` seconds between events,
+* closes the connection or ends the stream before its final event (the one with a
+  ``finish_reason``).
+
+A stream that ends after its final event but without ``data: [DONE]`` is complete: the gateway adds
+the ``[DONE]`` itself.
+
+**Continuation.** When a stream breaks after tokens went out, the failure counts against the
+endpoint's breaker and the request goes on -- within its budget -- on the next endpoint of the group
+or its fallbacks (never the broken one again), asked to continue the answer rather than to start it
+over: the text already sent is given as a trailing assistant message (*prefill*), which most
+servers continue; to an endpoint that does not take prefill (``prefill: false`` in its config, or
+learned from its refusal, which the client never sees), as that assistant message followed by an
+instruction to continue exactly where it stopped. The continuation's role event is dropped and its
+tokens follow the ones sent, so the client reads one uninterrupted answer. Its ``max_tokens`` is
+lowered by the tokens already sent. Answers with tool calls, or with more than one choice, are not
+continued (a half-written call cannot be resumed by prefill). Only when nothing can continue -- no
+endpoint left, the budget spent -- does the client get an explicit error event and the end of the
+stream, never a silent truncation::
 
     event: error
     data: {"error": {"message": "...", "type": "service_unavailable", "code": "stream_interrupted", ...}}
 
-(the OpenAI SDKs raise ``APIError`` on it). The failure counts against the endpoint's breaker. A
-client that disconnects ends the upstream request at once; that counts against nobody.
+(the OpenAI SDKs raise ``APIError`` on it). A client that disconnects ends the upstream request at
+once; that counts against nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
 
 from starlette.types import Receive, Send
 
@@ -30,37 +53,33 @@ from brownout.gateway.router import (
     Answer,
     Endpoint,
     Gateway,
+    GatewayUnavailable,
     Group,
     Passthrough,
     UpstreamFailed,
+    context_overflow,
     forwarded,
 )
 from brownout.gateway.upstream import Response, UpstreamError, UpstreamTimeout
 from brownout.server.errors import error_bytes
 
-__all__ = ["OpenStream", "complete_events", "error_event", "open_stream", "relay"]
+__all__ = [
+    "CONTINUE_INSTRUCTION",
+    "EventReader",
+    "OpenStream",
+    "complete_events",
+    "error_event",
+    "open_stream",
+    "relay",
+]
 
+CONTINUE_INSTRUCTION: Final = (
+    "Your previous answer was cut off. Continue it exactly where it stopped: do not repeat any of it, "
+    "do not comment, write only the rest."
+)
+"""The user message that follows the text already sent, for an endpoint that does not take prefill."""
 
-@dataclass(slots=True)
-class OpenStream:
-    """An upstream stream that has delivered its first event, not yet relayed."""
-
-    group: Group
-    endpoint: Endpoint
-    response: Response
-    permit: Any
-    """The breaker's permit for the attempt, released when the stream ends."""
-    headers: list[tuple[bytes, bytes]]
-    first: bytes
-    """The whole events received so far."""
-    tail: bytes
-    """Bytes after the last whole event."""
-    done: bool
-    """``data: [DONE]`` was among the events received."""
-    served_by: bytes = b""
-    path: bytes = b""
-    attempts: int = 1
-    upstream: float = 0.0
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
 
 
 def complete_events(buf: bytes) -> int:
@@ -73,43 +92,191 @@ def complete_events(buf: bytes) -> int:
     return cut
 
 
-def _is_done(events: bytes) -> bool:
-    return b"data: [DONE]" in events or b"data:[DONE]" in events
-
-
 def error_event(message: str, code: str = "stream_interrupted") -> bytes:
-    """The SSE event that ends a stream the upstream broke off (the server's one error shape)."""
+    """The SSE event that ends a stream nothing could complete (the server's one error shape)."""
     return (
         b"event: error\ndata: " + error_bytes(502, message, type="service_unavailable", code=code) + b"\n\n"
     )
 
 
-async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: bytes) -> OpenStream:
-    """One streaming attempt on ``ep``: returns once the first whole event has arrived.
+class _Broken(Exception):
+    """The upstream broke the stream (malformed or error event, end before the final event)."""
+
+
+class EventReader:
+    """Reads one upstream stream event by event, checks each, and keeps what continuation needs.
+
+    ``resume``: this stream continues an answer already begun, so role-only events are dropped.
+    """
+
+    __slots__ = (
+        "choices",
+        "done",
+        "finished",
+        "response",
+        "resume",
+        "tail",
+        "text",
+        "tokens",
+        "tools",
+    )
+
+    def __init__(self, response: Response, *, resume: bool = False) -> None:
+        self.response = response
+        self.resume = resume
+        self.tail = b""
+        self.done = False
+        """``data: [DONE]`` was read."""
+        self.finished = False
+        """The final event (one with a ``finish_reason``) was read."""
+        self.text: list[str] = []
+        """The content of choice 0 read so far, piece by piece."""
+        self.tokens = 0
+        """Content events read (about one token each)."""
+        self.tools = False
+        """A tool call was streamed (such an answer is not continued)."""
+        self.choices = False
+        """A choice other than the first was streamed (such an answer is not continued)."""
+
+    async def read(self, timeout: float) -> tuple[bytes, bool] | None:
+        """The next whole events to forward, checked, and whether a token was among them; None at the
+        stream's end. Raises :class:`UpstreamTimeout` after ``timeout`` seconds without a byte,
+        :class:`UpstreamError` when the connection breaks and :class:`_Broken` on a bad event."""
+        while True:
+            chunk = await self.response.next_piece(timeout)
+            if chunk is None:
+                if self.tail.strip():
+                    raise _Broken("the stream ended inside an event")
+                return None
+            buf = self.tail + chunk if self.tail else chunk
+            cut = complete_events(buf)
+            if not cut:
+                self.tail = buf
+                continue
+            self.tail = buf[cut:]
+            return self._check(buf[:cut])
+
+    def _check(self, raw: bytes) -> tuple[bytes, bool]:
+        if b"\r" in raw:
+            raw = raw.replace(b"\r\n", b"\n")
+        out: list[bytes] = []
+        token = False
+        for event in raw.split(b"\n\n"):
+            if not event:
+                continue
+            data: list[bytes] = []
+            named_error = False
+            for line in event.split(b"\n"):
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    data.append(value[1:] if value.startswith(b" ") else value)
+                elif line.startswith(b"event:") and line[6:].strip() == b"error":
+                    named_error = True
+            if not data:
+                if not named_error:
+                    out.append(event + b"\n\n")  # a comment (keep-alive): harmless, forwarded
+                continue
+            payload = b"\n".join(data)
+            if payload.strip() == b"[DONE]":
+                self.done = True
+                out.append(_DONE_EVENT)
+                continue
+            try:
+                chunk = json.loads(payload)
+            except (ValueError, RecursionError):
+                raise _Broken(f"a malformed event: {payload[:80]!r}") from None
+            if type(chunk) is not dict:
+                raise _Broken(f"an event that is not a JSON object: {payload[:80]!r}")
+            if named_error or "error" in chunk:
+                raise _Broken(f"an error event: {payload[:200].decode('utf-8', 'replace')}")
+            if self._note(chunk):
+                token = True
+            elif self.resume and not chunk.get("usage"):
+                continue  # the continuation's role event: the client has had one
+            out.append(event + b"\n\n")
+        return b"".join(out), token
+
+    def _note(self, chunk: dict[str, Any]) -> bool:
+        """Keep what ``chunk`` adds to the answer; True when it carries a token or the finish."""
+        choices = chunk.get("choices")
+        if type(choices) is not list:
+            return False
+        token = False
+        for choice in choices:
+            if type(choice) is not dict:
+                continue
+            if choice.get("index", 0) != 0:
+                self.choices = True
+            delta = choice.get("delta")
+            if type(delta) is dict:
+                content = delta.get("content")
+                if type(content) is str and content:
+                    self.text.append(content)
+                    self.tokens += 1
+                    token = True
+                if delta.get("tool_calls") or delta.get("function_call"):
+                    self.tools = True
+                    token = True
+            if choice.get("finish_reason"):
+                self.finished = True
+                token = True
+        return token
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """An upstream stream that has delivered its first token, not yet relayed."""
+
+    group: Group
+    endpoint: Endpoint
+    reader: EventReader
+    permit: Any
+    """The breaker's permit for the attempt, released when the stream ends."""
+    headers: list[tuple[bytes, bytes]]
+    first: bytes
+    """The checked events read so far (up to and including the first token's)."""
+    served_by: bytes = b""
+    path: bytes = b""
+    attempts: int = 1
+    upstream: float = 0.0
+
+
+async def open_stream(
+    gateway: Gateway, group: Group, ep: Endpoint, content: bytes, deadline: float, *, resume: bool = False
+) -> OpenStream:
+    """One streaming attempt on ``ep``: returns once the first token has arrived.
 
     Raises :class:`~brownout.gateway.router.UpstreamFailed` for a failure before that (recorded by the
     breaker) and :class:`~brownout.gateway.router.Passthrough` for an answer to forward as it is (a 4xx
-    that blames the request, or a whole JSON answer from an upstream that does not stream).
+    that blames the request, or a whole JSON answer from an upstream that does not stream -- unless
+    ``resume``: a continuation must stream).
     """
     permit = ep.breaker.guard()
     await permit.__aenter__()  # takes the permit without awaiting anything: raises CircuitOpen if refused
     clock = gateway.clock
-    timeout = group.timeout
     stats = ep.stats
     stats.requests += 1
     ep.load.begin()
     start = clock.now()
+    limit = min(group.first_token_timeout, deadline - start)
+    until = start + limit
     response: Response | None = None
     try:
         try:
-            response = await gateway.send(group, ep, content)
+            response = await gateway.send(group, ep, content, limit)
             status = response.status
             if status >= 400:
-                body = await response.read(timeout)
+                body = await response.read(max(0.001, until - clock.now()))
                 gateway.refuse(group, ep, response, body, clock.now() - start)
             if not (response.header(b"content-type") or b"").startswith(b"text/event-stream"):
+                body = await response.read(max(0.001, until - clock.now()))
+                if resume:
+                    stats.failures += 1
+                    raise UpstreamFailed(
+                        f"{group.name}/{ep.label}: answered a continuation whole, not as a stream",
+                        elapsed=clock.now() - start,
+                    )
                 # An upstream that ignores ``stream`` answers whole: pass that answer on.
-                body = await response.read(timeout)
                 answer = Answer(
                     status,
                     forwarded(response.headers),
@@ -118,29 +285,31 @@ async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: byt
                     upstream=clock.now() - start,
                 )
                 raise Passthrough(answer)
-            buf = b""
+            reader = EventReader(response, resume=resume)
+            first: list[bytes] = []
             while True:
-                chunk = await response.next_piece(timeout)
-                if chunk is None:
+                got = await reader.read(max(0.001, until - clock.now()))
+                if got is None:
                     stats.failures += 1
                     raise UpstreamFailed(
-                        f"{group.name}/{ep.label}: the stream ended before its first event",
+                        f"{group.name}/{ep.label}: the stream ended before its first token",
                         elapsed=clock.now() - start,
                     )
-                buf = buf + chunk if buf else chunk
-                cut = complete_events(buf)
-                if cut:
+                events, token = got
+                first.append(events)
+                if token or reader.done:
                     break
         except UpstreamTimeout as e:
             stats.failures += 1
             raise UpstreamFailed(
-                f"{group.name}/{ep.label}: no first event within {timeout:g}s ({e})",
+                f"{group.name}/{ep.label}: no first token within {limit:g}s",
                 elapsed=clock.now() - start,
+                timed_out=True,
             ) from e
-        except UpstreamError as e:
+        except (UpstreamError, _Broken) as e:
             stats.failures += 1
             raise UpstreamFailed(
-                f"{group.name}/{ep.label}: the stream broke before its first event: {e}",
+                f"{group.name}/{ep.label}: the stream broke before its first token: {e}",
                 elapsed=clock.now() - start,
             ) from e
     except BaseException as e:
@@ -152,17 +321,72 @@ async def open_stream(gateway: Gateway, group: Group, ep: Endpoint, content: byt
     elapsed = clock.now() - start
     ep.load.observe(elapsed)
     stats.latency.observe(elapsed)
-    first = buf[:cut]
     return OpenStream(
         group=group,
         endpoint=ep,
-        response=response,
+        reader=reader,
         permit=permit,
         headers=forwarded(response.headers),
-        first=first,
-        tail=buf[cut:],
-        done=_is_done(first),
+        first=b"".join(first),
         upstream=elapsed,
+    )
+
+
+@dataclass(slots=True)
+class _Continuation:
+    """How to ask an endpoint for the rest of an answer of which ``text`` was sent."""
+
+    gateway: Gateway
+    body: dict[str, Any]
+    text: str
+    tokens: int
+    forms: dict[tuple[str | None, bool], bytes] = field(default_factory=dict)
+
+    def content(self, ep: Endpoint, prefill: bool) -> bytes:
+        key = (ep.model, prefill)
+        cached = self.forms.get(key)
+        if cached is not None:
+            return cached
+        messages = list(self.body.get("messages") or ())
+        messages.append({"role": "assistant", "content": self.text})
+        if not prefill:
+            messages.append({"role": "user", "content": CONTINUE_INSTRUCTION})
+        again: dict[str, Any] = {**self.body, "messages": messages}
+        if ep.model is not None:
+            again["model"] = ep.model
+        for key_name in ("max_tokens", "max_completion_tokens"):
+            limit = again.get(key_name)
+            if type(limit) is int:
+                again[key_name] = max(1, limit - self.tokens)
+        data = json.dumps(again, separators=(",", ":"), ensure_ascii=False).encode()
+        self.forms[key] = data
+        return data
+
+    async def attempt(self, g: Group, ep: Endpoint, _: bytes, deadline: float) -> OpenStream:
+        """Open a continuation on ``ep``: prefill where it is taken, else the instruction form."""
+        gateway = self.gateway
+        if ep.prefill is not False:
+            try:
+                return await open_stream(gateway, g, ep, self.content(ep, True), deadline, resume=True)
+            except Passthrough as e:
+                status = e.answer.status
+                if ep.prefill is True or context_overflow(e.answer) or not 400 <= status < 500:
+                    raise _refused(g, ep, e.answer) from e
+                # Refused the prefill: remember, and ask the way it takes.
+                ep.prefill = False
+                g.stats.continuations["prefill_refused"] += 1
+        try:
+            return await open_stream(gateway, g, ep, self.content(ep, False), deadline, resume=True)
+        except Passthrough as e:
+            raise _refused(g, ep, e.answer) from e
+
+
+def _refused(g: Group, ep: Endpoint, answer: Answer) -> UpstreamFailed:
+    # A continuation refused is not the caller's final answer: the next endpoint is asked instead.
+    return UpstreamFailed(
+        f"{g.name}/{ep.label}: refused to continue the answer (HTTP {answer.status})",
+        status=answer.status,
+        elapsed=answer.upstream,
     )
 
 
@@ -189,76 +413,149 @@ async def _watch(receive: Receive, watch: _Watch) -> None:
         watch.task.cancel()
 
 
-async def relay(stream: OpenStream, receive: Receive, send: Send, headers: list[tuple[bytes, bytes]]) -> str:
-    """Send the stream to the client (status 200, ``headers`` after the upstream's), event by event.
+async def _end(stream: OpenStream, error: BaseException | None) -> None:
+    """Release ``stream``'s endpoint: its load, connection and breaker permit (``error``: the failure
+    that counts against it, a CancelledError that counts against nobody, or None for a success)."""
+    stream.endpoint.load.end()
+    stream.reader.response.close()
+    if error is None:
+        await stream.permit.__aexit__(None, None, None)
+    else:
+        await stream.permit.__aexit__(type(error), error, None)
 
-    Returns ``"served"``, ``"stream_error"`` (the upstream failed mid-stream; the client got an error
-    event) or ``"disconnected"`` (the client went away; the upstream request was closed).
+
+async def relay(
+    gateway: Gateway,
+    stream: OpenStream,
+    body: dict[str, Any],
+    deadline: float,
+    receive: Receive,
+    send: Send,
+    headers: list[tuple[bytes, bytes]],
+) -> str:
+    """Send the stream to the client (status 200, ``headers`` after the upstream's), event by event,
+    continuing it elsewhere when it breaks (see the module docstring).
+
+    Returns ``"served"``, ``"stream_error"`` (it broke and nothing could continue it; the client got
+    an error event) or ``"disconnected"`` (the client went away; the upstream request was closed).
     """
-    ep = stream.endpoint
     group = stream.group
+    clock = gateway.clock
     task = asyncio.current_task()
     watch = _Watch(task)
     watcher = asyncio.ensure_future(_watch(receive, watch))
-    failure: UpstreamFailed | None = None
-    cancelled: BaseException | None = None
+    sent: list[str] = []
+    tokens = 0
+    broken: list[Endpoint] = []
+    current: OpenStream | None = stream
     outcome = "served"
     try:
         await send({"type": "http.response.start", "status": 200, "headers": stream.headers + headers})
         await send({"type": "http.response.body", "body": stream.first, "more_body": True})
-        done = stream.done
-        tail = stream.tail
-        response = stream.response
-        timeout = group.timeout
-        try:
-            while (chunk := await response.next_piece(timeout)) is not None:
-                buf = tail + chunk if tail else chunk
-                cut = complete_events(buf)
-                if not cut:
-                    tail = buf
-                    continue
-                if cut == len(buf):
-                    events, tail = buf, b""
-                else:
-                    events, tail = buf[:cut], buf[cut:]
-                if not done:
-                    done = _is_done(events)
-                await send({"type": "http.response.body", "body": events, "more_body": True})
-            if not done or tail.strip():
-                failure = UpstreamFailed(
-                    f"{group.name}/{ep.label}: the stream ended without data: [DONE]", elapsed=0.0
-                )
-        except UpstreamTimeout:
-            failure = UpstreamFailed(
-                f"{group.name}/{ep.label}: no data for {timeout:g}s mid-stream", elapsed=0.0
-            )
-        except UpstreamError as e:
-            failure = UpstreamFailed(f"{group.name}/{ep.label}: the stream broke: {e}", elapsed=0.0)
-        watch.finished = True
         last = b""
-        if failure is not None:
+        while current is not None:
+            reader = current.reader
+            ep = current.endpoint
+            failure: UpstreamFailed | None = None
+            try:
+                while True:
+                    got = await reader.read(
+                        max(0.001, min(current.group.stall_timeout, deadline - clock.now()))
+                    )
+                    if got is None:
+                        break
+                    if got[0]:
+                        await send({"type": "http.response.body", "body": got[0], "more_body": True})
+                if not reader.done:
+                    if not reader.finished:
+                        raise _Broken("the stream ended before its final event")
+                    # Complete but for the end marker: the client's parser waits for it.
+                    last = _DONE_EVENT
+            except (UpstreamError, _Broken) as e:
+                if reader.finished or reader.done:
+                    # The answer was whole before the upstream misbehaved: the client has it all.
+                    failure = None
+                    last = b"" if reader.done else _DONE_EVENT
+                elif isinstance(e, UpstreamTimeout):
+                    failure = _stalled(current, ep, deadline - clock.now())
+                else:
+                    failure = UpstreamFailed(
+                        f"{current.group.name}/{ep.label}: the stream broke: {e}", elapsed=0.0
+                    )
+            if failure is None:
+                done, current = current, None
+                await _end(done, None)
+                break
+            # The endpoint broke the stream: counted against it, then the answer goes on elsewhere.
             ep.stats.failures += 1
-            outcome = "stream_error"
-            last = error_event(str(failure))
+            broken.append(ep)
+            sent.extend(reader.text)
+            tokens += reader.tokens
+            failed, current = current, None
+            await _end(failed, failure)
+            if reader.tools or reader.choices or clock.now() >= deadline:
+                outcome = "stream_error"
+                last = error_event(str(failure))
+                break
+            current, last = await _continue(
+                gateway, group, body, "".join(sent), tokens, broken, deadline, failure
+            )
+            if current is None:
+                outcome = "stream_error"
+                break
+            group.stats.continuations["served"] += 1
+            await send({"type": "http.response.body", "body": current.first, "more_body": True})
+        watch.finished = True
         await send({"type": "http.response.body", "body": last, "more_body": False})
     except asyncio.CancelledError as e:
-        cancelled = e
+        if current is not None:
+            await _end(current, e)
+            current = None
         if not (watch.disconnected and task is not None and task.uncancel() == 0):
             raise
         outcome = "disconnected"
     except BaseException as e:
         # Sending to the client failed: nothing the endpoint did; its permit is given back uncounted.
-        cancelled = e
-        raise
+        if current is not None:
+            await _end(current, asyncio.CancelledError())
+            current = None
+        raise e
     finally:
         watch.finished = True
         watcher.cancel()
-        ep.load.end()
-        stream.response.close()
-        if failure is not None:
-            await stream.permit.__aexit__(UpstreamFailed, failure, None)
-        elif cancelled is not None:
-            await stream.permit.__aexit__(asyncio.CancelledError, asyncio.CancelledError(), None)
-        else:
-            await stream.permit.__aexit__(None, None, None)
     return outcome
+
+
+def _stalled(stream: OpenStream, ep: Endpoint, left: float) -> UpstreamFailed:
+    wait = min(stream.group.stall_timeout, max(0.0, left))
+    return UpstreamFailed(
+        f"{stream.group.name}/{ep.label}: no data for {wait:.3g}s mid-stream", elapsed=0.0, timed_out=True
+    )
+
+
+async def _continue(
+    gateway: Gateway,
+    group: Group,
+    body: dict[str, Any],
+    text: str,
+    tokens: int,
+    broken: list[Endpoint],
+    deadline: float,
+    failure: UpstreamFailed,
+) -> tuple[OpenStream | None, bytes]:
+    """A stream continuing the answer on another endpoint, or (None, the error event to end with)."""
+    plan = _Continuation(gateway, body, text, tokens)
+    try:
+        opened: OpenStream = await gateway.route(
+            group,
+            body,
+            None,
+            plan.attempt,
+            deadline=deadline,
+            skip=broken,
+            content_for=lambda ep: b"",
+        )
+    except (GatewayUnavailable, Passthrough) as e:
+        group.stats.continuations["failed"] += 1
+        return None, error_event(f"{failure}; no endpoint could continue it: {e}")
+    return opened, b""

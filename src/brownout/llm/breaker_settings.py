@@ -31,6 +31,8 @@ _POLICY_KEYS: Final = {
     "failure_threshold": "failure_rate_threshold",
     "success_threshold": "success_threshold",
     "timeout": "open_wait",
+    "timeout_multiplier": "open_wait_multiplier",
+    "max_timeout": "open_wait_max",
     "half_open_requests": "half_open_max_calls",
     "minimum_calls": "minimum_calls",
     "window_size": "window_size",
@@ -52,6 +54,12 @@ class BreakerSettings(BaseModel):
     failure_threshold: float = Field(default=0.5, gt=0, le=1, description="failure rate that opens")
     success_threshold: int = Field(default=5, ge=1, description="successful probes that close")
     timeout: float = Field(default=60.0, gt=0, description="seconds open before probing")
+    timeout_multiplier: float = Field(
+        default=1.0, ge=1, description="the open wait grows by this factor on each re-open without a close"
+    )
+    max_timeout: float | None = Field(
+        default=None, gt=0, description="longest grown open wait, seconds (default: max(600, timeout))"
+    )
     half_open_requests: int = Field(default=3, ge=1, description="probes at once while half-open")
     minimum_calls: int = Field(default=5, ge=1, description="calls in the window before a rate counts")
     window_size: int = Field(default=20, ge=1, description="calls in the sliding window")
@@ -63,11 +71,21 @@ class BreakerSettings(BaseModel):
                 f"minimum_calls ({self.minimum_calls}) cannot exceed window_size ({self.window_size}): "
                 "the failure rate would never count"
             )
+        if (
+            self.max_timeout is not None
+            and self.max_timeout < self.timeout
+            and "max_timeout" in self.model_fields_set
+        ):
+            raise ValueError(f"max_timeout ({self.max_timeout}) cannot be below timeout ({self.timeout})")
         return self
 
     def policy(self) -> BreakerConfig:
         """The settings as a :class:`~brownout.policies.breaker.BreakerConfig`."""
-        return BreakerConfig(**{ours: getattr(self, yaml) for yaml, ours in _POLICY_KEYS.items()})
+        values = {ours: getattr(self, yaml) for yaml, ours in _POLICY_KEYS.items()}
+        if self.max_timeout is not None:
+            # A default cap below a first wait the user raised gives way to it.
+            values["open_wait_max"] = max(self.max_timeout, self.timeout)
+        return BreakerConfig(**values)
 
     def override(self, where: str, values: Mapping[str, Any]) -> dict[str, Any]:
         """``values`` (some of the YAML keys) checked as a change of these settings, in the policy's keys.
