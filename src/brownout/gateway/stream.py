@@ -337,6 +337,8 @@ class _Continuation:
     """How to ask an endpoint for the rest of an answer of which ``text`` was sent."""
 
     gateway: Gateway
+    origin: Group
+    """The group the request asked for: its counters count the continuation."""
     body: dict[str, Any]
     text: str
     tokens: int
@@ -374,7 +376,7 @@ class _Continuation:
                     raise _refused(g, ep, e.answer) from e
                 # Refused the prefill: remember, and ask the way it takes.
                 ep.prefill = False
-                g.stats.continuations["prefill_refused"] += 1
+                self.origin.stats.continuations["prefill_refused"] += 1
         try:
             return await open_stream(gateway, g, ep, self.content(ep, False), deadline, resume=True)
         except Passthrough as e:
@@ -544,7 +546,7 @@ async def _continue(
     failure: UpstreamFailed,
 ) -> tuple[OpenStream | None, bytes]:
     """A stream continuing the answer on another endpoint, or (None, the error event to end with)."""
-    plan = _Continuation(gateway, body, text, tokens)
+    plan = _Continuation(gateway, group, body, text, tokens)
     try:
         opened: OpenStream = await gateway.route(
             group,
