@@ -17,6 +17,8 @@ import httpx
 import pytest
 from starlette.types import Receive, Send
 
+from brownout.gateway.config import GatewayHedgeSection
+from brownout.gateway.router import Hedge
 from brownout.gateway.stream import CONTINUE_INSTRUCTION
 from brownout.testing import FakeClock
 from support.gateway import (
@@ -481,3 +483,58 @@ async def test_a_healed_endpoint_gets_traffic_back_within_seconds_by_default(scr
         assert r.headers["x-brownout-served-by"] == f"chat/{label(primary)}"
         assert (await gw.post(chat())).headers["x-brownout-served-by"] == f"chat/{label(primary)}"
         assert breaker.state.value == "closed"  # two good probes close it
+
+
+# ------------------------------------------------------------------------------------------ hedging
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_hedge_goes_after_the_delay_and_the_first_answer_wins(scripted: Any, stream: bool) -> None:
+    left = asyncio.Event()
+
+    async def slow(n: int, body: dict[str, Any], receive: Receive, send: Send) -> bool:
+        await hold(receive)  # until the gateway gives up on it
+        left.set()
+        return True
+
+    sluggish = await scripted(storyteller(slow))
+    quick = await scripted(storyteller())
+    clock = FakeClock()
+    hedge = {"enabled": True, "delay": 1.0, "budget_ratio": 1.0}
+    async with gateway(
+        {"chat": group(sluggish.url, quick.url, hedge=hedge, breaker=NEVER)}, clock=clock
+    ) as gw:
+        gw.group().endpoints[1].load.observe(5.0)  # the sluggish replica is asked first
+        request = asyncio.create_task(gw.post(chat(stream=stream)))
+        await until(lambda: sluggish.calls == 1, "the first attempt")
+        assert quick.calls == 0
+        clock.advance(1.0)
+        r = await request
+        assert r.status_code == 200
+        assert r.headers["x-brownout-served-by"] == f"chat/{label(quick)}"
+        if stream:
+            assert streamed_text(r.content)[0] == STORY
+        await until(left.is_set, "the losing attempt to be cancelled")
+        assert gw.group().stats.hedges == {"sent": 1, "won": 1}
+        # The loser was cancelled, not failed: its breaker saw nothing, its slot is free.
+        assert breaker_of(gw.gateway, "chat", 0).metrics().failures == 0
+        assert [ep.load.in_flight for ep in gw.group().endpoints] == [0, 0]
+
+
+def test_hedges_wait_for_a_known_p95_and_stay_within_their_budget() -> None:
+    clock = FakeClock()
+    hedge = Hedge(GatewayHedgeSection(enabled=True, budget_ratio=0.05), clock=clock)
+    for i in range(Hedge.MIN_ANSWERS - 1):
+        hedge.observe(0.1 + i / 1000)
+    assert hedge.delay() is None  # too few answers to know the group's p95
+    for _ in range(81):
+        hedge.observe(0.1)
+    hedge.observe(5.0)  # one slow answer in a hundred does not make the p95
+    delay = hedge.delay()
+    assert delay is not None
+    assert 0.1 <= delay < 0.12
+    sent = 0
+    for _ in range(200):
+        hedge.budget.record_call()
+        sent += hedge.budget.try_spend()
+    assert sent == 10  # 5 % of the requests

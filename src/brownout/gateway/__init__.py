@@ -28,6 +28,7 @@ from brownout.gateway.config import (
     GatewayBreakerSection,
     GatewayCacheSection,
     GatewayEndpoint,
+    GatewayHedgeSection,
     GatewaySection,
     ModelGroup,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "GatewayCacheSection",
     "GatewayCollector",
     "GatewayEndpoint",
+    "GatewayHedgeSection",
     "GatewaySection",
     "GatewayUnavailable",
     "ModelGroup",

@@ -38,6 +38,7 @@ __all__ = [
     "GatewayBreakerSection",
     "GatewayCacheSection",
     "GatewayEndpoint",
+    "GatewayHedgeSection",
     "GatewaySection",
     "LocalGroupSection",
     "ModelGroup",
@@ -151,6 +152,25 @@ class GatewayCacheSection(_Section):
         return CacheConfig(max_entries=self.max_entries, ttl=self.ttl, early_refresh_beta=0.0)
 
 
+class GatewayHedgeSection(_Section):
+    """Hedged requests of one group (off by default): a second attempt when the first is slow.
+
+    When a request has waited ``delay`` seconds -- by default the group's observed p95 latency (of a
+    whole answer, or of a stream's first token) once 20 answers are known -- without an answer, the
+    same request is sent again, to the least loaded endpoint; the first answer wins and the other is
+    cancelled. At most ``budget_ratio`` of the group's requests are hedged over the last 10 s, so the
+    extra load on the upstreams stays bounded (5 % by default).
+    """
+
+    enabled: bool = Field(default=False, description="send a second attempt when the first is slow")
+    delay: float | None = Field(
+        default=None, gt=0, description="seconds before the hedge; null: the group's observed p95 latency"
+    )
+    budget_ratio: float = Field(
+        default=0.05, gt=0, le=1, description="hedged requests allowed per request over the last 10 s"
+    )
+
+
 class ModelGroup(_Section):
     """A model group: replicas of one model, how they are called, and where to go when they fail."""
 
@@ -211,6 +231,7 @@ class ModelGroup(_Section):
     admission: GatewayAdmissionSection = Field(default_factory=GatewayAdmissionSection)
     breaker: GatewayBreakerSection = Field(default_factory=GatewayBreakerSection)
     cache: GatewayCacheSection = Field(default_factory=GatewayCacheSection)
+    hedge: GatewayHedgeSection = Field(default_factory=GatewayHedgeSection)
     json_guard: bool = Field(
         default=True,
         description="validate answers to response_format json_schema requests; re-ask once if invalid",

@@ -13,6 +13,8 @@ Metric families (all labelled by ``group``; upstream ones also by ``endpoint``):
 ``gateway_fallbacks_total``                requests served by a fallback group, by group asked and ``to``
 ``gateway_cache_total``                    cache lookups by ``result`` (``hit``, ``miss``)
 ``gateway_json_guard_total``               guarded answers by ``outcome`` (``valid``, ``fixed``, ``invalid``)
+``gateway_hedges_total``                   hedged requests, by ``result`` (``sent``; ``won``: the second
+                                           attempt answered first)
 ``gateway_continuations_total``            broken streams continued elsewhere, by ``result`` (``served``,
                                            ``failed``; ``prefill_refused``: an endpoint refused prefill)
 ``gateway_overhead_seconds``               time spent in the gateway itself (total minus upstream waits)
@@ -59,6 +61,7 @@ class GatewayCollector(Collector):
         guard = CounterMetricFamily(
             "gateway_json_guard", "Answers checked by the JSON guard", labels=["group", "outcome"]
         )
+        hedges = CounterMetricFamily("gateway_hedges", "Hedged requests", labels=["group", "result"])
         continuations = CounterMetricFamily(
             "gateway_continuations", "Broken streams continued elsewhere", labels=["group", "result"]
         )
@@ -103,6 +106,8 @@ class GatewayCollector(Collector):
                 cache.add_metric([name, result], n)
             for outcome, n in sorted(st.guard.items()):
                 guard.add_metric([name, outcome], n)
+            for result, n in sorted(st.hedges.items()):
+                hedges.add_metric([name, result], n)
             for result, n in sorted(st.continuations.items()):
                 continuations.add_metric([name, result], n)
             overhead.add_metric([name], st.overhead.cumulative(), st.overhead.total)
@@ -116,5 +121,5 @@ class GatewayCollector(Collector):
                 latency.add_metric(labels, es.latency.cumulative(), es.latency.total)
                 state.add_metric(labels, ep.breaker.state.metric)
                 ep_in_flight.add_metric(labels, ep.load.in_flight)
-        yield from (requests, responses, fallbacks, cache, guard, continuations, overhead)
+        yield from (requests, responses, fallbacks, cache, guard, hedges, continuations, overhead)
         yield from (up_requests, up_failures, latency, state, ep_in_flight, adm_in_flight, adm_queue)

@@ -47,10 +47,12 @@ upstream's response body and headers (hop-by-hop ones aside).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn, Protocol, TypeVar
@@ -59,7 +61,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import CircuitOpen, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
 from brownout.gateway.cache import cache_key, deterministic
-from brownout.gateway.config import GatewayEndpoint, GatewaySection, ModelGroup
+from brownout.gateway.config import GatewayEndpoint, GatewayHedgeSection, GatewaySection, ModelGroup
 from brownout.gateway.guard import GuardOutcome, SchemaGuard, requested_schema
 from brownout.gateway.stats import EndpointStats, GroupStats
 from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
@@ -78,6 +80,7 @@ __all__ = [
     "Gateway",
     "GatewayUnavailable",
     "Group",
+    "Hedge",
     "Passthrough",
     "Routed",
     "UpstreamFailed",
@@ -285,6 +288,40 @@ class Endpoint:
         }
 
 
+class Hedge:
+    """A group's hedged requests: when the second attempt goes, and how many may (see
+    :class:`~brownout.gateway.config.GatewayHedgeSection`)."""
+
+    __slots__ = ("_p95", "_recent", "_since", "budget", "fixed")
+
+    MIN_ANSWERS: Final = 20
+    """Answers known before the observed p95 is trusted as the delay."""
+
+    def __init__(self, config: GatewayHedgeSection, *, clock: Clock) -> None:
+        self.fixed = config.delay
+        self.budget = RetryBudget(config.budget_ratio, 0.0, _BUDGET_WINDOW, clock=clock)
+        """Hedges allowed per request of the group over the last 10 s."""
+        self._recent: deque[float] = deque(maxlen=200)
+        self._p95: float | None = None
+        self._since = 0
+
+    def observe(self, seconds: float) -> None:
+        """Count one answer's latency (a whole answer's, or a stream's first token's)."""
+        self._recent.append(seconds)
+        self._since += 1
+        # Sorting 200 numbers now and then, not on every answer.
+        if self._since >= 16 or (self._p95 is None and len(self._recent) >= self.MIN_ANSWERS):
+            self._since = 0
+            ranked = sorted(self._recent)
+            self._p95 = ranked[int(0.95 * (len(ranked) - 1))]
+
+    def delay(self) -> float | None:
+        """Seconds to wait for the first attempt before hedging, or None while it is not known."""
+        if self.fixed is not None:
+            return self.fixed
+        return self._p95 if len(self._recent) >= self.MIN_ANSWERS else None
+
+
 class Group:
     """A model group at runtime: endpoints, admission, retry budget, optional cache, counters."""
 
@@ -298,6 +335,7 @@ class Group:
         "context_window",
         "endpoints",
         "first_token_timeout",
+        "hedge",
         "json_guard",
         "max_attempts",
         "max_retry_after",
@@ -333,6 +371,8 @@ class Group:
         self.stall_timeout = config.stall_timeout
         self.max_retry_after = config.max_retry_after
         self.context_window = config.context_window
+        self.hedge = Hedge(config.hedge, clock=clock) if config.hedge.enabled else None
+        """The group's hedging, or None when it is off."""
         self.max_attempts = config.max_attempts
         self.backoff = config.retry_backoff
         self.json_guard = config.json_guard
@@ -494,7 +534,13 @@ class Gateway:
 
     async def _serve(self, group: Group, body: dict[str, Any], raw: bytes | None, deadline: float) -> Answer:
         try:
-            answer = await self.route(group, body, raw, self._post, deadline=deadline)
+            if group.hedge is None:
+                answer = await self.route(group, body, raw, self._post, deadline=deadline)
+            else:
+                answer = await self.hedged(
+                    group,
+                    lambda trail: self.route(group, body, raw, self._post, deadline=deadline, trail=trail),
+                )
         except Passthrough as e:
             return e.answer
         if group.json_guard and answer.status == 200:
@@ -588,6 +634,60 @@ class Gateway:
             elapsed=elapsed,
         )
 
+    # ------------------------------------------------------------------ hedged requests
+
+    async def hedged(
+        self,
+        group: Group,
+        run: Callable[[list[Endpoint] | None], Awaitable[R]],
+        discard: Callable[[R], Awaitable[None]] | None = None,
+    ) -> R:
+        """``run(trail)`` (a :meth:`route`), and once more alongside when the first is slow (the
+        group's hedging); the first to answer wins and the other is cancelled.
+
+        Both runs share ``trail``, the endpoints tried so far, so the hedge goes to another endpoint
+        than the slow one when there is one. A :class:`Passthrough` is an answer too (it wins); a
+        :class:`GatewayUnavailable` waits for the other run. ``discard`` releases a result that lost
+        the race after it was made (an opened stream). Without hedging, or while its delay is
+        unknown, this is ``await run(None)``.
+        """
+        hedge = group.hedge
+        if hedge is None:
+            return await run(None)
+        hedge.budget.record_call()
+        delay = hedge.delay()
+        if delay is None:
+            return await run(None)
+        trail: list[Endpoint] = []
+        first: asyncio.Future[R] = asyncio.ensure_future(run(trail))
+        timer: asyncio.Future[Any] = asyncio.ensure_future(self.clock.sleep(delay))
+        runs: set[asyncio.Future[Any]] = {first}
+        try:
+            await asyncio.wait((first, timer), return_when=asyncio.FIRST_COMPLETED)
+            if not first.done() and hedge.budget.try_spend():
+                group.stats.hedges["sent"] += 1
+                runs.add(asyncio.ensure_future(run(trail)))
+            failure: BaseException | None = None
+            while runs:
+                done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    runs.discard(task)
+                    error = task.exception()
+                    if error is None or isinstance(error, Passthrough):
+                        if task is not first:
+                            group.stats.hedges["won"] += 1
+                        await _cancel_all(runs, discard)
+                        if error is not None:
+                            raise error
+                        result: R = task.result()
+                        return result
+                    failure = failure or error
+            assert failure is not None
+            raise failure
+        finally:
+            timer.cancel()
+            await _cancel_all(runs, discard)
+
     # ------------------------------------------------------------------ the routing loop
 
     async def route(
@@ -600,6 +700,7 @@ class Gateway:
         deadline: float,
         skip: Collection[Endpoint] = (),
         content_for: Callable[[Endpoint], bytes] | None = None,
+        trail: list[Endpoint] | None = None,
     ) -> R:
         """Run ``attempt(group, endpoint, content, deadline)`` on the group's endpoints, then its fallbacks'.
 
@@ -609,8 +710,9 @@ class Gateway:
         ``deadline``: the clock time the request must be done by (no attempt starts after it, and
         each attempt is given it to carve its timeouts from). ``skip``: endpoints not to try at all
         (a continued stream's broken ones). ``content_for``: the body to send to an endpoint, when it
-        is not ``body`` (with the endpoint's ``model``). Raises :class:`GatewayUnavailable` when no
-        attempt succeeded.
+        is not ``body`` (with the endpoint's ``model``). ``trail``: endpoints tried by a run racing
+        this one (a hedge), tried here only when no other can be, and added to as this run tries
+        more. Raises :class:`GatewayUnavailable` when no attempt succeeded.
         """
         clock = self.clock
         errors: list[str] | None = None
@@ -630,7 +732,7 @@ class Gateway:
                 path.append(g.name)
             budget = g.budget
             budget.record_call()
-            tried: list[Endpoint] | None = None
+            tried: list[Endpoint] | None = list(trail) if trail else None
             hinted = False  # an endpoint of this group asked to be called again shortly (Retry-After)
             n = 0
             while n < g.max_attempts:
@@ -659,6 +761,8 @@ class Gateway:
                             break
                 n += 1
                 attempts += 1
+                if trail is not None:
+                    trail.append(ep)
                 if content_for is not None:
                     content = content_for(ep)
                 elif (known := contents.get(ep.model)) is not None:
@@ -699,6 +803,8 @@ class Gateway:
                     # and the attempt takes it before any await, so only a pause allows this).
                     tried = [ep] if tried is None else [*tried, ep]
                     continue
+                if group.hedge is not None:
+                    group.hedge.observe(result.upstream)
                 result.served_by = ep.served_by
                 result.path = _path(path)
                 result.attempts = attempts
@@ -729,6 +835,22 @@ class Gateway:
             attempts=attempts,
             budget_spent=spent,
         )
+
+
+async def _cancel_all(
+    runs: set[asyncio.Future[Any]], discard: Callable[[Any], Awaitable[None]] | None
+) -> None:
+    """Cancel the runs that lost a hedged race, releasing (``discard``) any that answered meanwhile."""
+    for task in runs:
+        task.cancel()
+    for task in list(runs):
+        runs.discard(task)
+        try:
+            result = await task
+        except BaseException:  # cancelled, or failed: nothing to release
+            continue
+        if discard is not None:
+            await discard(result)
 
 
 def _pick(group: Group, tried: list[Endpoint] | None, left: set[Endpoint] | None) -> Endpoint | None:

@@ -51,7 +51,7 @@ from brownout.gateway.router import (
     retry_after_header,
     snippet,
 )
-from brownout.gateway.stream import OpenStream, open_stream, relay
+from brownout.gateway.stream import OpenStream, discard, open_stream, relay
 from brownout.server.errors import (
     DEFAULT_RETRY_AFTER,
     ApiError,
@@ -258,12 +258,17 @@ class ChatCompletions:
             return
         try:
             try:
-                opened: OpenStream = await gateway.route(
+                opened: OpenStream = await gateway.hedged(
                     group,
-                    body,
-                    raw,
-                    lambda g, ep, content, until: open_stream(gateway, g, ep, content, until),
-                    deadline=deadline,
+                    lambda trail: gateway.route(
+                        group,
+                        body,
+                        raw,
+                        lambda g, ep, content, until: open_stream(gateway, g, ep, content, until),
+                        deadline=deadline,
+                        trail=trail,
+                    ),
+                    discard,
                 )
             except Passthrough as e:
                 answer: Answer = e.answer

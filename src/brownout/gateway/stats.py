@@ -81,7 +81,7 @@ class EndpointStats:
 class GroupStats:
     """Counters of one model group (requests that asked for it)."""
 
-    __slots__ = ("cache", "continuations", "fallbacks", "guard", "outcomes", "overhead", "requests")
+    __slots__ = ("cache", "continuations", "fallbacks", "guard", "hedges", "outcomes", "overhead", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -89,6 +89,8 @@ class GroupStats:
         self.fallbacks: Counter[str] = Counter()
         self.cache: Counter[str] = Counter()
         self.guard: Counter[str] = Counter()
+        self.hedges: Counter[str] = Counter()
+        """Hedged requests: ``sent`` (a second attempt went), ``won`` (it answered first)."""
         self.continuations: Counter[str] = Counter()
         """Broken streams continued elsewhere, by result (``served``, ``failed``, ``prefill_refused``)."""
         self.overhead = Histogram(OVERHEAD_BUCKETS)

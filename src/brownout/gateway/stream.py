@@ -68,6 +68,7 @@ __all__ = [
     "EventReader",
     "OpenStream",
     "complete_events",
+    "discard",
     "error_event",
     "open_stream",
     "relay",
@@ -424,6 +425,12 @@ async def _end(stream: OpenStream, error: BaseException | None) -> None:
         await stream.permit.__aexit__(None, None, None)
     else:
         await stream.permit.__aexit__(type(error), error, None)
+
+
+async def discard(stream: OpenStream) -> None:
+    """Close a stream that was opened but will not be relayed (a hedged attempt that lost the race);
+    its endpoint is not blamed."""
+    await _end(stream, asyncio.CancelledError())
 
 
 async def relay(
