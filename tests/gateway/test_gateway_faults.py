@@ -538,3 +538,19 @@ def test_hedges_wait_for_a_known_p95_and_stay_within_their_budget() -> None:
         hedge.budget.record_call()
         sent += hedge.budget.try_spend()
     assert sent == 10  # 5 % of the requests
+
+
+async def test_a_stream_that_keeps_flowing_is_not_cut_by_the_budget(scripted: Any) -> None:
+    async def steady(n: int, body: dict[str, Any], receive: Receive, send: Send) -> bool:
+        await sse_start(send)
+        for word in WORDS:
+            await send({"type": "http.response.body", "body": chunk(word), "more_body": True})
+            await asyncio.sleep(0.02)  # a word every 20 ms: about 0.35 s in all, over the budget
+        await send({"type": "http.response.body", "body": chunk(finish="stop") + b"data: [DONE]\n\n"})
+        return True
+
+    upstream = await scripted(storyteller(steady))
+    async with gateway({"chat": group(upstream.url)}) as gw:
+        _, raw = await stream_of(gw, headers={"x-brownout-budget": "0.1"})
+        assert streamed_text(raw)[0] == STORY
+        assert b"event: error" not in raw

@@ -18,7 +18,8 @@ the stream when it
   ``finish_reason``).
 
 A stream that ends after its final event but without ``data: [DONE]`` is complete: the gateway adds
-the ``[DONE]`` itself.
+the ``[DONE]`` itself. The request's budget bounds the wait for the first token and the handling of
+every fault, not a stream that keeps flowing: a long answer is not cut because it is long.
 
 **Continuation.** When a stream breaks after tokens went out, the failure counts against the
 endpoint's breaker and the request goes on -- within its budget -- on the next endpoint of the group
@@ -468,9 +469,7 @@ async def relay(
             failure: UpstreamFailed | None = None
             try:
                 while True:
-                    got = await reader.read(
-                        max(0.001, min(current.group.stall_timeout, deadline - clock.now()))
-                    )
+                    got = await reader.read(current.group.stall_timeout)
                     if got is None:
                         break
                     if got[0]:
@@ -486,7 +485,12 @@ async def relay(
                     failure = None
                     last = b"" if reader.done else _DONE_EVENT
                 elif isinstance(e, UpstreamTimeout):
-                    failure = _stalled(current, ep, deadline - clock.now())
+                    stall = current.group.stall_timeout
+                    failure = UpstreamFailed(
+                        f"{current.group.name}/{ep.label}: no data for {stall:g}s mid-stream",
+                        elapsed=0.0,
+                        timed_out=True,
+                    )
                 else:
                     failure = UpstreamFailed(
                         f"{current.group.name}/{ep.label}: the stream broke: {e}", elapsed=0.0
@@ -533,13 +537,6 @@ async def relay(
         watch.finished = True
         watcher.cancel()
     return outcome
-
-
-def _stalled(stream: OpenStream, ep: Endpoint, left: float) -> UpstreamFailed:
-    wait = min(stream.group.stall_timeout, max(0.0, left))
-    return UpstreamFailed(
-        f"{stream.group.name}/{ep.label}: no data for {wait:.3g}s mid-stream", elapsed=0.0, timed_out=True
-    )
 
 
 async def _continue(
