@@ -819,7 +819,10 @@ class Gateway:
             if spent:
                 break
             if n == 0:
-                errors = _note(errors, f"{g.name}: every endpoint's breaker is open")
+                if left is not None and all(ep in left for ep in g.endpoints):
+                    errors = _note(errors, f"{g.name}: no endpoint left to ask")
+                else:
+                    errors = _note(errors, f"{g.name}: every endpoint's breaker is open")
         retry_after = max(1.0, min(g.retry_after() for g in group.chain))
         names = [group.name] if path is None else path
         detail = "; ".join(errors or ())
