@@ -80,7 +80,21 @@ class ScenarioScore:
             "upstreams_did": self.did,
             "requests": len(self.exchanges),
             "exchanges": [ex.to_json() for ex in self.exchanges[:3]],
+            **({"timeline": self.timeline()} if len(self.exchanges) > 1 else {}),
         }
+
+    def timeline(self) -> list[str]:
+        """Each request of a many-request scenario in one line: when it started (seconds after the
+        first), who served it or the error, and whether the text was whole."""
+        if not self.exchanges:
+            return []
+        first = self.exchanges[0].started
+        lines = []
+        for ex in self.exchanges:
+            who = ex.headers.get("x-brownout-served-by") or (", ".join(ex.models) or "nobody")
+            what = who if ex.answered else f"error: {(ex.error or '')[:80]}"
+            lines.append(f"{ex.started - first:6.2f} s  {what}")
+        return lines
 
 
 @dataclass(slots=True)
