@@ -336,8 +336,10 @@ class FaultUpstream:
         """Wait until the client closes the connection (True) or ``seconds`` pass (False)."""
 
         async def closed() -> None:
-            while await reader.read(65_536):
-                pass
+            # A reset counts as gone, like a close.
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65_536):
+                    pass
 
         if seconds is None:
             await closed()
