@@ -18,7 +18,8 @@ __all__ = ["drill"]
 
 def drill(
     names: Annotated[
-        list[str] | None, typer.Argument(help="Scenarios to run (see --list), or all.", show_default=False)
+        list[str] | None,
+        typer.Argument(help="Scenarios to run (see --list), all, or gateway.", show_default=False),
     ] = None,
     list_only: Annotated[
         bool, typer.Option("--list", help="List the scenarios and what each still waits on.")
@@ -37,6 +38,8 @@ def drill(
 
     Each scenario starts a brownout server, fault-injecting model servers and what else it needs on
     127.0.0.1, drives bounded load, injects the fault, restores, and measures. Exit 1 if one fails.
+    `brownout drill gateway` runs the gateway's 16 provider-fault scenarios and prints their
+    scorecard (exit 1 unless all pass); `gateway-NAME` runs one.
     """
     from brownout.chaos.drills.console import main as drill_main
 

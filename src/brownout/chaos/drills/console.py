@@ -5,6 +5,11 @@
 live table on stderr, then prints the verdicts (or, with ``--json``, the JSON report on stdout) and,
 with ``--report DIR``, writes the Markdown, PNG and JSON report there. Exit status: 0 when every
 scenario that ran passed, 1 when one failed or errored, 2 for an unknown scenario name.
+
+The gateway's provider-fault scenarios are a family of their own (:mod:`brownout.chaos.failover`):
+``brownout drill gateway`` runs all 16 against one ``brownout serve`` and prints their scorecard,
+``gateway-<name>`` picks one; ``all`` and ``--fast`` stay the brief pipeline's drills, and one run
+takes one family. ``--list`` shows both.
 """
 
 from __future__ import annotations
@@ -152,7 +157,9 @@ def _list(console: Console, as_json: bool) -> None:
         for s in CATALOG
     ]
     if as_json:
-        print(json.dumps({"scenarios": rows}, indent=2))
+        from brownout.chaos.failover.console import list_rows
+
+        print(json.dumps({"scenarios": rows, "gateway_scenarios": list_rows()}, indent=2))
         return
     table = Table(title="drill scenarios (brownout drill NAME ... | all | --fast)", title_justify="left")
     table.add_column("name", no_wrap=True)
@@ -169,6 +176,9 @@ def _list(console: Console, as_json: bool) -> None:
             Text("yes", style="green") if not waits else Text("waits on " + "; ".join(waits), style="yellow"),
         )
     console.print(table)
+    from brownout.chaos.failover.console import list_table
+
+    console.print(list_table())
 
 
 def _summary(console: Console, results: Sequence[ScenarioResult]) -> None:
@@ -203,6 +213,17 @@ def main(
         if not list_only and not as_json:
             out.print("Name scenarios to run them, `all` for every one, or --fast for the quick subset.")
         return 0
+    from brownout.chaos.failover.console import is_gateway_name
+
+    gateway = [n for n in names if is_gateway_name(n)]
+    if gateway:
+        if len(gateway) < len(names) or fast:
+            # Two families, two reports: one run makes one of them.
+            err.print("[red]run the gateway scenarios on their own: brownout drill gateway[/]")
+            return 2
+        from brownout.chaos.failover.console import main as gateway_main
+
+        return gateway_main(gateway, as_json=as_json, report=report, console=out)
     try:
         chosen = select(names, fast=fast)
     except KeyError as e:
