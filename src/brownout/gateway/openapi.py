@@ -101,7 +101,10 @@ class GatewayHealth(BaseModel):
 _REF = "#/components/schemas/{model}"
 _HEADERS_SERVED = {
     "x-brownout-served-by": {"description": "group/endpoint that answered", "schema": {"type": "string"}},
-    "x-brownout-fallbacks": {"description": "the groups tried, '>'-separated", "schema": {"type": "string"}},
+    "x-brownout-fallbacks": {
+        "description": "the groups tried, '>'-separated; only when a fallback group served",
+        "schema": {"type": "string"},
+    },
     "x-brownout-attempts": {"description": "upstream calls made", "schema": {"type": "integer"}},
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
@@ -161,8 +164,19 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                     "summary": "Chat completion (OpenAI-compatible)",
                     "description": "Served by the model group named in `model`, falling back to its "
                     "configured fallbacks. With `stream: true` the answer is Server-Sent Events "
-                    "(`data: {chunk}` ... `data: [DONE]`; a failure mid-stream ends with an `error` event).",
+                    "(`data: {chunk}` ... `data: [DONE]`); a stream broken mid-way is continued on "
+                    "another endpoint, and only when nothing can continue it ends with an `error` event.",
                     "operationId": "chat_completions",
+                    "parameters": [
+                        {
+                            "name": "x-brownout-budget",
+                            "in": "header",
+                            "required": False,
+                            "description": "seconds this request may take in all (waits, attempts, "
+                            "retries, fallbacks); default: the group's `budget`",
+                            "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+                        }
+                    ],
                     "requestBody": {"required": True, "content": _json("ChatCompletionRequest")},
                     "responses": {
                         "200": {
@@ -180,6 +194,7 @@ def gateway_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                         "415": _error("Not sent as Content-Type: application/json"),
                         "429": _error("The group is at capacity (`overloaded`)", retry=True),
                         "503": _error("No endpoint of the group or its fallbacks answered", retry=True),
+                        "504": _error("The request's budget ran out first (`budget_exhausted`)", retry=True),
                         **_generic(),
                     },
                 }
