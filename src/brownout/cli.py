@@ -7,7 +7,7 @@
 * ``brownout status --url URL`` -- the live state of a running server as a table;
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
-* ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls and LiteLLM;
+* ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls, Portkey, LiteLLM;
 * ``brownout bench model-capacity [--json]`` -- the bare model server's throughput per threads x slots;
 * ``brownout bench overload [--json]`` -- a default server under distinct-text load, against that rate;
 * ``brownout drill NAME ...|all [--report DIR] [--json]``, ``brownout drill --list`` -- chaos drills;
@@ -579,19 +579,27 @@ def bench_gateway(
     ] = 5,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds the targets take turns; rows are medians.")] = 3,
     concurrency: Annotated[
-        list[int] | None, typer.Option(min=1, help="Concurrent connections (repeat; default 1 and 20).")
+        list[int] | None,
+        typer.Option(min=1, help="Concurrent connections (repeat; default 1, 20 and 64)."),
     ] = None,
     delay_ms: Annotated[float, typer.Option(min=0, help="The fake upstream's fixed delay.")] = 20.0,
     litellm: Annotated[bool, typer.Option(help="Measure LiteLLM's proxy too (--no-litellm: skip).")] = True,
+    portkey: Annotated[
+        bool, typer.Option(help="Measure Portkey's open-source gateway too (--no-portkey: skip).")
+    ] = True,
     install: Annotated[
-        bool, typer.Option(help="Install LiteLLM into its own venv when missing (--no-install: don't).")
+        bool,
+        typer.Option(
+            help="Install LiteLLM (its own venv) and Portkey's gateway (npm, its own folder) when missing "
+            "(--no-install: don't)."
+        ),
     ] = True,
 ) -> None:
-    """The OpenAI-compatible gateway against direct calls and LiteLLM's proxy, on one fake upstream
-    with a fixed delay: req/s, p50/p99, added latency, CPU per request (wrk)."""
+    """The OpenAI-compatible gateway against direct calls, Portkey's gateway and LiteLLM's proxy, on
+    one fake upstream with a fixed delay: req/s, p50/p99, added latency, CPU per request (wrk)."""
     from brownout.bench import gateway
 
-    levels = concurrency or [1, 20]
+    levels = concurrency or [1, 20, 64]
     try:
         result = gateway.run(
             seconds=seconds,
@@ -600,6 +608,8 @@ def bench_gateway(
             rounds=rounds,
             litellm=litellm,
             install_litellm=install,
+            portkey=portkey,
+            install_portkey=install,
         )
     except RuntimeError as e:
         typer.echo(str(e), err=True)
@@ -611,7 +621,18 @@ def bench_gateway(
     table = Table(
         title=f"POST /v1/chat/completions, upstream {delay_ms:g} ms, median of {rounds} x {seconds} s (wrk)"
     )
-    for col in ("target", "conc.", "req/s", "p50 ms", "p99 ms", "added p50 ms", "CPU ms/req", "error"):
+    columns = (
+        "target",
+        "conc.",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "added p50",
+        "added p99",
+        "CPU ms/req",
+        "error",
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col in ("target", "error") else "right")
     for row in result["rows"]:
         table.add_row(
@@ -621,6 +642,7 @@ def bench_gateway(
             _fmt(row["p50_ms"]),
             _fmt(row["p99_ms"]),
             _fmt(row.get("added_p50_ms")),
+            _fmt(row.get("added_p99_ms")),
             _fmt(row.get("cpu_ms_per_req")),
             row["error"] or "",
         )

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
 from brownout.config import ServerSection
@@ -192,18 +192,66 @@ class _HeadersTooLarge(Exception):
 
 class _LingeringClose:
     """The transport a request's answer is written to: its ``close()`` lingers (see
-    :meth:`GuardedHttpToolsProtocol._close`) when the request was not read whole."""
+    :meth:`GuardedHttpToolsProtocol._close`) when the request was not read whole, and the answer's
+    head goes out together with the first piece of its body.
 
-    __slots__ = ("_protocol", "_transport")
+    uvicorn writes an answer's status line and headers, then its body, in two writes: two system
+    calls and two packets, and the client woken twice, for every answer. The head is held instead
+    until the body's first piece is written -- one write for both, in the usual case of an app that
+    sends them one after the other -- or, when the app waits between them (a stream before its
+    first event), until the event loop's next turn.
+    """
 
-    def __init__(self, protocol: GuardedHttpToolsProtocol, transport: asyncio.Transport) -> None:
+    __slots__ = ("_awaiting_head", "_cycle", "_flush_soon", "_head", "_protocol", "_transport")
+
+    def __init__(
+        self, protocol: GuardedHttpToolsProtocol, transport: asyncio.Transport, cycle: RequestResponseCycle
+    ) -> None:
         self._protocol = protocol
         self._transport = transport
+        self._cycle = cycle
+        self._awaiting_head = True
+        self._head: bytes | None = None
+        self._flush_soon: asyncio.Handle | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data``; the answer's head is held for the first piece of its body (class docstring)."""
+        head = self._head
+        if head is not None:
+            self._head = None
+            if self._flush_soon is not None:
+                self._flush_soon.cancel()
+                self._flush_soon = None
+            self._transport.write(head + data)
+            return
+        if self._awaiting_head and self._cycle.response_started:
+            # The first write once the answer has started is its head (a "100 Continue" comes before).
+            self._awaiting_head = False
+            self._head = bytes(data)
+            self._flush_soon = self._protocol.loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Write a head still held, alone."""
+        head = self._head
+        if head is None:
+            return
+        self._head = None
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
+        if not self._transport.is_closing():
+            self._transport.write(head)
 
     def close(self) -> None:
+        """Close after what was written (lingering when the request was not read whole)."""
+        self.flush()
         self._protocol._close()
 
     def __getattr__(self, name: str) -> Any:
+        # Anything else the answer does with its transport comes after the head it wrote.
+        self.flush()
         return getattr(self._transport, name)
 
 
@@ -448,7 +496,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         # The answer closes through _close: a request not read whole gets its answer, not a reset.
         cycle = self.cycle
         if cycle is not None and not isinstance(cycle.transport, _LingeringClose):
-            cycle.transport = cast(asyncio.Transport, _LingeringClose(self, self.transport))
+            cycle.transport = cast(asyncio.Transport, _LingeringClose(self, self.transport, cycle))
 
     def _should_upgrade(self) -> bool:
         # A WebSocket handshake for a Host not allowed is answered 400 like any other request.

@@ -4,24 +4,27 @@
 calls it). On SIGINT/SIGTERM it first ends the live streams and drains the server
 (:mod:`brownout.server.drain`); it keeps health checks, metric scrapes and live polls out of the
 access log below ``debug`` (:func:`quiet_probes`); and it holds every connection to the ``server``
-limits (:mod:`brownout.server.connections`).
+limits (:mod:`brownout.server.connections`). Once the app has started it settles the heap
+(:func:`settle_heap`), so that Python's garbage collector stops pausing every request in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import socket
 from types import FrameType
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 
 from brownout.errors import ConfigError
 from brownout.server.connections import uvicorn_options
 from brownout.server.runtime import Runtime
 
-__all__ = ["PROBE_PATHS", "ProbeAccessFilter", "quiet_probes", "run_server"]
+__all__ = ["PROBE_PATHS", "ProbeAccessFilter", "make_server", "quiet_probes", "run_server", "settle_heap"]
 
 
 PROBE_PATHS = frozenset(
@@ -62,29 +65,38 @@ def quiet_probes(log_level: str = "info") -> None:
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
-    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
-    and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
-    ``server.drain_timeout``, the rest answered 503), health checks stay out of the log below
-    ``log_level="debug"`` (:func:`quiet_probes`), and every connection is held to the runtime's
-    ``server`` limits (:mod:`brownout.server.connections`: header, body and keep-alive timeouts,
-    connections per client address, allowed Hosts).
+def settle_heap() -> int:
+    """Collect once, then move every object alive now out of the garbage collector's sight
+    (``gc.freeze()``); returns how many objects that was.
 
-    uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
-    ends by itself: without this a dashboard left open would hold the shutdown up.
-
-    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
-    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
-    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
-    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
+    What a started server holds -- modules, the app, its configuration, pools -- lives as long as
+    the process, yet every full collection walked all of it: about 140,000 objects once the app is
+    up, 50 to 90 ms per collection, and under load a full collection came every second or two, each
+    holding every request in flight (the gateway's added p99 was +65 to +75 ms, its median under
+    1 ms). Frozen, a full collection walks only what was made since: about 1 ms. Frozen objects are
+    still freed when nothing refers to them; only cycles among them are never collected, and the
+    ones alive at startup are the server's own, kept to the end anyway.
     """
-    import uvicorn
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
+
+def make_server(app: FastAPI, **options: Any) -> uvicorn.Server:
+    """The uvicorn server :func:`run_server` runs: ``uvicorn.Config(app, **options)`` over the
+    runtime's connection limits, probes quiet in the log, a drain on the first signal, and the heap
+    settled (:func:`settle_heap`) once the app has started."""
     runtime: Runtime = app.state.runtime
     drain = getattr(app.state, "drain", None)
     drain_seconds = float(runtime.config.drain_seconds)
 
     class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                # The app's startup made what the server keeps for good: out of the collector's way.
+                settle_heap()
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.live.close_clients_soon()
             if drain is None or self.force_exit:
@@ -107,7 +119,28 @@ def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **op
     options = {**uvicorn_options(runtime.config.server), **options}
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
-    server = _Server(config)
+    return _Server(config)
+
+
+def run_server(app: FastAPI, *, sockets: list[socket.socket] | None = None, **options: Any) -> None:
+    """``uvicorn.run(app, **options)``, except that Ctrl-C (SIGINT/SIGTERM) first ends the live streams
+    and drains the server (:mod:`brownout.server.drain`: no new requests, in-flight ones finish within
+    ``server.drain_timeout``, the rest answered 503), health checks stay out of the log below
+    ``log_level="debug"`` (:func:`quiet_probes`), and every connection is held to the runtime's
+    ``server`` limits (:mod:`brownout.server.connections`: header, body and keep-alive timeouts,
+    connections per client address, allowed Hosts); once started, the heap is settled
+    (:func:`settle_heap`). The server is :func:`make_server`'s.
+
+    uvicorn's graceful shutdown waits for every open response, and an SSE or WebSocket stream never
+    ends by itself: without this a dashboard left open would hold the shutdown up.
+
+    ``sockets`` are listening sockets bound beforehand (:func:`brownout.server.listener.listen`):
+    uvicorn runs the app's startup -- model servers, database, spool -- *before* it binds, so a port
+    already in use must be found first. When the startup fails on a setting, its :class:`ConfigError`
+    is raised here; any other failed startup ends in uvicorn's ``SystemExit(3)``.
+    """
+    runtime: Runtime = app.state.runtime
+    server = make_server(app, **options)
     try:
         # uvicorn re-raises the SIGINT it handled once it has shut down; uvicorn.run swallows it too.
         with contextlib.suppress(KeyboardInterrupt):
