@@ -484,10 +484,13 @@ class JobStore:
 
     # ------------------------------------------------------------------ leases (DatabaseClaims)
 
-    async def claim(self, owner: str, *, lease: float, limit: int) -> list[JobRow]:
+    async def claim(
+        self, owner: str, *, lease: float, limit: int, exclude: Iterable[str] = ()
+    ) -> list[JobRow]:
         """Take up to ``limit`` jobs for ``owner``, oldest first: queued ones, running ones whose lease
-        ran out, and running ones ``owner`` itself held (it came back). Each becomes ``running`` with
-        a lease of ``lease`` seconds; a job another worker claims first is skipped."""
+        ran out, and running ones ``owner`` held before (it came back) -- but none of ``exclude``
+        (those it holds and runs now). Each becomes ``running`` with a lease of ``lease`` seconds; a
+        job another worker claims first is skipped."""
         if limit <= 0:
             return []
         now = self.clock.now()
@@ -495,6 +498,9 @@ class JobStore:
             jobs.c.state.in_(ACTIVE_STATES),
             or_(jobs.c.owner.is_(None), jobs.c.owner == owner, jobs.c.lease_until < now),
         )
+        skip = list(exclude)
+        if skip:
+            claimable = and_(claimable, jobs.c.id.not_in(skip))
         engine = await self.store.engine()
         taken: list[JobRow] = []
         async with engine.begin() as conn:
@@ -576,8 +582,9 @@ class JobClaims(Protocol):
     owner: str
     """Who claims: the same for a server that comes back, so it takes its own jobs back at once."""
 
-    async def claim(self, limit: int) -> list[JobRow]:
-        """Up to ``limit`` jobs to run now (they are ``running`` and held when returned)."""
+    async def claim(self, limit: int, exclude: Iterable[str] = ()) -> list[JobRow]:
+        """Up to ``limit`` jobs to run now, none of ``exclude`` (they are ``running`` and held when
+        returned)."""
 
     async def renew(self, job_ids: Iterable[str]) -> set[str]:
         """Keep holding ``job_ids``; returns those still held."""
@@ -594,9 +601,9 @@ class DatabaseClaims:
         self.owner = owner
         self.lease = lease
 
-    async def claim(self, limit: int) -> list[JobRow]:
-        """Claim up to ``limit`` jobs (queued, or with a lapsed lease, or this owner's own)."""
-        return await self.store.claim(self.owner, lease=self.lease, limit=limit)
+    async def claim(self, limit: int, exclude: Iterable[str] = ()) -> list[JobRow]:
+        """Claim up to ``limit`` jobs (queued, or with a lapsed lease, or this owner's from before)."""
+        return await self.store.claim(self.owner, lease=self.lease, limit=limit, exclude=exclude)
 
     async def renew(self, job_ids: Iterable[str]) -> set[str]:
         """Extend the leases; the jobs still held."""

@@ -286,7 +286,7 @@ class JobWorkers:
             room = self.section.max_running_jobs - len(self._runs)
             if paused is not None or room <= 0:
                 return
-            for job in await self.claims.claim(room):
+            for job in await self.claims.claim(room, exclude=list(self._runs)):
                 if job.id in self._runs:
                     continue
                 run = _Run(job, done=job.done, failed=job.failed, mock=job.mock)
