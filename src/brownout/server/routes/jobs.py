@@ -181,7 +181,14 @@ def install(
         if not workers.ready:
             raise ApiError(503, "jobs wait for the database", code="starting", retry_after=5)
 
-    @router.post("/v1/jobs", status_code=202, response_model=JobView)
+    @router.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=JobView,
+        responses={
+            200: {"model": JobView, "description": "a retried submission (same Idempotency-Key): its job"}
+        },
+    )
     async def submit_job(
         body: JobRequest,
         idempotency_key: Annotated[
