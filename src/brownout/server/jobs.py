@@ -158,10 +158,11 @@ class _Stopped(Exception):
 
 
 class JobWorkers:
-    """Runs the jobs of ``store`` (module docstring). ``handlers`` by job type; ``gate`` decides when
-    items wait; ``publish(kind, data, keep)`` sends a live message (the live hub's ``publish``, ``keep``
-    for late joiners); ``clock``
-    paces the loop and the retries, ``wall_clock`` stamps what is shown."""
+    """Runs the jobs of ``store`` (module docstring), claimed through ``claims``.
+
+    ``handlers`` run the items, by job type; ``gate`` decides when items wait; ``publish(kind, data,
+    keep)`` sends a live message (the live hub's ``publish``; ``keep``: for late joiners too);
+    ``clock`` paces the loop and the retries; ``wall_clock`` times the figures shown."""
 
     def __init__(
         self,
