@@ -23,7 +23,8 @@ endpoints the recovery actions only act inside the process (caches, breakers, sw
 ``recovery.admin_timeout`` is short so a longer run answers 202 in time.
 
 Checked on every answer: no 5xx except a 503 that says when to retry (``Retry-After`` and
-``retry_after``); every 4xx/5xx is the one error shape
+``retry_after``), or the gateway's 504 ``budget_exhausted`` for a request that asked for a budget too
+short to be served; every 4xx/5xx is the one error shape
 (:class:`~brownout.server.errors.ErrorResponse`); status code, content type and body conform to the
 spec; and no request takes longer than ``BOUND`` seconds -- a generous bound on behaviour (a hang or
 a wait on something that never comes), not a performance figure.
@@ -113,7 +114,8 @@ schema = schemathesis.openapi.from_dict(_with_examples(_spec())).exclude(path="/
 def no_server_error_and_one_error_shape(
     ctx: CheckContext, response: Any, case: schemathesis.Case
 ) -> bool | None:
-    """No 5xx but a 503 that says when to retry; every 4xx/5xx in the one error shape."""
+    """No 5xx but a 503 (or a spent budget's 504) that says when to retry; every 4xx/5xx in the one
+    error shape."""
     what = f"{case.method} {case.formatted_path}"
     assert_error_shape(response.status_code, response.headers, response.content, what)
     return None

@@ -165,15 +165,18 @@ def running_app(tmp: Path, extra: Mapping[str, Any] | None = None) -> Iterator[R
 
 
 def assert_error_shape(status: int, headers: Mapping[str, Any], content: bytes, what: str) -> None:
-    """A 4xx/5xx answer is the one error shape; no 5xx but a 503 that says when to retry.
+    """A 4xx/5xx answer is the one error shape; no 5xx but a 503 that says when to retry, or the
+    gateway's 504 for a request whose own budget ran out (``budget_exhausted``, also with a retry).
 
     ``headers``: lower-case names to a value (httpx) or a list of values (schemathesis).
     """
     if status >= 500:
-        assert status == 503, f"{what}: answered {status}: {content[:300]!r}"
-        assert headers.get("retry-after"), f"{what}: a 503 without Retry-After"
+        assert status in (503, 504), f"{what}: answered {status}: {content[:300]!r}"
+        assert headers.get("retry-after"), f"{what}: a {status} without Retry-After"
     if status >= 400:
         error = ErrorResponse.model_validate_json(content).error
         assert error.message, what
-        if status in (429, 503):
+        if status in (429, 503, 504):
             assert error.retry_after is not None, what
+        if status == 504:
+            assert error.code == "budget_exhausted", f"{what}: a 504 that is not a spent budget: {error}"
