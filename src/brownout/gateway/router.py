@@ -57,11 +57,11 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
+import brownout.gateway.tracing as tracing
 from brownout import telemetry
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import CircuitOpen, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
-from brownout.gateway import tracing
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewayHedgeSection, GatewaySection, ModelGroup
 from brownout.gateway.guard import GuardOutcome, SchemaGuard, requested_schema

@@ -51,8 +51,8 @@ from typing import Any, Final
 
 from starlette.types import Receive, Send
 
+import brownout.gateway.tracing as tracing
 from brownout import telemetry
-from brownout.gateway import tracing
 from brownout.gateway.router import (
     Answer,
     Endpoint,
