@@ -58,6 +58,13 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Override server.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Override server.port.")] = None,
     log_level: Annotated[str, typer.Option(help="Log level: debug, info, warning, error.")] = "info",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="text: lines for people; json: one JSON object per line, with trace_id and span_id "
+            "while a traced request is served."
+        ),
+    ] = "text",
 ) -> None:
     """Run the creative-brief server: API on 127.0.0.1:8000 and a local model server per role."""
     import logging
@@ -66,6 +73,9 @@ def serve(
     from brownout.errors import ConfigError
     from brownout.server.listener import listen
 
+    if log_format not in ("text", "json"):
+        typer.echo(f"--log-format must be text or json, not {log_format!r}", err=True)
+        raise typer.Exit(2)
     try:
         cfg = load_config(config)
     except ConfigError as e:
@@ -88,7 +98,17 @@ def serve(
     from brownout.server.app import create_app
     from brownout.server.runner import run_server
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging_options: dict[str, Any] = {}
+    if log_format == "json":
+        from brownout.telemetry import JsonLogFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logging.basicConfig(level=log_level.upper(), handlers=[handler])
+        # uvicorn's own lines (startup, access) go through the same handler instead of its formatters.
+        logging_options["log_config"] = None
+    else:
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # Building the server's parts reads the config once more (a local model file, say): a setting
         # at fault stops it here, before anything starts.
@@ -110,6 +130,7 @@ def serve(
             port=cfg.server.port,
             log_level=log_level.lower(),
             timeout_graceful_shutdown=5,
+            **logging_options,
         )
     except ConfigError as e:
         typer.echo(f"cannot start: {e}", err=True)

@@ -64,6 +64,7 @@ __all__ = [
     "ResourcesSection",
     "RoleSection",
     "ServerSection",
+    "TelemetrySection",
     "WebhookEndpoint",
     "WebhooksSection",
     "load_config",
@@ -719,6 +720,36 @@ class DimmerSection(_Section):
         return self.targets.get(mode, min(self.targets.values(), default=10.0))
 
 
+class TelemetrySection(_Section):
+    """Traces over OpenTelemetry's OTLP/HTTP (needs the ``telemetry`` extra).
+
+    Off unless ``enabled`` is true or the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set; ``OTEL_SDK_DISABLED=true`` keeps it off either way.
+    The other standard ``OTEL_*`` variables (headers, timeouts, compression, ``OTEL_SERVICE_NAME``,
+    ``OTEL_RESOURCE_ATTRIBUTES``) apply as the OpenTelemetry SDK reads them.
+    """
+
+    enabled: bool = Field(default=False, description="export traces even when no OTEL_* variable says so")
+    endpoint: str | None = Field(
+        default=None,
+        description="the OTLP/HTTP receiver's base URL (/v1/traces is added); none: the OTEL_* variables, "
+        "else http://localhost:4318",
+    )
+    service_name: str = Field(default="brownout", min_length=1, description="service.name of every span")
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="share of traces recorded (a caller's traceparent decides its own)",
+    )
+
+    @model_validator(mode="after")
+    def _check_endpoint(self) -> TelemetrySection:
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must be an http:// or https:// URL, got {self.endpoint!r}")
+        return self
+
+
 class BrownoutConfig(_Section):
     """The whole configuration of ``brownout serve``."""
 
@@ -746,6 +777,9 @@ class BrownoutConfig(_Section):
     )
     jobs: JobsSection = Field(
         default_factory=JobsSection, description="long-running jobs run by the server's own workers"
+    )
+    telemetry: TelemetrySection = Field(
+        default_factory=TelemetrySection, description="traces over OTLP/HTTP (off by default)"
     )
 
     @property

@@ -40,6 +40,7 @@ APPLICATION = (
     "brownout.bench",
     "brownout.chaos",
     "brownout.checks",
+    "brownout.telemetry",
 )
 """Every module of the package that is not the toolkit (the console script's front door aside)."""
 

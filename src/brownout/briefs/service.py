@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from brownout import telemetry
 from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.prompts import generator_messages, hinter_messages, validator_messages
 from brownout.briefs.rules import (
@@ -798,7 +799,18 @@ class BriefService:
         self.stats.downshifts[(ctx.requested_mode, served)] += 1
         started = self._clock.now()
         try:
-            result: FallbackResult[CreativeBrief] = await chain.run(ctx)
+            # Traced as the one stage it is (generate), served by the chain's first strategy that can.
+            with telemetry.span(
+                "stage generate",
+                attributes={
+                    "brownout.stage": "generate",
+                    "brownout.role": "qwen",
+                    "brownout.chain": chain.name,
+                },
+            ) as span:
+                result: FallbackResult[CreativeBrief] = await chain.run(ctx)
+                if span is not None:
+                    span.set_attribute("brownout.served_by", result.served_by)
         except AllFallbacksFailed as err:
             raise ServiceUnavailable(
                 "Service temporarily unavailable: the models are down and nothing is cached. "

@@ -57,6 +57,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
+import brownout.gateway.tracing as tracing
+from brownout import telemetry
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import CircuitOpen, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
@@ -581,7 +583,11 @@ class Gateway:
         pool = ep.pool
         if pool is None:
             raise UpstreamError("the gateway is not started")
-        return await pool.request(ep.head + b"content-length: %d\r\n\r\n" % len(content) + content, timeout)
+        head = ep.head
+        if telemetry.SWITCH.tracer is not None:
+            # The attempt's span is current: the upstream may join the trace (W3C traceparent).
+            head += telemetry.header_lines()
+        return await pool.request(head + b"content-length: %d\r\n\r\n" % len(content) + content, timeout)
 
     async def _send(self, group: Group, ep: Endpoint, content: bytes, deadline: float) -> Answer:
         clock = self.clock
@@ -666,7 +672,8 @@ class Gateway:
             await asyncio.wait((first, timer), return_when=asyncio.FIRST_COMPLETED)
             if not first.done() and hedge.budget.try_spend():
                 group.stats.hedges["sent"] += 1
-                runs.add(asyncio.ensure_future(run(trail)))
+                second = run(trail) if telemetry.SWITCH.tracer is None else tracing.hedge(run, trail, group)
+                runs.add(asyncio.ensure_future(second))
             failure: BaseException | None = None
             while runs:
                 done, _ = await asyncio.wait(runs, return_when=asyncio.FIRST_COMPLETED)
@@ -773,7 +780,10 @@ class Gateway:
                 else:
                     content = contents[ep.model] = _content(body, raw, ep.model)
                 try:
-                    result = await attempt(g, ep, content, deadline)
+                    if telemetry.SWITCH.tracer is None:
+                        result = await attempt(g, ep, content, deadline)
+                    else:
+                        result = await tracing.attempt(attempt, group, g, ep, content, deadline, attempts)
                 except Passthrough as e:
                     answer = e.answer
                     larger = _larger_context(chain, i - 1) if context_overflow(answer) else None

@@ -44,12 +44,15 @@ once; that counts against nobody.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from starlette.types import Receive, Send
 
+import brownout.gateway.tracing as tracing
+from brownout import telemetry
 from brownout.gateway.router import (
     Answer,
     Endpoint,
@@ -556,16 +559,18 @@ async def _continue(
 ) -> tuple[OpenStream | None, bytes]:
     """A stream continuing the answer on another endpoint, or (None, the error event to end with)."""
     plan = _Continuation(gateway, group, body, text, tokens)
+    traced = telemetry.SWITCH.tracer is not None
     try:
-        opened: OpenStream = await gateway.route(
-            group,
-            body,
-            None,
-            plan.attempt,
-            deadline=deadline,
-            skip=broken,
-            content_for=lambda ep: b"",
-        )
+        with tracing.continuation(group, tokens, broken) if traced else contextlib.nullcontext():
+            opened: OpenStream = await gateway.route(
+                group,
+                body,
+                None,
+                plan.attempt,
+                deadline=deadline,
+                skip=broken,
+                content_for=lambda ep: b"",
+            )
     except (GatewayUnavailable, Passthrough) as e:
         group.stats.continuations["failed"] += 1
         return None, error_event(f"{failure}; no endpoint could continue it: {e}")

@@ -94,8 +94,10 @@ from types import TracebackType
 from typing import Any, Final
 
 import httpx
+from opentelemetry.util.types import AttributeValue
 from pydantic import BaseModel, Field, ValidationError
 
+from brownout import telemetry
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import (
     CircuitOpen,
@@ -154,6 +156,7 @@ class _Completion(BaseModel):
 
     choices: list[_Choice] = Field(min_length=1)
     usage: dict[str, Any] | None = None
+    model: str | None = None
 
 
 class _NotCounted(Exception):
@@ -177,9 +180,11 @@ class _Endpoint:
         "completed",
         "config",
         "headers",
+        "host",
         "last_success",
         "limiter",
         "load",
+        "port",
         "sending",
         "slow",
         "url",
@@ -189,6 +194,9 @@ class _Endpoint:
         self.config = config
         self.url = config.url.rstrip("/")
         self.chat_url = f"{self.url}/v1/chat/completions"
+        parsed = httpx.URL(self.url)
+        self.host = parsed.host
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
         self.breaker = breaker
         self.limiter = limiter
@@ -441,15 +449,70 @@ class ModelClient:
             raise ConfigError("timeout", f"must be a positive number of seconds, got {timeout!r}")
         if queue_timeout is not None and not queue_timeout >= 0:
             raise ConfigError("queue_timeout", f"must be a number of seconds >= 0, got {queue_timeout!r}")
+        if telemetry.SWITCH.tracer is None:
+            return await self._chat(messages, max_tokens, temperature, response_format, limit, queue_timeout)
+        # Traced: one GenAI span for the call, its retries' waits and the breakers' refusals as its
+        # events, and a child span per attempt (each carries its traceparent to the model server).
+        model = self._endpoints[0].config.model
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": GEN_AI_PROVIDER,
+            "gen_ai.request.model": model,
+            "gen_ai.request.max_tokens": max_tokens,
+            "gen_ai.request.temperature": temperature,
+            "brownout.role": self.role,
+            "brownout.breaker.state": ",".join(ep.breaker.state.value for ep in self._endpoints),
+        }
+        with telemetry.span(f"chat {model}", kind=telemetry.CLIENT, attributes=attributes) as span:
+            result = await self._chat(
+                messages, max_tokens, temperature, response_format, limit, queue_timeout, traced=True
+            )
+            if span is not None:
+                span.set_attributes(_usage(result))
+            return result
+
+    async def _chat(
+        self,
+        messages: list[Message],
+        max_tokens: int,
+        temperature: float,
+        response_format: dict[str, Any] | None,
+        limit: float,
+        queue_timeout: float | None,
+        *,
+        traced: bool = False,
+    ) -> ChatResult:
         tried: list[_Endpoint] | None = None
         ep: _Endpoint | None = None
+        n = 0
         async for attempt in self._retry.attempts():
             with attempt:
                 if ep is not None:
                     tried = [ep] if tried is None else [*tried, ep]
                 ep = self._pick(tried)
                 body = ep.body(messages, max_tokens, temperature, response_format)
-                return await self._attempt(ep, body, limit, queue_timeout)
+                if not traced:
+                    return await self._attempt(ep, body, limit, queue_timeout)
+                n += 1
+                with telemetry.span(
+                    f"attempt {n} {ep.config.model}",
+                    kind=telemetry.CLIENT,
+                    attributes={
+                        "gen_ai.operation.name": "chat",
+                        "gen_ai.provider.name": GEN_AI_PROVIDER,
+                        "gen_ai.request.model": ep.config.model,
+                        "server.address": ep.host,
+                        "server.port": ep.port,
+                        "brownout.attempt": n,
+                        "brownout.endpoint": ep.url,
+                        "brownout.breaker": ep.breaker.name,
+                        "brownout.breaker.state": ep.breaker.state.value,
+                    },
+                ) as span:
+                    result = await self._attempt(ep, body, limit, queue_timeout)
+                    if span is not None:
+                        span.set_attributes(_usage(result))
+                    return result
         raise AssertionError("unreachable: the retry loop returns or raises")  # pragma: no cover
 
     def _pick(self, tried: list[_Endpoint] | None) -> _Endpoint:
@@ -554,7 +617,11 @@ class ModelClient:
         crowded = ep.sending > 0 or ep.limiter.queued > 0
         ep.sending += 1
         try:
-            response = await self._http.post(ep.chat_url, json=body, headers=ep.headers, timeout=timeout)
+            headers = ep.headers
+            if telemetry.SWITCH.tracer is not None:
+                # The attempt's span is current: the model server may join the trace.
+                headers = telemetry.inject(dict(headers or {}))
+            response = await self._http.post(ep.chat_url, json=body, headers=headers, timeout=timeout)
         except httpx.TimeoutException as e:
             error = ModelError(
                 f"{ep.url}: no answer within {timeout:.3g}s ({type(e).__name__})", endpoint=ep.url
@@ -587,7 +654,7 @@ class ModelClient:
             if is_caller_fault(status):
                 raise _NotCounted(error)
             raise error
-        content, finish_reason, usage = _parse(ep.url, response.content, status)
+        content, finish_reason, usage, model = _parse(ep.url, response.content, status)
         ep.load.observe(latency)
         ep.last_success = clock.now()
         ep.completed += 1
@@ -598,6 +665,7 @@ class ModelClient:
             latency=latency,
             finish_reason=finish_reason,
             usage=usage,
+            model=model,
         )
 
     async def probe(self, timeout: float = 5.0, *, busy_window: float | None = None) -> list[ProbeResult]:
@@ -666,7 +734,7 @@ class ModelClient:
                 error = f"HTTP {response.status_code}"
             else:
                 try:
-                    content, _, _ = _parse(ep.url, response.content, response.status_code)
+                    content, _, _, _ = _parse(ep.url, response.content, response.status_code)
                 except ModelError as e:
                     error = str(e)
                 else:
@@ -698,8 +766,27 @@ class ModelClient:
         return f"ModelClient({self.role!r}, [{states}])"
 
 
-def _parse(url: str, raw: bytes, status: int) -> tuple[str, str | None, dict[str, Any]]:
-    """(content, finish_reason, usage) of a completion body, or ModelError if it is not one."""
+GEN_AI_PROVIDER: Final = "openai"
+"""``gen_ai.provider.name`` of model calls: the API they speak (OpenAI's chat completions), which is how
+the GenAI conventions tell trace viewers to read them; ``server.address`` says which server answered."""
+
+
+def _usage(result: ChatResult) -> dict[str, AttributeValue]:
+    """The GenAI attributes of an answer: finish reason and token counts, where the server gave them."""
+    out: dict[str, AttributeValue] = {}
+    if result.finish_reason is not None:
+        out["gen_ai.response.finish_reasons"] = (result.finish_reason,)
+    for ours, theirs in (("input_tokens", "prompt_tokens"), ("output_tokens", "completion_tokens")):
+        value = result.usage.get(theirs)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[f"gen_ai.usage.{ours}"] = value
+    if result.model is not None:
+        out["gen_ai.response.model"] = result.model
+    return out
+
+
+def _parse(url: str, raw: bytes, status: int) -> tuple[str, str | None, dict[str, Any], str | None]:
+    """(content, finish_reason, usage, model) of a completion body, or ModelError if it is not one."""
     try:
         completion = _Completion.model_validate_json(raw)
     except ValidationError as e:
@@ -715,7 +802,7 @@ def _parse(url: str, raw: bytes, status: int) -> tuple[str, str | None, dict[str
     content = choice.message.content
     if content is None:
         raise ModelError(f"{url}: completion has no message content", endpoint=url, status=status)
-    return content, choice.finish_reason, completion.usage or {}
+    return content, choice.finish_reason, completion.usage or {}, completion.model
 
 
 def _snippet(text: str, limit: int = 200) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from brownout import telemetry
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.errors import BrownoutError
 from brownout.events import DEFAULT_BUS, EventBus, ModeDownshifted
@@ -228,9 +229,16 @@ class Pipeline(Generic[C]):
         for stage_name in selection.mode.stages:
             stage = self.stages[stage_name]
             started = self._clock.now()
-            result = await self._chains[stage_name].execute(stage.run, context)
+            # A span per stage (tracing on): its model calls, and the fallback that served it when
+            # they failed (the chain's FallbackServed event lands on it), nest under it.
+            with telemetry.span(
+                f"stage {stage_name}", attributes={"brownout.stage": stage_name, "brownout.role": stage.role}
+            ) as span:
+                result = await self._chains[stage_name].execute(stage.run, context)
+                served_by = f"model:{stage.role}" if result.served_by == PRIMARY else result.served_by
+                if span is not None:
+                    span.set_attribute("brownout.served_by", served_by)
             context.values[stage_name] = result.value
-            served_by = f"model:{stage.role}" if result.served_by == PRIMARY else result.served_by
             reports.append(
                 StageReport(
                     stage=stage_name,

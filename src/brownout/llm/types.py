@@ -46,6 +46,8 @@ class ChatResult:
     latency: float
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    """The model the server says answered (its ``model`` field), when it says."""
 
 
 @dataclass(frozen=True, slots=True)

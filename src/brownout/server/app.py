@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from brownout import telemetry
 from brownout.clock import Clock
 from brownout.config import BrownoutConfig
 from brownout.gateway.routes import CHAT_PATH, install_gateway
@@ -54,6 +55,7 @@ from brownout.server.metrics import RuntimeMetrics, multiprocess_dir
 from brownout.server.routes import briefs, check, docs, health, jobs, live, recovery
 from brownout.server.routes.briefs import BriefRequest
 from brownout.server.runtime import HttpStats, Runtime
+from brownout.server.tracing import TraceMiddleware
 
 __all__ = ["BriefRequest", "create_app"]
 
@@ -304,4 +306,8 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # Outermost: while draining, nothing new reaches the app, and a request the drain cuts short is
     # answered 503 here rather than 500 by uvicorn.
     app.add_middleware(DrainMiddleware, drain=drain)
+    if telemetry.wanted(config.telemetry):
+        # Outermost of all: an API request's span covers everything done for it, the drain's answer
+        # included, and its access-log line is written inside it. Not installed at all while off.
+        app.add_middleware(TraceMiddleware)
     return app

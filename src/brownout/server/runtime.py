@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brownout import telemetry
 from brownout.background import Periodic
 from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.jobs import BRIEFS, BriefsJob
@@ -148,6 +149,8 @@ class Runtime:
         self.events = events
         self.log_dir = log_dir
         self.http = HttpStats()
+        self.telemetry: telemetry.Telemetry | None = None
+        """Tracing, while it is on (from :meth:`start` to :meth:`stop`)."""
         cfg = config
         # Redis-backed shared state (breakers, cache, singleflight) when ``redis.url`` is set, and the
         # domain events on their way to its stream when events are on too; both connect in start().
@@ -380,6 +383,10 @@ class Runtime:
         """Start model servers, clients, the store and the health monitor."""
         cfg = self.config
         try:
+            # Traces first, so that nothing this server does once it answers goes untraced (off
+            # unless the telemetry section or an OTEL_EXPORTER_OTLP_ENDPOINT asks for it).
+            if self.telemetry is None:
+                self.telemetry = telemetry.start(cfg.telemetry, self.events)
             # The files this process must own come first: a second server on the same spool or outbox
             # stops here, naming the setting, before it starts model servers or touches the database.
             await _own(self.records.spool, "database.spool_path")
@@ -442,6 +449,11 @@ class Runtime:
         await self.records.aclose()
         with contextlib.suppress(Exception):
             await self.gateway.aclose()
+        traces, self.telemetry = self.telemetry, None
+        if traces is not None:
+            # Last, so the shutdown's own spans go too; sending the buffered spans may take the
+            # exporter's timeout, which must not hold the event loop.
+            await asyncio.to_thread(traces.shutdown)
 
 
 async def _own(spool: Spool, key: str) -> None:

@@ -14,9 +14,12 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.requests import Request
 
+from brownout import telemetry
+from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.service import BriefService
 from brownout.errors import Overloaded, ServiceUnavailable
 from brownout.server.edge import EdgeCache
@@ -77,6 +80,23 @@ def _unavailable(
     return error_response(503, str(e), code="unavailable", retry_after=e.retry_after)
 
 
+def _trace(response: BriefAnswer, service: BriefService) -> None:
+    """How the brief was served, on the request's span (the caller reads the same in the answer)."""
+    current = trace.get_current_span()
+    current.set_attributes(
+        {
+            "brownout.requested_mode": response["requested_mode"],
+            "brownout.served_mode": response["served_mode"],
+            "brownout.downshifted": response["downshifted"],
+            "brownout.reason": response["reason"] or "",
+            "brownout.degraded": response["degraded"],
+            "brownout.cached": response["cached"],
+            "brownout.dimmed": tuple(response.get("dimmed") or ()),
+            "brownout.dimmer.level": service.dimmer.level,
+        }
+    )
+
+
 def install(
     router: APIRouter, *, service: BriefService, records: BriefRecords, edge: EdgeCache | None
 ) -> None:
@@ -93,6 +113,8 @@ def install(
         except ServiceUnavailable as e:
             overloaded = isinstance(e.__cause__, Overloaded)
             return _unavailable(e, overloaded=overloaded, queue_size=svc.admission.queue_size)
+        if telemetry.SWITCH.tracer is not None:
+            _trace(response, svc)
         if not response["cached"]:
             try:
                 await records.record(body.text, response)
