@@ -146,6 +146,8 @@ async def test_a_stream_cut_mid_way_is_continued_on_another_replica_as_one_answe
         assert b"event: error" not in raw
         assert sum(1 for e in events if "role" in e["choices"][0]["delta"]) == 1  # one role event in all
         assert headers["x-brownout-served-by"] == f"chat/{label(cutter)}"
+        # Who continued, in a comment the SDKs skip.
+        assert f": x-brownout-continued-by chat/{label(helper)} after 5 tokens\n\n".encode() in raw
         # The helper was asked to continue: what was sent, as a trailing assistant message (prefill).
         asked = helper.bodies[0]["messages"]
         assert asked[:-1] == chat()["messages"]

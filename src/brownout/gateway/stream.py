@@ -28,11 +28,12 @@ over: the text already sent is given as a trailing assistant message (*prefill*)
 servers continue; to an endpoint that does not take prefill (``prefill: false`` in its config, or
 learned from its refusal, which the client never sees), as that assistant message followed by an
 instruction to continue exactly where it stopped. The continuation's role event is dropped and its
-tokens follow the ones sent, so the client reads one uninterrupted answer. Its ``max_tokens`` is
-lowered by the tokens already sent. Answers with tool calls, or with more than one choice, are not
-continued (a half-written call cannot be resumed by prefill). Only when nothing can continue -- no
-endpoint left, the budget spent -- does the client get an explicit error event and the end of the
-stream, never a silent truncation::
+tokens follow the ones sent, so the client reads one uninterrupted answer (an SSE comment, which
+clients skip, says who continued: ``: x-brownout-continued-by group/endpoint after N tokens``). Its
+``max_tokens`` is lowered by the tokens already sent. Answers with tool calls, or with more than one
+choice, are not continued (a half-written call cannot be resumed by prefill). Only when nothing can
+continue -- no endpoint left, the budget spent -- does the client get an explicit error event and the
+end of the stream, never a silent truncation::
 
     event: error
     data: {"error": {"message": "...", "type": "service_unavailable", "code": "stream_interrupted", ...}}
@@ -525,7 +526,10 @@ async def relay(
                 outcome = "stream_error"
                 break
             group.stats.continuations["served"] += 1
-            await send({"type": "http.response.body", "body": current.first, "more_body": True})
+            # The headers named the first endpoint; an SSE comment (which clients skip) names who
+            # continued, for whoever reads the raw stream.
+            note = b": x-brownout-continued-by " + current.served_by + b" after %d tokens\n\n" % tokens
+            await send({"type": "http.response.body", "body": note + current.first, "more_body": True})
         watch.finished = True
         await send({"type": "http.response.body", "body": last, "more_body": False})
     except asyncio.CancelledError as e:
