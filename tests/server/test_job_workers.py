@@ -26,6 +26,7 @@ from brownout.policies.admission import Admission, AdmissionConfig
 from brownout.policies.dimmer import Dimmer, DimmerConfig
 from brownout.server.jobs import InteractiveFirst, JobsCollector, JobWorkers, describe_failure, transient
 from brownout.testing import FakeClock
+from support.otlp import memory_tracing
 from support.wait import until
 
 
@@ -249,3 +250,30 @@ async def test_new_workers_on_the_same_database_resume_without_redoing_a_finishe
     assert (row.state, row.done, row.failed) == ("succeeded", 8, 0)
     assert [i.result for i in await jobs_again.items(job.id)] == [{"i": i} for i in range(8)]
     await again.aclose()
+
+
+async def test_a_job_run_is_one_trace_with_a_span_per_item(world: World) -> None:
+    script = Script()
+    workers, jobs = world.workers(script, concurrency=2)
+    with memory_tracing() as finished:
+        await workers.start()
+        job, _ = await jobs.submit("briefs", _items(3))
+        workers.kick()
+        await world.drive(lambda: _ended(jobs, job.id), "the job to end")
+        await workers.aclose()
+        spans = finished()
+    (run,) = [s for s in spans if s.name == "job briefs"]
+    items = [s for s in spans if s.name == "job item"]
+    assert run.attributes is not None
+    assert dict(run.attributes) == {
+        "brownout.job.id": job.id,
+        "brownout.job.type": "briefs",
+        "brownout.job.total": 3,
+    }
+    assert sorted(s.attributes["brownout.job.item"] for s in items if s.attributes) == [0, 1, 2]
+    for item in items:
+        assert item.parent is not None
+        assert item.parent.span_id == run.context.span_id  # the items are the job's children
+        assert item.attributes is not None
+        assert item.attributes["brownout.job.item_ok"] is True
+        assert item.attributes["brownout.job.item_mock"] is False

@@ -37,6 +37,7 @@ import httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from brownout import telemetry
 from brownout.background import Periodic, TaskSet
 from brownout.clock import SYSTEM_CLOCK, WALL_CLOCK, Clock
 from brownout.config import JobsSection
@@ -315,6 +316,17 @@ class JobWorkers:
 
     async def _run_job(self, run: _Run) -> None:
         job = run.job
+        attributes: dict[str, str | int] = {
+            "brownout.job.id": job.id,
+            "brownout.job.type": job.type,
+            "brownout.job.total": job.total,
+        }
+        # One trace per job run: its items (tasks spawned inside it) are its children.
+        with telemetry.span(f"job {job.type}", attributes=attributes):
+            await self._run_job_items(run)
+
+    async def _run_job_items(self, run: _Run) -> None:
+        job = run.job
         try:
             handler = self.handlers.get(job.type)
             items = await self.store.open_items(job.id)
@@ -370,14 +382,20 @@ class JobWorkers:
                 raise _Stopped("the item has an outcome already or was cancelled")
             return await handler.run(item.payload)
 
+        attributes: dict[str, str | int] = {"brownout.job.id": run.job.id, "brownout.job.item": item.index}
         try:
-            try:
-                outcome = await self._retry.call(attempt)
-            except _Stopped:
-                return
-            except Exception as e:
-                outcome = ItemOutcome(error=describe_failure(e))
-            await self._finish(run, item, outcome, attempts)
+            with telemetry.span("job item", attributes=attributes) as span:
+                try:
+                    outcome = await self._retry.call(attempt)
+                except _Stopped:
+                    return
+                except Exception as e:
+                    outcome = ItemOutcome(error=describe_failure(e))
+                if span is not None:
+                    span.set_attribute("brownout.job.item_attempts", attempts)
+                    span.set_attribute("brownout.job.item_ok", outcome.ok)
+                    span.set_attribute("brownout.job.item_mock", outcome.mock)
+                await self._finish(run, item, outcome, attempts)
         finally:
             self.in_flight -= 1
             self._wake()
