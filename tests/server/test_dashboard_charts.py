@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,18 @@ async def points(page: Page) -> int:
     return int(await page.get_attribute("#charts", "data-points") or 0)
 
 
+async def until_page(page: Page, expression: str, what: str, timeout: float = 20.0) -> None:
+    """Poll ``expression`` in the page until it is true. (Playwright's wait_for_function compiles its
+    predicate with eval in the page, which the dashboard's Content-Security-Policy rightly refuses.)"""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await page.evaluate(expression):
+        if loop.time() > end:
+            shown = await page.evaluate("document.body.innerText")
+            raise AssertionError(f"timed out waiting for {what}; the page shows:\n{shown[:2000]}")
+        await asyncio.sleep(0.05)
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     width, height = struct.unpack(">II", data[16:24])
@@ -80,26 +93,42 @@ def png_size(data: bytes) -> tuple[int, int]:
 async def test_dashboard_charts_draw_and_move_under_load(tmp_path: Path) -> None:
     binary = await asyncio.to_thread(find_chromium)  # before the servers start: it may install for a while
     problems: list[str] = []
-
-    def console(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            problems.append(f"console: {message.text}")
-
     # The gateway serves a "chat" group on a fake of its own, so its chart has traffic to draw.
     upstream = FakeLLM(model="chat")
     await upstream.start()
-    overrides = {**FAST, "gateway": {"groups": {"chat": {"endpoints": [{"url": upstream.url}]}}}}
+    try:
+        shot = await exercise(tmp_path, binary, upstream.url, problems.append)
+    finally:
+        await upstream.stop()
+    assert problems == []
+    assert png_size(shot) == (WIDTH, HEIGHT)
+    assert len(shot) > 40_000  # charts, text and colour, not a blank page
+    (tmp_path / "dashboard.png").write_bytes(shot)
+    target = os.environ.get("BROWNOUT_DASHBOARD_PNG")
+    if target:
+        (ROOT / target).write_bytes(shot)
+
+
+async def exercise(tmp_path: Path, binary: str, chat_url: str, problem: Callable[[str], None]) -> bytes:
+    """The page before and under load; returns its screenshot at the end."""
+
+    def console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            problem(f"console: {message.text}")
+
+    overrides = {**FAST, "gateway": {"groups": {"chat": {"endpoints": [{"url": chat_url}]}}}}
     async with live_stack(tmp_path, overrides) as stack, async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=binary, args=list(QUIET_FLAGS))
         try:
             page = await browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
             page.on("console", console)
-            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.on("pageerror", lambda e: problem(f"page error: {e}"))
             await page.goto(f"{stack.url}/dashboard")
-            await page.wait_for_function(
+            await until_page(
+                page,
                 "document.getElementById('connection').dataset.state === 'live' && "
                 "Number(document.getElementById('charts').dataset.points) >= 2",
-                timeout=20_000,
+                "the page to connect and draw its first points",
             )
             # Drawn before any traffic: a canvas per chart, with axes and grid on it.
             for chart in CHARTS:
@@ -146,8 +175,10 @@ async def test_dashboard_charts_draw_and_move_under_load(tmp_path: Path) -> None
                 )
                 assert all(c.status_code == 200 for c in chats)
 
-            await page.wait_for_function(
-                f"Number(document.getElementById('charts').dataset.points) >= {before + 8}", timeout=20_000
+            await until_page(
+                page,
+                f"Number(document.getElementById('charts').dataset.points) >= {before + 8}",
+                "more points",
             )
             await page.wait_for_timeout(600)  # two more points: the last requests are in the curves
             after = await points(page)
@@ -159,14 +190,6 @@ async def test_dashboard_charts_draw_and_move_under_load(tmp_path: Path) -> None
             assert await page.get_attribute("#chart-gateway", "data-series") == "1"  # chat/served
             shot = await page.screenshot()
             assert shot != shot_before
-            assert problems == []
+            return shot
         finally:
             await browser.close()
-            await upstream.stop()
-
-    assert png_size(shot) == (WIDTH, HEIGHT)
-    assert len(shot) > 40_000  # charts, text and colour, not a blank page
-    (tmp_path / "dashboard.png").write_bytes(shot)
-    target = os.environ.get("BROWNOUT_DASHBOARD_PNG")
-    if target:
-        (ROOT / target).write_bytes(shot)
