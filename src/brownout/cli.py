@@ -5,6 +5,7 @@
 * ``brownout brief "text" [--mode creative] [--url URL]`` -- ask a running server for a brief;
 * ``brownout check --url URL`` -- the checklist before promoting a canary (exit 0: "safe to promote");
 * ``brownout status --url URL`` -- the live state of a running server as a table;
+* ``brownout jobs submit|status|watch|cancel|list`` -- long-running jobs on a running server;
 * ``brownout bench policies|stampede [--json]`` -- side-by-side benchmarks against the peers;
 * ``brownout bench durable [--json]`` -- spool replay into PostgreSQL and cache reads through Redis;
 * ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls, Portkey, LiteLLM;
@@ -26,6 +27,7 @@ from rich.table import Table
 
 from brownout import __version__
 from brownout.chaos.drills.command import drill
+from brownout.server.jobs_cli import jobs_app
 
 __all__ = ["app", "main"]
 
@@ -37,6 +39,7 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Side-by-side benchmarks against peer libraries.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(jobs_app, name="jobs")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")]
 

@@ -52,6 +52,7 @@ __all__ = [
     "DatabaseSection",
     "DimmerSection",
     "EventsSection",
+    "JobsSection",
     "JsonGuardSection",
     "LocalModelsSection",
     "LoopBlockSection",
@@ -638,6 +639,38 @@ class EventsSection(_Section):
     maxlen: int = Field(default=100_000, ge=1, description="the stream is trimmed to about this many entries")
 
 
+class JobsSection(_Section):
+    """Long-running jobs (``POST /v1/jobs``): lists of items worked through by the server's own
+    workers, each item's result kept in the database as it is done (``brownout.durable.jobs``)."""
+
+    enabled: bool = Field(default=True, description="accept and run jobs; off: /v1/jobs answers 503")
+    max_items: int = Field(default=1000, ge=1, description="items one job may hold; more: 413")
+    max_body_bytes: int = Field(
+        default=4_194_304, ge=256, description="largest accepted POST /v1/jobs body, in bytes (4 MiB)"
+    )
+    concurrency: int = Field(default=2, ge=1, description="job items running at once, over all jobs")
+    max_running_jobs: int = Field(default=4, ge=1, description="jobs a server works on at once")
+    interactive_threshold: int = Field(
+        default=2,
+        ge=1,
+        description="interactive /v1/briefs requests in flight at which job items wait (interactive first)",
+    )
+    poll_interval: float = Field(
+        default=0.5, gt=0, description="seconds between looks for new jobs and for room to start items"
+    )
+    lease: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds a worker holds a job without renewing (then another takes it)",
+    )
+    max_attempts: int = Field(default=4, ge=1, le=20, description="attempts per item on transient failures")
+    backoff_base: float = Field(default=1.0, ge=0, description="seconds before an item's second attempt")
+    backoff_max: float = Field(default=30.0, ge=0, description="cap on one wait between attempts, seconds")
+    webhooks: bool = Field(default=True, description="call a job's webhook URL when it ends")
+    webhook_timeout: float = Field(default=5.0, gt=0, description="seconds per webhook POST")
+    webhook_retries: int = Field(default=3, ge=0, le=10, description="re-sends after a failed webhook POST")
+
+
 class DimmerSection(_Section):
     """Overload is not failure: under too much load, dim optional stages instead of failing.
 
@@ -725,6 +758,9 @@ class BrownoutConfig(_Section):
     dimmer: DimmerSection = Field(
         default_factory=DimmerSection,
         description="under load, dim optional stages to hold the latency target",
+    )
+    jobs: JobsSection = Field(
+        default_factory=JobsSection, description="long-running jobs run by the server's own workers"
     )
 
     @property

@@ -554,3 +554,30 @@ async def test_a_stream_that_keeps_flowing_is_not_cut_by_the_budget(scripted: An
         _, raw = await stream_of(gw, headers={"x-brownout-budget": "0.1"})
         assert streamed_text(raw)[0] == STORY
         assert b"event: error" not in raw
+
+
+async def test_a_fallback_stream_that_breaks_is_continued_from_the_group_asked_for(scripted: Any) -> None:
+    async def once(n: int, body: dict[str, Any], receive: Receive, send: Send) -> bool:
+        if n > 1:
+            return False
+        await send_json(send, {"error": {"message": "a moment", "type": "server_error"}}, 500)
+        return True
+
+    async def cut(n: int, body: dict[str, Any], receive: Receive, send: Send) -> bool:
+        await tell(body, send, words=6)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+    primary = await scripted(storyteller(once))
+    backup = await scripted(storyteller(cut))
+    groups = {
+        "chat": group(primary.url, max_attempts=1, fallbacks=["backup"], breaker=NEVER),
+        "backup": group(backup.url, breaker=NEVER),
+    }
+    async with gateway(groups) as gw:
+        headers, raw = await stream_of(gw)
+        assert streamed_text(raw)[0] == STORY
+        assert headers["x-brownout-served-by"] == f"backup/{label(backup)}"
+        assert gw.group().stats.continuations["served"] == 1
+    # The primary, well again, took the rest: the backup's own chain has nothing left.
+    assert primary.bodies[1]["messages"][-1] == {"role": "assistant", "content": "".join(WORDS[:6])}

@@ -19,7 +19,7 @@ from brownout.config import ROLES
 from brownout.events import EventBus
 from brownout.server.app import create_app
 from brownout.server.errors import ApiError, ErrorResponse
-from brownout.server.routes import briefs, check, docs, health, live, recovery, running
+from brownout.server.routes import briefs, check, docs, health, jobs, live, recovery, running
 from brownout.server.runtime import Runtime
 from support.stack import make_config
 
@@ -48,6 +48,12 @@ ROUTES: dict[str, set[tuple[str, str]]] = {
         ("GET", "/dashboard/dashboard.css"),
     },
     check.__name__: {("GET", "/api/v1/config/summary"), ("GET", "/api/v1/selftest/cache")},
+    jobs.__name__: {
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/{job_id}"),
+        ("POST", "/v1/jobs/{job_id}/cancel"),
+    },
     "brownout.gateway.routes": {
         ("POST", "/v1/chat/completions"),
         ("GET", "/v1/models"),

@@ -265,6 +265,18 @@ class BriefStore:
         async with self._read_engine().connect() as conn:
             return int(await conn.run_sync(_current_version))
 
+    @property
+    def dialect(self) -> str:
+        """The database's SQLAlchemy dialect name: ``sqlite`` or ``postgresql``."""
+        return self._dialect
+
+    async def engine(self) -> AsyncEngine:
+        """The engine of the host that takes writes now (looked for again after it failed).
+
+        Other tables kept in the same database -- the jobs' (:mod:`brownout.durable.jobs`) -- read and
+        write through it, so they share this store's connections and its failover."""
+        return await self._write_engine()
+
     # ------------------------------------------------------------------ writes
 
     async def save(self, record: BriefRecord) -> bool:

@@ -743,7 +743,10 @@ class Gateway:
                 resumed = False
                 if ep is None and hinted:
                     # Only hinted endpoints are left: wait for the soonest one when worth it.
-                    wait = min(e.breaker.retry_after() for e in g.endpoints if left is None or e not in left)
+                    wait = min(
+                        (e.breaker.retry_after() for e in g.endpoints if left is None or e not in left),
+                        default=math.inf,
+                    )
                     if wait <= g.max_retry_after and clock.now() + wait < deadline:
                         await clock.sleep(wait)
                         ep = _pick(g, tried, left)

@@ -289,7 +289,7 @@ class ChatCompletions:
             if group.json_guard and requested_schema(body) is not None:
                 headers.append((b"x-brownout-json-guard", b"skipped"))
             stats.overhead.observe(max(0.0, gateway.clock.now() - t0 - opened.upstream))
-            stats.outcomes[await relay(gateway, opened, body, deadline, receive, send, headers)] += 1
+            stats.outcomes[await relay(gateway, group, opened, body, deadline, receive, send, headers)] += 1
         finally:
             await admission.__aexit__(None, None, None)
 

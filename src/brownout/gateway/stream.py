@@ -303,6 +303,7 @@ async def open_stream(
                     break
         except UpstreamTimeout as e:
             stats.failures += 1
+            ep.load.observe(clock.now() - start)  # that slow, as far as the picker is concerned
             raise UpstreamFailed(
                 f"{group.name}/{ep.label}: no first token within {limit:g}s",
                 elapsed=clock.now() - start,
@@ -374,7 +375,9 @@ class _Continuation:
                 return await open_stream(gateway, g, ep, self.content(ep, True), deadline, resume=True)
             except Passthrough as e:
                 status = e.answer.status
-                if ep.prefill is True or context_overflow(e.answer) or not 400 <= status < 500:
+                # A prefill is refused as a malformed conversation (400 or 422); any other refusal
+                # (credentials, a missing model, a context overflow) says nothing of prefill.
+                if ep.prefill is True or status not in (400, 422) or context_overflow(e.answer):
                     raise _refused(g, ep, e.answer) from e
                 # Refused the prefill: remember, and ask the way it takes.
                 ep.prefill = False
@@ -436,6 +439,7 @@ async def discard(stream: OpenStream) -> None:
 
 async def relay(
     gateway: Gateway,
+    group: Group,
     stream: OpenStream,
     body: dict[str, Any],
     deadline: float,
@@ -446,10 +450,11 @@ async def relay(
     """Send the stream to the client (status 200, ``headers`` after the upstream's), event by event,
     continuing it elsewhere when it breaks (see the module docstring).
 
-    Returns ``"served"``, ``"stream_error"`` (it broke and nothing could continue it; the client got
-    an error event) or ``"disconnected"`` (the client went away; the upstream request was closed).
+    ``group`` is the group the request asked for: a continuation starts from it (the broken endpoints
+    left out), whichever group served the part before. Returns ``"served"``, ``"stream_error"`` (it
+    broke and nothing could continue it; the client got an error event) or ``"disconnected"`` (the
+    client went away; the upstream request was closed).
     """
-    group = stream.group
     clock = gateway.clock
     task = asyncio.current_task()
     watch = _Watch(task)

@@ -51,7 +51,7 @@ from brownout.server.errors import (
     send_error,
 )
 from brownout.server.metrics import RuntimeMetrics, multiprocess_dir
-from brownout.server.routes import briefs, check, docs, health, live, recovery
+from brownout.server.routes import briefs, check, docs, health, jobs, live, recovery
 from brownout.server.routes.briefs import BriefRequest
 from brownout.server.runtime import HttpStats, Runtime
 
@@ -63,13 +63,21 @@ class _Guard:
     times refusals) in ``http``, and answers a repeat of a cached brief request from ``edge``."""
 
     def __init__(
-        self, app: ASGIApp, http: HttpStats, clock: Clock, edge: EdgeCache | None, max_body: int
+        self,
+        app: ASGIApp,
+        http: HttpStats,
+        clock: Clock,
+        edge: EdgeCache | None,
+        max_body: int,
+        path_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.http = http
         self.clock = clock
         self.edge = edge
         self.max_body = max_body
+        self.path_limits = path_limits or {}
+        """Body limits of paths that take more than ``max_body`` (a job's list of items)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,14 +106,15 @@ class _Guard:
             # The gateway bounds its own bodies (gateway.max_body_bytes: chats carry whole conversations).
             await self.app(scope, receive, counting_send)
             return
+        limit = self.path_limits.get(scope["path"], self.max_body)
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = -1
-                if declared < 0 or declared > self.max_body:
-                    await _too_large(counting_send, self.max_body)
+                if declared < 0 or declared > limit:
+                    await _too_large(counting_send, limit)
                     return
         edge = self.edge
         if edge is not None and scope["method"] == "POST" and scope["path"] == "/v1/briefs":
@@ -159,14 +168,14 @@ class _Guard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _BodyTooLarge(self.max_body)
+                if received > limit:
+                    raise _BodyTooLarge(limit)
             return message
 
         try:
             await self.app(scope, limited_receive, counting_send)
         except _BodyTooLarge:
-            await _too_large(counting_send, self.max_body)
+            await _too_large(counting_send, limit)
 
 
 class _BodyTooLarge(ApiError):
@@ -271,12 +280,18 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     briefs.install(router, service=rt.service, records=rt.records, edge=rt.edge)
     health.install(router, state=rt.status, drain=drain, exporter=exporter)
     recovery.install(router, config=config, state=rt.status, ops=rt.ops)
+    jobs.install(router, section=config.jobs, workers=rt.jobs, registry=exporter.registry)
     docs.install(app)
     if config.loop_block.enabled:
         # Inside _Guard: times each step of every request's task, to warn when one holds the event loop.
         app.add_middleware(LoopBlockMiddleware, detector=rt.ops.loop_blocks)
     app.add_middleware(
-        _Guard, http=rt.http, clock=rt.clock, edge=rt.edge, max_body=config.server.max_body_bytes
+        _Guard,
+        http=rt.http,
+        clock=rt.clock,
+        edge=rt.edge,
+        max_body=config.server.max_body_bytes,
+        path_limits={"/v1/jobs": config.jobs.max_body_bytes},
     )
     # The live view and the dashboard, the pre-promotion check's routes, and CORS when configured
     # (added after _Guard, so it is outside it and its headers reach every answer).

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,9 +27,11 @@ from typing import Any
 
 from brownout.background import Periodic
 from brownout.briefs.answer import BriefAnswer
+from brownout.briefs.jobs import BRIEFS, BriefsJob
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
+from brownout.durable.jobs import DatabaseClaims, JobStore
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
 from brownout.durable.spool import Spool, SpoolInUse, SpoolReplayer
 from brownout.durable.store import BriefStore
@@ -42,6 +46,7 @@ from brownout.llm.types import EndpointConfig
 from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
 from brownout.server.edge import EdgeCache
 from brownout.server.history import LiveHistory, new_latency_histogram, read_parts
+from brownout.server.jobs import InteractiveFirst, JobWorkers
 from brownout.server.live import LiveHub, WebhookSender
 from brownout.server.operations import Operations, ServerParts
 from brownout.server.records import BriefRecords
@@ -303,6 +308,29 @@ class Runtime:
                 clock=clock,
             ),
         )
+        # Long-running jobs (POST /v1/jobs), kept in the briefs' database and run here. The owner names
+        # this server's spool, which one process alone can hold: a server that comes back after a crash
+        # takes its jobs back at once instead of waiting out its own lease.
+        jobs_cfg = cfg.jobs
+        job_store = JobStore(self.records.store)
+        owner = f"{socket.gethostname()}:{os.path.abspath(cfg.database.spool_path)}"
+        resources = self.ops.resources
+        self.jobs = JobWorkers(
+            jobs_cfg,
+            job_store,
+            DatabaseClaims(job_store, owner, lease=jobs_cfg.lease),
+            {BRIEFS: BriefsJob(self.service)},
+            gate=InteractiveFirst(
+                self.service.admission,
+                self.service.dimmer,
+                threshold=jobs_cfg.interactive_threshold,
+                memory_critical=lambda: resources.levels.get("memory") == "critical",
+            ),
+            publish=lambda kind, data, keep: self.live.publish(kind, data, record=keep),
+            clock=clock,
+            events=events,
+        )
+        """The job workers (from :meth:`start`, when ``jobs.enabled``)."""
         # Probes every role every models.health_interval, from start() to stop().
         self._monitor = Periodic(
             "brownout-health",
@@ -379,6 +407,8 @@ class Runtime:
                         breaker.disable()
             self.service.start()
             await self.records.open()
+            if cfg.jobs.enabled:
+                await self.jobs.start()
             await self.service.verify_constraints()
             await self.ops.start()
             self._monitor.start()
@@ -404,6 +434,7 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop everything; safe to call twice."""
+        await self.jobs.aclose()  # first: its items must not find the service or the store gone
         await self.ops.aclose()
         await self.live.aclose()
         if self.outbox is not None:
