@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from brownout.policies.breaker import BreakerState
-from support.chromium import QUIET_FLAGS, find_chromium
+from support.chromium import QUIET_FLAGS, chromium_or_skip
 from support.live import live_stack
 from support.wait import until
 
@@ -166,7 +166,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.timeout(900)  # the first run on a new machine installs Chromium
 async def test_dashboard_shows_a_breaker_opening_live(tmp_path: Path) -> None:
-    binary = await asyncio.to_thread(find_chromium)  # before the servers start: it may install for a while
+    binary = await asyncio.to_thread(chromium_or_skip)  # before the servers start: it may install for a while
     async with (
         live_stack(tmp_path, TRIP) as stack,
         httpx.AsyncClient(base_url=stack.url, timeout=30.0) as http,

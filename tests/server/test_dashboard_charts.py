@@ -26,7 +26,7 @@ from playwright.async_api import ConsoleMessage, Page, async_playwright
 from brownout.chaos.fakellm import FakeLLM
 from brownout.policies.breaker import BreakerState
 from support import ROOT
-from support.chromium import QUIET_FLAGS, find_chromium
+from support.chromium import QUIET_FLAGS, chromium_or_skip
 from support.live import live_stack
 
 WIDTH, HEIGHT = 1280, 800
@@ -91,7 +91,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.timeout(900)  # the first run on a new machine installs Chromium
 async def test_dashboard_charts_draw_and_move_under_load(tmp_path: Path) -> None:
-    binary = await asyncio.to_thread(find_chromium)  # before the servers start: it may install for a while
+    binary = await asyncio.to_thread(chromium_or_skip)  # before the servers start: it may install for a while
     problems: list[str] = []
     # The gateway serves a "chat" group on a fake of its own, so its chart has traffic to draw.
     upstream = FakeLLM(model="chat")

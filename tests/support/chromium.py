@@ -1,8 +1,9 @@
 """Debian's Chromium for the dashboard's browser tests: found, or installed once when missing.
 
 ``scripts/chromium install`` installs the package (as the Redis and PostgreSQL fixtures install their
-servers), so a CI machine of this kind runs the browser tests rather than skipping them.
-``BROWNOUT_CHROMIUM`` points at another binary.
+servers; ``.ci/run`` runs it first), so a CI machine of this kind runs the browser tests. Only where it
+cannot be installed (no root, no apt) and outside CI (``CI`` unset) is a browser test skipped, saying
+why. ``BROWNOUT_CHROMIUM`` points at another binary.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
 from support import ROOT
 
-__all__ = ["QUIET_FLAGS", "find_chromium"]
+__all__ = ["QUIET_FLAGS", "chromium_or_skip", "find_chromium"]
 
 QUIET_FLAGS: tuple[str, ...] = (
     "--no-sandbox",  # the tests run as root here
@@ -51,3 +54,16 @@ def find_chromium() -> str:
         found = lookup()
     assert found is not None, "Chromium is missing and scripts/chromium install did not bring it"
     return found
+
+
+def chromium_or_skip() -> str:
+    """:func:`find_chromium`, or skip the test when Chromium can be neither found nor installed here.
+
+    On CI (``CI`` set) a missing browser fails the test instead: CI machines can install it.
+    """
+    try:
+        return find_chromium()
+    except (subprocess.CalledProcessError, OSError, AssertionError) as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Chromium is not installed and scripts/chromium install could not install it ({e})")
