@@ -104,6 +104,12 @@ class ServerSection(_Section):
     live_max_clients: int = Field(
         default=100, ge=1, description="live-stream clients (SSE + WebSocket) at once; more get 503"
     )
+    history_interval: float = Field(
+        default=2.0, gt=0, description="seconds between the points of the dashboard's charts"
+    )
+    history_window: float = Field(
+        default=900.0, gt=0, description="seconds of points the dashboard's charts keep and show (15 minutes)"
+    )
     drain_timeout: float | None = Field(
         default=None,
         ge=0,
@@ -151,6 +157,15 @@ class ServerSection(_Section):
                 )
             out.append(host)
         return out
+
+    @model_validator(mode="after")
+    def _check_history(self) -> ServerSection:
+        if self.history_window < self.history_interval:
+            raise ValueError(
+                f"history_window ({self.history_window}) must be at least history_interval "
+                f"({self.history_interval}): the charts need more than one point"
+            )
+        return self
 
 
 class LocalServerOverride(_Section):

@@ -7,9 +7,8 @@ without a reload -- shows the open breaker, the unhealthy model, the degraded mo
 in its event feed; then it takes a screenshot and checks it is a real, non-trivial PNG. No script
 error, console error or Content-Security-Policy violation may occur.
 
-Chromium is installed by ``scripts/chromium install`` when missing (as the Redis and PostgreSQL
-fixtures install their servers). ``BROWNOUT_CHROMIUM`` points at another binary;
-``BROWNOUT_DASHBOARD_PNG=docs/dashboard.png`` also saves the screenshot there (the README's picture).
+Chromium is installed by ``scripts/chromium install`` when missing (:mod:`support.chromium`).
+The README's picture is taken by ``tests/server/test_dashboard_charts.py``.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import signal
 import struct
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from brownout.policies.breaker import BreakerState
-from support import ROOT
+from support.chromium import QUIET_FLAGS, chromium_or_skip
 from support.live import live_stack
 from support.wait import until
 
@@ -44,27 +41,6 @@ TRIP: dict[str, Any] = {
     "modes": {"interval": 0.2},
 }
 WIDTH, HEIGHT = 1280, 960
-
-
-def find_chromium() -> str:
-    """The Chromium binary; installs Debian's package once (scripts/chromium install) when missing."""
-
-    def lookup() -> str | None:
-        override = os.environ.get("BROWNOUT_CHROMIUM")
-        if override and os.access(override, os.X_OK):
-            return override
-        for name in ("chromium", "chromium-browser"):
-            found = shutil.which(name)
-            if found:
-                return found
-        return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else None
-
-    found = lookup()
-    if found is None:
-        subprocess.run([str(ROOT / "scripts" / "chromium"), "install"], check=True, timeout=900)
-        found = lookup()
-    assert found is not None, "Chromium is missing and scripts/chromium install did not bring it"
-    return found
 
 
 class CDP:
@@ -132,16 +108,7 @@ async def chromium(tmp_path: Path, binary: str) -> AsyncIterator[CDP]:
     proc = await asyncio.create_subprocess_exec(
         binary,
         "--headless",
-        "--no-sandbox",  # the tests run as root here
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--no-default-browser-check",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-extensions",
-        "--mute-audio",
+        *QUIET_FLAGS,
         f"--window-size={WIDTH},{HEIGHT}",
         f"--user-data-dir={profile}",
         "--remote-debugging-address=127.0.0.1",
@@ -199,7 +166,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.timeout(900)  # the first run on a new machine installs Chromium
 async def test_dashboard_shows_a_breaker_opening_live(tmp_path: Path) -> None:
-    binary = await asyncio.to_thread(find_chromium)  # before the servers start: it may install for a while
+    binary = await asyncio.to_thread(chromium_or_skip)  # before the servers start: it may install for a while
     async with (
         live_stack(tmp_path, TRIP) as stack,
         httpx.AsyncClient(base_url=stack.url, timeout=30.0) as http,
@@ -266,9 +233,6 @@ async def test_dashboard_shows_a_breaker_opening_live(tmp_path: Path) -> None:
     assert png_size(png) == (WIDTH, HEIGHT)
     assert len(png) > 20_000  # a rendered page with text and colour, not a blank canvas
     (tmp_path / "dashboard.png").write_bytes(png)
-    target = os.environ.get("BROWNOUT_DASHBOARD_PNG")
-    if target:
-        (ROOT / target).write_bytes(png)
 
 
 async def test_dashboard_assets_are_local_and_locked_down(tmp_path: Path) -> None:

@@ -44,8 +44,9 @@ ROUTES: dict[str, set[tuple[str, str]]] = {
         ("WS", "/api/v1/ws"),
         ("GET", "/api/v1/status"),
         ("GET", "/dashboard"),
-        ("GET", "/dashboard/dashboard.js"),
-        ("GET", "/dashboard/dashboard.css"),
+        ("GET", "/api/v1/history"),
+        # The page's scripts, styles and the vendored charting library, from a fixed list of files.
+        ("GET", "/dashboard/{name:path}"),
     },
     check.__name__: {("GET", "/api/v1/config/summary"), ("GET", "/api/v1/selftest/cache")},
     jobs.__name__: {

@@ -7,6 +7,7 @@
 * :mod:`support.net` -- a free port of 127.0.0.1, and uvicorn embedded in the test's process.
 * :mod:`support.stack` -- ``brownout serve``'s app over ASGI on fake model servers, and its config.
 * :mod:`support.live` -- the same app on a real uvicorn (streams, webhooks, browsers).
+* :mod:`support.chromium` -- Debian's Chromium for the browser tests (installed once when missing).
 * :mod:`support.fuzz` -- the app under the fuzz tests, on uvicorn in a thread of its own.
 * :mod:`support.imports` -- reading which modules a module imports, and finding import cycles.
 """

@@ -90,13 +90,18 @@ class _Guard:
         errors = http.errors
         clock = self.clock
         arrived = clock.now()
+        brief = scope["path"] == "/v1/briefs"
 
         async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] >= 400:
+            if message["type"] == "http.response.start":
                 status = message["status"]
-                errors[status] += 1
-                if status in (429, 503) and any(k == b"retry-after" for k, _ in message.get("headers", ())):
-                    http.shed.observe(clock.now() - arrived)
+                if status >= 400:
+                    errors[status] += 1
+                    headers = message.get("headers", ())
+                    if status in (429, 503) and any(k == b"retry-after" for k, _ in headers):
+                        http.shed.observe(clock.now() - arrived)
+                elif brief and status == 200:
+                    http.briefs.observe(clock.now() - arrived)
             await send(message)
 
         if scope["path"] == CHAT_PATH:
@@ -133,6 +138,7 @@ class _Guard:
             body = b"".join(chunks)
             answer = edge.lookup(body)
             if answer is not None:
+                http.briefs.observe(clock.now() - arrived)
                 await send(
                     {
                         "type": "http.response.start",

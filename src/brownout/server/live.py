@@ -9,6 +9,9 @@ for all clients:
 * ``snapshot`` -- the live state (system mode, each model's health and breakers, queue depth, cache
   hit rate, spool, database), every ``server.live_interval`` seconds and right after a breaker, mode,
   health or recovery event;
+* ``history`` and ``sample`` -- to clients that ask for them (the dashboard: ``?charts=1``), the
+  charts' points of the last minutes once at connect, then each new point
+  (:class:`~brownout.server.history.LiveHistory`);
 * ``event`` -- a breaker transition, a mode change (``ModeDownshifted``, ``SystemModeChanged``), a
   model's health change, a recovery action, a model server restart, a spool or Redis status change.
   Per-call events (rejections, retries, deadlines, guard re-asks) are not streamed: under load they
@@ -35,7 +38,7 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -46,6 +49,7 @@ from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import WebhooksSection
 from brownout.events import DEFAULT_BUS, BreakerStateChanged, Event, EventBus, SpoolAppended
 from brownout.policies.retry import Retry, RetryConfig
+from brownout.server.history import LiveHistory
 from brownout.server.status import display_time, plain
 
 __all__ = [
@@ -345,12 +349,14 @@ class WebhookSender:
 class LiveClient:
     """One connected stream: a bounded queue of messages; ``None`` ends it."""
 
-    __slots__ = ("dropped", "queue")
+    __slots__ = ("charts", "dropped", "queue")
 
-    def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[LiveMessage | None] = asyncio.Queue(maxsize=max(2, size))
+    def __init__(self, size: int, *, charts: bool = False) -> None:
+        self.queue: asyncio.Queue[LiveMessage | None] = asyncio.Queue(maxsize=max(3, size))
         self.dropped = False
         """True when the hub dropped this client for falling behind."""
+        self.charts = charts
+        """True when the client is sent the charts' points (``history`` and ``sample`` messages)."""
 
     async def get(self) -> LiveMessage | None:
         """The next message, or None when the stream is over."""
@@ -367,7 +373,8 @@ class LiveHub:
     ``snapshot`` takes the state shown (see :data:`Snapshot`); ``events`` is the bus the hub listens
     to; ``webhooks`` sends the alerts (default: none). ``mode_events`` says whether a mode manager
     reports the system mode on the bus (``SystemModeChanged``, as the server's does); when False, the
-    hub derives mode changes from the snapshots.
+    hub derives mode changes from the snapshots. ``charts``, when given, is started and stopped with
+    the hub, and its points go to the clients that asked for them.
     """
 
     def __init__(
@@ -384,8 +391,13 @@ class LiveHub:
         burst_window: float = 10.0,
         webhooks: WebhookSender | None = None,
         mode_events: bool = True,
+        charts: LiveHistory | None = None,
     ) -> None:
         self._snapshot = snapshot
+        self.charts = charts
+        """The charts' points (None: the hub sends none)."""
+        if charts is not None:
+            charts.publish = self._sample
         self.clock = clock
         self.events = events
         self.interval = interval
@@ -434,6 +446,8 @@ class LiveHub:
         self._unsubscribe = self.events.subscribe(self._on_event)
         self.webhooks.start()
         self._ticker.start()
+        if self.charts is not None:
+            self.charts.start()
 
     async def aclose(self) -> None:
         """Unsubscribe, end every stream, stop the sender."""
@@ -441,6 +455,8 @@ class LiveHub:
             self._unsubscribe()
             self._unsubscribe = None
         await self._ticker.stop()
+        if self.charts is not None:
+            await self.charts.stop()
         self.close_clients()
         await self.webhooks.aclose()
 
@@ -457,14 +473,22 @@ class LiveHub:
 
     # -------------------------------------------------------------- clients
 
-    def connect(self, after: int | None = None) -> LiveClient:
-        """A new client, primed with the latest snapshot and the recent events (those after ``after``)."""
+    def connect(self, after: int | None = None, *, charts: bool = False) -> LiveClient:
+        """A new client, primed with the latest snapshot and the recent events (those after ``after``).
+
+        With ``charts`` (and a :class:`LiveHistory`), the client also gets the charts' points: all
+        those kept, in one ``history`` message right after the snapshot, then a ``sample`` per new point.
+        """
         if len(self._clients) >= self.max_clients:
             raise TooManyClients(f"{self.max_clients} live clients already connected")
-        client = LiveClient(self.client_queue)
+        client = LiveClient(self.client_queue, charts=charts and self.charts is not None)
         backlog = [m for m in self._history if after is None or m.seq > after]
         latest = self._latest if self._latest is not None else self._make_snapshot()
-        for message in [latest, *backlog[-(client.queue.maxsize - 2) :]]:
+        first = [latest]
+        if client.charts and self.charts is not None:
+            first.append(self._message("history", {"data": self.charts.export()}, record=False))
+        room = client.queue.maxsize - len(first) - 1  # and one for the end of the stream
+        for message in [*first, *backlog[max(0, len(backlog) - room) :]]:
             client.queue.put_nowait(message)
         self._clients.add(client)
         return client
@@ -485,7 +509,17 @@ class LiveHub:
     def publish(self, kind: str, data: Mapping[str, Any], *, record: bool = True) -> LiveMessage:
         """Send a message of type ``kind`` to every client; ``record`` keeps it for late joiners."""
         message = self._message(kind, data, record=record)
-        for client in list(self._clients):
+        self._send(message, self._clients)
+        return message
+
+    def _sample(self, point: dict[str, Any]) -> None:
+        # A new point of the charts, for the clients that draw them (nobody else wants one every 2 s).
+        charted = [c for c in self._clients if c.charts]
+        if charted:
+            self._send(self._message("sample", {"data": point}, record=False), charted)
+
+    def _send(self, message: LiveMessage, clients: Iterable[LiveClient]) -> None:
+        for client in list(clients):
             try:
                 client.queue.put_nowait(message)
             except asyncio.QueueFull:
@@ -494,7 +528,6 @@ class LiveHub:
                 client.dropped = True
                 self.dropped_clients += 1
                 self._end(client, "too slow: the stream fell more than the queue's length behind")
-        return message
 
     def _message(self, kind: str, data: Mapping[str, Any], *, record: bool) -> LiveMessage:
         self._seq += 1

@@ -46,6 +46,7 @@ from brownout.llm.local import LocalModelServer, free_port
 from brownout.llm.types import EndpointConfig
 from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
 from brownout.server.edge import EdgeCache
+from brownout.server.history import LiveHistory, new_latency_histogram, read_parts
 from brownout.server.jobs import InteractiveFirst, JobWorkers
 from brownout.server.live import LiveHub, WebhookSender
 from brownout.server.operations import Operations, ServerParts
@@ -68,11 +69,13 @@ class HttpStats:
     """HTTP request and error counts (``http_requests_total``, ``http_errors_total`` by status), and how
     long refusals took (``brownout_shed_seconds``): from a request reaching the app to its 503/429 with
     ``Retry-After``. Shedding is only worth its name when it answers in milliseconds while the models are
-    saturated; this histogram shows it does, from the server's side."""
+    saturated; this histogram shows it does, from the server's side. ``briefs`` times each brief answered
+    (200), for the latency curves of the dashboard (:mod:`brownout.server.history`)."""
 
     errors: Counter[int] = field(default_factory=Counter)
     requests: int = 0
     shed: Histogram = field(default_factory=lambda: Histogram(SHED_BUCKETS))
+    briefs: Histogram = field(default_factory=new_latency_histogram)
 
 
 SHED_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -300,6 +303,13 @@ class Runtime:
             events=events,
             interval=cfg.server.live_interval,
             max_clients=cfg.server.live_max_clients,
+            # The dashboard's charts: a point every few seconds, read from the counters above.
+            charts=LiveHistory(
+                lambda: read_parts(self.status, self.http.briefs),
+                interval=cfg.server.history_interval,
+                window=cfg.server.history_window,
+                clock=clock,
+            ),
         )
         # Long-running jobs (POST /v1/jobs), kept in the briefs' database and run here. The owner names
         # this server's spool, which one process alone can hold: a server that comes back after a crash

@@ -2,8 +2,11 @@
 
 ``GET /api/v1/events`` (Server-Sent Events, resumable with ``Last-Event-ID``), ``GET /api/v1/ws``
 (WebSocket, the same JSON messages), ``GET /api/v1/status`` (the snapshot as JSON, for
-``brownout status``), and ``GET /dashboard`` (plain HTML and JS, no build step, no external assets,
-so it works offline). The messages come from the :class:`~brownout.server.live.LiveHub`.
+``brownout status``), ``GET /api/v1/history`` (the charts' points of the last minutes), and
+``GET /dashboard`` (plain HTML and JS, no build step, no external assets, so it works offline; its
+charts are drawn by uPlot, vendored under ``static/vendor/uplot``). With ``?charts=1`` the streams
+also carry the charts' points (``history`` once, then ``sample`` messages). The messages come from
+the :class:`~brownout.server.live.LiveHub`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Header, WebSocket
+from fastapi import APIRouter, Header, Query, WebSocket
 from fastapi.responses import Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
@@ -27,6 +30,10 @@ __all__ = ["install"]
 _ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "charts.js": "text/javascript; charset=utf-8",
+    # The charting library, as its npm package ships it (static/vendor/uplot/README.md).
+    "vendor/uplot/uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "vendor/uplot/uPlot.min.css": "text/css; charset=utf-8",
 }
 # The page loads only its own script and style and talks only to its own origin.
 _PAGE_HEADERS = {
@@ -41,7 +48,7 @@ _PAGE_HEADERS = {
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("brownout.server").joinpath("static", name).read_bytes()
+    return resources.files("brownout.server").joinpath("static", *name.split("/")).read_bytes()
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: list[str]) -> bool:
@@ -68,11 +75,14 @@ def install(router: APIRouter, *, hub: LiveHub, snapshot: Snapshot, origins: lis
             503: {"model": ErrorResponse, "description": "too many live clients"},
         },
     )
-    async def live_events(last_event_id: str | None = Header(default=None)) -> Response:
+    async def live_events(
+        last_event_id: str | None = Header(default=None),
+        charts: bool = Query(default=False, description="also send the dashboard charts' points"),
+    ) -> Response:
         """Server-Sent Events: snapshots, breaker/mode/health/recovery events and alerts, live."""
         after = event_id(last_event_id)
         try:
-            client = hub.connect(after=after)
+            client = hub.connect(after=after, charts=charts)
         except TooManyClients as e:
             return error_response(503, str(e), code="too_many_clients", retry_after=5)
 
@@ -100,7 +110,7 @@ def install(router: APIRouter, *, hub: LiveHub, snapshot: Snapshot, origins: lis
             await websocket.close(code=1008, reason="origin not allowed")
             return
         try:
-            client = hub.connect()
+            client = hub.connect(charts=websocket.query_params.get("charts") in ("1", "true"))
         except TooManyClients:
             await websocket.close(code=1013, reason="too many live clients")
             return
@@ -134,15 +144,20 @@ def install(router: APIRouter, *, hub: LiveHub, snapshot: Snapshot, origins: lis
         """The live state now: mode, models and breakers, queue, cache, spool, database."""
         return snapshot(hub.client_count)
 
+    @router.get("/api/v1/history")
+    async def live_history() -> dict[str, Any]:
+        """The dashboard charts' points over the last minutes (answers/s by kind, latency, breakers...)."""
+        if hub.charts is None:
+            return {"interval": None, "window": None, "answer_kinds": [], "points": []}
+        return hub.charts.export()
+
     @router.get("/dashboard", response_class=Response, responses={200: {"content": {"text/html": {}}}})
     async def dashboard() -> Response:
         """The live dashboard (HTML)."""
         return Response(page, media_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
-    @router.get("/dashboard/dashboard.js", response_class=Response, include_in_schema=False)
-    async def dashboard_js() -> Response:
-        return Response(assets["dashboard.js"], media_type=_ASSETS["dashboard.js"], headers=_PAGE_HEADERS)
-
-    @router.get("/dashboard/dashboard.css", response_class=Response, include_in_schema=False)
-    async def dashboard_css() -> Response:
-        return Response(assets["dashboard.css"], media_type=_ASSETS["dashboard.css"], headers=_PAGE_HEADERS)
+    @router.get("/dashboard/{name:path}", response_class=Response, include_in_schema=False)
+    async def dashboard_asset(name: str) -> Response:
+        if name not in assets:  # only the files listed above: never a path built from the request
+            return error_response(404, "Not Found", code="not_found")
+        return Response(assets[name], media_type=_ASSETS[name], headers=_PAGE_HEADERS)

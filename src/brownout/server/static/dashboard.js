@@ -1,6 +1,7 @@
 // brownout live dashboard: plain JavaScript, no build step, no external assets.
-// It listens to GET /api/v1/events (Server-Sent Events): "snapshot" messages redraw the state,
-// "event" and "alert" messages go to the feed. Everything from the server is inserted with
+// It listens to GET /api/v1/events?charts=1 (Server-Sent Events): "snapshot" messages redraw the
+// state, "event" and "alert" messages go to the feed, "history" and "sample" messages go to the
+// charts (charts.js). Everything from the server is inserted with
 // textContent, never as HTML: event fields carry model error messages.
 "use strict";
 
@@ -135,7 +136,7 @@ function addFeed(kind, m) {
 
 function connect() {
   const conn = $("connection");
-  const source = new EventSource("/api/v1/events");
+  const source = new EventSource("/api/v1/events?charts=1");
   source.onopen = () => {
     conn.textContent = "live";
     conn.setAttribute("data-state", "live");
@@ -148,6 +149,8 @@ function connect() {
   source.addEventListener("snapshot", (e) => render(JSON.parse(e.data).data));
   source.addEventListener("event", (e) => addFeed("event", JSON.parse(e.data)));
   source.addEventListener("alert", (e) => addFeed("alert", JSON.parse(e.data)));
+  source.addEventListener("history", (e) => window.brownoutCharts.history(JSON.parse(e.data).data));
+  source.addEventListener("sample", (e) => window.brownoutCharts.sample(JSON.parse(e.data).data));
   source.addEventListener("dropped", () => {
     conn.textContent = "fell behind; reconnecting...";
     conn.setAttribute("data-state", "lost");
