@@ -28,7 +28,10 @@ one whose lease has run out, renews its leases while it works (``lease / 3``), a
 it stops. A worker that dies without releasing (``kill -9``) holds its jobs only until the lease runs
 out -- and not even that long when the same server comes back, since a worker's ``owner`` names what
 only one process can hold at a time (its spool file), so a returning owner takes its jobs back at
-once. Times are wall-clock epoch seconds: they are compared across processes and restarts.
+once. Times are wall-clock epoch seconds: they are compared across processes and restarts. With
+several replicas on Redis and one PostgreSQL database, the job's lease stays here while its items are
+handed out through a Redis stream (:mod:`brownout.durable.job_queue`); the outcomes are written here
+all the same, so the exactly-once rule does not depend on Redis.
 """
 
 from __future__ import annotations

@@ -234,7 +234,6 @@ class JobWorkers:
         self._runs: dict[str, _Run] = {}
         self._deliveries: dict[str, Delivery] = {}  # stream entries running here, by entry id
         self._backlog: list[Delivery] = []  # entries this consumer held before a restart
-        self._types: dict[str, str] = {}  # job id -> type (never changes)
         self._jobs = TaskSet("jobs", logger=_log)
         self._items = TaskSet("job stream items", logger=_log)
         self._consumer = TaskSet("jobs-consumer", logger=_log)
@@ -561,7 +560,6 @@ class JobWorkers:
             job = await self.store.get(job_id)
             item = await self.store.item(job_id, delivery.index)
             if job is not None and item is not None and job.state in ACTIVE_STATES:
-                self._types[job_id] = job.type
                 handler = self.handlers.get(job.type)
                 attempts = item.attempts
                 outcome: ItemOutcome | None
