@@ -703,13 +703,20 @@ def bench_jobs(
     if "throughput" in result:
         part = result["throughput"]
         table = Table(title=f"{items} briefs on the embedded model, mode {mode}")
-        for col in ("path", "items/min", "seconds", "served by"):
+        for col in ("path", "model briefs/min", "answers/min", "seconds", "served by"):
             table.add_column(col, justify="left" if col in ("path", "served by") else "right")
         job = part["job"]
-        table.add_row("one job", _fmt(job["items_per_min"]), _fmt(job["seconds"]), str(job["served_by"]))
+        table.add_row(
+            "one job",
+            _fmt(job["model_items_per_min"]),
+            _fmt(job["items_per_min"]),
+            _fmt(job["seconds"]),
+            str(job["served_by"]),
+        )
         for row in part["single"]:
             table.add_row(
                 f"single requests, {row['concurrency']} at a time",
+                _fmt(row["model_items_per_min"]),
                 _fmt(row["items_per_min"]),
                 _fmt(row["seconds"]),
                 str(row["served_by"]),
