@@ -11,6 +11,7 @@
 * ``brownout bench gateway [--json]`` -- the OpenAI-compatible gateway against direct calls, Portkey, LiteLLM;
 * ``brownout bench model-capacity [--json]`` -- the bare model server's throughput per threads x slots;
 * ``brownout bench overload [--json]`` -- a default server under distinct-text load, against that rate;
+* ``brownout bench jobs [--json]`` -- a job against the same briefs one by one, and a dead worker's reclaim;
 * ``brownout drill NAME ...|all [--report DIR] [--json]``, ``brownout drill --list`` -- chaos drills;
 * ``brownout version``.
 """
@@ -672,6 +673,84 @@ def bench_gateway(
         )
     console.print(table)
     _print_goals(console, result["goals"])
+
+
+@bench_app.command("jobs")
+def bench_jobs(
+    as_json: JsonFlag = False,
+    items: Annotated[
+        int,
+        typer.Option(min=1, max=1000, help="Briefs in the job, and per concurrency level sent one by one."),
+    ] = 30,
+    level: Annotated[
+        list[int] | None,
+        typer.Option(min=1, max=64, help="Concurrency of the single requests (repeat; default 1, 2, 4)."),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="Requested mode: fast, balanced or creative.")] = "fast",
+    throughput: Annotated[
+        bool, typer.Option(help="Measure the embedded model's job and single rates (--no-throughput: skip).")
+    ] = True,
+    reclaim: Annotated[
+        bool, typer.Option(help="Measure the reclaim after a replica dies (--no-reclaim: skip).")
+    ] = True,
+    reclaim_items: Annotated[int, typer.Option(min=4, help="Items of the reclaim run's job.")] = 60,
+    lease: Annotated[float, typer.Option(min=0.5, help="jobs.lease of the reclaim run's replicas, s.")] = 5.0,
+) -> None:
+    """Items/min of a briefs job on the embedded model against the same number of single /v1/briefs
+    requests at each concurrency, and how fast a live replica takes over a killed one's job and items
+    (two replicas on a private Redis and PostgreSQL)."""
+    from brownout.bench import jobs as bench
+    from brownout.chaos.servers import ServerBinaryMissing, ServerStartError
+
+    if mode not in ("fast", "balanced", "creative"):
+        raise typer.BadParameter("must be fast, balanced or creative", param_hint="--mode")
+    try:
+        result = bench.run(
+            items=items,
+            levels=level or (1, 2, 4),
+            mode=mode,
+            throughput_part=throughput,
+            reclaim_part=reclaim,
+            reclaim_items=reclaim_items,
+            lease=lease,
+        )
+    except (ServerBinaryMissing, ServerStartError, RuntimeError) as e:
+        typer.echo(f"bench jobs: {e}", err=True)
+        raise typer.Exit(1) from e
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    if "throughput" in result:
+        part = result["throughput"]
+        table = Table(title=f"{items} briefs on the embedded model, mode {mode}")
+        for col in ("path", "model briefs/min", "answers/min", "seconds", "served by"):
+            table.add_column(col, justify="left" if col in ("path", "served by") else "right")
+        job = part["job"]
+        table.add_row(
+            "one job",
+            _fmt(job["model_items_per_min"]),
+            _fmt(job["items_per_min"]),
+            _fmt(job["seconds"]),
+            str(job["served_by"]),
+        )
+        for row in part["single"]:
+            table.add_row(
+                f"single requests, {row['concurrency']} at a time",
+                _fmt(row["model_items_per_min"]),
+                _fmt(row["items_per_min"]),
+                _fmt(row["seconds"]),
+                str(row["served_by"]),
+            )
+        console.print(table)
+        console.print(f"  job / best single: {_fmt(part['job_vs_best_single'])}")
+    if "reclaim" in result:
+        r = result["reclaim"]
+        console.print(
+            f"reclaim (lease {r['lease_s']:g} s, {r['items']} items): first item taken over after "
+            f"{_fmt(r['item_reclaimed_s'])} s, the job after {_fmt(r['job_reclaimed_s'])} s, ended "
+            f"{r['state']} after {_fmt(r['finished_s'])} s; every item once: {r['every_item_once']}"
+        )
 
 
 @bench_app.command("durable")

@@ -667,6 +667,14 @@ class JobsSection(_Section):
     max_attempts: int = Field(default=4, ge=1, le=20, description="attempts per item on transient failures")
     backoff_base: float = Field(default=1.0, ge=0, description="seconds before an item's second attempt")
     backoff_max: float = Field(default=30.0, ge=0, description="cap on one wait between attempts, seconds")
+    distribute: Literal["auto", "redis", "local"] = Field(
+        default="auto",
+        description=(
+            "how replicas share job items: redis (a Redis stream: needs redis.url and a PostgreSQL "
+            "database.url all replicas share), local (each job runs on the replica that holds it), "
+            "auto (redis when both are configured, else local)"
+        ),
+    )
     webhooks: bool = Field(default=True, description="call a job's webhook URL when it ends")
     webhook_timeout: float = Field(default=5.0, gt=0, description="seconds per webhook POST")
     webhook_retries: int = Field(default=3, ge=0, le=10, description="re-sends after a failed webhook POST")
@@ -826,6 +834,30 @@ class BrownoutConfig(_Section):
             local = self.gateway.local
             longest = max(longest, local.timeout * local.max_attempts)
         return longest
+
+    @property
+    def jobs_distributed(self) -> bool:
+        """Whether job items go through the Redis stream the replicas share (``jobs.distribute``)."""
+        if not self.jobs.enabled or self.jobs.distribute == "local":
+            return False
+        return self.redis.url is not None and self.database.url.startswith("postgresql")
+
+    @model_validator(mode="after")
+    def _check_jobs_shared(self) -> BrownoutConfig:
+        # Asked for explicitly on a setup where the other replicas could not see the jobs: refuse to
+        # start rather than run jobs that only one replica can ever finish.
+        if self.jobs.enabled and self.jobs.distribute == "redis" and not self.jobs_distributed:
+            missing = []
+            if self.redis.url is None:
+                missing.append("redis.url")
+            if not self.database.url.startswith("postgresql"):
+                missing.append("a PostgreSQL database.url (each replica's SQLite file is its own)")
+            raise ValueError(
+                "jobs.distribute: redis shares job items between replicas and needs "
+                + " and ".join(missing)
+                + "; set jobs.distribute: local to run each job on one replica"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_gateway_local(self) -> BrownoutConfig:

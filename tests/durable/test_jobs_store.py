@@ -163,10 +163,13 @@ async def test_a_lease_keeps_a_job_to_one_worker_until_it_lapses_or_its_owner_re
     assert await b.claim(5, exclude=[second.id]) == []  # a's lease was renewed
     # a dies without releasing (kill -9): its job lapses after the lease...
     clock.advance(10.5)
+    assert (a.taken_over, b.taken_over) == (0, 0)
     assert [j.id for j in await b.claim(5, exclude=[second.id])] == [first.id]
+    assert b.taken_over == 1  # taken over from a, counted for the reclaim metric
     assert await a.renew([first.id]) == set()  # ...and a, were it alive, learns it lost the job
     # b comes back as the same owner after a crash: its own jobs come back at once, lease or not.
     assert {j.id for j in await b.claim(5)} == {first.id, second.id}
+    assert b.taken_over == 1  # its own jobs are not a takeover
     await b.release([first.id])
     assert [j.id for j in await a.claim(5)] == [first.id]
 
@@ -277,3 +280,28 @@ TestClaimMachine = ClaimMachine.TestCase
 TestClaimMachine.settings = settings(
     max_examples=20, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+async def test_the_overview_says_how_long_the_stalest_running_job_has_not_moved(jobs: JobStore) -> None:
+    clock = jobs.clock
+    assert isinstance(clock, FakeClock)
+    claims = DatabaseClaims(jobs, "me", lease=60.0)
+    assert (await jobs.overview())[2] is None  # nothing runs
+    first, _ = await jobs.submit("briefs", _items(2))
+    (claimed,) = await claims.claim(5)
+    clock.advance(30)
+    second, _ = await jobs.submit("briefs", _items(2))
+    await claims.claim(5, exclude=[first.id])
+    counts, oldest, stalest = await jobs.overview()
+    assert counts == {"running": 2}
+    assert oldest is None
+    assert stalest == claimed.updated_at  # the first job has not moved since its claim
+    clock.advance(5)
+    await jobs.finish_item(first.id, 0, _ok(0), attempts=1)  # progress: now the second is the stalest
+    assert (await jobs.overview())[2] == claimed.updated_at + 30
+    # An item waiting to retry (running, no outcome) does not start again once its job is cancelled,
+    # whichever replica holds it; and a cancelled job is not held against the workers.
+    assert await jobs.start_item(second.id, 0, 1)
+    await jobs.cancel(second.id)
+    assert not await jobs.start_item(second.id, 0, 2)
+    assert (await jobs.overview())[2] == claimed.updated_at + 35

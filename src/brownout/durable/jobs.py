@@ -28,14 +28,17 @@ one whose lease has run out, renews its leases while it works (``lease / 3``), a
 it stops. A worker that dies without releasing (``kill -9``) holds its jobs only until the lease runs
 out -- and not even that long when the same server comes back, since a worker's ``owner`` names what
 only one process can hold at a time (its spool file), so a returning owner takes its jobs back at
-once. Times are wall-clock epoch seconds: they are compared across processes and restarts.
+once. Times are wall-clock epoch seconds: they are compared across processes and restarts. With
+several replicas on Redis and one PostgreSQL database, the job's lease stays here while its items are
+handed out through a Redis stream (:mod:`brownout.durable.job_queue`); the outcomes are written here
+all the same, so the exactly-once rule does not depend on Redis.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -341,6 +344,25 @@ class JobStore:
         async with engine.connect() as conn:
             return [_item(r) for r in await conn.execute(stmt)]
 
+    async def item(self, job_id: str, index: int) -> ItemRow | None:
+        """Item ``index`` of ``job_id``, or None."""
+        stmt = select(job_items).where(job_items.c.job_id == job_id, job_items.c.idx == index)
+        engine = await self.store.engine()
+        async with engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        return None if row is None else _item(row)
+
+    async def open_count(self, job_id: str) -> int:
+        """How many items of ``job_id`` have no outcome yet."""
+        stmt = (
+            select(func.count())
+            .select_from(job_items)
+            .where(job_items.c.job_id == job_id, job_items.c.state.in_(_OPEN_ITEMS))
+        )
+        engine = await self.store.engine()
+        async with engine.connect() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
     async def open_items(self, job_id: str) -> list[ItemRow]:
         """The items of ``job_id`` without an outcome yet (``pending``, or ``running`` when a worker
         stopped in the middle of them), in index order: what a worker still has to do."""
@@ -364,6 +386,13 @@ class JobStore:
 
     async def summary(self) -> tuple[dict[str, int], float | None]:
         """Jobs by state, and when the oldest queued job was submitted (None: none queued)."""
+        counts, oldest, _ = await self.overview()
+        return counts, oldest
+
+    async def overview(self) -> tuple[dict[str, int], float | None, float | None]:
+        """Jobs by state; when the oldest queued job was submitted; and the last progress of the running
+        job that moved least recently (its ``updated_at``: a claim or an item's outcome), None when
+        none runs -- what a stuck-job alert watches."""
         engine = await self.store.engine()
         async with engine.connect() as conn:
             counts = {
@@ -373,16 +402,30 @@ class JobStore:
             oldest = (
                 await conn.execute(select(func.min(jobs.c.created_at)).where(jobs.c.state == "queued"))
             ).scalar()
-        return counts, None if oldest is None else float(oldest)
+            stalest = (
+                await conn.execute(select(func.min(jobs.c.updated_at)).where(jobs.c.state == "running"))
+            ).scalar()
+        return (
+            counts,
+            None if oldest is None else float(oldest),
+            None if stalest is None else float(stalest),
+        )
 
     # ------------------------------------------------------------------ items
 
     async def start_item(self, job_id: str, index: int, attempts: int) -> bool:
-        """Mark an item ``running`` (its ``attempts`` so far); False when it already has an outcome or
-        was cancelled -- then it must not run."""
+        """Mark an item ``running`` (its ``attempts`` so far); False when it already has an outcome, was
+        cancelled, or its job ended (cancelled: an item waiting to retry, on any replica) -- then it
+        must not run."""
+        job_active = select(jobs.c.id).where(jobs.c.id == job_id, jobs.c.state.in_(ACTIVE_STATES)).exists()
         stmt = (
             update(job_items)
-            .where(job_items.c.job_id == job_id, job_items.c.idx == index, job_items.c.state.in_(_OPEN_ITEMS))
+            .where(
+                job_items.c.job_id == job_id,
+                job_items.c.idx == index,
+                job_items.c.state.in_(_OPEN_ITEMS),
+                job_active,
+            )
             .values(state="running", attempts=attempts, updated_at=self.clock.now())
         )
         engine = await self.store.engine()
@@ -485,12 +528,19 @@ class JobStore:
     # ------------------------------------------------------------------ leases (DatabaseClaims)
 
     async def claim(
-        self, owner: str, *, lease: float, limit: int, exclude: Iterable[str] = ()
+        self,
+        owner: str,
+        *,
+        lease: float,
+        limit: int,
+        exclude: Iterable[str] = (),
+        taken_over: Callable[[str, str], object] | None = None,
     ) -> list[JobRow]:
         """Take up to ``limit`` jobs for ``owner``, oldest first: queued ones, running ones whose lease
         ran out, and running ones ``owner`` held before (it came back) -- but none of ``exclude``
         (those it holds and runs now). Each becomes ``running`` with a lease of ``lease`` seconds; a
-        job another worker claims first is skipped."""
+        job another worker claims first is skipped. ``taken_over(job_id, previous_owner)`` is called
+        for each job taken from another owner whose lease ran out."""
         if limit <= 0:
             return []
         now = self.clock.now()
@@ -506,13 +556,13 @@ class JobStore:
         async with engine.begin() as conn:
             candidates = (
                 await conn.execute(
-                    select(jobs.c.id, jobs.c.state)
+                    select(jobs.c.id, jobs.c.state, jobs.c.owner)
                     .where(claimable)
                     .order_by(jobs.c.created_at, jobs.c.id)
                     .limit(limit)
                 )
             ).all()
-            for job_id, state in candidates:
+            for job_id, state, previous in candidates:
                 values: dict[str, Any] = {
                     "owner": owner,
                     "lease_until": now + lease,
@@ -529,6 +579,8 @@ class JobStore:
                 if result.rowcount == 1:
                     row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).one()
                     taken.append(_job(row))
+                    if taken_over is not None and previous is not None and previous != owner:
+                        taken_over(job_id, previous)
         return taken
 
     async def renew(self, owner: str, job_ids: Iterable[str], *, lease: float) -> set[str]:
@@ -582,6 +634,9 @@ class JobClaims(Protocol):
     owner: str
     """Who claims: the same for a server that comes back, so it takes its own jobs back at once."""
 
+    taken_over: int
+    """Jobs claimed so far from another owner that stopped without giving them back (for metrics)."""
+
     async def claim(self, limit: int, exclude: Iterable[str] = ()) -> list[JobRow]:
         """Up to ``limit`` jobs to run now, none of ``exclude`` (they are ``running`` and held when
         returned)."""
@@ -600,10 +655,17 @@ class DatabaseClaims:
         self.store = store
         self.owner = owner
         self.lease = lease
+        self.taken_over = 0
+        """Jobs claimed from another owner whose lease had run out (it stopped without releasing)."""
 
     async def claim(self, limit: int, exclude: Iterable[str] = ()) -> list[JobRow]:
         """Claim up to ``limit`` jobs (queued, or with a lapsed lease, or this owner's from before)."""
-        return await self.store.claim(self.owner, lease=self.lease, limit=limit, exclude=exclude)
+        return await self.store.claim(
+            self.owner, lease=self.lease, limit=limit, exclude=exclude, taken_over=self._taken_over
+        )
+
+    def _taken_over(self, job_id: str, previous: str) -> None:
+        self.taken_over += 1
 
     async def renew(self, job_ids: Iterable[str]) -> set[str]:
         """Extend the leases; the jobs still held."""

@@ -22,6 +22,17 @@ never redone -- and starts them one at a time, at most ``jobs.concurrency`` runn
 
 Stopping cancels the items in flight (they have no outcome, so the next worker runs them again) and
 releases the leases, so a restarted server -- or another one -- carries on at once.
+
+**Several replicas** (``queue``: a :class:`~brownout.durable.job_queue.RedisItemQueue`, with
+``redis.url`` and one PostgreSQL database for all): the replica holding a job puts its open items in
+the Redis stream, once, and every replica's consumer loop takes items from it as its slots and the
+interactive-first rule allow -- a big job runs on all replicas at once. A consumer touches the
+entries it runs every ``lease / 3``; a replica that dies leaves its entries idle, and after
+``jobs.lease`` seconds the others take them (``XAUTOCLAIM``), while its jobs' database leases lapse
+and another replica holds them. Whoever writes a job's last outcome ends it. When Redis stops
+answering, the holder runs its job's open items itself, from the database, as with one server: the
+job keeps going and nothing is lost (items another replica was running may run twice then; their
+outcome is stored once).
 """
 
 from __future__ import annotations
@@ -41,7 +52,17 @@ from brownout import telemetry
 from brownout.background import Periodic, TaskSet
 from brownout.clock import SYSTEM_CLOCK, WALL_CLOCK, Clock
 from brownout.config import JobsSection
-from brownout.durable.jobs import FINAL_STATES, JOB_STATES, ItemOutcome, ItemRow, JobClaims, JobRow, JobStore
+from brownout.durable.job_queue import Delivery, RedisItemQueue
+from brownout.durable.jobs import (
+    ACTIVE_STATES,
+    FINAL_STATES,
+    JOB_STATES,
+    ItemOutcome,
+    ItemRow,
+    JobClaims,
+    JobRow,
+    JobStore,
+)
 from brownout.errors import ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.policies.admission import Admission
@@ -177,8 +198,19 @@ class JobWorkers:
         clock: Clock = SYSTEM_CLOCK,
         wall_clock: Clock = WALL_CLOCK,
         events: EventBus = DEFAULT_BUS,
+        queue: RedisItemQueue | None = None,
     ) -> None:
         self.section = section
+        self.queue = queue
+        """The Redis stream the replicas share items through (None: this server runs its jobs alone)."""
+        self.queue_error: str | None = None
+        """Why the stream did not answer the last time it was used (None: it did, or there is none)."""
+        self.claimed: Counter[str] = Counter()
+        """Work this process took: ``job`` (a database lease), ``item`` (a stream entry)."""
+        self.reclaimed: Counter[str] = Counter()
+        """Of that, what it took over from a worker that stopped: a lapsed lease, an idle entry."""
+        self.stalest: float | None = None
+        """Wall time of the last progress of the running job that moved least recently."""
         self.store = store
         self.claims = claims
         self.handlers = dict(handlers)
@@ -201,7 +233,13 @@ class JobWorkers:
         self.waiting: str | None = None
         """Why items wait now (interactive first, memory), or None."""
         self._runs: dict[str, _Run] = {}
+        self._deliveries: dict[str, Delivery] = {}  # stream entries running here, by entry id
+        self._backlog: list[Delivery] = []  # entries this consumer held before a restart
         self._jobs = TaskSet("jobs", logger=_log)
+        self._items = TaskSet("job stream items", logger=_log)
+        self._consumer = TaskSet("jobs-consumer", logger=_log)
+        self._last_heartbeat = float("-inf")
+        self._last_reclaim = float("-inf")
         self._side = TaskSet("jobs-side", logger=_log)  # rounds kicked by a submission, webhooks
         self._round_lock = asyncio.Lock()
         self._last_renew = float("-inf")
@@ -231,11 +269,18 @@ class JobWorkers:
         """The ids of the jobs this worker holds now."""
         return list(self._runs)
 
+    @property
+    def shared(self) -> bool:
+        """True when the items go through the Redis stream and it answered last time."""
+        return self.queue is not None and self.queue_error is None
+
     async def start(self) -> None:
         """Create the job tables (or, with the database away, leave that to the loop's rounds) and
-        start the loop."""
+        start the loop -- and the stream's consumer, with several replicas."""
         await self._prepare()
         self._loop.start()
+        if self.queue is not None:
+            self._consumer.spawn(self._consume(), name="brownout-jobs-consumer")
 
     async def _prepare(self) -> bool:
         if not self.ready:
@@ -257,6 +302,9 @@ class JobWorkers:
         for run in self._runs.values():
             run.stopped = run.stopped or "the server is stopping"
         held = list(self._runs)
+        await self._consumer.cancel()
+        entries = list(self._deliveries)
+        await self._items.cancel()
         await self._jobs.cancel()
         await self._side.cancel()
         if held and self.ready:
@@ -264,6 +312,13 @@ class JobWorkers:
                 await self.claims.release(held)
             except Exception as e:  # the next owner waits out the lease instead
                 _log.warning("could not release %d job lease(s): %s", len(held), e)
+        if self.queue is not None:
+            try:
+                # The items cut short have no outcome: the other replicas take them at once.
+                await self.queue.let_go(entries, lease=self.section.lease)
+            except Exception as e:  # they wait out the lease instead
+                _log.warning("could not hand back %d job item(s): %s", len(entries), e)
+            await self.queue.aclose()
 
     # ------------------------------------------------------------------ the loop
 
@@ -280,20 +335,26 @@ class JobWorkers:
                 for job_id in held - kept:
                     run = self._runs.get(job_id)
                     if run is not None and run.stopped is None:
-                        run.stopped = "the job was cancelled or taken over by another worker"
+                        run.stopped = "the job ended, was cancelled or was taken over by another worker"
                         self._wake()
-            self.counts, self.oldest_queued = await self.store.summary()
+            if self._deliveries and now - self._last_heartbeat >= self.section.lease / 3:
+                self._last_heartbeat = now
+                await self._heartbeat()
+            self.counts, self.oldest_queued, self.stalest = await self.store.overview()
             paused = self.gate.intake_paused() if self.gate is not None else None
             self.waiting = paused
             room = self.section.max_running_jobs - len(self._runs)
             if paused is not None or room <= 0:
                 return
+            before = self.claims.taken_over
             for job in await self.claims.claim(room, exclude=list(self._runs)):
                 if job.id in self._runs:
                     continue
+                self.claimed["job"] += 1
                 run = _Run(job, done=job.done, failed=job.failed, mock=job.mock)
                 self._runs[job.id] = run
                 self._jobs.spawn(self._run_job(run), name=f"brownout-job-{job.id}")
+            self.reclaimed["job"] += self.claims.taken_over - before
 
     async def cancel(self, job_id: str) -> JobRow | None:
         """Cancel ``job_id`` (``JobStore.cancel``); if this worker runs it, no new item starts from now."""
@@ -329,8 +390,11 @@ class JobWorkers:
         job = run.job
         try:
             handler = self.handlers.get(job.type)
-            items = await self.store.open_items(job.id)
             self._publish(job, run)
+            if self.queue is not None and await self._share(run, self.queue):
+                items: list[ItemRow] = []  # every item has an outcome: the replicas ran them
+            else:
+                items = await self.store.open_items(job.id)
             for item in items:
                 if not await self._turn(run):
                     break
@@ -368,37 +432,197 @@ class JobWorkers:
         run.waiting = None
         return False
 
-    async def _run_item(self, run: _Run, handler: JobHandler, item: ItemRow) -> None:
+    async def _attempts(
+        self, job_id: str, handler: JobHandler, item: ItemRow, stopped: Callable[[], str | None]
+    ) -> tuple[ItemOutcome | None, int]:
+        """Run ``item``, tried again on transient failures: its outcome and the attempts it took, or
+        None when it must not run (its job stopped, it has an outcome already)."""
         attempts = item.attempts
 
         async def attempt() -> ItemOutcome:
             nonlocal attempts
-            if run.stopped is not None:
-                raise _Stopped(run.stopped)
+            why = stopped()
+            if why is not None:
+                raise _Stopped(why)
             if attempts > item.attempts:
                 self.retries += 1
             attempts += 1
-            if not await self.store.start_item(run.job.id, item.index, attempts):
-                raise _Stopped("the item has an outcome already or was cancelled")
+            if not await self.store.start_item(job_id, item.index, attempts):
+                raise _Stopped("the item has an outcome already, or its job ended")
             return await handler.run(item.payload)
 
-        attributes: dict[str, str | int] = {"brownout.job.id": run.job.id, "brownout.job.item": item.index}
-        try:
-            with telemetry.span("job item", attributes=attributes) as span:
-                try:
-                    outcome = await self._retry.call(attempt)
-                except _Stopped:
-                    return
-                except Exception as e:
-                    outcome = ItemOutcome(error=describe_failure(e))
-                if span is not None:
-                    span.set_attribute("brownout.job.item_attempts", attempts)
+        attributes: dict[str, str | int] = {"brownout.job.id": job_id, "brownout.job.item": item.index}
+        with telemetry.span("job item", attributes=attributes) as span:
+            outcome: ItemOutcome | None
+            try:
+                outcome = await self._retry.call(attempt)
+            except _Stopped:
+                outcome = None
+            except Exception as e:
+                outcome = ItemOutcome(error=describe_failure(e))
+            if span is not None:
+                span.set_attribute("brownout.job.item_attempts", attempts)
+                if outcome is not None:
                     span.set_attribute("brownout.job.item_ok", outcome.ok)
                     span.set_attribute("brownout.job.item_mock", outcome.mock)
+            return outcome, attempts
+
+    async def _run_item(self, run: _Run, handler: JobHandler, item: ItemRow) -> None:
+        try:
+            outcome, attempts = await self._attempts(run.job.id, handler, item, lambda: run.stopped)
+            if outcome is not None:
                 await self._finish(run, item, outcome, attempts)
         finally:
             self.in_flight -= 1
             self._wake()
+
+    # ------------------------------------------------------------------ several replicas (the stream)
+
+    async def _share(self, run: _Run, queue: RedisItemQueue) -> bool:
+        """Hold ``run``'s job while the replicas run its items from the stream: put them in (once;
+        again after Redis came back empty), then wait until every item has an outcome (True). False
+        when the job stopped, or when Redis stopped answering: then this worker runs what is left."""
+        job = run.job
+        checked = float("-inf")
+        while run.stopped is None:
+            now = self.clock.now()
+            if now - checked >= self.section.lease / 3:
+                checked = now
+                try:
+                    if not await queue.dispatched(job.id):
+                        left = [i.index for i in await self.store.open_items(job.id)]
+                        added = await queue.dispatch(job.id, left, stamp=self.wall_clock.now())
+                        if added is not None:
+                            _log.info("job %s: %d item(s) in the stream for every replica", job.id, added)
+                    self.queue_error = None
+                except Exception as e:  # Redis away: this worker runs the job alone
+                    self._queue_failed(e)
+            if self.queue_error is not None:
+                _log.warning(
+                    "job %s: Redis does not answer, its items run here: %s", job.id, self.queue_error
+                )
+                return False
+            if await self.store.open_count(job.id) == 0:
+                return True
+            await self._nap(self.section.poll_interval)
+        return False
+
+    def _queue_failed(self, error: BaseException) -> None:
+        first = self.queue_error is None
+        self.queue_error = f"{type(error).__name__}: {error}"[:300]
+        if first:
+            _log.warning("the job stream does not answer: %s", self.queue_error)
+
+    async def _slots(self) -> int:
+        """Wait until items may start here (interactive first, a free slot): how many."""
+        while True:
+            reason = self.gate.reason(self.in_flight) if self.gate is not None else None
+            self.waiting = reason
+            if reason is None and self.in_flight < self.section.concurrency:
+                return self.section.concurrency - self.in_flight
+            await self._nap(self.section.poll_interval)
+
+    async def _consume(self) -> None:
+        """Take items from the stream while there are free slots: first the entries this consumer
+        held before a restart, then those idle past the lease (their consumer stopped), then new ones."""
+        queue = self.queue
+        assert queue is not None
+        fresh = True
+        while True:
+            free = await self._slots()
+            try:
+                if fresh:
+                    await queue.ensure_group()
+                    self._backlog = await queue.own_pending(10_000)
+                    fresh = False
+                got: list[Delivery] = []
+                while self._backlog and len(got) < free:
+                    got.append(self._backlog.pop(0))
+                now = self.clock.now()
+                if not got and now - self._last_reclaim >= self.section.poll_interval:
+                    self._last_reclaim = now
+                    taken = await queue.reclaim(free, idle=self.section.lease)
+                    got = [d for d in taken if d.entry not in self._deliveries]
+                    self.reclaimed["item"] += len(got)
+                if not got:
+                    got = await queue.read(free, block=self.section.poll_interval)
+                self.queue_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self._queue_failed(e)
+                await self._nap(self.section.poll_interval)
+                continue
+            for delivery in got:
+                if delivery.entry in self._deliveries:
+                    continue
+                self.claimed["item"] += 1
+                self.in_flight += 1
+                self._deliveries[delivery.entry] = delivery
+                self._items.spawn(
+                    self._run_delivery(queue, delivery),
+                    name=f"brownout-job-{delivery.job_id}-{delivery.index}",
+                )
+
+    async def _heartbeat(self) -> None:
+        """Tell the stream the entries running here are still running (their idle time starts over)."""
+        if self.queue is None:
+            return
+        try:
+            await self.queue.heartbeat(list(self._deliveries))
+        except Exception as e:  # a missed heartbeat: the lease still has two thirds to go
+            self._queue_failed(e)
+
+    async def _run_delivery(self, queue: RedisItemQueue, delivery: Delivery) -> None:
+        """Run one item taken from the stream, store its outcome, end its job if it was the last one,
+        and acknowledge the entry (a crash before that: another replica takes it after the lease)."""
+        job_id = delivery.job_id
+        try:
+            job = await self.store.get(job_id)
+            item = await self.store.item(job_id, delivery.index)
+            if job is not None and item is not None and job.state in ACTIVE_STATES:
+                handler = self.handlers.get(job.type)
+                attempts = item.attempts
+                outcome: ItemOutcome | None
+                if item.state not in ("pending", "running"):
+                    outcome = None  # done before (a second delivery): nothing to do
+                elif handler is None:
+                    outcome = ItemOutcome(error=f"unknown job type {job.type!r}")
+                elif attempts >= self.section.max_attempts:
+                    # Every worker that ran it stopped in the middle: do not let it stop the next one.
+                    outcome = ItemOutcome(
+                        error=f"gave up after {attempts} attempts: the workers running it stopped"
+                    )
+                else:
+                    run = self._runs.get(job_id)
+                    outcome, attempts = await self._attempts(
+                        job_id, handler, item, lambda: None if run is None else run.stopped
+                    )
+                if outcome is not None:
+                    await self._finish_shared(job, item, outcome, attempts)
+            try:
+                await queue.ack([delivery.entry])
+            except Exception as e:  # the entry stays pending: whoever takes it finds the item done
+                self._queue_failed(e)
+        finally:
+            self._deliveries.pop(delivery.entry, None)
+            self.in_flight -= 1
+            self._wake()
+
+    async def _finish_shared(self, job: JobRow, item: ItemRow, outcome: ItemOutcome, attempts: int) -> None:
+        """Store a stream item's outcome; say the progress; end the job when it was its last item."""
+        if not await self.store.finish_item(job.id, item.index, outcome, attempts=attempts):
+            return  # written before (it counts once)
+        self.outcomes["failed" if not outcome.ok else "mock" if outcome.mock else "succeeded"] += 1
+        now = await self.store.get(job.id)
+        if now is None:
+            return
+        self._publish(now, None, state="running" if now.state in ACTIVE_STATES else None)
+        if now.finished < now.total or now.state != "running":
+            return
+        ended = await self.store.complete(job.id)
+        if ended is not None:
+            self._ended(ended)
 
     async def _finish(self, run: _Run, item: ItemRow, outcome: ItemOutcome, attempts: int) -> None:
         if not await self.store.finish_item(run.job.id, item.index, outcome, attempts=attempts):
@@ -441,6 +665,8 @@ class JobWorkers:
     def _ended(self, job: JobRow) -> None:
         """A job ended: say so on the live channel, and to its webhook."""
         self._publish(job, None)
+        if self.queue is not None:
+            self._side.spawn(self._forget(self.queue, job.id), name=f"brownout-job-forget-{job.id}")
         if job.webhook and self.section.webhooks:
             self._side.spawn(self._notify(job.webhook, job), name=f"brownout-job-webhook-{job.id}")
 
@@ -500,6 +726,12 @@ class JobWorkers:
             if not future.done():
                 future.set_result(None)
 
+    async def _forget(self, queue: RedisItemQueue, job_id: str) -> None:
+        try:
+            await queue.forget(job_id)
+        except Exception as e:  # a marker left behind costs a few bytes, nothing else
+            self._queue_failed(e)
+
 
 class _WebhookRefused(Exception):
     """A webhook receiver answered 5xx, 408 or 429 (worth another try)."""
@@ -539,6 +771,33 @@ class JobsCollector(Collector):
         age = 0.0 if w.oldest_queued is None else max(0.0, w.wall_clock.now() - w.oldest_queued)
         yield GaugeMetricFamily("brownout_jobs_queue_age_seconds", "Age of the oldest queued job", value=age)
         yield GaugeMetricFamily("brownout_job_items_in_flight", "Job items running now", value=w.in_flight)
+        claims = CounterMetricFamily(
+            "brownout_jobs_claims",
+            "Work this process took: job (a database lease on a job), item (an entry of the shared stream)",
+            labels=["what"],
+        )
+        reclaims = CounterMetricFamily(
+            "brownout_jobs_reclaims",
+            "Work this process took over from a worker that stopped: a job whose lease ran out, an item "
+            "idle past the lease in the shared stream",
+            labels=["what"],
+        )
+        for what in ("job", "item"):
+            claims.add_metric([what], w.claimed.get(what, 0))
+            reclaims.add_metric([what], w.reclaimed.get(what, 0))
+        yield claims
+        yield reclaims
+        stalled = 0.0 if w.stalest is None else max(0.0, w.wall_clock.now() - w.stalest)
+        yield GaugeMetricFamily(
+            "brownout_jobs_stalled_seconds",
+            "Seconds since the running job that moved least recently last made progress (0: none runs)",
+            value=stalled,
+        )
+        yield GaugeMetricFamily(
+            "brownout_jobs_shared",
+            "1 while job items go through the Redis stream the replicas share (0: run here alone)",
+            value=1.0 if w.shared else 0.0,
+        )
         yield GaugeMetricFamily(
             "brownout_jobs_waiting",
             "1 while job items wait for interactive traffic or for memory (interactive first)",

@@ -32,6 +32,7 @@ from brownout.briefs.jobs import BRIEFS, BriefsJob
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
+from brownout.durable.job_queue import RedisItemQueue
 from brownout.durable.jobs import DatabaseClaims, JobStore
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
 from brownout.durable.spool import Spool, SpoolInUse, SpoolReplayer
@@ -318,6 +319,18 @@ class Runtime:
         job_store = JobStore(self.records.store)
         owner = f"{socket.gethostname()}:{os.path.abspath(cfg.database.spool_path)}"
         resources = self.ops.resources
+        # With Redis and one PostgreSQL database for all replicas, the items go through a Redis stream
+        # every replica reads (jobs.distribute); the owner is then this replica's consumer name too.
+        queue = None
+        if cfg.jobs_distributed and cfg.redis.url is not None:
+            queue = RedisItemQueue.from_url(
+                cfg.redis.url, prefix=cfg.redis.prefix, consumer=owner, block=jobs_cfg.poll_interval
+            )
+        elif cfg.jobs.enabled and cfg.redis.url is not None and cfg.jobs.distribute == "auto":
+            _log.warning(
+                "jobs run on the replica they were submitted to: sharing them between replicas needs "
+                "a PostgreSQL database.url all replicas use (set jobs.distribute: local to say this is meant)"
+            )
         self.jobs = JobWorkers(
             jobs_cfg,
             job_store,
@@ -332,6 +345,7 @@ class Runtime:
             publish=lambda kind, data, keep: self.live.publish(kind, data, record=keep),
             clock=clock,
             events=events,
+            queue=queue,
         )
         """The job workers (from :meth:`start`, when ``jobs.enabled``)."""
         # Probes every role every models.health_interval, from start() to stop().
