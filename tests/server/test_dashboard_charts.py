@@ -174,6 +174,21 @@ async def exercise(tmp_path: Path, binary: str, chat_url: str, problem: Callable
                     )
                 )
                 assert all(c.status_code == 200 for c in chats)
+                # A job: its row comes from the live channel's progress messages, with its bar.
+                items = [{"text": f"a vetiver and rain candle {i}", "mode": "fast"} for i in range(4)]
+                submitted = await http.post("/v1/jobs", json={"type": "briefs", "items": items})
+                assert submitted.status_code == 202, submitted.text
+                job = submitted.json()["id"]
+
+            row = f"document.querySelector('#jobs-body tr[data-job=\"{job}\"]')"
+            await until_page(
+                page, f"{row} !== null && {row}.dataset.jobState === 'succeeded'", "the job's row"
+            )
+            widths = await page.evaluate(
+                f"[...{row}.querySelectorAll('.progress span')].map((s) => parseFloat(s.style.width))"
+            )
+            assert sum(widths) == pytest.approx(100.0)  # done (by a model or by the rules): the whole bar
+            assert "1 succeeded" in ((await page.text_content("#jobs-counts")) or "")
 
             await until_page(
                 page,

@@ -1,7 +1,8 @@
 // brownout live dashboard: plain JavaScript, no build step, no external assets.
 // It listens to GET /api/v1/events?charts=1 (Server-Sent Events): "snapshot" messages redraw the
 // state, "event" and "alert" messages go to the feed, "history" and "sample" messages go to the
-// charts (charts.js). Everything from the server is inserted with
+// charts (charts.js), "job" messages (a job's state and progress) to the jobs table, which is first
+// filled from GET /v1/jobs and read again every 15 s. Everything from the server is inserted with
 // textContent, never as HTML: event fields carry model error messages.
 "use strict";
 
@@ -114,6 +115,67 @@ function render(s) {
   renderModels(s.models);
 }
 
+const JOBS_SHOWN = 20;
+const jobs = new Map();
+
+function jobRow(j) {
+  const p = j.progress || { done: 0, failed: 0, total: 0, mock: 0 };
+  const tr = el("tr", null, { "data-job": j.id, "data-job-state": j.state });
+  tr.appendChild(el("td", j.id.slice(0, 12), { class: "id", title: j.id }));
+  const state = el("td");
+  state.appendChild(badge(j.state, j.state));
+  tr.appendChild(state);
+  const bar = el("div", null, { class: "progress", role: "progressbar", "aria-valuemin": 0,
+    "aria-valuemax": p.total, "aria-valuenow": p.done + p.failed });
+  const total = Math.max(1, p.total);
+  // Set through the style object (CSSOM): the page's Content-Security-Policy forbids inline styles.
+  for (const [cls, n] of [["done", p.done - p.mock], ["mock", p.mock], ["failed", p.failed]]) {
+    const part = el("span", null, { class: cls });
+    part.style.width = (100 * Math.max(0, n) / total).toFixed(2) + "%";
+    bar.appendChild(part);
+  }
+  const cell = el("td");
+  cell.appendChild(bar);
+  tr.appendChild(cell);
+  tr.appendChild(el("td", (p.done - p.mock) + " / " + p.mock + " / " + p.failed + " of " + p.total));
+  tr.appendChild(el("td", j.waiting || j.reason || "", { class: "small" }));
+  return tr;
+}
+
+function renderJobs() {
+  const shown = [...jobs.values()]
+    .sort((a, b) => String(b.created_at || "").localeCompare(String(a.created_at || "")))
+    .slice(0, JOBS_SHOWN);
+  $("jobs-body").replaceChildren(...shown.map(jobRow));
+  $("jobs").setAttribute("data-jobs", String(jobs.size));
+  const counts = {};
+  for (const j of jobs.values()) counts[j.state] = (counts[j.state] || 0) + 1;
+  const order = ["queued", "running", "succeeded", "partially_succeeded", "failed", "cancelled"];
+  const text = order.filter((s) => counts[s]).map((s) => counts[s] + " " + s.replace("_", " "));
+  $("jobs-counts").textContent = text.length ? text.join(", ") : "none yet";
+}
+
+function updateJob(j) {
+  if (!j || !j.id) return;
+  // A progress message carries no timestamps: keep the ones the list gave (a job first seen here
+  // is the newest).
+  const known = jobs.get(j.id) || { created_at: new Date().toISOString() };
+  jobs.set(j.id, { ...known, ...j });
+  renderJobs();
+}
+
+async function loadJobs() {
+  try {
+    const r = await fetch("/v1/jobs?limit=" + JOBS_SHOWN, { headers: { accept: "application/json" } });
+    if (!r.ok) return; // jobs switched off, or the database away: the table keeps what it had
+    const body = await r.json();
+    for (const j of body.jobs || []) jobs.set(j.id, { ...(jobs.get(j.id) || {}), ...j });
+    renderJobs();
+  } catch (e) {
+    // The server is restarting: the stream's reconnection brings the table back.
+  }
+}
+
 function addFeed(kind, m) {
   const feed = $("feed");
   const li = el("li", null, {
@@ -151,10 +213,15 @@ function connect() {
   source.addEventListener("alert", (e) => addFeed("alert", JSON.parse(e.data)));
   source.addEventListener("history", (e) => window.brownoutCharts.history(JSON.parse(e.data).data));
   source.addEventListener("sample", (e) => window.brownoutCharts.sample(JSON.parse(e.data).data));
+  source.addEventListener("job", (e) => updateJob(JSON.parse(e.data).job));
   source.addEventListener("dropped", () => {
     conn.textContent = "fell behind; reconnecting...";
     conn.setAttribute("data-state", "lost");
   });
 }
 
-document.addEventListener("DOMContentLoaded", connect);
+document.addEventListener("DOMContentLoaded", () => {
+  connect();
+  loadJobs();
+  setInterval(loadJobs, 15000);
+});
