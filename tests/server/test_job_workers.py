@@ -277,3 +277,34 @@ async def test_a_job_run_is_one_trace_with_a_span_per_item(world: World) -> None
         assert item.attributes is not None
         assert item.attributes["brownout.job.item_ok"] is True
         assert item.attributes["brownout.job.item_mock"] is False
+
+
+class _StuckClaims:
+    """Claims whose release never answers (a database that stopped answering mid-stop)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.released = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def release(self, job_ids: Any) -> None:
+        self.released.set()
+        await asyncio.Event().wait()  # never
+
+
+async def test_a_database_that_does_not_answer_does_not_hold_the_workers_stop(world: World) -> None:
+    script = Script()
+    script.hold = {0, 1}
+    workers, jobs = world.workers(script, concurrency=2)
+    stuck = _StuckClaims(workers.claims)
+    workers.claims = stuck
+    workers.hand_back_timeout = 0.05
+    await workers.start()
+    job, _ = await jobs.submit("briefs", _items(4))
+    workers.kick()
+    await world.drive(lambda: script.running == {0, 1}, "two items in flight")
+    await asyncio.wait_for(workers.aclose(), 5.0)  # bounded: the lease is left to run out instead
+    assert stuck.released.is_set()
+    assert await jobs.item_counts(job.id) == {"running": 2, "pending": 2}

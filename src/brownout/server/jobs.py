@@ -74,6 +74,7 @@ __all__ = ["InteractiveFirst", "JobHandler", "JobWorkers", "JobsCollector", "des
 
 _log = logging.getLogger("brownout.jobs")
 
+
 _TRANSIENT_TYPES = frozenset(
     {
         FailureType.NETWORK,
@@ -202,6 +203,9 @@ class JobWorkers:
     ) -> None:
         self.section = section
         self.queue = queue
+        self.hand_back_timeout = 5.0
+        """Longest wait, at stop, to release job leases or hand running items back to the other
+        replicas (seconds of the event loop's own time: the stop must end whatever the clock says)."""
         """The Redis stream the replicas share items through (None: this server runs its jobs alone)."""
         self.queue_error: str | None = None
         """Why the stream did not answer the last time it was used (None: it did, or there is none)."""
@@ -307,17 +311,21 @@ class JobWorkers:
         await self._items.cancel()
         await self._jobs.cancel()
         await self._side.cancel()
+        # Handing work back is a courtesy to the other replicas (without it they wait out the lease):
+        # a database or Redis that does not answer must not hold the server's stop, so each is bounded.
         if held and self.ready:
             try:
-                await self.claims.release(held)
+                async with asyncio.timeout(self.hand_back_timeout):
+                    await self.claims.release(held)
             except Exception as e:  # the next owner waits out the lease instead
-                _log.warning("could not release %d job lease(s): %s", len(held), e)
+                _log.warning("could not release %d job lease(s): %r", len(held), e)
         if self.queue is not None:
             try:
-                # The items cut short have no outcome: the other replicas take them at once.
-                await self.queue.let_go(entries, lease=self.section.lease)
+                async with asyncio.timeout(self.hand_back_timeout):
+                    # The items cut short have no outcome: the other replicas take them at once.
+                    await self.queue.let_go(entries, lease=self.section.lease)
             except Exception as e:  # they wait out the lease instead
-                _log.warning("could not hand back %d job item(s): %s", len(entries), e)
+                _log.warning("could not hand back %d job item(s): %r", len(entries), e)
             await self.queue.aclose()
 
     # ------------------------------------------------------------------ the loop
