@@ -227,7 +227,11 @@ class RoleLimiterSection(_Section):
     max_limit: int | None = Field(
         default=None, ge=1, description="calls in flight it never goes above; none: the endpoint's slots"
     )
-    initial_limit: int = Field(default=4, ge=1, description="the limit to start from")
+    initial_limit: int = Field(
+        default=1,
+        ge=1,
+        description="the limit to start from; one (a slow start): a fresh server's slots share its cores",
+    )
     max_queue: int = Field(default=1000, ge=0, description="calls allowed to wait for a slot; 0: never wait")
     max_wait: float = Field(default=60.0, gt=0, description="longest a call waits for a slot, seconds")
 

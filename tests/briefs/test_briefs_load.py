@@ -46,6 +46,7 @@ async def one_slot_service(
             config.models.roles[role].endpoints,
             breakers=config.circuit_breaker.group(),
             timeout=config.models.roles[role].timeout,
+            limiter=config.models.roles[role].limiter.config(),
             events=events,
         )
         for role in ROLES
@@ -161,8 +162,9 @@ async def test_a_slow_call_on_a_busy_generator_is_load_not_failure(
 ) -> None:
     # The generator's server has one slot but the client believes it has four: calls queue inside the
     # server, and those that wait there too long time out. The server completes calls all the while:
-    # those timeouts are load, so no breaker opens and the answers say so.
-    roles: dict[str, dict[str, Any]] = {"qwen": {"timeout": 0.7}}
+    # those timeouts are load, so no breaker opens and the answers say so. (The limit starts at four,
+    # not at one, so that the server's own queue fills.)
+    roles: dict[str, dict[str, Any]] = {"qwen": {"timeout": 0.7, "limiter": {"initial_limit": 4}}}
     overrides = {"models": {"roles": roles}, "circuit_breaker": {"minimum_calls": 2, "window_size": 10}}
     async with FakeLLM("slow", delay=0.3, slots=1, model="qwen") as one_slot:
         roles["qwen"]["endpoints"] = [{"url": one_slot.url, "max_concurrency": 4}]

@@ -488,7 +488,13 @@ async def test_a_saturated_server_never_opens_the_breaker_and_a_dead_one_still_d
     # two failures would open.
     async with (
         FakeLLM("slow", delay=0.1, slots=1) as fake,
-        client(ep(fake, max_concurrency=4), timeout=0.35, retry=TWO_TRIES) as c,
+        # Started at four calls (not the slow start): the server's own queue must time some out.
+        client(
+            ep(fake, max_concurrency=4),
+            timeout=0.35,
+            retry=TWO_TRIES,
+            limiter=LimiterConfig(initial_limit=4),
+        ) as c,
     ):
         slow = done = 0
         for _ in range(4):
@@ -512,6 +518,29 @@ async def test_a_saturated_server_never_opens_the_breaker_and_a_dead_one_still_d
             with pytest.raises(ModelError):
                 await dead.chat(MESSAGES)
         assert dead.breakers["gen"].state is BreakerState.OPEN
+
+
+async def test_a_server_too_slow_with_every_slot_busy_is_started_one_call_at_a_time() -> None:
+    # Four slots sharing the server's cores (llama.cpp's batched slots): one call alone takes 0.2 s,
+    # four at once take 0.8 s each -- longer than the 0.5 s timeout. Sending four at once to a fresh
+    # server would time all of them out with nothing ever completed, and a breaker that two failures
+    # open would call a healthy model down. The limit starts at one call and grows while the
+    # answers say the server keeps up, so calls complete and the breaker stays closed.
+    async with (
+        FakeLLM("ok", delay=0.2, slots=4, shared=True) as fake,
+        client(ep(fake, max_concurrency=4), timeout=0.5) as c,
+    ):
+        done = 0
+        for _ in range(6):
+            outcomes = await asyncio.gather(*(c.chat(MESSAGES) for _ in range(4)), return_exceptions=True)
+            for o in outcomes:
+                assert isinstance(o, (ChatResult, Overloaded)), o
+                done += isinstance(o, ChatResult)
+        assert c.breakers["gen"].state is BreakerState.CLOSED
+        assert c.breakers["gen"].metrics().failures == 0
+        assert done >= 12
+        [status] = c.endpoints_status()
+        assert 1 <= status["limit"] <= 2  # the knee: two at once still answer within the timeout
 
 
 async def test_a_model_that_stops_answering_opens_its_breaker_once_its_last_sign_of_life_is_old() -> None:
@@ -652,7 +681,10 @@ async def test_the_picker_prefers_an_endpoint_with_a_free_slot() -> None:
     async with (
         FakeLLM("slow", delay=0.5) as narrow,
         FakeLLM("slow", delay=0.5) as wide,
-        client(ep(narrow, max_concurrency=1), ep(wide, max_concurrency=4)) as c,
+        # Limits already grown to the slots (not the slow start of a fresh client).
+        client(
+            ep(narrow, max_concurrency=1), ep(wide, max_concurrency=4), limiter=LimiterConfig(initial_limit=4)
+        ) as c,
     ):
         # Two calls: one each (fewest in flight). The third: both have one in flight, but only the
         # wide endpoint has a free slot.
@@ -667,7 +699,8 @@ async def test_the_picker_prefers_an_endpoint_with_a_free_slot() -> None:
 def test_max_concurrency_bounds_each_endpoints_limiter() -> None:
     c = client(ep("http://127.0.0.1:1", max_concurrency=2), ep("http://127.0.0.1:2"))
     limits = {name: (lim.limit, lim.config.max_limit) for name, lim in c.limiters.items()}
-    assert limits == {"gen@http://127.0.0.1:1": (2, 2), "gen@http://127.0.0.1:2": (4, 16)}
+    # Each starts at one call in flight (the slow start) under its ceiling.
+    assert limits == {"gen@http://127.0.0.1:1": (1, 2), "gen@http://127.0.0.1:2": (1, 16)}
     with pytest.raises(ValueError, match="max_concurrency"):
         EndpointConfig(url="http://127.0.0.1:1", max_concurrency=0)
     assert c.estimated_wait() == 0.0

@@ -41,6 +41,9 @@ server with ``--parallel N`` does; further requests wait inside the server, firs
 and their ``delay`` starts only once they have a slot. ``open_chats`` / ``peak_open_chats`` count the
 chat requests the server holds at once (answering or waiting for a slot), so a test can check that a
 client never sends more than the server can run; ``peak_answering`` the most answered at once.
+With ``shared`` the requests answered at once share the server's speed, as llama.cpp's slots share its
+threads: ``delay`` is what one request alone takes, and one that starts while N are answered (itself
+included) takes N x ``delay``.
 
 Each ``set`` / ``POST /_control`` describes the whole behaviour: fields left out take their defaults,
 so ``{"mode": "ok"}`` always means a plain, prompt answer whatever was set before.
@@ -142,6 +145,10 @@ class FakeBehaviour(BaseModel):
     chunk_delay: float = Field(
         default=0.0, ge=0, le=3600, description="seconds between the events of a streamed answer"
     )
+    shared: bool = Field(
+        default=False,
+        description="requests answered at once share the server's speed: N of them take N x delay each",
+    )
 
     @property
     def effective_delay(self) -> float:
@@ -162,6 +169,8 @@ class _FakeState:
         self.peak_open_chats = 0
         self.answering = 0
         self.peak_answering = 0
+        # Set (and replaced) whenever ``answering`` changes: shared-speed requests re-plan then.
+        self.answering_changed = asyncio.Event()
         self.behaviour = behaviour
         self.failures_left = 0
         self.requests = 0
@@ -173,6 +182,11 @@ class _FakeState:
         self.release = asyncio.Event()
         self.ids = itertools.count(1)
         self.set(behaviour)
+
+    def note_answering_changed(self) -> None:
+        """Wake the shared-speed requests: the number answered at once changed."""
+        self.answering_changed.set()
+        self.answering_changed = asyncio.Event()
 
     def set(self, behaviour: FakeBehaviour) -> None:
         self.behaviour = behaviour
@@ -221,6 +235,40 @@ async def _hold(request: Request, release: asyncio.Event, delay: float | None) -
         stopped.cancel()
         await asyncio.gather(left, stopped, return_exceptions=True)
     return not done
+
+
+async def _share(request: Request, state: _FakeState, work: float) -> bool:
+    """Answer ``work`` seconds of one request's computation while sharing the server's speed with
+    every request answered at the same time (processor sharing: with N answering, each advances at
+    1/N). False if the client left or the server stopped first."""
+    loop = asyncio.get_running_loop()
+    while work > 1e-9:
+        n = max(state.answering, 1)
+        changed = state.answering_changed
+        started = loop.time()
+        wake = asyncio.ensure_future(changed.wait())
+        try:
+            if not await _hold_until(request, state.release, wake, work * n):
+                return False
+        finally:
+            wake.cancel()
+        work -= (loop.time() - started) / n
+    return True
+
+
+async def _hold_until(
+    request: Request, release: asyncio.Event, wake: asyncio.Future[Any], delay: float
+) -> bool:
+    """Wait ``delay`` seconds or until ``wake``; False if the client left or the server stopped first."""
+    left = asyncio.ensure_future(_until_disconnect(request))
+    stopped = asyncio.ensure_future(release.wait())
+    try:
+        await asyncio.wait((left, stopped, wake), timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        return not (left.done() or stopped.done())
+    finally:
+        left.cancel()
+        stopped.cancel()
+        await asyncio.gather(left, stopped, return_exceptions=True)
 
 
 async def _take_slot(request: Request, release: asyncio.Event, slots: asyncio.Semaphore) -> bool:
@@ -399,10 +447,12 @@ def _build_app(state: _FakeState) -> Starlette:
     async def answer(request: Request) -> Response:
         state.answering += 1
         state.peak_answering = max(state.peak_answering, state.answering)
+        state.note_answering_changed()
         try:
             return await answer_now(request)
         finally:
             state.answering -= 1
+            state.note_answering_changed()
 
     async def answer_now(request: Request) -> Response:
         try:
@@ -430,7 +480,10 @@ def _build_app(state: _FakeState) -> Starlette:
             # Reached only when the server stops (a departed client never reads this).
             return _error(503, "server stopping")
         delay = b.effective_delay
-        if delay > 0 and not await _hold(request, state.release, delay):
+        if b.shared and delay > 0:
+            if not await _share(request, state, delay):
+                return _error(503, "server stopping")
+        elif delay > 0 and not await _hold(request, state.release, delay):
             return _error(503, "server stopping")
         if mode == "malformed":
             raw = b.content if b.content is not None else _MALFORMED_BODY
@@ -570,6 +623,7 @@ class FakeLLM:
         model: str = "fake",
         port: int = 0,
         slots: int | None = None,
+        shared: bool = False,
     ) -> None:
         if slots is not None and slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -581,6 +635,7 @@ class FakeLLM:
             content=content,
             fail_times=fail_times,
             chunk_delay=chunk_delay,
+            shared=shared,
         )
         self._state = _FakeState(behaviour, model, slots)
         self._port = port

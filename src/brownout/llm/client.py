@@ -129,8 +129,13 @@ _SERVER_SIDE_4XX: Final = frozenset({408, 425, 429})
 # Statuses by which a server says it has more work than it can take: the concurrency limit shrinks.
 _OVERLOAD_STATUSES: Final = frozenset({429, 503})
 
-DEFAULT_LIMITER: Final = LimiterConfig()
-"""The limiter settings of a client given none (``max_limit`` comes from each endpoint)."""
+DEFAULT_LIMITER: Final = LimiterConfig(initial_limit=1)
+"""The limiter settings of a client given none (``max_limit`` comes from each endpoint).
+
+The limit starts at one call (a slow start, as TCP's): a model server's slots share its cores, so a
+fresh server sent as many calls as it has slots may answer none of them within the timeout -- and
+with nothing ever completed, those timeouts would read as a dead model. From one call the limit
+grows a round at a time while the answers say the server keeps up (:mod:`brownout.policies.limiter`)."""
 
 
 def is_caller_fault(status: int | None) -> bool:
