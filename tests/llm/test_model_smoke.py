@@ -78,7 +78,9 @@ def test_the_openai_client_chats_with_a_default_serve_through_the_local_group(tm
         cwd=tmp_path,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("BROWNOUT")},
+        # Its own threads 10 nice steps below its models (the default only when a model runs several
+        # threads; asked for here, with the embedded one-thread layout, to see it applied).
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("BROWNOUT")}, **NICE},
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -92,6 +94,8 @@ def test_the_openai_client_chats_with_a_default_serve_through_the_local_group(tm
                 pass
             assert time.monotonic() < deadline, "brownout serve did not start within 120 s"
             time.sleep(0.2)
+        if sys.platform.startswith("linux"):
+            check_models_run_above_the_service(proc.pid)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
         assert "local" in [m.id for m in client.models.list()]
         messages: list[Any] = [{"role": "user", "content": "Name one flower."}]
@@ -109,3 +113,42 @@ def test_the_openai_client_chats_with_a_default_serve_through_the_local_group(tm
             proc.kill()
             proc.wait()
         log.close()
+
+
+NICE = {"BROWNOUT__MODELS__LOCAL__API_NICE": "10"}
+
+
+def check_models_run_above_the_service(pid: int) -> None:
+    """``models.local.api_nice`` (10 here): every thread of the service runs 10 nice steps below
+    every thread of its three model servers, which keep the priority the service started with."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+
+    def nices(p: int) -> set[int]:
+        return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{p}/task")}
+
+    deadline = time.monotonic() + 10
+    while os.getpriority(os.PRIO_PROCESS, pid) != min(base + 10, 19):  # set once the app has started
+        assert time.monotonic() < deadline, "the service's priority was not lowered"
+        time.sleep(0.1)
+    serving = "brownout.llm._serve_local"
+    models = [c for c in children_of(pid) if serving in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(models) == 3
+    for model in models:
+        assert nices(model) == {base}
+    service = nices(pid) - {base}  # the thread that starts the models keeps the original priority
+    assert service == {min(base + 10, 19)}
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc; one that ends meanwhile is left out)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[1] == str(pid):  # the field after the state: the parent
+            found.append(int(name))
+    return found

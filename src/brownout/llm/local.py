@@ -18,6 +18,14 @@ No orphans: the child asks the kernel to end it when its parent dies (see :mod:`
 ``stop()`` terminates the whole process group, and an :mod:`atexit` hook and ``__del__`` kill any
 child still running when the interpreter exits or the server object is collected.
 
+CPU priority: every child is started from one thread kept for that (:func:`spawner_thread_id`), so a
+model server starts at the priority the process had when that thread began, whatever the other threads
+became since: ``brownout serve`` lowers its own threads' priority below its models'
+(:mod:`brownout.server.priority`), and a model restarted an hour later must not inherit that. The
+child is the leader of a process group of its own but stays in the service's session: where Linux
+groups CPU time by session (autogroup), the models and the service share one group, inside which the
+threads' priorities decide.
+
 Time: the supervisor's waits (health interval, backoff, start-up and stop deadlines) go through the
 injected :class:`~brownout.clock.Clock`; only the per-request HTTP timeout of a health probe is real
 time, because it bounds a real socket.
@@ -27,13 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import logging
 import os
 import re
 import signal
 import socket
+import subprocess
 import sys
+import threading
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -48,7 +59,7 @@ from brownout.events import DEFAULT_BUS, EventBus, ModelServerRestarted
 from brownout.llm._serve_local import default_model_path
 from brownout.policies.retry import capped_exponential
 
-__all__ = ["LocalModelServer", "ServerState", "free_port"]
+__all__ = ["LocalModelServer", "ServerState", "free_port", "spawner_thread_id"]
 
 ServerState = Literal["starting", "running", "restarting", "stopped", "failed"]
 """The life-cycle states of a :class:`LocalModelServer`."""
@@ -64,8 +75,136 @@ _POLL = 0.05  # seconds between readiness checks while a child starts
 _TAIL_LINES = 40
 
 # Process groups of children still running, killed synchronously at interpreter exit. A child is
-# the leader of its own group (start_new_session), so killpg reaches it and anything it forked.
+# the leader of its own group (process_group=0), so killpg reaches it and anything it forked.
 _LIVE_GROUPS: set[int] = set()
+
+# The one thread that starts children (see the module docstring). It lives as long as the process:
+# the kernel ties a child's parent-death signal to the thread that forked it.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="brownout-spawner")
+_spawner_tid: int | None = None
+_spawner_lock = threading.Lock()
+
+
+def spawner_thread_id() -> int:
+    """The native id of the thread that starts every local model server, started now if need be.
+
+    A caller about to lower the priority of this process's threads leaves this one alone, so that
+    model servers started later keep the priority the process began with."""
+    global _spawner_tid
+    with _spawner_lock:
+        if _spawner_tid is None:
+            _spawner_tid = _SPAWNER.submit(threading.get_native_id).result()
+        return _spawner_tid
+
+
+class _Process:
+    """A child started on the spawner thread, watched from the event loop: its output as streams,
+    its exit as an awaitable (``pidfd`` on Linux, else a waiting thread)."""
+
+    __slots__ = ("_exit", "_popen", "pid", "stderr", "stdout")
+
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader,
+        exit_future: asyncio.Future[int],
+    ) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self._exit = exit_future
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child has been reaped (negative: the signal that ended it)."""
+        return self._popen.returncode if self._exit.done() else None
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; cancelling this wait leaves the child's watch in place."""
+        return await asyncio.shield(self._exit)
+
+    @classmethod
+    async def start(cls, command: Sequence[str], env: dict[str, str]) -> _Process:
+        loop = asyncio.get_running_loop()
+        spawner_thread_id()
+
+        def spawn() -> subprocess.Popen[bytes]:
+            popen = subprocess.Popen(
+                list(command),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                # Its own process group: a terminal's Ctrl-C does not reach it half-way through a
+                # request, and killpg ends it with anything it forked. Lifetime is tied to us instead.
+                process_group=0,
+            )
+            _LIVE_GROUPS.add(popen.pid)
+            return popen
+
+        started = loop.run_in_executor(_SPAWNER, spawn)
+        try:
+            popen = await asyncio.shield(started)
+        except asyncio.CancelledError:
+            # Cancelled while the thread was starting it: a child nobody watches must not live on.
+            started.add_done_callback(_kill_if_started)
+            raise
+        try:
+            assert popen.stdout is not None
+            assert popen.stderr is not None
+            stdout, stderr = asyncio.StreamReader(), asyncio.StreamReader()
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), popen.stdout)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stderr), popen.stderr)
+            exit_future: asyncio.Future[int] = loop.create_future()
+            _watch_exit(loop, popen, exit_future)
+        except BaseException:
+            _kill_group(popen.pid)
+            await asyncio.to_thread(popen.wait)
+            _LIVE_GROUPS.discard(popen.pid)
+            raise
+        return cls(popen, stdout, stderr, exit_future)
+
+
+def _kill_if_started(started: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    if not started.cancelled() and started.exception() is None:
+        popen = started.result()
+        _kill_group(popen.pid)
+        threading.Thread(target=popen.wait, daemon=True).start()  # reap it
+
+
+def _watch_exit(
+    loop: asyncio.AbstractEventLoop, popen: subprocess.Popen[bytes], done: asyncio.Future[int]
+) -> None:
+    """Resolve ``done`` with the exit status once ``popen`` has exited and been reaped."""
+
+    def finish(code: int) -> None:
+        if not done.done():
+            done.set_result(code)
+
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is not None:
+        try:
+            fd: int = pidfd_open(popen.pid)
+        except OSError:  # an old kernel, or a sandbox without the call
+            pass
+        else:
+
+            def exited() -> None:
+                loop.remove_reader(fd)
+                os.close(fd)
+                finish(popen.wait())  # exited: reaps at once
+
+            loop.add_reader(fd, exited)
+            return
+
+    def wait_in_thread() -> None:
+        code = popen.wait()
+        with contextlib.suppress(RuntimeError):  # the loop closed first
+            loop.call_soon_threadsafe(finish, code)
+
+    threading.Thread(target=wait_in_thread, name=f"brownout-wait-{popen.pid}", daemon=True).start()
 
 
 def _kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
@@ -93,7 +232,7 @@ class _Child:
 
     __slots__ = ("drains", "log_path", "pid", "proc", "ready", "tail")
 
-    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path | None) -> None:
+    def __init__(self, proc: _Process, log_path: Path | None) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.log_path = log_path
@@ -524,17 +663,7 @@ class LocalModelServer:
         env = dict(os.environ)
         if _FROM_SOURCE_TREE:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        proc = await asyncio.create_subprocess_exec(
-            *self._command(),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            # Its own process group: a terminal's Ctrl-C does not reach it half-way through a
-            # request, and killpg ends it with anything it forked. Lifetime is tied to us instead.
-            start_new_session=True,
-        )
-        _LIVE_GROUPS.add(proc.pid)
+        proc = await _Process.start(self._command(), env)
         child = _Child(proc, self._log_path() if self._log_dir is not None else None)
         try:
             await self._wait_ready(child)

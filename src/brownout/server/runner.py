@@ -22,6 +22,7 @@ from fastapi import FastAPI
 
 from brownout.errors import ConfigError
 from brownout.server.connections import uvicorn_options
+from brownout.server.priority import yield_to_models
 from brownout.server.runtime import Runtime
 
 __all__ = ["PROBE_PATHS", "ProbeAccessFilter", "make_server", "quiet_probes", "run_server", "settle_heap"]
@@ -96,6 +97,9 @@ def make_server(app: FastAPI, **options: Any) -> uvicorn.Server:
             if not self.should_exit:
                 # The app's startup made what the server keeps for good: out of the collector's way.
                 settle_heap()
+                # Its local model servers get the cores first (brownout.server.priority).
+                local = runtime.config.models.local
+                yield_to_models(local.effective_api_nice(runtime.local), bool(runtime.local))
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.live.close_clients_soon()
