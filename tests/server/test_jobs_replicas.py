@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -36,6 +37,25 @@ from support.stack import distinct_text, merge
 from support.wait import until
 
 LEASE = 2.0
+
+
+@pytest.fixture(autouse=True)
+async def _report_a_hang() -> AsyncIterator[None]:
+    """A test here still running after 100 s (pytest stops it at 120) prints where every task of its
+    event loop waits: twice a test of this file hung with the loop idle, and the threads' stacks
+    that pytest prints said nothing about which await never returned."""
+
+    async def watch() -> None:
+        await asyncio.sleep(100)
+        print("---- a test of test_jobs_replicas is hanging; every task's stack:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+
+    watchdog = asyncio.create_task(watch())
+    yield
+    watchdog.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watchdog
 
 
 @pytest.fixture
