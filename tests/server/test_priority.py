@@ -25,16 +25,16 @@ _SCRIPT = textwrap.dedent(
     from brownout.llm import local
     from brownout.server.priority import yield_to_models
 
-    SLEEP = [sys.executable, "-c", "import time; time.sleep(60)"]
+    IDLE = [sys.executable, "-c", "import signal; signal.pause()"]  # until killed
 
     def nice(tid):
         return os.getpriority(os.PRIO_PROCESS, tid)
 
     async def main():
         env = dict(os.environ)
-        before = await local._Process.start(SLEEP, env)
+        before = await local._Process.start(IDLE, env)
         done = yield_to_models(7, True)
-        after = await local._Process.start(SLEEP, env)  # as a model restarted later would be
+        after = await local._Process.start(IDLE, env)  # as a model restarted later would be
         worker = await asyncio.to_thread(lambda: nice(threading.get_native_id()))
         print(json.dumps({
             "done": [done.threads, done.nice],

@@ -224,17 +224,21 @@ async def _until_disconnect(request: Request) -> None:
             return
 
 
-async def _hold(request: Request, release: asyncio.Event, delay: float | None) -> bool:
-    """Wait ``delay`` seconds (for ever if None). False if the client left or the server stopped first."""
+async def _hold(
+    request: Request, release: asyncio.Event, delay: float | None, wake: asyncio.Future[Any] | None = None
+) -> bool:
+    """Wait ``delay`` seconds (for ever if None), or until ``wake`` is done. False if the client left or
+    the server stopped first."""
     left = asyncio.ensure_future(_until_disconnect(request))
     stopped = asyncio.ensure_future(release.wait())
+    waits: tuple[asyncio.Future[Any], ...] = (left, stopped) if wake is None else (left, stopped, wake)
     try:
-        done, _ = await asyncio.wait((left, stopped), timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        return not (left.done() or stopped.done())
     finally:
         left.cancel()
         stopped.cancel()
         await asyncio.gather(left, stopped, return_exceptions=True)
-    return not done
 
 
 async def _share(request: Request, state: _FakeState, work: float) -> bool:
@@ -248,27 +252,12 @@ async def _share(request: Request, state: _FakeState, work: float) -> bool:
         started = loop.time()
         wake = asyncio.ensure_future(changed.wait())
         try:
-            if not await _hold_until(request, state.release, wake, work * n):
+            if not await _hold(request, state.release, work * n, wake):
                 return False
         finally:
             wake.cancel()
         work -= (loop.time() - started) / n
     return True
-
-
-async def _hold_until(
-    request: Request, release: asyncio.Event, wake: asyncio.Future[Any], delay: float
-) -> bool:
-    """Wait ``delay`` seconds or until ``wake``; False if the client left or the server stopped first."""
-    left = asyncio.ensure_future(_until_disconnect(request))
-    stopped = asyncio.ensure_future(release.wait())
-    try:
-        await asyncio.wait((left, stopped, wake), timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-        return not (left.done() or stopped.done())
-    finally:
-        left.cancel()
-        stopped.cancel()
-        await asyncio.gather(left, stopped, return_exceptions=True)
 
 
 async def _take_slot(request: Request, release: asyncio.Event, slots: asyncio.Semaphore) -> bool:
