@@ -8,6 +8,7 @@ exact ages.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from brownout.llm.client import ModelClient
 from brownout.llm.types import EndpointConfig
 from brownout.testing import FakeClock
 from support.stack import make_config, serve, stage_sources
+from support.wait import until
 
 TEXT = "a fresh citrus perfume for hot summer days"
 
@@ -185,3 +187,33 @@ async def test_a_clean_verdict_says_nothing_and_stays_high(fakes: dict[str, Fake
     assert body["warnings"] == []
     assert body["reliability"] == "high"
     assert body["validation"]["ifra_compliance"] is True
+
+
+# -------------------------------------------------------------------------------- start-up checks
+
+
+async def test_the_constraint_checks_ask_every_model_at_once(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Each model holds its check until all three have asked: one after the other, the first would
+    # wait forever (here: until the check's own 10 s timeout) and the others never be asked.
+    for fake in fakes.values():
+        fake.set("hang")
+    async with service_on(fakes, tmp_path, FakeClock()) as service:
+        checks = asyncio.create_task(service.verify_constraints())
+        await until(lambda: all(f.open_chats == 1 for f in fakes.values()), "every model asked at once")
+        assert not checks.done()
+        checks.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await checks
+    assert [f.chat_requests for f in fakes.values()] == [1, 1, 1]
+
+
+async def test_the_constraint_checks_learn_which_models_ignore_the_schema(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    fakes["qwen"].set(content=json.dumps({"answer": "alpha"}))
+    fakes["mistral"].set(content=json.dumps({"answer": "hello there"}))  # the constraint was not applied
+    fakes["llama"].set("error")  # down at start: keeps the configured assumption
+    async with service_on(fakes, tmp_path, FakeClock()) as service:
+        assert await service.verify_constraints() == {"qwen": True, "mistral": False, "llama": True}

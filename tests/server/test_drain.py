@@ -219,7 +219,14 @@ async def _serve(
             "local": {"enabled": False},
             "health_interval": 3600.0,
             "roles": {
-                role: {"endpoints": [{"url": fake.url}], "timeout": 20.0} for role, fake in fakes.items()
+                # Every brief at its model at once: the drain is under test, not the limiter's slow
+                # start, which would take the 20 briefs a few at a time.
+                role: {
+                    "endpoints": [{"url": fake.url}],
+                    "timeout": 20.0,
+                    "limiter": {"initial_limit": IN_FLIGHT, "min_limit": IN_FLIGHT},
+                }
+                for role, fake in fakes.items()
             },
         },
         "queue": {"max_concurrent": 32},

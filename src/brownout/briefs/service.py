@@ -520,7 +520,8 @@ class BriefService:
         }
         fmt = {"type": "json_schema", "json_schema": {"name": "probe", "schema": schema, "strict": True}}
         messages: list[Message] = [{"role": "user", "content": "Say hello."}]
-        for role, backend in self.backends.items():
+
+        async def check(role: str, backend: ModelBackend) -> None:
             try:
                 result = await backend.chat(
                     messages, max_tokens=16, temperature=0.0, response_format=fmt, timeout=10.0
@@ -528,6 +529,10 @@ class BriefService:
                 self.constrained[role] = json.loads(result.content).get("answer") in ("alpha", "omega")
             except Exception as e:  # a role that is down now keeps its configured assumption
                 _log.info("constraint check of %s skipped: %s", role, e)
+
+        # Every role at once: the server starts answering after the slowest model, not after the sum
+        # of them (three hung models held the startup 30 s when checked one after the other).
+        await asyncio.gather(*(check(role, backend) for role, backend in self.backends.items()))
         return dict(self.constrained)
 
     # ------------------------------------------------------------------ the request
