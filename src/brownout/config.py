@@ -325,6 +325,12 @@ class ModelsSection(_Section):
                 raise ValueError(f"local models are disabled, so role(s) {bare} need endpoints")
         return self
 
+    def local_roles(self) -> list[str]:
+        """The roles served by a local model server of this process (those without endpoints)."""
+        if not self.local.enabled:
+            return []
+        return [role for role in ROLES if not self.roles[role].endpoints]
+
 
 class JsonGuardSection(_Section):
     """How a model's answer is made schema-valid JSON: re-asks, repair, fallback."""
@@ -749,6 +755,15 @@ class DimmerSection(_Section):
         le=1,
         description="pin the dimmer at this value (0: full service, 1: rules); none: automatic",
     )
+    cpu_budget: float | Literal["auto"] | None = Field(
+        default="auto",
+        description=(
+            "share of one core the server's own work may use while its local generator is saturated; "
+            "beyond it a share of the answers that would come without a model are refused (503 + "
+            "Retry-After) instead; auto: 0.25 when the generator runs on a local model server, else "
+            "none (off)"
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DimmerSection:
@@ -763,6 +778,25 @@ class DimmerSection(_Section):
         if self.interval > self.window:
             raise ValueError("interval must not exceed window")
         return self
+
+    @field_validator("cpu_budget")
+    @classmethod
+    def _positive_budget(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float) and not 0 < value <= 1024:
+            raise ValueError(f"cpu_budget must be a share of a core above 0 (or auto, or null), got {value}")
+        return value
+
+    def effective_cpu_budget(self, local_generator: bool) -> float | None:
+        """``cpu_budget`` in cores, or None when off: ``auto`` is 0.25 when the generator runs on a
+        local model server (it shares this machine's cores with the server), else off.
+
+        Measured on 2 cores under 200 closed-loop clients, the default layout's generator made 8.7
+        briefs a minute without a budget and 11.5 with 0.25 (9.6 with 0.5): every answer handed out
+        without the model at once brought its caller straight back, and the service's work for them
+        was taken from the model."""
+        if isinstance(self.cpu_budget, str):  # "auto"
+            return 0.25 if local_generator else None
+        return self.cpu_budget
 
     def target(self, mode: str) -> float:
         """The latency target of a request for ``mode`` (the smallest target when it names none)."""

@@ -24,6 +24,8 @@ from brownout.events import DimmerChanged, EventBus
 from brownout.llm.client import ModelClient
 from brownout.llm.pipeline import Mode, Pipeline, PipelineContext, Stage
 from brownout.llm.types import EndpointConfig
+from brownout.policies.cpu_budget import CpuBudget, CpuBudgetConfig
+from brownout.testing import FakeClock
 from support.stack import distinct_text, make_config, serve
 from support.wait import until
 
@@ -329,3 +331,93 @@ def test_one_downshift_rule_richest_mode_available_and_fitting_the_load(
     assert selection.reason == reason
     with pytest.raises(ValueError, match="unknown mode 'turbo'"):
         pipeline.select("fast", ceiling="turbo")
+
+
+# -------------------------------------------------------------------------------- the CPU budget
+
+
+class _Cpu:
+    """A CPU-time counter the test sets: the budget reads it instead of the process's."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self) -> float:
+        return self.seconds
+
+
+def _over_budget(svc: BriefService, clock: FakeClock, cpu: _Cpu, cores: float = 4.0) -> None:
+    """Give ``svc`` a CPU budget of 0.25 cores and a process that used ``cores`` for a few steps."""
+    svc.cpu_budget = CpuBudget("t", CpuBudgetConfig(budget=0.25), clock=clock, cpu_time=cpu)
+    for _ in range(4):
+        clock.advance(0.5)
+        cpu.seconds += 0.5 * cores
+        svc.cpu_budget.share  # noqa: B018 -- a step is taken when the budget is asked
+
+
+def test_the_cpu_budget_is_on_by_itself_only_beside_a_local_generator() -> None:
+    default = load_config(None, environ={})
+    assert default.models.local_roles() == list(ROLES)
+    assert default.dimmer.effective_cpu_budget(True) == 0.25
+    assert default.dimmer.effective_cpu_budget(False) is None
+    pinned = load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": "0.5"})
+    assert pinned.dimmer.effective_cpu_budget(False) == 0.5
+    off = load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": "null"})
+    assert off.dimmer.effective_cpu_budget(True) is None
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(ConfigError, match="cpu_budget"):
+            load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": bad})
+
+
+async def test_over_the_cpu_budget_an_answer_without_the_model_is_refused_with_retry_after(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    async with service_on(fakes, tmp_path) as svc:
+        assert svc.cpu_budget is None  # the models are on endpoints: nothing to protect by default
+        svc.dimmer.force(1.0)  # every request would get the rules at once
+        clock, cpu = FakeClock(), _Cpu()
+        _over_budget(svc, clock, cpu)
+        assert svc.cpu_budget is not None
+        assert svc.cpu_budget.share == 1.0
+        with pytest.raises(ServiceUnavailable, match="CPU budget") as refused:
+            await svc.create_brief(TEXT, "fast")
+        assert refused.value.retry_after is not None
+        assert refused.value.retry_after >= 1.0
+        assert svc.stats.rejected["cpu_budget"] == 1
+        assert calls(fakes) == {"qwen": 0, "mistral": 0, "llama": 0}
+        # Back within the budget, the same request gets its answer from the rules at once.
+        for _ in range(12):
+            clock.advance(0.5)
+            cpu.seconds += 0.5 * 0.05
+            svc.cpu_budget.share  # noqa: B018
+        assert svc.cpu_budget.share == 0.0
+        answer = await svc.create_brief(TEXT, "fast")
+        assert answer["dimmed"] == ["generation"]
+        assert [s["served_by"] for s in answer["stages"]] == ["rules"]
+
+
+async def test_over_the_cpu_budget_a_request_the_model_would_take_is_not_refused(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    async with service_on(fakes, tmp_path) as svc:
+        clock, cpu = FakeClock(), _Cpu()
+        _over_budget(svc, clock, cpu)
+        answer = await svc.create_brief(TEXT, "fast")  # the generator is free: the budget is not asked
+        assert [s["served_by"] for s in answer["stages"]] == ["model:qwen"]
+        assert svc.stats.rejected["cpu_budget"] == 0
+
+
+async def test_over_the_cpu_budget_a_request_whose_generator_call_could_not_start_in_time_is_refused(
+    fakes: dict[str, FakeLLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with service_on(fakes, tmp_path) as svc:
+        # The generator is saturated: a new call would wait a minute for a slot, far beyond the
+        # 10 s target, so its call would be refused and the rules would answer at once.
+        monkeypatch.setattr(ModelClient, "estimated_wait", lambda self, ahead=0: 60.0)
+        monkeypatch.setattr(ModelClient, "service_time", lambda self: 4.0)
+        clock, cpu = FakeClock(), _Cpu()
+        _over_budget(svc, clock, cpu)
+        with pytest.raises(ServiceUnavailable, match="CPU budget"):
+            await svc.create_brief(TEXT, "fast")
+        assert svc.stats.rejected["cpu_budget"] == 1
+        assert calls(fakes)["qwen"] == 0

@@ -26,6 +26,11 @@ generator. That is the "fit the load" of the downshift rule. Such an answer says
 and ``dimmed: [...]`` (``creative_hints``, ``validation``, ``generation``); an answer nothing was
 dimmed for has no ``dimmed``. A request that cannot even start within its target is answered at once
 with 503 and an estimated Retry-After (admission with a deadline), never after waiting to fail.
+Beside a local generator, the answers that would come without it while it is saturated are also
+held to a CPU budget (``dimmer.cpu_budget``, :mod:`brownout.policies.cpu_budget`): while the service's
+own process uses more than its share of a core, a growing share of them is refused (503 +
+Retry-After) instead, since each caller answered at once comes straight back and the work for it is
+taken from the model's cores.
 
 The path of one request under load, and its budgets
 ---------------------------------------------------
@@ -117,6 +122,7 @@ from brownout.llm.pipeline import Mode, NoModeAvailable, Pipeline, PipelineConte
 from brownout.llm.types import Message, ProbeResult
 from brownout.policies.admission import Admission, AdmissionConfig
 from brownout.policies.cache import Cache, CacheConfig
+from brownout.policies.cpu_budget import CpuBudget, CpuBudgetConfig
 from brownout.policies.deadline import deadline
 from brownout.policies.dimmer import Dimmer, DimmerConfig, DimmerDecision
 from brownout.policies.fallback import Decline, Degraded, FallbackChain, FallbackResult, Strategy
@@ -364,6 +370,14 @@ class BriefService:
             self.dimmer.force(0.0)
         elif d.force_value is not None:
             self.dimmer.force(d.force_value)
+        budget = d.effective_cpu_budget(ROLE_OF_STAGE["generate"] in config.models.local_roles())
+        self.cpu_budget: CpuBudget | None = (
+            CpuBudget("briefs", CpuBudgetConfig(budget=budget, interval=d.interval), clock=clock, rng=rng)
+            if budget is not None and d.enabled
+            else None
+        )
+        """Keeps the service's own CPU use off its local generator's cores under a flood (see
+        :mod:`brownout.policies.cpu_budget`); None when off."""
         self._health_ok: dict[str, bool] = {}
         self._started = False
         self.shared_cache: SharedCache | None = None
@@ -585,6 +599,12 @@ class BriefService:
                 response = await self._flights.do(key, lambda: self._compute(key, text, mode))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
+            if e.reason == "cpu_budget":
+                raise ServiceUnavailable(
+                    "Service busy - the models are saturated and the server's own work is over its "
+                    "CPU budget (dimmer.cpu_budget)",
+                    retry_after=e.retry_after,
+                ) from e
             if e.reason in ("deadline", "queue_timeout"):
                 # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
                 # the estimate of when the backlog drains is the useful Retry-After.
@@ -626,7 +646,11 @@ class BriefService:
         # What this request leaves out is decided on arrival: one that needs no model call queues
         # nowhere (it would only wait behind model work it does not need).
         decision = self.dimmer.decide()
+        shed = self.config.dimmer.shed_late
         if decision.dims("generation"):
+            # This one is answered without the generator, from a similar earlier brief or the rules,
+            # or else queues for it below: refused first when the budget says so, before the search.
+            self._within_cpu_budget()
             ctx = BriefContext(text=text, requested_mode=mode)
             if decision.dims("model") or await self._search_similar(text) is not None:
                 dimmed, _ = self._dimmed_for(decision, mode)
@@ -634,9 +658,12 @@ class BriefService:
                 return self._mark_dimmed(served, [*dimmed, "generation"])
         # One budget for the whole request (module docstring): it must start its generator call by
         # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
-        shed = self.config.dimmer.shed_late
         plan = Budget(finish_by=queued_at + target if shed else None)
         start_budget = max(0.0, target - self.generator_service()) if shed else None
+        gen = self._generator()
+        if start_budget is not None and gen is not None and gen.estimated_wait() > start_budget:
+            # Its generator call would be refused for load, and the answer come without the model.
+            self._within_cpu_budget()
         began: list[float] = []
         try:
             response: dict[str, Any] = await self.admission.call_within(
@@ -655,6 +682,22 @@ class BriefService:
             else:
                 self.cache.set(key, stored)
         return response
+
+    def _within_cpu_budget(self) -> None:
+        """Before answering without the model because it is saturated: raise ``Overloaded``
+        (reason ``cpu_budget``) for the share of such requests :attr:`cpu_budget` refuses now.
+
+        Our own work for answers that come at once is taken from the cores the local model runs on,
+        and a caller answered at once comes straight back for another; a refusal with a Retry-After
+        makes a polite one wait instead."""
+        if self.cpu_budget is not None and self.cpu_budget.refuse():
+            raise Overloaded(
+                "briefs",
+                "cpu_budget",
+                retry_after=max(1.0, self.queue_delay()),
+                queue_size=self.admission.queue_size,
+                in_flight=self.admission.in_flight,
+            )
 
     def _dimmed_for(self, decision: DimmerDecision, mode: str) -> tuple[list[str], str | None]:
         """What ``decision`` leaves out of a ``mode`` request, and the richest mode that leaves."""

@@ -216,6 +216,19 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "brownout_dimmer_value", "Dimmer value, 0 (full service) to 1 (rules only)", value=dim.value
         )
+        budget = service.cpu_budget
+        if budget is not None:
+            cpu = budget.snapshot()
+            yield GaugeMetricFamily(
+                "brownout_cpu_budget_used",
+                "Cores the server's own work used over the CPU budget's last step (dimmer.cpu_budget)",
+                value=cpu.used or 0.0,
+            )
+            yield GaugeMetricFamily(
+                "brownout_cpu_budget_refusing",
+                "Share of answers without a model the CPU budget refuses now (0..1)",
+                value=cpu.refusing,
+            )
         dimmed = CounterMetricFamily(
             "brownout_briefs_dimmed", "Answers that left out a step under load, by step", labels=["dimmed"]
         )

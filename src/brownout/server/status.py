@@ -28,6 +28,7 @@ from brownout.gateway.router import Gateway
 from brownout.health.modes import SystemModes
 from brownout.llm.client import ModelClient
 from brownout.llm.local import LocalModelServer
+from brownout.policies.cpu_budget import CpuBudget
 from brownout.server.records import BriefRecords
 from brownout.server.shared import SharedState
 
@@ -270,7 +271,17 @@ class ServerStatus:
             "observed_p95": dim.observed_p95,
             "targets": dict(svc.config.dimmer.targets),
             "enabled": svc.config.dimmer.enabled,
+            "cpu_budget": _cpu_budget(svc.cpu_budget),
         }
+
+
+def _cpu_budget(budget: CpuBudget | None) -> dict[str, Any] | None:
+    """The service's CPU budget for /health: cores allowed and used, the share of quick answers it
+    refuses now and how many it refused; None when off."""
+    if budget is None:
+        return None
+    snap = budget.snapshot()
+    return {"cores": snap.budget, "used": snap.used, "refusing": snap.refusing, "refused": snap.refused}
 
 
 def _lost(spool: Spool) -> dict[str, Any]:
