@@ -394,6 +394,9 @@ async def test_over_the_cpu_budget_an_answer_without_the_model_is_refused_with_r
         answer = await svc.create_brief(TEXT, "fast")
         assert answer["dimmed"] == ["generation"]
         assert [s["served_by"] for s in answer["stages"]] == ["rules"]
+        # It says the generator was busy, not that it failed.
+        assert any("Generated from fallback due to the generator being busy" in w for w in answer["warnings"])
+        assert not any("model failure" in w for w in answer["warnings"])
 
 
 async def test_over_the_cpu_budget_a_request_the_model_would_take_is_not_refused(

@@ -652,6 +652,7 @@ class BriefService:
             # or else queues for it below: refused first when the budget says so, before the search.
             self._within_cpu_budget()
             ctx = BriefContext(text=text, requested_mode=mode)
+            ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])  # left out for load, not for a fault
             if decision.dims("model") or await self._search_similar(text) is not None:
                 dimmed, _ = self._dimmed_for(decision, mode)
                 served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
@@ -1028,9 +1029,16 @@ class BriefService:
 
     async def _rules_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
         ctx.reliability = "low"
+        # Say why: a generator that was only busy did not fail, and a user reading "model failure"
+        # under load would look for a fault that is not there.
+        why = (
+            "the generator being busy"
+            if ROLE_OF_STAGE["generate"] in ctx.budget.overloaded
+            else "model failure"
+        )
         return Degraded(
             rule_based_brief(ctx.text, ctx.requested_mode),
-            ("Generated from fallback due to model failure (rule-based, reliability low)",),
+            (f"Generated from fallback due to {why} (rule-based, reliability low)",),
         )
 
     async def _exact_brief(self, ctx: BriefContext) -> Degraded[CreativeBrief]:
