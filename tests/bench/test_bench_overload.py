@@ -28,6 +28,7 @@ from brownout.bench.overload import (
     Answer,
     breaker_opens,
     classify_answer,
+    held_back,
     new_actions,
     run_level,
     summarize,
@@ -152,6 +153,23 @@ def test_new_actions_are_the_ones_not_in_history_before() -> None:
     assert new_actions([old], [old]) == []
 
 
+def test_an_action_the_guard_held_back_is_listed_apart_not_counted_as_taken() -> None:
+    ran = {"at": 2.0, "action": "check_health", "target": "all", "status": "failed", "detail": "cpu at 97%"}
+    kept = {
+        "at": 2.1,
+        "action": "clear_cache",
+        "target": "all",
+        "status": "skipped",
+        "detail": "load, not failure",
+    }
+    restart = {"at": 5.0, "action": "restart_model_server", "target": "qwen", "status": "ok", "detail": ""}
+    assert held_back([ran, kept, restart]) == (
+        ["check_health(all)", "restart_model_server(qwen)"],
+        ["clear_cache(all): load, not failure"],
+    )
+    assert held_back([]) == ([], [])
+
+
 def test_the_generator_body_is_the_brief_services_request() -> None:
     body = capacity.brief_body("A fresh lemon scent for summer")
     assert body["model"] == "qwen"
@@ -259,6 +277,7 @@ def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: 
     assert f["breaker_opens"] == 1
     assert f["recovery_actions"] == 1
     assert f["recovery_action_names"] == ["restart_model_server(qwen)"]
+    assert f["recovery_actions_held_back"] == []
     assert f["full_mode_back_s"] is not None
     assert f["rejections"]["p50_ms"] is not None
 

@@ -14,8 +14,9 @@ This bench measures how far the server is from that, against the bare model serv
    p50/p95/p99 of accepted answers and of rejections separately, the share of each kind of answer
    (:func:`classify_answer`), generator-served briefs/min and their ratio to the bare rate, breaker
    opens and system modes seen (``/api/v1/recovery/status`` polled twice a second), recovery actions
-   taken (its history before and after), and how long after the load ended the requested mode was
-   served in full again (``recovered_s``; the next level starts then, or after ``settle`` seconds).
+   taken (its history before and after; the ones its guard held back listed apart), and how long
+   after the load ended the requested mode was served in full again (``recovered_s``; the next level
+   starts then, or after ``settle`` seconds).
 
 Load goes to 127.0.0.1 only, bounded in count (``level`` requests in flight) and time.
 """
@@ -188,6 +189,22 @@ def new_actions(
     return [dict(a) for a in after if key(a) not in seen]
 
 
+def held_back(actions: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
+    """``actions`` (recovery history entries) as (the ones that ran, the ones its guard held back),
+    each ``"action(target)"``; a held-back one also says why.
+
+    The recovery manager records an action its guard held back -- a model that is busy, not down, or
+    a resource high from our own load -- as ``skipped`` with the reason: nothing was done, so it is
+    not counted as an action taken."""
+    ran = [f"{a.get('action')}({a.get('target')})" for a in actions if a.get("status") != "skipped"]
+    kept = [
+        f"{a.get('action')}({a.get('target')}): {a.get('detail')}"
+        for a in actions
+        if a.get("status") == "skipped"
+    ]
+    return ran, kept
+
+
 @dataclass(slots=True)
 class LevelResult:
     """One concurrency level's raw material (turned into figures by :meth:`figures`)."""
@@ -205,6 +222,7 @@ class LevelResult:
         """The level's row of the report."""
         opens = breaker_opens(self.snapshots)
         failed = [a.detail for a in self.answers if a.kind == "failed" and a.detail]
+        ran, kept = held_back(self.actions)
         return {
             "concurrency": self.level,
             "seconds": round(self.elapsed, 2),
@@ -212,8 +230,9 @@ class LevelResult:
             "breaker_opens": sum(opens.values()),
             "breaker_opens_by_name": opens,
             "system_modes_seen": list(dict.fromkeys(self.modes_seen)),
-            "recovery_actions": len(self.actions),
-            "recovery_action_names": [f"{a.get('action')}({a.get('target')})" for a in self.actions],
+            "recovery_actions": len(ran),
+            "recovery_action_names": ran,
+            "recovery_actions_held_back": kept,
             "full_mode_back_s": None if self.recovered_s is None else round(self.recovered_s, 2),
             "first_failures": list(dict.fromkeys(failed))[:3],
         }

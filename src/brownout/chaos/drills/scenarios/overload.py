@@ -65,7 +65,7 @@ SCENARIO = Scenario(
 async def play(d: Drill) -> None:
     """The embedded default on the real local models, then 200 closed-loop clients: a busy model must not
     be treated as a broken one (issue 14's goals)."""
-    from brownout.bench.overload import breaker_opens, new_actions
+    from brownout.bench.overload import breaker_opens, held_back, new_actions
 
     s = d.scenario
     clients = int(s.fault.behaviour.get("clients", 200))
@@ -122,7 +122,7 @@ async def play(d: Drill) -> None:
     accepted = [x.latency for x in during if x.status == 200]
     refused = [x.latency for x in during if x.outcome == "rejected"]
     opens = breaker_opens([h.breakers for h in watcher.samples])
-    actions = new_actions(history_before, history_after)
+    actions, kept = held_back(new_actions(history_before, history_after))
     restarts = {
         role: int(info.get("restarts", 0)) - servers_before.get(role, 0)
         for role, info in after.servers.items()
@@ -137,7 +137,8 @@ async def play(d: Drill) -> None:
         server_refused=int(server_refused),
         server_refused_within_50ms=round(server_fast / server_refused, 4) if server_refused else None,
         breaker_opens=opens,
-        recovery_actions=[f"{a.get('action')}({a.get('target')})" for a in actions],
+        recovery_actions=actions,
+        recovery_actions_held_back=kept,
         model_server_restarts=restarts,
         system_modes_seen=sorted({h.system_mode for h in watcher.samples if h.system_mode}),
     )
