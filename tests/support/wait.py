@@ -25,7 +25,14 @@ async def until(
     while True:
         value = condition()
         if inspect.isawaitable(value):
-            value = await value
+            # An async check is held to the same deadline: one that never returns (a request to an
+            # app whose handler hangs, say) fails naming what it waited for, not at the suite's timeout.
+            try:
+                value = await asyncio.wait_for(value, max(0.0, end - loop.time()) + interval)
+            except TimeoutError:
+                raise AssertionError(
+                    f"timed out after {timeout:g} s waiting for {what} (the check itself never returned)"
+                ) from None
         if value:
             return
         if loop.time() > end:
