@@ -779,12 +779,22 @@ class DimmerSection(_Section):
             raise ValueError("interval must not exceed window")
         return self
 
-    @field_validator("cpu_budget")
+    @field_validator("cpu_budget", mode="before")
     @classmethod
-    def _positive_budget(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float) and not 0 < value <= 1024:
-            raise ValueError(f"cpu_budget must be a share of a core above 0 (or auto, or null), got {value}")
-        return value
+    def _budget_in_cores(cls, value: object) -> object:
+        # One message for every wrong value (a union's would list one error per member).
+        wrong = f"cpu_budget must be a number of cores above 0, auto or null; got {value!r}"
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool):
+            raise ValueError(wrong)
+        try:
+            cores = float(value)  # type: ignore[arg-type]  # a number, or its text from the environment
+        except (TypeError, ValueError):
+            raise ValueError(wrong) from None
+        if not 0 < cores <= 1024:
+            raise ValueError(wrong)
+        return cores
 
     def effective_cpu_budget(self, local_generator: bool) -> float | None:
         """``cpu_budget`` in cores, or None when off: ``auto`` is 0.25 when the generator runs on a
