@@ -803,8 +803,8 @@ class DimmerSection(_Section):
         Measured on 2 cores under 200 closed-loop clients on the default layout: without a budget
         the service used 0.70 of a core answering ~470 requests a second (every answer handed out at
         once brought its caller straight back) and the generator's server got 0.87 of its core; with
-        0.25, the service used 0.15-0.19 and the generator 0.97, and its briefs rose from 7.1 to
-        10-11 a minute."""
+        0.25, the service used 0.13 and the generator 0.97, and its briefs rose from 7.1 to 11.7 a
+        minute."""
         if isinstance(self.cpu_budget, str):  # "auto"
             return 0.25 if local_generator else None
         return self.cpu_budget

@@ -407,6 +407,11 @@ async def test_over_the_cpu_budget_a_request_the_model_would_take_is_not_refused
         _over_budget(svc, clock, cpu)
         answer = await svc.create_brief(TEXT, "fast")  # the generator is free: the budget is not asked
         assert [s["served_by"] for s in answer["stages"]] == ["model:qwen"]
+        # Generation dimmed, but no similar earlier brief and room at the generator: it still gets
+        # the model, never a refusal -- refusing it would leave the generator without work.
+        svc.dimmer.force(0.75)
+        other = await svc.create_brief("a smoky leather scent for a night out", "fast")
+        assert [s["served_by"] for s in other["stages"]] == ["model:qwen"]
         assert svc.stats.rejected["cpu_budget"] == 0
 
 

@@ -647,24 +647,25 @@ class BriefService:
         # nowhere (it would only wait behind model work it does not need).
         decision = self.dimmer.decide()
         shed = self.config.dimmer.shed_late
-        if decision.dims("generation"):
-            # This one is answered without the generator, from a similar earlier brief or the rules,
-            # or else queues for it below: refused first when the budget says so, before the search.
+        # One budget for the whole request (module docstring): it must start its generator call by
+        # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
+        plan = Budget(finish_by=queued_at + target if shed else None)
+        start_budget = max(0.0, target - self.generator_service()) if shed else None
+        gen = self._generator()
+        # No room at the generator: its call would be refused for load, the answer come without it.
+        no_room = start_budget is not None and gen is not None and gen.estimated_wait() > start_budget
+        if no_room or decision.dims("model"):
+            # This one will be answered without the model whatever happens next: refused first when
+            # the CPU budget says so (before the similar-brief search, the costly part). One the
+            # generator could still take in time is never refused here.
             self._within_cpu_budget()
+        if decision.dims("generation"):
             ctx = BriefContext(text=text, requested_mode=mode)
             ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])  # left out for load, not for a fault
             if decision.dims("model") or await self._search_similar(text) is not None:
                 dimmed, _ = self._dimmed_for(decision, mode)
                 served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
                 return self._mark_dimmed(served, [*dimmed, "generation"])
-        # One budget for the whole request (module docstring): it must start its generator call by
-        # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
-        plan = Budget(finish_by=queued_at + target if shed else None)
-        start_budget = max(0.0, target - self.generator_service()) if shed else None
-        gen = self._generator()
-        if start_budget is not None and gen is not None and gen.estimated_wait() > start_budget:
-            # Its generator call would be refused for load, and the answer come without the model.
-            self._within_cpu_budget()
         began: list[float] = []
         try:
             response: dict[str, Any] = await self.admission.call_within(
