@@ -651,10 +651,7 @@ class BriefService:
         # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
         plan = Budget(finish_by=queued_at + target if shed else None)
         start_budget = max(0.0, target - self.generator_service()) if shed else None
-        gen = self._generator()
-        # No room at the generator: its call would be refused for load, the answer come without it.
-        no_room = start_budget is not None and gen is not None and gen.estimated_wait() > start_budget
-        if no_room or decision.dims("model"):
+        if self.cpu_budget is not None and (decision.dims("model") or self._no_room(start_budget)):
             # This one will be answered without the model whatever happens next: refused first when
             # the CPU budget says so (before the similar-brief search, the costly part). One the
             # generator could still take in time is never refused here.
@@ -684,6 +681,12 @@ class BriefService:
             else:
                 self.cache.set(key, stored)
         return response
+
+    def _no_room(self, start_budget: float | None) -> bool:
+        """True when a generator call made now could not start within ``start_budget`` seconds: it
+        would be refused for load and the answer come without the model."""
+        gen = self._generator()
+        return start_budget is not None and gen is not None and gen.estimated_wait() > start_budget
 
     def _within_cpu_budget(self) -> None:
         """Before answering without the model because it is saturated: raise ``Overloaded``

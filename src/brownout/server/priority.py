@@ -30,6 +30,8 @@ import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from brownout.llm.local import spawner_thread_id
+
 __all__ = ["Yielded", "lower_own_priority", "yield_to_models"]
 
 _log = logging.getLogger("brownout.server")
@@ -76,8 +78,6 @@ def yield_to_models(steps: int, has_local_models: bool) -> Yielded | None:
     servers, keeping the thread that starts them; says what it did in one log line."""
     if not has_local_models or steps <= 0:
         return None
-    from brownout.llm.local import spawner_thread_id
-
     done = lower_own_priority(steps, keep=(spawner_thread_id(),))
     if done is not None:
         _log.info(
