@@ -73,18 +73,23 @@ LATENCY_ALPHA: Final = 0.3
 class EndpointLoad:
     """What :func:`pick` knows of one endpoint: its calls in flight, latency average and limiter.
 
-    ``limiter``: the endpoint's concurrency limiter, if it has one; its expected wait for a slot
-    ranks the endpoint first, and its permits held are the calls in flight. ``alpha``: the weight of
-    the newest answer in the latency average (default :data:`LATENCY_ALPHA`).
+    ``limiter``: the endpoint's concurrency limiter, if it has one; its expected wait for a slot (for
+    a call of ``priority``, when the limiter is shared by calls of several priorities) ranks the
+    endpoint first, and its permits held are the calls in flight. ``alpha``: the weight of the newest
+    answer in the latency average (default :data:`LATENCY_ALPHA`).
     """
 
-    __slots__ = ("_calls", "alpha", "ewma", "limiter")
+    __slots__ = ("_calls", "alpha", "ewma", "limiter", "priority")
 
-    def __init__(self, limiter: AdaptiveLimiter | None = None, *, alpha: float = LATENCY_ALPHA) -> None:
+    def __init__(
+        self, limiter: AdaptiveLimiter | None = None, *, alpha: float = LATENCY_ALPHA, priority: int = 0
+    ) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ConfigError("alpha", f"must be in (0, 1], got {alpha!r}")
         self.limiter = limiter
         """The endpoint's concurrency limiter, or None."""
+        self.priority = priority
+        """The priority its owner's calls wait for a permit in (lower first)."""
         self.alpha = alpha
         """Weight of the newest answer in :attr:`ewma`."""
         self.ewma: float | None = None
@@ -118,7 +123,7 @@ class EndpointLoad:
         if limiter is None:
             in_flight, wait = self._calls, 0.0
         else:
-            in_flight, wait = limiter.in_flight, limiter.estimated_wait()
+            in_flight, wait = limiter.in_flight, limiter.estimated_wait(priority=self.priority)
         ewma = self.ewma
         # No answer yet: counts as the fastest, so the endpoint gets tried.
         return tried, wait, 0.0 if ewma is None else (in_flight + 1) * ewma, in_flight

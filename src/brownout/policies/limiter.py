@@ -8,6 +8,14 @@ its own deadline (or ``max_wait``), and one whose time runs out leaves with
 :class:`~brownout.errors.Overloaded` -- *busy*, not *failed*: nothing was sent, so nothing counts
 against the server.
 
+Callers of different importance can share one server through one limiter: each call may give a
+``priority`` (lower first, default 0). A freed permit goes to the oldest waiter of the lowest priority
+number waiting; within a priority the queue is first-in, first-out. A waiter of a higher number waits
+while more important calls keep the server busy -- up to its own timeout, after which it leaves with
+``Overloaded`` like any other -- so the work that matters most gets the server's whole capacity under
+load (a model server shared by a brief's generator and its optional stages, say), and
+:meth:`AdaptiveLimiter.estimated_wait` for a priority counts only the waiters that come before it.
+
 The limit adapts to the server's measured latency, so it sits at the server's throughput knee -- the
 concurrency beyond which more requests in flight only make each one slower.
 
@@ -220,6 +228,7 @@ class AdaptiveLimiter(CallForms):
         "_events",
         "_granted",
         "_in_flight",
+        "_lanes",
         "_limit",
         "_probe_from",
         "_queued",
@@ -229,7 +238,6 @@ class AdaptiveLimiter(CallForms):
         "_round_sum",
         "_rounds",
         "_service",
-        "_waiters",
         "config",
         "name",
     )
@@ -250,9 +258,9 @@ class AdaptiveLimiter(CallForms):
         self._limit = min(max(cfg.initial_limit, cfg.min_limit), cfg.max_limit)
         self._in_flight = 0
         # Each waiter is a future resolved with the limit epoch its permit was granted in, or None
-        # (its time ran out).
+        # (its time ran out), queued in the lane of its priority (lower first).
         # Invariant: waiters exist only while every permit is taken.
-        self._waiters: deque[asyncio.Future[int | None]] = deque()
+        self._lanes: dict[int, deque[asyncio.Future[int | None]]] = {}
         self._service: float | None = None
         self._baseline: float | None = None
         self._round_sum = 0.0
@@ -280,13 +288,18 @@ class AdaptiveLimiter(CallForms):
 
     @property
     def queued(self) -> int:
-        """Callers waiting for a permit now."""
-        return len(self._waiters)
+        """Callers waiting for a permit now (of every priority)."""
+        return sum(len(lane) for lane in self._lanes.values())
+
+    def queued_before(self, priority: int = 0) -> int:
+        """Callers waiting now that a newcomer of ``priority`` would queue behind (that priority's
+        and the lower numbers')."""
+        return sum(len(lane) for p, lane in self._lanes.items() if p <= priority)
 
     @property
     def free(self) -> int:
         """Permits a newcomer could take at once (0 when it would have to wait)."""
-        return 0 if self._waiters else max(0, self._limit - self._in_flight)
+        return 0 if self._lanes else max(0, self._limit - self._in_flight)
 
     @property
     def service_time(self) -> float | None:
@@ -299,7 +312,7 @@ class AdaptiveLimiter(CallForms):
         return LimiterStats(
             limit=self._limit,
             in_flight=self._in_flight,
-            queue_size=len(self._waiters),
+            queue_size=self.queued,
             granted=self._granted,
             queued=self._queued,
             rejected=dict(self._rejected),
@@ -308,30 +321,38 @@ class AdaptiveLimiter(CallForms):
             baseline=self._baseline,
         )
 
-    def estimated_wait(self, ahead: int = 0) -> float:
-        """Seconds a caller arriving now would expect to wait for a permit (0 when one is free).
+    def estimated_wait(self, ahead: int = 0, *, priority: int = 0) -> float:
+        """Seconds a caller of ``priority`` arriving now would expect to wait for a permit (0 when one
+        is free).
 
         With every permit taken, permits come free about ``limit`` per service time, and the newcomer
         needs the ones owed to everybody queued ahead of it plus its own:
-        ``(queued + ahead + 1 - free) * service_time / limit``, where ``ahead`` counts callers the
+        ``(queued + ahead + 1 - free) * service_time / limit``, where ``queued`` counts the waiters of
+        its priority and the lower numbers (:meth:`queued_before`) and ``ahead`` the callers the
         limiter cannot see yet that will come before this one (e.g. waiting in an admission queue in
-        front of it). Before any call finished, the service time is ``default_service_time``.
+        front of it). Before any call finished, the service time is ``default_service_time``. Callers
+        of a more important priority that arrive later will pass it too: for a lower-priority caller
+        this is a lower bound.
         """
-        ahead = len(self._waiters) + ahead + 1 - max(0, self._limit - self._in_flight)
+        ahead = self.queued_before(priority) + ahead + 1 - max(0, self._limit - self._in_flight)
         if ahead <= 0:
             return 0.0
         service = self._service if self._service is not None else self.config.default_service_time
         return ahead * service / self._limit
 
-    def retry_after(self) -> float:
-        """The ``retry_after`` a rejected caller would get now: the estimated wait, within bounds."""
+    def retry_after(self, priority: int = 0) -> float:
+        """The ``retry_after`` a rejected caller of ``priority`` would get now: its estimated wait,
+        within bounds."""
         cfg = self.config
-        return min(max(self.estimated_wait(), cfg.min_retry_after), cfg.max_retry_after)
+        return min(max(self.estimated_wait(priority=priority), cfg.min_retry_after), cfg.max_retry_after)
 
     # -- permits --------------------------------------------------------------------------------
 
-    async def acquire(self, timeout: float | None = None, *, shed_late: bool = False) -> Permit:
-        """Wait for a permit, for at most ``timeout`` seconds (default ``max_wait``).
+    async def acquire(
+        self, timeout: float | None = None, *, shed_late: bool = False, priority: int = 0
+    ) -> Permit:
+        """Wait for a permit, for at most ``timeout`` seconds (default ``max_wait``), in the queue of
+        ``priority`` (lower numbers are served first; see the module docstring).
 
         Raises :class:`~brownout.errors.Overloaded` (``reason`` ``"queue_full"`` or
         ``"queue_timeout"``) when the caller cannot have one in time; a caller cancelled while
@@ -342,25 +363,32 @@ class AdaptiveLimiter(CallForms):
         """
         clock = self._clock
         asked = clock.now()
-        if not self._waiters and self._in_flight < self._limit:
+        if not self._lanes and self._in_flight < self._limit:
             return self._grant(asked, asked)
         wait = self.config.max_wait if timeout is None else min(timeout, self.config.max_wait)
         if wait <= 0:
-            raise self._reject(_QUEUE_TIMEOUT, asked)
+            raise self._reject(_QUEUE_TIMEOUT, asked, priority)
         # Before any call finished there is no service time to estimate from: nobody is refused.
         if (
             shed_late
             and timeout is not None
             and self._service is not None
-            and self.estimated_wait() > timeout
+            and self.estimated_wait(priority=priority) > timeout
         ):
-            raise self._reject(_DEADLINE, asked)
-        if len(self._waiters) >= self.config.max_queue:
-            raise self._reject(_QUEUE_FULL, asked)
+            raise self._reject(_DEADLINE, asked, priority)
+        if self.queued >= self.config.max_queue:
+            raise self._reject(_QUEUE_FULL, asked, priority)
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        lane = self._lanes.get(priority)
+        if lane is None:
+            # Lanes are kept in priority order, so that granting walks them most important first.
+            lane = deque()
+            self._lanes[priority] = lane
+            if len(self._lanes) > 1:
+                self._lanes = dict(sorted(self._lanes.items()))
+        lane.append(future)
         self._queued += 1
-        timer = clock.call_later(wait, functools.partial(self._expire, future))
+        timer = clock.call_later(wait, functools.partial(self._expire, future, priority))
         try:
             granted = await future
         except BaseException:
@@ -373,18 +401,17 @@ class AdaptiveLimiter(CallForms):
                     self._granted -= 1
                     self._grant_waiters()
             else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(future)
+                self._leave(future, priority)
             raise
         timer.cancel()
         if granted is None:
-            raise self._reject(_QUEUE_TIMEOUT, clock.now())
+            raise self._reject(_QUEUE_TIMEOUT, clock.now(), priority)
         now = clock.now()
         return Permit(self, now, now - asked, granted)
 
     def try_acquire(self) -> Permit | None:
         """A permit if one is free now and nobody waits, else None (never waits)."""
-        if not self._waiters and self._in_flight < self._limit:
+        if not self._lanes and self._in_flight < self._limit:
             now = self._clock.now()
             return self._grant(now, now)
         return None
@@ -396,17 +423,30 @@ class AdaptiveLimiter(CallForms):
             self._round_peak = self._in_flight
         return Permit(self, now, now - asked, self._epoch)
 
-    def _expire(self, future: asyncio.Future[int | None]) -> None:
+    def _expire(self, future: asyncio.Future[int | None], priority: int) -> None:
         """Timer callback: the waiter's time ran out before a permit came free."""
         if not future.done():
-            self._waiters.remove(future)
+            self._leave(future, priority)
             future.set_result(None)
 
+    def _leave(self, future: asyncio.Future[int | None], priority: int) -> None:
+        """Take a waiter out of its lane (an emptied lane goes, so that no lanes means no waiters)."""
+        lane = self._lanes.get(priority)
+        if lane is None:
+            return
+        with contextlib.suppress(ValueError):
+            lane.remove(future)
+        if not lane:
+            del self._lanes[priority]
+
     def _grant_waiters(self) -> None:
-        """Hand free permits to the oldest live waiters."""
-        waiters = self._waiters
-        while waiters and self._in_flight < self._limit:
-            future = waiters.popleft()
+        """Hand free permits to the oldest live waiters, most important lane first."""
+        lanes = self._lanes
+        while lanes and self._in_flight < self._limit:
+            priority, lane = next(iter(lanes.items()))
+            future = lane.popleft()
+            if not lane:
+                del lanes[priority]
             if future.done():  # cancelled but not yet resumed
                 continue
             self._in_flight += 1
@@ -487,16 +527,16 @@ class AdaptiveLimiter(CallForms):
         if self._events.active:
             self._events.emit(LimitChanged(self.name, self._clock.now(), old, new, reason))
 
-    def _reject(self, reason: str, now: float) -> Overloaded:
+    def _reject(self, reason: str, now: float, priority: int = 0) -> Overloaded:
         self._rejected[reason] += 1
-        retry_after = self.retry_after()
+        retry_after = self.retry_after(priority)
         if self._events.active:
             self._events.emit(CallRejected(self.name, now, "limiter", reason, retry_after))
         return Overloaded(
             self.name,
             reason,
             retry_after=retry_after,
-            queue_size=len(self._waiters),
+            queue_size=self.queued,
             in_flight=self._in_flight,
         )
 
@@ -543,6 +583,5 @@ class AdaptiveLimiter(CallForms):
 
     def __repr__(self) -> str:
         return (
-            f"AdaptiveLimiter({self.name!r}, in_flight={self._in_flight}/{self._limit}, "
-            f"queued={len(self._waiters)})"
+            f"AdaptiveLimiter({self.name!r}, in_flight={self._in_flight}/{self._limit}, queued={self.queued})"
         )

@@ -183,6 +183,89 @@ async def test_waiters_get_permits_in_arrival_order() -> None:
     assert limiter.queued == 0
 
 
+async def test_a_more_important_waiter_is_served_first_and_each_priority_in_arrival_order() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    held = await limiter.acquire()
+    order: list[str] = []
+
+    async def waiter(name: str, priority: int) -> None:
+        permit = await limiter.acquire(priority=priority)
+        order.append(name)
+        await clock.sleep(1)
+        permit.release()
+
+    tasks = [asyncio.create_task(waiter(n, p)) for n, p in [("low1", 2), ("mid", 1), ("low2", 2)]]
+    await clock.run(0)
+    tasks.append(asyncio.create_task(waiter("top", 0)))  # arrives last, served first
+    await clock.run(0)
+    assert limiter.queued == 4
+    assert [limiter.queued_before(p) for p in (0, 1, 2)] == [1, 2, 4]
+    held.release()
+    await clock.run(10)
+    await asyncio.gather(*tasks)
+    assert order == ["top", "mid", "low1", "low2"]
+    assert limiter.queued == 0
+    assert limiter.in_flight == 0
+
+
+async def test_estimated_wait_and_shedding_count_only_the_waiters_that_come_first() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    first = await limiter.acquire()
+    clock.advance(2)
+    first.release()  # a 2 s service time
+    held = await limiter.acquire()
+    optional = [asyncio.create_task(limiter.acquire(priority=1)) for _ in range(3)]
+    await clock.run(0)
+    assert limiter.estimated_wait(priority=1) == pytest.approx(8.0)  # behind three of its own
+    assert limiter.estimated_wait(priority=0) == pytest.approx(2.0)  # the optional ones do not count
+    assert limiter.estimated_wait() == pytest.approx(2.0)
+    # A more important caller is not refused for the less important queue...
+    task = asyncio.create_task(limiter.acquire(timeout=3.0, shed_late=True, priority=0))
+    await clock.run(0)
+    assert limiter.queued == 4
+    # ...while another optional one is, at once, with the wait it would have had as its retry_after.
+    with pytest.raises(Overloaded) as info:
+        await limiter.acquire(timeout=3.0, shed_late=True, priority=1)
+    assert info.value.reason == "deadline"
+    assert info.value.retry_after == pytest.approx(10.0)
+    clock.advance(2)
+    held.release()
+    important = await task
+    assert limiter.queued == 3
+    important.release()
+    for t in optional:
+        t.cancel()
+    await asyncio.gather(*optional, return_exceptions=True)
+    assert limiter.queued == 0
+
+
+async def test_a_less_important_waiter_times_out_while_important_calls_keep_the_server_busy() -> None:
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=1)
+    stop = False
+
+    async def important() -> None:
+        while not stop:
+            permit = await limiter.acquire(priority=0)
+            await clock.sleep(1)
+            permit.release()
+
+    busy = [asyncio.create_task(important()) for _ in range(2)]
+    await clock.run(0)
+    optional = asyncio.create_task(limiter.acquire(timeout=5.0, priority=1))
+    await clock.run(6)
+    with pytest.raises(Overloaded) as info:
+        await optional
+    assert info.value.reason == "queue_timeout"
+    stop = True
+    await clock.run(3)
+    await asyncio.gather(*busy)
+    assert limiter.queued == 0
+    assert limiter.in_flight == 0
+
+
 async def test_a_waiter_whose_time_runs_out_leaves_overloaded_with_an_estimate() -> None:
     clock = FakeClock()
     bus = EventBus()
@@ -368,9 +451,9 @@ def test_config_errors_name_the_problem() -> None:
 
 
 class LimiterMachine(RuleBasedStateMachine):
-    """Random acquires (with and without timeouts), releases (some as drops), cancellations and clock
-    moves. Every caller ends up holding a permit, rejected, cancelled or still waiting -- none is lost --
-    and ``in_flight <= limit`` always."""
+    """Random acquires (with and without timeouts, of three priorities), releases (some as drops),
+    cancellations and clock moves. Every caller ends up holding a permit, rejected, cancelled or still
+    waiting -- none is lost -- and ``in_flight <= limit`` always."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -415,9 +498,9 @@ class LimiterMachine(RuleBasedStateMachine):
                 self.held.append(task.result())
                 self.granted += 1
 
-    @rule(timeout=st.none() | st.floats(0.0, 20.0))
-    def acquire(self, timeout: float | None) -> None:
-        self.tasks.append(self.loop.create_task(self.limiter.acquire(timeout=timeout)))
+    @rule(timeout=st.none() | st.floats(0.0, 20.0), priority=st.integers(0, 2))
+    def acquire(self, timeout: float | None, priority: int) -> None:
+        self.tasks.append(self.loop.create_task(self.limiter.acquire(timeout=timeout, priority=priority)))
         self.settle()
 
     @precondition(lambda self: bool(self.held))
