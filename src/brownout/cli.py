@@ -67,7 +67,7 @@ def serve(
         ),
     ] = "text",
 ) -> None:
-    """Run the creative-brief server: API on 127.0.0.1:8000 and a local model server per role."""
+    """Run the creative-brief server: API on 127.0.0.1:8000, the embedded models on a local server."""
     import logging
 
     from brownout.config import load_config

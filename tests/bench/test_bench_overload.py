@@ -316,12 +316,35 @@ def test_load_goes_to_the_local_machine_only() -> None:
 
 def test_local_server_settings_default_and_per_role() -> None:
     local = LocalModelsSection()
-    assert local.server_settings("qwen") == (local.threads, local.parallel, local.ctx * local.parallel)
+    # One shared server by default: the cores the process may use (up to four) and two slots.
+    assert local.shared
+    assert {local.server_name(r) for r in ("qwen", "mistral", "llama")} == {"models"}
+    assert local.server_settings("qwen", cores=2) == (2, 2, local.ctx * 2)
+    assert local.server_settings("llama", cores=1.5) == (1, 2, local.ctx * 2)
+    assert local.server_settings("qwen", cores=16)[0] == 4
+    assert local.server_settings("qwen") == (1, 2, local.ctx * 2)
+    sized = LocalModelsSection.model_validate({"threads": 3, "parallel": 4, "ctx": 1024})
+    assert sized.server_settings("mistral", cores=2) == (3, 4, 4096)
+    # A server per role: one thread and one slot each unless set.
+    apart = LocalModelsSection.model_validate({"layout": "per_role"})
+    assert apart.server_name("qwen") == "qwen"
+    assert apart.server_settings("qwen", cores=8) == (1, 1, apart.ctx)
     local = LocalModelsSection.model_validate(
-        {"threads": 1, "parallel": 1, "ctx": 1024, "per_role": {"qwen": {"threads": 2, "parallel": 4}}}
+        {
+            "layout": "per_role",
+            "threads": 1,
+            "parallel": 1,
+            "ctx": 1024,
+            "per_role": {"qwen": {"threads": 2, "parallel": 4}},
+        }
     )
     assert local.server_settings("qwen") == (2, 4, 4096)
     assert local.server_settings("llama") == (1, 1, 1024)
+
+
+def test_per_role_settings_with_the_shared_server_are_refused_with_the_way_out() -> None:
+    with pytest.raises(ValidationError, match="set layout: per_role"):
+        BrownoutConfig.model_validate({"models": {"local": {"per_role": {"qwen": {"threads": 2}}}}})
 
 
 @pytest.mark.parametrize(
@@ -332,6 +355,8 @@ def test_local_server_settings_default_and_per_role() -> None:
         {"per_role": {"generator": {"parallel": 2}}},
         {"per_role": {"qwen": {"threads": 0}}},
         {"per_role": {"qwen": {"slots": 2}}},
+        {"layout": "one"},
+        {"threads": 0},
     ],
 )
 def test_bad_local_server_settings_are_refused(local: dict[str, Any]) -> None:

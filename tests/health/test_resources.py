@@ -292,6 +292,46 @@ async def test_only_our_tree_counts_against_our_cgroup(tmp_path: Path, clock: Fa
     assert sampler.status()["cgroup"]["cpus"] == 0.5
 
 
+async def test_busy_model_servers_cpu_is_load_their_memory_counts(tmp_path: Path, clock: FakeClock) -> None:
+    host = FakeHost(tmp_path, cores=2)
+    write(tmp_path, {"self_cgroup": "0::/", "sys/cgroup.controllers": "cpu memory"})
+    # 10 is brownout; 11 its shared model server (with a helper child 12); 13 another child of ours.
+    host.table = {
+        10: (1, 5.0, 100 << 20),
+        11: (10, 50.0, 300 << 20),
+        12: (11, 1.0, 100 << 20),
+        13: (10, 0.0, 50 << 20),
+    }
+    models = {11}
+    sampler = ProcessTreeSampler(root=10, reader=host, interval=60, clock=clock, cpu_exempt=lambda: models)
+    monitor = ResourceMonitor(sampler=sampler, interval=60, clock=clock)
+    await monitor.check()
+
+    def run(used: dict[int, float]) -> None:
+        clock.advance(60)
+        for pid, cpu in used.items():
+            parent, before, memory = host.table[pid]
+            host.table[pid] = (parent, before + cpu, memory)
+
+    # The model server computes with both cores for a minute; the service itself uses a tenth of one.
+    run({11: 118.0, 12: 2.0, 10: 6.0})
+    s = await monitor.check()
+    assert s.cpu_percent == pytest.approx(100 * 6.0 / 60 / 2)
+    assert monitor.levels["cpu"] == "ok"
+    assert s.memory_percent == pytest.approx(100 * (550 << 20) / (8 << 30))  # the model's memory counts
+    assert sampler.exempt_pids == (11, 12)
+    assert sampler.status()["cpu_exempt_pids"] == [11, 12]
+    # Our own processes outside the model servers still reach critical.
+    run({10: 60.0, 13: 58.0, 11: 120.0})
+    await monitor.check()
+    assert monitor.levels["cpu"] == "critical"
+    # Without the exemption the busy model alone is critical (what a default server once did).
+    plain = ProcessTreeSampler(root=10, reader=host, interval=60, clock=clock)
+    plain()
+    run({11: 118.0})
+    assert (plain().cpu_percent or 0.0) > 95
+
+
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 
 

@@ -16,11 +16,11 @@ from brownout.chaos.fakellm import FakeLLM
 from brownout.config import CircuitBreakerSection
 from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable, Overloaded
 from brownout.events import BreakerStateChanged, EventBus
-from brownout.llm.client import ModelClient, is_caller_fault
+from brownout.llm.client import ModelClient, SharedEndpoint, is_caller_fault
 from brownout.llm.types import ChatResult, EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, BreakerState
 from brownout.policies.deadline import deadline
-from brownout.policies.limiter import LimiterConfig
+from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
 from brownout.policies.retry import RetryConfig
 from brownout.testing import FakeTimer
 
@@ -704,3 +704,99 @@ def test_max_concurrency_bounds_each_endpoints_limiter() -> None:
     with pytest.raises(ValueError, match="max_concurrency"):
         EndpointConfig(url="http://127.0.0.1:1", max_concurrency=0)
     assert c.estimated_wait() == 0.0
+
+
+# ------------------------------------------------------------------ roles sharing one server
+
+
+def shared_server(fake: FakeLLM, slots: int) -> dict[str, SharedEndpoint]:
+    limits = LimiterConfig(min_limit=slots, max_limit=slots, initial_limit=slots)
+    return {fake.url: SharedEndpoint(AdaptiveLimiter("models", limits))}
+
+
+async def test_roles_sharing_a_server_share_its_slots_and_the_generators_calls_go_first() -> None:
+    async with FakeLLM("slow", delay=0.15, slots=1) as fake:
+        shared = shared_server(fake, 1)
+        gen = client(ep(fake, max_concurrency=1), shared=shared, breakers=WIDE)
+        val = ModelClient(
+            "val",
+            [ep(fake, max_concurrency=1)],
+            breakers=WIDE,
+            retry=ONE_TRY,
+            shared=shared,
+            priority=1,
+            learns_limit=False,
+            events=EventBus(),
+        )
+        async with gen, val:
+            done: list[str] = []
+
+            async def call(c: ModelClient, name: str) -> None:
+                await c.chat(MESSAGES)
+                done.append(name)
+
+            first = asyncio.create_task(call(gen, "gen0"))
+            await asyncio.sleep(0.05)
+            # Three validator calls queue first, then two generator calls: the generator's pass them.
+            tasks = [asyncio.create_task(call(val, f"val{i}")) for i in range(3)]
+            await asyncio.sleep(0.01)
+            tasks += [asyncio.create_task(call(gen, f"gen{i}")) for i in (1, 2)]
+            await asyncio.sleep(0.01)
+            limiter = shared[fake.url].limiter
+            assert (limiter.in_flight, limiter.queued, limiter.queued_before(0)) == (1, 5, 2)
+            # Each role sees the wait of its own place in the queue.
+            assert val.estimated_wait() > gen.estimated_wait() > 0
+            await asyncio.gather(first, *tasks)
+            assert done == ["gen0", "gen1", "gen2", "val0", "val1", "val2"]
+            assert fake.peak_open_chats == 1  # one slot for both roles, never more in flight
+            assert gen.limiters == {"gen": limiter}
+            assert val.limiters == {"val": limiter}
+
+
+async def test_a_call_that_times_out_while_another_role_completes_on_the_server_is_slow() -> None:
+    # The server runs one request at a time; the shared limit lets two in (the validator's waits
+    # inside the server). The validator's call times out while the server completes the
+    # generator's: the server is busy, not down, although the validator itself never had an answer.
+    async with FakeLLM("slow", delay=0.3, slots=1) as fake:
+        shared = shared_server(fake, 2)
+
+        def role(name: str, priority: int, timeout: float) -> ModelClient:
+            return ModelClient(
+                name,
+                [ep(fake, max_concurrency=2)],
+                breakers=SMALL,
+                retry=ONE_TRY,
+                timeout=timeout,
+                shared=shared,
+                priority=priority,
+                events=EventBus(),
+            )
+
+        async with role("gen", 0, 2.0) as gen, role("val", 1, 0.45) as val:
+            generated = asyncio.create_task(gen.chat(MESSAGES))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded) as info:
+                await val.chat(MESSAGES)
+            assert info.value.reason == "slow"
+            await generated
+            assert failures(val) == (0, 0)
+            [status] = val.endpoints_status()
+            assert (status["completed"], status["slow"]) == (0, 1)
+        # Not sharing the server's signs of life, the same timeout is the validator's failure.
+        async with FakeLLM("slow", delay=0.3, slots=1) as lone:
+            alone = ModelClient(
+                "val",
+                [ep(lone, max_concurrency=2)],
+                breakers=SMALL,
+                retry=ONE_TRY,
+                timeout=0.45,
+                limiter=LimiterConfig(initial_limit=2),
+                events=EventBus(),
+            )
+            async with client(ep(lone, max_concurrency=2), timeout=2.0) as other, alone:
+                generated = asyncio.create_task(other.chat(MESSAGES))
+                await asyncio.sleep(0.05)
+                with pytest.raises(ModelError):
+                    await alone.chat(MESSAGES)
+                await generated
+                assert failures(alone) == (1, 1)

@@ -183,13 +183,15 @@ def test_bad_settings_name_the_key(kwargs: dict[str, float], key: str) -> None:
 
 def test_unstarted_server_reports_its_status() -> None:
     port = free_port()
-    server = LocalModelServer("validator", port=port)
+    server = LocalModelServer("validator", port=port, threads=2, parallel=3)
     assert server.url == f"http://127.0.0.1:{port}"
     assert server.status() == {
         "role": "validator",
         "url": f"http://127.0.0.1:{port}",
         "state": "stopped",
         "pid": None,
+        "threads": 2,
+        "parallel": 3,
         "restarts": 0,
         "last_error": None,
         "started_at": None,

@@ -120,7 +120,8 @@ NICE = {"BROWNOUT__MODELS__LOCAL__API_NICE": "10"}
 
 def check_models_run_above_the_service(pid: int) -> None:
     """``models.local.api_nice`` (10 here): every thread of the service runs 10 nice steps below
-    every thread of its three model servers, which keep the priority the service started with."""
+    every thread of its model server (one, shared by the three roles), which keeps the priority the
+    service started with."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
 
     def nices(p: int) -> set[int]:
@@ -132,7 +133,7 @@ def check_models_run_above_the_service(pid: int) -> None:
         time.sleep(0.1)
     serving = "brownout.llm._serve_local"
     models = [c for c in children_of(pid) if serving in Path(f"/proc/{c}/cmdline").read_text()]
-    assert len(models) == 3
+    assert len(models) == 1
     for model in models:
         assert nices(model) == {base}
     service = nices(pid) - {base}  # the thread that starts the models keeps the original priority

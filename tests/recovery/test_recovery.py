@@ -694,6 +694,22 @@ async def test_retry_model_load_verifies_refetches_and_reloads_with_backoff(tmp_
     assert "CPU" in (await actions["cpu_offload"].run("qwen")).detail
 
 
+async def test_a_server_shared_by_every_role_is_restarted_once_and_named_for_them(tmp_path: Path) -> None:
+    shared = Reloadable(tmp_path / "m.gguf")
+    own = Reloadable(tmp_path / "m.gguf")
+    plant = LoadPlant({"qwen": shared, "mistral": shared, "llama": own})
+    actions = brief_server_actions(plant, roles=ROLES, generator="qwen")  # type: ignore[arg-type]
+    result = await actions["restart_model_server"].run("all")
+    assert result.status == "ok", result.detail
+    assert result.detail == "restarted the shared server of qwen, mistral, llama"
+    assert (shared.restarts, own.restarts) == (1, 1)
+    # Asked for one role, the shared server is restarted, and the answer says whose work it held.
+    result = await actions["restart_model_server"].run("mistral")
+    assert result.detail == "restarted the shared server of qwen, mistral"
+    assert (shared.restarts, own.restarts) == (2, 1)
+    assert (await actions["restart_model_server"].run("llama")).detail == "restarted llama"
+
+
 # -------------------------------------------------------------------------------- the recovery API
 
 

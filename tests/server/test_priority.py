@@ -85,8 +85,14 @@ def test_nothing_changes_without_local_models_or_steps() -> None:
 def test_api_nice_is_ten_by_default_only_for_models_running_several_threads() -> None:
     local = BrownoutConfig().models.local
     assert local.api_nice is None
-    assert local.effective_api_nice(["qwen", "mistral", "llama"]) == 0  # one thread each
-    two = BrownoutConfig.model_validate({"models": {"local": {"per_role": {"qwen": {"threads": 2}}}}})
+    # The shared server takes the cores: several threads on two, one on a single core.
+    assert local.effective_api_nice(["qwen", "mistral", "llama"], cores=2) == 10
+    assert local.effective_api_nice(["qwen", "mistral", "llama"], cores=1) == 0
+    apart = BrownoutConfig.model_validate({"models": {"local": {"layout": "per_role"}}}).models.local
+    assert apart.effective_api_nice(["qwen", "mistral", "llama"], cores=2) == 0  # one thread each
+    two = BrownoutConfig.model_validate(
+        {"models": {"local": {"layout": "per_role", "per_role": {"qwen": {"threads": 2}}}}}
+    )
     assert two.models.local.effective_api_nice(["qwen", "mistral", "llama"]) == 10
     assert two.models.local.effective_api_nice(["mistral", "llama"]) == 0  # qwen not run locally
     assert two.models.local.effective_api_nice([]) == 0

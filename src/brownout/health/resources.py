@@ -2,7 +2,8 @@
 
 **Ours, not the machine's.** Every ``interval`` seconds (default 60) the monitor measures brownout's
 own process tree -- the server process and its children, among them the local llama.cpp model
-servers -- against the CPU and memory *available to us*: the cgroup's limits where there are any
+servers (their memory; their CPU is their configured threads', below) -- against the CPU and memory
+*available to us*: the cgroup's limits where there are any
 (cgroup v2 ``cpu.max``, ``memory.max``, ``memory.current``; v1 ``cpu.cfs_quota_us`` /
 ``cpu.cfs_period_us``, ``memory.limit_in_bytes``, ``memory.usage_in_bytes``), else the CPUs this
 process may run on and the machine's RAM. A neighbour's load on a shared host is not ours: it never
@@ -29,6 +30,14 @@ the last interval's load, never the near-zero of a few milliseconds (which once 
 declare a busy CPU fixed). The first sample, and any sample with less than a second of history, has no
 CPU reading: the CPU level then stays as it was.
 
+**A model server's CPU is load, not a fault.** A local model server runs the threads it was given flat
+out while it has calls to compute -- two threads on two cores read as 100 % -- and that is what it
+is for: the concurrency limiter and the dimmer handle the load. The processes named by ``cpu_exempt``
+(the local model servers, with their children) are therefore left out of the CPU reading, while their
+memory still counts: without this, a busy model put the system mode in degraded and started a
+proactive recovery chain on every sustained load. A model server that is wedged is found by its
+health checks, not by its CPU.
+
 Memory is the tree's proportional set size (shared pages split between the processes sharing them,
 so three model servers mapping one model file count it once), or the resident size where the
 proportional one cannot be read, against the memory available to us.
@@ -48,7 +57,7 @@ import importlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -71,6 +80,7 @@ __all__ = [
     "ResourceSample",
     "Thresholds",
     "read_cgroup_limits",
+    "usable_cores",
 ]
 
 _log = logging.getLogger("brownout.health")
@@ -358,6 +368,15 @@ def _tighter(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
+def usable_cores(reader: HostReader | None = None) -> float:
+    """The CPU cores this process may use: the CPUs it may run on, or its cgroup's CPU limit when
+    that is tighter (a container given 1.5 CPUs on a 16-core host has 1.5)."""
+    reader = reader if reader is not None else HostReader()
+    cores = float(reader.cpu_count())
+    limit = read_cgroup_limits(reader).cpus
+    return min(cores, limit) if limit is not None else cores
+
+
 def read_cgroup_limits(reader: HostReader) -> CgroupLimits:
     """This process's cgroup limits (the tightest along its cgroup path), read through ``reader``.
 
@@ -435,6 +454,8 @@ class ProcessTreeSampler:
     span a CPU reading averages over at least (the monitor's sampling interval); ``min_span`` the
     shortest history that gives a CPU reading at all. Limits are read once, at the first sample
     (they are set when the container starts; :meth:`refresh_limits` reads them again).
+    ``cpu_exempt()`` names the processes whose trees' CPU is left out of the CPU reading (the local
+    model servers; see the module docstring); their memory is counted.
     """
 
     def __init__(
@@ -446,9 +467,12 @@ class ProcessTreeSampler:
         min_span: float = 1.0,
         gpu: GpuProbe | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        cpu_exempt: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         self.root = os.getpid() if root is None else root
         """The pid whose tree is measured."""
+        self.cpu_exempt = cpu_exempt
+        """The processes (with their children) whose CPU the CPU reading leaves out, or None."""
         self.reader = reader or HostReader()
         """Where /proc, /sys and the process table are read."""
         self.interval = interval
@@ -463,6 +487,8 @@ class ProcessTreeSampler:
         """Bytes of memory available to us: the cgroup's limit, at most the machine's RAM."""
         self.pids: tuple[int, ...] = ()
         """The processes counted in the latest sample."""
+        self.exempt_pids: tuple[int, ...] = ()
+        """The processes of the latest sample whose CPU was left out (their memory counted)."""
         self.memory_bytes = 0
         """The tree's memory in the latest sample."""
         self._last_cpu: dict[int, float] = {}
@@ -490,15 +516,22 @@ class ProcessTreeSampler:
             self.refresh_limits()
         now = self._clock.now()
         procs = self.reader.processes(self.root)
+        exempt: set[int] = set()
+        if self.cpu_exempt is not None:
+            for pid in self.cpu_exempt():
+                exempt.update(p.pid for p in self.reader.processes(pid))
         seen: dict[int, float] = {}
         for p in procs:
+            if p.pid in exempt:
+                continue
             before = self._last_cpu.get(p.pid)
             if self._points:  # the very first look only sets the baseline
                 # A process new since the last look used all its CPU time inside this interval.
                 self._total += max(0.0, p.cpu_seconds - (before if before is not None else 0.0))
             seen[p.pid] = p.cpu_seconds
         self._last_cpu = seen
-        self.pids = tuple(sorted(seen))
+        self.pids = tuple(sorted(p.pid for p in procs))
+        self.exempt_pids = tuple(sorted(exempt.intersection(self.pids)))
         self.memory_bytes = sum(p.memory for p in procs)
         self._points.append(_Point(now, self._total))
         self._cpu_percent = self._windowed(now)
@@ -536,6 +569,7 @@ class ProcessTreeSampler:
             "root_pid": self.root,
             "processes": len(self.pids),
             "pids": list(self.pids),
+            "cpu_exempt_pids": list(self.exempt_pids),
             "cpus_available": round(self.cpus, 3),
             "memory_available": self.memory_limit,
             "memory_used": self.memory_bytes,
@@ -550,7 +584,7 @@ class ResourceMonitor:
     ``sampler(first)`` returns a sample (default: :attr:`tree`, the process tree against the cgroup's
     limits, and NVML; ``first`` is True for the first one). ``on_critical(resource, sample)`` is
     awaited for each critical resource of a sample; ``on_level(resource, old, new, sample)`` for each
-    level change.
+    level change. ``cpu_exempt`` goes to the default sampler (:class:`ProcessTreeSampler`).
     """
 
     def __init__(
@@ -566,6 +600,7 @@ class ResourceMonitor:
         name: str = "resources",
         clock: Clock = SYSTEM_CLOCK,
         events: EventBus = DEFAULT_BUS,
+        cpu_exempt: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         if not interval > 0:
             raise ConfigError("resources.interval", f"must be positive, got {interval}")
@@ -586,7 +621,7 @@ class ResourceMonitor:
         self.criticals = 0
         """Critical readings handed to ``on_critical``."""
         self._gpu = GpuProbe()
-        self.tree = ProcessTreeSampler(interval=interval, gpu=self._gpu, clock=clock)
+        self.tree = ProcessTreeSampler(interval=interval, gpu=self._gpu, clock=clock, cpu_exempt=cpu_exempt)
         """The default sampler: brownout's own process tree against the CPU and memory it may use."""
         self.sampler: Callable[[bool], ResourceSample] = sampler or self.tree
         """Takes one sample (``first``: the first since start); replaceable, e.g. to read another host."""

@@ -9,7 +9,10 @@ costing its callers time:
 * each endpoint has its own :class:`~brownout.policies.limiter.AdaptiveLimiter`: at most its
   ``limit`` calls are in flight to it (adapted to its latency, never above the endpoint's
   ``max_concurrency`` -- for a local model server its slots, so nothing queues inside the server);
-  further calls wait in the limiter's first-in, first-out queue. That wait is *ours*, not the model's:
+  further calls wait in the limiter's first-in, first-out queue. Clients of several roles on one
+  server (the embedded models' shared local server) share its limiter and its signs of life through
+  a :class:`SharedEndpoint`, each role's calls waiting in the queue of the client's ``priority``
+  (the generator's first). That wait is *ours*, not the model's:
   the attempt's timeout and the breaker's timing start when the request is sent, and a call whose
   wait runs out leaves with :class:`~brownout.errors.Overloaded` (or
   :class:`~brownout.errors.DeadlineExceeded` when the caller's deadline passed) without anything
@@ -87,7 +90,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -115,7 +118,14 @@ from brownout.policies.deadline import remaining
 from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig, Permit
 from brownout.policies.retry import Retry, RetryConfig
 
-__all__ = ["DEFAULT_LIMITER", "DEFAULT_RETRY", "PROBE_PROMPT", "ModelClient", "is_caller_fault"]
+__all__ = [
+    "DEFAULT_LIMITER",
+    "DEFAULT_RETRY",
+    "PROBE_PROMPT",
+    "ModelClient",
+    "SharedEndpoint",
+    "is_caller_fault",
+]
 
 DEFAULT_RETRY: Final = RetryConfig(max_attempts=2, backoff_base=0.2)
 """The retry of a client given none: one more attempt (on another endpoint if there is one)."""
@@ -176,6 +186,25 @@ class _SlowCall(_NotCounted):
     """A sent call timed out while its endpoint was demonstrably alive: slow under load, not failed."""
 
 
+class SharedEndpoint:
+    """One server that the clients of several roles call: a local model server shared by the brief's
+    roles, say. They share its concurrency limiter -- so the calls in flight to it, of every role,
+    never exceed its slots, and each role's calls wait in the queue of its client's ``priority`` --
+    and its signs of life: a call completed for one role shows the server alive to the others, so a
+    call of another role that times out while it works is slow under load, not failed.
+
+    Give the same object to each client, by the endpoint's URL (``ModelClient(shared=...)``).
+    """
+
+    __slots__ = ("last_success", "limiter")
+
+    def __init__(self, limiter: AdaptiveLimiter) -> None:
+        self.limiter = limiter
+        """The one concurrency limiter of the server."""
+        self.last_success: float | None = None
+        """Clock time of the server's last well-formed completion, whichever role's call it was."""
+
+
 class _Endpoint:
     """One endpoint's runtime state."""
 
@@ -186,16 +215,18 @@ class _Endpoint:
         "config",
         "headers",
         "host",
-        "last_success",
         "limiter",
         "load",
         "port",
         "sending",
+        "share",
         "slow",
         "url",
     )
 
-    def __init__(self, config: EndpointConfig, breaker: CircuitBreaker, limiter: AdaptiveLimiter) -> None:
+    def __init__(
+        self, config: EndpointConfig, breaker: CircuitBreaker, share: SharedEndpoint, priority: int = 0
+    ) -> None:
         self.config = config
         self.url = config.url.rstrip("/")
         self.chat_url = f"{self.url}/v1/chat/completions"
@@ -204,15 +235,20 @@ class _Endpoint:
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
         self.breaker = breaker
-        self.limiter = limiter
+        self.share = share
+        self.limiter = share.limiter
         # What the picker ranks by: the limiter's wait and permits, and the latency average.
-        self.load = EndpointLoad(limiter)
+        self.load = EndpointLoad(share.limiter, priority=priority)
         # HTTP requests being sent or answered (probes aside): whether a timed-out call was "under
         # load" (see _SlowCall). Not the picker's count, which starts when a call gets its slot.
         self.sending = 0
-        self.last_success: float | None = None  # clock time of the last well-formed completion
-        self.completed = 0  # well-formed completions of calls (probes not included)
+        self.completed = 0  # well-formed completions of this role's calls (probes not included)
         self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
+
+    @property
+    def last_success(self) -> float | None:
+        """Clock time of the endpoint's last well-formed completion (of any role sharing it)."""
+        return self.share.last_success
 
     @property
     def available(self) -> bool:
@@ -255,13 +291,23 @@ class ModelClient:
     each endpoint's limiter's ``max_limit`` is its ``max_concurrency``, or the given ``max_limit``
     when that is lower. ``alive_window`` is how recent a sign of life must be for a timed-out call to
     count as slow rather than failed (default: three times ``timeout``; see the module docstring).
+
+    ``shared`` maps endpoint URLs to :class:`SharedEndpoint` objects that other clients use too: such
+    an endpoint takes the shared limiter (``limiter`` does not apply to it) and signs of life.
+    ``priority`` is the queue this client's calls wait in on a shared limiter (lower first; default
+    0). ``learns_limit=False`` keeps this client's calls out of the limiters' latency rounds: a
+    limiter shared by roles whose calls take different times learns the server's knee from one
+    role's calls, whose length is steady (the service-time average behind the expected waits still
+    takes every call).
     """
 
     __slots__ = (
         "_clock",
         "_endpoints",
         "_http",
+        "_learns",
         "_own_http",
+        "_priority",
         "_retry",
         "alive_window",
         "role",
@@ -282,6 +328,9 @@ class ModelClient:
         breaker_factory: Callable[[str, BreakerConfig], CircuitBreaker] | None = None,
         limiter: LimiterConfig | None = None,
         alive_window: float | None = None,
+        shared: Mapping[str, SharedEndpoint] | None = None,
+        priority: int = 0,
+        learns_limit: bool = True,
     ) -> None:
         if not endpoints:
             raise ConfigError("endpoints", f"model role {role!r} needs at least one endpoint")
@@ -298,6 +347,9 @@ class ModelClient:
         """A timed-out call under load is slow, not failed, when the endpoint completed a call this
         recently (seconds)."""
         self._clock = clock
+        self._priority = priority
+        self._learns = learns_limit
+        shares = {url.rstrip("/"): share for url, share in (shared or {}).items()}
         base = (breakers or BreakerGroupConfig()).for_name(role)
         breaker_config = base.model_copy(update={"ignore_exceptions": (*base.ignore_exceptions, _NotCounted)})
         eps: list[_Endpoint] = []
@@ -319,19 +371,20 @@ class ModelClient:
                 if breaker_factory is not None
                 else CircuitBreaker(name, breaker_config, clock=clock, events=events)
             )
-            limits = limiter or DEFAULT_LIMITER
-            # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it.
-            top = cfg.max_concurrency if limiter is None else min(cfg.max_concurrency, limits.max_limit)
-            limiter_config = limits.model_copy(
-                update={
-                    "max_limit": top,
-                    "min_limit": min(limits.min_limit, top),
-                    "initial_limit": min(limits.initial_limit, top),
-                }
-            )
-            eps.append(
-                _Endpoint(cfg, breaker, AdaptiveLimiter(name, limiter_config, clock=clock, events=events))
-            )
+            share = shares.get(url)
+            if share is None:
+                limits = limiter or DEFAULT_LIMITER
+                # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it.
+                top = cfg.max_concurrency if limiter is None else min(cfg.max_concurrency, limits.max_limit)
+                limiter_config = limits.model_copy(
+                    update={
+                        "max_limit": top,
+                        "min_limit": min(limits.min_limit, top),
+                        "initial_limit": min(limits.initial_limit, top),
+                    }
+                )
+                share = SharedEndpoint(AdaptiveLimiter(name, limiter_config, clock=clock, events=events))
+            eps.append(_Endpoint(cfg, breaker, share, priority))
         self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
         retry_config = retry or DEFAULT_RETRY
         user_if = retry_config.retry_if
@@ -379,7 +432,11 @@ class ModelClient:
         (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls).
         ``ahead``: callers not queued here yet that will come first (see
         :meth:`~brownout.policies.limiter.AdaptiveLimiter.estimated_wait`)."""
-        waits = [ep.limiter.estimated_wait(ahead) for ep in self._endpoints if ep.breaker.available]
+        waits = [
+            ep.limiter.estimated_wait(ahead, priority=self._priority)
+            for ep in self._endpoints
+            if ep.breaker.available
+        ]
         return min(waits) if waits else 0.0
 
     def service_time(self) -> float | None:
@@ -389,6 +446,11 @@ class ModelClient:
             t for ep in self._endpoints if ep.breaker.available and (t := ep.limiter.service_time) is not None
         ]
         return min(times) if times else None
+
+    @property
+    def priority(self) -> int:
+        """The queue this client's calls wait in on a shared limiter (lower first)."""
+        return self._priority
 
     @property
     def retry(self) -> Retry:
@@ -420,7 +482,7 @@ class ModelClient:
                     "max_limit": lim.config.max_limit,
                     "in_flight": lim.in_flight,
                     "queued": lim.queued,
-                    "estimated_wait": round(lim.estimated_wait(), 3),
+                    "estimated_wait": round(lim.estimated_wait(priority=self._priority), 3),
                     "ewma_latency_ms": None if (ewma := ep.load.ewma) is None else round(ewma * 1000.0, 3),
                     "retry_after": b.retry_after(),
                     "completed": ep.completed,
@@ -545,7 +607,9 @@ class ModelClient:
         # Waiting for a slot is not the model's time: nothing here reaches the breaker. A caller that
         # said how long it may wait is told at once when the expected wait is longer (it would only
         # wait to fail); one that gave no bound waits up to its deadline or the limiter's max_wait.
-        permit = await ep.limiter.acquire(timeout=wait, shed_late=queue_timeout is not None)
+        permit = await ep.limiter.acquire(
+            timeout=wait, shed_late=queue_timeout is not None, priority=self._priority
+        )
         try:
             result = await self._attempt_with(ep, body, limit, permit)
         except ModelError as e:
@@ -562,7 +626,7 @@ class ModelClient:
         except BaseException:
             permit.release(sample=False)
             raise
-        permit.release()
+        permit.release(sample=self._learns)
         return result
 
     async def _attempt_with(
@@ -589,7 +653,7 @@ class ModelClient:
             raise Overloaded(
                 ep.breaker.name,
                 "slow",
-                retry_after=lim.retry_after(),
+                retry_after=lim.retry_after(self._priority),
                 queue_size=lim.queued,
                 in_flight=lim.in_flight,
             ) from e.error
@@ -618,8 +682,9 @@ class ModelClient:
         ignores)."""
         clock = self._clock
         start = clock.now()
-        # Under load when sent: another call in flight or waiting for a slot of this endpoint.
-        crowded = ep.sending > 0 or ep.limiter.queued > 0
+        # Under load when sent: another call in flight or waiting for a slot of this endpoint (the
+        # permits held count the calls of other roles on a shared server, and probes).
+        crowded = ep.sending > 0 or ep.limiter.in_flight > 1 or ep.limiter.queued > 0
         ep.sending += 1
         try:
             headers = ep.headers
@@ -638,7 +703,7 @@ class ModelClient:
             ep.load.observe(now - start)
             alive = ep.last_success
             # sending still counts this call here (the finally below has not run yet).
-            loaded = crowded or ep.sending > 1 or ep.limiter.queued > 0
+            loaded = crowded or ep.sending > 1 or ep.limiter.in_flight > 1 or ep.limiter.queued > 0
             if loaded and alive is not None and now - alive <= self.alive_window:
                 ep.slow += 1
                 raise _SlowCall(error) from e
@@ -661,7 +726,7 @@ class ModelClient:
             raise error
         content, finish_reason, usage, model = _parse(ep.url, response.content, status)
         ep.load.observe(latency)
-        ep.last_success = clock.now()
+        ep.share.last_success = clock.now()
         ep.completed += 1
         return ChatResult(
             content=content,
@@ -705,7 +770,7 @@ class ModelClient:
             if last is not None and clock.now() - last <= busy_window:
                 return ProbeResult(self.role, ep.url, True, 0.0, None, busy=True)
             try:
-                permit = await ep.limiter.acquire(timeout=timeout)
+                permit = await ep.limiter.acquire(timeout=timeout, priority=self._priority)
             except Overloaded:
                 return ProbeResult(self.role, ep.url, True, 0.0, None, busy=True, queued=timeout)
         try:

@@ -420,6 +420,8 @@ class LocalModelServer:
             "url": self._url,
             "state": self._state,
             "pid": self.pid,
+            "threads": self._threads,
+            "parallel": self._parallel,
             "restarts": self.restarts,
             "last_error": self._last_error,
             "started_at": self._started_at,

@@ -254,6 +254,21 @@ def brief_server_actions(
     def chosen(target: str) -> list[str]:
         return list(roles) if target in ("all", "") else [target]
 
+    def servers_of(target: str) -> dict[str, _Server]:
+        # Each local server of the chosen roles once, named by the roles it serves: one server shared
+        # by every role is restarted once, and for all of them (its name says so).
+        found: dict[int, tuple[list[str], _Server]] = {}
+        for role in chosen(target):
+            server = plant.local.get(role)
+            if server is not None:
+                found.setdefault(id(server), ([], server))[0].append(role)
+        named: dict[str, _Server] = {}
+        for wanted, server in found.values():
+            sharing = [r for r, s in plant.local.items() if s is server]
+            name = wanted[0] if len(sharing) == 1 else f"the shared server of {', '.join(sharing)}"
+            named[name] = server
+        return named
+
     def service() -> _Service:
         svc = plant.service
         if svc is None:
@@ -295,23 +310,23 @@ def brief_server_actions(
         )
 
     async def restart(target: str) -> ActionResult:
-        servers = {r: plant.local[r] for r in chosen(target) if r in plant.local}
+        servers = servers_of(target)
         if not servers:
             return ActionResult.skipped(
                 f"{', '.join(chosen(target))} served by external endpoints: no local model server to restart"
             )
         failed: list[str] = []
-        for role, server in servers.items():
+        for name, server in servers.items():
             try:
                 await server.restart(reason="recovery action")
             except Exception as e:
-                failed.append(f"{role}: {type(e).__name__}: {e}")
+                failed.append(f"{name}: {type(e).__name__}: {e}")
         if failed:
             return ActionResult.failed("; ".join(failed))
         return ActionResult.ok(f"restarted {', '.join(servers)}")
 
     async def retry_model_load(target: str) -> ActionResult:
-        servers = {r: plant.local[r] for r in chosen(target) if r in plant.local}
+        servers = servers_of(target)
         if not servers:
             return ActionResult.skipped(
                 f"{', '.join(chosen(target))} served by external endpoints: their servers load the model"
@@ -338,11 +353,11 @@ def brief_server_actions(
                 )
             notes.append(f"{path.name}: downloaded again by {artifact.source.description}, sha256 verified")
         reload = load.retry("recovery.load", clock=clock, events=events)
-        for role, server in servers.items():
+        for name, server in servers.items():
             try:
                 await reload.call(server.restart, "recovery: reload model")
             except Exception as e:
-                return ActionResult.failed("; ".join([*notes, f"reloading {role} failed: {e}"]))
+                return ActionResult.failed("; ".join([*notes, f"reloading {name} failed: {e}"]))
         return ActionResult.ok("; ".join([*notes, f"reloaded {', '.join(servers)}"]))
 
     async def reduce_params(target: str) -> ActionResult:

@@ -149,6 +149,8 @@ class Operations:
             on_level=self._on_level,
             clock=clock,
             events=events,
+            # A local model server computing its calls uses its threads fully: load, not a fault.
+            cpu_exempt=lambda: {s.pid for s in parts.local.values() if s.pid is not None},
         )
         """The resource monitor."""
         rc = cfg.recovery
@@ -228,8 +230,8 @@ class Operations:
         self.modes.start()
         if cfg.modes.adaptive_ttl.enabled:
             self.ttl.start()
-        for server in self.parts.local.values():
-            artifact = self.artifact(server.model_path)
+        for path in {server.model_path for server in self.parts.local.values()}:
+            artifact = self.artifact(path)
             if artifact is not None and artifact.expected is None:
                 # The servers just loaded it: this is the first successful load.
                 self._tasks.spawn(artifact.record())
@@ -311,8 +313,16 @@ class Operations:
         if trigger == "proactive" and kind is FailureType.SYSTEM_RESOURCE and action in LOAD_ONLY_REPORTED:
             return LOAD_NOT_FAILURE
         if action in DISRUPTIVE:
-            return self.busy.any_busy(ROLES if target in ("all", "") else (target,))
+            return self.busy.any_busy(ROLES if target in ("all", "") else self.sharing(target))
         return None
+
+    def sharing(self, role: str) -> list[str]:
+        """``role`` and the roles whose local model server is the same as its own (an action on that
+        server -- a restart -- drops their work too)."""
+        server = self.parts.local.get(role)
+        if server is None:
+            return [role]
+        return [role, *(r for r, s in self.parts.local.items() if s is server and r != role)]
 
     def why_unhealthy(self, role: str) -> str:
         """The best description of why ``role`` is unhealthy (for classification)."""
@@ -371,7 +381,11 @@ class Operations:
         rec = self.recovery
         done: list[RecoveryAttempt] = []
         steps = [(RESET_BREAKERS, "all")]
-        steps += [(RESTART_MODEL_SERVER, r) for r, s in self.parts.local.items() if s.state != "running"]
+        down: dict[int, str] = {}  # a shared server once, by its first role
+        for role, server in self.parts.local.items():
+            if server.state != "running":
+                down.setdefault(id(server), role)
+        steps += [(RESTART_MODEL_SERVER, r) for r in down.values()]
         for action, target in steps:
             try:
                 done.append(await rec.trigger(action, target))

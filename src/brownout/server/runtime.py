@@ -2,12 +2,14 @@
 
 :class:`Runtime` is the server's composition root. Its constructor builds every part once, in order,
 each given the parts it uses (never the runtime): for each model role the configured external
-endpoints, or a local llama.cpp server (:class:`~brownout.llm.local.LocalModelServer`), and a
+endpoints, or a local llama.cpp server (:class:`~brownout.llm.local.LocalModelServer`; by default one
+server for every local role, ``models.local.layout``), and a
 :class:`~brownout.llm.client.ModelClient` on them; the brief service; the records (database and
 spool, :mod:`brownout.server.records`); Redis-backed shared state and the event outbox when
 configured; the gateway; the operations layer (:mod:`brownout.server.operations`); the status views
 (:mod:`brownout.server.status`); and the live view (:mod:`brownout.server.live`). Building does no
-I/O: :meth:`Runtime.start` takes the files this process must own, starts the model servers, opens
+I/O beyond reading how many cores the process may use (the shared model server's threads default to
+them): :meth:`Runtime.start` takes the files this process must own, starts the model servers, opens
 the database and starts the periodic health probes (every ``models.health_interval``).
 :meth:`Runtime.stop` stops every child process, so Ctrl-C leaves no orphans.
 """
@@ -31,7 +33,7 @@ from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.jobs import BRIEFS, BriefsJob
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.config import ROLES, BrownoutConfig
+from brownout.config import ROLES, BrownoutConfig, LocalModelsSection
 from brownout.durable.job_queue import RedisItemQueue
 from brownout.durable.jobs import DatabaseClaims, JobStore
 from brownout.durable.outbox import EventOutbox, RedisStreamPublisher
@@ -42,9 +44,11 @@ from brownout.events import DEFAULT_BUS, EventBus
 from brownout.gateway.router import Gateway
 from brownout.gateway.stats import Histogram
 from brownout.health.modes import SystemModes
-from brownout.llm.client import ModelClient
+from brownout.health.resources import usable_cores
+from brownout.llm.client import ModelClient, SharedEndpoint
 from brownout.llm.local import LocalModelServer, free_port
 from brownout.llm.types import EndpointConfig
+from brownout.policies.limiter import AdaptiveLimiter
 from brownout.recovery.manager import RecoveryAttempt, RecoveryManager
 from brownout.server.edge import EdgeCache
 from brownout.server.history import LiveHistory, new_latency_histogram, read_parts
@@ -185,40 +189,62 @@ class Runtime:
             url = f"http://127.0.0.1:{self._local_ports[local_role]}"
             gateway_config = gateway_config.with_local(url, model=local_role)
         self.gateway = Gateway(gateway_config, clock=clock, events=events)
-        # Each model role: its configured endpoints, or a local model server of its own.
+        # Each model role: its configured endpoints, or a local model server -- one for every local
+        # role (models.local.layout: shared, the default) or one of its own (per_role).
+        self.cores = usable_cores()
+        """The CPU cores this process may use (the shared model server's threads by default)."""
         self.local: dict[str, LocalModelServer] = {}
+        """The local model server of each role served locally (one object for all, when shared)."""
         endpoints: dict[str, list[EndpointConfig]] = {}
+        local = cfg.models.local
+        servers: dict[str, LocalModelServer] = {}
         for role in ROLES:
             section = cfg.models.roles[role]
             if section.endpoints:
                 endpoints[role] = list(section.endpoints)
                 continue
-            local = cfg.models.local
-            threads, parallel, ctx = local.server_settings(role)
-            server = LocalModelServer(
-                role,
-                port=self._local_ports.get(role),
-                threads=threads,
-                parallel=parallel,
-                ctx=ctx,
-                model_path=local.model_path,
-                startup_timeout=local.startup_timeout,
-                clock=clock,
-                events=events,
-                log_dir=log_dir,
-            )
+            name = local.server_name(role)
+            server = servers.get(name)
+            if server is None:
+                server = servers[name] = self._local_server(local, name, role, clock, events, log_dir)
             self.local[role] = server
             # Never more requests in flight than the server has slots: the rest wait in the
             # client's queue, where waiting is not counted against the model.
             endpoints[role] = [EndpointConfig(url=server.url, model=role, max_concurrency=server.parallel)]
+        # A shared server has one concurrency limit for all its roles' calls (its slots), and their
+        # signs of life are one: its generator's calls wait first, then the validator's, then the
+        # hinter's, so that under load the server does the work the answers need most. The limit
+        # follows the generator's limiter settings and learns from the generator's calls alone,
+        # whose length is steady (the others' are shorter and would read as a queue).
+        shares: dict[str, SharedEndpoint] = {}
+        if local.shared and len(self.local) > 1:
+            server = next(iter(self.local.values()))
+            first = next(iter(self.local))
+            limits = cfg.models.roles[first].limiter.config()
+            top = min(server.parallel, limits.max_limit)
+            limiter = AdaptiveLimiter(
+                server.role,
+                limits.model_copy(
+                    update={
+                        "max_limit": top,
+                        "min_limit": min(limits.min_limit, top),
+                        "initial_limit": min(limits.initial_limit, top),
+                    }
+                ),
+                clock=clock,
+                events=events,
+            )
+            shares[server.url] = SharedEndpoint(limiter)
         self.clients: dict[str, ModelClient] = {}
         group = cfg.circuit_breaker.group()
         shared = self.shared
+        first_local = next(iter(self.local), None)
         for role in ROLES:
             # Configured endpoints are the same for every replica: their breakers share one state.
             # A local model server belongs to its replica, and so does its breaker.
             share_breakers = shared is not None and cfg.redis.share_breakers and role not in self.local
             section = cfg.models.roles[role]
+            on_shared = bool(shares) and role in self.local
             self.clients[role] = ModelClient(
                 role,
                 endpoints[role],
@@ -229,6 +255,9 @@ class Runtime:
                 limiter=section.limiter.config(),
                 alive_window=section.alive_window,
                 breaker_factory=shared.breakers.breaker if shared is not None and share_breakers else None,
+                shared=shares if on_shared else None,
+                priority=ROLES.index(role),
+                learns_limit=not on_shared or role == first_local,
             )
         self.service = BriefService(
             cfg, self.clients, role_alive=_role_alive(self.local), clock=clock, events=events
@@ -359,6 +388,37 @@ class Runtime:
         self.start_error: BaseException | None = None
         """Why the last :meth:`start` failed, if it did (the server runner reports it)."""
 
+    def _local_server(
+        self,
+        local: LocalModelsSection,
+        name: str,
+        role: str,
+        clock: Clock,
+        events: EventBus,
+        log_dir: Path | None,
+    ) -> LocalModelServer:
+        """The local model server ``name`` (a role's own, or the shared one), first wanted by ``role``."""
+        threads, parallel, ctx = local.server_settings(role, self.cores)
+        # The generator's server is the gateway's "local" group: its port was chosen for the group.
+        port = next((p for r, p in self._local_ports.items() if local.server_name(r) == name), None)
+        return LocalModelServer(
+            name,
+            port=port,
+            threads=threads,
+            parallel=parallel,
+            ctx=ctx,
+            model_path=local.model_path,
+            startup_timeout=local.startup_timeout,
+            clock=clock,
+            events=events,
+            log_dir=log_dir,
+        )
+
+    @property
+    def local_servers(self) -> list[LocalModelServer]:
+        """Each local model server once (several roles may share one)."""
+        return list({id(s): s for s in self.local.values()}.values())
+
     # ------------------------------------------------------------------ the parts, by their usual names
 
     @property
@@ -417,7 +477,7 @@ class Runtime:
             if self.outbox is not None:
                 await _own(self.outbox.spool, "events.outbox_path")
             await self.gateway.start()
-            await asyncio.gather(*(s.start() for s in self.local.values()))
+            await asyncio.gather(*(s.start() for s in self.local_servers))
             if self.shared is not None:
                 await self.shared.start()
                 if self.outbox is not None:
@@ -469,7 +529,7 @@ class Runtime:
         for client in self.clients.values():
             with contextlib.suppress(Exception):
                 await client.aclose()
-        await asyncio.gather(*(s.stop() for s in self.local.values()), return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in self.local_servers), return_exceptions=True)
         await self.records.aclose()
         with contextlib.suppress(Exception):
             await self.gateway.aclose()

@@ -138,7 +138,7 @@ def server_config(
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "request_timeout": settings.request_timeout},
         "models": {
-            "local": {"enabled": bool(local), "threads": 1, "ctx": 2048},
+            "local": {"enabled": bool(local), "ctx": 2048},
             "roles": roles,
             "health_interval": settings.health_interval,
             "health_timeout": settings.health_timeout,

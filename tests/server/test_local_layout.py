@@ -1,0 +1,69 @@
+"""How ``brownout serve`` lays out its local model servers (built, not started: no model runs here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from brownout.config import ROLES, BrownoutConfig
+from brownout.events import EventBus
+from brownout.server.runtime import Runtime
+
+
+def runtime(tmp_path: Path, local: dict[str, Any] | None = None, **roles: Any) -> Runtime:
+    config = BrownoutConfig.model_validate(
+        {
+            "models": {
+                "local": local or {},
+                "roles": {r: roles.get(r, {}) for r in ROLES},
+            },
+            "database": {
+                "url": f"sqlite+aiosqlite:///{tmp_path / 'b.db'}",
+                "spool_path": str(tmp_path / "s.db"),
+            },
+        }
+    )
+    return Runtime(config, events=EventBus())
+
+
+def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generator_first(
+    tmp_path: Path,
+) -> None:
+    rt = runtime(tmp_path)
+    [server] = rt.local_servers
+    assert set(rt.local) == set(ROLES)
+    assert all(s is server for s in rt.local.values())
+    assert server.role == "models"
+    assert server.status()["threads"] == max(1, min(4, int(rt.cores)))
+    assert server.parallel == 2
+    # One limiter for the three roles' calls, never above the server's slots.
+    limiters = {role: next(iter(rt.clients[role].limiters.values())) for role in ROLES}
+    assert limiters["qwen"] is limiters["mistral"] is limiters["llama"]
+    assert limiters["qwen"].config.max_limit == 2
+    assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
+    # The generator's calls wait first; a restart for any role is a restart for all of them.
+    assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]
+    assert rt.ops.sharing("mistral") == ["mistral", "qwen", "llama"]
+    # The gateway's "local" group is the same server.
+    assert rt.gateway.config.groups["local"].endpoints[0].url == server.url
+    assert not (tmp_path / "b.db").exists()  # built, nothing opened
+
+
+def test_per_role_layout_runs_a_server_per_role_each_with_its_own_limit(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, {"layout": "per_role", "per_role": {"qwen": {"threads": 2, "parallel": 2}}})
+    assert len(rt.local_servers) == 3
+    assert [rt.local[r].role for r in ROLES] == list(ROLES)
+    assert (rt.local["qwen"].parallel, rt.local["llama"].parallel) == (2, 1)
+    limiters = [next(iter(rt.clients[r].limiters.values())) for r in ROLES]
+    assert len({id(lim) for lim in limiters}) == 3
+    assert rt.ops.sharing("mistral") == ["mistral"]
+
+
+def test_roles_on_endpoints_leave_the_shared_server_to_the_others(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, qwen={"endpoints": [{"url": "http://127.0.0.1:9"}]})
+    [server] = rt.local_servers
+    assert set(rt.local) == {"mistral", "llama"}
+    assert rt.clients["qwen"].endpoints[0].url == "http://127.0.0.1:9"
+    assert rt.clients["mistral"].limiters["mistral"] is rt.clients["llama"].limiters["llama"]
+    assert rt.ops.sharing("qwen") == ["qwen"]
+    assert server.role == "models"
