@@ -236,7 +236,8 @@ class LocalModelsSection(_Section):
         le=19,
         description=(
             "nice steps `brownout serve` runs its own threads below its local model servers (Linux; "
-            "0: the same priority); none: 10 when a local server runs several threads, else 0"
+            "0: the same priority); none: 10 when a local server runs several threads and no CPU "
+            "budget holds the service's own work (dimmer.cpu_budget), else 0"
         ),
     )
     per_role: dict[str, LocalServerOverride] = Field(
@@ -265,18 +266,24 @@ class LocalModelsSection(_Section):
         """The name of the local model server ``role`` uses: the role's own, or the shared server's."""
         return SHARED_SERVER if self.shared else role
 
-    def effective_api_nice(self, roles: Iterable[str], cores: float = 1.0) -> int:
+    def effective_api_nice(self, roles: Iterable[str], cores: float = 1.0, *, budgeted: bool = False) -> int:
         """``api_nice`` for local model servers of ``roles`` (on a process that may use ``cores``
         cores, see :meth:`server_settings`): as set, else 10 when one of them runs more than one
-        thread, else 0.
+        thread and the service's own CPU is not held to a budget (``budgeted``: ``dimmer.cpu_budget``
+        is on), else 0.
 
         A model server's threads wait for each other at every step of every token, so one of them
-        pre-empted by the service stalls them all: measured on 2 cores under 16 clients, a 2-thread,
-        4-slot generator completed 2 briefs in 75 s and had its breaker opened at equal priority, 13
-        with the service 10 steps below. A one-thread server gained nothing measurable, while
-        refusals waited longer (p95 148 -> 293 ms at 200 clients), so it keeps the same priority."""
+        pre-empted by the service stalls them all: measured on 2 cores under 16 clients, without a
+        CPU budget, a 2-thread, 4-slot generator completed 2 briefs in 75 s and had its breaker
+        opened at equal priority, 13 with the service 10 steps below. With the budget the service
+        uses about a tenth of a core under load, and the shared 2-thread server made as many briefs
+        at equal priority (30.8 against 31.1 a minute under 16 clients) while refusals came much
+        sooner (p95 7 against 43 ms; 77 against 165-371 ms under 200). A one-thread server gained
+        nothing measurable either way, so it keeps the same priority."""
         if self.api_nice is not None:
             return self.api_nice
+        if budgeted:
+            return 0
         return 10 if any(self.server_settings(role, cores)[0] > 1 for role in roles) else 0
 
     def server_settings(self, role: str, cores: float = 1.0) -> tuple[int, int, int]:

@@ -88,6 +88,8 @@ def test_api_nice_is_ten_by_default_only_for_models_running_several_threads() ->
     # The shared server takes the cores: several threads on two, one on a single core.
     assert local.effective_api_nice(["qwen", "mistral", "llama"], cores=2) == 10
     assert local.effective_api_nice(["qwen", "mistral", "llama"], cores=1) == 0
+    # A CPU budget holds the service's own work: the models need no priority over it.
+    assert local.effective_api_nice(["qwen", "mistral", "llama"], cores=2, budgeted=True) == 0
     apart = BrownoutConfig.model_validate({"models": {"local": {"layout": "per_role"}}}).models.local
     assert apart.effective_api_nice(["qwen", "mistral", "llama"], cores=2) == 0  # one thread each
     two = BrownoutConfig.model_validate(
@@ -98,5 +100,6 @@ def test_api_nice_is_ten_by_default_only_for_models_running_several_threads() ->
     assert two.models.local.effective_api_nice([]) == 0
     fixed = BrownoutConfig.model_validate({"models": {"local": {"threads": 2, "api_nice": 3}}})
     assert fixed.models.local.effective_api_nice(["qwen"]) == 3
+    assert fixed.models.local.effective_api_nice(["qwen"], budgeted=True) == 3  # as set
     with pytest.raises((ConfigError, ValueError), match="api_nice"):
         BrownoutConfig.model_validate({"models": {"local": {"api_nice": 20}}})

@@ -9,9 +9,10 @@ cheap answers can be made from what the models leave.
 
 So ``brownout serve`` lowers the priority (the Unix *nice* value) of its own threads by
 ``models.local.api_nice`` steps once it has started -- by default 10 when a local model server runs
-more than one thread, the case where pre-emption stalls a model (see
-:meth:`~brownout.config.LocalModelsSection.effective_api_nice`), else none -- and its model servers
-keep the priority it began with: they are started from a thread that is left alone
+more than one thread, the case where pre-emption stalls a model, and no CPU budget holds the
+service's own work (``dimmer.cpu_budget``, which does the same job with less delay for the quick
+answers; see :meth:`~brownout.config.LocalModelsSection.effective_api_nice`), else none -- and its
+model servers keep the priority it began with: they are started from a thread that is left alone
 (:func:`brownout.llm.local.spawner_thread_id`), also when one is restarted later. Threads the
 service starts afterwards inherit the lower priority. Nothing here needs privileges: any process may
 lower its own priority (raising it back would need them, which is why the models' thread is kept

@@ -99,7 +99,9 @@ def make_server(app: FastAPI, **options: Any) -> uvicorn.Server:
                 settle_heap()
                 # Its local model servers get the cores first (brownout.server.priority).
                 local = runtime.config.models.local
-                yield_to_models(local.effective_api_nice(runtime.local, runtime.cores), bool(runtime.local))
+                budgeted = runtime.service.cpu_budget is not None
+                nice = local.effective_api_nice(runtime.local, runtime.cores, budgeted=budgeted)
+                yield_to_models(nice, bool(runtime.local))
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.live.close_clients_soon()
