@@ -217,7 +217,7 @@ def test_capacity_counter_counts_completions_valid_ones_and_tokens() -> None:
 def _fake_brief_server() -> FastAPI:
     """Answers like a saturated brief server: every 3rd request refused, every 3rd rule-based."""
     app = FastAPI()
-    seen = {"n": 0, "status": 0}
+    seen = {"n": 0, "status": 0, "model": 0}
 
     @app.post("/v1/briefs")
     async def briefs(request: Request) -> JSONResponse:
@@ -228,7 +228,16 @@ def _fake_brief_server() -> FastAPI:
             return JSONResponse(REFUSAL, status_code=503, headers={"Retry-After": "1"})
         await asyncio.sleep(0.01)
         by = ["rules"] if n % 3 == 1 else ["model:qwen"]
+        seen["model"] += by == ["model:qwen"]
         return JSONResponse(_brief(by, body["mode"], "fallback" if by == ["rules"] else None))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        # Each model answer took 7 completion tokens, on two generator endpoints.
+        tokens = 7 * seen["model"]
+        return {
+            "models": {"qwen": {"endpoints": [{"completion_tokens": tokens - 3}, {"completion_tokens": 3}]}}
+        }
 
     @app.get("/api/v1/recovery/status")
     async def status() -> dict[str, Any]:
@@ -266,8 +275,12 @@ def fake_url() -> Iterator[str]:
 
 def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: str) -> None:
     result = asyncio.run(run_level(fake_url, 4, 1.5, mode="fast", settle=5.0, poll=0.1))
-    f = result.figures(bare_per_min=60.0)
+    f = result.figures(bare_per_min=60.0, bare_tokens_per_s=10.0)
     counts = f["counts"]
+    # The generator's tokens over the load, from /health before and after it.
+    assert result.tokens == 7 * counts["full"]
+    assert f["generator_tokens_per_s"] == round(result.tokens / result.elapsed, 1)
+    assert f["tokens_ratio_to_bare"] == round(result.tokens / result.elapsed / 10.0, 3)
     assert f["answers"] == sum(counts.values()) > 12
     # The fake's cycle: rules, model, refused -- whatever the interleaving, a third of each.
     for kind in ("rules", "full", "rejected"):
@@ -298,6 +311,8 @@ def test_the_bench_command_reports_each_level_against_a_given_server(fake_url: s
     for row in doc["levels"]:
         assert row["answers"] == sum(row["counts"].values()) > 0
         assert row["ratio_to_bare"] is None
+        assert row["tokens_ratio_to_bare"] is None
+        assert row["generator_tokens_per_s"] is not None
 
 
 def test_the_bench_command_refuses_load_elsewhere() -> None:

@@ -748,6 +748,11 @@ async def test_roles_sharing_a_server_share_its_slots_and_the_generators_calls_g
             assert val.estimated_wait() > gen.estimated_wait() > 0
             await asyncio.gather(first, *tasks)
             assert done == ["gen0", "gen1", "gen2", "val0", "val1", "val2"]
+            # Each role counts its own completions and the tokens the server reported for them.
+            [gen_status], [val_status] = gen.endpoints_status(), val.endpoints_status()
+            assert (gen_status["completed"], val_status["completed"]) == (3, 3)
+            assert gen_status["completion_tokens"] > 0
+            assert val_status["completion_tokens"] > 0
             assert fake.peak_open_chats == 1  # one slot for both roles, never more in flight
             assert gen.limiters == {"gen": limiter}
             assert val.limiters == {"val": limiter}

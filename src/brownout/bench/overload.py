@@ -12,7 +12,9 @@ This bench measures how far the server is from that, against the bare model serv
 3. Per concurrency level (1, 4, 16, 64, 200 by default): ``level`` clients, each sending the next
    distinct text as soon as its previous answer came back, for ``seconds``. Per level: answers/s,
    p50/p95/p99 of accepted answers and of rejections separately, the share of each kind of answer
-   (:func:`classify_answer`), generator-served briefs/min and their ratio to the bare rate, breaker
+   (:func:`classify_answer`), generator-served briefs/min and their ratio to the bare rate, the
+   generator's completion tokens/s (from ``/health`` before and after the load: the model's work
+   rate, steadier than a minute's 10-30 briefs) and their ratio to the bare best's tokens/s, breaker
    opens and system modes seen (``/api/v1/recovery/status`` polled twice a second), recovery actions
    taken (its history before and after; the ones its guard held back listed apart), and how long
    after the load ended the requested mode was served in full again (``recovered_s``; the next level
@@ -70,6 +72,9 @@ KINDS: tuple[Kind, ...] = (
     "failed",
 )
 """Every kind, the generator-served ones first."""
+
+GENERATOR = "qwen"
+"""The generator's role (``models.roles.qwen``), whose endpoints' completion tokens ``/health`` shows."""
 
 GENERATOR_SERVED: frozenset[Kind] = frozenset({"full", "downshifted", "dimmed", "degraded"})
 """The kinds whose brief the generator model wrote."""
@@ -217,16 +222,23 @@ class LevelResult:
     actions: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
     recovered_s: float | None = None
+    tokens: int | None = None
+    """The generator's completion tokens during the load (None when the server did not say)."""
 
-    def figures(self, bare_per_min: float | None) -> dict[str, Any]:
+    def figures(self, bare_per_min: float | None, bare_tokens_per_s: float | None = None) -> dict[str, Any]:
         """The level's row of the report."""
         opens = breaker_opens(self.snapshots)
         failed = [a.detail for a in self.answers if a.kind == "failed" and a.detail]
         ran, kept = held_back(self.actions)
+        rate = self.tokens / self.elapsed if self.tokens is not None and self.elapsed > 0 else None
         return {
             "concurrency": self.level,
             "seconds": round(self.elapsed, 2),
             **summarize(self.answers, self.elapsed, bare_per_min),
+            "generator_tokens_per_s": None if rate is None else round(rate, 1),
+            "tokens_ratio_to_bare": round(rate / bare_tokens_per_s, 3)
+            if rate is not None and bare_tokens_per_s
+            else None,
             "breaker_opens": sum(opens.values()),
             "breaker_opens_by_name": opens,
             "system_modes_seen": list(dict.fromkeys(self.modes_seen)),
@@ -252,6 +264,15 @@ async def _status(http: httpx.AsyncClient) -> dict[str, Any] | None:
         body = response.json()
         if response.status_code == 200 and isinstance(body, dict):
             return body
+    return None
+
+
+async def _generator_tokens(http: httpx.AsyncClient) -> int | None:
+    """The completion tokens the generator's endpoints have reported so far (``/health``), or None."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, TypeError, KeyError, AttributeError):
+        body = (await http.get("/health")).json()
+        endpoints = body["models"][GENERATOR]["endpoints"]
+        return sum(int(ep["completion_tokens"]) for ep in endpoints)
     return None
 
 
@@ -350,6 +371,7 @@ async def run_level(
         httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False) as side,
     ):
         before = await _history(side)
+        tokens = await _generator_tokens(side)
         watcher = asyncio.create_task(_watch(side, result, poll))
         numbers = itertools.count()
         t0 = time.monotonic()
@@ -359,6 +381,9 @@ async def run_level(
             )
             ended = time.monotonic()
             result.elapsed = ended - t0
+            after = await _generator_tokens(side)
+            if tokens is not None and after is not None:
+                result.tokens = after - tokens
             while time.monotonic() - ended < settle:
                 if _full(await _status(side), mode):
                     result.recovered_s = time.monotonic() - ended
@@ -478,6 +503,9 @@ async def run_async(
         capacity = await bench_capacity.run_async(seconds=bare_seconds, layouts=False)
         best = capacity.get("best")
         bare_rate = float(best["valid_per_min"]) if best else None
+    # The bare grid's best tokens/s, whichever configuration made it (the briefs' best may differ).
+    grid = capacity.get("grid") if capacity else None
+    bare_tokens = max((float(r["tokens_per_s"]) for r in grid or [] if r.get("tokens_per_s")), default=None)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="brownout-overload-") as tmp:
         server = _Serve(Path(tmp)) if url is None else None
@@ -488,7 +516,7 @@ async def run_async(
             assert url is not None
             for level in levels:
                 result = await run_level(url, level, seconds, mode=mode, settle=settle)
-                rows.append(result.figures(bare_rate))
+                rows.append(result.figures(bare_rate, bare_tokens))
         finally:
             if server is not None:
                 await server.stop()
@@ -500,6 +528,7 @@ async def run_async(
         "machine": machine,
         "bare": {
             "valid_per_min": bare_rate,
+            "tokens_per_s": bare_tokens,
             "best": capacity.get("best") if capacity else None,
             "grid": capacity.get("grid") if capacity else None,
         },

@@ -221,6 +221,7 @@ class _Endpoint:
         "sending",
         "share",
         "slow",
+        "tokens",
         "url",
     )
 
@@ -244,6 +245,7 @@ class _Endpoint:
         self.sending = 0
         self.completed = 0  # well-formed completions of this role's calls (probes not included)
         self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
+        self.tokens = 0  # completion tokens of those completions, as the endpoint reported them
 
     @property
     def last_success(self) -> float | None:
@@ -373,16 +375,13 @@ class ModelClient:
             )
             share = shares.get(url)
             if share is None:
-                limits = limiter or DEFAULT_LIMITER
-                # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it.
-                top = cfg.max_concurrency if limiter is None else min(cfg.max_concurrency, limits.max_limit)
-                limiter_config = limits.model_copy(
-                    update={
-                        "max_limit": top,
-                        "min_limit": min(limits.min_limit, top),
-                        "initial_limit": min(limits.initial_limit, top),
-                    }
-                )
+                # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it
+                # (the default settings' max_limit is no ceiling of the endpoint's).
+                limiter_config = (
+                    DEFAULT_LIMITER.model_copy(update={"max_limit": cfg.max_concurrency})
+                    if limiter is None
+                    else limiter
+                ).capped(cfg.max_concurrency)
                 share = SharedEndpoint(AdaptiveLimiter(name, limiter_config, clock=clock, events=events))
             eps.append(_Endpoint(cfg, breaker, share, priority))
         self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
@@ -465,8 +464,9 @@ class ModelClient:
         """One dict per endpoint: url, model, breaker name and state, availability, the concurrency
         limit, its ceiling, calls in flight and waiting for a slot, the expected wait for a newcomer in
         seconds, the latency average in ms (None before the first answer), the breaker's retry_after,
-        the well-formed completions so far (``completed``) and the calls that were slow under load
-        (``slow``, see the module docstring)."""
+        the well-formed completions so far (``completed``), the completion tokens they held as the
+        endpoint reported them (``completion_tokens``: the model's work rate, steadier than a count of
+        answers) and the calls that were slow under load (``slow``, see the module docstring)."""
         out = []
         for ep in self._endpoints:
             b = ep.breaker
@@ -486,6 +486,7 @@ class ModelClient:
                     "ewma_latency_ms": None if (ewma := ep.load.ewma) is None else round(ewma * 1000.0, 3),
                     "retry_after": b.retry_after(),
                     "completed": ep.completed,
+                    "completion_tokens": ep.tokens,
                     "slow": ep.slow,
                 }
             )
@@ -728,6 +729,9 @@ class ModelClient:
         ep.load.observe(latency)
         ep.share.last_success = clock.now()
         ep.completed += 1
+        produced = usage.get("completion_tokens") if usage else None
+        if type(produced) is int and produced > 0:
+            ep.tokens += produced
         return ChatResult(
             content=content,
             role=self.role,

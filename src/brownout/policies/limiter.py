@@ -145,6 +145,18 @@ class LimiterConfig(PolicyConfig):
     min_retry_after: float = Field(default=0.1, ge=0, description="Lower bound of a retry_after.")
     max_retry_after: float = Field(default=300.0, ge=0, description="Upper bound of a retry_after.")
 
+    def capped(self, top: int) -> LimiterConfig:
+        """These settings under a hard ceiling of ``top`` calls (a server's slots): ``max_limit``
+        at most ``top``, ``min_limit`` and ``initial_limit`` brought down to it where above."""
+        top = min(top, self.max_limit)
+        return self.model_copy(
+            update={
+                "max_limit": top,
+                "min_limit": min(self.min_limit, top),
+                "initial_limit": min(self.initial_limit, top),
+            }
+        )
+
     @model_validator(mode="after")
     def _check_ranges(self) -> Self:
         if self.min_limit > self.max_limit:

@@ -124,6 +124,11 @@ class RuntimeCollector(Collector):
         completed = CounterMetricFamily(
             "brownout_model_completed", "Well-formed completions from the endpoint", labels=labels
         )
+        tokens = CounterMetricFamily(
+            "brownout_model_completion_tokens",
+            "Completion tokens of the endpoint's well-formed completions, as it reported them",
+            labels=labels,
+        )
         slow = CounterMetricFamily(
             "brownout_model_slow_calls",
             "Calls that timed out under load on a live endpoint (slow, not failed: no breaker counts them)",
@@ -136,11 +141,13 @@ class RuntimeCollector(Collector):
                 in_flight.add_metric(key, ep["in_flight"])
                 queued.add_metric(key, ep["queued"])
                 completed.add_metric(key, ep["completed"])
+                tokens.add_metric(key, ep["completion_tokens"])
                 slow.add_metric(key, ep["slow"])
         yield limit
         yield in_flight
         yield queued
         yield completed
+        yield tokens
         yield slow
 
         model_health = GaugeMetricFamily(

@@ -220,21 +220,10 @@ class Runtime:
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
             first = next(iter(self.local))
-            limits = cfg.models.roles[first].limiter.config()
-            top = min(server.parallel, limits.max_limit)
-            limiter = AdaptiveLimiter(
-                server.role,
-                limits.model_copy(
-                    update={
-                        "max_limit": top,
-                        "min_limit": min(limits.min_limit, top),
-                        "initial_limit": min(limits.initial_limit, top),
-                    }
-                ),
-                clock=clock,
-                events=events,
+            limits = cfg.models.roles[first].limiter.config().capped(server.parallel)
+            shares[server.url] = SharedEndpoint(
+                AdaptiveLimiter(server.role, limits, clock=clock, events=events)
             )
-            shares[server.url] = SharedEndpoint(limiter)
         self.clients: dict[str, ModelClient] = {}
         group = cfg.circuit_breaker.group()
         shared = self.shared

@@ -447,6 +447,14 @@ def test_config_errors_name_the_problem() -> None:
     assert AdaptiveLimiter("x", LimiterConfig(initial_limit=10, max_limit=3), events=EventBus()).limit == 3
 
 
+def test_capped_settings_never_exceed_the_ceiling() -> None:
+    config = LimiterConfig(min_limit=2, initial_limit=6, max_limit=8)
+    four, one = config.capped(4), config.capped(1)
+    assert (four.min_limit, four.initial_limit, four.max_limit) == (2, 4, 4)
+    assert (one.min_limit, one.initial_limit, one.max_limit) == (1, 1, 1)
+    assert config.capped(32).max_limit == 8  # a ceiling only lowers
+
+
 # -- a state machine over acquire / release / timeout / cancel ----------------------------------------
 
 
