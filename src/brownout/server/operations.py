@@ -48,12 +48,13 @@ from brownout.background import TaskSet
 from brownout.briefs.service import BriefService
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig
-from brownout.events import DEFAULT_BUS, EventBus
+from brownout.events import DEFAULT_BUS, EventBus, ModelServerRestarted
 from brownout.health.loop import LoopBlockDetector
 from brownout.health.modes import AdaptiveTTL, ComponentHealth, ComponentStatus, SystemMode, SystemModes
 from brownout.health.resources import HostReader, Level, ResourceMonitor, ResourceSample, Thresholds
 from brownout.llm.client import ModelClient
 from brownout.llm.local import LocalModelServer
+from brownout.policies.breaker import BreakerState
 from brownout.recovery.actions import (
     CLEAR_CACHE,
     CPU_OFFLOAD,
@@ -217,6 +218,8 @@ class Operations:
         """Failed health probes in a row, by role."""
         self._tasks = TaskSet("operations", logger=_log)  # checksums, recoveries and resets under way
         self._reset_task: asyncio.Task[list[RecoveryAttempt]] | None = None
+        self._events = events
+        self._unsubscribe: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -230,6 +233,8 @@ class Operations:
         self.modes.start()
         if cfg.modes.adaptive_ttl.enabled:
             self.ttl.start()
+        if self._unsubscribe is None:
+            self._unsubscribe = self._events.subscribe(self._on_server_replaced, ModelServerRestarted)
         for path in {server.model_path for server in self.parts.local.values()}:
             artifact = self.artifact(path)
             if artifact is not None and artifact.expected is None:
@@ -238,6 +243,9 @@ class Operations:
 
     async def aclose(self) -> None:
         """Stop the watchers and any recovery still running."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         await self._tasks.cancel()
         await self.recovery.aclose()
         await self.ttl.aclose()
@@ -246,6 +254,34 @@ class Operations:
         await self.loop_blocks.aclose()
 
     # ------------------------------------------------------------------ recovery
+
+    def _on_server_replaced(self, event: ModelServerRestarted) -> None:
+        # A supervised local model server was replaced by a new process that passed its health check
+        # (after a crash, a wedge or a restart). What its roles' breakers counted were the old
+        # process's failures, and their last probe saw it down: without this they would serve rules
+        # for the breaker's whole open wait (and until the next probe round) while the model is back.
+        roles = [r for r, s in self.parts.local.items() if s.role == event.source]
+        if roles:
+            self._tasks.spawn(self.after_replacement(roles))
+
+    async def after_replacement(self, roles: list[str]) -> None:
+        """Once the local model server of ``roles`` is a new healthy process: close their breakers
+        that failures opened (an operator's forced state stays) and probe them at once."""
+        reopened: list[str] = []
+        for role in roles:
+            client = self.parts.clients.get(role)
+            for breaker in client.breakers.values() if client is not None else ():
+                if breaker.state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+                    breaker.reset()
+                    reopened.append(breaker.name)
+        svc = self.parts.service
+        await asyncio.gather(*(svc.check_health(r) for r in roles), return_exceptions=True)
+        self.modes.evaluate()
+        _log.info(
+            "local model server of %s replaced: %s; probed again",
+            ", ".join(roles),
+            f"closed the breakers of {', '.join(reopened)}" if reopened else "no breaker was open",
+        )
 
     def artifact(self, path: Path) -> ModelArtifact | None:
         """The integrity record of the local model file ``path`` (made on first use)."""
