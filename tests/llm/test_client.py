@@ -753,6 +753,9 @@ async def test_roles_sharing_a_server_share_its_slots_and_the_generators_calls_g
             assert (gen_status["completed"], val_status["completed"]) == (3, 3)
             assert gen_status["completion_tokens"] > 0
             assert val_status["completion_tokens"] > 0
+            # Each role's expected call time is its own calls' latency, not the shared average.
+            assert gen.service_time() == pytest.approx(gen_status["ewma_latency_ms"] / 1000, abs=1e-3)
+            assert val.service_time() == pytest.approx(val_status["ewma_latency_ms"] / 1000, abs=1e-3)
             assert fake.peak_open_chats == 1  # one slot for both roles, never more in flight
             assert gen.limiters == {"gen": limiter}
             assert val.limiters == {"val": limiter}

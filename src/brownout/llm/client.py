@@ -220,13 +220,19 @@ class _Endpoint:
         "port",
         "sending",
         "share",
+        "shared",
         "slow",
         "tokens",
         "url",
     )
 
     def __init__(
-        self, config: EndpointConfig, breaker: CircuitBreaker, share: SharedEndpoint, priority: int = 0
+        self,
+        config: EndpointConfig,
+        breaker: CircuitBreaker,
+        share: SharedEndpoint,
+        priority: int = 0,
+        shared: bool = False,
     ) -> None:
         self.config = config
         self.url = config.url.rstrip("/")
@@ -237,6 +243,7 @@ class _Endpoint:
         self.headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
         self.breaker = breaker
         self.share = share
+        self.shared = shared  # other clients call it too (their calls share its limiter)
         self.limiter = share.limiter
         # What the picker ranks by: the limiter's wait and permits, and the latency average.
         self.load = EndpointLoad(share.limiter, priority=priority)
@@ -374,6 +381,7 @@ class ModelClient:
                 else CircuitBreaker(name, breaker_config, clock=clock, events=events)
             )
             share = shares.get(url)
+            on_shared = share is not None
             if share is None:
                 # The endpoint's slots are a hard ceiling; a configured max_limit may only lower it
                 # (the default settings' max_limit is no ceiling of the endpoint's).
@@ -383,7 +391,7 @@ class ModelClient:
                     else limiter
                 ).capped(cfg.max_concurrency)
                 share = SharedEndpoint(AdaptiveLimiter(name, limiter_config, clock=clock, events=events))
-            eps.append(_Endpoint(cfg, breaker, share, priority))
+            eps.append(_Endpoint(cfg, breaker, share, priority, on_shared))
         self._endpoints: tuple[_Endpoint, ...] = tuple(eps)
         retry_config = retry or DEFAULT_RETRY
         user_if = retry_config.retry_if
@@ -440,9 +448,16 @@ class ModelClient:
 
     def service_time(self) -> float | None:
         """The expected seconds one call holds a slot, from the fastest available endpoint that has
-        measured one (None before any call finished)."""
+        measured one (None before any call finished).
+
+        On an endpoint shared with other roles it is this role's own calls' latency average: the
+        shared limiter's average mixes in the other roles' calls and the probes, which are shorter,
+        and a request given a start deadline from it would finish past its target."""
         times = [
-            t for ep in self._endpoints if ep.breaker.available and (t := ep.limiter.service_time) is not None
+            t
+            for ep in self._endpoints
+            if ep.breaker.available
+            and (t := (ep.load.ewma if ep.shared else ep.limiter.service_time)) is not None
         ]
         return min(times) if times else None
 
