@@ -18,9 +18,14 @@ connects:
   model is only busy (alive, and its latest probe passed recently, or it has requests in flight and
   its server is computing); then the action is skipped and recorded as ``model busy, not down``. A
   proactive chain for CPU or memory (our own processes at critical: that is load, not failure) only
-  reports: it probes and re-samples, and clears, restarts and caps nothing.
+  reports: it probes and re-samples, and clears, restarts and caps nothing. An action on a local
+  model server counts every role the server serves (a shared server is restarted once, and not while
+  any of its roles is busy). When a supervised local server is replaced by a new healthy process
+  (``ModelServerRestarted``), its roles' breakers that failures opened are closed and the roles probed
+  at once: the failures were the old process's.
 * **resources** (CPU, memory, GPU memory) -- :class:`~brownout.health.ResourceMonitor`; the worst level
-  is a component of the system mode (not a core one: at worst it degrades the mode).
+  is a component of the system mode (not a core one: at worst it degrades the mode). The local model
+  servers' CPU is left out of its CPU reading (their memory counts): a model computing is load.
 * **modes** (normal, degraded, emergency) -- :class:`~brownout.health.SystemModes` over these
   components: ``model:qwen`` (core), ``model:mistral``, ``model:llama``, ``database`` (degraded while
   writes are spooled), ``resources`` and ``recovery`` (degraded while recovery has switched a role off).
