@@ -368,12 +368,13 @@ def _tighter(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def usable_cores(reader: HostReader | None = None) -> float:
+def usable_cores(reader: HostReader | None = None, limits: CgroupLimits | None = None) -> float:
     """The CPU cores this process may use: the CPUs it may run on, or its cgroup's CPU limit when
-    that is tighter (a container given 1.5 CPUs on a 16-core host has 1.5)."""
+    that is tighter (a container given 1.5 CPUs on a 16-core host has 1.5). ``limits``: the cgroup
+    limits already read through ``reader`` (read now when not given)."""
     reader = reader if reader is not None else HostReader()
     cores = float(reader.cpu_count())
-    limit = read_cgroup_limits(reader).cpus
+    limit = (limits if limits is not None else read_cgroup_limits(reader)).cpus
     return min(cores, limit) if limit is not None else cores
 
 
@@ -499,8 +500,7 @@ class ProcessTreeSampler:
     def refresh_limits(self) -> CgroupLimits:
         """Read the cgroup limits and the machine's size again."""
         limits = read_cgroup_limits(self.reader)
-        cores = float(self.reader.cpu_count())
-        self.cpus = min(cores, limits.cpus) if limits.cpus is not None else cores
+        self.cpus = usable_cores(self.reader, limits)
         ram = self.reader.total_memory()
         self.memory_limit = max(1, min(ram, limits.memory_max) if limits.memory_max else ram)
         self.limits = limits
