@@ -371,8 +371,12 @@ class RoleSection(_Section):
     )
 
 
+# What a role has that the others do not: the validator answers a shorter question, so it waits less.
+_ROLE_DEFAULTS: dict[str, dict[str, Any]] = {"qwen": {}, "mistral": {"timeout": 5.0}, "llama": {}}
+
+
 def _default_roles() -> dict[str, RoleSection]:
-    return {"qwen": RoleSection(), "mistral": RoleSection(timeout=5.0), "llama": RoleSection()}
+    return {role: RoleSection(**settings) for role, settings in _ROLE_DEFAULTS.items()}
 
 
 class ModelsSection(_Section):
@@ -382,6 +386,24 @@ class ModelsSection(_Section):
     roles: dict[str, RoleSection] = Field(default_factory=_default_roles)
     health_interval: float = Field(default=15.0, gt=0, description="seconds between health probes")
     health_timeout: float = Field(default=10.0, gt=0, description="timeout of one health probe")
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _fill_roles(cls, value: Any) -> Any:
+        # Settings for one role (`models.roles.qwen.limiter.min_limit: 3`, or the same through a
+        # BROWNOUT__ variable) keep the other roles and that role's own defaults.
+        if not isinstance(value, dict):
+            return value
+        filled: dict[str, Any] = {}
+        for role, defaults in _ROLE_DEFAULTS.items():
+            given = value.get(role)
+            filled[role] = (
+                {**defaults, **given}
+                if isinstance(given, dict)
+                else (given if role in value else dict(defaults))
+            )
+        filled.update((role, section) for role, section in value.items() if role not in filled)
+        return filled
 
     @model_validator(mode="after")
     def _check_roles(self) -> ModelsSection:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from brownout.config import BrownoutConfig, load_config
+from brownout.config import BrownoutConfig, RoleSection, load_config
 from brownout.errors import ConfigError
 from brownout.policies.breaker import BreakerConfig
 from support import ROOT
@@ -169,10 +169,24 @@ def test_a_per_model_override_is_checked_by_the_same_rules() -> None:
         load_config(None, environ=env)
 
 
-def test_roles_must_be_the_three_of_the_pipeline(tmp_path: Path) -> None:
+def test_settings_for_one_role_keep_the_others_and_its_own_defaults(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("models:\n  roles:\n    qwen: {}\n    mistral: {}\n")
-    with pytest.raises(ConfigError, match="llama"):
+    path.write_text("models:\n  roles:\n    mistral: {max_tokens: 64}\n")
+    env = {"BROWNOUT__MODELS__ROLES__QWEN__LIMITER__MIN_LIMIT": "3"}
+    roles = load_config(path, environ=env).models.roles
+    assert list(roles) == ["qwen", "mistral", "llama"]
+    assert roles["qwen"].limiter.min_limit == 3
+    assert roles["qwen"].timeout == 10
+    # The validator keeps its shorter timeout when only another of its settings is given.
+    assert roles["mistral"].max_tokens == 64
+    assert roles["mistral"].timeout == 5
+    assert roles["llama"] == RoleSection()
+
+
+def test_roles_outside_the_pipeline_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("models:\n  roles:\n    gpt: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown role\(s\) \['gpt'\]"):
         load_config(path, environ={})
 
 
