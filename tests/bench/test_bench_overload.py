@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from brownout.bench import capacity
+from brownout.bench import capacity, overload
 from brownout.bench.overload import (
     KINDS,
     Answer,
@@ -179,6 +179,15 @@ def test_the_generator_body_is_the_brief_services_request() -> None:
     assert fmt["type"] == "json_schema"
     assert fmt["json_schema"]["schema"] == ModelBrief.model_json_schema()
     assert "A fresh lemon scent for summer" in body["messages"][-1]["content"]
+
+
+def test_the_bare_server_is_asked_the_loads_texts() -> None:
+    # The generator's answer grows with its request: a bare rate measured on shorter texts would
+    # flatter the bare server and understate the ratio.
+    for i in (0, 7, 123, 4_000):
+        bare, load = capacity._text(i), overload._text(16, i)
+        assert bare.rsplit(" (", 1)[0] == load.rsplit(" (", 1)[0]
+        assert abs(len(bare) - len(load)) <= 1
 
 
 def test_capacity_counter_counts_completions_valid_ones_and_tokens() -> None:
