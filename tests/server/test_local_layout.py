@@ -42,10 +42,16 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     assert limiters["qwen"].config.max_limit == 2
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
-    assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]
+    assert [rt.clients[r].priority for r in ROLES] == [0, 2, 3]
     assert rt.ops.sharing("mistral") == ["mistral", "qwen", "llama"]
-    # The gateway's "local" group is the same server.
+    # The gateway's "local" group is the same server, and waits for the same slots, after the
+    # generator and before the optional stages.
     assert rt.gateway.config.groups["local"].endpoints[0].url == server.url
+    [endpoint] = rt.gateway.groups["local"].endpoints
+    assert endpoint.slots is rt.clients["qwen"].share_of(server.url)
+    assert endpoint.slots is not None
+    assert endpoint.slots.limiter is limiters["qwen"]
+    assert endpoint.slot_priority == 1
     assert not (tmp_path / "b.db").exists()  # built, nothing opened
 
 
@@ -57,6 +63,10 @@ def test_per_role_layout_runs_a_server_per_role_each_with_its_own_limit(tmp_path
     limiters = [next(iter(rt.clients[r].limiters.values())) for r in ROLES]
     assert len({id(lim) for lim in limiters}) == 3
     assert rt.ops.sharing("mistral") == ["mistral"]
+    # The gateway's "local" group is the generator's server: its requests take the generator's slots.
+    [endpoint] = rt.gateway.groups["local"].endpoints
+    assert endpoint.slots is not None
+    assert endpoint.slots.limiter is limiters[0]
 
 
 def test_roles_on_endpoints_leave_the_shared_server_to_the_others(tmp_path: Path) -> None:

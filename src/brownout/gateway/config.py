@@ -254,9 +254,11 @@ class LocalGroupSection(_Section):
 
     The defaults fit a 135M-parameter model on a CPU: an answer of 512 tokens takes about 10 s at
     ~60 tokens/s, and a long one several times that, so ``timeout`` (seconds without a byte) is
-    generous; the server answers one request at a time and serves the brief pipeline's generator
-    too, so few requests are let through at once and the rest wait in a bounded queue; there is one
-    replica, so a failed attempt is not repeated on it (a crashed server is restarted meanwhile).
+    generous; the server has few slots and serves the brief pipeline too, so few requests are let
+    through at once and the rest wait in a bounded queue -- and those let through wait for a slot of
+    the server in the queue the pipeline's calls wait in (``brownout serve`` shares it:
+    :meth:`~brownout.gateway.router.Gateway.share_slots`); there is one replica, so a failed attempt
+    is not repeated on it (a crashed server is restarted meanwhile).
     """
 
     enabled: bool = Field(

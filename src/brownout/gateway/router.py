@@ -12,8 +12,12 @@ each group it makes up to ``max_attempts`` attempts, all within the request's **
   permits a call, one not yet tried in this request, then the least expected latency
   ``(in_flight + 1) * latency`` (an exponentially weighted moving average of recent answers), then
   the fewest in flight. So replicas share the load, a slower one gets less of it, and a retry goes to
-  another replica when there is one. (Gateway endpoints have no concurrency limiter, so the picker's
-  wait for a slot is always 0 here.)
+  another replica when there is one. (Gateway endpoints have no concurrency limiter of their own,
+  so the picker's wait for a slot is always 0 here.)
+* **A model server shared with the brief pipeline** -- the embedded model's group in ``brownout
+  serve`` (:meth:`Gateway.share_slots`): an attempt first waits for one of the server's slots in the
+  queue the pipeline's calls wait in, at its priority, until the request's deadline at the latest;
+  one that gets none fails as busy -- nothing sent, nothing counted by the breaker.
 * **Classify before acting.** What fails an attempt (counted by the endpoint's breaker): connection
   errors, timeouts, HTTP 5xx, 408, 425 and 429, and a stream that breaks before its first token.
   Then:
@@ -60,19 +64,20 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar
 import brownout.gateway.tracing as tracing
 from brownout import telemetry
 from brownout.clock import SYSTEM_CLOCK, Clock
-from brownout.errors import CircuitOpen, ServiceUnavailable
+from brownout.errors import CircuitOpen, Overloaded, ServiceUnavailable
 from brownout.events import DEFAULT_BUS, EventBus, FallbackServed
 from brownout.gateway.cache import cache_key, deterministic
 from brownout.gateway.config import GatewayEndpoint, GatewayHedgeSection, GatewaySection, ModelGroup
 from brownout.gateway.guard import GuardOutcome, SchemaGuard, requested_schema
 from brownout.gateway.stats import EndpointStats, GroupStats
 from brownout.gateway.upstream import Pool, Response, UpstreamError, UpstreamTimeout
+from brownout.llm.client import SharedEndpoint, is_caller_fault
 from brownout.llm.client import _retry_after as parse_retry_after
-from brownout.llm.client import is_caller_fault
 from brownout.policies.admission import Admission
 from brownout.policies.balance import EndpointLoad, pick
 from brownout.policies.breaker import BreakerConfig, CircuitBreaker
 from brownout.policies.cache import Cache
+from brownout.policies.limiter import Permit
 from brownout.policies.retry import RetryBudget
 
 __all__ = [
@@ -223,6 +228,7 @@ class Endpoint:
 
     __slots__ = (
         "breaker",
+        "clock",
         "config",
         "head",
         "label",
@@ -231,6 +237,8 @@ class Endpoint:
         "pool",
         "prefill",
         "served_by",
+        "slot_priority",
+        "slots",
         "stats",
     )
 
@@ -238,6 +246,7 @@ class Endpoint:
         self, group: str, config: GatewayEndpoint, breaker: BreakerConfig, *, clock: Clock, events: EventBus
     ) -> None:
         self.config = config
+        self.clock = clock
         self.label = config.label
         """The name in headers and metrics (``name``, else host:port)."""
         self.served_by = f"{group}/{self.label}".encode()
@@ -267,6 +276,42 @@ class Endpoint:
         self.prefill: bool | None = config.prefill
         """Whether the endpoint continues a trailing assistant message: from the config, else None
         until a continuation learns it (:mod:`brownout.gateway.stream`)."""
+        self.slots: SharedEndpoint | None = None
+        """The concurrency limiter of a model server this process also calls for its brief pipeline
+        (:meth:`Gateway.share_slots`); None: attempts go straight to the endpoint."""
+        self.slot_priority = 0
+        """The queue of :attr:`slots` this endpoint's attempts wait in (lower first)."""
+
+    async def take_slot(self, group: str, deadline: float) -> Permit | None:
+        """A slot of the shared model server (None when the endpoint shares none), waited for in our
+        queue until ``deadline`` at the latest -- never in the server's, where the brief pipeline's
+        calls would wait behind the gateway's unseen. A request that gets none in time fails this
+        attempt as busy (:class:`UpstreamFailed`, not counted by the breaker: nothing was sent)."""
+        share = self.slots
+        if share is None:
+            return None
+        clock = self.clock
+        asked = clock.now()
+        try:
+            return await share.limiter.acquire(
+                timeout=max(0.0, deadline - asked), priority=self.slot_priority
+            )
+        except Overloaded as e:
+            self.stats.busy += 1
+            raise UpstreamFailed(
+                f"{group}/{self.label}: every slot of the model server stayed busy ({e.reason})",
+                elapsed=clock.now() - asked,
+            ) from e
+
+    def free_slot(self, permit: Permit | None, *, answered: bool) -> None:
+        """Give back :meth:`take_slot`'s permit; ``answered``: the server answered (a sign of life
+        for the brief pipeline's calls). A gateway answer's length says nothing about the generator's
+        calls, so it is not a latency sample for the adaptive limit."""
+        if permit is None:
+            return
+        permit.release(sample=False)
+        if answered and self.slots is not None:
+            self.slots.last_success = self.clock.now()
 
     @property
     def available(self) -> bool:
@@ -287,6 +332,10 @@ class Endpoint:
             "ewma_latency_ms": None if load.ewma is None else round(load.ewma * 1000.0, 3),
             "requests": self.stats.requests,
             "failures": self.stats.failures,
+            # Whether attempts wait for a slot of a model server the brief pipeline shares, and how
+            # many found none in time.
+            "shares_slots": self.slots is not None,
+            "busy": self.stats.busy,
         }
 
 
@@ -573,9 +622,30 @@ class Gateway:
         return answer
 
     async def _post(self, group: Group, ep: Endpoint, content: bytes, deadline: float) -> Answer:
-        """One attempt on ``ep`` through its breaker (a permit is taken before any await)."""
-        answer: Answer = await ep.breaker.call(self._send, group, ep, content, deadline)
+        """One attempt on ``ep`` through its breaker (a permit is taken before any await), in a slot
+        of the model server when it shares one (:meth:`Endpoint.take_slot`)."""
+        if ep.slots is None:
+            answer: Answer = await ep.breaker.call(self._send, group, ep, content, deadline)
+            return answer
+        slot = await ep.take_slot(group.name, deadline)
+        answered = False
+        try:
+            answer = await ep.breaker.call(self._send, group, ep, content, deadline)
+            answered = True
+        except Passthrough:
+            answered = True
+            raise
+        finally:
+            ep.free_slot(slot, answered=answered)
         return answer
+
+    def share_slots(self, group: str, share: SharedEndpoint, *, priority: int) -> None:
+        """Let ``group``'s endpoints wait for ``share``'s slots, in the queue of ``priority``: the
+        group of a model server that the brief pipeline calls too (the embedded model), so that the
+        requests in flight to it, of both, never exceed its slots and neither queues inside it."""
+        for ep in self.groups[group].endpoints:
+            ep.slots = share
+            ep.slot_priority = priority
 
     async def send(self, group: Group, ep: Endpoint, content: bytes, timeout: float) -> Response:
         """POST ``content`` to ``ep``; returns once the answer's head has arrived (body not yet read),

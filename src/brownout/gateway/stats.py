@@ -70,11 +70,13 @@ class Histogram:
 class EndpointStats:
     """Counters of one endpoint of one group."""
 
-    __slots__ = ("failures", "latency", "requests")
+    __slots__ = ("busy", "failures", "latency", "requests")
 
     def __init__(self) -> None:
         self.requests = 0
         self.failures = 0
+        self.busy = 0
+        """Attempts that got no slot of a shared model server before their deadline (nothing sent)."""
         self.latency = Histogram(LATENCY_BUCKETS)
 
 

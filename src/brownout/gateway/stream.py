@@ -66,6 +66,7 @@ from brownout.gateway.router import (
     forwarded,
 )
 from brownout.gateway.upstream import Response, UpstreamError, UpstreamTimeout
+from brownout.policies.limiter import Permit
 from brownout.server.errors import error_bytes
 
 __all__ = [
@@ -238,6 +239,8 @@ class OpenStream:
     reader: EventReader
     permit: Any
     """The breaker's permit for the attempt, released when the stream ends."""
+    slot: Permit | None
+    """The slot of a shared model server the stream holds (None: it shares none), freed when it ends."""
     headers: list[tuple[bytes, bytes]]
     first: bytes
     """The checked events read so far (up to and including the first token's)."""
@@ -257,9 +260,14 @@ async def open_stream(
     that blames the request, or a whole JSON answer from an upstream that does not stream -- unless
     ``resume``: a continuation must stream).
     """
-    permit = ep.breaker.guard()
-    await permit.__aenter__()  # takes the permit without awaiting anything: raises CircuitOpen if refused
     clock = gateway.clock
+    slot = await ep.take_slot(group.name, deadline)
+    permit = ep.breaker.guard()
+    try:
+        await permit.__aenter__()  # takes the permit without awaiting anything: raises CircuitOpen if refused
+    except BaseException:
+        ep.free_slot(slot, answered=False)
+        raise
     stats = ep.stats
     stats.requests += 1
     ep.load.begin()
@@ -323,6 +331,8 @@ async def open_stream(
         ep.load.end()
         if response is not None:
             response.close()
+        # A request the server refused for itself (Passthrough) was answered.
+        ep.free_slot(slot, answered=isinstance(e, Passthrough))
         await permit.__aexit__(type(e), e, e.__traceback__)
         raise
     elapsed = clock.now() - start
@@ -333,6 +343,7 @@ async def open_stream(
         endpoint=ep,
         reader=reader,
         permit=permit,
+        slot=slot,
         headers=forwarded(response.headers),
         first=b"".join(first),
         upstream=elapsed,
@@ -429,6 +440,7 @@ async def _end(stream: OpenStream, error: BaseException | None) -> None:
     that counts against it, a CancelledError that counts against nobody, or None for a success)."""
     stream.endpoint.load.end()
     stream.reader.response.close()
+    stream.endpoint.free_slot(stream.slot, answered=error is None)
     if error is None:
         await stream.permit.__aexit__(None, None, None)
     else:

@@ -434,6 +434,12 @@ class ModelClient:
         """Each endpoint's concurrency limiter, by the same names as :attr:`breakers`."""
         return {ep.breaker.name: ep.limiter for ep in self._endpoints}
 
+    def share_of(self, url: str) -> SharedEndpoint | None:
+        """The concurrency limiter and signs of life of the endpoint at ``url`` (None when none is
+        there), for another caller of the same server to share: the gateway's group of the local model."""
+        url = url.rstrip("/")
+        return next((ep.share for ep in self._endpoints if ep.url == url), None)
+
     def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a call arriving now would expect to wait for a slot on the best available endpoint
         (0 when one has a free slot; the lowest estimate over endpoints whose breaker allows calls).

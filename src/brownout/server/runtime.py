@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from brownout import telemetry
 from brownout.background import Periodic
@@ -60,7 +60,12 @@ from brownout.server.shared import SharedState
 from brownout.server.status import ServerStatus
 from brownout.state.tiered import Tier
 
-__all__ = ["HttpStats", "ModelProbes", "RecoveryAction", "Runtime"]
+__all__ = ["SLOT_PRIORITY", "HttpStats", "ModelProbes", "RecoveryAction", "Runtime"]
+
+SLOT_PRIORITY: Final = {"qwen": 0, "gateway": 1, "mistral": 2, "llama": 3}
+"""Who gets a freed slot of a local model server first (lower first): the generator, which every
+model answer needs; then the gateway's requests to the embedded model, each a caller waiting for it;
+then the brief's optional stages, the validator and the hinter, which the dimmer drops under load."""
 
 _log = logging.getLogger("brownout.server")
 
@@ -245,9 +250,15 @@ class Runtime:
                 alive_window=section.alive_window,
                 breaker_factory=shared.breakers.breaker if shared is not None and share_breakers else None,
                 shared=shares if on_shared else None,
-                priority=ROLES.index(role),
+                priority=SLOT_PRIORITY[role],
                 learns_limit=not on_shared or role == first_local,
             )
+        if local_role is not None and local_role in self.local:
+            # The gateway's group of the embedded model calls the same server: its requests wait for
+            # that server's slots with the pipeline's calls, in our queue, never in the server's.
+            share = self.clients[local_role].share_of(self.local[local_role].url)
+            if share is not None:
+                self.gateway.share_slots(gateway_config.local.name, share, priority=SLOT_PRIORITY["gateway"])
         self.service = BriefService(
             cfg, self.clients, role_alive=_role_alive(self.local), clock=clock, events=events
         )

@@ -1,0 +1,134 @@
+"""The gateway's group of a model server that the brief pipeline calls too: one set of slots for both.
+
+``brownout serve`` offers its embedded model as the gateway group ``local``. That server answers the
+brief's generator, validator and hinter as well, through one concurrency limiter as wide as its
+slots; the gateway's requests take their slots from the same limiter (between the generator and the
+optional stages), so that neither side's requests queue inside the server unseen. Here the shared
+limiter is one slot wide and a test holds it as "the generator"; the upstream is a scripted server on
+127.0.0.1 and the gateway runs on a FakeClock where a deadline is judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from starlette.types import Receive, Send
+
+from brownout.clock import SYSTEM_CLOCK, Clock
+from brownout.llm.client import SharedEndpoint
+from brownout.policies.breaker import BreakerState
+from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
+from brownout.testing import FakeClock
+from support.gateway import chat, completion, gateway, group, read_stream, send_json, sse, sse_start
+from support.wait import until
+
+GENERATOR, GATEWAY, VALIDATOR = 0, 1, 2
+
+
+def one_slot(clock: Clock = SYSTEM_CLOCK) -> SharedEndpoint:
+    return SharedEndpoint(
+        AdaptiveLimiter("models", LimiterConfig(min_limit=1, max_limit=1, initial_limit=1), clock=clock)
+    )
+
+
+async def answered(n: int, body: dict[str, Any], receive: Receive, send: Send) -> None:
+    await send_json(send, completion(f"answer {n}"))
+
+
+async def test_a_request_waits_for_a_free_slot_after_the_generator_and_before_the_optional_stages(
+    scripted: Any,
+) -> None:
+    upstream = await scripted(answered)
+    share = one_slot()
+    limiter = share.limiter
+    async with gateway({"local": group(upstream.url)}) as gw:
+        gw.gateway.share_slots("local", share, priority=GATEWAY)
+        generating = await limiter.acquire(priority=GENERATOR)  # the one slot is the generator's
+        request = asyncio.create_task(gw.post(chat("local")))
+        await until(lambda: limiter.queued == 1, "the gateway's request waiting for the slot")
+        validator = asyncio.create_task(limiter.acquire(priority=VALIDATOR))
+        generator = asyncio.create_task(limiter.acquire(priority=GENERATOR))
+        await until(lambda: limiter.queued == 3, "three callers waiting")
+        assert upstream.calls == 0  # nothing waits inside the server
+
+        generating.release()
+        second = await generator  # the generator's next call goes first
+        assert upstream.calls == 0
+        assert not validator.done()
+
+        second.release()
+        response = await request  # then the gateway's request, in the freed slot
+        assert response.status_code == 200
+        assert upstream.calls == 1
+        last = await validator  # and the optional stage once the gateway's answer freed the slot
+        assert share.last_success is not None  # the gateway's answer showed the server alive
+        last.release()
+    assert limiter.in_flight == 0
+
+
+async def test_no_slot_before_the_budget_is_a_busy_server_not_a_failed_one(scripted: Any) -> None:
+    clock = FakeClock()
+    upstream = await scripted(answered)
+    share = one_slot(clock)
+    async with gateway({"local": group(upstream.url, budget=30)}, clock=clock) as gw:
+        gw.gateway.share_slots("local", share, priority=GATEWAY)
+        holding = await share.limiter.acquire(priority=GENERATOR)
+        request = asyncio.create_task(gw.post(chat("local")))
+        await until(lambda: share.limiter.queued == 1, "the request waiting for the slot")
+        clock.advance(31)  # past the request's budget, the slot still taken
+        response = await request
+        holding.release()
+        # The budget went on waiting for a slot: 504, and the message says what it waited for.
+        assert response.status_code == 504
+        error = response.json()["error"]
+        assert "budget ran out" in error["message"]
+        assert "every slot of the model server stayed busy" in error["message"]
+        assert int(response.headers["retry-after"]) >= 1
+        assert upstream.calls == 0
+        endpoint = gw.group("local").endpoints[0]
+        # Nothing was sent: the server's breaker heard of no failure.
+        assert endpoint.breaker.state is BreakerState.CLOSED
+        assert endpoint.breaker.metrics().calls == 0
+        assert endpoint.status()["busy"] == 1
+        assert endpoint.status()["shares_slots"] is True
+        # Once the slot is free, the next request is answered.
+        assert (await gw.post(chat("local"))).status_code == 200
+    assert share.limiter.in_flight == 0
+
+
+async def test_a_stream_holds_its_slot_until_its_last_event(scripted: Any) -> None:
+    gate = asyncio.Event()
+
+    async def streamed(n: int, body: dict[str, Any], receive: Receive, send: Send) -> None:
+        await sse_start(send)
+        await send({"type": "http.response.body", "body": sse("A fresh"), "more_body": True})
+        await gate.wait()
+        await send(
+            {"type": "http.response.body", "body": sse(" citrus") + sse(done=True), "more_body": False}
+        )
+
+    upstream = await scripted(streamed)
+    share = one_slot()
+    limiter = share.limiter
+    async with gateway({"local": group(upstream.url)}) as gw:
+        gw.gateway.share_slots("local", share, priority=GATEWAY)
+        async with gw.http.stream("POST", "/v1/chat/completions", json=chat("local", stream=True)) as r:
+            assert r.status_code == 200
+            # The first token has arrived; the rest is still being generated in the slot.
+            assert limiter.in_flight == 1
+            waiting = asyncio.create_task(limiter.acquire(priority=GENERATOR))
+            await until(lambda: limiter.queued == 1, "the generator waiting for the streamed slot")
+            gate.set()
+            body = await read_stream(r)
+        assert b"[DONE]" in body
+        (await waiting).release()  # the generator got the slot once the stream ended
+    assert limiter.in_flight == 0
+    assert upstream.calls == 1
+
+
+async def test_a_gateway_without_shared_slots_sends_at_once(scripted: Any) -> None:
+    upstream = await scripted(answered)
+    async with gateway({"local": group(upstream.url)}) as gw:
+        assert (await gw.post(chat("local"))).status_code == 200
+        assert gw.group("local").endpoints[0].status()["shares_slots"] is False
