@@ -31,7 +31,8 @@ and shrinks once it is above ``beta``:
 * samples are grouped into *rounds* of ``limit`` completed calls (about one service time of a full
   server); ``rtt`` is the mean latency of a round, so one short or long answer does not move the limit;
 * ``base`` is the lowest round mean seen, re-learned from the current round every ``baseline_rounds``
-  rounds, so a model that got slower for good (longer prompts) does not look queued for ever;
+  rounds, so a model that got slower for good (longer prompts) does not look queued for ever (not
+  while the limit sits at ``max_limit``: there a fresh baseline could change nothing);
 * ``queued < alpha`` (default 0.5) and the round was *saturated* (every permit was in use at some
   point): ``limit + 1``. A round that never used its whole limit teaches nothing about more (the
   caller was the bottleneck), so the limit does not grow on it;
@@ -515,9 +516,13 @@ class AdaptiveLimiter(CallForms):
             self._shrink(limit - target, f"latency: about {queued:.2g} requests queued in the server")
         elif queued < cfg.alpha and saturated and limit < cfg.max_limit:
             self._set(limit + 1, "latency at its no-load level with every permit in use")
-        if self._rounds % cfg.baseline_rounds == 0 and self._limit > cfg.min_limit:
+        if self._rounds % cfg.baseline_rounds == 0 and cfg.min_limit < self._limit < cfg.max_limit:
             # The lowest latency seen may be stale (the model got slower for good, or it was learned
             # while the server already queued): measure it again with min_limit calls in flight.
+            # Not at max_limit: there a fresh baseline could only allow growth the ceiling forbids
+            # (had the latency said "queued", the limit would be below it now), and each measurement
+            # runs the server below its slots for a round -- a few per cent of a model server's
+            # answers, every time.
             self._probe_from = self._limit
             self._shrink(self._limit, "measuring the no-load latency")
 

@@ -128,6 +128,22 @@ async def test_limit_comes_down_to_the_knee_from_above() -> None:
     assert max(spent) <= 5
 
 
+async def test_a_limit_at_the_servers_slots_stays_there_without_dips_to_measure_the_baseline() -> None:
+    # A local model server's limiter is capped at its slots: once there, a fresh no-load latency
+    # could only allow growth the cap forbids, and each measurement would idle a slot for a round.
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=2, max_wait=3600, baseline_rounds=5)
+    server = SimServer(clock, slots=2)
+    load = Load(limiter, server, callers=10)
+    await clock.run(300, step_yields=20)
+    await load.stop(clock)
+    assert [(c.old, c.new) for c in changes] == [(1, 2)]
+    assert server.served >= 2 * 300 - 4  # both slots busy all the time after the first round
+
+
 async def test_limit_never_exceeds_max_limit_even_without_a_knee() -> None:
     clock = FakeClock()
     limiter = make(clock, initial_limit=1, max_limit=6, max_wait=3600)
