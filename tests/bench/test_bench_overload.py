@@ -26,6 +26,8 @@ from brownout.bench import capacity, overload
 from brownout.bench.overload import (
     KINDS,
     Answer,
+    BareInTime,
+    LevelResult,
     breaker_opens,
     classify_answer,
     held_back,
@@ -123,6 +125,28 @@ def test_summary_counts_shares_rates_and_percentiles() -> None:
     assert s["generator_briefs"] == 6
     assert s["generator_briefs_per_min"] == 36.0
     assert s["ratio_to_bare"] == 0.5
+
+
+def test_the_ratio_in_time_is_to_the_best_configuration_whose_calls_fit_the_timeout() -> None:
+    grid = [
+        {"name": "2 threads x 2 slots", "valid_per_min": 31.4, "tokens_per_s": 93.4, "p95_s": 5.2},
+        {"name": "2 threads x 4 slots", "valid_per_min": 34.3, "tokens_per_s": 112.4, "p95_s": 11.8},
+        {"name": "1 thread x 1 slot", "valid_per_min": 19.7, "tokens_per_s": 61.0, "p95_s": 4.3},
+        {"name": "broken", "valid_per_min": 0, "tokens_per_s": 0, "p95_s": 0, "error": "no model"},
+    ]
+    in_time = BareInTime.of(grid, timeout=10.0)
+    assert in_time == BareInTime("2 threads x 2 slots", 31.4, 93.4)
+    assert BareInTime.of(grid, timeout=4.0) is None
+    assert BareInTime.of(None, timeout=10.0) is None
+    # 6 generator briefs in 10 s (36/min) against 72/min overall and 31.4/min in time.
+    level = LevelResult(16, 10.0, answers=[Answer("full", 1.0, float(i)) for i in range(6)], elapsed=10.0)
+    level.tokens = 470
+    row = level.figures(72.0, 112.4, in_time)
+    assert row["ratio_to_bare"] == 0.5
+    assert row["ratio_to_bare_in_time"] == round(36 / 31.4, 3)
+    assert row["tokens_ratio_to_bare"] == round(47 / 112.4, 3)
+    assert row["tokens_ratio_to_bare_in_time"] == round(47 / 93.4, 3)
+    assert level.figures(None)["ratio_to_bare_in_time"] is None
 
 
 def test_summary_of_nothing() -> None:

@@ -14,7 +14,8 @@ This bench measures how far the server is from that, against the bare model serv
    p50/p95/p99 of accepted answers and of rejections separately, the share of each kind of answer
    (:func:`classify_answer`), generator-served briefs/min and their ratio to the bare rate, the
    generator's completion tokens/s (from ``/health`` before and after the load: the model's work
-   rate, steadier than a minute's 10-30 briefs) and their ratio to the bare best's tokens/s, breaker
+   rate, steadier than a minute's 10-30 briefs) and their ratio to the bare best's tokens/s -- both
+   ratios also against the best configuration that answers in time (:class:`BareInTime`), breaker
    opens and system modes seen (``/api/v1/recovery/status`` polled twice a second), recovery actions
    taken (its history before and after; the ones its guard held back listed apart), and how long
    after the load ended the requested mode was served in full again (``recovered_s``; the next level
@@ -35,7 +36,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,10 +45,12 @@ import httpx
 
 from brownout.bench import child_env, percentile
 from brownout.bench.client import LoadClient, brief_text, retry_pause
+from brownout.config import RoleSection
 
 __all__ = [
     "KINDS",
     "Answer",
+    "BareInTime",
     "Kind",
     "LevelResult",
     "breaker_opens",
@@ -225,20 +228,27 @@ class LevelResult:
     tokens: int | None = None
     """The generator's completion tokens during the load (None when the server did not say)."""
 
-    def figures(self, bare_per_min: float | None, bare_tokens_per_s: float | None = None) -> dict[str, Any]:
-        """The level's row of the report."""
+    def figures(
+        self,
+        bare_per_min: float | None,
+        bare_tokens_per_s: float | None = None,
+        in_time: BareInTime | None = None,
+    ) -> dict[str, Any]:
+        """The level's row of the report (``in_time``: the bare grid's best that answers in time)."""
         opens = breaker_opens(self.snapshots)
         failed = [a.detail for a in self.answers if a.kind == "failed" and a.detail]
         ran, kept = held_back(self.actions)
         rate = self.tokens / self.elapsed if self.tokens is not None and self.elapsed > 0 else None
+        summary = summarize(self.answers, self.elapsed, bare_per_min)
+        per_min = summary["generator_briefs_per_min"]
         return {
             "concurrency": self.level,
             "seconds": round(self.elapsed, 2),
-            **summarize(self.answers, self.elapsed, bare_per_min),
+            **summary,
+            "ratio_to_bare_in_time": _ratio(per_min, in_time.valid_per_min if in_time else None),
             "generator_tokens_per_s": None if rate is None else round(rate, 1),
-            "tokens_ratio_to_bare": round(rate / bare_tokens_per_s, 3)
-            if rate is not None and bare_tokens_per_s
-            else None,
+            "tokens_ratio_to_bare": _ratio(rate, bare_tokens_per_s),
+            "tokens_ratio_to_bare_in_time": _ratio(rate, in_time.tokens_per_s if in_time else None),
             "breaker_opens": sum(opens.values()),
             "breaker_opens_by_name": opens,
             "system_modes_seen": list(dict.fromkeys(self.modes_seen)),
@@ -248,6 +258,32 @@ class LevelResult:
             "full_mode_back_s": None if self.recovered_s is None else round(self.recovered_s, 2),
             "first_failures": list(dict.fromkeys(failed))[:3],
         }
+
+
+def _ratio(value: float | None, of: float | None) -> float | None:
+    return round(value / of, 3) if value is not None and of else None
+
+
+@dataclass(frozen=True, slots=True)
+class BareInTime:
+    """The bare grid's best among the configurations whose calls answer in time: p95 latency within
+    the generator's timeout. A configuration whose slowest calls take longer serves no brief from
+    them -- the generator's call times out -- so its rate is not one a server with that timeout and
+    a latency target of the same length can reach (on 2 cores, 2 threads x 4 slots: 34/min, but
+    calls of 11.8 s at p95)."""
+
+    name: str
+    valid_per_min: float
+    tokens_per_s: float
+
+    @staticmethod
+    def of(grid: Sequence[Mapping[str, Any]] | None, timeout: float) -> BareInTime | None:
+        """The best row of ``grid`` (by valid completions/min, then tokens/s) with ``p95_s <= timeout``."""
+        fits = [r for r in grid or () if not r.get("error") and 0 < float(r.get("p95_s") or 0) <= timeout]
+        if not fits:
+            return None
+        best = max(fits, key=lambda r: (float(r["valid_per_min"]), float(r["tokens_per_s"])))
+        return BareInTime(str(best["name"]), float(best["valid_per_min"]), float(best["tokens_per_s"]))
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -506,6 +542,7 @@ async def run_async(
     # The bare grid's best tokens/s, whichever configuration made it (the briefs' best may differ).
     grid = capacity.get("grid") if capacity else None
     bare_tokens = max((float(r["tokens_per_s"]) for r in grid or [] if r.get("tokens_per_s")), default=None)
+    in_time = BareInTime.of(grid, RoleSection().timeout)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="brownout-overload-") as tmp:
         server = _Serve(Path(tmp)) if url is None else None
@@ -516,7 +553,7 @@ async def run_async(
             assert url is not None
             for level in levels:
                 result = await run_level(url, level, seconds, mode=mode, settle=settle)
-                rows.append(result.figures(bare_rate, bare_tokens))
+                rows.append(result.figures(bare_rate, bare_tokens, in_time))
         finally:
             if server is not None:
                 await server.stop()
@@ -530,6 +567,7 @@ async def run_async(
             "valid_per_min": bare_rate,
             "tokens_per_s": bare_tokens,
             "best": capacity.get("best") if capacity else None,
+            "best_in_time": None if in_time is None else asdict(in_time),
             "grid": capacity.get("grid") if capacity else None,
         },
         "levels": rows,
