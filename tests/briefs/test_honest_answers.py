@@ -217,3 +217,6 @@ async def test_the_constraint_checks_learn_which_models_ignore_the_schema(
     fakes["llama"].set("error")  # down at start: keeps the configured assumption
     async with service_on(fakes, tmp_path, FakeClock()) as service:
         assert await service.verify_constraints() == {"qwen": True, "mistral": False, "llama": True}
+        checks = service.constraint_checks
+        assert (checks["qwen"], checks["mistral"]) == ("applied", "not applied")
+        assert checks["llama"].startswith("skipped: ")

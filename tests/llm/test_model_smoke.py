@@ -46,6 +46,11 @@ async def test_serve_on_the_embedded_model_returns_a_schema_valid_brief(tmp_path
                 assert body["stages"][0]["stage"] == "generate"
             metrics = (await client.get("/metrics")).text
             assert 'llm_requests_total{model="qwen"}' in metrics
+            # The start-up check learned that the server applies a JSON schema (it used to be cut
+            # short by its token budget and learn nothing).
+            assert app.state.runtime.service.constraint_checks == dict.fromkeys(
+                ("qwen", "mistral", "llama"), "applied"
+            )
         runtime = app.state.runtime
         pids = [s.status()["pid"] for s in runtime.local.values()]
     # Leaving the lifespan stopped every model server.

@@ -296,6 +296,9 @@ class BriefService:
         self.stats = ServiceStats()
         # Whether each role's backend really applies a JSON-schema constraint (checked at start).
         self.constrained: dict[str, bool] = dict.fromkeys(self.backends, True)
+        self.constraint_checks: dict[str, str] = {}
+        """What :meth:`verify_constraints` learned per role: ``applied``, ``not applied``, or
+        ``skipped: <why>`` (the role keeps its configured assumption)."""
         jg = config.json_guard
         guard_config = GuardConfig(
             enabled=jg.enabled,
@@ -537,12 +540,22 @@ class BriefService:
 
         async def check(role: str, backend: ModelBackend) -> None:
             try:
+                # The answer is a few tokens, but the JSON grammar allows whitespace between them
+                # and a small model uses it: the embedded model answers '{\n    "answer"\n\n:\n\n
+                # "alpha"\n\n}' in 23 tokens, so at 16 the check was cut short and never learned
+                # anything. The grammar ends the answer at its closing brace.
                 result = await backend.chat(
-                    messages, max_tokens=16, temperature=0.0, response_format=fmt, timeout=10.0
+                    messages, max_tokens=128, temperature=0.0, response_format=fmt, timeout=10.0
                 )
-                self.constrained[role] = json.loads(result.content).get("answer") in ("alpha", "omega")
+                applied = json.loads(result.content).get("answer") in ("alpha", "omega")
             except Exception as e:  # a role that is down now keeps its configured assumption
+                self.constraint_checks[role] = f"skipped: {e}"
                 _log.info("constraint check of %s skipped: %s", role, e)
+                return
+            self.constrained[role] = applied
+            self.constraint_checks[role] = "applied" if applied else "not applied"
+            if not applied:
+                _log.warning("%s ignores a JSON schema: its answers are left to the JSON guard", role)
 
         # Every role at once: the server starts answering after the slowest model, not after the sum
         # of them (three hung models held the startup 30 s when checked one after the other).
