@@ -2,8 +2,8 @@
 
 ``brownout serve`` offers its embedded model as the gateway group ``local``. That server answers the
 brief's generator, validator and hinter as well, through one concurrency limiter as wide as its
-slots; the gateway's requests take their slots from the same limiter (between the generator and the
-optional stages), so that neither side's requests queue inside the server unseen. Here the shared
+slots; the gateway's requests take their slots from the same limiter (in turn with the generator's
+calls, before the optional stages), so that neither side's requests queue inside the server unseen. Here the shared
 limiter is one slot wide and a test holds it as "the generator"; the upstream is a scripted server on
 127.0.0.1 and the gateway runs on a FakeClock where a deadline is judged.
 """
@@ -23,7 +23,8 @@ from brownout.testing import FakeClock
 from support.gateway import chat, completion, gateway, group, read_stream, send_json, sse, sse_start
 from support.wait import until
 
-GENERATOR, GATEWAY, VALIDATOR = 0, 1, 2
+GENERATOR, VALIDATOR = 0, 1
+GATEWAY = GENERATOR  # in turn with the generator's calls (brownout.server.runtime.SLOT_PRIORITY)
 
 
 def one_slot(clock: Clock = SYSTEM_CLOCK) -> SharedEndpoint:
@@ -36,7 +37,7 @@ async def answered(n: int, body: dict[str, Any], receive: Receive, send: Send) -
     await send_json(send, completion(f"answer {n}"))
 
 
-async def test_a_request_waits_for_a_free_slot_after_the_generator_and_before_the_optional_stages(
+async def test_a_request_waits_for_a_free_slot_in_turn_with_the_generator_before_optional_stages(
     scripted: Any,
 ) -> None:
     upstream = await scripted(answered)
@@ -53,17 +54,17 @@ async def test_a_request_waits_for_a_free_slot_after_the_generator_and_before_th
         assert upstream.calls == 0  # nothing waits inside the server
 
         generating.release()
-        second = await generator  # the generator's next call goes first
-        assert upstream.calls == 0
-        assert not validator.done()
-
-        second.release()
-        response = await request  # then the gateway's request, in the freed slot
+        # The gateway's request asked before the generator's next call: it goes first, so a busy
+        # brief pipeline cannot keep it waiting out its budget.
+        response = await request
         assert response.status_code == 200
         assert upstream.calls == 1
-        last = await validator  # and the optional stage once the gateway's answer freed the slot
         assert share.last_success is not None  # the gateway's answer showed the server alive
-        last.release()
+        second = await generator
+        assert not validator.done()  # the optional stage waits while the generator works
+
+        second.release()
+        (await validator).release()
     assert limiter.in_flight == 0
 
 

@@ -42,16 +42,16 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     assert limiters["qwen"].config.max_limit == 2
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
-    assert [rt.clients[r].priority for r in ROLES] == [0, 2, 3]
+    assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]
     assert rt.ops.sharing("mistral") == ["mistral", "qwen", "llama"]
-    # The gateway's "local" group is the same server, and waits for the same slots, after the
-    # generator and before the optional stages.
+    # The gateway's "local" group is the same server, and waits for the same slots, in turn with
+    # the generator and before the optional stages.
     assert rt.gateway.config.groups["local"].endpoints[0].url == server.url
     [endpoint] = rt.gateway.groups["local"].endpoints
     assert endpoint.slots is rt.clients["qwen"].share_of(server.url)
     assert endpoint.slots is not None
     assert endpoint.slots.limiter is limiters["qwen"]
-    assert endpoint.slot_priority == 1
+    assert endpoint.slot_priority == 0
     assert not (tmp_path / "b.db").exists()  # built, nothing opened
 
 

@@ -62,10 +62,12 @@ from brownout.state.tiered import Tier
 
 __all__ = ["SLOT_PRIORITY", "HttpStats", "ModelProbes", "RecoveryAction", "Runtime"]
 
-SLOT_PRIORITY: Final = {"qwen": 0, "gateway": 1, "mistral": 2, "llama": 3}
-"""Who gets a freed slot of a local model server first (lower first): the generator, which every
-model answer needs; then the gateway's requests to the embedded model, each a caller waiting for it;
-then the brief's optional stages, the validator and the hinter, which the dimmer drops under load."""
+SLOT_PRIORITY: Final = {"qwen": 0, "gateway": 0, "mistral": 1, "llama": 2}
+"""Who gets a freed slot of a local model server first (lower first). The generator's calls and the
+gateway's requests to the embedded model -- each one a caller waiting for its answer -- first, in the
+order they asked: under a brief load that keeps the generator busy, a gateway request still gets its
+turn instead of waiting out its budget behind every later brief. Then the brief's optional stages,
+the validator and the hinter, which the dimmer drops under load."""
 
 _log = logging.getLogger("brownout.server")
 
@@ -217,8 +219,9 @@ class Runtime:
             # client's queue, where waiting is not counted against the model.
             endpoints[role] = [EndpointConfig(url=server.url, model=role, max_concurrency=server.parallel)]
         # A shared server has one concurrency limit for all its roles' calls (its slots), and their
-        # signs of life are one: its generator's calls wait first, then the validator's, then the
-        # hinter's, so that under load the server does the work the answers need most. The limit
+        # signs of life are one: its generator's calls and the gateway's (below) wait first, then the
+        # validator's, then the hinter's (SLOT_PRIORITY), so that under load the server does the
+        # work the answers need most. The limit
         # follows the generator's limiter settings and learns from the generator's calls alone,
         # whose length is steady (the others' are shorter and would read as a queue).
         shares: dict[str, SharedEndpoint] = {}
