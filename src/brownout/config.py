@@ -396,12 +396,8 @@ class ModelsSection(_Section):
             return value
         filled: dict[str, Any] = {}
         for role, defaults in _ROLE_DEFAULTS.items():
-            given = value.get(role)
-            filled[role] = (
-                {**defaults, **given}
-                if isinstance(given, dict)
-                else (given if role in value else dict(defaults))
-            )
+            given = value.get(role, {})
+            filled[role] = {**defaults, **given} if isinstance(given, dict) else given
         filled.update((role, section) for role, section in value.items() if role not in filled)
         return filled
 

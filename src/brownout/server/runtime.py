@@ -221,9 +221,9 @@ class Runtime:
         # A shared server has one concurrency limit for all its roles' calls (its slots), and their
         # signs of life are one: its generator's calls and the gateway's (below) wait first, then the
         # validator's, then the hinter's (SLOT_PRIORITY), so that under load the server does the
-        # work the answers need most. The limit
-        # follows the generator's limiter settings and learns from the generator's calls alone,
-        # whose length is steady (the others' are shorter and would read as a queue).
+        # work the answers need most. The limit follows the generator's limiter settings and learns
+        # from the generator's calls alone, whose length is steady (the others' are shorter and
+        # would read as a queue).
         shares: dict[str, SharedEndpoint] = {}
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
