@@ -3,9 +3,9 @@
 ``brownout serve`` offers its embedded model as the gateway group ``local``. That server answers the
 brief's generator, validator and hinter as well, through one concurrency limiter as wide as its
 slots; the gateway's requests take their slots from the same limiter (in turn with the generator's
-calls, before the optional stages), so that neither side's requests queue inside the server unseen. Here the shared
-limiter is one slot wide and a test holds it as "the generator"; the upstream is a scripted server on
-127.0.0.1 and the gateway runs on a FakeClock where a deadline is judged.
+calls, before the optional stages), so that neither side's requests queue inside the server unseen.
+Here the shared limiter is one slot wide and a test holds it as "the generator"; the upstream is a
+scripted server on 127.0.0.1 and the gateway runs on a FakeClock where a deadline is judged.
 """
 
 from __future__ import annotations
