@@ -11,8 +11,10 @@ scripted server on 127.0.0.1 and the gateway runs on a FakeClock where a deadlin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
+import pytest
 from starlette.types import Receive, Send
 
 from brownout.clock import SYSTEM_CLOCK, Clock
@@ -133,3 +135,29 @@ async def test_a_gateway_without_shared_slots_sends_at_once(scripted: Any) -> No
     async with gateway({"local": group(upstream.url)}) as gw:
         assert (await gw.post(chat("local"))).status_code == 200
         assert gw.group("local").endpoints[0].status()["shares_slots"] is False
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_caller_that_leaves_while_waiting_for_a_slot_is_withdrawn(
+    scripted: Any, stream: bool
+) -> None:
+    # Left in the queue, its request would be sent once the slot frees -- for nobody, in place of
+    # the pipeline's calls and of callers still waiting.
+    upstream = await scripted(answered)
+    share = one_slot()
+    limiter = share.limiter
+    async with gateway({"local": group(upstream.url)}) as gw:
+        gw.gateway.share_slots("local", share, priority=GATEWAY)
+        holding = await limiter.acquire(priority=GENERATOR)
+        request = asyncio.create_task(gw.post(chat("local", stream=stream)))
+        await until(lambda: limiter.queued == 1, "the request waiting for the slot")
+        request.cancel()  # the client gives up and closes its connection
+        with contextlib.suppress(asyncio.CancelledError):
+            await request
+        await until(lambda: limiter.queued == 0, "the abandoned request leaving the queue")
+        holding.release()
+        assert gw.group("local").stats.outcomes["disconnected"] == 1
+        # The slot is free, nothing was sent for the caller that left, and the next caller is served.
+        assert limiter.in_flight == 0
+        assert upstream.calls == 0
+        assert (await gw.post(chat("local"))).status_code == 200

@@ -436,6 +436,13 @@ class Group:
         """True when some endpoint's breaker would let a call through now."""
         return any(ep.breaker.available for ep in self.endpoints)
 
+    @property
+    def shares_slots(self) -> bool:
+        """Whether the group's requests wait for slots of a model server it shares with the brief
+        pipeline (:meth:`Gateway.share_slots`): there a request may wait long, so one whose client
+        left is withdrawn."""
+        return any(ep.slots is not None for ep in self.endpoints)
+
     def retry_after(self) -> float:
         """Seconds until some endpoint may take a call (0 when one can now)."""
         return min(ep.breaker.retry_after() for ep in self.endpoints)

@@ -31,8 +31,11 @@ the error shape) without becoming FastAPI routes: they keep the fast path.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from typing import Any, Final, get_args
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar, get_args
 
 from prometheus_client import CollectorRegistry
 from starlette.routing import Route, Router
@@ -64,6 +67,8 @@ from brownout.server.errors import (
 )
 
 __all__ = ["CHAT_PATH", "MAX_BUDGET", "ChatCompletions", "gateway_openapi", "install_gateway"]
+
+T = TypeVar("T")
 
 CHAT_PATH: Final = "/v1/chat/completions"
 """Where the chat route is installed (the server's body-size guard gives it the gateway's limit)."""
@@ -210,7 +215,14 @@ class ChatCompletions:
             await self._stream(group, body, raw, t0, deadline, receive, send)
             return
         try:
-            answer, cached = await gateway.complete(group, body, raw, deadline)
+            if group.shares_slots:
+                done = await _unless_gone(receive, gateway.complete(group, body, raw, deadline))
+                if done is None:
+                    stats.outcomes["disconnected"] += 1
+                    return
+                answer, cached = done
+            else:
+                answer, cached = await gateway.complete(group, body, raw, deadline)
         except Overloaded as e:
             stats.outcomes["overloaded"] += 1
             await _overloaded(send, group, e)
@@ -258,7 +270,7 @@ class ChatCompletions:
             return
         try:
             try:
-                opened: OpenStream = await gateway.hedged(
+                opening = gateway.hedged(
                     group,
                     lambda trail: gateway.route(
                         group,
@@ -270,6 +282,14 @@ class ChatCompletions:
                     ),
                     discard,
                 )
+                if group.shares_slots:
+                    found = await _unless_gone(receive, opening)
+                    if found is None:
+                        stats.outcomes["disconnected"] += 1
+                        return
+                    opened: OpenStream = found
+                else:
+                    opened = await opening
             except Passthrough as e:
                 answer: Answer = e.answer
                 await _reply_whole(send, answer)
@@ -292,6 +312,36 @@ class ChatCompletions:
             stats.outcomes[await relay(gateway, group, opened, body, deadline, receive, send, headers)] += 1
         finally:
             await admission.__aexit__(None, None, None)
+
+
+async def _disconnected(receive: Receive) -> None:
+    # Once the body is read, the ASGI receive channel yields only http.disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or None when the client disconnects first: then ``work`` is cancelled.
+
+    For a group whose requests may wait long for a slot of a model server the brief pipeline shares:
+    a caller that gave up must leave the queue, not have its request sent once a slot frees, for
+    nobody, in place of the pipeline's calls and the requests of callers still waiting.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _reply_whole(send: Send, answer: Answer) -> None:
