@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from brownout.briefs.schema import CreativeBrief
 from brownout.briefs.service import BriefService
+from brownout.briefs.similar import SimilarityIndex
 from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.errors import ConfigError, ServiceUnavailable
@@ -60,6 +62,18 @@ async def service_on(
         await service.aclose()
         for client in clients.values():
             await client.aclose()
+
+
+class CountingIndex(SimilarityIndex[CreativeBrief]):
+    """The service's similarity index, remembering the texts it was asked to search for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.searched: list[str] = []
+
+    def search(self, text: str) -> tuple[CreativeBrief, float] | None:
+        self.searched.append(text)
+        return super().search(text)
 
 
 def calls(fakes: dict[str, FakeLLM]) -> dict[str, int]:
@@ -123,12 +137,16 @@ async def test_past_the_validator_a_similar_brief_stands_in_for_generating(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
     async with service_on(fakes, tmp_path) as svc:
+        svc.similar = counting = CountingIndex()
         first = await svc.create_brief(TEXT, "fast")
         assert first["stages"][0]["served_by"] == "model:qwen"
         svc.dimmer.force(0.75)
         before = calls(fakes)
+        counting.searched.clear()
         answer = await svc.create_brief(TEXT + " please", "creative")  # similar, not the same request
         assert calls(fakes) == before  # no model call at all
+        # The dimmer's check for a stand-in and the fallback that serves it share one search.
+        assert counting.searched == [TEXT + " please"]
         assert answer["served_mode"] == "fallback"
         assert answer["stages"][0]["served_by"] == "cache"
         assert answer["dimmed"] == ["creative_hints", "validation", "generation"]
