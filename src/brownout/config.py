@@ -787,6 +787,14 @@ class JobsSection(_Section):
         description="seconds a worker holds a job without renewing (then another takes it)",
     )
     max_attempts: int = Field(default=4, ge=1, le=20, description="attempts per item on transient failures")
+    idle_poll_interval: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "longest wait between looks while no job is queued or running (the wait doubles from "
+            "poll_interval up to this); a job submitted to this server starts at once all the same"
+        ),
+    )
     backoff_base: float = Field(default=1.0, ge=0, description="seconds before an item's second attempt")
     backoff_max: float = Field(default=30.0, ge=0, description="cap on one wait between attempts, seconds")
     distribute: Literal["auto", "redis", "local"] = Field(

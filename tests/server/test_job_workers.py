@@ -308,3 +308,44 @@ async def test_a_database_that_does_not_answer_does_not_hold_the_workers_stop(wo
     await asyncio.wait_for(workers.aclose(), 5.0)  # bounded: the lease is left to run out instead
     assert stuck.released.is_set()
     assert await jobs.item_counts(job.id) == {"running": 2, "pending": 2}
+
+
+async def test_with_nothing_to_do_the_workers_look_less_often_and_a_job_brings_them_back(
+    world: World,
+) -> None:
+    script = Script()
+    workers, jobs = world.workers(script, poll_interval=0.5, idle_poll_interval=4.0)
+    looks: list[float] = []
+    overview = jobs.overview
+
+    async def counted() -> tuple[dict[str, int], float | None, float | None]:
+        looks.append(world.clock.now())
+        return await overview()
+
+    jobs.overview = counted  # type: ignore[method-assign]
+    await workers.start()
+    await world.drive(lambda: workers.interval == 4.0, "the idle wait to reach its ceiling")
+    # Twice the wait after each empty round, from poll_interval: three rounds took it 0.5 -> 1 -> 2 -> 4.
+    assert len(looks) == 3
+    assert looks[2] - looks[1] > looks[1] - looks[0] >= 1.0
+    started = len(looks)
+    world.clock.advance(20.0)
+    world.wall.advance(20.0)
+    await until(lambda: len(looks) >= started + 1, "a look within the idle wait")
+    await asyncio.sleep(0.05)
+    assert len(looks) - started <= 20 / 4.0 + 1  # at most one look per idle wait (40 at poll_interval)
+    assert workers.interval == 4.0
+    # A job submitted through another replica (no kick here) is found within the idle wait, and the
+    # wait is back at poll_interval while it runs.
+    job, _ = await jobs.submit("briefs", _items(2))
+    before, seen = world.clock.now(), len(looks)
+    await world.drive(lambda: workers.running == [job.id] or _ended(jobs, job.id), "the job to be claimed")
+    assert len(looks) == seen + 1  # the next look takes it
+    assert world.clock.now() - before <= 4.0 + 0.5  # (the drive moves fake time while a look runs)
+    assert workers.interval == 0.5
+    await world.drive(lambda: _ended(jobs, job.id), "the job to end")
+    # A submission here resets the wait at once.
+    await world.drive(lambda: workers.interval == 4.0, "the idle wait to grow again")
+    workers.kick()
+    assert workers.interval == 0.5
+    await workers.aclose()

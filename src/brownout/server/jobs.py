@@ -248,9 +248,10 @@ class JobWorkers:
         self._round_lock = asyncio.Lock()
         self._last_renew = float("-inf")
         self._nappers: set[asyncio.Future[None]] = set()
-        self._loop = Periodic(
-            "brownout-jobs", self._round, lambda: self.section.poll_interval, clock=clock, logger=_log
-        )
+        self.interval = section.poll_interval
+        """Seconds until the next round: ``jobs.poll_interval``, doubling while there is nothing to do
+        (no job queued or running anywhere) up to ``jobs.idle_poll_interval``."""
+        self._loop = Periodic("brownout-jobs", self._round, lambda: self.interval, clock=clock, logger=_log)
         self._retry = Retry(
             "jobs",
             RetryConfig(
@@ -298,6 +299,7 @@ class JobWorkers:
 
     def kick(self) -> None:
         """Run a round now rather than at the next poll (a job was just submitted)."""
+        self.interval = self.section.poll_interval
         self._side.spawn(self._round(), name="brownout-jobs-kick")
 
     async def aclose(self) -> None:
@@ -331,10 +333,30 @@ class JobWorkers:
     # ------------------------------------------------------------------ the loop
 
     async def _round(self) -> None:
-        """Renew the leases held, refresh the figures, claim more jobs when there is room."""
+        """Renew the leases held, refresh the figures, claim more jobs when there is room; then set
+        the wait until the next round.
+
+        With nothing to do the wait doubles, up to ``jobs.idle_poll_interval``: looking twice a second,
+        a server without jobs handed its database thread about a hundred calls a second, each waking
+        a thread on the cores a local model needs. A submission here kicks a round at once and resets
+        the wait; one through another replica is seen within the longer wait; a queued or running job
+        anywhere, or one held here, keeps ``jobs.poll_interval``."""
+        busy = True
+        try:
+            busy = await self._look()
+        finally:
+            section = self.section
+            if busy:
+                self.interval = section.poll_interval
+            else:
+                ceiling = max(section.poll_interval, section.idle_poll_interval)
+                self.interval = min(self.interval * 2, ceiling)
+
+    async def _look(self) -> bool:
+        """One round's work (see :meth:`_round`); False when there was nothing to do."""
         async with self._round_lock:
             if not await self._prepare():
-                return
+                return True  # the database is away: look again soon
             now = self.clock.now()
             if self._runs and now - self._last_renew >= self.section.lease / 3:
                 self._last_renew = now
@@ -349,20 +371,24 @@ class JobWorkers:
                 self._last_heartbeat = now
                 await self._heartbeat()
             self.counts, self.oldest_queued, self.stalest = await self.store.overview()
+            active = bool(self._runs or self._deliveries or self._backlog)
+            active = active or any(self.counts.get(state, 0) for state in ACTIVE_STATES)
             paused = self.gate.intake_paused() if self.gate is not None else None
             self.waiting = paused
             room = self.section.max_running_jobs - len(self._runs)
             if paused is not None or room <= 0:
-                return
+                return active
             before = self.claims.taken_over
             for job in await self.claims.claim(room, exclude=list(self._runs)):
                 if job.id in self._runs:
                     continue
+                active = True
                 self.claimed["job"] += 1
                 run = _Run(job, done=job.done, failed=job.failed, mock=job.mock)
                 self._runs[job.id] = run
                 self._jobs.spawn(self._run_job(run), name=f"brownout-job-{job.id}")
             self.reclaimed["job"] += self.claims.taken_over - before
+            return active
 
     async def cancel(self, job_id: str) -> JobRow | None:
         """Cancel ``job_id`` (``JobStore.cancel``); if this worker runs it, no new item starts from now."""
