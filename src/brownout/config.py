@@ -421,6 +421,12 @@ class ModelsSection(_Section):
             return []
         return [role for role in ROLES if not self.roles[role].endpoints]
 
+    def local_threads(self, cores: float = 1.0) -> int:
+        """Threads of all the local model servers together, on a process that may use ``cores`` cores
+        (a shared server counts once)."""
+        servers = {self.local.server_name(role): role for role in self.local_roles()}
+        return sum(self.local.server_settings(role, cores)[0] for role in servers.values())
+
 
 class JsonGuardSection(_Section):
     """How a model's answer is made schema-valid JSON: re-asks, repair, fallback."""
@@ -781,12 +787,6 @@ class JobsSection(_Section):
     poll_interval: float = Field(
         default=0.5, gt=0, description="seconds between looks for new jobs and for room to start items"
     )
-    lease: float = Field(
-        default=15.0,
-        gt=0,
-        description="seconds a worker holds a job without renewing (then another takes it)",
-    )
-    max_attempts: int = Field(default=4, ge=1, le=20, description="attempts per item on transient failures")
     idle_poll_interval: float = Field(
         default=5.0,
         gt=0,
@@ -795,6 +795,12 @@ class JobsSection(_Section):
             "poll_interval up to this); a job submitted to this server starts at once all the same"
         ),
     )
+    lease: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds a worker holds a job without renewing (then another takes it)",
+    )
+    max_attempts: int = Field(default=4, ge=1, le=20, description="attempts per item on transient failures")
     backoff_base: float = Field(default=1.0, ge=0, description="seconds before an item's second attempt")
     backoff_max: float = Field(default=30.0, ge=0, description="cap on one wait between attempts, seconds")
     distribute: Literal["auto", "redis", "local"] = Field(
@@ -808,6 +814,11 @@ class JobsSection(_Section):
     webhooks: bool = Field(default=True, description="call a job's webhook URL when it ends")
     webhook_timeout: float = Field(default=5.0, gt=0, description="seconds per webhook POST")
     webhook_retries: int = Field(default=3, ge=0, le=10, description="re-sends after a failed webhook POST")
+
+
+AUTO_CPU_BUDGET: Final = 0.1
+"""``dimmer.cpu_budget: auto`` beside a local generator: a tenth of a core, plus the cores its model
+servers' threads leave free (see :meth:`DimmerSection.effective_cpu_budget`)."""
 
 
 class DimmerSection(_Section):
@@ -858,8 +869,8 @@ class DimmerSection(_Section):
         description=(
             "share of one core the server's own work may use while its local generator is saturated; "
             "beyond it a share of the answers that would come without a model are refused (503 + "
-            "Retry-After) instead; auto: 0.25 when the generator runs on a local model server, else "
-            "none (off)"
+            "Retry-After) instead; auto: 0.1 plus the cores the local model servers' threads leave "
+            "free when the generator runs on a local model server, else none (off)"
         ),
     )
 
@@ -894,17 +905,23 @@ class DimmerSection(_Section):
             raise ValueError(wrong)
         return cores
 
-    def effective_cpu_budget(self, local_generator: bool) -> float | None:
-        """``cpu_budget`` in cores, or None when off: ``auto`` is 0.25 when the generator runs on a
-        local model server (it shares this machine's cores with the server), else off.
+    def effective_cpu_budget(self, local_generator: bool, spare_cores: float = 0.0) -> float | None:
+        """``cpu_budget`` in cores, or None when off: ``auto`` is :data:`AUTO_CPU_BUDGET` (a tenth of
+        a core) plus ``spare_cores`` -- the cores the local model servers' threads leave free -- when
+        the generator runs on a local model server (it shares this machine's cores with the server),
+        else off.
 
         Measured on 2 cores under 200 closed-loop clients on the default layout: without a budget
         the service used 0.70 of a core answering ~470 requests a second (every answer handed out at
         once brought its caller straight back) and the generator's server got 0.87 of its core; with
         0.25, the service used 0.13 and the generator 0.97, and its briefs rose from 7.1 to 11.7 a
-        minute."""
+        minute. With the shared two-thread server, whose threads wait for each other at every token,
+        0.25 still took a third of the model's tokens under 200 clients (61-67 tokens/s against 91
+        for the bare server, the service at 0.12-0.14 cores); 0.1 held the service at 0.08 cores and
+        the model at 79-83 tokens/s, 81-85 under 16 clients (alternating runs of 120 s). Cores the
+        model's threads leave free are the service's to spend: they are added to the budget."""
         if isinstance(self.cpu_budget, str):  # "auto"
-            return 0.25 if local_generator else None
+            return round(AUTO_CPU_BUDGET + max(0.0, spare_cores), 3) if local_generator else None
         return self.cpu_budget
 
     def target(self, mode: str) -> float:

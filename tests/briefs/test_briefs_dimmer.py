@@ -376,7 +376,10 @@ def _over_budget(svc: BriefService, clock: FakeClock, cpu: _Cpu, cores: float = 
 def test_the_cpu_budget_is_on_by_itself_only_beside_a_local_generator() -> None:
     default = load_config(None, environ={})
     assert default.models.local_roles() == list(ROLES)
-    assert default.dimmer.effective_cpu_budget(True) == 0.25
+    assert default.dimmer.effective_cpu_budget(True) == 0.1
+    # Cores the local model servers' threads leave free are the service's to use.
+    assert default.dimmer.effective_cpu_budget(True, spare_cores=2.0) == 2.1
+    assert default.dimmer.effective_cpu_budget(False, spare_cores=2.0) is None
     assert default.dimmer.effective_cpu_budget(False) is None
     pinned = load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": "0.5"})
     assert pinned.dimmer.effective_cpu_budget(False) == 0.5
@@ -385,6 +388,22 @@ def test_the_cpu_budget_is_on_by_itself_only_beside_a_local_generator() -> None:
     for bad in ("0", "-1", "lots", "true", "2000"):
         with pytest.raises(ConfigError, match="cpu_budget must be a number of cores above 0, auto or null"):
             load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": bad})
+
+
+async def test_the_automatic_cpu_budget_counts_the_cores_the_local_models_leave_free() -> None:
+    default = load_config(None, environ={})
+    # The shared server takes up to 4 threads: on 2 cores none is left, on 8 cores 4 are.
+    assert default.models.local_threads(2.0) == 2
+    assert default.models.local_threads(8.0) == 4
+    per_role = load_config(None, environ={"BROWNOUT__MODELS__LOCAL__LAYOUT": "per_role"})
+    assert per_role.models.local_threads(8.0) == 3  # a one-thread server per role
+    for cores, budget in ((2.0, 0.1), (1.5, 0.6), (8.0, 4.1)):  # 1.5 cores: a 1-thread server
+        svc = BriefService(default, {}, cores=cores)
+        try:
+            assert svc.cpu_budget is not None
+            assert svc.cpu_budget.config.budget == budget
+        finally:
+            await svc.aclose()
 
 
 async def test_over_the_cpu_budget_an_answer_without_the_model_is_refused_with_retry_after(

@@ -116,6 +116,7 @@ from brownout.errors import (
     ServiceUnavailable,
 )
 from brownout.events import DEFAULT_BUS, EventBus
+from brownout.health.resources import usable_cores
 from brownout.llm.guard import GuardConfig, JSONGuard
 from brownout.llm.pipeline import Mode, NoModeAvailable, Pipeline, PipelineContext, Stage
 from brownout.llm.types import Message, ProbeResult
@@ -286,7 +287,10 @@ class BriefService:
         events: EventBus = DEFAULT_BUS,
         wall_clock: Clock = WALL_CLOCK,
         rng: random.Random | None = None,
+        cores: float | None = None,
     ) -> None:
+        """``cores``: the CPU cores this process may use (None: read from the machine and its cgroup),
+        for the CPU budget's ``auto``, which counts the cores the local model servers leave free."""
         self.config = config
         self.backends = dict(backends)
         self._role_alive = role_alive or (lambda role: True)
@@ -377,7 +381,12 @@ class BriefService:
             self.dimmer.force(0.0)
         elif d.force_value is not None:
             self.dimmer.force(d.force_value)
-        budget = d.effective_cpu_budget(ROLE_OF_STAGE["generate"] in config.models.local_roles())
+        local_generator = ROLE_OF_STAGE["generate"] in config.models.local_roles()
+        spare = 0.0
+        if local_generator and d.cpu_budget == "auto":
+            usable = usable_cores() if cores is None else cores
+            spare = max(0.0, usable - config.models.local_threads(usable))
+        budget = d.effective_cpu_budget(local_generator, spare_cores=spare)
         self.cpu_budget: CpuBudget | None = (
             CpuBudget("briefs", CpuBudgetConfig(budget=budget, interval=d.interval), clock=clock, rng=rng)
             if budget is not None and d.enabled

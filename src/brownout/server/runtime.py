@@ -263,7 +263,12 @@ class Runtime:
             if share is not None:
                 self.gateway.share_slots(gateway_config.local.name, share, priority=SLOT_PRIORITY["gateway"])
         self.service = BriefService(
-            cfg, self.clients, role_alive=_role_alive(self.local), clock=clock, events=events
+            cfg,
+            self.clients,
+            role_alive=_role_alive(self.local),
+            clock=clock,
+            events=events,
+            cores=self.cores,
         )
         """The brief service (answers once :meth:`start` has started it)."""
         if shared is not None:
