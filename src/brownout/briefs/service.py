@@ -257,6 +257,7 @@ class BriefContext(PipelineContext):
     similar: tuple[CreativeBrief, float] | None = None
     """The similar earlier brief found for its text and its score, once searched (None: none)."""
     similar_searched: bool = False
+    """True once the similarity index was asked for its text (``similar`` holds the answer)."""
 
 
 @dataclass
