@@ -39,6 +39,18 @@ async def answered(n: int, body: dict[str, Any], receive: Receive, send: Send) -
     await send_json(send, completion(f"answer {n}"))
 
 
+async def queued_behind_the_generator(
+    gw: Any, share: SharedEndpoint, body: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Give the group ``local`` the slots of ``share``, take its one slot as the generator, and send
+    ``body``: the slot held and the request's task, once the request waits for the slot."""
+    gw.gateway.share_slots("local", share, priority=GATEWAY)
+    holding = await share.limiter.acquire(priority=GENERATOR)
+    request = asyncio.create_task(gw.post(body))
+    await until(lambda: share.limiter.queued == 1, "the request waiting for the slot")
+    return holding, request
+
+
 async def test_a_request_waits_for_a_free_slot_in_turn_with_the_generator_before_optional_stages(
     scripted: Any,
 ) -> None:
@@ -46,10 +58,8 @@ async def test_a_request_waits_for_a_free_slot_in_turn_with_the_generator_before
     share = one_slot()
     limiter = share.limiter
     async with gateway({"local": group(upstream.url)}) as gw:
-        gw.gateway.share_slots("local", share, priority=GATEWAY)
-        generating = await limiter.acquire(priority=GENERATOR)  # the one slot is the generator's
-        request = asyncio.create_task(gw.post(chat("local")))
-        await until(lambda: limiter.queued == 1, "the gateway's request waiting for the slot")
+        # The one slot is the generator's; the gateway's request waits for it.
+        generating, request = await queued_behind_the_generator(gw, share, chat("local"))
         validator = asyncio.create_task(limiter.acquire(priority=VALIDATOR))
         generator = asyncio.create_task(limiter.acquire(priority=GENERATOR))
         await until(lambda: limiter.queued == 3, "three callers waiting")
@@ -75,10 +85,7 @@ async def test_no_slot_before_the_budget_is_a_busy_server_not_a_failed_one(scrip
     upstream = await scripted(answered)
     share = one_slot(clock)
     async with gateway({"local": group(upstream.url, budget=30)}, clock=clock) as gw:
-        gw.gateway.share_slots("local", share, priority=GATEWAY)
-        holding = await share.limiter.acquire(priority=GENERATOR)
-        request = asyncio.create_task(gw.post(chat("local")))
-        await until(lambda: share.limiter.queued == 1, "the request waiting for the slot")
+        holding, request = await queued_behind_the_generator(gw, share, chat("local"))
         clock.advance(31)  # past the request's budget, the slot still taken
         response = await request
         holding.release()
@@ -147,10 +154,7 @@ async def test_a_caller_that_leaves_while_waiting_for_a_slot_is_withdrawn(
     share = one_slot()
     limiter = share.limiter
     async with gateway({"local": group(upstream.url)}) as gw:
-        gw.gateway.share_slots("local", share, priority=GATEWAY)
-        holding = await limiter.acquire(priority=GENERATOR)
-        request = asyncio.create_task(gw.post(chat("local", stream=stream)))
-        await until(lambda: limiter.queued == 1, "the request waiting for the slot")
+        holding, request = await queued_behind_the_generator(gw, share, chat("local", stream=stream))
         request.cancel()  # the client gives up and closes its connection
         with contextlib.suppress(asyncio.CancelledError):
             await request
