@@ -413,6 +413,12 @@ class LocalModelServer:
         """Clock time at which the current process became healthy."""
         return self._started_at
 
+    @property
+    def failures_in_a_row(self) -> int:
+        """Crashes and failed starts since the server last stayed healthy for ``restart_backoff_max``
+        seconds: the exponent of the next restart's backoff (0: the next one waits the base)."""
+        return self._failures
+
     def status(self) -> dict[str, Any]:
         """A JSON-ready summary for health endpoints."""
         return {
