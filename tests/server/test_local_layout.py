@@ -41,8 +41,6 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     assert limiters["qwen"] is limiters["mistral"] is limiters["llama"]
     assert limiters["qwen"].config.max_limit == 2
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
-    # Its slots are known: a call that runs out of time on it was long, not queued inside it.
-    assert [rt.clients[r].endpoints[0].slots for r in ROLES] == [2] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
     assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]
     assert rt.ops.sharing("mistral") == ["mistral", "qwen", "llama"]

@@ -59,10 +59,7 @@ them apart by whether the endpoint is demonstrably alive:
 
 A slow call is recorded by no breaker (neither success nor failure, as resilience4j keeps slow calls
 apart from failures; the breaker's own slow-call rate stays off for model endpoints, since a saturated
-model is slow by definition), it shrinks the endpoint's concurrency limit (a drop) -- unless the
-endpoint says how many slots its server has (``EndpointConfig.slots``) and the limit cannot exceed them:
-then nothing waited inside the server, the call's answer was long, and the limit follows the latency
-per completion token of the calls that complete (:mod:`brownout.policies.limiter`) --, it is not retried
+model is slow by definition), it shrinks the endpoint's concurrency limit (a drop), it is not retried
 (another attempt would only add load to a busy model), and the caller gets
 :class:`~brownout.errors.Overloaded` with reason ``"slow"``, ``retry_after`` the limiter's estimate.
 Connection errors, 5xx answers and malformed bodies are failures whatever the load: a model that
@@ -127,7 +124,6 @@ __all__ = [
     "PROBE_PROMPT",
     "ModelClient",
     "SharedEndpoint",
-    "completion_tokens",
     "is_caller_fault",
 ]
 
@@ -222,7 +218,6 @@ class _Endpoint:
         "limiter",
         "load",
         "port",
-        "queues_inside",
         "sending",
         "share",
         "shared",
@@ -258,9 +253,6 @@ class _Endpoint:
         self.completed = 0  # well-formed completions of this role's calls (probes not included)
         self.slow = 0  # sent calls that timed out while the endpoint was alive (see _SlowCall)
         self.tokens = 0  # completion tokens of those completions, as the endpoint reported them
-        # Whether a call could wait inside the server: more calls may be in flight than it has slots
-        # (or its slots are unknown).
-        self.queues_inside = config.slots is None or self.limiter.config.max_limit > config.slots
 
     @property
     def last_success(self) -> float | None:
@@ -650,17 +642,13 @@ class ModelClient:
             )
             raise
         except Overloaded as e:
-            # A slow call under load: the server has more work than it can do in time -- shrink. Not
-            # where nothing can wait inside the server: the call was long, and the answers that do
-            # come back say, per token, whether the server keeps up.
-            permit.release(dropped=e.reason == "slow" and ep.queues_inside, sample=False)
+            # A slow call under load: the server has more work than it can do in time -- shrink.
+            permit.release(dropped=e.reason == "slow", sample=False)
             raise
         except BaseException:
             permit.release(sample=False)
             raise
-        # Judged per completion token: an answer twice as long takes twice as long, and is no sign of
-        # requests queued in the server.
-        permit.release(sample=self._learns, work=completion_tokens(result.usage))
+        permit.release(sample=self._learns)
         return result
 
     async def _attempt_with(
@@ -762,8 +750,8 @@ class ModelClient:
         ep.load.observe(latency)
         ep.share.last_success = clock.now()
         ep.completed += 1
-        produced = completion_tokens(usage)
-        if produced is not None:
+        produced = usage.get("completion_tokens") if usage else None
+        if type(produced) is int and produced > 0:
             ep.tokens += produced
         return ChatResult(
             content=content,
@@ -876,12 +864,6 @@ class ModelClient:
 GEN_AI_PROVIDER: Final = "openai"
 """``gen_ai.provider.name`` of model calls: the API they speak (OpenAI's chat completions), which is how
 the GenAI conventions tell trace viewers to read them; ``server.address`` says which server answered."""
-
-
-def completion_tokens(usage: Mapping[str, Any] | None) -> int | None:
-    """The completion tokens an answer's ``usage`` reports, or None when it reports no positive count."""
-    produced = usage.get("completion_tokens") if usage else None
-    return produced if type(produced) is int and produced > 0 else None
 
 
 def _usage(result: ChatResult) -> dict[str, AttributeValue]:

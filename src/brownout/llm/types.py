@@ -34,15 +34,6 @@ class EndpointConfig(PolicyConfig):
             "below it and further calls wait in the client's queue (a local model server: its slots)"
         ),
     )
-    slots: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "the server's own request slots, when known (a local llama.cpp server's parallel): with no "
-            "more calls in flight than this nothing waits inside the server, so a call that runs out of "
-            "time there was long, not queued, and does not shrink the concurrency limit"
-        ),
-    )
 
 
 @dataclass(frozen=True, slots=True)

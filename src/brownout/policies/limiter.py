@@ -30,13 +30,6 @@ and shrinks once it is above ``beta``:
 
 * samples are grouped into *rounds* of ``limit`` completed calls (about one service time of a full
   server); ``rtt`` is the mean latency of a round, so one short or long answer does not move the limit;
-* a call may say how much *work* it did (:meth:`Permit.release`; a language model's completion
-  tokens): ``rtt`` and ``base`` are then seconds per unit of work. A model's latency grows with the
-  length of its answer, and a round of two calls on a two-slot server is one or two answers long: per
-  call, a round of long answers against a baseline learned from a short one reads as requests queued
-  in the server, and the limit drops below the slots of a server that was only writing more. Once a
-  limiter has had a call that said its work, calls that do not are left out of its rounds (a latency
-  per call and one per token cannot be compared);
 * ``base`` is the lowest round mean seen, re-learned from the current round every ``baseline_rounds``
   rounds, so a model that got slower for good (longer prompts) does not look queued for ever (not
   while the limit sits at ``max_limit``: there a fresh baseline could change nothing);
@@ -185,8 +178,6 @@ class LimiterStats:
 
     ``granted`` counts permits handed out, ``queued`` callers that had to wait (whatever became of
     them), ``rejected`` callers turned away by reason, ``dropped`` permits released as drops.
-    ``service_time`` is the average time a permit is held; ``baseline`` the no-load latency the
-    limit is judged against: seconds per call, or per unit of work once calls say their work.
     """
 
     limit: int
@@ -219,22 +210,17 @@ class Permit:
         """True once the permit was given back."""
         return self._released
 
-    def release(self, *, dropped: bool = False, sample: bool = True, work: float | None = None) -> None:
+    def release(self, *, dropped: bool = False, sample: bool = True) -> None:
         """Give the permit back (to the oldest waiter, if any).
 
         ``dropped``: the call timed out or the server said it was overloaded -- the limit shrinks.
         ``sample=False``: the call's latency says nothing about the server's load (it failed at once,
-        or it was a tiny probe), so it is left out of the latency rounds. ``work``: how much the call
-        did, in a unit of the caller's choosing (a model call's completion tokens, say), so that the
-        rounds compare seconds per unit and a long answer is not taken for a queue in the server; it
-        must be positive. Releasing twice does nothing.
+        or it was a tiny probe), so it is left out of the latency rounds. Releasing twice does nothing.
         """
         if self._released:
             return
-        if work is not None and not 0 < work < math.inf:
-            raise ValueError(f"work must be a positive number, got {work!r}")
         self._released = True
-        self._limiter._release(self, dropped=dropped, sample=sample, work=work)
+        self._limiter._release(self, dropped=dropped, sample=sample)
 
 
 _entered: EnteredGuards[Permit] = EnteredGuards("brownout_limiter_permit")
@@ -257,14 +243,12 @@ class AdaptiveLimiter(CallForms):
         "_in_flight",
         "_lanes",
         "_limit",
-        "_per_work",
         "_probe_from",
         "_queued",
         "_rejected",
         "_round_n",
         "_round_peak",
         "_round_sum",
-        "_round_work",
         "_rounds",
         "_service",
         "config",
@@ -293,12 +277,9 @@ class AdaptiveLimiter(CallForms):
         self._service: float | None = None
         self._baseline: float | None = None
         self._round_sum = 0.0
-        self._round_work = 0.0
         self._round_n = 0
         self._round_peak = 0
         self._rounds = 0
-        # True once a call said how much work it did: latencies are then per unit of work.
-        self._per_work = False
         self._epoch = 0
         self._probe_from: int | None = None
         self._granted = 0
@@ -487,7 +468,7 @@ class AdaptiveLimiter(CallForms):
                 self._round_peak = self._in_flight
             future.set_result(self._epoch)
 
-    def _release(self, permit: Permit, *, dropped: bool, sample: bool, work: float | None = None) -> None:
+    def _release(self, permit: Permit, *, dropped: bool, sample: bool) -> None:
         elapsed = max(0.0, self._clock.now() - permit.granted_at)
         service = self._service
         alpha = self.config.ewma_alpha
@@ -498,33 +479,23 @@ class AdaptiveLimiter(CallForms):
             self._shrink(max(1, math.floor(self._limit * (1.0 - self.config.drop_ratio))), "drop")
         elif sample and permit._epoch == self._epoch:
             # Only calls granted under the current limit say how the server runs at that limit.
-            self._sample(elapsed, work)
+            self._sample(elapsed)
         if self._probe_from is not None and self._limit > self.config.min_limit:
             self._shrink(self._limit, "measuring the no-load latency")
         self._grant_waiters()
 
     # -- the algorithm --------------------------------------------------------------------------
 
-    def _sample(self, rtt: float, work: float | None = None) -> None:
-        if work is None:
-            if self._per_work:
-                return  # a latency per call cannot join rounds measured per unit of work
-        elif not self._per_work:
-            # The first call that says its work: what was learned per call does not compare.
-            self._per_work = True
-            self._baseline = None
-            self._round_sum = self._round_work = 0.0
-            self._round_n = 0
+    def _sample(self, rtt: float) -> None:
         self._round_sum += rtt
-        self._round_work += 1.0 if work is None else work
         self._round_n += 1
         limit = self._limit
         if self._round_n < limit:
             return
         cfg = self.config
-        mean = self._round_sum / self._round_work
+        mean = self._round_sum / self._round_n
         saturated = self._round_peak >= limit
-        self._round_sum = self._round_work = 0.0
+        self._round_sum = 0.0
         self._round_n = 0
         self._round_peak = self._in_flight
         self._rounds += 1
@@ -533,8 +504,7 @@ class AdaptiveLimiter(CallForms):
             self._baseline = mean
             if self._probe_from is not None:
                 restore, self._probe_from = self._probe_from, None
-                unit = "s per unit of work" if self._per_work else "s"
-                self._set(restore, f"no-load latency measured: {mean:.3g}{unit}")
+                self._set(restore, f"no-load latency measured: {mean:.3g}s")
                 return
         base = self._baseline
         if base is None or mean < base:
@@ -568,7 +538,7 @@ class AdaptiveLimiter(CallForms):
         self._limit = new
         # A new limit starts a new round: calls granted before were taken at another concurrency.
         self._epoch += 1
-        self._round_sum = self._round_work = 0.0
+        self._round_sum = 0.0
         self._round_n = 0
         self._round_peak = self._in_flight
         if self._events.active:

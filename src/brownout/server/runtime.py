@@ -217,17 +217,13 @@ class Runtime:
             self.local[role] = server
             # Never more requests in flight than the server has slots: the rest wait in the
             # client's queue, where waiting is not counted against the model.
-            endpoints[role] = [
-                EndpointConfig(
-                    url=server.url, model=role, max_concurrency=server.parallel, slots=server.parallel
-                )
-            ]
+            endpoints[role] = [EndpointConfig(url=server.url, model=role, max_concurrency=server.parallel)]
         # A shared server has one concurrency limit for all its roles' calls (its slots), and their
         # signs of life are one: its generator's calls and the gateway's (below) wait first, then the
         # validator's, then the hinter's (SLOT_PRIORITY), so that under load the server does the
         # work the answers need most. The limit follows the generator's limiter settings and learns
-        # from the generator's calls alone, per completion token (the others write a few tokens
-        # after a long prompt: per token they would read as a queue).
+        # from the generator's calls alone, whose length is steady (the others' are shorter and
+        # would read as a queue).
         shares: dict[str, SharedEndpoint] = {}
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))

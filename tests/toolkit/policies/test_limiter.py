@@ -8,7 +8,6 @@ The simulated server has ``slots`` request slots: with up to ``slots`` requests 
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import Any
 
 import pytest
@@ -173,114 +172,6 @@ async def test_limit_recovers_after_a_latency_spike() -> None:
     await load.stop(clock)
     assert during < 4
     assert 4 <= after <= 5
-
-
-class Writer:
-    """A language model server on the fake clock: each call writes an answer of its own length.
-
-    Up to ``slots`` calls run at once, each token taking ``per_token`` seconds alone and ``crowded``
-    times that with company (the slots share the cores); beyond ``slots`` the server queues calls
-    inside itself and every one slows by ``in_flight / slots``.
-    """
-
-    def __init__(self, clock: FakeClock, slots: int, seed: int, per_token: float = 0.02) -> None:
-        self.clock = clock
-        self.slots = slots
-        self.per_token = per_token
-        self.crowded = 1.3
-        self.random = random.Random(seed)
-        self.in_flight = 0
-        self.peak = 0
-
-    async def write(self) -> int:
-        tokens = self.random.randint(30, 500)  # briefs: a few lines to a long page
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        n = self.in_flight
-        crowd = (1.0 if n == 1 else self.crowded) * max(1.0, n / self.slots)
-        try:
-            await self.clock.sleep(tokens * self.per_token * crowd)
-        finally:
-            self.in_flight -= 1
-        return tokens
-
-
-async def writer_load(
-    limiter: AdaptiveLimiter, server: Writer, callers: int, seconds: float, *, per_token: bool
-) -> None:
-    """``callers`` closed-loop callers for ``seconds``; each says its tokens when ``per_token``."""
-
-    async def caller() -> None:
-        while True:
-            permit = await limiter.acquire()
-            try:
-                tokens = await server.write()
-            except BaseException:
-                permit.release(sample=False)
-                raise
-            permit.release(work=tokens if per_token else None)
-
-    tasks = [asyncio.create_task(caller()) for _ in range(callers)]
-    await server.clock.run(seconds, step_yields=20)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_a_model_judged_per_token_keeps_its_slots_whatever_its_answers_lengths(seed: int) -> None:
-    # A round on a two-slot server is two answers; per call, two long ones against a baseline learned
-    # from a short one read as two requests queued in the server, and the limit drops to one slot.
-    spent: dict[bool, dict[int, float]] = {}
-    for per_token in (False, True):
-        clock = FakeClock()
-        bus = EventBus()
-        changes: list[LimitChanged] = []
-        bus.subscribe(changes.append, LimitChanged)
-        limiter = make(clock, bus, initial_limit=1, max_limit=2, max_wait=3600)
-        server = Writer(clock, slots=2, seed=seed)
-        start = clock.now()
-        await writer_load(limiter, server, callers=10, seconds=1200, per_token=per_token)
-        spent[per_token] = time_at_limit(changes, 1, start + 60, start + 1200)
-    assert spent[True].get(2, 0.0) / 1140 >= 0.99, spent
-    assert spent[False].get(1, 0.0) / 1140 >= 0.03, spent  # the same server judged per call
-
-
-async def test_a_model_judged_per_token_still_finds_its_knee() -> None:
-    clock = FakeClock()
-    bus = EventBus()
-    changes: list[LimitChanged] = []
-    bus.subscribe(changes.append, LimitChanged)
-    limiter = make(clock, bus, initial_limit=1, max_limit=12, max_wait=3600)
-    server = Writer(clock, slots=3, seed=7)
-    start = clock.now()
-    await writer_load(limiter, server, callers=30, seconds=1500, per_token=True)
-    spent = time_at_limit(changes, 1, start + 500, start + 1500)
-    assert sum(spent.get(n, 0.0) for n in (3, 4, 5)) / 1000 >= 0.9, spent
-    assert max(spent) <= 6
-
-
-async def test_once_calls_say_their_work_calls_that_do_not_are_left_out_of_the_rounds() -> None:
-    clock = FakeClock()
-    limiter = make(clock, initial_limit=1, max_limit=1)
-    first = await limiter.acquire()
-    await clock.run(1.0)
-    first.release()  # per call: 1 s
-    assert limiter.stats.baseline == pytest.approx(1.0)
-    second = await limiter.acquire()
-    await clock.run(2.0)
-    second.release(work=100)  # per token from here on: 0.02 s
-    assert limiter.stats.baseline == pytest.approx(0.02)
-    third = await limiter.acquire()
-    await clock.run(0.5)
-    third.release()  # says no work: not comparable, left out
-    assert limiter.stats.baseline == pytest.approx(0.02)
-    fourth = await limiter.acquire()
-    with pytest.raises(ValueError, match="work must be a positive number"):
-        fourth.release(work=0)
-    assert not fourth.released
-    fourth.release(work=10)
-    assert fourth.released
 
 
 async def test_waiters_get_permits_in_arrival_order() -> None:
