@@ -47,17 +47,28 @@ async def clients(fresh_redis: RedisServer) -> AsyncIterator[list[redis.asyncio.
 
 
 class Counting:
-    """A computation that counts its runs, takes ``delay`` seconds and then returns or raises."""
+    """A computation that counts its runs, takes ``delay`` seconds (or, given ``until``, runs until that
+    event is set) and then returns or raises."""
 
-    def __init__(self, delay: float = 0.2, value: Any = None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        delay: float = 0.2,
+        value: Any = None,
+        error: Exception | None = None,
+        until: asyncio.Event | None = None,
+    ) -> None:
         self.delay = delay
         self.value = {"answer": 42} if value is None else value
         self.error = error
+        self.until = until
         self.runs = 0
 
     async def __call__(self) -> Any:
         self.runs += 1
-        await asyncio.sleep(self.delay)
+        if self.until is not None:
+            await self.until.wait()
+        else:
+            await asyncio.sleep(self.delay)
         if self.error is not None:
             raise self.error
         return self.value
@@ -207,24 +218,28 @@ async def test_dead_holder_blocks_until_lock_expiry_then_one_takeover(
 
 async def test_slow_live_holder_keeps_its_lock(clients: list[redis.asyncio.Redis]) -> None:
     a, b = replicas(clients, lock_ttl=0.3)
-    compute = Counting(delay=1.0)  # over three times the lock's ttl
+    done = asyncio.Event()
+    compute = Counting(until=done)  # runs until the lock has outlived its ttl (below)
     holder = [asyncio.ensure_future(a.do("slow", compute)) for _ in range(10)]
     await lock_taken(clients[0], "slow")
     waiters = [asyncio.ensure_future(b.do("slow", compute)) for _ in range(10)]
     # Wait for the watchdog to extend the lock twice (every ttl / 2): by then more than the 0.3 s ttl
     # has passed, so without the extensions the lock would have expired.
     key = lock_key("singleflight", "slow")
-    extensions, last = 0, await clients[0].pttl(key)
-    for _ in range(400):
-        ttl = await clients[0].pttl(key)
-        if ttl > last:
-            extensions += 1
-        last = ttl
-        if extensions == 2:
-            break
-        await asyncio.sleep(0.005)
-    assert extensions == 2
-    assert await clients[0].get(key) is not None
+    try:
+        extensions, last = 0, await clients[0].pttl(key)
+        for _ in range(400):
+            ttl = await clients[0].pttl(key)
+            if ttl > last:
+                extensions += 1
+            last = ttl
+            if extensions == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert extensions == 2
+        assert await clients[0].get(key) is not None
+    finally:
+        done.set()  # the computation ends here, whether or not the lock held
     results = await asyncio.gather(*holder, *waiters)
     assert results == [{"answer": 42}] * 20
     assert compute.runs == 1
