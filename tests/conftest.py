@@ -127,3 +127,24 @@ def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
 def make_postgres_server() -> Iterator[Callable[..., PostgresServer]]:
     """Start private PostgreSQL servers of this test's own (``make_postgres_server(**kwargs)``)."""
     yield from _private_servers(PostgresServer)
+
+
+# A hang's report: shortly before pytest-timeout stops a test, print what its asyncio tasks await.
+# (Imported after register_assert_rewrite above, which must see `support` first.)
+from support.hangs import HangReporter  # noqa: E402
+
+_HANG_REPORTERS = pytest.StashKey[HangReporter]()
+
+
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm a :class:`HangReporter` beside pytest-timeout's own timer (which still runs: no result)."""
+    reporter = HangReporter(item.nodeid, float(settings.timeout))
+    item.stash[_HANG_REPORTERS] = reporter
+    reporter.start()
+
+
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    """Disarm this test's :class:`HangReporter`."""
+    reporter = item.stash.get(_HANG_REPORTERS, None)
+    if reporter is not None:
+        reporter.cancel()
