@@ -8,8 +8,9 @@ So the life cycle of background work is written once:
 
 * ``start()`` runs it on the running event loop; a second call while it runs does nothing;
 * ``stop()`` cancels it and returns once it has ended, so nothing is left pending; a second call does
-  nothing. If the caller is itself cancelled while it waits, that cancellation propagates (the
-  background task, already cancelled, ends on its own);
+  nothing. A round that swallows the cancellation (or turns it into an error of its own, as a client
+  library may) still ends the loop. If the caller is itself cancelled while it waits, that
+  cancellation propagates (the background task, already cancelled, ends on its own);
 * a step that raises is logged with the loop's name and the loop goes on: a bug in one round must not
   leave the service unwatched. :class:`asyncio.CancelledError` is never caught;
 * waiting goes through the injected :class:`~brownout.clock.Clock`, so tests on
@@ -139,7 +140,8 @@ class Periodic:
     async def _run(self, previous: list[asyncio.Task[None]]) -> None:
         if previous:  # restarted while earlier tasks were being stopped: one step at a time
             await asyncio.wait(previous)
-        clock, step = self._clock, self._step
+        clock, step, stopping = self._clock, self._step, self._stopping
+        task = asyncio.current_task()
         if not self._immediately:
             await clock.sleep(self._interval())
         while True:
@@ -148,10 +150,16 @@ class Periodic:
                 if inspect.isawaitable(result):
                     result = await result
             except Exception:
+                if task in stopping:
+                    return  # stop() came during the round and the round turned it into an error
                 self._log.exception("%s: a step failed; the loop goes on", self.name)
             else:
                 if result is STOP:
                     return
+            if task in stopping:
+                # stop() cancelled this round and the round swallowed the cancellation (a client
+                # library may): end here, or stop() would wait for a loop that never ends.
+                return
             await clock.sleep(self._interval())
 
     def _ended(self, task: asyncio.Task[None]) -> None:

@@ -201,6 +201,33 @@ async def test_stop_cancels_a_round_in_progress_and_returns_once_it_has_ended(cl
     assert _alive("long") == []
 
 
+@pytest.mark.parametrize("swallow", ["drop", "as an error"])
+async def test_stop_ends_the_loop_even_when_the_round_swallows_the_cancellation(
+    clock: FakeClock, swallow: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    rounds = 0
+
+    async def stubborn() -> None:
+        nonlocal rounds
+        rounds += 1
+        try:
+            await clock.sleep(100)
+        except asyncio.CancelledError:
+            if swallow == "as an error":
+                raise ConnectionError("connection lost while cancelled") from None
+            # dropped: the round just returns, as a library that absorbs a cancellation would
+
+    loop = Periodic("stubborn", stubborn, 1.0, clock=clock)
+    loop.start()
+    await clock.run(1)
+    async with asyncio.timeout(5):  # a hang here is the failure this test is about
+        await loop.stop()
+    await clock.run(10)
+    assert rounds == 1
+    assert _alive("stubborn") == []
+    assert "a step failed" not in caplog.text  # a stop is not a failure to report
+
+
 async def test_a_round_may_stop_its_own_loop(clock: FakeClock) -> None:
     seen: list[float] = []
     loop: Periodic
