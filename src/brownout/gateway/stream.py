@@ -66,6 +66,7 @@ from brownout.gateway.router import (
     forwarded,
 )
 from brownout.gateway.upstream import Response, UpstreamError, UpstreamTimeout
+from brownout.llm.sse import DONE_EVENT, BrokenStream, EventReader, complete_events
 from brownout.policies.limiter import Permit
 from brownout.server.errors import error_bytes
 
@@ -86,18 +87,6 @@ CONTINUE_INSTRUCTION: Final = (
 )
 """The user message that follows the text already sent, for an endpoint that does not take prefill."""
 
-_DONE_EVENT: Final = b"data: [DONE]\n\n"
-
-
-def complete_events(buf: bytes) -> int:
-    """Length of the prefix of ``buf`` made of whole SSE events (0 when none has ended yet)."""
-    cut = buf.rfind(b"\n\n")
-    cut = cut + 2 if cut >= 0 else 0
-    crlf = buf.rfind(b"\r\n\r\n")
-    if crlf >= 0 and crlf + 4 > cut:
-        cut = crlf + 4
-    return cut
-
 
 def error_event(message: str, code: str = "stream_interrupted") -> bytes:
     """The SSE event that ends a stream nothing could complete (the server's one error shape)."""
@@ -106,137 +95,13 @@ def error_event(message: str, code: str = "stream_interrupted") -> bytes:
     )
 
 
-class _Broken(Exception):
-    """The upstream broke the stream (malformed or error event, end before the final event)."""
-
-
-class EventReader:
-    """Reads one upstream stream event by event, checks each, and keeps what continuation needs.
-
-    ``resume``: this stream continues an answer already begun, so role-only events are dropped.
-    """
-
-    __slots__ = (
-        "choices",
-        "done",
-        "finished",
-        "response",
-        "resume",
-        "tail",
-        "text",
-        "tokens",
-        "tools",
-    )
-
-    def __init__(self, response: Response, *, resume: bool = False) -> None:
-        self.response = response
-        self.resume = resume
-        self.tail = b""
-        self.done = False
-        """``data: [DONE]`` was read."""
-        self.finished = False
-        """The final event (one with a ``finish_reason``) was read."""
-        self.text: list[str] = []
-        """The content of choice 0 read so far, piece by piece."""
-        self.tokens = 0
-        """Content events read (about one token each)."""
-        self.tools = False
-        """A tool call was streamed (such an answer is not continued)."""
-        self.choices = False
-        """A choice other than the first was streamed (such an answer is not continued)."""
-
-    async def read(self, timeout: float) -> tuple[bytes, bool] | None:
-        """The next whole events to forward, checked, and whether a token was among them; None at the
-        stream's end. Raises :class:`UpstreamTimeout` after ``timeout`` seconds without a byte,
-        :class:`UpstreamError` when the connection breaks and :class:`_Broken` on a bad event."""
-        while True:
-            chunk = await self.response.next_piece(timeout)
-            if chunk is None:
-                if self.tail.strip():
-                    raise _Broken("the stream ended inside an event")
-                return None
-            buf = self.tail + chunk if self.tail else chunk
-            cut = complete_events(buf)
-            if not cut:
-                self.tail = buf
-                continue
-            self.tail = buf[cut:]
-            return self._check(buf[:cut])
-
-    def _check(self, raw: bytes) -> tuple[bytes, bool]:
-        if b"\r" in raw:
-            raw = raw.replace(b"\r\n", b"\n")
-        out: list[bytes] = []
-        token = False
-        for event in raw.split(b"\n\n"):
-            if not event:
-                continue
-            data: list[bytes] = []
-            named_error = False
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    value = line[5:]
-                    data.append(value[1:] if value.startswith(b" ") else value)
-                elif line.startswith(b"event:") and line[6:].strip() == b"error":
-                    named_error = True
-            if not data:
-                if not named_error:
-                    out.append(event + b"\n\n")  # a comment (keep-alive): harmless, forwarded
-                continue
-            payload = b"\n".join(data)
-            if payload.strip() == b"[DONE]":
-                self.done = True
-                out.append(_DONE_EVENT)
-                continue
-            try:
-                chunk = json.loads(payload)
-            except (ValueError, RecursionError):
-                raise _Broken(f"a malformed event: {payload[:80]!r}") from None
-            if type(chunk) is not dict:
-                raise _Broken(f"an event that is not a JSON object: {payload[:80]!r}")
-            if named_error or "error" in chunk:
-                raise _Broken(f"an error event: {payload[:200].decode('utf-8', 'replace')}")
-            if self._note(chunk):
-                token = True
-            elif self.resume and not chunk.get("usage"):
-                continue  # the continuation's role event: the client has had one
-            out.append(event + b"\n\n")
-        return b"".join(out), token
-
-    def _note(self, chunk: dict[str, Any]) -> bool:
-        """Keep what ``chunk`` adds to the answer; True when it carries a token or the finish."""
-        choices = chunk.get("choices")
-        if type(choices) is not list:
-            return False
-        token = False
-        for choice in choices:
-            if type(choice) is not dict:
-                continue
-            if choice.get("index", 0) != 0:
-                self.choices = True
-            delta = choice.get("delta")
-            if type(delta) is dict:
-                content = delta.get("content")
-                if type(content) is str and content:
-                    self.text.append(content)
-                    self.tokens += 1
-                    token = True
-                if delta.get("tool_calls") or delta.get("function_call"):
-                    self.tools = True
-                    token = True
-            if choice.get("finish_reason"):
-                self.finished = True
-                token = True
-        return token
-
-
 @dataclass(slots=True)
 class OpenStream:
     """An upstream stream that has delivered its first token, not yet relayed."""
 
     group: Group
     endpoint: Endpoint
-    reader: EventReader
+    reader: EventReader[Response]
     permit: Any
     """The breaker's permit for the attempt, released when the stream ends."""
     slot: Permit | None
@@ -321,7 +186,7 @@ async def open_stream(
                 elapsed=clock.now() - start,
                 timed_out=True,
             ) from e
-        except (UpstreamError, _Broken) as e:
+        except (UpstreamError, BrokenStream) as e:
             stats.failures += 1
             raise UpstreamFailed(
                 f"{group.name}/{ep.label}: the stream broke before its first token: {e}",
@@ -497,14 +362,14 @@ async def relay(
                         await send({"type": "http.response.body", "body": got[0], "more_body": True})
                 if not reader.done:
                     if not reader.finished:
-                        raise _Broken("the stream ended before its final event")
+                        raise BrokenStream("the stream ended before its final event")
                     # Complete but for the end marker: the client's parser waits for it.
-                    last = _DONE_EVENT
-            except (UpstreamError, _Broken) as e:
+                    last = DONE_EVENT
+            except (UpstreamError, BrokenStream) as e:
                 if reader.finished or reader.done:
                     # The answer was whole before the upstream misbehaved: the client has it all.
                     failure = None
-                    last = b"" if reader.done else _DONE_EVENT
+                    last = b"" if reader.done else DONE_EVENT
                 elif isinstance(e, UpstreamTimeout):
                     stall = current.group.stall_timeout
                     failure = UpstreamFailed(
