@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from brownout.policies.deadline import deadline
 from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
 from brownout.policies.retry import RetryConfig
 from brownout.testing import FakeTimer
+from support.wait import until
 
 MESSAGES = [{"role": "user", "content": "A fresh citrus scent for summer."}]
 
@@ -365,6 +368,114 @@ async def test_the_callers_deadline_cuts_a_slow_call() -> None:
             async with deadline(0.2):
                 await c.chat(MESSAGES)
         assert time.monotonic() - start < 1.0
+        assert c.endpoints_status()[0]["in_flight"] == 0
+
+
+# -- streaming: the timeout bounds silence, not length ------------------------------------------------
+
+WORDS = "a slow and steady answer of twelve words that keeps on coming"
+
+
+async def test_a_streamed_answer_longer_than_the_timeout_is_not_cut_while_its_tokens_keep_coming() -> None:
+    # Twelve words 0.1 s apart: 1.1 s in all against a 0.3 s timeout, never 0.3 s without a token.
+    async with FakeLLM(content=WORDS, chunk_delay=0.1) as fake, client(ep(fake), timeout=0.3) as c:
+        result = await c.chat(MESSAGES)
+        assert result.content == WORDS
+        assert result.finish_reason == "stop"
+        assert result.latency > 0.9
+        assert result.usage["completion_tokens"] == 12  # from the stream's last event
+        sent = fake.last_chat
+        assert sent is not None
+        assert sent["stream"] is True
+        assert sent["stream_options"] == {"include_usage": True}
+        assert failures(c) == (1, 0)
+        [status] = c.endpoints_status()
+        assert (status["completed"], status["completion_tokens"], status["slow"]) == (1, 12, 0)
+
+
+async def test_a_stream_silent_for_longer_than_the_timeout_times_out_and_counts() -> None:
+    async with FakeLLM(content=WORDS, chunk_delay=1.0) as fake, client(ep(fake), timeout=0.3) as c:
+        start = time.monotonic()
+        with pytest.raises(ModelError, match=r"no answer within 0\.3s") as info:
+            await c.chat(MESSAGES)
+        assert time.monotonic() - start < 1.0  # after the first silence, not the whole answer
+        assert isinstance(info.value.__cause__, httpx.TimeoutException)
+        assert failures(c) == (1, 1)  # a lone call on an idle endpoint: nothing else to blame
+
+
+async def test_a_stream_that_breaks_mid_answer_is_a_counted_failure() -> None:
+    async with FakeLLM("break_mid", content=WORDS) as fake, client(ep(fake)) as c:
+        with pytest.raises(ModelError) as info:
+            await c.chat(MESSAGES)
+        assert info.value.endpoint == fake.url
+        assert failures(c) == (1, 1)
+
+
+async def test_an_endpoint_that_cannot_stream_is_asked_for_the_whole_answer() -> None:
+    async with FakeLLM(content=WORDS) as fake, client(ep(fake, stream=False)) as c:
+        result = await c.chat(MESSAGES)
+        assert result.content == WORDS
+        assert result.usage["completion_tokens"] == 12
+        assert fake.last_chat is not None
+        assert "stream" not in fake.last_chat
+        assert "stream_options" not in fake.last_chat
+
+
+async def test_a_whole_answer_to_a_stream_request_is_read_whole() -> None:
+    # A server that ignores ``stream`` and answers with one JSON completion.
+    whole = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"content": "whole"}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 1},
+    }
+    async with FakeLLM("malformed", content=json.dumps(whole)) as fake, client(ep(fake)) as c:
+        result = await c.chat(MESSAGES)
+        assert (result.content, result.finish_reason) == ("whole", "stop")
+        assert failures(c) == (1, 0)
+
+
+async def _endless_stream(
+    closed: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An HTTP server's handler streaming one token event every 50 ms until the client goes away."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+
+    async def until_eof() -> None:
+        await reader.read()  # b"" once the client has closed its end
+        closed.set()
+
+    watcher = asyncio.create_task(until_eof())
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": null}]}\n\n'
+    try:
+        while not closed.is_set():
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+    except ConnectionError:
+        closed.set()
+    finally:
+        watcher.cancel()
+        writer.close()
+
+
+async def test_a_call_given_up_on_closes_its_stream_so_the_server_stops_generating() -> None:
+    # A model server generates until its client goes away: a stream whose caller gave up must be
+    # closed at once, or the server's slot would go on working for nobody.
+    closed = asyncio.Event()
+    server = await asyncio.start_server(functools.partial(_endless_stream, closed), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, client(ep(f"http://127.0.0.1:{port}"), timeout=5.0) as c:
+        with pytest.raises(DeadlineExceeded):
+            async with deadline(0.3):
+                await c.chat(MESSAGES)
+        await until(closed.is_set, "the server to see the stream closed", timeout=2.0)
         assert c.endpoints_status()[0]["in_flight"] == 0
 
 

@@ -28,10 +28,13 @@ Modes (``mode`` of :class:`FakeBehaviour`):
 =================  ==================================================================================
 
 Streaming: a request with ``"stream": true`` gets server-sent events as OpenAI sends them -- a role
-event, one ``chat.completion.chunk`` per word of the answer (``chunk_delay`` seconds apart), a final
+event, one ``chat.completion.chunk`` per word of the answer (``chunk_delay`` seconds apart; a whole
+answer comes once its stream would have ended, one ``chunk_delay`` per word after ``delay``), a final
 event with ``finish_reason``, then ``data: [DONE]`` -- in the modes that answer (``ok``, ``slow``,
 ``garbage``, ``wrong_schema``, ``flaky`` once its failures are spent). ``delay`` comes before the
-first event. Errors are plain JSON error responses, streaming or not.
+first event. Asked for ``stream_options: {"include_usage": true}``, a last event before ``[DONE]``
+carries the ``usage`` (no choices), as OpenAI's does. Errors are plain JSON error responses,
+streaming or not.
 
 An answer's text is ``content`` when set, else a JSON document generated from the request's
 ``response_format.json_schema.schema`` by :func:`schema_instance`, else ``"ok"``.
@@ -143,7 +146,10 @@ class FakeBehaviour(BaseModel):
     )
     fail_times: int = Field(default=1, ge=0, le=1_000_000, description="failures before 'flaky' answers")
     chunk_delay: float = Field(
-        default=0.0, ge=0, le=3600, description="seconds between the events of a streamed answer"
+        default=0.0,
+        ge=0,
+        le=3600,
+        description="seconds between the events of a streamed answer (a whole answer: per word, before it)",
     )
     shared: bool = Field(
         default=False,
@@ -299,9 +305,18 @@ def _words(messages: Sequence[Any]) -> int:
     return sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
 
 
-def _completion(state: _FakeState, body: Mapping[str, Any], content: str) -> dict[str, Any]:
+def _usage(body: Mapping[str, Any], content: str) -> dict[str, int]:
+    """Token counts of an answer, one token per word."""
     prompt_tokens = _words(body.get("messages") or [])
     completion_tokens = len(content.split())
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _completion(state: _FakeState, body: Mapping[str, Any], content: str) -> dict[str, Any]:
     return {
         "id": f"chatcmpl-fake-{next(state.ids)}",
         "object": "chat.completion",
@@ -310,11 +325,7 @@ def _completion(state: _FakeState, body: Mapping[str, Any], content: str) -> dic
         "choices": [
             {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _usage(body, content),
     }
 
 
@@ -333,12 +344,17 @@ def _stream_events(state: _FakeState, body: Mapping[str, Any], content: str) -> 
 
     words = content.split(" ")
     pieces = [w if i == len(words) - 1 else w + " " for i, w in enumerate(words)]
-    return [
+    events = [
         event({"role": "assistant", "content": ""}),
         *(event({"content": piece}) for piece in pieces),
         event({}, "stop"),
-        b"data: [DONE]\n\n",
     ]
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        # As OpenAI does when asked: a last event with no choices and the request's token counts.
+        last: dict[str, Any] = {**base, "choices": [], "usage": _usage(body, content)}
+        events.append(f"data: {json.dumps(last)}\n\n".encode())
+    return [*events, b"data: [DONE]\n\n"]
 
 
 class _EventStream(Response):
@@ -495,6 +511,12 @@ def _build_app(state: _FakeState) -> Starlette:
             events = _stream_events(state, body, content)
             # break_mid: the role event and the first content event, then the connection breaks.
             return _EventStream(events, b.chunk_delay, state.release, cut=2 if mode == "break_mid" else None)
+        if b.chunk_delay > 0:
+            # A whole answer comes when its stream would have ended: as a real server, it generates
+            # token by token either way.
+            pieces = len(content.split(" "))
+            if not await _hold(request, state.release, b.chunk_delay * pieces):
+                return _error(503, "server stopping")
         if mode == "break_mid":
             whole = json.dumps(_completion(state, body, content)).encode()
             return _Broken(whole[: len(whole) // 2], stream=False, declared=len(whole))

@@ -23,10 +23,16 @@ costing its callers time:
   exponentially weighted moving average), then the fewest calls in flight;
 * a failed attempt is retried (a :class:`~brownout.policies.retry.Retry`, 2 attempts by default) on
   another available endpoint when there is one;
-* each attempt is bounded by the client's timeout, or by the caller's deadline
-  (:func:`brownout.policies.deadline.remaining`) when that is sooner. When the caller's deadline was
-  cut short by the wait in our queue, a timeout is the caller's (:class:`DeadlineExceeded`), not the
-  endpoint's: it is not counted.
+* each attempt asks for a stream (``stream: true``, the token counts in its last event) and is
+  bounded by the client's timeout -- for its first token and again between two, so an answer that
+  keeps coming is never cut for being long (a long brief on a busy server is slow, not late) -- or by
+  the caller's deadline (:func:`brownout.policies.deadline.remaining`) when that is sooner. An
+  attempt given up on closes its stream, which ends the generation in the server: its slot is free
+  at once, not busy writing for nobody (a server asked for a whole answer writes it to the end). An
+  endpoint with ``stream: false`` is asked for the whole answer, which the timeout then bounds as a
+  whole; a server that answers whole although asked to stream is read whole. When the caller's
+  deadline was cut short by the wait in our queue, a timeout is the caller's
+  (:class:`DeadlineExceeded`), not the endpoint's: it is not counted.
 
 What counts against an endpoint (breaker failure, retried): connection errors, timeouts of an
 endpoint that shows no sign of life (below), HTTP 5xx, 408, 425 and 429, and 2xx bodies that are not
@@ -111,6 +117,7 @@ from brownout.errors import (
     Overloaded,
 )
 from brownout.events import DEFAULT_BUS, EventBus
+from brownout.llm.sse import BrokenStream, EventReader
 from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
 from brownout.policies.balance import EndpointLoad, pick
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, CircuitBreaker
@@ -138,6 +145,9 @@ _SERVER_SIDE_4XX: Final = frozenset({408, 425, 429})
 
 # Statuses by which a server says it has more work than it can take: the concurrency limit shrinks.
 _OVERLOAD_STATUSES: Final = frozenset({429, 503})
+
+# Asked of a streaming endpoint: the token counts in a last event (OpenAI's form; llama.cpp's too).
+_INCLUDE_USAGE: Final = {"include_usage": True}
 
 DEFAULT_LIMITER: Final = LimiterConfig(initial_limit=1)
 """The limiter settings of a client given none (``max_limit`` comes from each endpoint).
@@ -283,6 +293,9 @@ class _Endpoint:
             # An endpoint without grammar support may reject json_schema outright; it gets the
             # prompt alone and the JSON guard judges the text.
             body["response_format"] = response_format
+        if self.config.stream:
+            body["stream"] = True
+            body["stream_options"] = _INCLUDE_USAGE
         return body
 
 
@@ -713,7 +726,7 @@ class ModelClient:
             if telemetry.SWITCH.tracer is not None:
                 # The attempt's span is current: the model server may join the trace.
                 headers = telemetry.inject(dict(headers or {}))
-            response = await self._http.post(ep.chat_url, json=body, headers=headers, timeout=timeout)
+            response, raw, reader = await self._exchange(ep.chat_url, body, headers, timeout)
         except httpx.TimeoutException as e:
             error = ModelError(
                 f"{ep.url}: no answer within {timeout:.3g}s ({type(e).__name__})", endpoint=ep.url
@@ -732,13 +745,15 @@ class ModelClient:
             raise error from e
         except httpx.HTTPError as e:
             raise ModelError(f"{ep.url}: {type(e).__name__}: {e}", endpoint=ep.url) from e
+        except BrokenStream as e:
+            raise ModelError(f"{ep.url}: the stream broke: {e}", endpoint=ep.url) from e
         finally:
             ep.sending -= 1
         latency = clock.now() - start
         status = response.status_code
         if not 200 <= status < 300:
             error = ModelError(
-                f"{ep.url}: HTTP {status}: {_snippet(response.text)}",
+                f"{ep.url}: HTTP {status}: {_snippet(raw.decode('utf-8', 'replace'))}",
                 endpoint=ep.url,
                 status=status,
                 retry_after=_retry_after(response.headers.get("retry-after")),
@@ -746,7 +761,10 @@ class ModelClient:
             if is_caller_fault(status):
                 raise _NotCounted(error)
             raise error
-        content, finish_reason, usage, model = _parse(ep.url, response.content, status)
+        if reader is None:
+            content, finish_reason, usage, model = _parse(ep.url, raw, status)
+        else:
+            content, finish_reason, usage, model = _streamed(ep.url, reader, status)
         ep.load.observe(latency)
         ep.share.last_success = clock.now()
         ep.completed += 1
@@ -762,6 +780,34 @@ class ModelClient:
             usage=usage,
             model=model,
         )
+
+    async def _exchange(
+        self, url: str, body: dict[str, Any], headers: dict[str, str] | None, timeout: float
+    ) -> tuple[httpx.Response, bytes, EventReader[_HttpxPieces] | None]:
+        """POST ``body`` and read the answer to its end: the response (status, headers), and its body
+        when it came whole or the reader that read it when it came as a stream.
+
+        ``timeout`` bounds each wait for bytes -- the answer's start, then every piece of it -- so a
+        stream that keeps coming is never cut for being long (the caller's deadline bounds it), and
+        closing the response when the call is given up on ends the stream: the server stops
+        generating for nobody and its slot is free for the next call at once.
+        """
+        request = self._http.build_request("POST", url, json=body, headers=headers, timeout=timeout)
+        response = await self._http.send(request, stream=True)
+        try:
+            if (
+                body.get("stream") is True
+                and 200 <= response.status_code < 300
+                and response.headers.get("content-type", "").startswith("text/event-stream")
+            ):
+                reader = EventReader(_HttpxPieces(response))
+                while await reader.read(timeout) is not None:
+                    pass
+                return response, b"", reader
+            # An error, or a server that answered whole although asked to stream: read it all.
+            return response, await response.aread(), None
+        finally:
+            await response.aclose()
 
     async def probe(self, timeout: float = 5.0, *, busy_window: float | None = None) -> list[ProbeResult]:
         """A tiny test inference on every endpoint at once, under ``timeout`` (and the caller's deadline).
@@ -898,6 +944,36 @@ def _parse(url: str, raw: bytes, status: int) -> tuple[str, str | None, dict[str
     if content is None:
         raise ModelError(f"{url}: completion has no message content", endpoint=url, status=status)
     return content, choice.finish_reason, completion.usage or {}, completion.model
+
+
+def _streamed(
+    url: str, reader: EventReader[_HttpxPieces], status: int
+) -> tuple[str, str | None, dict[str, Any], str | None]:
+    """(content, finish_reason, usage, model) of a streamed completion read to its end, or ModelError
+    if the stream ended before its final event (a server that stopped mid-answer)."""
+    if not reader.finished:
+        raise ModelError(
+            f"{url}: the stream ended before its final event ({reader.tokens} tokens)",
+            endpoint=url,
+            status=status,
+        )
+    return "".join(reader.text), reader.finish_reason, reader.usage or {}, reader.model
+
+
+class _HttpxPieces:
+    """An httpx response read as it arrives, as an :class:`~brownout.llm.sse.PieceSource`.
+
+    The response's own read timeout -- the attempt's, set when it was sent -- already bounds the
+    wait for each piece (raising :class:`httpx.ReadTimeout`), so ``timeout`` is not applied twice.
+    """
+
+    __slots__ = ("_pieces",)
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._pieces = response.aiter_bytes()
+
+    async def next_piece(self, timeout: float) -> bytes | None:
+        return await anext(self._pieces, None)
 
 
 def _snippet(text: str, limit: int = 200) -> str:

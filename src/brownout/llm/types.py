@@ -25,6 +25,15 @@ class EndpointConfig(PolicyConfig):
         default=True,
         description="the endpoint honours response_format json_schema (grammar-constrained decoding)",
     )
+    stream: bool = Field(
+        default=True,
+        description=(
+            "ask for the answer as a stream of tokens: the timeout then bounds the wait for the first "
+            "token and between two, never an answer that keeps coming, and a call given up on frees "
+            "the server's slot at once; off for a server that cannot stream (the timeout is then the "
+            "whole call's)"
+        ),
+    )
     max_concurrency: int = Field(
         default=16,
         ge=1,
