@@ -411,6 +411,17 @@ async def test_a_stream_that_breaks_mid_answer_is_a_counted_failure() -> None:
         assert failures(c) == (1, 1)
 
 
+async def test_a_stream_far_longer_than_max_tokens_is_a_broken_server() -> None:
+    endless = " ".join(["word"] * 200)  # 200 events for max_tokens 16: the server ignores the bound
+    async with FakeLLM(content=endless) as fake, client(ep(fake)) as c:
+        with pytest.raises(ModelError, match="for max_tokens 16"):
+            await c.chat(MESSAGES, max_tokens=16)
+        assert failures(c) == (1, 1)
+        fake.set(content=" ".join(["word"] * 90))  # within twice max_tokens and the slack
+        result = await c.chat(MESSAGES, max_tokens=16)
+        assert len(result.content.split()) == 90
+
+
 async def test_an_endpoint_that_cannot_stream_is_asked_for_the_whole_answer() -> None:
     async with FakeLLM(content=WORDS) as fake, client(ep(fake, stream=False)) as c:
         result = await c.chat(MESSAGES)

@@ -149,6 +149,10 @@ _OVERLOAD_STATUSES: Final = frozenset({429, 503})
 # Asked of a streaming endpoint: the token counts in a last event (OpenAI's form; llama.cpp's too).
 _INCLUDE_USAGE: Final = {"include_usage": True}
 
+# A stream may send up to twice max_tokens content events, plus this many, before it counts as a
+# server that ignores max_tokens (an event is about a token; some servers split one in two).
+_TOKEN_SLACK: Final = 64
+
 DEFAULT_LIMITER: Final = LimiterConfig(initial_limit=1)
 """The limiter settings of a client given none (``max_limit`` comes from each endpoint).
 
@@ -801,8 +805,15 @@ class ModelClient:
                 and response.headers.get("content-type", "").startswith("text/event-stream")
             ):
                 reader = EventReader(_HttpxPieces(response))
+                # A server that ignores max_tokens and keeps sending is broken, not slow: without
+                # this bound its stream would hold the call (and memory) until the caller's deadline.
+                most = 2 * int(body.get("max_tokens") or 0) + _TOKEN_SLACK
                 while await reader.read(timeout) is not None:
-                    pass
+                    if reader.tokens > most:
+                        asked = body.get("max_tokens")
+                        raise BrokenStream(
+                            f"{reader.tokens} pieces of answer already, for max_tokens {asked}"
+                        )
                 return response, b"", reader
             # An error, or a server that answered whole although asked to stream: read it all.
             return response, await response.aread(), None
