@@ -445,18 +445,6 @@ async def test_a_whole_answer_to_a_stream_request_is_read_whole() -> None:
         assert failures(c) == (1, 0)
 
 
-async def test_a_call_that_does_not_learn_leaves_the_limits_no_load_latency_alone() -> None:
-    # A short check (the service's start-up constraint check) is not the role's usual call: its
-    # latency must not become the limit's no-load baseline.
-    async with FakeLLM(content=WORDS) as fake, client(ep(fake)) as c:
-        limiter = c.limiters["gen"]
-        await c.chat(MESSAGES, learn=False)
-        assert limiter.stats.baseline is None
-        assert limiter.stats.in_flight == 0
-        await c.chat(MESSAGES)
-        assert limiter.stats.baseline is not None
-
-
 async def _endless_stream(
     closed: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:

@@ -220,10 +220,8 @@ class ModelBackend(Protocol):
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
         queue_timeout: float | None = None,
-        learn: bool = True,
     ) -> Any:
-        """One chat completion; returns an object with ``content`` and ``latency`` (seconds sent).
-        ``learn=False``: the call's latency does not teach the role's concurrency limit."""
+        """One chat completion; returns an object with ``content`` and ``latency`` (seconds sent)."""
 
     async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
         """A tiny test inference on every endpoint."""
@@ -561,11 +559,8 @@ class BriefService:
                 # and a small model uses it: the embedded model answers '{\n    "answer"\n\n:\n\n
                 # "alpha"\n\n}' in 23 tokens, so at 16 the check was cut short and never learned
                 # anything. The grammar ends the answer at its closing brace.
-                # learn=False: a 23-token check is not a brief. Its latency (0.5 s on the embedded
-                # model) became the limit's no-load baseline, so the first two briefs under load
-                # (2-5 s each) read as requests queued in the server and the limit fell to one slot.
                 result = await backend.chat(
-                    messages, max_tokens=128, temperature=0.0, response_format=fmt, timeout=10.0, learn=False
+                    messages, max_tokens=128, temperature=0.0, response_format=fmt, timeout=10.0
                 )
                 applied = json.loads(result.content).get("answer") in ("alpha", "omega")
             except Exception as e:  # a role that is down now keeps its configured assumption

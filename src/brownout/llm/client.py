@@ -541,15 +541,12 @@ class ModelClient:
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
         queue_timeout: float | None = None,
-        learn: bool = True,
     ) -> ChatResult:
         """One chat completion from some healthy endpoint of this role.
 
         ``timeout`` bounds each attempt once its request is sent (default: the client's), tightened by
         the caller's deadline. ``queue_timeout`` bounds the wait for a free slot before that (default:
-        the limiter's ``max_wait``), also tightened by the caller's deadline. ``learn=False`` keeps
-        this call's latency out of the concurrency limit's rounds: a call unlike the role's usual
-        ones (a short check) would teach it a no-load latency its real calls never reach.
+        the limiter's ``max_wait``), also tightened by the caller's deadline.
         Raises :class:`ModelUnavailable`, :class:`ModelError`, :class:`Overloaded` or
         :class:`DeadlineExceeded`.
         """
@@ -559,9 +556,7 @@ class ModelClient:
         if queue_timeout is not None and not queue_timeout >= 0:
             raise ConfigError("queue_timeout", f"must be a number of seconds >= 0, got {queue_timeout!r}")
         if telemetry.SWITCH.tracer is None:
-            return await self._chat(
-                messages, max_tokens, temperature, response_format, limit, queue_timeout, learn=learn
-            )
+            return await self._chat(messages, max_tokens, temperature, response_format, limit, queue_timeout)
         # Traced: one GenAI span for the call, its retries' waits and the breakers' refusals as its
         # events, and a child span per attempt (each carries its traceparent to the model server).
         model = self._endpoints[0].config.model
@@ -576,14 +571,7 @@ class ModelClient:
         }
         with telemetry.span(f"chat {model}", kind=telemetry.CLIENT, attributes=attributes) as span:
             result = await self._chat(
-                messages,
-                max_tokens,
-                temperature,
-                response_format,
-                limit,
-                queue_timeout,
-                traced=True,
-                learn=learn,
+                messages, max_tokens, temperature, response_format, limit, queue_timeout, traced=True
             )
             if span is not None:
                 span.set_attributes(_usage(result))
@@ -599,7 +587,6 @@ class ModelClient:
         queue_timeout: float | None,
         *,
         traced: bool = False,
-        learn: bool = True,
     ) -> ChatResult:
         tried: list[_Endpoint] | None = None
         ep: _Endpoint | None = None
@@ -611,7 +598,7 @@ class ModelClient:
                 ep = self._pick(tried)
                 body = ep.body(messages, max_tokens, temperature, response_format)
                 if not traced:
-                    return await self._attempt(ep, body, limit, queue_timeout, learn)
+                    return await self._attempt(ep, body, limit, queue_timeout)
                 n += 1
                 with telemetry.span(
                     f"attempt {n} {ep.config.model}",
@@ -628,7 +615,7 @@ class ModelClient:
                         "brownout.breaker.state": ep.breaker.state.value,
                     },
                 ) as span:
-                    result = await self._attempt(ep, body, limit, queue_timeout, learn)
+                    result = await self._attempt(ep, body, limit, queue_timeout)
                     if span is not None:
                         span.set_attributes(_usage(result))
                     return result
@@ -648,7 +635,7 @@ class ModelClient:
         return ModelUnavailable(self.role, retry_after=self.retry_after(), reason=reason)
 
     async def _attempt(
-        self, ep: _Endpoint, body: dict[str, Any], limit: float, queue_timeout: float | None, learn: bool
+        self, ep: _Endpoint, body: dict[str, Any], limit: float, queue_timeout: float | None
     ) -> ChatResult:
         left = remaining()
         if left is not None and left <= 0:
@@ -678,7 +665,7 @@ class ModelClient:
         except BaseException:
             permit.release(sample=False)
             raise
-        permit.release(sample=self._learns and learn)
+        permit.release(sample=self._learns)
         return result
 
     async def _attempt_with(
