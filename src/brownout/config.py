@@ -355,14 +355,7 @@ class RoleSection(_Section):
     """One model role: external endpoints (empty: the local model) and its call settings."""
 
     endpoints: list[EndpointConfig] = Field(default_factory=list, description="OpenAI-compatible endpoints")
-    timeout: float = Field(
-        default=10.0,
-        gt=0,
-        description=(
-            "seconds a sent model call may wait for its first token, and between two (mistral: 5); "
-            "an answer that keeps coming is not cut (the whole call's, for an endpoint with stream: false)"
-        ),
-    )
+    timeout: float = Field(default=10.0, gt=0, description="seconds per model call (mistral: 5)")
     max_tokens: int = Field(default=512, ge=16, le=8192, description="max_tokens of a normal call")
     temperature: float = Field(default=0.7, ge=0, le=2)
     limiter: RoleLimiterSection = Field(

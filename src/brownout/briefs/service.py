@@ -55,10 +55,9 @@ concurrency limiter measures it; 0 until measured). It may wait in *one* budget,
    :mod:`brownout.llm.client`), leaves the generation to a similar earlier brief or the rules
    (never to the reduced-context retry, which would only add load), and the answer says
    ``reason: "load"``, ``dimmed: ["generation"]``;
-5. once sent, a model call has its role's whole ``timeout`` for its first token and again between
-   two (it is streamed: an answer that keeps coming is not cut for being long). The wait before it
-   never eats into the model's time, so a timeout is the model's own slowness (which the client
-   judges: busy or down). ``server.request_timeout`` remains the hard deadline of the whole pipeline.
+5. once sent, a model call has its role's whole ``timeout``: the wait before it never eats into the
+   model's time, so a timeout is the model's own slowness (which the client judges: busy or down).
+   ``server.request_timeout`` remains the hard deadline of the whole pipeline.
 
 So an accepted request plans to finish by ``t0 + T``: at most ``T - S`` waiting, then about ``S``
 generating. The dimmer sees the same picture: its queue signal is the wait a new request would have

@@ -23,16 +23,15 @@ costing its callers time:
   exponentially weighted moving average), then the fewest calls in flight;
 * a failed attempt is retried (a :class:`~brownout.policies.retry.Retry`, 2 attempts by default) on
   another available endpoint when there is one;
-* each attempt asks for a stream (``stream: true``, the token counts in its last event) and is
-  bounded by the client's timeout -- for its first token and again between two, so an answer that
-  keeps coming is never cut for being long (a long brief on a busy server is slow, not late) -- or by
-  the caller's deadline (:func:`brownout.policies.deadline.remaining`) when that is sooner. An
-  attempt given up on closes its stream, which ends the generation in the server: its slot is free
-  at once, not busy writing for nobody (a server asked for a whole answer writes it to the end). An
-  endpoint with ``stream: false`` is asked for the whole answer, which the timeout then bounds as a
-  whole; a server that answers whole although asked to stream is read whole. When the caller's
-  deadline was cut short by the wait in our queue, a timeout is the caller's
-  (:class:`DeadlineExceeded`), not the endpoint's: it is not counted.
+* each attempt is bounded by the client's timeout, or by the caller's deadline
+  (:func:`brownout.policies.deadline.remaining`) when that is sooner. It asks for a stream
+  (``stream: true``, the token counts in its last event), so that an attempt given up on -- at its
+  timeout, or cancelled by the caller's deadline -- closes the stream, which ends the generation in
+  the server: its slot is free at once, not busy writing for nobody (a server asked for a whole answer
+  writes it to the end). An endpoint with ``stream: false`` is asked for the whole answer; a server
+  that answers whole although asked to stream is read whole. When the caller's deadline was cut
+  short by the wait in our queue, a timeout is the caller's (:class:`DeadlineExceeded`), not the
+  endpoint's: it is not counted.
 
 What counts against an endpoint (breaker failure, retried): connection errors, timeouts of an
 endpoint that shows no sign of life (below), HTTP 5xx, 408, 425 and 429, and 2xx bodies that are not
@@ -791,34 +790,46 @@ class ModelClient:
         """POST ``body`` and read the answer to its end: the response (status, headers), and its body
         when it came whole or the reader that read it when it came as a stream.
 
-        ``timeout`` bounds each wait for bytes -- the answer's start, then every piece of it -- so a
-        stream that keeps coming is never cut for being long (the caller's deadline bounds it), and
-        closing the response when the call is given up on ends the stream: the server stops
-        generating for nobody and its slot is free for the next call at once.
+        ``timeout`` bounds the whole exchange, as for an answer asked whole (raising
+        :class:`httpx.ReadTimeout`). A stream is read so that giving it up -- at the timeout, or when
+        the caller's deadline cancels the call -- closes it, and closing ends the generation: the
+        server stops writing for nobody and its slot is free for the next call at once.
         """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
         request = self._http.build_request("POST", url, json=body, headers=headers, timeout=timeout)
         response = await self._http.send(request, stream=True)
         try:
-            if (
-                body.get("stream") is True
-                and 200 <= response.status_code < 300
-                and response.headers.get("content-type", "").startswith("text/event-stream")
-            ):
-                reader = EventReader(_HttpxPieces(response))
-                # A server that ignores max_tokens and keeps sending is broken, not slow: without
-                # this bound its stream would hold the call (and memory) until the caller's deadline.
-                most = 2 * int(body.get("max_tokens") or 0) + _TOKEN_SLACK
-                while await reader.read(timeout) is not None:
-                    if reader.tokens > most:
-                        asked = body.get("max_tokens")
-                        raise BrokenStream(
-                            f"{reader.tokens} pieces of answer already, for max_tokens {asked}"
-                        )
-                return response, b"", reader
-            # An error, or a server that answered whole although asked to stream: read it all.
-            return response, await response.aread(), None
+            # The latency target of a request counts on a call's timeout as its longest: a long
+            # answer that kept coming past it would keep its caller, and the callers queued behind
+            # its slot, past their targets too.
+            async with asyncio.timeout(max(0.0, until - loop.time())):
+                return await self._read(response, body, timeout)
+        except TimeoutError as e:
+            raise httpx.ReadTimeout(f"no whole answer within {timeout:g}s") from e
         finally:
             await response.aclose()
+
+    async def _read(
+        self, response: httpx.Response, body: dict[str, Any], timeout: float
+    ) -> tuple[httpx.Response, bytes, EventReader[_HttpxPieces] | None]:
+        """The rest of :meth:`_exchange`: the answer read, as a stream when it came as one."""
+        if (
+            body.get("stream") is True
+            and 200 <= response.status_code < 300
+            and response.headers.get("content-type", "").startswith("text/event-stream")
+        ):
+            reader = EventReader(_HttpxPieces(response))
+            # A server that ignores max_tokens and keeps sending is broken, not slow: without
+            # this bound its stream would hold the call (and memory) to the end of its timeout.
+            most = 2 * int(body.get("max_tokens") or 0) + _TOKEN_SLACK
+            while await reader.read(timeout) is not None:
+                if reader.tokens > most:
+                    asked = body.get("max_tokens")
+                    raise BrokenStream(f"{reader.tokens} pieces of answer already, for max_tokens {asked}")
+            return response, b"", reader
+        # An error, or a server that answered whole although asked to stream: read it all.
+        return response, await response.aread(), None
 
     async def probe(self, timeout: float = 5.0, *, busy_window: float | None = None) -> list[ProbeResult]:
         """A tiny test inference on every endpoint at once, under ``timeout`` (and the caller's deadline).

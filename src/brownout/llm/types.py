@@ -28,10 +28,9 @@ class EndpointConfig(PolicyConfig):
     stream: bool = Field(
         default=True,
         description=(
-            "ask for the answer as a stream of tokens: the timeout then bounds the wait for the first "
-            "token and between two, never an answer that keeps coming, and a call given up on frees "
-            "the server's slot at once; off for a server that cannot stream (the timeout is then the "
-            "whole call's)"
+            "ask for the answer as a stream of tokens, so that a call given up on (its timeout, its "
+            "caller's deadline) ends the generation and frees the server's slot at once; off for a "
+            "server that cannot stream"
         ),
     )
     max_concurrency: int = Field(
