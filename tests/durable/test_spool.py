@@ -905,6 +905,89 @@ async def test_spool_file_from_before_dead_letters_is_migrated(tmp_path: Path) -
         assert sink.written == ["old"]
 
 
+async def test_a_key_refused_twice_keeps_both_dead_letters_and_replay_goes_on(tmp_path: Path) -> None:
+    # Two writes under one key, each refused for its data: both are kept for the operator, and the
+    # entries behind the second are not held up.
+    path = tmp_path / "s.db"
+    async with Spool(path, max_attempts=1) as spool:
+        sink = Refusing({"b"})
+        await spool.append("b", "brief", {"v": 1})
+        assert (await spool.replay(sink)).dead_lettered == 1
+        assert await spool.append("b", "brief", {"v": 2})  # no longer pending: a new write
+        await spool.append("c", "brief", {"v": 3})
+        result = await spool.replay(sink)
+        assert (result.ok, result.replayed, result.dead_lettered) == (True, 1, 1)
+        assert sink.written == ["c"]
+        assert [(d.key, d.payload) for d in await spool.dead_letters()] == [
+            ("b", {"v": 1}),
+            ("b", {"v": 2}),
+        ]
+        assert spool.stats().dead == 2
+
+        sink.refuse.clear()
+        assert await spool.requeue_dead(["b"]) == 1  # a key is pending once: the older goes back
+        assert [(d.key, d.payload) for d in await spool.dead_letters()] == [("b", {"v": 2})]
+        assert (await spool.replay(sink)).replayed == 1
+    async with Spool(path, max_attempts=1) as again:
+        # The key's promise outlived the first write's replay: the second is still dead, not lost.
+        assert again.lost == ()
+        assert again.stats().dead == 1
+        assert await again.requeue_dead() == 1
+        await again.replay(sink)
+        assert sink.written == ["c", "b", "b"]
+        assert again.stats().dead == 0
+
+
+async def test_a_key_promised_while_dead_is_reported_lost_when_its_dead_letter_goes(
+    tmp_path: Path,
+) -> None:
+    # The first write's replay must not drop the promise the second (dead) write still needs.
+    path = tmp_path / "s.db"
+    async with Spool(path, max_attempts=1) as spool:
+        await spool.append("b", "brief", {"v": 1})
+        await spool.replay(Refusing({"b"}))
+        await spool.requeue_dead()
+        await spool.append("d", "brief", {})
+        await spool.replay(Refusing({"d"}))  # b taken; d dead
+        await spool.append("d", "brief", {"v": 2})
+        await spool.replay(Refusing(set()))  # the second d taken; the first still dead
+    conn = sqlite3.connect(path)
+    conn.execute("DELETE FROM dead_letters")  # damage: the dead letter vanishes
+    conn.commit()
+    conn.close()
+    async with Spool(path, max_attempts=1) as again:
+        assert [entry.key for entry in again.lost] == ["d"]
+
+
+async def test_spool_file_whose_dead_letter_keys_were_unique_is_rebuilt(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE spool (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, "
+        "kind TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, "
+        "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, refusals INTEGER NOT NULL DEFAULT 0);"
+        "CREATE TABLE dead_letters (seq INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, "
+        "kind TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, attempts INTEGER NOT NULL, "
+        "last_error TEXT, dead_at REAL NOT NULL);"
+        # The dead letter keeps its spool seq (1); the later write under its key came after it.
+        "INSERT INTO spool (seq, key, kind, payload, created_at) VALUES (2, 'b', 'brief', '{\"v\": 2}', 5);"
+        "INSERT INTO dead_letters VALUES (1, 'b', 'brief', '{\"v\": 1}', 1, 1, 'refused', 2);"
+    )
+    conn.commit()
+    conn.close()
+    async with Spool(path, max_attempts=1) as spool:
+        assert (spool.pending, spool.stats().dead) == (1, 1)
+        assert (await spool.replay(Refusing({"b"}))).dead_lettered == 1
+        assert [(d.key, d.payload) for d in await spool.dead_letters()] == [
+            ("b", {"v": 1}),
+            ("b", {"v": 2}),
+        ]
+    check = sqlite3.connect(path)
+    indexes = {row[1]: row[2] for row in check.execute("PRAGMA index_list(dead_letters)")}
+    check.close()
+    assert indexes == {"dead_letters_key": 0}
+
+
 class BatchSink:
     """Takes whole batches, or refuses a batch holding a poisoned key (all or nothing)."""
 

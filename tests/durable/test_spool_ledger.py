@@ -354,10 +354,12 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def requeue(self) -> None:
         moved = self._run(self.spool.requeue_dead())
-        back = [k for k in self.dead if k not in self.pending]
+        # A key goes back once: one not pending, and the older of a key dead twice.
+        back = list(dict.fromkeys(k for k in self.dead if k not in self.pending))
         assert moved == len(back)
         self.pending.extend(back)
-        self.dead = [k for k in self.dead if k not in back]
+        for key in back:
+            self.dead.remove(key)
 
     @rule()
     def crash_and_reopen(self) -> None:

@@ -260,7 +260,7 @@ CREATE TABLE IF NOT EXISTS spool (
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     seq        INTEGER PRIMARY KEY,
-    key        TEXT    NOT NULL UNIQUE,
+    key        TEXT    NOT NULL,
     kind       TEXT    NOT NULL,
     payload    TEXT    NOT NULL,
     created_at REAL    NOT NULL,
@@ -269,6 +269,11 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at    REAL    NOT NULL
 );
 """
+_DEAD_KEY_INDEX: Final = "CREATE INDEX IF NOT EXISTS dead_letters_key ON dead_letters (key)"
+# A key may be dead more than once: a write refused for its data, then a new write under the same key
+# (append takes it: the key is no longer pending) refused too. Both are acknowledged writes an operator
+# must see, so dead letters are unique by seq only; files written before this had ``key UNIQUE`` there
+# and are rebuilt at open (:func:`_dead_keys_not_unique`).
 # ``attempts`` counts every failed try (shown to operators); ``refusals`` only the tries the sink
 # refused for a reason that is not an outage, which is what ``max_attempts`` limits.
 # AUTOINCREMENT (not plain rowid) so a seq is never reused after the newest entry is deleted: order is
@@ -872,7 +877,8 @@ class Spool:
         """Move dead letters (those of ``keys``, or all) back to the end of the spool; returns how many.
 
         For after the cause is fixed (a migration, a bigger column). They get fresh attempt counts and
-        are replayed after what is pending now. A key that is pending again meanwhile stays dead.
+        are replayed after what is pending now. A key that is pending again meanwhile stays dead, and
+        of a key dead twice (two writes under it, both refused) only the older goes back this time.
         """
         self._check_open()
         moved = await self._call(self._requeue, keys)
@@ -959,6 +965,7 @@ class Spool:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(spool)")}
             if "refusals" not in columns:  # a spool file written before dead letters existed
                 conn.execute("ALTER TABLE spool ADD COLUMN refusals INTEGER NOT NULL DEFAULT 0")
+            _dead_keys_not_unique(conn)
             if created:
                 _fsync_dir(self.path.parent)  # the new file's directory entry must be durable too
             # Reading every key walks the tables' pages: a file damaged where the counts do not look
@@ -1219,8 +1226,11 @@ class Spool:
         if done:
             # Out of the ledger first, durably: a crash before the spool's delete below then replays
             # these entries once more (the sink is idempotent) instead of reporting them lost.
+            # A key also dead from an earlier write stays promised: that dead letter is still kept.
             taken = conn.execute(
-                "SELECT key FROM spool WHERE seq BETWEEN ? AND ?", (done[0], done[-1])
+                "SELECT key FROM spool WHERE seq BETWEEN ? AND ? AND NOT EXISTS "
+                "(SELECT 1 FROM dead_letters WHERE dead_letters.key = spool.key)",
+                (done[0], done[-1]),
             ).fetchall()
             self._ledger_write("DELETE FROM promised WHERE key = ?", taken)
         conn.execute("BEGIN IMMEDIATE")
@@ -1284,25 +1294,29 @@ class Spool:
         try:
             if keys is None:
                 rows = conn.execute(
-                    "SELECT key, kind, payload, created_at FROM dead_letters ORDER BY seq"
+                    "SELECT seq, key, kind, payload, created_at FROM dead_letters ORDER BY seq"
                 ).fetchall()
             else:
                 rows = [
                     row
                     for key in keys
                     for row in conn.execute(
-                        "SELECT key, kind, payload, created_at FROM dead_letters WHERE key = ?", (key,)
+                        "SELECT seq, key, kind, payload, created_at FROM dead_letters WHERE key = ? "
+                        "ORDER BY seq",
+                        (key,),
                     ).fetchall()
                 ]
             moved = 0
             renumbered: list[tuple[int, str]] = []
-            for key, kind, text, created in rows:
+            # Oldest first; a key dead twice goes back once (a key is pending at most once) and its
+            # later dead letter waits for the next requeue, after the first has been replayed.
+            for dead_seq, key, kind, text, created in rows:
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO spool (key, kind, payload, created_at) VALUES (?, ?, ?, ?)",
                     (key, kind, text, created),
                 )
                 if cursor.rowcount == 1:
-                    conn.execute("DELETE FROM dead_letters WHERE key = ?", (key,))
+                    conn.execute("DELETE FROM dead_letters WHERE seq = ?", (dead_seq,))
                     moved += 1
                     assert cursor.lastrowid is not None
                     renumbered.append((cursor.lastrowid, key))
@@ -1545,6 +1559,33 @@ def _fsync_dir(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _dead_keys_not_unique(conn: sqlite3.Connection) -> None:
+    """Rebuild a ``dead_letters`` table whose ``key`` is UNIQUE (files from before a key could be dead
+    twice), in one transaction, then make sure the by-key index exists."""
+    unique = any(
+        row[2] and row[3] == "u" for row in conn.execute("PRAGMA index_list(dead_letters)")
+    )  # (seq, name, unique, origin, partial): origin "u" is a UNIQUE column constraint
+    if unique:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE dead_letters_rebuilt (seq INTEGER PRIMARY KEY, key TEXT NOT NULL, "
+                "kind TEXT NOT NULL, payload TEXT NOT NULL, created_at REAL NOT NULL, "
+                "attempts INTEGER NOT NULL, last_error TEXT, dead_at REAL NOT NULL)"
+            )
+            conn.execute("INSERT INTO dead_letters_rebuilt SELECT * FROM dead_letters")
+            conn.execute("DROP TABLE dead_letters")
+            conn.execute("ALTER TABLE dead_letters_rebuilt RENAME TO dead_letters")
+            conn.execute(_DEAD_KEY_INDEX)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    else:
+        conn.execute(_DEAD_KEY_INDEX)
 
 
 def _is_damaged(error: sqlite3.DatabaseError) -> bool:
