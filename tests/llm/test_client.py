@@ -495,6 +495,51 @@ async def test_a_call_given_up_on_closes_its_stream_so_the_server_stops_generati
         assert c.endpoints_status()[0]["in_flight"] == 0
 
 
+async def test_an_idle_connection_is_not_reused_past_the_keepalive_expiry() -> None:
+    # A server closes an idle keep-alive connection after its timeout (llama.cpp: 5 s). Reused just as
+    # the server closes it, a call fails at once against a healthy endpoint; the pool gives idle
+    # connections up before the server would, so the next call opens a fresh one.
+    connections = 0
+    ended = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections, ended
+        connections += 1
+        body = json.dumps(
+            {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]}
+        ).encode()
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        ended += 1
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        async with client(ep(f"http://127.0.0.1:{port}", stream=False), keepalive_expiry=0.2) as c:
+            await c.chat(MESSAGES)
+            await c.chat(MESSAGES)
+            assert connections == 1  # reused while fresh
+            await asyncio.sleep(0.3)
+            await c.chat(MESSAGES)
+            assert connections == 2  # idle past the expiry: a new connection
+            assert failures(c) == (3, 0)
+        await until(lambda: ended == connections, "the server's handlers to see their connections end")
+
+
 class StoppedClock:
     """A clock whose time is set by hand and whose timers never fire: a deadline on it never cancels,
     so what the client does with ``remaining()`` alone is observable."""
