@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from brownout.briefs.service import BriefService
+from brownout.briefs.service import BriefService, _end_cut_description
 from brownout.chaos.fakellm import FakeLLM
 from brownout.config import ROLES, BrownoutConfig, load_config
 from brownout.errors import ConfigError, ServiceUnavailable
@@ -296,3 +296,110 @@ def test_limiter_settings_are_validated_naming_the_key() -> None:
         )
     with pytest.raises(ConfigError, match="alive_window"):
         load_config(None, environ={"BROWNOUT__MODELS__ROLES__QWEN__ALIVE_WINDOW": "-1"})
+
+
+def _brief_json(description: str) -> str:
+    # Spaced so that the fake streams it a word at a time, the description last (the schema's order).
+    return (
+        '{"style": "floral", "intensity": 40, "complexity": 50, "notes": [{"note": "floral", "weight": 60}],'
+        ' "product_category": "EDP", "longevity": "medium", "description": "' + description + '"}'
+    )
+
+
+LONG_DESCRIPTION = " ".join(f"word{i}" for i in range(60))
+
+
+async def test_a_slow_generator_answer_cut_in_its_description_is_served_cut_short(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Two slots, a 1.5 s time limit, and a generator writing a word every 50 ms: its brief's fields
+    # take ~0.9 s, its 60-word description 3 s more. Two at once on a server that has just answered:
+    # slow under load -- each kept as far as it was written, not thrown away for the rules.
+    overrides = {
+        "models": {
+            "roles": {
+                "qwen": {
+                    "timeout": 1.5,
+                    "endpoints": [{"url": fakes["qwen"].url, "max_concurrency": 2}],
+                    "limiter": {"initial_limit": 2},
+                }
+            }
+        }
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        fakes["qwen"].set("ok", content=_brief_json("A short and whole description."), chunk_delay=0.01)
+        whole = await svc.create_brief(distinct_text(0), "fast")
+        assert whole["brief"]["description"] == "A short and whole description."
+        assert "dimmed" not in whole
+        fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=0.05)
+        answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in (1, 2)))
+        for answer in answers:
+            assert answer["stages"][0]["served_by"] == "model:qwen"
+            assert (answer["reason"], answer["dimmed"]) == ("load", ["description_tail"])
+            assert answer["degraded"] is True
+            assert any("cut short" in w for w in answer["warnings"])
+            brief = answer["brief"]
+            assert (brief["style"], brief["product_category"], brief["longevity"]) == (
+                "floral",
+                "EDP",
+                "medium",
+            )
+            description = brief["description"]
+            assert description.endswith("…")
+            words = description[:-1].split()
+            assert 4 <= len(words) < 60
+            assert words == LONG_DESCRIPTION.split()[: len(words)]  # whole words only, in order
+        gen = qwen(svc)
+        assert gen.breakers["qwen"].metrics().failures == 0
+        assert gen.endpoints_status()[0]["slow"] == 2
+        assert svc.stats.dimmed["description_tail"] == 2
+        assert svc.stats.failures["qwen"] == 0
+        # Not cached, and no model for similar requests: the same text is asked of the model again.
+        before = fakes["qwen"].chat_requests
+        fakes["qwen"].set("ok", content=_brief_json("Whole this time."), chunk_delay=0.0)
+        again = await svc.create_brief(distinct_text(1), "fast")
+        assert again["brief"]["description"] == "Whole this time."
+        assert fakes["qwen"].chat_requests == before + 1
+
+
+async def test_a_slow_generator_answer_cut_before_its_description_is_left_to_the_rules(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Cut while the brief's fields were still being written: nothing valid to keep.
+    overrides = {
+        "models": {
+            "roles": {
+                "qwen": {
+                    "timeout": 0.5,
+                    "endpoints": [{"url": fakes["qwen"].url, "max_concurrency": 2}],
+                    "limiter": {"initial_limit": 2},
+                }
+            }
+        }
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        fakes["qwen"].set("ok", content=_brief_json("Whole."), chunk_delay=0.0)
+        await svc.create_brief(distinct_text(0), "fast")
+        fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=0.1)
+        answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in (1, 2)))
+        for answer in answers:
+            assert answer["stages"][0]["served_by"] in ("rules", "cache")
+            assert answer["dimmed"] == ["generation"]
+        assert qwen(svc).breakers["qwen"].metrics().failures == 0
+
+
+@pytest.mark.parametrize(
+    ("cut", "served"),
+    [
+        ("Fresh citrus and a hint of ro", "Fresh citrus and a hint of…"),
+        ("Fresh citrus, then", "Fresh citrus…"),
+        ("Fresh citrus. Then a", "Fresh citrus. Then…"),
+        ("Fresh citrus. The", "Fresh citrus."),  # back to a whole sentence: it reads whole
+        ("Fresh citrus.", "Fresh citrus."),  # stopped right after a sentence
+        ("Unbroken", "Unbroken…"),
+    ],
+)
+def test_a_cut_description_ends_at_a_whole_word(cut: str, served: str) -> None:
+    assert _end_cut_description(cut) == served

@@ -19,7 +19,7 @@ from brownout.config import CircuitBreakerSection
 from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable, Overloaded
 from brownout.events import BreakerStateChanged, EventBus
 from brownout.llm.client import ModelClient, SharedEndpoint, is_caller_fault
-from brownout.llm.types import ChatResult, EndpointConfig
+from brownout.llm.types import CUT_SHORT, ChatResult, EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, BreakerState
 from brownout.policies.deadline import deadline
 from brownout.policies.limiter import AdaptiveLimiter, LimiterConfig
@@ -396,6 +396,48 @@ async def test_a_streamed_answer_is_read_whole_and_still_bounded_by_the_timeout(
         assert failures(c) == (2, 1)
         [status] = c.endpoints_status()
         assert (status["completed"], status["completion_tokens"], status["slow"]) == (1, 12, 0)
+
+
+async def test_a_slow_call_keeps_what_its_stream_wrote_when_the_caller_can_use_it() -> None:
+    # Twelve words 0.1 s apart against a 0.5 s timeout, two calls at once on a server that has just
+    # answered: slow under load. A caller that can use a cut answer gets what was written.
+    async with (
+        FakeLLM(content=WORDS, chunk_delay=0.1) as fake,
+        client(ep(fake, max_concurrency=2), limiter=LimiterConfig(initial_limit=2)) as c,
+    ):
+        await c.chat(MESSAGES, timeout=3.0)  # a sign of life
+        seen: list[str] = []
+
+        def keep(written: str) -> str | None:
+            seen.append(written)
+            return written.upper() if len(written.split()) >= 2 else None
+
+        results = await asyncio.gather(
+            *(c.chat(MESSAGES, timeout=0.5, salvage=keep) for _ in range(2)), return_exceptions=True
+        )
+        assert len(seen) == 2
+        for result, written in zip(results, seen, strict=True):
+            assert isinstance(result, ChatResult), result
+            assert result.finish_reason == CUT_SHORT
+            assert result.content == written.upper()
+            assert WORDS.startswith(written)
+            assert 2 <= len(written.split()) < 12
+            assert result.usage["completion_tokens"] == len(written.split())
+        assert failures(c) == (1, 0)  # slow, not failed: nothing counted against the endpoint
+        [status] = c.endpoints_status()
+        assert (status["slow"], status["in_flight"]) == (2, 0)
+        assert status["limit"] < 2  # a slow call is a drop for the limit, kept or not
+
+        # Nothing the caller can use: the slow call's Overloaded, as without salvage.
+        await c.chat(MESSAGES, timeout=3.0)
+        outcomes = await asyncio.gather(
+            c.chat(MESSAGES, timeout=0.5, salvage=lambda written: None),
+            c.chat(MESSAGES, timeout=3.0),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[0], Overloaded)
+        assert outcomes[0].reason == "slow"
+        assert isinstance(outcomes[1], ChatResult)
 
 
 async def test_a_stream_silent_for_longer_than_the_timeout_times_out_and_counts() -> None:

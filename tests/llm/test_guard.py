@@ -9,6 +9,8 @@ import random
 from typing import Annotated, Any, Literal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError
 
 from brownout.errors import ConfigError, DeadlineExceeded, GuardFailed, ModelError, ModelUnavailable
@@ -22,6 +24,7 @@ from brownout.llm.guard import (
     GuardStats,
     JSONGuard,
     Rejection,
+    close_cut_json,
 )
 from brownout.llm.types import Message
 from brownout.policies.deadline import deadline
@@ -672,3 +675,76 @@ async def test_both_front_ends_build_the_re_ask_alike(jclock: FakeClock) -> None
     assert gateway[len(PROMPT)] == pipeline[len(PROMPT)] == {"role": "assistant", "content": garbage[:4000]}
     assert gateway[-1]["role"] == pipeline[-1]["role"] == "user"
     assert len(gateway) == len(pipeline) == len(PROMPT) + 2
+
+
+# -- answers cut short at a time limit ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cut", "closed"),
+    [
+        ('{"a": 1, "b": "hal', '{"a": 1, "b": "hal"}'),  # inside a string value: ended there
+        ('{"a": 1, "b', '{"a": 1}'),  # inside a key: the key goes
+        ('{"a": 1, "b":', '{"a": 1}'),
+        ('{"a": 1, "b": 2', '{"a": 1}'),  # a number may be longer than it looks: it goes
+        ('{"a": 1, "b": 23,', '{"a": 1, "b": 23}'),
+        ('{"a": [1, {"x": tru', '{"a": [1, {}]}'),
+        ('{"a": "x\\', '{"a": "x"}'),  # half an escape goes
+        ('{"a": "x\\u00', '{"a": "x"}'),
+        ('{"a": "x\\ud83d', '{"a": "x"}'),  # a high surrogate without its pair goes
+        ('{"a": "x\\ud83d\\ude00y', '{"a": "x\\ud83d\\ude00y"}'),
+        ("[1, 2", "[1]"),
+        ("{", "{}"),
+        ('{"a": {}}  and then prose', '{"a": {}}'),  # a whole document: as it was
+        ('{\n  "a": [\n    1,\n', '{\n  "a": [\n    1]}'),
+    ],
+)
+def test_a_cut_answer_is_closed_after_its_last_complete_value(cut: str, closed: str) -> None:
+    assert close_cut_json(cut) == closed
+    json.loads(closed)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "prose", '"a string"', "12", '{"a" 1', '{"a": 1 2'])
+def test_what_is_not_a_cut_object_or_array_is_not_closed(text: str) -> None:
+    # Not an object or array, or malformed before anything complete: nothing to keep.
+    assert close_cut_json(text) is None
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(
+    value=st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=5) | st.lists(_JSON_VALUES, max_size=5),
+    indent=st.none() | st.integers(0, 4),
+    ascii_only=st.booleans(),
+    data=st.data(),
+)
+def test_every_prefix_of_a_document_closes_to_valid_json(
+    value: Any, indent: int | None, ascii_only: bool, data: st.DataObject
+) -> None:
+    text = json.dumps(value, indent=indent, ensure_ascii=ascii_only)
+    assert close_cut_json(text) == text
+    for end in data.draw(st.lists(st.integers(0, len(text)), max_size=20)):
+        closed = close_cut_json(text[:end])
+        if closed is not None:
+            json.loads(closed)  # never anything but JSON
+        elif end > 0 and text[:end].strip():
+            pytest.fail(f"a prefix starting the document did not close: {text[:end]!r}")
+
+
+def test_complete_cut_keeps_a_valid_answer_and_counts_nothing() -> None:
+    guard = JSONGuard("brief", Brief, events=EventBus())
+    before = guard.stats
+    # Stopped before a required field was written: nothing valid to keep.
+    assert guard.complete_cut('{"intensity": 0.5, "notes": ["rose", "mu') is None
+    kept = guard.complete_cut('{"longevity": "long", "intensity": 0.5, "notes": ["rose", "mu')
+    assert kept is not None
+    closed, value = kept
+    assert closed == '{"longevity": "long", "intensity": 0.5, "notes": ["rose", "mu"]}'
+    assert value == Brief(intensity=0.5, notes=["rose", "mu"], longevity="long")
+    assert guard.complete_cut("not json at all") is None
+    assert guard.stats == before  # neither a success nor a failure of the model's

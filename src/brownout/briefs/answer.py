@@ -58,6 +58,7 @@ class BriefAnswer(TypedDict):
     cached_stages: NotRequired[list[StageRecord]]
     """Only in a cache hit: the stages of the answer when it was made."""
     dimmed: NotRequired[list[str]]
-    """Only when the load left something out: ``creative_hints``, ``validation``, ``generation``."""
+    """Only when the load left something out: ``description_tail``, ``creative_hints``,
+    ``validation``, ``generation``."""
     freshness: NotRequired[dict[str, Any]]
     """Only in an emergency answer from stored answers: its source, freshness, fallback reason."""

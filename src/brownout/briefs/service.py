@@ -23,9 +23,10 @@ expect and, as load rises, leaves out for a growing share of requests first the 
 balanced), then the validator (→ fast), then serves a similar earlier brief in place of generating,
 and only last the rules -- so the target holds and as many answers as possible still come from the
 generator. That is the "fit the load" of the downshift rule. Such an answer says ``reason: "load"``
-and ``dimmed: [...]`` (``creative_hints``, ``validation``, ``generation``); an answer nothing was
-dimmed for has no ``dimmed``. A request that cannot even start within its target is answered at once
-with 503 and an estimated Retry-After (admission with a deadline), never after waiting to fail.
+and ``dimmed: [...]`` (``description_tail``, ``creative_hints``, ``validation``, ``generation``); an
+answer nothing was dimmed for has no ``dimmed``. A request that cannot even start within its target
+is answered at once with 503 and an estimated Retry-After (admission with a deadline), never after
+waiting to fail.
 Beside a local generator, the answers that would come without it while it is saturated are also
 held to a CPU budget (``dimmer.cpu_budget``, :mod:`brownout.policies.cpu_budget`): while the service's
 own process uses more than its share of a core, a growing share of them is refused (503 +
@@ -54,7 +55,8 @@ concurrency limiter measures it; 0 until measured). It may wait in *one* budget,
    this way, or one that was sent and timed out on a live, busy server (*slow*, see
    :mod:`brownout.llm.client`), leaves the generation to a similar earlier brief or the rules
    (never to the reduced-context retry, which would only add load), and the answer says
-   ``reason: "load"``, ``dimmed: ["generation"]``;
+   ``reason: "load"``, ``dimmed: ["generation"]`` -- unless the slow call had written a valid brief
+   up to its description, which is then served cut short (``dimmed: ["description_tail"]``);
 5. once sent, a model call has its role's whole ``timeout``: the wait before it never eats into the
    model's time, so a timeout is the model's own slowness (which the client judges: busy or down).
    ``server.request_timeout`` remains the hard deadline of the whole pipeline.
@@ -119,7 +121,7 @@ from brownout.events import DEFAULT_BUS, EventBus
 from brownout.health.resources import usable_cores
 from brownout.llm.guard import GuardConfig, JSONGuard
 from brownout.llm.pipeline import Mode, NoModeAvailable, Pipeline, PipelineContext, Stage
-from brownout.llm.types import Message, ProbeResult
+from brownout.llm.types import CUT_SHORT, Message, ProbeResult
 from brownout.policies.admission import Admission, AdmissionConfig
 from brownout.policies.cache import Cache, CacheConfig
 from brownout.policies.cpu_budget import CpuBudget, CpuBudgetConfig
@@ -154,8 +156,12 @@ similar earlier brief exists, and last any model call at all (a similar brief, e
 
 _FEATURE_OF_STAGE = {"generate": "generation", "validate": "validation", "hint": "creative_hints"}
 
-DIMMED_FEATURES = ("creative_hints", "validation", "generation")
-"""What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``)."""
+DIMMED_FEATURES = ("description_tail", "creative_hints", "validation", "generation")
+"""What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``;
+``description_tail``: the generator's answer was cut short at its time limit, see :meth:`_salvage_brief`)."""
+
+_MIN_CUT_WORDS = 4
+"""Fewest words a description cut short must keep for the brief to be served as the model's."""
 
 _MODE_RANK: dict[str, int] = {m: i for i, m in enumerate(MODES)}
 
@@ -219,8 +225,10 @@ class ModelBackend(Protocol):
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
         queue_timeout: float | None = None,
+        salvage: Callable[[str], str | None] | None = None,
     ) -> Any:
-        """One chat completion; returns an object with ``content`` and ``latency`` (seconds sent)."""
+        """One chat completion; returns an object with ``content``, ``latency`` (seconds sent) and
+        ``finish_reason`` (``CUT_SHORT`` when ``salvage`` kept an answer cut short)."""
 
     async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
         """A tiny test inference on every endpoint."""
@@ -243,6 +251,8 @@ class Budget:
     """Seconds its model calls spent waiting for a slot of their servers (not the models' time)."""
     overloaded: set[str] = field(default_factory=set)
     """Roles whose call was refused for load or was slow under load: busy, not down."""
+    cut: set[str] = field(default_factory=set)
+    """Roles whose answer was slow under load and kept as far as it was written (cut short)."""
 
 
 @dataclass
@@ -759,6 +769,8 @@ class BriefService:
         plan = plan if plan is not None else Budget()
         dimmed, ceiling = self._dimmed_for(decision, mode)
         response = await self._run_pipeline(text, mode, ceiling, plan)
+        if ROLE_OF_STAGE["generate"] in plan.cut and response["stages"][0]["served_by"].startswith("model:"):
+            dimmed = sorted([*dimmed, "description_tail"], key=DIMMED_FEATURES.index)
         for stage in response["stages"]:
             # A stage served without its model because the model was busy (not down): the load left
             # it out, and the answer says so like any other dimmed step.
@@ -835,8 +847,15 @@ class BriefService:
             if (not validation.valid or validation.ifra_compliance is False) and ctx.reliability == "high":
                 ctx.reliability = "medium"
         generated_by = result.stages[0].served_by
-        if generated_by.startswith("model:") and ctx.reliability == "high":
-            self.similar.add(text, brief)
+        cut = generated_by.startswith("model:") and ROLE_OF_STAGE["generate"] in ctx.budget.cut
+        if cut:
+            timeout = self.config.models.roles[ROLE_OF_STAGE["generate"]].timeout
+            warnings.append(
+                f"Description cut short: the generator was busy and its answer was stopped at its "
+                f"{timeout:g}s time limit"
+            )
+        if generated_by.startswith("model:") and ctx.reliability == "high" and not cut:
+            self.similar.add(text, brief)  # whole answers only: a cut one is no model for others
         if ctx.reliability == "high" and result.degraded:
             ctx.reliability = "medium"
         self.stats.served[served] += 1
@@ -854,7 +873,8 @@ class BriefService:
             ],
             "validation": validation.model_dump(mode="json") if validation is not None else None,
             "reliability": ctx.reliability,
-            "degraded": result.degraded or ctx.reliability != "high",
+            # A cut answer is degraded: not cached, so the next request for it may get it whole.
+            "degraded": result.degraded or ctx.reliability != "high" or cut,
             "cached": False,
             "cached_at": None,
             "cache_age_seconds": None,
@@ -934,6 +954,7 @@ class BriefService:
         *,
         timeout: float | None = None,
         temperature: float | None = None,
+        salvage: Callable[[str], str | None] | None = None,
     ) -> Callable[[list[Message], int, dict[str, Any] | None], Awaitable[str]]:
         backend = self.backends[role]
         section = self.config.models.roles[role]
@@ -960,6 +981,7 @@ class BriefService:
                     response_format=response_format,
                     timeout=timeout or section.timeout,
                     queue_timeout=queue_timeout,
+                    salvage=salvage,
                 )
             except Overloaded as e:
                 # Refused for load, or slow under load: the model is busy, not failing.
@@ -976,6 +998,8 @@ class BriefService:
             if plan is not None:
                 # What the call spent before it was sent: its wait for a slot of the server.
                 plan.queued += max(0.0, self._clock.now() - asked - float(result.latency))
+                if result.finish_reason == CUT_SHORT:
+                    plan.cut.add(role)
             content: str = result.content
             return content
 
@@ -984,13 +1008,30 @@ class BriefService:
     async def _generate(self, ctx: BriefContext) -> CreativeBrief:
         section = self.config.models.roles["qwen"]
         result = await self.guard_brief.run(
-            self._ask("qwen", ctx),
+            self._ask("qwen", ctx, salvage=self._salvage_brief),
             generator_messages(ctx.text, ctx.requested_mode, constrained=self.constrained.get("qwen", True)),
             max_tokens=section.max_tokens,
             constrained=self.constrained.get("qwen", True),
         )
         brief: CreativeBrief = result.value.to_domain()
+        if "qwen" in ctx.budget.cut:
+            brief = brief.model_copy(update={"description": _end_cut_description(brief.description)})
         return brief
+
+    def _salvage_brief(self, written: str) -> str | None:
+        """What to keep of a generator answer cut short at its time limit on a busy server.
+
+        The brief's fields come in the schema's order with the free-text description last, so a long
+        answer is usually cut inside its description: every field the brief needs is settled. Such an
+        answer is kept -- its JSON closed where it stopped -- rather than thrown away for a similar
+        brief or the rules after the model spent its whole time limit on it, when it still makes a
+        valid brief whose description keeps at least a few words. The answer says ``dimmed:
+        ["description_tail"]``, its description ends with an ellipsis, and it is not cached.
+        """
+        kept = self.guard_brief.complete_cut(written)
+        if kept is None or len(kept[1].description.split()) < _MIN_CUT_WORDS:
+            return None
+        return kept[0]
 
     async def _generate_reduced(self, ctx: BriefContext) -> CreativeBrief:
         # The generator's second chance: max_tokens 256, a longer timeout, temperature 0.5. A fixed
@@ -1153,6 +1194,18 @@ class BriefService:
         """Stop background work."""
         self._started = False
         await self.cache.aclose()
+
+
+def _end_cut_description(text: str) -> str:
+    """A description the time limit cut off: ended at its last whole word, with an ellipsis (one that
+    stopped after a full sentence is left as it is)."""
+    text = text.rstrip()
+    if text.endswith((".", "!", "?", "…")):
+        return text
+    space = text.rfind(" ")
+    if space > 0:
+        text = text[:space].rstrip(" ,;:-(")  # the last word may be half-written
+    return text if text.endswith((".", "!", "?")) else text + "…"
 
 
 def _ms(seconds: float) -> float:

@@ -117,7 +117,7 @@ from brownout.errors import (
 )
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.llm.sse import BrokenStream, EventReader
-from brownout.llm.types import ChatResult, EndpointConfig, Message, ProbeResult
+from brownout.llm.types import CUT_SHORT, ChatResult, EndpointConfig, Message, ProbeResult
 from brownout.policies.balance import EndpointLoad, pick
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, CircuitBreaker
 from brownout.policies.deadline import remaining
@@ -206,7 +206,23 @@ class _NotCounted(Exception):
 
 
 class _SlowCall(_NotCounted):
-    """A sent call timed out while its endpoint was demonstrably alive: slow under load, not failed."""
+    """A sent call timed out while its endpoint was demonstrably alive: slow under load, not failed.
+
+    ``written`` is what its stream had brought when it was given up (empty for a whole answer)."""
+
+    def __init__(self, error: ModelError, written: str = "", tokens: int = 0) -> None:
+        super().__init__(error)
+        self.written = written
+        self.tokens = tokens
+
+
+class _CutShort(httpx.ReadTimeout):
+    """The attempt's timeout ran out while its stream was coming: what it had brought so far."""
+
+    def __init__(self, message: str, written: str, tokens: int) -> None:
+        super().__init__(message)
+        self.written = written
+        self.tokens = tokens
 
 
 class SharedEndpoint:
@@ -557,12 +573,21 @@ class ModelClient:
         response_format: dict[str, Any] | None = None,
         timeout: float | None = None,
         queue_timeout: float | None = None,
+        salvage: Callable[[str], str | None] | None = None,
     ) -> ChatResult:
         """One chat completion from some healthy endpoint of this role.
 
         ``timeout`` bounds each attempt once its request is sent (default: the client's), tightened by
         the caller's deadline. ``queue_timeout`` bounds the wait for a free slot before that (default:
         the limiter's ``max_wait``), also tightened by the caller's deadline.
+
+        ``salvage`` says what to make of an answer cut short: when an attempt is *slow* (its timeout
+        ran out on a live, busy endpoint, see the module docstring) while its stream was coming,
+        ``salvage(written)`` gets what the stream had brought. The text it returns is the result's
+        ``content``, with ``finish_reason`` :data:`CUT_SHORT`; None (or nothing written) raises the
+        slow call's :class:`Overloaded` as without it. Either way the call counts as slow: nothing
+        against the breaker, a drop for the limiter.
+
         Raises :class:`ModelUnavailable`, :class:`ModelError`, :class:`Overloaded` or
         :class:`DeadlineExceeded`.
         """
@@ -572,7 +597,9 @@ class ModelClient:
         if queue_timeout is not None and not queue_timeout >= 0:
             raise ConfigError("queue_timeout", f"must be a number of seconds >= 0, got {queue_timeout!r}")
         if telemetry.SWITCH.tracer is None:
-            return await self._chat(messages, max_tokens, temperature, response_format, limit, queue_timeout)
+            return await self._chat(
+                messages, max_tokens, temperature, response_format, limit, queue_timeout, salvage
+            )
         # Traced: one GenAI span for the call, its retries' waits and the breakers' refusals as its
         # events, and a child span per attempt (each carries its traceparent to the model server).
         model = self._endpoints[0].config.model
@@ -587,7 +614,7 @@ class ModelClient:
         }
         with telemetry.span(f"chat {model}", kind=telemetry.CLIENT, attributes=attributes) as span:
             result = await self._chat(
-                messages, max_tokens, temperature, response_format, limit, queue_timeout, traced=True
+                messages, max_tokens, temperature, response_format, limit, queue_timeout, salvage, traced=True
             )
             if span is not None:
                 span.set_attributes(_usage(result))
@@ -601,6 +628,7 @@ class ModelClient:
         response_format: dict[str, Any] | None,
         limit: float,
         queue_timeout: float | None,
+        salvage: Callable[[str], str | None] | None = None,
         *,
         traced: bool = False,
     ) -> ChatResult:
@@ -614,7 +642,7 @@ class ModelClient:
                 ep = self._pick(tried)
                 body = ep.body(messages, max_tokens, temperature, response_format)
                 if not traced:
-                    return await self._attempt(ep, body, limit, queue_timeout)
+                    return await self._attempt(ep, body, limit, queue_timeout, salvage)
                 n += 1
                 with telemetry.span(
                     f"attempt {n} {ep.config.model}",
@@ -631,7 +659,7 @@ class ModelClient:
                         "brownout.breaker.state": ep.breaker.state.value,
                     },
                 ) as span:
-                    result = await self._attempt(ep, body, limit, queue_timeout)
+                    result = await self._attempt(ep, body, limit, queue_timeout, salvage)
                     if span is not None:
                         span.set_attributes(_usage(result))
                     return result
@@ -651,7 +679,12 @@ class ModelClient:
         return ModelUnavailable(self.role, retry_after=self.retry_after(), reason=reason)
 
     async def _attempt(
-        self, ep: _Endpoint, body: dict[str, Any], limit: float, queue_timeout: float | None
+        self,
+        ep: _Endpoint,
+        body: dict[str, Any],
+        limit: float,
+        queue_timeout: float | None,
+        salvage: Callable[[str], str | None] | None = None,
     ) -> ChatResult:
         left = remaining()
         if left is not None and left <= 0:
@@ -666,7 +699,7 @@ class ModelClient:
             timeout=wait, shed_late=queue_timeout is not None, priority=self._priority
         )
         try:
-            result = await self._attempt_with(ep, body, limit, permit)
+            result = await self._attempt_with(ep, body, limit, permit, salvage)
         except ModelError as e:
             cause = e.__cause__
             permit.release(
@@ -681,11 +714,20 @@ class ModelClient:
         except BaseException:
             permit.release(sample=False)
             raise
-        permit.release(sample=self._learns)
+        if result.finish_reason == CUT_SHORT:
+            # A slow call whose written part was kept: for the limit, a slow call like any other.
+            permit.release(dropped=True, sample=False)
+        else:
+            permit.release(sample=self._learns)
         return result
 
     async def _attempt_with(
-        self, ep: _Endpoint, body: dict[str, Any], limit: float, permit: Permit
+        self,
+        ep: _Endpoint,
+        body: dict[str, Any],
+        limit: float,
+        permit: Permit,
+        salvage: Callable[[str], str | None] | None = None,
     ) -> ChatResult:
         timeout = limit
         capped = False
@@ -704,6 +746,18 @@ class ModelClient:
             if capped:
                 # ...and the time it had was what was left of the caller's deadline: say so.
                 raise DeadlineExceeded(timeout, policy=self.role) from e.error
+            kept = salvage(e.written) if salvage is not None and e.written else None
+            if kept is not None:
+                if e.tokens > 0:
+                    ep.tokens += e.tokens  # written, and served after all
+                return ChatResult(
+                    content=kept,
+                    role=self.role,
+                    endpoint=ep.url,
+                    latency=timeout,
+                    finish_reason=CUT_SHORT,
+                    usage={"completion_tokens": e.tokens} if e.tokens > 0 else {},
+                )
             lim = ep.limiter
             raise Overloaded(
                 ep.breaker.name,
@@ -761,6 +815,8 @@ class ModelClient:
             loaded = crowded or ep.sending > 1 or ep.limiter.in_flight > 1 or ep.limiter.queued > 0
             if loaded and alive is not None and now - alive <= self.alive_window:
                 ep.slow += 1
+                if isinstance(e, _CutShort):
+                    raise _SlowCall(error, e.written, e.tokens) from e
                 raise _SlowCall(error) from e
             raise error from e
         except httpx.HTTPError as e:
@@ -816,27 +872,38 @@ class ModelClient:
         until = loop.time() + timeout
         request = self._http.build_request("POST", url, json=body, headers=headers, timeout=timeout)
         response = await self._http.send(request, stream=True)
+        readers: list[EventReader[_HttpxPieces]] = []
         try:
             # The latency target of a request counts on a call's timeout as its longest: a long
             # answer that kept coming past it would keep its caller, and the callers queued behind
             # its slot, past their targets too.
             async with asyncio.timeout(max(0.0, until - loop.time())):
-                return await self._read(response, body, timeout)
+                return await self._read(response, body, timeout, readers)
         except TimeoutError as e:
-            raise httpx.ReadTimeout(f"no whole answer within {timeout:g}s") from e
+            message = f"no whole answer within {timeout:g}s"
+            if readers and readers[0].text:
+                # What the stream brought is kept with the error, for a caller that can use it.
+                raise _CutShort(message, "".join(readers[0].text), readers[0].tokens) from e
+            raise httpx.ReadTimeout(message) from e
         finally:
             await response.aclose()
 
     async def _read(
-        self, response: httpx.Response, body: dict[str, Any], timeout: float
+        self,
+        response: httpx.Response,
+        body: dict[str, Any],
+        timeout: float,
+        readers: list[EventReader[_HttpxPieces]],
     ) -> tuple[httpx.Response, bytes, EventReader[_HttpxPieces] | None]:
-        """The rest of :meth:`_exchange`: the answer read, as a stream when it came as one."""
+        """The rest of :meth:`_exchange`: the answer read, as a stream when it came as one (its reader
+        also put in ``readers``, for what it read should the read be given up)."""
         if (
             body.get("stream") is True
             and 200 <= response.status_code < 300
             and response.headers.get("content-type", "").startswith("text/event-stream")
         ):
             reader = EventReader(_HttpxPieces(response))
+            readers.append(reader)
             # A server that ignores max_tokens and keeps sending is broken, not slow: without
             # this bound its stream would hold the call (and memory) to the end of its timeout.
             most = 2 * int(body.get("max_tokens") or 0) + _TOKEN_SLACK

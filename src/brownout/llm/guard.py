@@ -89,6 +89,7 @@ __all__ = [
     "Mismatch",
     "Outcome",
     "Rejection",
+    "close_cut_json",
     "reask_wait",
 ]
 
@@ -341,6 +342,19 @@ class GuardEngine(Generic[V]):
             self.validation_failures += 1
             return Rejection(text, problems=exc.problems)
 
+    def complete_cut(self, text: str) -> tuple[str, V] | None:
+        """An answer cut short -- its stream given up at a time limit -- closed where it stopped
+        (:func:`close_cut_json`) and validated: the closed JSON text and its value, or None when what
+        was written does not make a valid answer. Never repaired further, never re-asked (the time
+        is spent), and not counted in the guard's statistics (it is not the model's answer)."""
+        closed = close_cut_json(text)
+        if closed is None:
+            return None
+        try:
+            return closed, self._validate(json.loads(closed))
+        except (ValueError, RecursionError, Mismatch):
+            return None
+
     def reask_messages(self, messages: Sequence[Message], rejection: Rejection) -> list[Message]:
         """The conversation of a re-ask: ``messages``, the bad answer (cut short), then what was wrong."""
         return [
@@ -559,6 +573,134 @@ def _repair(text: str) -> Any:
     if isinstance(obj, dict | list) and obj:
         return obj
     return None
+
+
+_WHITESPACE: Final = frozenset(" \t\r\n")
+_SCALAR: Final = frozenset("+-0123456789.eEtrufalsn")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def close_cut_json(text: str) -> str | None:
+    """A JSON object or array cut short (a stream given up on mid-answer), closed where it stopped.
+
+    What was written is kept up to its last complete value; a string *value* it stopped inside ends
+    there (less a half-written escape); a key, a number or a literal it stopped inside is dropped
+    with what leads to it; then every bracket still open is closed. The result is always valid JSON:
+    ``{"a": 1, "b": "hal`` gives ``{"a": 1, "b": "hal"}``, ``{"a": 1, "b`` gives ``{"a": 1}``. A
+    complete document comes back as it was (whatever follows it dropped); None when ``text`` does
+    not start with an object or array, or is not JSON before the point where it stops.
+    """
+    n = len(text)
+    i = 0
+    while i < n and text[i] in _WHITESPACE:
+        i += 1
+    if i >= n or text[i] not in "{[":
+        return None
+    stack: list[str] = []
+    # The longest prefix known to close, and the brackets open at its end.
+    good_end, good_stack = -1, ""
+    state = "value"  # value | key | colon | after (a complete value inside a container)
+    opened = False  # just after an opening bracket: a closing one may follow at once
+    while i < n:  # ``break``: it stops here; ``return None``: it is malformed here
+        ch = text[i]
+        if ch in _WHITESPACE:
+            i += 1
+            continue
+        end = -1  # set when a value ends at ``end``
+        if state == "after":
+            if ch == ",":
+                state, opened = ("key" if stack[-1] == "{" else "value"), False
+                i += 1
+                continue
+            if ch != ("}" if stack[-1] == "{" else "]"):
+                return None
+            stack.pop()
+            end = i + 1
+        elif state == "colon":
+            if ch != ":":
+                return None
+            state = "value"
+            i += 1
+            continue
+        elif opened and ch == ("}" if stack[-1] == "{" else "]"):
+            stack.pop()  # an empty container
+            end = i + 1
+        elif ch in "{[" and state == "value":
+            stack.append(ch)
+            i += 1
+            good_end, good_stack = i, "".join(stack)
+            state, opened = ("key" if ch == "{" else "value"), True
+            continue
+        elif ch == '"':
+            stop, complete = _string_end(text, i + 1)
+            if not complete:
+                if state == "key":
+                    break
+                # Stopped inside a string value: end it where it stopped.
+                return text[:stop] + '"' + _closers("".join(stack))
+            if state == "key":
+                state, opened = "colon", False
+                i = stop
+                continue
+            end = stop
+        elif state == "value" and ch in _SCALAR:
+            j = i
+            while j < n and text[j] in _SCALAR:
+                j += 1
+            if j >= n:
+                break  # stopped inside a number or literal: it may be longer than it looks
+            try:
+                json.loads(text[i:j])
+            except ValueError:
+                return None
+            end = j
+        else:
+            return None
+        # A value (or a container) ended at ``end``.
+        if not stack:
+            return text[:end]
+        good_end, good_stack = end, "".join(stack)
+        state, opened = "after", False
+        i = end
+    return _closed(text, good_end, good_stack)
+
+
+def _closed(text: str, end: int, stack: str) -> str | None:
+    return None if end < 0 else text[:end] + _closers(stack)
+
+
+def _closers(stack: str) -> str:
+    return "".join("}" if b == "{" else "]" for b in reversed(stack))
+
+
+def _string_end(text: str, start: int) -> tuple[int, bool]:
+    """Read a JSON string's body from ``start``: (index after its closing quote, True), or -- when
+    the text stops inside it -- (where a cut may end it: before any half-written escape, False)."""
+    n = len(text)
+    j = start
+    while j < n:
+        ch = text[j]
+        if ch == '"':
+            return j + 1, True
+        if ch != "\\":
+            j += 1
+            continue
+        if j + 1 >= n:
+            return j, False
+        if text[j + 1] != "u":
+            j += 2
+            continue
+        if j + 6 > n or not all(c in _HEX for c in text[j + 2 : j + 6]):
+            return j, False
+        code = int(text[j + 2 : j + 6], 16)
+        if 0xD800 <= code < 0xDC00:
+            # A high surrogate means nothing without the low one after it: cut before the pair.
+            if j + 12 > n or text[j + 6 : j + 8] != "\\u" or not all(c in _HEX for c in text[j + 8 : j + 12]):
+                return j, False
+            j += 12
+            continue
+        j += 6
+    return j, False
 
 
 def _looks_truncated(text: str) -> bool:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pydantic import Field
 
 from brownout.policies._base import PolicyConfig
 
-__all__ = ["ChatResult", "EndpointConfig", "Message", "ProbeResult"]
+__all__ = ["CUT_SHORT", "ChatResult", "EndpointConfig", "Message", "ProbeResult"]
+
+CUT_SHORT: Final = "cut_short"
+"""The ``finish_reason`` of an answer given up at its time limit, of which the caller kept what the
+model had written (``ModelClient.chat(salvage=...)``)."""
 
 Message = dict[str, str]
 """One chat message: ``{"role": "system" | "user" | "assistant", "content": "..."}``."""
@@ -46,7 +50,11 @@ class EndpointConfig(PolicyConfig):
 
 @dataclass(frozen=True, slots=True)
 class ChatResult:
-    """A chat completion that came back: the text and where and how fast it was served."""
+    """A chat completion that came back: the text and where and how fast it was served.
+
+    ``finish_reason`` is the server's (``stop``, ``length``...), or :data:`CUT_SHORT` for an answer
+    given up at its time limit whose written part the caller chose to keep.
+    """
 
     content: str
     role: str
