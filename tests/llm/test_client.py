@@ -582,6 +582,77 @@ async def test_an_idle_connection_is_not_reused_past_the_keepalive_expiry() -> N
         await until(lambda: ended == connections, "the server's handlers to see their connections end")
 
 
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    await reader.readexactly(length)
+
+
+_WHOLE = json.dumps(
+    {"choices": [{"index": 0, "message": {"content": "ok"}, "finish_reason": "stop"}]}
+).encode()
+
+
+async def test_a_call_sent_on_a_connection_the_server_closed_is_sent_again_on_a_new_one() -> None:
+    # Each connection answers one request and then drops the next unanswered, as llama.cpp does after
+    # a streamed answer (it closes, although it said Keep-Alive): a call that goes out on it in that
+    # moment is sent again on a new connection, and nothing counts against the endpoint.
+    requests = dropped = 0
+    handlers: list[asyncio.Task[None]] = []
+
+    async def one_answer_per_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests, dropped
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.append(task)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await _read_request(reader)
+            requests += 1
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(_WHOLE), _WHOLE)
+            )
+            await writer.drain()
+            await _read_request(reader)
+            dropped += 1
+        writer.close()
+
+    server = await asyncio.start_server(one_answer_per_connection, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        async with client(ep(f"http://127.0.0.1:{port}", stream=False)) as c:
+            for _ in range(3):
+                assert (await c.chat(MESSAGES)).content == "ok"
+            assert (requests, dropped) == (3, 2)  # two calls went out on a closing connection
+            assert failures(c) == (3, 0)
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def test_a_new_connection_closed_without_an_answer_is_not_sent_again() -> None:
+    # A server that takes the request and closes: a new connection, so not a stale one -- a failure
+    # of the endpoint, counted, and sent once.
+    requests = 0
+
+    async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await _read_request(reader)
+            requests += 1
+        writer.close()
+
+    server = await asyncio.start_server(drop, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, client(ep(f"http://127.0.0.1:{port}", stream=False)) as c:
+        with pytest.raises(ModelError, match="RemoteProtocolError"):
+            await c.chat(MESSAGES)
+        assert requests == 1
+        assert failures(c) == (1, 1)
+
+
 class StoppedClock:
     """A clock whose time is set by hand and whose timers never fire: a deadline on it never cancels,
     so what the client does with ``remaining()`` alone is observable."""

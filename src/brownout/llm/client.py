@@ -174,10 +174,10 @@ KEEPALIVE_EXPIRY: Final = 4.0
 """Seconds an idle pooled connection is kept for reuse (the client made when none is given).
 
 Below the 5 s after which llama.cpp, uvicorn and Node close an idle keep-alive connection (llama.cpp
-says ``Keep-Alive: timeout=5``): with httpx's own 5 s the pool handed out a connection the server was
-closing at that moment, and the call failed at once with "Server disconnected without sending a
-response" -- a failure counted against a healthy endpoint (six in three minutes under 16 clients,
-whose calls wait about one service time, ~5 s, between uses of a connection)."""
+says ``Keep-Alive: timeout=5``): with httpx's own 5 s the pool could hand out a connection the server
+was closing at that moment, and the call failed at once with "Server disconnected without sending a
+response". (A call that meets a connection closed under it anyway is sent again on a new one, see
+:meth:`ModelClient._exchange`.)"""
 
 
 class _Message(BaseModel):
@@ -864,14 +864,36 @@ class ModelClient:
         when it came whole or the reader that read it when it came as a stream.
 
         ``timeout`` bounds the whole exchange, as for an answer asked whole (raising
-        :class:`httpx.ReadTimeout`). A stream is read so that giving it up -- at the timeout, or when
-        the caller's deadline cancels the call -- closes it, and closing ends the generation: the
-        server stops writing for nobody and its slot is free for the next call at once.
+        :class:`httpx.ReadTimeout`). A request that went out on a kept-alive connection and got no
+        answer at all because the server had closed it is sent again, once, on a new connection. A
+        stream is read so that giving it up -- at the timeout, or when the caller's deadline cancels
+        the call -- closes it, and closing ends the generation: the server stops writing for nobody
+        and its slot is free for the next call at once.
         """
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout
-        request = self._http.build_request("POST", url, json=body, headers=headers, timeout=timeout)
-        response = await self._http.send(request, stream=True)
+        connected = False
+
+        async def trace(event: str, info: Mapping[str, Any]) -> None:
+            nonlocal connected
+            if event.startswith(("connection.connect_tcp.", "connection.connect_unix_socket.")):
+                connected = True
+
+        def request() -> httpx.Request:
+            return self._http.build_request(
+                "POST", url, json=body, headers=headers, timeout=timeout, extensions={"trace": trace}
+            )
+
+        try:
+            response = await self._http.send(request(), stream=True)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            if connected:
+                raise
+            # Sent on a kept-alive connection that the server had closed, with no answer at all:
+            # llama.cpp closes the connection after every streamed answer although it says
+            # Keep-Alive, and a call sent on it in the moment before the close arrives fails at
+            # once. Sent again, once, on a new connection -- as keep-alive clients do.
+            response = await self._http.send(request(), stream=True)
         readers: list[EventReader[_HttpxPieces]] = []
         try:
             # The latency target of a request counts on a call's timeout as its longest: a long
