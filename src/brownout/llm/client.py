@@ -698,8 +698,9 @@ class ModelClient:
         permit = await ep.limiter.acquire(
             timeout=wait, shed_late=queue_timeout is not None, priority=self._priority
         )
+        written: list[int] = []  # tokens a slow call's stream had brought when it was given up
         try:
-            result = await self._attempt_with(ep, body, limit, permit, salvage)
+            result = await self._attempt_with(ep, body, limit, permit, salvage, written)
         except ModelError as e:
             cause = e.__cause__
             permit.release(
@@ -708,17 +709,20 @@ class ModelClient:
             )
             raise
         except Overloaded as e:
-            # A slow call under load: the server has more work than it can do in time -- shrink.
-            permit.release(dropped=e.reason == "slow", sample=False)
+            if e.reason == "slow" and written:
+                # A long answer given up at its timeout while it was being written: how fast it came
+                # says whether the server is overloaded, not that it ran out of time.
+                permit.release(sample=self._learns, work=written[0])
+            else:
+                # Slow with nothing written: the server has more work than it can do in time -- shrink.
+                permit.release(dropped=e.reason == "slow", sample=False)
             raise
         except BaseException:
             permit.release(sample=False)
             raise
-        if result.finish_reason == CUT_SHORT:
-            # A slow call whose written part was kept: for the limit, a slow call like any other.
-            permit.release(dropped=True, sample=False)
-        else:
-            permit.release(sample=self._learns)
+        produced = result.usage.get("completion_tokens")
+        # Judged by its time per token written: an answer's length is the prompt's doing, not load's.
+        permit.release(sample=self._learns, work=produced if type(produced) is int and produced > 0 else None)
         return result
 
     async def _attempt_with(
@@ -728,6 +732,7 @@ class ModelClient:
         limit: float,
         permit: Permit,
         salvage: Callable[[str], str | None] | None = None,
+        written: list[int] | None = None,
     ) -> ChatResult:
         timeout = limit
         capped = False
@@ -746,6 +751,8 @@ class ModelClient:
             if capped:
                 # ...and the time it had was what was left of the caller's deadline: say so.
                 raise DeadlineExceeded(timeout, policy=self.role) from e.error
+            if written is not None and e.tokens > 0:
+                written.append(e.tokens)
             kept = salvage(e.written) if salvage is not None and e.written else None
             if kept is not None:
                 if e.tokens > 0:

@@ -52,8 +52,16 @@ handful of slots, where one request queued in the server costs a whole service t
 llama.cpp server the caller sets ``max_limit`` to its slot count, so nothing ever queues inside it.
 
 Latency is the time a permit is held (from the grant to :meth:`Permit.release`); the wait in our own
-queue is never part of it. The same service-time average (an exponentially weighted moving average of
-every permit's hold time, ``ewma_alpha``) gives :meth:`AdaptiveLimiter.estimated_wait`, the expected
+queue is never part of it. A call of a known size -- a language model's answer, whose length varies
+five-fold from one prompt to the next -- can say how much work it was (``release(work=...)``, the
+tokens written): its latency sample is then the time *per unit of work*, the server's speed, which
+is what load changes; a whole call's time is mostly the answer's length, and a round of one or two
+of them moved the limit on nothing but that (a short answer learned as the no-load latency made
+every longer one look queued). The first sample with a size switches the limiter to per-unit
+samples for good (learning the baseline again); samples without one are then left out.
+
+A service-time average (an exponentially weighted moving average of every permit's whole hold time,
+``ewma_alpha``) gives :meth:`AdaptiveLimiter.estimated_wait`, the expected
 wait of a newcomer -- what admission control and the dimmer need to decide, before anything waits,
 whether a call can start in time -- and the ``retry_after`` of an ``Overloaded``.
 
@@ -178,6 +186,9 @@ class LimiterStats:
 
     ``granted`` counts permits handed out, ``queued`` callers that had to wait (whatever became of
     them), ``rejected`` callers turned away by reason, ``dropped`` permits released as drops.
+    ``service_time`` is the average time a permit is held; ``baseline`` the no-load latency the limit
+    is judged against -- seconds per unit of work when ``per_work`` (calls said their size), else
+    seconds per call.
     """
 
     limit: int
@@ -189,6 +200,7 @@ class LimiterStats:
     dropped: int
     service_time: float | None
     baseline: float | None
+    per_work: bool = False
 
 
 class Permit:
@@ -210,17 +222,19 @@ class Permit:
         """True once the permit was given back."""
         return self._released
 
-    def release(self, *, dropped: bool = False, sample: bool = True) -> None:
+    def release(self, *, dropped: bool = False, sample: bool = True, work: float | None = None) -> None:
         """Give the permit back (to the oldest waiter, if any).
 
         ``dropped``: the call timed out or the server said it was overloaded -- the limit shrinks.
         ``sample=False``: the call's latency says nothing about the server's load (it failed at once,
-        or it was a tiny probe), so it is left out of the latency rounds. Releasing twice does nothing.
+        or it was a tiny probe), so it is left out of the latency rounds. ``work``: how much work the
+        call was (tokens written, say; positive), so that its sample is the time per unit of work
+        (module docstring). Releasing twice does nothing.
         """
         if self._released:
             return
         self._released = True
-        self._limiter._release(self, dropped=dropped, sample=sample)
+        self._limiter._release(self, dropped=dropped, sample=sample, work=work)
 
 
 _entered: EnteredGuards[Permit] = EnteredGuards("brownout_limiter_permit")
@@ -243,6 +257,7 @@ class AdaptiveLimiter(CallForms):
         "_in_flight",
         "_lanes",
         "_limit",
+        "_per_work",
         "_probe_from",
         "_queued",
         "_rejected",
@@ -282,6 +297,7 @@ class AdaptiveLimiter(CallForms):
         self._rounds = 0
         self._epoch = 0
         self._probe_from: int | None = None
+        self._per_work = False
         self._granted = 0
         self._queued = 0
         self._dropped = 0
@@ -332,6 +348,7 @@ class AdaptiveLimiter(CallForms):
             dropped=self._dropped,
             service_time=self._service,
             baseline=self._baseline,
+            per_work=self._per_work,
         )
 
     def estimated_wait(self, ahead: int = 0, *, priority: int = 0) -> float:
@@ -468,7 +485,7 @@ class AdaptiveLimiter(CallForms):
                 self._round_peak = self._in_flight
             future.set_result(self._epoch)
 
-    def _release(self, permit: Permit, *, dropped: bool, sample: bool) -> None:
+    def _release(self, permit: Permit, *, dropped: bool, sample: bool, work: float | None = None) -> None:
         elapsed = max(0.0, self._clock.now() - permit.granted_at)
         service = self._service
         alpha = self.config.ewma_alpha
@@ -479,7 +496,16 @@ class AdaptiveLimiter(CallForms):
             self._shrink(max(1, math.floor(self._limit * (1.0 - self.config.drop_ratio))), "drop")
         elif sample and permit._epoch == self._epoch:
             # Only calls granted under the current limit say how the server runs at that limit.
-            self._sample(elapsed)
+            if work is not None and work > 0:
+                if not self._per_work:
+                    # Seconds per unit of work from now on: what was learned per call does not compare.
+                    self._per_work = True
+                    self._baseline = None
+                    self._round_sum = 0.0
+                    self._round_n = 0
+                self._sample(elapsed / work)
+            elif not self._per_work:
+                self._sample(elapsed)
         if self._probe_from is not None and self._limit > self.config.min_limit:
             self._shrink(self._limit, "measuring the no-load latency")
         self._grant_waiters()

@@ -8,6 +8,7 @@ The simulated server has ``slots`` request slots: with up to ``slots`` requests 
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -142,6 +143,102 @@ async def test_a_limit_at_the_servers_slots_stays_there_without_dips_to_measure_
     await load.stop(clock)
     assert [(c.old, c.new) for c in changes] == [(1, 2)]
     assert server.served >= 2 * 300 - 4  # both slots busy all the time after the first round
+
+
+class SimModel:
+    """A language model server on the fake clock: answers of 60 to 300 tokens (seeded), written at
+    ``tpot`` seconds a token alone, 1.5 times that each with every slot busy (batched), and slower
+    still past its slots (the extra requests wait inside it)."""
+
+    def __init__(self, clock: FakeClock, slots: int, tpot: float = 0.02, seed: int = 7) -> None:
+        self.first = True
+        self.clock = clock
+        self.slots = slots
+        self.tpot = tpot
+        self.rng = random.Random(seed)
+        self.in_flight = 0
+        self.tokens = 0
+
+    async def answer(self) -> int:
+        # A short start-up check first (as the service's constraint check), then briefs.
+        tokens = 23 if self.first else self.rng.randint(60, 300)
+        self.first = False
+        self.in_flight += 1
+        n = self.in_flight
+        per_token = self.tpot * (1 + 0.5 * (min(n, self.slots) - 1) / max(1, self.slots - 1))
+        try:
+            await self.clock.sleep(tokens * per_token * max(1.0, n / self.slots))
+        finally:
+            self.in_flight -= 1
+        self.tokens += tokens
+        return tokens
+
+
+async def _model_load(clock: FakeClock, limiter: AdaptiveLimiter, model: SimModel, *, sized: bool) -> None:
+    async def caller() -> None:
+        while True:
+            permit = await limiter.acquire()
+            try:
+                tokens = await model.answer()
+            except BaseException:
+                permit.release(sample=False)
+                raise
+            permit.release(work=tokens if sized else None)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(10)]
+    await clock.run(600, step_yields=20)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_calls_that_say_their_size_keep_the_limit_steady_whatever_their_length() -> None:
+    # Answers five times longer than others are not load: judged per token, the limit finds the
+    # server's two slots and stays; judged per call, the lengths alone move it.
+    changes: dict[bool, list[LimitChanged]] = {}
+    for sized in (True, False):
+        clock = FakeClock()
+        bus = EventBus()
+        changes[sized] = []
+        bus.subscribe(changes[sized].append, LimitChanged)
+        limiter = make(clock, bus, initial_limit=1, max_limit=2, max_wait=3600)
+        model = SimModel(clock, slots=2)
+        await _model_load(clock, limiter, model, sized=sized)
+        if sized:
+            assert limiter.stats.per_work
+            assert limiter.stats.baseline == pytest.approx(0.02)
+    assert [(c.old, c.new) for c in changes[True]] == [(1, 2)]
+    assert len(changes[False]) > 3  # down to one slot and back, on answer lengths alone
+
+
+async def test_calls_that_say_their_size_still_find_queueing_inside_the_server() -> None:
+    # Past two slots each token comes more slowly (the extra requests wait inside the server): the
+    # limit settles at the knee or one above it, as with whole calls.
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=6, max_wait=3600)
+    model = SimModel(clock, slots=2)
+    await _model_load(clock, limiter, model, sized=True)
+    assert limiter.limit in (2, 3)
+
+
+async def test_the_first_sized_sample_switches_to_per_unit_latency_for_good() -> None:
+    clock = FakeClock(autojump=True)
+    limiter = make(clock, initial_limit=1, max_limit=1)  # every call a round of its own
+    for _ in range(2):
+        permit = await limiter.acquire()
+        await clock.sleep(2.0)
+        permit.release()  # per call: 2 s
+    assert limiter.stats.baseline == pytest.approx(2.0)
+    assert not limiter.stats.per_work
+    permit = await limiter.acquire()
+    await clock.sleep(2.0)
+    permit.release(work=100)  # 20 ms a token: what was learned per call no longer applies
+    assert limiter.stats.per_work
+    assert limiter.stats.baseline == pytest.approx(0.02)
+    permit = await limiter.acquire()
+    await clock.sleep(50.0)
+    permit.release()  # a call without its size says nothing now
+    assert limiter.stats.baseline == pytest.approx(0.02)
 
 
 async def test_limit_never_exceeds_max_limit_even_without_a_knee() -> None:
@@ -528,11 +625,16 @@ class LimiterMachine(RuleBasedStateMachine):
         self.settle()
 
     @precondition(lambda self: bool(self.held))
-    @rule(data=st.data(), dropped=st.booleans(), work=st.floats(0.0, 5.0))
-    def release(self, data: st.DataObject, dropped: bool, work: float) -> None:
+    @rule(
+        data=st.data(),
+        dropped=st.booleans(),
+        work=st.floats(0.0, 5.0),
+        size=st.none() | st.floats(0.0, 500.0),
+    )
+    def release(self, data: st.DataObject, dropped: bool, work: float, size: float | None) -> None:
         self.clock.advance(work)
         permit = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
-        permit.release(dropped=dropped)
+        permit.release(dropped=dropped, work=size)  # calls with and without their size, mixed
         self.settle()
 
     @precondition(lambda self: bool(self.tasks))
