@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -410,3 +411,38 @@ def test_per_role_settings_with_the_shared_server_are_refused_with_the_way_out()
 def test_bad_local_server_settings_are_refused(local: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         BrownoutConfig.model_validate({"models": {"local": local}})
+
+
+async def test_the_levels_are_divided_by_the_best_configuration_measured_again_as_long_as_a_level(
+    fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grid's best is the highest of short measurements (it flatters the bare server): the rate
+    # divided by is that configuration's again, measured for as long as each level runs.
+    def row(
+        name: str, threads: int, parallel: int, valid: float, tokens: float, seconds: float
+    ) -> dict[str, Any]:
+        return asdict(
+            capacity.ConfigResult(
+                name, threads, parallel, 4096, parallel, seconds, 10, 10, 0, valid, valid, tokens, 4.0, 7.0
+            )
+        )
+
+    grid = [row("1x2", 1, 2, 20.0, 60.0, 20.0), row("2x2", 2, 2, 30.0, 90.0, 20.0)]
+    measured: list[tuple[int, int, float]] = []
+
+    async def fake_grid(**kwargs: Any) -> dict[str, Any]:
+        return {"grid": grid, "best": grid[1]}
+
+    async def fake_measure(threads: int, parallel: int, seconds: float, timeout: float = 120.0) -> Any:
+        measured.append((threads, parallel, seconds))
+        return capacity.ConfigResult("2x2", 2, 2, 4096, 2, seconds, 9, 9, 0, 27.0, 27.0, 81.0, 4.0, 7.0)
+
+    monkeypatch.setattr(capacity, "run_async", fake_grid)
+    monkeypatch.setattr(capacity, "measure", fake_measure)
+    doc = await overload.run_async(url=fake_url, levels=[2], seconds=1.0, settle=2.0)
+    assert measured == [(2, 2, 1.0)]
+    assert (doc["bare"]["valid_per_min"], doc["bare"]["tokens_per_s"]) == (27.0, 81.0)
+    assert doc["bare"]["best"]["valid_per_min"] == 30.0
+    assert doc["bare"]["best_measured_again"]["seconds"] == 1.0
+    [level] = doc["levels"]
+    assert level["ratio_to_bare"] == round(level["generator_briefs_per_min"] / 27.0, 3)

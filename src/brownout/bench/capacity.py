@@ -224,6 +224,11 @@ async def _drive(loads: Sequence[_Load], seconds: float, timeout: float) -> floa
         return time.monotonic() - t0
 
 
+async def measure(threads: int, parallel: int, seconds: float, timeout: float = 120.0) -> ConfigResult:
+    """One configuration of the bare server, ``parallel`` streams of requests for ``seconds``."""
+    return await _grid_one(threads, parallel, seconds, timeout)
+
+
 def _ctx(parallel: int) -> int:
     return CTX_PER_SLOT * parallel
 
