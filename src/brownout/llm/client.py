@@ -64,9 +64,13 @@ them apart by whether the endpoint is demonstrably alive:
 
 A slow call is recorded by no breaker (neither success nor failure, as resilience4j keeps slow calls
 apart from failures; the breaker's own slow-call rate stays off for model endpoints, since a saturated
-model is slow by definition), it shrinks the endpoint's concurrency limit (a drop), it is not retried
-(another attempt would only add load to a busy model), and the caller gets
-:class:`~brownout.errors.Overloaded` with reason ``"slow"``, ``retry_after`` the limiter's estimate.
+model is slow by definition), it is not retried (another attempt would only add load to a busy
+model), and the caller gets :class:`~brownout.errors.Overloaded` with reason ``"slow"``,
+``retry_after`` the limiter's estimate -- or, when it asked with ``salvage``, what the stream had
+written. For the endpoint's concurrency limit it is a drop (the limit shrinks) when nothing had been
+written; a long answer given up while it was coming is judged like any other call, by its time per
+token written (:mod:`brownout.policies.limiter`), since how fast its tokens came says whether the
+server is overloaded and its length does not.
 Connection errors, 5xx answers and malformed bodies are failures whatever the load: a model that
 answers nothing at all still opens its breaker. The per-endpoint counters ``completed`` (well-formed
 completions) and ``slow`` are in :meth:`ModelClient.endpoints_status`; ``completed`` is what the
@@ -585,8 +589,8 @@ class ModelClient:
         ran out on a live, busy endpoint, see the module docstring) while its stream was coming,
         ``salvage(written)`` gets what the stream had brought. The text it returns is the result's
         ``content``, with ``finish_reason`` :data:`CUT_SHORT`; None (or nothing written) raises the
-        slow call's :class:`Overloaded` as without it. Either way the call counts as slow: nothing
-        against the breaker, a drop for the limiter.
+        slow call's :class:`Overloaded` as without it. Either way the call counts as slow (module
+        docstring): nothing against the breaker.
 
         Raises :class:`ModelUnavailable`, :class:`ModelError`, :class:`Overloaded` or
         :class:`DeadlineExceeded`.
