@@ -459,7 +459,7 @@ async def test_over_the_cpu_budget_a_request_whose_generator_call_could_not_star
         # The generator is saturated: a new call would wait a minute for a slot, far beyond the
         # 10 s target, so its call would be refused and the rules would answer at once.
         monkeypatch.setattr(ModelClient, "estimated_wait", lambda self, ahead=0: 60.0)
-        monkeypatch.setattr(ModelClient, "service_time", lambda self: 4.0)
+        monkeypatch.setattr(ModelClient, "service_time", lambda self, quantile=None: 4.0)
         clock, cpu = FakeClock(), _Cpu()
         _over_budget(svc, clock, cpu)
         with pytest.raises(ServiceUnavailable, match="CPU budget"):

@@ -37,8 +37,10 @@ The path of one request under load, and its budgets
 ---------------------------------------------------
 
 A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m]`` and ``S`` is the
-generator's expected service time (the time one call holds a slot of the generator's server, as its
-concurrency limiter measures it; 0 until measured). It may wait in *one* budget, never two:
+generator's service time in the tail: the 75th percentile (:data:`PLAN_QUANTILE`) of the time its
+recent calls held a slot of the generator's server (0 until measured) -- planned with the average,
+every longer-than-average call of a request that waited its whole budget would end past the target.
+It may wait in *one* budget, never two:
 
 1. the exact-answer cache and the coalescing of identical requests: no wait;
 2. the dimmer decides what it leaves out, *before* it queues anywhere. One that needs no model call
@@ -160,6 +162,11 @@ DIMMED_FEATURES = ("description_tail", "creative_hints", "validation", "generati
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``;
 ``description_tail``: the generator's answer was cut short at its time limit, see :meth:`_salvage_brief`)."""
 
+PLAN_QUANTILE = 0.75
+"""The quantile of a model's recent call times a request plans its wait with: by the average, every
+call longer than average of a request that waited its whole budget ended past the target (the p95 of
+accepted answers went past it under 200 clients); by the slowest, nothing would ever wait."""
+
 _MIN_CUT_WORDS = 4
 """Fewest words a description cut short must keep for the brief to be served as the model's."""
 
@@ -236,8 +243,9 @@ class ModelBackend(Protocol):
     def estimated_wait(self, ahead: int = 0) -> float:
         """Seconds a call arriving now (behind ``ahead`` more callers) would wait for a slot."""
 
-    def service_time(self) -> float | None:
-        """Seconds one call is expected to hold a slot (None before any was measured)."""
+    def service_time(self, quantile: float | None = None) -> float | None:
+        """Seconds one call is expected to hold a slot (None before any was measured); with
+        ``quantile``, that quantile of the recent calls' times."""
 
 
 @dataclass
@@ -482,10 +490,11 @@ class BriefService:
     def _generator(self) -> ModelBackend | None:
         return self.backends.get(ROLE_OF_STAGE["generate"])
 
-    def generator_service(self) -> float:
-        """Seconds the generator is expected to take for one call (0 until measured)."""
+    def generator_service(self, quantile: float | None = None) -> float:
+        """Seconds the generator is expected to take for one call (0 until measured); with
+        ``quantile``, that quantile of its recent calls."""
         gen = self._generator()
-        measured = gen.service_time() if gen is not None else None
+        measured = gen.service_time(quantile) if gen is not None else None
         return 0.0 if measured is None else measured
 
     def _start_wait(self, position: int) -> float | None:
@@ -687,7 +696,7 @@ class BriefService:
         # One budget for the whole request (module docstring): it must start its generator call by
         # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
         plan = Budget(finish_by=queued_at + target if shed else None)
-        start_budget = max(0.0, target - self.generator_service()) if shed else None
+        start_budget = max(0.0, target - self.generator_service(PLAN_QUANTILE)) if shed else None
         if self.cpu_budget is not None and (decision.dims("model") or self._no_room(start_budget)):
             # This one will be answered without the model whatever happens next: refused first when
             # the CPU budget says so (before the similar-brief search, the costly part). One the
@@ -972,7 +981,9 @@ class BriefService:
             queue_timeout: float | None = None
             if plan is not None and plan.finish_by is not None:
                 # Wait for a slot only while this call can still finish by the request's target.
-                queue_timeout = max(0.0, plan.finish_by - asked - (backend.service_time() or 0.0))
+                queue_timeout = max(
+                    0.0, plan.finish_by - asked - (backend.service_time(PLAN_QUANTILE) or 0.0)
+                )
             try:
                 result = await backend.chat(
                     messages,

@@ -505,9 +505,10 @@ class ModelClient:
         ]
         return min(waits) if waits else 0.0
 
-    def service_time(self) -> float | None:
+    def service_time(self, quantile: float | None = None) -> float | None:
         """The expected seconds one call holds a slot, from the fastest available endpoint that has
-        measured one (None before any call finished).
+        measured one (None before any call finished); with ``quantile`` (0..1), that quantile of the
+        role's recent calls there instead of the average -- how long the long ones take.
 
         On an endpoint shared with other roles it is this role's own calls' latency average: the
         shared limiter's average mixes in the other roles' calls and the probes, which are shorter,
@@ -516,7 +517,14 @@ class ModelClient:
             t
             for ep in self._endpoints
             if ep.breaker.available
-            and (t := (ep.load.ewma if ep.shared else ep.limiter.service_time)) is not None
+            and (
+                t := (
+                    ep.load.quantile(quantile)
+                    if quantile is not None
+                    else (ep.load.ewma if ep.shared else ep.limiter.service_time)
+                )
+            )
+            is not None
         ]
         return min(times) if times else None
 

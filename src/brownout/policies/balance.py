@@ -58,16 +58,22 @@ send; without one, the calls counted by :meth:`EndpointLoad.begin` and :meth:`En
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Container, Iterable
 from typing import Final, Protocol, TypeVar
 
 from brownout.errors import ConfigError
 from brownout.policies.limiter import AdaptiveLimiter
 
-__all__ = ["LATENCY_ALPHA", "Balanced", "EndpointLoad", "pick"]
+__all__ = ["LATENCY_ALPHA", "RECENT_LATENCIES", "Balanced", "EndpointLoad", "pick"]
 
 LATENCY_ALPHA: Final = 0.3
 """Weight of the newest answer in the latency average: about the last five answers matter."""
+
+RECENT_LATENCIES: Final = 32
+"""Latencies an :class:`EndpointLoad` keeps for :meth:`EndpointLoad.quantile`: a few minutes of a
+busy language model's answers."""
 
 
 class EndpointLoad:
@@ -79,7 +85,7 @@ class EndpointLoad:
     answer in the latency average (default :data:`LATENCY_ALPHA`).
     """
 
-    __slots__ = ("_calls", "alpha", "ewma", "limiter", "priority")
+    __slots__ = ("_calls", "_recent", "alpha", "ewma", "limiter", "priority")
 
     def __init__(
         self, limiter: AdaptiveLimiter | None = None, *, alpha: float = LATENCY_ALPHA, priority: int = 0
@@ -95,6 +101,7 @@ class EndpointLoad:
         self.ewma: float | None = None
         """The latency average in seconds (None until the first answer)."""
         self._calls = 0
+        self._recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
 
     @property
     def in_flight(self) -> int:
@@ -115,6 +122,16 @@ class EndpointLoad:
         endpoint was that slow)."""
         ewma = self.ewma
         self.ewma = seconds if ewma is None else ewma + self.alpha * (seconds - ewma)
+        self._recent.append(seconds)
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1, nearest rank) of the last :data:`RECENT_LATENCIES` latencies
+        (None until the first answer): how long a call takes in the tail, where the average says how
+        long it takes in the middle."""
+        recent = sorted(self._recent)
+        if not recent:
+            return None
+        return recent[min(len(recent) - 1, max(0, math.ceil(q * len(recent)) - 1))]
 
     def rank(self, tried: bool = False) -> tuple[bool, float, float, int]:
         """The endpoint's place in :func:`pick`'s order, lower first: ``(tried, wait for a slot,

@@ -229,3 +229,21 @@ def test_among_equal_endpoints_calls_spread_evenly(n: int, latency: float | None
     started = [r.load.in_flight for r in group]
     if all(op == -1 for op in ops):
         assert max(started) - min(started) <= 1
+
+
+def test_the_latency_quantile_is_over_the_recent_answers() -> None:
+    from brownout.policies.balance import RECENT_LATENCIES, EndpointLoad
+
+    load = EndpointLoad()
+    assert load.quantile(0.75) is None
+    for seconds in (4.0, 1.0, 3.0, 2.0):
+        load.observe(seconds)
+    assert (load.quantile(0.0), load.quantile(0.5), load.quantile(0.75), load.quantile(1.0)) == (
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    )
+    for _ in range(RECENT_LATENCIES):
+        load.observe(10.0)  # the older answers fall out
+    assert load.quantile(0.0) == 10.0
