@@ -309,24 +309,23 @@ def _brief_json(description: str) -> str:
 LONG_DESCRIPTION = " ".join(f"word{i}" for i in range(60))
 
 
+def _two_slot_generator(fakes: dict[str, FakeLLM], *, timeout: float) -> dict[str, Any]:
+    """Overrides: the generator on two slots from the start, with ``timeout`` per call."""
+    qwen = {
+        "timeout": timeout,
+        "endpoints": [{"url": fakes["qwen"].url, "max_concurrency": 2}],
+        "limiter": {"initial_limit": 2},
+    }
+    return {"models": {"roles": {"qwen": qwen}}}
+
+
 async def test_a_slow_generator_answer_cut_in_its_description_is_served_cut_short(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
     # Two slots, a 1.5 s time limit, and a generator writing a word every 50 ms: its brief's fields
     # take ~0.9 s, its 60-word description 3 s more. Two at once on a server that has just answered:
     # slow under load -- each kept as far as it was written, not thrown away for the rules.
-    overrides = {
-        "models": {
-            "roles": {
-                "qwen": {
-                    "timeout": 1.5,
-                    "endpoints": [{"url": fakes["qwen"].url, "max_concurrency": 2}],
-                    "limiter": {"initial_limit": 2},
-                }
-            }
-        }
-    }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+    async with one_slot_service(fakes, tmp_path, _two_slot_generator(fakes, timeout=1.5)) as svc:
         svc.dimmer.force(0.0)
         fakes["qwen"].set("ok", content=_brief_json("A short and whole description."), chunk_delay=0.01)
         whole = await svc.create_brief(distinct_text(0), "fast")
@@ -367,18 +366,7 @@ async def test_a_slow_generator_answer_cut_before_its_description_is_left_to_the
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
     # Cut while the brief's fields were still being written: nothing valid to keep.
-    overrides = {
-        "models": {
-            "roles": {
-                "qwen": {
-                    "timeout": 0.5,
-                    "endpoints": [{"url": fakes["qwen"].url, "max_concurrency": 2}],
-                    "limiter": {"initial_limit": 2},
-                }
-            }
-        }
-    }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+    async with one_slot_service(fakes, tmp_path, _two_slot_generator(fakes, timeout=0.5)) as svc:
         svc.dimmer.force(0.0)
         fakes["qwen"].set("ok", content=_brief_json("Whole."), chunk_delay=0.0)
         await svc.create_brief(distinct_text(0), "fast")

@@ -494,10 +494,7 @@ async def test_a_whole_answer_to_a_stream_request_is_read_whole() -> None:
         assert failures(c) == (1, 0)
 
 
-async def _endless_stream(
-    closed: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
-    """An HTTP server's handler streaming one token event every 50 ms until the client goes away."""
+async def _read_request(reader: asyncio.StreamReader) -> None:
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(
         int(line.split(b":", 1)[1])
@@ -505,6 +502,13 @@ async def _endless_stream(
         if line.lower().startswith(b"content-length:")
     )
     await reader.readexactly(length)
+
+
+async def _endless_stream(
+    closed: asyncio.Event, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """An HTTP server's handler streaming one token event every 50 ms until the client goes away."""
+    await _read_request(reader)
     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
 
     async def until_eof() -> None:
@@ -554,13 +558,7 @@ async def test_an_idle_connection_is_not_reused_past_the_keepalive_expiry() -> N
         ).encode()
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":", 1)[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                await reader.readexactly(length)
+                await _read_request(reader)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                     b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -582,16 +580,6 @@ async def test_an_idle_connection_is_not_reused_past_the_keepalive_expiry() -> N
             assert connections == 2  # idle past the expiry: a new connection
             assert failures(c) == (3, 0)
         await until(lambda: ended == connections, "the server's handlers to see their connections end")
-
-
-async def _read_request(reader: asyncio.StreamReader) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":", 1)[1])
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"content-length:")
-    )
-    await reader.readexactly(length)
 
 
 _WHOLE = json.dumps(
