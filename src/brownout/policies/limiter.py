@@ -530,7 +530,8 @@ class AdaptiveLimiter(CallForms):
             self._baseline = mean
             if self._probe_from is not None:
                 restore, self._probe_from = self._probe_from, None
-                self._set(restore, f"no-load latency measured: {mean:.3g}s")
+                unit = "s per unit of work" if self._per_work else "s"
+                self._set(restore, f"no-load latency measured: {mean:.3g}{unit}")
                 return
         base = self._baseline
         if base is None or mean < base:
