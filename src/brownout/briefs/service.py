@@ -37,7 +37,7 @@ The path of one request under load, and its budgets
 ---------------------------------------------------
 
 A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m]`` and ``S`` is the
-generator's service time in the tail: the 75th percentile (:data:`PLAN_QUANTILE`) of the time its
+generator's service time in the tail: the 90th percentile (:data:`PLAN_QUANTILE`) of the time its
 recent calls held a slot of the generator's server (0 until measured) -- planned with the average,
 every longer-than-average call of a request that waited its whole budget would end past the target.
 It may wait in *one* budget, never two:
@@ -162,10 +162,11 @@ DIMMED_FEATURES = ("description_tail", "creative_hints", "validation", "generati
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``;
 ``description_tail``: the generator's answer was cut short at its time limit, see :meth:`_salvage_brief`)."""
 
-PLAN_QUANTILE = 0.75
+PLAN_QUANTILE = 0.9
 """The quantile of a model's recent call times a request plans its wait with: by the average, every
 call longer than average of a request that waited its whole budget ended past the target (the p95 of
-accepted answers went past it under 200 clients); by the slowest, nothing would ever wait."""
+accepted answers went past it under 200 clients; by the 75th percentile, in one drill run of four);
+by the slowest, nothing would ever wait."""
 
 _MIN_CUT_WORDS = 4
 """Fewest words a description cut short must keep for the brief to be served as the model's."""
