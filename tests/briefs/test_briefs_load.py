@@ -319,6 +319,18 @@ def _two_slot_generator(fakes: dict[str, FakeLLM], *, timeout: float) -> dict[st
     return {"models": {"roles": {"qwen": qwen}}}
 
 
+async def _warm_then_two_long(
+    svc: BriefService, fakes: dict[str, FakeLLM], chunk_delay: float
+) -> tuple[Any, list[Any]]:
+    """One whole answer (a sign of life), then two long answers at once, a word every ``chunk_delay``."""
+    svc.dimmer.force(0.0)
+    fakes["qwen"].set("ok", content=_brief_json("A short and whole description."), chunk_delay=0.0)
+    whole = await svc.create_brief(distinct_text(0), "fast")
+    fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=chunk_delay)
+    answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in (1, 2)))
+    return whole, list(answers)
+
+
 async def test_a_slow_generator_answer_cut_in_its_description_is_served_cut_short(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
@@ -326,13 +338,9 @@ async def test_a_slow_generator_answer_cut_in_its_description_is_served_cut_shor
     # take ~0.9 s, its 60-word description 3 s more. Two at once on a server that has just answered:
     # slow under load -- each kept as far as it was written, not thrown away for the rules.
     async with one_slot_service(fakes, tmp_path, _two_slot_generator(fakes, timeout=1.5)) as svc:
-        svc.dimmer.force(0.0)
-        fakes["qwen"].set("ok", content=_brief_json("A short and whole description."), chunk_delay=0.01)
-        whole = await svc.create_brief(distinct_text(0), "fast")
+        whole, answers = await _warm_then_two_long(svc, fakes, chunk_delay=0.05)
         assert whole["brief"]["description"] == "A short and whole description."
         assert "dimmed" not in whole
-        fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=0.05)
-        answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in (1, 2)))
         for answer in answers:
             assert answer["stages"][0]["served_by"] == "model:qwen"
             assert (answer["reason"], answer["dimmed"]) == ("load", ["description_tail"])
@@ -367,11 +375,7 @@ async def test_a_slow_generator_answer_cut_before_its_description_is_left_to_the
 ) -> None:
     # Cut while the brief's fields were still being written: nothing valid to keep.
     async with one_slot_service(fakes, tmp_path, _two_slot_generator(fakes, timeout=0.5)) as svc:
-        svc.dimmer.force(0.0)
-        fakes["qwen"].set("ok", content=_brief_json("Whole."), chunk_delay=0.0)
-        await svc.create_brief(distinct_text(0), "fast")
-        fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=0.1)
-        answers = await asyncio.gather(*(svc.create_brief(distinct_text(i), "fast") for i in (1, 2)))
+        _, answers = await _warm_then_two_long(svc, fakes, chunk_delay=0.1)
         for answer in answers:
             assert answer["stages"][0]["served_by"] in ("rules", "cache")
             assert answer["dimmed"] == ["generation"]
