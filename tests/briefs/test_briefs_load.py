@@ -219,6 +219,38 @@ async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
         assert stats.queued <= stats.admitted + stats.rejected["queue_timeout"]
 
 
+async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_the_event_loop(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Under a burst every request of it runs one step before any runs its next: a refusal that needed
+    # a second step (a computation started as a task) waited behind the whole burst.
+    # A 0.6 s generator and a 1 s target: a request behind a running one cannot start in time.
+    fakes["qwen"].set("slow", delay=0.6)
+    overrides = {
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "fast")  # the service time is known
+        busy = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
+        await until(lambda: svc.admission.in_flight == 1, "the only pipeline slot taken")
+        computations = svc._flights.stats.computations
+        turned: list[bool] = []
+        asyncio.get_running_loop().call_soon(turned.append, True)
+        with pytest.raises(ServiceUnavailable, match="latency target"):
+            await svc.create_brief(distinct_text(2), "fast")
+        assert turned == []  # refused in the step it arrived in
+        assert svc._flights.stats.computations == computations  # and no computation was started for it
+        assert svc.admission.stats.rejected["deadline"] == 1
+        assert svc.stats.rejected["deadline"] == 1
+        # The same text asked again while one is computing joins it and is never refused.
+        again = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
+        first, second = await asyncio.gather(busy, again)
+        assert first["brief"] == second["brief"]
+        assert svc.admission.stats.rejected["deadline"] == 1
+
+
 def test_a_busy_probe_is_never_the_roles_best_latency(fakes: dict[str, FakeLLM], tmp_path: Path) -> None:
     config = make_config({r: f.url for r, f in fakes.items()}, tmp_path / "b.db")
     clients = {role: ModelClient(role, config.models.roles[role].endpoints) for role in ROLES}

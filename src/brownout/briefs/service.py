@@ -89,7 +89,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from brownout import telemetry
 from brownout.briefs.answer import BriefAnswer
@@ -262,6 +262,18 @@ class Budget:
     """Roles whose call was refused for load or was slow under load: busy, not down."""
     cut: set[str] = field(default_factory=set)
     """Roles whose answer was slow under load and kept as far as it was written (cut short)."""
+
+
+class _Admitted(NamedTuple):
+    """A request's admission (:meth:`BriefService._admit`): its target and arrival, what the dimmer
+    leaves out of it, its time budget, and the seconds it has to start its generator call (None:
+    no limit but its deadline's)."""
+
+    target: float
+    queued_at: float
+    decision: DimmerDecision
+    plan: Budget
+    start_budget: float | None
 
 
 @dataclass
@@ -638,12 +650,14 @@ class BriefService:
             )
             return cast(BriefAnswer, hit)
         try:
-            if self._shared_flights is not None:
-                response: dict[str, Any] = await self._shared_flights.do(
-                    key, lambda: self._compute(key, text, mode)
-                )
-            else:
-                response = await self._flights.do(key, lambda: self._compute(key, text, mode))
+            flights = self._shared_flights if self._shared_flights is not None else self._flights
+            # A request that starts a computation is admitted (or refused) here, in the step of the
+            # event loop it arrived in: the computation runs as a task of its own, a turn of the loop
+            # later, and under a burst every refusal made there would wait behind the whole burst.
+            # One that joins a computation already running for its key in this process is never
+            # refused (with Redis, one another replica runs is joined only by those admitted here).
+            admitted = None if key in flights else self._admit(mode)
+            response: dict[str, Any] = await flights.do(key, lambda: self._compute(key, text, mode, admitted))
         except Overloaded as e:
             self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
             if e.reason == "cpu_budget":
@@ -687,7 +701,10 @@ class BriefService:
         self.shared_cache = cache
         self._shared_flights = flights
 
-    async def _compute(self, key: str, text: str, mode: str) -> dict[str, Any]:
+    def _admit(self, mode: str) -> _Admitted:
+        """Decide on arrival what a ``mode`` request leaves out and its time budget; raise
+        ``Overloaded`` when it is refused at once (the CPU budget, or a generator call that could not
+        start in time). Nothing here waits."""
         target = self.config.dimmer.target(mode)
         queued_at = self._clock.now()
         # What this request leaves out is decided on arrival: one that needs no model call queues
@@ -703,6 +720,19 @@ class BriefService:
             # the CPU budget says so (before the similar-brief search, the costly part). One the
             # generator could still take in time is never refused here.
             self._within_cpu_budget()
+        if not decision.dims("generation"):
+            # Bound for the admission queue: refused now if it could not start in time.
+            self.admission.check(start_budget)
+        return _Admitted(target, queued_at, decision, plan, start_budget)
+
+    async def _compute(
+        self, key: str, text: str, mode: str, admitted: _Admitted | None = None
+    ) -> dict[str, Any]:
+        # Admitted by the caller that started this computation; here when it had not been (a
+        # flight that had just finished when the caller looked, or a direct call).
+        target, queued_at, decision, plan, start_budget = (
+            admitted if admitted is not None else self._admit(mode)
+        )
         if decision.dims("generation"):
             ctx = BriefContext(text=text, requested_mode=mode)
             ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])  # left out for load, not for a fault

@@ -288,6 +288,31 @@ class Admission(CallForms):
             else:
                 self._in_flight -= 1
 
+    def check(self, budget: float | None = None) -> None:
+        """Raise ``Overloaded`` now if :meth:`call_within` with ``budget`` would shed a caller arriving
+        now at once (tripped, ``"deadline"``, ``"queue_full"``); take no slot and join no queue.
+
+        For a caller with work to do before its call (a task to start, a lookup, a lock to take):
+        refused here, it is answered within its own step of the event loop, instead of after that
+        work -- under a burst, a refusal that waits for one more turn of the loop waits behind every
+        other request of the burst. A caller that passes still goes through :meth:`call_within`,
+        which decides again on the state it then finds (a slot may have been taken meanwhile). A
+        queue-depth trip is never started here, only honoured."""
+        if self._in_flight < self._fast_limit:
+            return
+        now = self._clock.now()
+        if self._fast_limit == 0 and self._tripped_until > now:
+            raise self._reject(_TRIPPED, self._tripped_until - now, now)
+        waiters = self._waiters
+        if self._in_flight < self._max and not waiters:
+            return
+        depth = len(waiters)
+        if self._trip_depth is not None and depth >= self._trip_depth:
+            return  # call_within trips the admission and refuses (and counts) it
+        refusal = self._shed_at_once(depth, budget, now)
+        if refusal is not None:
+            raise refusal
+
     async def call_within(
         self, budget: float | None, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
     ) -> Any:
@@ -367,13 +392,9 @@ class Admission(CallForms):
             self._tripped_until = now + self._trip_cooldown
             self._fast_limit = 0
             raise self._reject(_TRIPPED, self._trip_cooldown, now)
-        if budget is not None:
-            wait = self._wait_for(depth + 1)
-            if wait is not None and wait > budget:
-                # It could not start in time: say so now rather than after waiting to fail.
-                raise self._reject(_DEADLINE, self._estimate(depth), now)
-        if depth >= self._max_queue:
-            raise self._reject(_QUEUE_FULL, self._estimate(depth), now)
+        refusal = self._shed_at_once(depth, budget, now)
+        if refusal is not None:
+            raise refusal
 
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         waiters.append(future)
@@ -403,6 +424,18 @@ class Admission(CallForms):
         self._observe_pace((left - entered) / position)
         if not granted:
             raise self._reject(_QUEUE_TIMEOUT, self._estimate(len(waiters)), left)
+
+    def _shed_at_once(self, depth: int, budget: float | None, now: float) -> Overloaded | None:
+        """The refusal (counted) of a caller that would queue behind ``depth`` others with ``budget``
+        seconds to start, or None when it may queue."""
+        if budget is not None:
+            wait = self._wait_for(depth + 1)
+            if wait is not None and wait > budget:
+                # It could not start in time: say so now rather than after waiting to fail.
+                return self._reject(_DEADLINE, self._estimate(depth), now)
+        if depth >= self._max_queue:
+            return self._reject(_QUEUE_FULL, self._estimate(depth), now)
+        return None
 
     def _expire(self, future: asyncio.Future[bool]) -> None:
         """Timer callback: the waiter waited ``max_wait`` without getting a slot."""

@@ -361,6 +361,11 @@ class RedisSingleflight(Generic[V]):
         failure = json.loads(payload[1:])
         raise RemoteComputationFailed(self.name, key, str(failure["error"]), str(failure["message"]))
 
+    def __contains__(self, key: str) -> bool:
+        """Whether this process runs or awaits a flight for ``key`` now (its own callers join it);
+        another replica's flight is not known here without asking Redis."""
+        return key in self._local
+
     @property
     def stats(self) -> RedisSingleflightStats:
         """A snapshot of the counters."""

@@ -600,6 +600,34 @@ async def test_a_caller_that_cannot_start_in_time_is_refused_at_once(clock: Fake
     assert adm.stats.rejected["deadline"] == 1
 
 
+async def test_check_refuses_as_call_within_would_without_queueing(clock: FakeClock, bus: EventBus) -> None:
+    seen: list[CallRejected] = []
+    bus.subscribe(seen.append, CallRejected)
+    adm = make(clock, bus, max_concurrent=1, max_queue=3, max_wait=1e6, trip_queue_depth=None)
+    adm.check(0.0)  # nothing known, nothing running: never refused
+    gate = Gate()
+    tasks = await _busy(clock, adm, gate, service=2.0, queued=2)
+    # Three ahead at 2 s each: 6 s to start.
+    with pytest.raises(Overloaded) as info:
+        adm.check(5.0)
+    assert info.value.reason == "deadline"
+    assert info.value.retry_after == pytest.approx(6.0)
+    adm.check(7.0)  # time enough: it may queue
+    adm.check(None)  # no budget: the queue has room
+    assert (adm.in_flight, adm.queue_size, adm.stats.queued) == (1, 2, 2)  # nothing taken or joined
+    tasks.append(asyncio.create_task(adm.call(gate.body, 3)))
+    await settle()
+    with pytest.raises(Overloaded) as full:
+        adm.check(None)
+    assert full.value.reason == "queue_full"
+    assert [e.reason for e in seen] == ["deadline", "queue_full"]
+    assert adm.stats.rejected["deadline"] == adm.stats.rejected["queue_full"] == 1
+    for i in range(4):
+        gate.finish(i)
+    await asyncio.gather(*tasks)
+    adm.check(0.0)  # a free slot again
+
+
 async def test_a_queued_caller_never_waits_past_its_budget(clock: FakeClock) -> None:
     adm = make(clock, max_concurrent=1, max_wait=1e6)
     gate = Gate()

@@ -101,6 +101,14 @@ async def test_next_call_computes_again_and_keys_are_independent(
 ) -> None:
     a, b = replicas(clients)
     compute = Counting(delay=0.01)
+    assert "k" not in a
+    running = asyncio.create_task(a.do("k", compute))
+    await asyncio.sleep(0)
+    assert "k" in a  # this process runs it: its callers join
+    assert "k" not in b  # another replica's flight is not known without asking Redis
+    assert await running == {"answer": 42}
+    assert "k" not in a
+    compute.runs = 0
     assert await a.do("k", compute) == {"answer": 42}
     assert await b.do("k", compute) == {"answer": 42}
     assert compute.runs == 2  # no caching: the earlier result is not mistaken for a new one
