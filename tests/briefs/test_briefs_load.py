@@ -377,7 +377,7 @@ async def test_a_slow_generator_answer_cut_in_its_description_is_served_cut_shor
             assert answer["stages"][0]["served_by"] == "model:qwen"
             assert (answer["reason"], answer["dimmed"]) == ("load", ["description_tail"])
             assert answer["degraded"] is True
-            assert any("cut short" in w for w in answer["warnings"])
+            assert any("stopped at its 1.5s time limit" in w for w in answer["warnings"])
             brief = answer["brief"]
             assert (brief["style"], brief["product_category"], brief["longevity"]) == (
                 "floral",
@@ -412,6 +412,33 @@ async def test_a_slow_generator_answer_cut_before_its_description_is_left_to_the
             assert answer["stages"][0]["served_by"] in ("rules", "cache")
             assert answer["dimmed"] == ["generation"]
         assert qwen(svc).breakers["qwen"].metrics().failures == 0
+
+
+async def test_a_generator_answer_still_coming_at_the_requests_target_is_cut_there(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # A 2 s target and a 10 s time limit per call: a long answer (fields in ~0.9 s, a 60-word
+    # description 3 s more) is cut at the request's target, not at the call's limit, and served cut
+    # short. The request's time is its target whatever its call's limit; the cut is the request's
+    # doing, nothing is counted against the model.
+    overrides = merge(
+        _two_slot_generator(fakes, timeout=10.0),
+        {"dimmer": {"targets": {"fast": 2.0, "balanced": 2.0, "creative": 2.0}}},
+    )
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        fakes["qwen"].set("ok", content=_brief_json(LONG_DESCRIPTION), chunk_delay=0.05)
+        answer = await svc.create_brief(distinct_text(0), "fast")
+        assert answer["stages"][0]["served_by"] == "model:qwen"
+        assert (answer["reason"], answer["dimmed"]) == ("load", ["description_tail"])
+        assert 1.8 <= answer["latency_ms"] / 1000 < 3.0
+        assert any("stopped at the request's 2s latency target" in w for w in answer["warnings"])
+        words = answer["brief"]["description"][:-1].split()
+        assert 4 <= len(words) < 60
+        gen = qwen(svc)
+        assert gen.breakers["qwen"].metrics().failures == 0
+        assert svc.stats.failures["qwen"] == 0
+        assert gen.limiters["qwen"].stats.dropped == 0
 
 
 @pytest.mark.parametrize(

@@ -15,10 +15,11 @@ import httpx
 import pytest
 
 from brownout.chaos.fakellm import FakeLLM
+from brownout.clock import SYSTEM_CLOCK
 from brownout.config import CircuitBreakerSection
 from brownout.errors import ConfigError, DeadlineExceeded, ModelError, ModelUnavailable, Overloaded
 from brownout.events import BreakerStateChanged, EventBus
-from brownout.llm.client import ModelClient, SharedEndpoint, is_caller_fault
+from brownout.llm.client import EARLY_CUT, ModelClient, SharedEndpoint, is_caller_fault
 from brownout.llm.types import CUT_SHORT, ChatResult, EndpointConfig
 from brownout.policies.breaker import BreakerConfig, BreakerGroupConfig, BreakerState
 from brownout.policies.deadline import deadline
@@ -440,6 +441,62 @@ async def test_a_slow_call_keeps_what_its_stream_wrote_when_the_caller_can_use_i
         assert isinstance(outcomes[0], Overloaded)
         assert outcomes[0].reason == "slow"
         assert isinstance(outcomes[1], ChatResult)
+
+
+async def test_a_call_cut_at_its_callers_finish_time_is_the_callers_doing_not_the_models() -> None:
+    # A lone call on an idle endpoint whose caller needs the answer in 0.5 s, well within its 3 s
+    # time limit: twelve words 0.1 s apart do not make it. The caller's time went elsewhere (waiting
+    # for its turn, say): nothing is counted against the endpoint, busy or not.
+    async with FakeLLM(content=WORDS, chunk_delay=0.1) as fake, client(ep(fake), timeout=3.0) as c:
+        seen: list[str] = []
+
+        def keep(written: str) -> str | None:
+            seen.append(written)
+            return written if len(written.split()) >= 2 else None
+
+        start = time.monotonic()
+        result = await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 0.5, salvage=keep)
+        assert time.monotonic() - start < 1.0
+        assert result.finish_reason == CUT_SHORT
+        assert [result.content] == seen
+        assert 2 <= len(result.content.split()) < 12
+        # Nothing the caller can use: Overloaded ("slow": the model is busy for this caller).
+        with pytest.raises(Overloaded) as info:
+            await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 0.5)
+        assert info.value.reason == "slow"
+        assert failures(c) == (0, 0)  # neither call reached the breaker's count
+        assert c.limiters["gen"].stats.dropped == 0
+        # Time enough: the whole answer, as without a finish time.
+        whole = await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 2.5)
+        assert whole.content == WORDS
+        assert failures(c) == (1, 0)
+        assert c.endpoints_status()[0]["in_flight"] == 0
+
+
+async def test_a_finish_time_about_as_long_as_the_timeout_still_finds_a_hung_model() -> None:
+    # Cut at its finish time, but within EARLY_CUT of its own timeout: that is the timeout, and a
+    # lone call that got nothing from an idle endpoint is a failure (a hung model must be found).
+    async with FakeLLM("hang") as fake, client(ep(fake), timeout=0.6) as c:
+        with pytest.raises(ModelError, match="no answer within"):
+            await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 0.5)
+        assert failures(c) == (1, 1)
+    assert EARLY_CUT >= 0.5
+
+
+async def test_a_call_whose_slot_comes_after_its_finish_time_is_not_sent() -> None:
+    async with (
+        FakeLLM("slow", delay=0.5) as fake,
+        client(ep(fake, max_concurrency=1), timeout=3.0) as c,
+    ):
+        first = asyncio.create_task(c.chat(MESSAGES))
+        await until(lambda: fake.chat_requests == 1, "the first call sent")
+        with pytest.raises(Overloaded) as info:
+            await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 0.2)
+        assert info.value.reason == "queue_timeout"
+        await first
+        assert fake.chat_requests == 1  # never sent
+        assert failures(c) == (1, 0)
+        assert c.endpoints_status()[0]["in_flight"] == 0
 
 
 async def test_a_stream_silent_for_longer_than_the_timeout_times_out_and_counts() -> None:

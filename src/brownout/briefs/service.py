@@ -59,14 +59,19 @@ It may wait in *one* budget, never two:
    (never to the reduced-context retry, which would only add load), and the answer says
    ``reason: "load"``, ``dimmed: ["generation"]`` -- unless the slow call had written a valid brief
    up to its description, which is then served cut short (``dimmed: ["description_tail"]``);
-5. once sent, a model call has its role's whole ``timeout``: the wait before it never eats into the
-   model's time, so a timeout is the model's own slowness (which the client judges: busy or down).
+5. once sent, a model call runs until ``t0 + T`` or its role's ``timeout``, whichever comes first. A
+   call the request's target cuts well before its own timeout (by more than
+   :data:`~brownout.llm.client.EARLY_CUT`) is the request's doing -- its time went on waiting -- and
+   never counts against the model, busy or not; what it had written is served cut short when it
+   makes a brief (as above), else the similar brief or the rules answer, ``reason: "load"``. A cut
+   about as long as the timeout is judged as a timeout (busy, or down: a hung model is still found).
    ``server.request_timeout`` remains the hard deadline of the whole pipeline.
 
 So an accepted request plans to finish by ``t0 + T``: at most ``T - S`` waiting, then about ``S``
-generating. The dimmer sees the same picture: its queue signal is the wait a new request would have
-before its generator call starts (admission queue and generator queue together), and each answer's
-latency reaches it split into that wait and the service time.
+generating -- and a longer answer is cut at ``t0 + T`` rather than served late. The dimmer sees the
+same picture: its queue signal is the wait a new request would have before its generator call starts
+(admission queue and generator queue together), and each answer's latency reaches it split into that
+wait and the service time.
 
 What the validator model says reaches the answer's ``warnings``; when it rejects the brief or raises
 an IFRA concern the brief is still served (it passed the schema's checks) with reliability ``medium``,
@@ -160,7 +165,8 @@ _FEATURE_OF_STAGE = {"generate": "generation", "validate": "validation", "hint":
 
 DIMMED_FEATURES = ("description_tail", "creative_hints", "validation", "generation")
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``;
-``description_tail``: the generator's answer was cut short at its time limit, see :meth:`_salvage_brief`)."""
+``description_tail``: the generator's answer was cut short at its time limit or its request's
+target, see :meth:`_salvage_brief`)."""
 
 PLAN_QUANTILE = 0.9
 """The quantile of a model's recent call times a request plans its wait with: by the average, every
@@ -234,9 +240,11 @@ class ModelBackend(Protocol):
         timeout: float | None = None,
         queue_timeout: float | None = None,
         salvage: Callable[[str], str | None] | None = None,
+        finish_by: float | None = None,
     ) -> Any:
         """One chat completion; returns an object with ``content``, ``latency`` (seconds sent) and
-        ``finish_reason`` (``CUT_SHORT`` when ``salvage`` kept an answer cut short)."""
+        ``finish_reason`` (``CUT_SHORT`` when ``salvage`` kept an answer cut short). ``finish_by``:
+        the clock time the caller needs it by (a call still running then is cut there)."""
 
     async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
         """A tiny test inference on every endpoint."""
@@ -262,6 +270,12 @@ class Budget:
     """Roles whose call was refused for load or was slow under load: busy, not down."""
     cut: set[str] = field(default_factory=set)
     """Roles whose answer was slow under load and kept as far as it was written (cut short)."""
+    cut_at_target: set[str] = field(default_factory=set)
+    """Of those, the ones cut at the request's target rather than at their own time limit."""
+
+
+_ADMISSION_FRESH = 1.0
+"""Seconds an admission made before a computation started stays its admission (see ``_compute``)."""
 
 
 class _Admitted(NamedTuple):
@@ -728,11 +742,13 @@ class BriefService:
     async def _compute(
         self, key: str, text: str, mode: str, admitted: _Admitted | None = None
     ) -> dict[str, Any]:
-        # Admitted by the caller that started this computation; here when it had not been (a
-        # flight that had just finished when the caller looked, or a direct call).
-        target, queued_at, decision, plan, start_budget = (
-            admitted if admitted is not None else self._admit(mode)
-        )
+        # Admitted by the caller that started this computation, in the same moment; here when it had
+        # not been (a flight that had just finished when the caller looked, or a direct call), or
+        # when its admission is stale: a computation taken over from another replica that died
+        # holding it starts only when that replica's lock expires, and its budget starts then.
+        if admitted is None or self._clock.now() - admitted.queued_at > _ADMISSION_FRESH:
+            admitted = self._admit(mode)
+        target, queued_at, decision, plan, start_budget = admitted
         if decision.dims("generation"):
             ctx = BriefContext(text=text, requested_mode=mode)
             ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])  # left out for load, not for a fault
@@ -889,10 +905,14 @@ class BriefService:
         generated_by = result.stages[0].served_by
         cut = generated_by.startswith("model:") and ROLE_OF_STAGE["generate"] in ctx.budget.cut
         if cut:
-            timeout = self.config.models.roles[ROLE_OF_STAGE["generate"]].timeout
+            role = ROLE_OF_STAGE["generate"]
+            stopped = (
+                f"the request's {self.config.dimmer.target(ctx.requested_mode):g}s latency target"
+                if role in ctx.budget.cut_at_target
+                else f"its {self.config.models.roles[role].timeout:g}s time limit"
+            )
             warnings.append(
-                f"Description cut short: the generator was busy and its answer was stopped at its "
-                f"{timeout:g}s time limit"
+                f"Description cut short: the generator was busy and its answer was stopped at {stopped}"
             )
         if generated_by.startswith("model:") and ctx.reliability == "high" and not cut:
             self.similar.add(text, brief)  # whole answers only: a cut one is no model for others
@@ -1010,11 +1030,12 @@ class BriefService:
                 max_tokens, temp = min(max_tokens, limit[0]), min(temp, limit[1])
             asked = self._clock.now()
             queue_timeout: float | None = None
-            if plan is not None and plan.finish_by is not None:
-                # Wait for a slot only while this call can still finish by the request's target.
-                queue_timeout = max(
-                    0.0, plan.finish_by - asked - (backend.service_time(PLAN_QUANTILE) or 0.0)
-                )
+            finish_by = plan.finish_by if plan is not None else None
+            if finish_by is not None:
+                # Wait for a slot only while this call can still finish by the request's target, and
+                # end it there: an answer late for its target is cut (kept as far as it was written,
+                # see _salvage_brief) rather than served late.
+                queue_timeout = max(0.0, finish_by - asked - (backend.service_time(PLAN_QUANTILE) or 0.0))
             try:
                 result = await backend.chat(
                     messages,
@@ -1024,6 +1045,7 @@ class BriefService:
                     timeout=timeout or section.timeout,
                     queue_timeout=queue_timeout,
                     salvage=salvage,
+                    finish_by=finish_by,
                 )
             except Overloaded as e:
                 # Refused for load, or slow under load: the model is busy, not failing.
@@ -1042,6 +1064,8 @@ class BriefService:
                 plan.queued += max(0.0, self._clock.now() - asked - float(result.latency))
                 if result.finish_reason == CUT_SHORT:
                     plan.cut.add(role)
+                    if float(result.latency) < (timeout or section.timeout):
+                        plan.cut_at_target.add(role)
             content: str = result.content
             return content
 
@@ -1061,7 +1085,8 @@ class BriefService:
         return brief
 
     def _salvage_brief(self, written: str) -> str | None:
-        """What to keep of a generator answer cut short at its time limit on a busy server.
+        """What to keep of a generator answer cut short at its time limit on a busy server, or at its
+        request's target.
 
         The brief's fields come in the schema's order with the free-text description last, so a long
         answer is usually cut inside its description: every field the brief needs is settled. Such an

@@ -71,6 +71,14 @@ written. For the endpoint's concurrency limit it is a drop (the limit shrinks) w
 written; a long answer given up while it was coming is judged like any other call, by its time per
 token written (:mod:`brownout.policies.limiter`), since how fast its tokens came says whether the
 server is overloaded and its length does not.
+
+A caller may also say when it needs its answer (``finish_by``, its latency target): the attempt is
+cut there when that comes before its timeout. A cut more than :data:`EARLY_CUT` seconds early is the
+caller's doing -- its time went on waiting before the call -- and is neither counted nor a drop, busy
+endpoint or idle one; what was written goes to ``salvage`` as for a slow call, else ``Overloaded``
+("slow"). A cut about as long as the timeout is judged as the timeout would be, so a hung model is
+still found by a call that did not wait.
+
 Connection errors, 5xx answers and malformed bodies are failures whatever the load: a model that
 answers nothing at all still opens its breaker. The per-endpoint counters ``completed`` (well-formed
 completions) and ``slow`` are in :meth:`ModelClient.endpoints_status`; ``completed`` is what the
@@ -131,6 +139,7 @@ from brownout.policies.retry import Retry, RetryConfig
 __all__ = [
     "DEFAULT_LIMITER",
     "DEFAULT_RETRY",
+    "EARLY_CUT",
     "PROBE_PROMPT",
     "ModelClient",
     "SharedEndpoint",
@@ -182,6 +191,16 @@ says ``Keep-Alive: timeout=5``): with httpx's own 5 s the pool could hand out a 
 was closing at that moment, and the call failed at once with "Server disconnected without sending a
 response". (A call that meets a connection closed under it anyway is sent again on a new one, see
 :meth:`ModelClient._exchange`.)"""
+
+
+EARLY_CUT: Final = 1.0
+"""Seconds before an attempt's own timeout by which a cut at the caller's finish time
+(``ModelClient.chat(finish_by=...)``) is the caller's doing, never counted against the endpoint.
+
+A request that waited for its turn has less than the model's whole time limit left; cutting its call
+at its finish time says nothing about the model. One that did not wait is cut about when its own
+timeout would have cut it, and that is judged as a timeout: a hung model must still be found
+(a request with a 10 s target sending its call at once is cut at 9.99 s, its timeout being 10 s)."""
 
 
 class _Message(BaseModel):
@@ -586,6 +605,7 @@ class ModelClient:
         timeout: float | None = None,
         queue_timeout: float | None = None,
         salvage: Callable[[str], str | None] | None = None,
+        finish_by: float | None = None,
     ) -> ChatResult:
         """One chat completion from some healthy endpoint of this role.
 
@@ -600,6 +620,15 @@ class ModelClient:
         slow call's :class:`Overloaded` as without it. Either way the call counts as slow (module
         docstring): nothing against the breaker.
 
+        ``finish_by`` (this client's clock) is when the caller needs its answer, its latency target:
+        an attempt still running then is cut there, as at its timeout. Cut more than
+        :data:`EARLY_CUT` seconds before its own timeout, the cut is the caller's doing (its time went
+        on waiting elsewhere) and never counts against the endpoint, busy or not: what the stream had
+        brought goes to ``salvage`` as above, else the caller gets :class:`Overloaded` (reason
+        ``"slow"``). Only a cut about as long as the timeout is judged as a timeout. A call whose
+        permit comes after ``finish_by`` is not sent (:class:`Overloaded`, reason
+        ``"queue_timeout"``).
+
         Raises :class:`ModelUnavailable`, :class:`ModelError`, :class:`Overloaded` or
         :class:`DeadlineExceeded`.
         """
@@ -610,7 +639,7 @@ class ModelClient:
             raise ConfigError("queue_timeout", f"must be a number of seconds >= 0, got {queue_timeout!r}")
         if telemetry.SWITCH.tracer is None:
             return await self._chat(
-                messages, max_tokens, temperature, response_format, limit, queue_timeout, salvage
+                messages, max_tokens, temperature, response_format, limit, queue_timeout, salvage, finish_by
             )
         # Traced: one GenAI span for the call, its retries' waits and the breakers' refusals as its
         # events, and a child span per attempt (each carries its traceparent to the model server).
@@ -626,7 +655,15 @@ class ModelClient:
         }
         with telemetry.span(f"chat {model}", kind=telemetry.CLIENT, attributes=attributes) as span:
             result = await self._chat(
-                messages, max_tokens, temperature, response_format, limit, queue_timeout, salvage, traced=True
+                messages,
+                max_tokens,
+                temperature,
+                response_format,
+                limit,
+                queue_timeout,
+                salvage,
+                finish_by,
+                traced=True,
             )
             if span is not None:
                 span.set_attributes(_usage(result))
@@ -641,6 +678,7 @@ class ModelClient:
         limit: float,
         queue_timeout: float | None,
         salvage: Callable[[str], str | None] | None = None,
+        finish_by: float | None = None,
         *,
         traced: bool = False,
     ) -> ChatResult:
@@ -654,7 +692,7 @@ class ModelClient:
                 ep = self._pick(tried)
                 body = ep.body(messages, max_tokens, temperature, response_format)
                 if not traced:
-                    return await self._attempt(ep, body, limit, queue_timeout, salvage)
+                    return await self._attempt(ep, body, limit, queue_timeout, salvage, finish_by)
                 n += 1
                 with telemetry.span(
                     f"attempt {n} {ep.config.model}",
@@ -671,7 +709,7 @@ class ModelClient:
                         "brownout.breaker.state": ep.breaker.state.value,
                     },
                 ) as span:
-                    result = await self._attempt(ep, body, limit, queue_timeout, salvage)
+                    result = await self._attempt(ep, body, limit, queue_timeout, salvage, finish_by)
                     if span is not None:
                         span.set_attributes(_usage(result))
                     return result
@@ -697,6 +735,7 @@ class ModelClient:
         limit: float,
         queue_timeout: float | None,
         salvage: Callable[[str], str | None] | None = None,
+        finish_by: float | None = None,
     ) -> ChatResult:
         left = remaining()
         if left is not None and left <= 0:
@@ -711,8 +750,27 @@ class ModelClient:
             timeout=wait, shed_late=queue_timeout is not None, priority=self._priority
         )
         written: list[int] = []  # tokens a slow call's stream had brought when it was given up
+        clock = self._clock
+        own = limit
+        early = False
+        if finish_by is not None:
+            until = finish_by - clock.now()
+            if until <= 0:
+                # The slot came after the caller's finish time: nothing left to send it for.
+                permit.release(sample=False)
+                lim = ep.limiter
+                raise Overloaded(
+                    ep.breaker.name,
+                    "queue_timeout",
+                    retry_after=lim.retry_after(self._priority),
+                    queue_size=lim.queued,
+                    in_flight=lim.in_flight,
+                )
+            if until < limit:
+                limit, early = until, until < limit - EARLY_CUT
+        sent = clock.now()
         try:
-            result = await self._attempt_with(ep, body, limit, permit, salvage, written)
+            result = await self._attempt_with(ep, body, limit, permit, salvage, written, early)
         except ModelError as e:
             cause = e.__cause__
             permit.release(
@@ -726,8 +784,9 @@ class ModelClient:
                 # says whether the server is overloaded, not that it ran out of time.
                 permit.release(sample=self._learns, work=written[0])
             else:
-                # Slow with nothing written: the server has more work than it can do in time -- shrink.
-                permit.release(dropped=e.reason == "slow", sample=False)
+                # Slow with nothing written for half its own time limit or more: the server has more
+                # work than it can do in time -- shrink. One its caller cut sooner says nothing of it.
+                permit.release(dropped=e.reason == "slow" and clock.now() - sent >= own / 2, sample=False)
             raise
         except BaseException:
             permit.release(sample=False)
@@ -745,7 +804,10 @@ class ModelClient:
         permit: Permit,
         salvage: Callable[[str], str | None] | None = None,
         written: list[int] | None = None,
+        early: bool = False,
     ) -> ChatResult:
+        """One attempt on its permit; ``early``: ``limit`` is the caller's finish time, well before
+        the attempt's own timeout (see :meth:`chat`)."""
         timeout = limit
         capped = False
         left = remaining()
@@ -755,7 +817,7 @@ class ModelClient:
             timeout, capped = left, True
         # The caller's budget was cut short by the wait in our queue: a timeout then is the caller's
         # deadline, not the endpoint's slowness, and is not counted against it.
-        excused = capped and permit.waited > 0
+        excused = (capped and permit.waited > 0) or (early and not capped)
         try:
             result: ChatResult = await ep.breaker.call(self._send, ep, body, timeout, excused)
         except _SlowCall as e:
@@ -763,30 +825,17 @@ class ModelClient:
             if capped:
                 # ...and the time it had was what was left of the caller's deadline: say so.
                 raise DeadlineExceeded(timeout, policy=self.role) from e.error
-            if written is not None and e.tokens > 0:
-                written.append(e.tokens)
-            kept = salvage(e.written) if salvage is not None and e.written else None
-            if kept is not None:
-                if e.tokens > 0:
-                    ep.tokens += e.tokens  # written, and served after all
-                return ChatResult(
-                    content=kept,
-                    role=self.role,
-                    endpoint=ep.url,
-                    latency=timeout,
-                    finish_reason=CUT_SHORT,
-                    usage={"completion_tokens": e.tokens} if e.tokens > 0 else {},
-                )
-            lim = ep.limiter
-            raise Overloaded(
-                ep.breaker.name,
-                "slow",
-                retry_after=lim.retry_after(self._priority),
-                queue_size=lim.queued,
-                in_flight=lim.in_flight,
-            ) from e.error
+            return self._cut(ep, e.error, e.written, e.tokens, timeout, salvage, written)
         except _NotCounted as e:
-            if excused and isinstance(e.error.__cause__, httpx.TimeoutException):
+            cause = e.error.__cause__
+            if excused and isinstance(cause, httpx.TimeoutException):
+                if not capped:
+                    # Cut at the caller's finish time, long before its own timeout: the caller's doing.
+                    cut = cause if isinstance(cause, _CutShort) else None
+                    tokens = cut.tokens if cut is not None else 0
+                    return self._cut(
+                        ep, e.error, cut.written if cut else "", tokens, timeout, salvage, written
+                    )
                 raise DeadlineExceeded(timeout, policy=self.role) from e.error
             raise e.error from None
         except CircuitOpen as e:
@@ -800,6 +849,41 @@ class ModelClient:
                 raise DeadlineExceeded(timeout, policy=self.role) from e
             raise
         return result
+
+    def _cut(
+        self,
+        ep: _Endpoint,
+        error: ModelError,
+        text: str,
+        tokens: int,
+        timeout: float,
+        salvage: Callable[[str], str | None] | None,
+        written: list[int] | None,
+    ) -> ChatResult:
+        """An attempt given up on at ``timeout`` with ``text`` (``tokens`` tokens) written, through no
+        fault of the endpoint: what ``salvage`` keeps of it, else raise :class:`Overloaded` ("slow")."""
+        if written is not None and tokens > 0:
+            written.append(tokens)
+        kept = salvage(text) if salvage is not None and text else None
+        if kept is not None:
+            if tokens > 0:
+                ep.tokens += tokens  # written, and served after all
+            return ChatResult(
+                content=kept,
+                role=self.role,
+                endpoint=ep.url,
+                latency=timeout,
+                finish_reason=CUT_SHORT,
+                usage={"completion_tokens": tokens} if tokens > 0 else {},
+            )
+        lim = ep.limiter
+        raise Overloaded(
+            ep.breaker.name,
+            "slow",
+            retry_after=lim.retry_after(self._priority),
+            queue_size=lim.queued,
+            in_flight=lim.in_flight,
+        ) from error
 
     async def _send(
         self, ep: _Endpoint, body: dict[str, Any], timeout: float, excused: bool = False
@@ -825,10 +909,12 @@ class ModelClient:
                 f"{ep.url}: no answer within {timeout:.3g}s ({type(e).__name__})", endpoint=ep.url
             )
             error.__cause__ = e
+            now = clock.now()
+            # Cut or timed out, the call held its slot this long at least: the latency it plans with
+            # must not forget the long calls because they were cut.
+            ep.load.observe(now - start)
             if excused:
                 raise _NotCounted(error) from e
-            now = clock.now()
-            ep.load.observe(now - start)
             alive = ep.last_success
             # sending still counts this call here (the finally below has not run yet).
             loaded = crowded or ep.sending > 1 or ep.limiter.in_flight > 1 or ep.limiter.queued > 0
