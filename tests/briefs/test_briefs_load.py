@@ -189,17 +189,20 @@ def check_load_not_failure(svc: BriefService, answers: list[dict[str, Any]]) -> 
     assert svc.role_available("qwen")
 
 
+ONE_PIPELINE_1S: dict[str, Any] = {
+    "queue": {"max_concurrent": 1},
+    "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
+}
+"""Overrides: one pipeline at a time, and a 1 s target for every mode."""
+
+
 async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:
     # One pipeline at a time: the admission queue is where requests wait, and its estimate includes
     # the generator's service time.
     fakes["qwen"].set("slow", delay=0.3)
-    overrides = {
-        "queue": {"max_concurrent": 1},
-        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
-    }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+    async with one_slot_service(fakes, tmp_path, ONE_PIPELINE_1S) as svc:
         svc.dimmer.force(0.0)
         await svc.create_brief(distinct_text(0), "fast")
         outcomes = await asyncio.gather(
@@ -226,11 +229,7 @@ async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_th
     # a second step (a computation started as a task) waited behind the whole burst.
     # A 0.6 s generator and a 1 s target: a request behind a running one cannot start in time.
     fakes["qwen"].set("slow", delay=0.6)
-    overrides = {
-        "queue": {"max_concurrent": 1},
-        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
-    }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+    async with one_slot_service(fakes, tmp_path, ONE_PIPELINE_1S) as svc:
         svc.dimmer.force(0.0)
         await svc.create_brief(distinct_text(0), "fast")  # the service time is known
         busy = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))

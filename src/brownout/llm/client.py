@@ -758,14 +758,7 @@ class ModelClient:
             if until <= 0:
                 # The slot came after the caller's finish time: nothing left to send it for.
                 permit.release(sample=False)
-                lim = ep.limiter
-                raise Overloaded(
-                    ep.breaker.name,
-                    "queue_timeout",
-                    retry_after=lim.retry_after(self._priority),
-                    queue_size=lim.queued,
-                    in_flight=lim.in_flight,
-                )
+                raise self._busy(ep, "queue_timeout")
             if until < limit:
                 limit, early = until, until < limit - EARLY_CUT
         sent = clock.now()
@@ -876,14 +869,18 @@ class ModelClient:
                 finish_reason=CUT_SHORT,
                 usage={"completion_tokens": tokens} if tokens > 0 else {},
             )
+        raise self._busy(ep, "slow") from error
+
+    def _busy(self, ep: _Endpoint, reason: str) -> Overloaded:
+        """``Overloaded`` for a call of ``ep`` given up for load (``reason``), with its limiter's state."""
         lim = ep.limiter
-        raise Overloaded(
+        return Overloaded(
             ep.breaker.name,
-            "slow",
+            reason,
             retry_after=lim.retry_after(self._priority),
             queue_size=lim.queued,
             in_flight=lim.in_flight,
-        ) from error
+        )
 
     async def _send(
         self, ep: _Endpoint, body: dict[str, Any], timeout: float, excused: bool = False

@@ -40,6 +40,7 @@ from brownout.clock import Clock
 from brownout.config import BrownoutConfig
 from brownout.gateway.routes import CHAT_PATH, install_gateway
 from brownout.health.loop import LoopBlockMiddleware
+from brownout.server.access import AccessLines, AccessLog
 from brownout.server.drain import Drain, DrainMiddleware
 from brownout.server.edge import EdgeCache
 from brownout.server.errors import (
@@ -246,6 +247,8 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     rt = runtime or Runtime(config)
     # Graceful drain on SIGTERM/SIGINT (brownout.server.drain; run_server starts it).
     drain = Drain(clock=rt.clock)
+    # The access log (brownout.server.access): written by the app once the server turns uvicorn's off.
+    access_lines = AccessLines(clock=rt.clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -255,6 +258,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         try:
             yield
         finally:
+            access_lines.close()
             await exporter.aclose()
             await rt.stop()
 
@@ -274,6 +278,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     install_error_handlers(app)
     app.state.runtime = rt
     app.state.drain = drain
+    app.state.access_lines = access_lines
     # Several workers share their metrics through PROMETHEUS_MULTIPROCESS_DIR (see server.metrics).
     exporter = RuntimeMetrics(rt, directory=multiprocess_dir())
     # The OpenAI-compatible gateway: /v1/chat/completions, /v1/models, /health/gateway, its metrics.
@@ -312,6 +317,9 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # Outermost: while draining, nothing new reaches the app, and a request the drain cuts short is
     # answered 503 here rather than 500 by uvicorn.
     app.add_middleware(DrainMiddleware, drain=drain)
+    # Outside the drain, so that its refusals are logged too; inside the trace, so that a traced
+    # request's access line carries its trace and span ids.
+    app.add_middleware(AccessLog, lines=access_lines)
     if telemetry.wanted(config.telemetry):
         # Outermost of all: an API request's span covers everything done for it, the drain's answer
         # included, and its access-log line is written inside it. Not installed at all while off.

@@ -304,6 +304,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """
 
     policy: ConnectionPolicy = ConnectionPolicy()
+    app_logs_access: bool = False
+    """True when the app writes the access lines (:mod:`brownout.server.access`): uvicorn's are off."""
 
     def __init__(
         self,
@@ -313,6 +315,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        if self.app_logs_access:
+            self.access_log = False
         self._timer: asyncio.TimerHandle | None = None
         # Waiting for a request's headers since then (None: not waiting), and whether any byte came.
         self._headers_since: float | None = None
@@ -580,14 +584,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def protocol_class(policy: ConnectionPolicy) -> type[GuardedHttpToolsProtocol]:
-    """A :class:`GuardedHttpToolsProtocol` subclass bound to ``policy``, for ``uvicorn.Config(http=...)``."""
-    return type("BrownoutHttpProtocol", (GuardedHttpToolsProtocol,), {"policy": policy})
+def protocol_class(
+    policy: ConnectionPolicy, *, app_logs_access: bool = False
+) -> type[GuardedHttpToolsProtocol]:
+    """A :class:`GuardedHttpToolsProtocol` subclass bound to ``policy``, for ``uvicorn.Config(http=...)``;
+    ``app_logs_access``: uvicorn writes no access line (the app does, :mod:`brownout.server.access`)."""
+    return type(
+        "BrownoutHttpProtocol",
+        (GuardedHttpToolsProtocol,),
+        {"policy": policy, "app_logs_access": app_logs_access},
+    )
 
 
-def uvicorn_options(section: ServerSection, policy: ConnectionPolicy | None = None) -> dict[str, Any]:
-    """The ``uvicorn.Config`` options that apply ``section``'s connection limits."""
+def uvicorn_options(
+    section: ServerSection, policy: ConnectionPolicy | None = None, *, app_logs_access: bool = False
+) -> dict[str, Any]:
+    """The ``uvicorn.Config`` options that apply ``section``'s connection limits (``app_logs_access``:
+    see :func:`protocol_class`)."""
     return {
-        "http": protocol_class(policy or ConnectionPolicy.from_config(section)),
+        "http": protocol_class(
+            policy or ConnectionPolicy.from_config(section), app_logs_access=app_logs_access
+        ),
         "timeout_keep_alive": section.keepalive_timeout,
     }

@@ -3,9 +3,11 @@
 :func:`run_server` runs an app made by :func:`~brownout.server.app.create_app` (``brownout serve``
 calls it). On SIGINT/SIGTERM it first ends the live streams and drains the server
 (:mod:`brownout.server.drain`); it keeps health checks, metric scrapes and live polls out of the
-access log below ``debug`` (:func:`quiet_probes`); and it holds every connection to the ``server``
-limits (:mod:`brownout.server.connections`). Once the app has started it settles the heap
-(:func:`settle_heap`), so that Python's garbage collector stops pausing every request in flight.
+access log below ``debug`` (:func:`quiet_probes`), whose lines the app writes in uvicorn's place
+(:mod:`brownout.server.access`: refusals under load are counted, not logged one by one); and it
+holds every connection to the ``server`` limits (:mod:`brownout.server.connections`). Once the app
+has started it settles the heap (:func:`settle_heap`), so that Python's garbage collector stops
+pausing every request in flight.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from brownout.errors import ConfigError
+from brownout.server.access import AccessLines
 from brownout.server.connections import uvicorn_options
 from brownout.server.priority import yield_to_models
 from brownout.server.runtime import Runtime
@@ -121,10 +124,16 @@ def make_server(app: FastAPI, **options: Any) -> uvicorn.Server:
             self.should_exit = True
 
     # Time limits on every connection, a cap per client address and the Host allow-list
-    # (brownout.server.connections); explicit options win.
-    options = {**uvicorn_options(runtime.config.server), **options}
+    # (brownout.server.connections); explicit options win. The app writes the access lines
+    # (brownout.server.access: refusals under load are counted, not logged one by one) unless the
+    # caller chose uvicorn's protocol or access log itself.
+    access_lines: AccessLines | None = getattr(app.state, "access_lines", None)
+    ours = access_lines is not None and "http" not in options and options.get("access_log", True)
+    options = {**uvicorn_options(runtime.config.server, app_logs_access=bool(ours)), **options}
     config = uvicorn.Config(app, **options)  # sets up uvicorn's loggers: quiet them after
     quiet_probes(str(options.get("log_level") or "info"))
+    if access_lines is not None:
+        access_lines.enabled = bool(ours)
     return _Server(config)
 
 
