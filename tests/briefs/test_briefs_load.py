@@ -189,11 +189,21 @@ def check_load_not_failure(svc: BriefService, answers: list[dict[str, Any]]) -> 
     assert svc.role_available("qwen")
 
 
-ONE_PIPELINE_1S: dict[str, Any] = {
-    "queue": {"max_concurrent": 1},
-    "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
-}
-"""Overrides: one pipeline at a time, and a 1 s target for every mode."""
+@contextlib.asynccontextmanager
+async def warm_one_pipeline(
+    fakes: dict[str, FakeLLM], tmp_path: Path, generator_delay: float
+) -> AsyncIterator[BriefService]:
+    """One pipeline at a time, a 1 s target for every mode, a generator answering after
+    ``generator_delay`` seconds; one brief served already, so the service time is known."""
+    fakes["qwen"].set("slow", delay=generator_delay)
+    overrides = {
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "fast")
+        yield svc
 
 
 async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
@@ -201,10 +211,7 @@ async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
 ) -> None:
     # One pipeline at a time: the admission queue is where requests wait, and its estimate includes
     # the generator's service time.
-    fakes["qwen"].set("slow", delay=0.3)
-    async with one_slot_service(fakes, tmp_path, ONE_PIPELINE_1S) as svc:
-        svc.dimmer.force(0.0)
-        await svc.create_brief(distinct_text(0), "fast")
+    async with warm_one_pipeline(fakes, tmp_path, 0.3) as svc:
         outcomes = await asyncio.gather(
             *(svc.create_brief(distinct_text(i), "fast") for i in range(1, 9)), return_exceptions=True
         )
@@ -228,10 +235,7 @@ async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_th
     # Under a burst every request of it runs one step before any runs its next: a refusal that needed
     # a second step (a computation started as a task) waited behind the whole burst.
     # A 0.6 s generator and a 1 s target: a request behind a running one cannot start in time.
-    fakes["qwen"].set("slow", delay=0.6)
-    async with one_slot_service(fakes, tmp_path, ONE_PIPELINE_1S) as svc:
-        svc.dimmer.force(0.0)
-        await svc.create_brief(distinct_text(0), "fast")  # the service time is known
+    async with warm_one_pipeline(fakes, tmp_path, 0.6) as svc:
         busy = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
         await until(lambda: svc.admission.in_flight == 1, "the only pipeline slot taken")
         computations = svc._flights.stats.computations

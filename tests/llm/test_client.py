@@ -484,18 +484,20 @@ async def test_a_finish_time_about_as_long_as_the_timeout_still_finds_a_hung_mod
 
 
 async def test_a_call_whose_slot_comes_after_its_finish_time_is_not_sent() -> None:
-    async with (
-        FakeLLM("slow", delay=0.5) as fake,
-        client(ep(fake, max_concurrency=1), timeout=3.0) as c,
-    ):
-        first = asyncio.create_task(c.chat(MESSAGES))
+    async with FakeLLM("hang") as fake, client(ep(fake, max_concurrency=1), timeout=30.0) as c:
+        first = asyncio.create_task(c.chat(MESSAGES))  # holds the only slot
         await until(lambda: fake.chat_requests == 1, "the first call sent")
+        finish_by = SYSTEM_CLOCK.now() + 0.1
+        second = asyncio.create_task(c.chat(MESSAGES, finish_by=finish_by))
+        await until(lambda: SYSTEM_CLOCK.now() > finish_by, "the second call's finish time passed")
+        first.cancel()  # the slot comes free only now
         with pytest.raises(Overloaded) as info:
-            await c.chat(MESSAGES, finish_by=SYSTEM_CLOCK.now() + 0.2)
+            await second
         assert info.value.reason == "queue_timeout"
-        await first
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
         assert fake.chat_requests == 1  # never sent
-        assert failures(c) == (1, 0)
+        assert failures(c) == (0, 0)
         assert c.endpoints_status()[0]["in_flight"] == 0
 
 

@@ -85,7 +85,7 @@ class EndpointLoad:
     answer in the latency average (default :data:`LATENCY_ALPHA`).
     """
 
-    __slots__ = ("_calls", "_recent", "alpha", "ewma", "limiter", "priority")
+    __slots__ = ("_calls", "_recent", "_sorted", "alpha", "ewma", "limiter", "priority")
 
     def __init__(
         self, limiter: AdaptiveLimiter | None = None, *, alpha: float = LATENCY_ALPHA, priority: int = 0
@@ -102,6 +102,9 @@ class EndpointLoad:
         """The latency average in seconds (None until the first answer)."""
         self._calls = 0
         self._recent: deque[float] = deque(maxlen=RECENT_LATENCIES)
+        # The recent latencies in order, kept until the next answer: every request asks for a quantile
+        # (its plan), and answers are far fewer than requests.
+        self._sorted: list[float] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -123,12 +126,15 @@ class EndpointLoad:
         ewma = self.ewma
         self.ewma = seconds if ewma is None else ewma + self.alpha * (seconds - ewma)
         self._recent.append(seconds)
+        self._sorted = None
 
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile (0..1, nearest rank) of the last :data:`RECENT_LATENCIES` latencies
         (None until the first answer): how long a call takes in the tail, where the average says how
         long it takes in the middle."""
-        recent = sorted(self._recent)
+        recent = self._sorted
+        if recent is None:
+            recent = self._sorted = sorted(self._recent)
         if not recent:
             return None
         return recent[min(len(recent) - 1, max(0, math.ceil(q * len(recent)) - 1))]
