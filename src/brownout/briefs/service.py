@@ -146,6 +146,7 @@ __all__ = [
     "Budget",
     "BriefContext",
     "BriefService",
+    "BriefTicket",
     "ModelBackend",
     "ServiceStats",
     "cache_age",
@@ -288,6 +289,20 @@ class _Admitted(NamedTuple):
     decision: DimmerDecision
     plan: Budget
     start_budget: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class BriefTicket:
+    """A brief request checked and admitted (:meth:`BriefService.admit`), to be answered by
+    :meth:`BriefService.answer`: its normalised text, mode, cache key and arrival, and either its
+    cached answer or its admission (None: it joins a computation already running for its key)."""
+
+    text: str
+    mode: str
+    key: str
+    started: float
+    cached: dict[str, Any] | None = None
+    admitted: _Admitted | None = None
 
 
 @dataclass
@@ -645,8 +660,18 @@ class BriefService:
     async def create_brief(self, text: str, mode: str) -> BriefAnswer:
         """Serve one brief request; raises ValueError (bad input) or ServiceUnavailable (503).
 
-        The helpers below build the answer as a plain dict (it also passes through the cache, Redis
-        and the singleflight as one); it is typed once, here, where it leaves the service.
+        :meth:`admit` then :meth:`answer`: the HTTP front calls the first as soon as the request's
+        body is read, so that a refusal costs as little as it can.
+        """
+        return await self.answer(await self.admit(text, mode))
+
+    async def admit(self, text: str, mode: str) -> BriefTicket:
+        """The first half of :meth:`create_brief`: check the request, look for its answer in the
+        cache, and decide on its admission; raises ValueError (bad input) or ServiceUnavailable (a
+        503: refused at once for load). Nothing here waits for a model.
+
+        The ticket is for :meth:`answer`, right after: its admission is taken again when more than
+        a second old (see ``_compute``).
         """
         text = self.validate_request(text, mode)
         started = self._clock.now()
@@ -656,41 +681,43 @@ class BriefService:
         if cached is None and caching and self.shared_cache is not None:
             cached = await self.shared_cache.get(key)  # another replica's answer (never raises)
         if cached is not None:
+            return BriefTicket(text, mode, key, started, cached=cached)
+        flights = self._shared_flights if self._shared_flights is not None else self._flights
+        # A request that starts a computation is admitted (or refused) here, in the step of the event
+        # loop it arrived in: the computation runs as a task of its own, a turn of the loop later,
+        # and under a burst every refusal made there would wait behind the whole burst. One that
+        # joins a computation already running for its key in this process is never refused (with
+        # Redis, one another replica runs is joined only by those admitted here).
+        if key in flights:
+            return BriefTicket(text, mode, key, started)
+        try:
+            admitted = self._admit(mode)
+        except Overloaded as e:
+            raise self._refusal(e, mode) from e
+        return BriefTicket(text, mode, key, started, admitted=admitted)
+
+    async def answer(self, ticket: BriefTicket) -> BriefAnswer:
+        """The second half of :meth:`create_brief`: the answer to an admitted request (raises
+        ServiceUnavailable when it cannot be given).
+
+        The helpers below build the answer as a plain dict (it also passes through the cache, Redis
+        and the singleflight as one); it is typed once, here, where it leaves the service.
+        """
+        text, mode, key, started = ticket.text, ticket.mode, ticket.key, ticket.started
+        if ticket.cached is not None:
             hit = cache_hit(
-                cached,
-                age=cache_age(cached, self.wall_clock.now()),
+                ticket.cached,
+                age=cache_age(ticket.cached, self.wall_clock.now()),
                 request_id=uuid.uuid4().hex,
                 latency_ms=_ms(self._clock.now() - started),
             )
             return cast(BriefAnswer, hit)
+        flights = self._shared_flights if self._shared_flights is not None else self._flights
+        admitted = ticket.admitted
         try:
-            flights = self._shared_flights if self._shared_flights is not None else self._flights
-            # A request that starts a computation is admitted (or refused) here, in the step of the
-            # event loop it arrived in: the computation runs as a task of its own, a turn of the loop
-            # later, and under a burst every refusal made there would wait behind the whole burst.
-            # One that joins a computation already running for its key in this process is never
-            # refused (with Redis, one another replica runs is joined only by those admitted here).
-            admitted = None if key in flights else self._admit(mode)
             response: dict[str, Any] = await flights.do(key, lambda: self._compute(key, text, mode, admitted))
         except Overloaded as e:
-            self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
-            if e.reason == "cpu_budget":
-                raise ServiceUnavailable(
-                    "Service busy - the models are saturated and the server's own work is over its "
-                    "CPU budget (dimmer.cpu_budget)",
-                    retry_after=e.retry_after,
-                ) from e
-            if e.reason in ("deadline", "queue_timeout"):
-                # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
-                # the estimate of when the backlog drains is the useful Retry-After.
-                raise ServiceUnavailable(
-                    f"Service busy - this request could not start within its "
-                    f"{self.config.dimmer.target(mode):g}s latency target",
-                    retry_after=max(1.0, e.retry_after),
-                ) from e
-            raise ServiceUnavailable(
-                "Service busy - queue full", retry_after=max(e.retry_after, self.config.queue.retry_after)
-            ) from e
+            raise self._refusal(e, mode) from e
         except ServiceUnavailable as e:
             self.stats.rejected[e.policy or "unavailable"] += 1
             raise
@@ -700,6 +727,27 @@ class BriefService:
             raise ServiceUnavailable(f"Another replica's computation failed: {e}", retry_after=5.0) from e
         answer = {**response, "request_id": uuid.uuid4().hex, "latency_ms": _ms(self._clock.now() - started)}
         return cast(BriefAnswer, answer)
+
+    def _refusal(self, e: Overloaded, mode: str) -> ServiceUnavailable:
+        """The 503 for a request refused for load (counted here), with what to do about it."""
+        self.stats.rejected["queue_full" if e.reason == "queue_full" else e.reason] += 1
+        if e.reason == "cpu_budget":
+            return ServiceUnavailable(
+                "Service busy - the models are saturated and the server's own work is over its "
+                "CPU budget (dimmer.cpu_budget)",
+                retry_after=e.retry_after,
+            )
+        if e.reason in ("deadline", "queue_timeout"):
+            # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
+            # the estimate of when the backlog drains is the useful Retry-After.
+            return ServiceUnavailable(
+                f"Service busy - this request could not start within its "
+                f"{self.config.dimmer.target(mode):g}s latency target",
+                retry_after=max(1.0, e.retry_after),
+            )
+        return ServiceUnavailable(
+            "Service busy - queue full", retry_after=max(e.retry_after, self.config.queue.retry_after)
+        )
 
     def share(
         self,

@@ -54,7 +54,7 @@ from brownout.server.errors import (
 )
 from brownout.server.metrics import RuntimeMetrics, multiprocess_dir
 from brownout.server.routes import briefs, check, docs, health, jobs, live, recovery
-from brownout.server.routes.briefs import BriefRequest
+from brownout.server.routes.briefs import BriefRequest, EarlyAdmission
 from brownout.server.runtime import HttpStats, Runtime
 from brownout.server.tracing import TraceMiddleware
 
@@ -63,7 +63,8 @@ __all__ = ["BriefRequest", "create_app"]
 
 class _Guard:
     """ASGI middleware: refuses bodies over the limit (413), counts requests and error responses (and
-    times refusals) in ``http``, and answers a repeat of a cached brief request from ``edge``."""
+    times refusals) in ``http``, answers a repeat of a cached brief request from ``edge``, and has a
+    brief request admitted by ``early`` once its body is read (a refusal is then answered here)."""
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class _Guard:
         edge: EdgeCache | None,
         max_body: int,
         path_limits: dict[str, int] | None = None,
+        early: EarlyAdmission | None = None,
     ) -> None:
         self.app = app
         self.http = http
@@ -81,6 +83,7 @@ class _Guard:
         self.max_body = max_body
         self.path_limits = path_limits or {}
         """Body limits of paths that take more than ``max_body`` (a job's list of items)."""
+        self.early = early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -120,8 +123,10 @@ class _Guard:
                     await _too_large(counting_send, limit)
                     return
         edge = self.edge
-        if edge is not None and scope["method"] == "POST" and scope["path"] == "/v1/briefs":
-            # Read the (small, bounded) body first: a repeat of a cached request is answered here.
+        early = self.early
+        if (edge is not None or early is not None) and brief and scope["method"] == "POST":
+            # Read the (small, bounded) body first: a repeat of a cached request is answered here,
+            # and one the service refuses for load.
             chunks: list[bytes] = []
             size = 0
             more = True
@@ -137,7 +142,7 @@ class _Guard:
                 chunks.append(chunk)
                 more = message.get("more_body", False)
             body = b"".join(chunks)
-            answer = edge.lookup(body)
+            answer = edge.lookup(body) if edge is not None else None
             if answer is not None:
                 http.briefs.observe(clock.now() - arrived)
                 await send(
@@ -151,6 +156,8 @@ class _Guard:
                     }
                 )
                 await send({"type": "http.response.body", "body": answer})
+                return
+            if early is not None and await early(scope, body, counting_send):
                 return
             scope.setdefault("state", {})["raw_body"] = body
             replayed = False
@@ -284,7 +291,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
     # The OpenAI-compatible gateway: /v1/chat/completions, /v1/models, /health/gateway, its metrics.
     install_gateway(app, rt.gateway, exporter.registry)
     router = app.router
-    briefs.install(router, service=rt.service, records=rt.records, edge=rt.edge)
+    early = briefs.install(router, service=rt.service, records=rt.records, edge=rt.edge)
     health.install(router, state=rt.status, drain=drain, exporter=exporter)
     recovery.install(router, config=config, state=rt.status, ops=rt.ops)
     jobs.install(router, section=config.jobs, workers=rt.jobs, registry=exporter.registry)
@@ -299,6 +306,7 @@ def create_app(config: BrownoutConfig, runtime: Runtime | None = None) -> FastAP
         edge=rt.edge,
         max_body=config.server.max_body_bytes,
         path_limits={"/v1/jobs": config.jobs.max_body_bytes},
+        early=early,
     )
     # The live view and the dashboard, the pre-promotion check's routes, and CORS when configured
     # (added after _Guard, so it is outside it and its headers reach every answer).
