@@ -106,6 +106,19 @@ async def test_kept_alive_connections_carry_many_requests(server: Server) -> Non
     assert server.requests[-1] == ("GET /health HTTP/1.1", b"")
 
 
+async def test_an_answer_says_how_long_its_new_connection_took_to_open(server: Server) -> None:
+    async with LoadClient(f"http://127.0.0.1:{server.port}") as client:
+        first = await client.get("/")
+        again = await client.get("/")
+        for writer in server.writers:  # the server drops the idle connection: the next opens a new one
+            writer.close()
+        reopened = await client.get("/")
+    assert first.connect > 0
+    assert again.connect == 0.0
+    assert reopened.connect > 0
+    assert server.connections == 2
+
+
 async def test_a_connection_the_server_closes_is_not_reused(server: Server) -> None:
     server.behaviour = "close"
     async with LoadClient(f"http://127.0.0.1:{server.port}") as client:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -69,11 +70,13 @@ class LocalOnly(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class LoadResponse:
-    """One answer: status, headers (names lower-cased; the last of a repeated name) and body."""
+    """One answer: status, headers (names lower-cased; the last of a repeated name) and body, and
+    ``connect``: the seconds the request spent opening its connection (0.0 on a kept-alive one)."""
 
     status: int
     headers: dict[str, str]
     body: bytes
+    connect: float = 0.0
 
     def json(self) -> Any:
         """The body as JSON; raises ValueError when it is not."""
@@ -142,7 +145,11 @@ class LoadClient:
                     return await self._exchange(pooled, method, path, body, headers, reused=True)
                 except _StaleConnection:
                     pass  # the server closed it while idle: nothing was answered, try a new one
-            return await self._exchange(await self._open(), method, path, body, headers, reused=False)
+            began = time.monotonic()
+            fresh = await self._open()
+            connect = time.monotonic() - began
+            answer = await self._exchange(fresh, method, path, body, headers, reused=False)
+            return dataclasses.replace(answer, connect=connect)
 
     def _take(self) -> _Connection | None:
         now = time.monotonic()

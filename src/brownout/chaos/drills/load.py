@@ -55,6 +55,8 @@ class Sample:
     info: dict[str, Any] | None = None
     """What a refusal said: ``error`` (its message), ``retry_after``, ``queue_size``, ``suggestion``,
     ``type`` and ``code`` (from the server's error object, ``{"error": {...}}``)."""
+    connect: float = 0.0
+    """Seconds of :attr:`latency` spent opening a new connection (0.0 on a kept-alive one)."""
 
     @property
     def acknowledged(self) -> bool:
@@ -65,6 +67,13 @@ class Sample:
     def latency(self) -> float:
         """Seconds from sending to the answer (or the error)."""
         return self.done - self.sent
+
+    @property
+    def answer_time(self) -> float:
+        """Seconds from the request being on its connection to the answer: :attr:`latency` without
+        the connection's opening, which under a burst of new clients is mostly the load client's
+        own work (the kernel completes the handshake; the client's event loop sets up each one)."""
+        return self.done - self.sent - self.connect
 
 
 def _error_chain(e: BaseException) -> str:
@@ -213,6 +222,7 @@ class Load:
                 detail=detail,
                 retry_after=_retry_after(response.headers),
                 info=refusal_info(body) if response.status != 200 else None,
+                connect=response.connect,
             )
         self.samples.append(sample)
         if self._on_sample is not None:

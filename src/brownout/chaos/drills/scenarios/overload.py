@@ -43,7 +43,7 @@ SCENARIO = Scenario(
         ("Breaker opens", "0"),
         ("Recovery actions", "0 (the models are healthy)"),
         ("Generator-served briefs/min", ">= 0.9 x its rate at one client"),
-        ("Refusals", "p95 < 50 ms"),
+        ("Refusals", "p95 < 50 ms from request to answer"),
         ("Accepted answers", "p95 within the latency target (10 s)"),
     ),
     verification=(
@@ -52,7 +52,8 @@ SCENARIO = Scenario(
         "breaker states from /health, recovery actions from /api/v1/recovery/actions and model "
         "server restarts, before and after",
         "generator-served briefs/min under overload against the one-client rate; p95 of briefs "
-        "and of refusals; full mode back within 10 s of the load ending",
+        "and of refusals (from the request on its connection: a new connection's setup is reported "
+        "beside it); full mode back within 10 s of the load ending",
     ),
     play="overload",
     fault=Fault("none", hold=30.0, behaviour=frozen({"clients": 200, "baseline": 20.0})),
@@ -120,7 +121,15 @@ async def play(d: Drill) -> None:
     loaded = _model_served_per_min(samples, fault_at, restore_at)
     during = [x for x in samples if fault_at <= x.sent < restore_at]
     accepted = [x.latency for x in during if x.status == 200]
-    refused = [x.latency for x in during if x.outcome == "rejected"]
+    # A refusal's time is from its request on the wire to the answer: when 200 clients start at once,
+    # opening their 200 connections costs the drill's own event loop 25-50 ms before any request is
+    # written (a bare ASGI app that answers 503 and does nothing else measured 46-69 ms p95 for the
+    # whole, 20-26 ms from the request on, with two busy threads on this machine's two cores). That
+    # part is reported beside it, not judged.
+    rejections = [x for x in during if x.outcome == "rejected"]
+    refused = [x.answer_time for x in rejections]
+    with_connect = [x.latency for x in rejections]
+    new_connections = sum(1 for x in rejections if x.connect > 0)
     opens = breaker_opens([h.breakers for h in watcher.samples])
     actions, kept = held_back(new_actions(history_before, history_after))
     restarts = {
@@ -133,7 +142,9 @@ async def play(d: Drill) -> None:
         generator_per_min_overload=round(loaded, 2),
         accepted_p95_ms=_p95_ms(accepted),
         refused_p95_ms=_p95_ms(refused),
+        refused_p95_with_connect_ms=_p95_ms(with_connect),
         refused=len(refused),
+        refused_on_new_connections=new_connections,
         server_refused=int(server_refused),
         server_refused_within_50ms=round(server_fast / server_refused, 4) if server_refused else None,
         breaker_opens=opens,
@@ -164,10 +175,14 @@ async def play(d: Drill) -> None:
         "refusals answered in < 50 ms p95",
         not refused or percentile(refused, 95) < 0.05,
         (
-            f"p95 {_p95_ms(refused)} ms over {len(refused)} refusals; the server answered "
-            f"{100 * server_fast / server_refused:.1f} % of its {int(server_refused)} within 50 ms"
-            if refused and server_refused
-            else f"p95 {_p95_ms(refused)} ms over {len(refused)} refusals"
+            f"p95 {_p95_ms(refused)} ms over {len(refused)} refusals from request to answer "
+            f"({_p95_ms(with_connect)} ms with the setup of {new_connections} new connections)"
+            + (
+                f"; the server answered {100 * server_fast / server_refused:.1f} % of its "
+                f"{int(server_refused)} within 50 ms"
+                if server_refused
+                else ""
+            )
             if refused
             else "no refusals"
         ),
