@@ -36,10 +36,12 @@ taken from the model's cores.
 The path of one request under load, and its budgets
 ---------------------------------------------------
 
-A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m]`` and ``S`` is the
-generator's service time in the tail: the 90th percentile (:data:`PLAN_QUANTILE`) of the time its
-recent calls held a slot of the generator's server (0 until measured) -- planned with the average,
-every longer-than-average call of a request that waited its whole budget would end past the target.
+A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m]``, of which the model
+calls may use all but ``R`` (:data:`ANSWER_RESERVE`, kept for what follows them: storing the brief
+before it is acknowledged, and answering); ``S`` is the generator's service time in the tail: the
+90th percentile (:data:`PLAN_QUANTILE`) of the time its recent calls held a slot of the generator's
+server (0 until measured) -- planned with the average, every longer-than-average call of a request
+that waited its whole budget would end past the target.
 It may wait in *one* budget, never two:
 
 1. the exact-answer cache and the coalescing of identical requests: no wait;
@@ -48,10 +50,10 @@ It may wait in *one* budget, never two:
 3. the admission queue (``queue.max_concurrent`` pipelines at once). The wait it expects counts the
    generator's queue too -- the callers waiting for a slot of the generator's server and those ahead
    in the admission queue, each one a service time over the server's concurrency limit -- so a
-   request that could not *start its generator call* by ``t0 + T - S`` is refused at once: 503 and
+   request that could not *start its generator call* by ``t0 + T - R - S`` is refused at once: 503 and
    an estimated Retry-After;
 4. the pipeline; every model call may wait for a slot of its server (the model client's concurrency
-   limiter) only until ``t0 + T`` minus that role's own expected service time, and is refused at once
+   limiter) only until ``t0 + T - R`` minus that role's own expected service time, and is refused at once
    when the expected wait is longer. That is the same budget as step 3, not a second one: the time
    the request spent in the admission queue has already been taken from it. A generator call refused
    this way, or one that was sent and timed out on a live, busy server (*slow*, see
@@ -59,7 +61,7 @@ It may wait in *one* budget, never two:
    (never to the reduced-context retry, which would only add load), and the answer says
    ``reason: "load"``, ``dimmed: ["generation"]`` -- unless the slow call had written a valid brief
    up to its description, which is then served cut short (``dimmed: ["description_tail"]``);
-5. once sent, a model call runs until ``t0 + T`` or its role's ``timeout``, whichever comes first. A
+5. once sent, a model call runs until ``t0 + T - R`` or its role's ``timeout``, whichever comes first. A
    call the request's target cuts well before its own timeout (by more than
    :data:`~brownout.llm.client.EARLY_CUT`) is the request's doing -- its time went on waiting -- and
    never counts against the model, busy or not; what it had written is served cut short when it
@@ -67,8 +69,8 @@ It may wait in *one* budget, never two:
    about as long as the timeout is judged as a timeout (busy, or down: a hung model is still found).
    ``server.request_timeout`` remains the hard deadline of the whole pipeline.
 
-So an accepted request plans to finish by ``t0 + T``: at most ``T - S`` waiting, then about ``S``
-generating -- and a longer answer is cut at ``t0 + T`` rather than served late. The dimmer sees the
+So an accepted request plans to finish by ``t0 + T``: at most ``T - R - S`` waiting, then about ``S``
+generating -- and a longer answer is cut at ``t0 + T - R`` rather than served late. The dimmer sees the
 same picture: its queue signal is the wait a new request would have before its generator call starts
 (admission queue and generator queue together), and each answer's latency reaches it split into that
 wait and the service time.
@@ -143,6 +145,7 @@ if TYPE_CHECKING:  # Redis support is optional (the server extra); only its type
     from brownout.state.singleflight import RedisSingleflight
 
 __all__ = [
+    "ANSWER_RESERVE",
     "Budget",
     "BriefContext",
     "BriefService",
@@ -168,6 +171,12 @@ DIMMED_FEATURES = ("description_tail", "creative_hints", "validation", "generati
 """What an answer's ``dimmed`` can name (the last step, no model at all, shows as ``generation``;
 ``description_tail``: the generator's answer was cut short at its time limit or its request's
 target, see :meth:`_salvage_brief`)."""
+
+ANSWER_RESERVE = 0.25
+"""Seconds of a request's latency target kept for what follows its model calls -- storing the brief
+before it is acknowledged, answering -- so that a call cut at the last moment still answers within the
+target as the client times it (cut exactly at the target, the drill's accepted p95 came to 10.01 s at
+the client against a 10 s target)."""
 
 PLAN_QUANTILE = 0.9
 """The quantile of a model's recent call times a request plans its wait with: by the average, every
@@ -263,8 +272,9 @@ class Budget:
     """The time budget of one request (see "The path of one request" in the module docstring)."""
 
     finish_by: float | None = None
-    """Clock time by which the request plans to be answered (its arrival plus its target); None: no
-    plan, model calls wait for a slot as long as the request's deadline allows."""
+    """Clock time by which the request's model calls plan to be done (its arrival plus its target, less
+    :data:`ANSWER_RESERVE`); None: no plan, model calls wait for a slot as long as the request's
+    deadline allows."""
     queued: float = 0.0
     """Seconds its model calls spent waiting for a slot of their servers (not the models' time)."""
     overloaded: set[str] = field(default_factory=set)
@@ -775,8 +785,9 @@ class BriefService:
         shed = self.config.dimmer.shed_late
         # One budget for the whole request (module docstring): it must start its generator call by
         # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
-        plan = Budget(finish_by=queued_at + target if shed else None)
-        start_budget = max(0.0, target - self.generator_service(PLAN_QUANTILE)) if shed else None
+        usable = max(0.0, target - ANSWER_RESERVE)
+        plan = Budget(finish_by=queued_at + usable if shed else None)
+        start_budget = max(0.0, usable - self.generator_service(PLAN_QUANTILE)) if shed else None
         if self.cpu_budget is not None and (decision.dims("model") or self._no_room(start_budget)):
             # This one will be answered without the model whatever happens next: refused first when
             # the CPU budget says so (before the similar-brief search, the costly part). One the
