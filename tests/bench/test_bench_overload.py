@@ -365,13 +365,13 @@ def test_load_goes_to_the_local_machine_only() -> None:
 
 def test_local_server_settings_default_and_per_role() -> None:
     local = LocalModelsSection()
-    # One shared server by default: the cores the process may use (up to four) and two slots.
+    # One shared server by default: the cores the process may use (up to four) and four slots.
     assert local.shared
     assert {local.server_name(r) for r in ("qwen", "mistral", "llama")} == {"models"}
-    assert local.server_settings("qwen", cores=2) == (2, 2, local.ctx * 2)
-    assert local.server_settings("llama", cores=1.5) == (1, 2, local.ctx * 2)
+    assert local.server_settings("qwen", cores=2) == (2, 4, local.ctx * 4)
+    assert local.server_settings("llama", cores=1.5) == (1, 4, local.ctx * 4)
     assert local.server_settings("qwen", cores=16)[0] == 4
-    assert local.server_settings("qwen") == (1, 2, local.ctx * 2)
+    assert local.server_settings("qwen") == (1, 4, local.ctx * 4)
     sized = LocalModelsSection.model_validate({"threads": 3, "parallel": 4, "ctx": 1024})
     assert sized.server_settings("mistral", cores=2) == (3, 4, 4096)
     # A server per role: one thread and one slot each unless set.

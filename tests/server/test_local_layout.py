@@ -35,11 +35,13 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     assert all(s is server for s in rt.local.values())
     assert server.role == "models"
     assert server.status()["threads"] == max(1, min(4, int(rt.cores)))
-    assert server.parallel == 2
+    assert server.parallel == 4
     # One limiter for the three roles' calls, never above the server's slots.
     limiters = {role: next(iter(rt.clients[role].limiters.values())) for role in ROLES}
     assert limiters["qwen"] is limiters["mistral"] is limiters["llama"]
-    assert limiters["qwen"].config.max_limit == 2
+    assert limiters["qwen"].config.max_limit == 4
+    # Within its slots nothing queues inside it: the limit follows the work it does a second.
+    assert limiters["qwen"].config.slots == 4
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
     assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]

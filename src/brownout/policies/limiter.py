@@ -51,6 +51,19 @@ handful of slots, where one request queued in the server costs a whole service t
 ``k + 1`` one request queues (inside the dead band), at ``k + 2`` two do (it backs off). For a local
 llama.cpp server the caller sets ``max_limit`` to its slot count, so nothing ever queues inside it.
 
+Within a server's slots (``slots``: a server known to run that many calls at once, each in its own
+slot, none queued) a longer latency is not a queue: the calls share the server's compute, each
+token of each call is slower, and the server does more work a second all the same -- a 2-thread
+llama.cpp server with four slots wrote 118 tokens/s against 105 with two, each call's tokens at
+a third of the speed of a lone call's. Vegas reads that slowdown as requests queued and held such a
+server at three calls of four. So up to ``slots`` the limit follows the work done a second
+(``limit / latency`` over a round, latency per unit of work when calls say their size): it grows
+on a saturated round, and shrinks by one once a round's work a second falls more than
+``slots_tolerance`` below that of the limit one lower (sharing then costs more than it gives). A
+limit whose last round at one higher did that does not grow back to it for ``baseline_rounds``
+rounds, so it does not flap (no no-load latency is measured within the slots: it is not used).
+Above ``slots``, and without ``slots``, Vegas as above.
+
 Latency is the time a permit is held (from the grant to :meth:`Permit.release`); the wait in our own
 queue is never part of it. A call of a known size -- a language model's answer, whose length varies
 five-fold from one prompt to the next -- can say how much work it was (``release(work=...)``, the
@@ -153,6 +166,22 @@ class LimiterConfig(PolicyConfig):
     )
     min_retry_after: float = Field(default=0.1, ge=0, description="Lower bound of a retry_after.")
     max_retry_after: float = Field(default=300.0, ge=0, description="Upper bound of a retry_after.")
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Calls the server runs at once without queueing any (a local model server's slots): up to "
+            "this many, the limit follows the work done a second, not the latency; none: unknown"
+        ),
+    )
+    slots_tolerance: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description=(
+            "Within the slots, shrink once a round's work a second falls this far below the limit one lower."
+        ),
+    )
 
     def capped(self, top: int) -> LimiterConfig:
         """These settings under a hard ceiling of ``top`` calls (a server's slots): ``max_limit``
@@ -260,6 +289,7 @@ class AdaptiveLimiter(CallForms):
         "_per_work",
         "_probe_from",
         "_queued",
+        "_rate_at",
         "_rejected",
         "_round_n",
         "_round_peak",
@@ -298,6 +328,8 @@ class AdaptiveLimiter(CallForms):
         self._epoch = 0
         self._probe_from: int | None = None
         self._per_work = False
+        # Within the slots: the work a second of the last round at each limit.
+        self._rate_at: dict[int, float] = {}
         self._granted = 0
         self._queued = 0
         self._dropped = 0
@@ -536,13 +568,10 @@ class AdaptiveLimiter(CallForms):
         base = self._baseline
         if base is None or mean < base:
             base = self._baseline = mean
-        queued = limit * (1.0 - base / mean) if mean > 0 else 0.0
-        if queued > cfg.beta:
-            # Straight to about the calls the server runs at full speed, at least one lower.
-            target = min(limit - 1, math.ceil(limit * base / mean))
-            self._shrink(limit - target, f"latency: about {queued:.2g} requests queued in the server")
-        elif queued < cfg.alpha and saturated and limit < cfg.max_limit:
-            self._set(limit + 1, "latency at its no-load level with every permit in use")
+        if cfg.slots is not None and limit <= cfg.slots and mean > 0:
+            self._by_work_rate(limit, limit / mean, saturated)
+        else:
+            self._by_queue(limit, base, mean, saturated)
         if self._rounds % cfg.baseline_rounds == 0 and cfg.min_limit < self._limit < cfg.max_limit:
             # The lowest latency seen may be stale (the model got slower for good, or it was learned
             # while the server already queued): measure it again with min_limit calls in flight.
@@ -550,8 +579,40 @@ class AdaptiveLimiter(CallForms):
             # (had the latency said "queued", the limit would be below it now), and each measurement
             # runs the server below its slots for a round -- a few per cent of a model server's
             # answers, every time.
-            self._probe_from = self._limit
-            self._shrink(self._limit, "measuring the no-load latency")
+            if cfg.slots is not None and self._limit <= cfg.slots:
+                # Within the slots the no-load latency is not used: forget the rates measured, so that
+                # a limit held below the slots tries one more again.
+                self._rate_at.clear()
+            else:
+                self._probe_from = self._limit
+                self._shrink(self._limit, "measuring the no-load latency")
+
+    def _by_work_rate(self, limit: int, rate: float, saturated: bool) -> None:
+        """Within the slots (module docstring): follow the work done a second."""
+        cfg = self.config
+        self._rate_at[limit] = rate
+        lower = self._rate_at.get(limit - 1)
+        if lower is not None and rate < lower * (1.0 - cfg.slots_tolerance):
+            self._shrink(1, f"work a second {rate:.3g} at {limit} calls, {lower:.3g} at {limit - 1}")
+            return
+        higher = self._rate_at.get(limit + 1)
+        if (
+            saturated
+            and limit < cfg.max_limit
+            and (higher is None or higher >= rate * (1.0 - cfg.slots_tolerance))
+        ):
+            self._set(limit + 1, "within the server's slots, and the work done a second did not fall")
+
+    def _by_queue(self, limit: int, base: float, mean: float, saturated: bool) -> None:
+        """Vegas (module docstring): follow the requests the latency says are queued in the server."""
+        cfg = self.config
+        queued = limit * (1.0 - base / mean) if mean > 0 else 0.0
+        if queued > cfg.beta:
+            # Straight to about the calls the server runs at full speed, at least one lower.
+            target = min(limit - 1, math.ceil(limit * base / mean))
+            self._shrink(limit - target, f"latency: about {queued:.2g} requests queued in the server")
+        elif queued < cfg.alpha and saturated and limit < cfg.max_limit:
+            self._set(limit + 1, "latency at its no-load level with every permit in use")
 
     def _shrink(self, by: int, reason: str) -> None:
         # Never below the calls in flight: those already hold their permits, and in_flight <= limit

@@ -228,7 +228,14 @@ class Runtime:
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
             first = next(iter(self.local))
-            limits = cfg.models.roles[first].limiter.config().capped(server.parallel)
+            # The server runs its slots' calls at once, none queued: the limit follows the work it
+            # does a second up to them (brownout.policies.limiter), not Vegas's queue estimate.
+            limits = (
+                cfg.models.roles[first]
+                .limiter.config()
+                .capped(server.parallel)
+                .model_copy(update={"slots": server.parallel})
+            )
             shares[server.url] = SharedEndpoint(
                 AdaptiveLimiter(server.role, limits, clock=clock, events=events)
             )
@@ -249,7 +256,11 @@ class Runtime:
                 timeout=section.timeout,
                 clock=clock,
                 events=events,
-                limiter=section.limiter.config(),
+                limiter=(
+                    section.limiter.config().model_copy(update={"slots": self.local[role].parallel})
+                    if role in self.local
+                    else section.limiter.config()
+                ),
                 alive_window=section.alive_window,
                 breaker_factory=shared.breakers.breaker if shared is not None and share_breakers else None,
                 shared=shares if on_shared else None,

@@ -145,6 +145,77 @@ async def test_a_limit_at_the_servers_slots_stays_there_without_dips_to_measure_
     assert server.served >= 2 * 300 - 4  # both slots busy all the time after the first round
 
 
+class SharingServer:
+    """A server on the fake clock that runs up to ``slots`` calls at once, each in its own slot, none
+    queued: ``n`` calls share its compute and each takes ``base * slowdown[n]`` seconds (a llama.cpp
+    server decoding ``n`` answers as one batch)."""
+
+    def __init__(self, clock: FakeClock, slowdown: dict[int, float], base: float = 1.0) -> None:
+        self.clock = clock
+        self.slowdown = slowdown
+        self.base = base
+        self.in_flight = 0
+        self.peak = 0
+        self.served = 0
+
+    async def serve(self) -> None:
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await self.clock.sleep(self.base * self.slowdown[self.in_flight])
+        finally:
+            self.in_flight -= 1
+        self.served += 1
+
+
+# Measured on a 2-thread llama.cpp server (the embedded model): 73, 105 and 118 tokens/s with one, two
+# and four slots busy -- each call slower, the server faster.
+_BATCHING = {1: 1.0, 2: 1.4, 3: 2.0, 4: 2.5}
+
+
+@pytest.mark.parametrize("slots", [None, 4])
+async def test_within_its_slots_a_sharing_server_is_run_at_all_of_them(slots: int | None) -> None:
+    # Each call at four slots takes 2.5 times a lone call's time, and the server does 1.6 times the
+    # work a second. Vegas (slots unknown) reads the slowdown as calls queued inside the server and
+    # holds it below its slots; told its slots, the limiter follows the work done a second to all four.
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=4, max_wait=3600, slots=slots)
+    server = SharingServer(clock, _BATCHING)
+    load = Load(limiter, server, callers=12)
+    start = clock.now()
+    await clock.run(600, step_yields=20)
+    await load.stop(clock)
+    spent = time_at_limit(changes, 1, start + 100, start + 600)
+    if slots is None:
+        assert spent.get(4, 0.0) / 500 < 0.5, spent
+    else:
+        assert spent.get(4, 0.0) / 500 >= 0.95, spent
+        assert server.served >= 0.95 * 4 / 2.5 * 500
+    assert server.peak <= 4
+
+
+async def test_within_its_slots_the_limit_stops_where_more_calls_do_less_work() -> None:
+    # Past two calls this server does less work a second (three calls take 3.6 times one call's
+    # time, four 6 times): the limit settles at two, trying three again now and then but not four.
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=4, max_wait=3600, slots=4, baseline_rounds=20)
+    server = SharingServer(clock, {1: 1.0, 2: 1.5, 3: 3.6, 4: 6.0})
+    load = Load(limiter, server, callers=12)
+    start = clock.now()
+    await clock.run(900, step_yields=20)
+    await load.stop(clock)
+    spent = time_at_limit(changes, 1, start + 100, start + 900)
+    assert spent.get(2, 0.0) / 800 >= 0.8, spent
+    assert spent.get(4, 0.0) == 0.0, spent
+    assert server.peak <= 3
+
+
 class SimModel:
     """A language model server on the fake clock: answers of 60 to 300 tokens (seeded), written at
     ``tpot`` seconds a token alone, 1.5 times that each with every slot busy (batched), and slower
