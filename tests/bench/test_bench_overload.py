@@ -464,4 +464,5 @@ async def test_the_levels_are_divided_by_the_best_finalist_measured_again_as_lon
     # Both answer in time (p95 within the generator's 10 s): the better of them is in time too.
     assert doc["bare"]["best_in_time"]["name"] == winner
     [level] = doc["levels"]
-    assert level["ratio_to_bare"] == round(level["generator_briefs_per_min"] / valid, 3)
+    # Divided before rounding: the rounded rate divided again may differ in the last digit.
+    assert level["ratio_to_bare"] == pytest.approx(level["generator_briefs_per_min"] / valid, abs=1e-3)
