@@ -355,6 +355,15 @@ def test_the_bench_command_refuses_load_elsewhere() -> None:
     assert "127.0.0.1 only" in result.output
 
 
+def test_a_level_against_a_server_that_is_down_does_not_spin_on_its_port() -> None:
+    # Nothing listens there: each client waits about a second after a refused connection, as after
+    # a Retry-After, instead of sending its next request at once (2.3 million in 120 s before).
+    result = asyncio.run(run_level(f"http://127.0.0.1:{free_port()}", 2, 2.0, settle=0.0, poll=0.1))
+    kinds = {a.kind for a in result.answers}
+    assert kinds == {"failed"}
+    assert 2 <= len(result.answers) <= 2 * 3
+
+
 def test_load_goes_to_the_local_machine_only() -> None:
     with pytest.raises(ValueError, match=r"127\.0\.0\.1 only"):
         asyncio.run(run_level("http://10.1.2.3:8000", 1, 1.0))

@@ -374,8 +374,10 @@ async def _client(
         done = time.monotonic()
         kind = classify_answer(status, headers, body, mode)
         out.append(Answer(kind, done - t0, done, detail if kind == "failed" else ""))
-        if kind == "rejected":
-            # A refused client comes back after the Retry-After it was given, as a polite one would.
+        if kind == "rejected" or status is None:
+            # A refused client comes back after the Retry-After it was given, as a polite one would;
+            # one that got no answer at all (refused connection, timeout) waits as for a Retry-After
+            # of a second -- without it a level against a server that is down spins on the dead port.
             pause = retry_pause(_seconds(headers.get("retry-after")))
             await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
 

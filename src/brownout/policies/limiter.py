@@ -55,7 +55,7 @@ Within a server's slots (``slots``: a server known to run that many calls at onc
 slot, none queued) a longer latency is not a queue: the calls share the server's compute, each
 token of each call is slower, and the server does more work a second all the same -- a 2-thread
 llama.cpp server with four slots wrote 118 tokens/s against 105 with two, each call's tokens at
-a third of the speed of a lone call's. Vegas reads that slowdown as requests queued and held such a
+two fifths of the speed of a lone call's. Vegas reads that slowdown as requests queued and held such a
 server at three calls of four. So up to ``slots`` the limit follows the work done a second
 (``limit / latency`` over a round, latency per unit of work when calls say their size): it grows
 on a saturated round, and shrinks by one once a round's work a second falls more than
