@@ -101,6 +101,18 @@ def brief_of(body: Mapping[str, Any]) -> CreativeBrief:
     return CreativeBrief.model_validate(body["brief"])
 
 
+def assert_overloaded(response: httpx.Response, queue_size: int) -> None:
+    """``response`` is a refusal for load in the one error shape: 503, a ``Retry-After`` the body
+    repeats, the queue's size and the cheaper mode to try."""
+    assert response.status_code == 503, response.text
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "overloaded")
+    assert error["queue_size"] == queue_size
+    assert "fast" in error["suggestion"]
+    assert error["retry_after"] == int(response.headers["Retry-After"])
+
+
 def stage_sources(body: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Each stage of an answer with what served it: ``[("generate", "model:qwen"), ...]``."""
     return [(s["stage"], s["served_by"]) for s in body["stages"]]

@@ -36,12 +36,15 @@ class SimServer:
         self.peak = 0
         self.served = 0
 
+    def latency(self) -> float:
+        """Seconds a call takes with ``in_flight`` calls in the server (itself included)."""
+        return self.base * self.slowdown * max(1.0, self.in_flight / self.slots)
+
     async def serve(self) -> None:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        latency = self.base * self.slowdown * max(1.0, self.in_flight / self.slots)
         try:
-            await self.clock.sleep(latency)
+            await self.clock.sleep(self.latency())
         finally:
             self.in_flight -= 1
         self.served += 1
@@ -145,27 +148,17 @@ async def test_a_limit_at_the_servers_slots_stays_there_without_dips_to_measure_
     assert server.served >= 2 * 300 - 4  # both slots busy all the time after the first round
 
 
-class SharingServer:
-    """A server on the fake clock that runs up to ``slots`` calls at once, each in its own slot, none
-    queued: ``n`` calls share its compute and each takes ``base * slowdown[n]`` seconds (a llama.cpp
-    server decoding ``n`` answers as one batch)."""
+class SharingServer(SimServer):
+    """A server on the fake clock that runs up to ``len(sharing)`` calls at once, each in its own
+    slot, none queued: ``n`` calls share its compute and each takes ``base * sharing[n]`` seconds (a
+    llama.cpp server decoding ``n`` answers as one batch)."""
 
-    def __init__(self, clock: FakeClock, slowdown: dict[int, float], base: float = 1.0) -> None:
-        self.clock = clock
-        self.slowdown = slowdown
-        self.base = base
-        self.in_flight = 0
-        self.peak = 0
-        self.served = 0
+    def __init__(self, clock: FakeClock, sharing: dict[int, float], base: float = 1.0) -> None:
+        super().__init__(clock, slots=len(sharing), base=base)
+        self.sharing = sharing
 
-    async def serve(self) -> None:
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            await self.clock.sleep(self.base * self.slowdown[self.in_flight])
-        finally:
-            self.in_flight -= 1
-        self.served += 1
+    def latency(self) -> float:
+        return self.base * self.sharing[self.in_flight]
 
 
 # Measured on a 2-thread llama.cpp server (the embedded model): 73, 105 and 118 tokens/s with one, two
