@@ -148,6 +148,18 @@ async def test_real_readings_measure_this_process_tree(clock: FakeClock) -> None
     assert 0 < measured["memory_used"] < measured["memory_available"]
 
 
+def test_a_reading_of_cpu_alone_leaves_the_memory_unread() -> None:
+    reader = HostReader()
+    sum(i * i for i in range(200_000))  # some CPU time of our own to read
+    full = {p.pid: p for p in reader.processes(os.getpid())}
+    cpu_only = {p.pid: p for p in reader.processes(os.getpid(), memory=False)}
+    assert set(cpu_only) == set(full)
+    ours = cpu_only[os.getpid()]
+    assert ours.memory == 0
+    assert full[os.getpid()].memory > 0
+    assert ours.cpu_seconds >= full[os.getpid()].cpu_seconds > 0
+
+
 # -------------------------------------------------------------------------------- ours, not the machine's
 
 
@@ -160,14 +172,17 @@ class FakeHost(HostReader):
         self.cores = cores
         self.ram = ram
 
-    def processes(self, root: int) -> list[ProcessReading]:
+    def processes(self, root: int, *, memory: bool = True) -> list[ProcessReading]:
         ours = {root} if root in self.table else set()
         grew = True
         while grew:  # descendants of descendants too
             more = {pid for pid, (parent, _, _) in self.table.items() if parent in ours} - ours
             grew = bool(more)
             ours |= more
-        return [ProcessReading(pid, self.table[pid][1], self.table[pid][2]) for pid in sorted(ours)]
+        return [
+            ProcessReading(pid, self.table[pid][1], self.table[pid][2] if memory else 0)
+            for pid in sorted(ours)
+        ]
 
     def cpu_count(self) -> int:
         return self.cores

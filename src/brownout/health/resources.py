@@ -259,8 +259,13 @@ class HostReader:
         except OSError:
             return None
 
-    def processes(self, root: int) -> list[ProcessReading]:
-        """``root`` and all its descendants (children of children too) that can be read now."""
+    def processes(self, root: int, *, memory: bool = True) -> list[ProcessReading]:
+        """``root`` and all its descendants (children of children too) that can be read now.
+
+        ``memory`` False: their CPU only (``memory`` reads 0). The memory read walks each process's
+        mappings in the kernel -- for a local model server, its whole model and context -- which
+        costs a reader that only wants to know whether the model makes progress more than the rest
+        of the look, on the cores the model runs on."""
         import psutil  # the server extra
 
         try:
@@ -279,11 +284,11 @@ class HostReader:
                 if not proc.is_running():
                     proc = psutil.Process(proc.pid)
                 times = proc.cpu_times()
-                memory = _memory_of(proc)
+                used = _memory_of(proc) if memory else 0
             except psutil.Error:  # it ended between the listing and the read
                 continue
             kept[proc.pid] = proc
-            out.append(ProcessReading(proc.pid, float(times.user + times.system), memory))
+            out.append(ProcessReading(proc.pid, float(times.user + times.system), used))
         self._procs = kept
         return out
 
@@ -519,7 +524,7 @@ class ProcessTreeSampler:
         exempt: set[int] = set()
         if self.cpu_exempt is not None:
             for pid in self.cpu_exempt():
-                exempt.update(p.pid for p in self.reader.processes(pid))
+                exempt.update(p.pid for p in self.reader.processes(pid, memory=False))
         seen: dict[int, float] = {}
         for p in procs:
             if p.pid in exempt:

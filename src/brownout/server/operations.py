@@ -345,7 +345,7 @@ class Operations:
         cpu: float | None = None
         if pid is not None:
             host = self._hosts.setdefault(role, HostReader())
-            tree = host.processes(pid)
+            tree = host.processes(pid, memory=False)
             cpu = sum(p.cpu_seconds for p in tree) if tree else None
         return ModelActivity(alive, in_flight, cpu, completed)
 
