@@ -229,6 +229,36 @@ async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
         assert stats.queued <= stats.admitted + stats.rejected["queue_timeout"]
 
 
+async def test_a_fresh_service_under_a_burst_refuses_at_once_what_it_cannot_start_in_time(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Nothing measured yet: a call is planned to take its whole timeout (5 s), longer than the 2 s
+    # target, so a request that finds the only pipeline busy cannot be started in time -- and is told so
+    # at once, not after queueing until the first answer showed there had never been room.
+    fakes["qwen"].set("slow", delay=1.0)
+    overrides = {
+        "models": {"roles": {"qwen": {"timeout": 5.0}}},
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 2.0, "balanced": 2.0, "creative": 2.0}},
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        assert qwen(svc).service_time() is None
+        assert svc.generator_service() == svc.config.models.roles["qwen"].timeout
+        tasks = [asyncio.create_task(svc.create_brief(distinct_text(i), "fast")) for i in range(4)]
+        await until(lambda: sum(t.done() for t in tasks) == 3, "three refusals")
+        assert not tasks[0].done()  # the refusals came while the first call was still running
+        for late in tasks[1:]:
+            with pytest.raises(ServiceUnavailable, match="latency target"):
+                late.result()
+        first = await tasks[0]
+        assert first["stages"][0]["served_by"] == "model:qwen"
+        assert svc.admission.stats.rejected["deadline"] == 3
+        assert svc.admission.stats.rejected["queue_timeout"] == 0
+        # Measured now: the plan is the calls' own time, and a request may wait for what fits.
+        assert 0.9 < svc.generator_service() < 5.0
+
+
 async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_the_event_loop(
     fakes: dict[str, FakeLLM], tmp_path: Path
 ) -> None:

@@ -40,8 +40,8 @@ A request for mode ``m`` arrives at ``t0``; its target is ``T = dimmer.targets[m
 calls may use all but ``R`` (:data:`ANSWER_RESERVE`, kept for what follows them: storing the brief
 before it is acknowledged, and answering); ``S`` is the generator's service time in the tail: the
 90th percentile (:data:`PLAN_QUANTILE`) of the time its recent calls held a slot of the generator's
-server (0 until measured) -- planned with the average, every longer-than-average call of a request
-that waited its whole budget would end past the target.
+server (its call timeout until one has been measured) -- planned with the average, every
+longer-than-average call of a request that waited its whole budget would end past the target.
 It may wait in *one* budget, never two:
 
 1. the exact-answer cache and the coalescing of identical requests: no wait;
@@ -543,11 +543,21 @@ class BriefService:
         return self.backends.get(ROLE_OF_STAGE["generate"])
 
     def generator_service(self, quantile: float | None = None) -> float:
-        """Seconds the generator is expected to take for one call (0 until measured); with
-        ``quantile``, that quantile of its recent calls."""
-        gen = self._generator()
-        measured = gen.service_time(quantile) if gen is not None else None
-        return 0.0 if measured is None else measured
+        """Seconds the generator is expected to take for one call; with ``quantile``, that quantile
+        of its recent calls. Until one has been measured: its call timeout (see :meth:`_planned`)."""
+        return self._planned(ROLE_OF_STAGE["generate"], quantile)
+
+    def _planned(self, role: str, quantile: float | None = PLAN_QUANTILE) -> float:
+        """Seconds a ``role`` call is planned to hold its slot: the ``quantile`` of its recent calls
+        (:meth:`ModelBackend.service_time`), or, before any of them finished, the longest a call may
+        take (``models.roles.<role>.timeout``). Planned with nothing until measured, a fresh server
+        under a burst let every caller queue for its whole target, and they were refused seconds
+        later, when the first calls came back and showed there had never been room; planned with the
+        timeout, the callers that find every slot taken are answered at once until the first calls
+        have been measured."""
+        backend = self.backends.get(role)
+        measured = backend.service_time(quantile) if backend is not None else None
+        return self.config.models.roles[role].timeout if measured is None else measured
 
     def _start_wait(self, position: int) -> float | None:
         """The admission's wait estimator: seconds until the caller at ``position`` in the admission
@@ -1094,7 +1104,7 @@ class BriefService:
                 # Wait for a slot only while this call can still finish by the request's target, and
                 # end it there: an answer late for its target is cut (kept as far as it was written,
                 # see _salvage_brief) rather than served late.
-                queue_timeout = max(0.0, finish_by - asked - (backend.service_time(PLAN_QUANTILE) or 0.0))
+                queue_timeout = max(0.0, finish_by - asked - self._planned(role))
             try:
                 result = await backend.chat(
                     messages,

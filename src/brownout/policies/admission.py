@@ -30,7 +30,8 @@ the queue only to fail at the deadline would hold the caller for nothing; sheddi
 even while every slot is busy. The wait is estimated as ``position * ewma / max_concurrent``
 (``position``: callers ahead plus this one; ``ewma``: the average service time), or by a
 ``wait_estimator`` passed in (e.g. one that knows the model server's own queue). Before any call has
-completed there is no estimate, and nobody is refused for a deadline.
+completed there is no estimate, and only a caller with no time left at all (a budget of 0) is refused
+for its deadline.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -317,7 +319,8 @@ class Admission(CallForms):
         self, budget: float | None, fn: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
     ) -> Any:
         """Like :meth:`call`, for a caller with ``budget`` seconds left to *start* (None: the enclosing
-        deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it, and
+        deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it (or
+        it is 0 and every slot is taken), and
         with ``"queue_timeout"`` if it queued and the budget ran out before a slot came free."""
         if self._in_flight < self._fast_limit:
             self._in_flight += 1
@@ -429,7 +432,9 @@ class Admission(CallForms):
         """The refusal (counted) of a caller that would queue behind ``depth`` others with ``budget``
         seconds to start, or None when it may queue."""
         if budget is not None:
-            wait = self._wait_for(depth + 1)
+            # No time left to start: refused whatever the estimate (there may be none yet) -- it
+            # could only wait to fail.
+            wait = self._wait_for(depth + 1) if budget > 0 else math.inf
             if wait is not None and wait > budget:
                 # It could not start in time: say so now rather than after waiting to fail.
                 return self._reject(_DEADLINE, self._estimate(depth), now)

@@ -695,7 +695,7 @@ async def test_the_enclosing_deadline_scope_is_the_budget(clock: FakeClock) -> N
     await asyncio.gather(*tasks)
 
 
-async def test_no_estimate_yet_means_no_deadline_refusal(clock: FakeClock) -> None:
+async def test_no_estimate_yet_means_no_deadline_refusal_but_for_no_time_at_all(clock: FakeClock) -> None:
     adm = make(clock, max_concurrent=1, max_wait=1e6)
     gate = Gate()
     holder = asyncio.create_task(adm.call(gate.body, 0))
@@ -704,10 +704,22 @@ async def test_no_estimate_yet_means_no_deadline_refusal(clock: FakeClock) -> No
     waiter = asyncio.create_task(adm.call_within(0.001, gate.body, 1))
     await settle()
     assert adm.queue_size == 1  # nothing is known of the service time: it may wait
+    # ...unless it has no time at all: it could only wait to fail, and is told so at once.
+    with pytest.raises(Overloaded) as info:
+        adm.check(0.0)
+    assert info.value.reason == "deadline"
+    at = clock.now()
+    with pytest.raises(Overloaded) as late:
+        await adm.call_within(0.0, gate.body, 2)
+    assert late.value.reason == "deadline"
+    assert clock.now() == at  # refused without waiting
+    assert adm.queue_size == 1
+    assert 2 not in gate.started
     gate.finish(0)
     gate.finish(1)
     await asyncio.gather(holder, waiter)
     assert adm.estimated_wait() == 0.0
+    assert await adm.call_within(0.0, quick) is None  # a free slot: no waiting, no refusal
 
 
 async def test_an_estimator_passed_in_decides_the_wait(clock: FakeClock) -> None:
