@@ -223,8 +223,10 @@ async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
         stats = svc.admission.stats
         # Refused at once on the estimate; or, when a busy machine made the estimate hopeful, at the
         # caller's deadline to start (never later): nothing else refuses these requests.
-        assert stats.rejected["deadline"] >= 1
-        assert stats.rejected["deadline"] + stats.rejected["queue_timeout"] == len(refused)
+        assert stats.rejected["deadline"] == len(refused) >= 1
+        # A caller that left the queue at its deadline to start was answered without the generator.
+        by_load = [a for a in answered if a.get("reason") == "load"]
+        assert len(by_load) >= stats.rejected["queue_timeout"]
         # Every caller that joined the queue was admitted, or left it at its deadline to start.
         assert stats.queued <= stats.admitted + stats.rejected["queue_timeout"]
 
@@ -257,6 +259,38 @@ async def test_a_fresh_service_under_a_burst_refuses_at_once_what_it_cannot_star
         assert svc.admission.stats.rejected["queue_timeout"] == 0
         # Measured now: the plan is the calls' own time, and a request may wait for what fits.
         assert 0.9 < svc.generator_service() < 5.0
+
+
+async def test_a_request_that_waited_in_vain_for_a_pipeline_is_answered_without_the_generator(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # The generator's calls took 0.4 s, so a request behind a running one expects to start in 0.4 s
+    # and queues; but the running call has become slow (3 s, cut at its request's 2 s target), and
+    # the queued one reaches its deadline to start (2 - 0.25 - 0.4 s after it came) with no pipeline.
+    fakes["qwen"].set("slow", delay=0.4)
+    overrides = {
+        "models": {"roles": {"qwen": {"timeout": 5.0}}},
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 2.0, "balanced": 2.0, "creative": 2.0}},
+    }
+    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+        svc.dimmer.force(0.0)
+        await svc.create_brief(distinct_text(0), "fast")
+        fakes["qwen"].set("slow", delay=3.0)
+        running = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
+        await until(lambda: svc.admission.in_flight == 1, "the only pipeline taken")
+        waited = await svc.create_brief(distinct_text(2), "fast")
+        assert svc.admission.stats.queued == 1
+        assert svc.admission.stats.rejected["queue_timeout"] == 1
+        # An answer, not a 503 after the wait: without the generator, saying the load left it out.
+        assert waited["reason"] == "load"
+        assert waited["dimmed"] == ["generation"]
+        assert waited["stages"][0]["served_by"] in ("rules", "cache")
+        assert waited["latency_ms"] < 2000
+        assert not running.done()  # it came while the call it waited behind was still running
+        assert svc.stats.rejected["queue_timeout"] == 0
+        assert svc.stats.dimmed["generation"] == 1
+        await running
 
 
 async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_the_event_loop(

@@ -51,7 +51,9 @@ It may wait in *one* budget, never two:
    generator's queue too -- the callers waiting for a slot of the generator's server and those ahead
    in the admission queue, each one a service time over the server's concurrency limit -- so a
    request that could not *start its generator call* by ``t0 + T - R - S`` is refused at once: 503 and
-   an estimated Retry-After;
+   an estimated Retry-After. One admitted on an estimate that proved hopeful, still waiting at that
+   time, has waited already: it leaves the queue then and is answered without the generator (as in
+   step 2, ``reason: load``), not refused;
 4. the pipeline; every model call may wait for a slot of its server (the model client's concurrency
    limiter) only until ``t0 + T - R`` minus that role's own expected service time, and is refused at once
    when the expected wait is longer. That is the same budget as step 3, not a second one: the time
@@ -758,8 +760,7 @@ class BriefService:
                 retry_after=e.retry_after,
             )
         if e.reason in ("deadline", "queue_timeout"):
-            # Refused at once (or, when the estimate was wrong, at the request's deadline to start):
-            # the estimate of when the backlog drains is the useful Retry-After.
+            # Refused at once: the estimate of when the backlog drains is the useful Retry-After.
             return ServiceUnavailable(
                 f"Service busy - this request could not start within its "
                 f"{self.config.dimmer.target(mode):g}s latency target",
@@ -819,17 +820,22 @@ class BriefService:
             admitted = self._admit(mode)
         target, queued_at, decision, plan, start_budget = admitted
         if decision.dims("generation"):
-            ctx = BriefContext(text=text, requested_mode=mode)
-            ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])  # left out for load, not for a fault
+            ctx = self._load_context(text, mode)
             if decision.dims("model") or self._search_similar(ctx) is not None:
-                dimmed, _ = self._dimmed_for(decision, mode)
-                served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
-                return self._mark_dimmed(served, [*dimmed, "generation"])
+                return await self._load_fallback(ctx, decision, mode)
         began: list[float] = []
         try:
             response: dict[str, Any] = await self.admission.call_within(
                 start_budget, self._run, text, mode, began, decision, plan
             )
+        except Overloaded as e:
+            if e.reason != "queue_timeout":
+                raise
+            # Admitted on an estimate that proved hopeful: it waited to its deadline to start and no
+            # pipeline came. It has waited already; a 503 now would have it wait again for nothing,
+            # while what is left of its target is ample for an answer without the generator.
+            self._within_cpu_budget()
+            return await self._load_fallback(self._load_context(text, mode), decision, mode)
         finally:
             if began:  # it ran (refused requests never started and have no latency to report)
                 latency = self._clock.now() - queued_at
@@ -843,6 +849,20 @@ class BriefService:
             else:
                 self.cache.set(key, stored)
         return response
+
+    @staticmethod
+    def _load_context(text: str, mode: str) -> BriefContext:
+        """A request's context whose generation is left out for load (not for a fault)."""
+        ctx = BriefContext(text=text, requested_mode=mode)
+        ctx.budget.overloaded.add(ROLE_OF_STAGE["generate"])
+        return ctx
+
+    async def _load_fallback(self, ctx: BriefContext, decision: DimmerDecision, mode: str) -> dict[str, Any]:
+        """The answer for load without the generator -- a similar earlier brief, else the rules --
+        saying what was left out: what ``decision`` dims for ``mode``, and the generation."""
+        dimmed, _ = self._dimmed_for(decision, mode)
+        served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
+        return self._mark_dimmed(served, [*dimmed, "generation"])
 
     def _no_room(self, start_budget: float | None) -> bool:
         """True when a generator call made now could not start within ``start_budget`` seconds: it
