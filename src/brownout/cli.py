@@ -497,7 +497,8 @@ def bench_overload(
 ) -> None:
     """A default server under distinct-text load at rising concurrency: answers/s, latency of briefs and
     of refusals, what served each answer, breaker opens, recovery actions, and model-served briefs/min
-    against the bare model server's rate."""
+    against the bare model server's rate (its best, and measured again right after each level:
+    ``adjacent``, the mean of the bare rates just before and after the level)."""
     from brownout.bench import overload
 
     if mode not in ("fast", "balanced", "creative"):
@@ -541,6 +542,7 @@ def bench_overload(
         "gen/min",
         "ratio",
         "in time",
+        "adjacent",
         "breaker opens",
         "recovery",
         "back s",
@@ -564,6 +566,7 @@ def bench_overload(
             _fmt(row["generator_briefs_per_min"]),
             _fmt(row["ratio_to_bare"]),
             _fmt(row.get("ratio_to_bare_in_time")),
+            _fmt(row.get("ratio_to_bare_adjacent")),
             str(row["breaker_opens"]),
             str(row["recovery_actions"]),
             _fmt(row["full_mode_back_s"]),

@@ -463,8 +463,10 @@ async def test_the_levels_are_divided_by_the_best_finalist_measured_again_as_lon
     monkeypatch.setattr(capacity, "run_async", fake_grid)
     monkeypatch.setattr(capacity, "measure", fake_measure)
     doc = await overload.run_async(url=fake_url, levels=[2], seconds=1.0, settle=2.0)
-    assert measured == [(2, 2, 1.0), (2, 4, 1.0)]  # the grid's two best, best first; not 1 x 2
-    valid, tokens, _ = again[(int(winner[0]), int(winner[2]))]
+    threads, parallel = int(winner[0]), int(winner[2])
+    # The grid's two best, best first (not 1 x 2); then the winner again after the level.
+    assert measured == [(2, 2, 1.0), (2, 4, 1.0), (threads, parallel, 1.0)]
+    valid, tokens, _ = again[(threads, parallel)]
     assert (doc["bare"]["valid_per_min"], doc["bare"]["tokens_per_s"]) == (valid, tokens)
     assert doc["bare"]["best"]["valid_per_min"] == 30.0  # the grid's own best, as it measured it
     assert doc["bare"]["best_measured_again"]["name"] == winner
@@ -475,3 +477,60 @@ async def test_the_levels_are_divided_by_the_best_finalist_measured_again_as_lon
     [level] = doc["levels"]
     # Divided before rounding: the rounded rate divided again may differ in the last digit.
     assert level["ratio_to_bare"] == pytest.approx(level["generator_briefs_per_min"] / valid, abs=1e-3)
+
+
+async def test_each_level_is_also_divided_by_the_bare_rates_measured_just_before_and_after_it(
+    fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same bare server's pace drifts with the machine's: measured again right after each level,
+    # each level's adjacent ratio is to the mean of its two neighbours, and a level's "after" is the
+    # next one's "before". A measurement that failed leaves the one that ran.
+    def result(valid: float, tokens: float, error: str = "") -> Any:
+        return capacity.ConfigResult(
+            "2x4", 2, 4, 8192, 4, 1.0, 10, 10, 0, valid, valid, tokens, 4.0, 8.0, error=error
+        )
+
+    paces = iter([result(40.0, 140.0), result(30.0, 120.0), result(36.0, 130.0), result(0, 0, "it died")])
+    calls: list[tuple[int, int, float]] = []
+
+    async def fake_grid(**kwargs: Any) -> dict[str, Any]:
+        row = asdict(result(41.0, 141.0))
+        return {"grid": [row], "best": row}
+
+    async def fake_measure(threads: int, parallel: int, seconds: float, timeout: float = 120.0) -> Any:
+        calls.append((threads, parallel, seconds))
+        return next(paces)
+
+    monkeypatch.setattr(capacity, "run_async", fake_grid)
+    monkeypatch.setattr(capacity, "measure", fake_measure)
+    doc = await overload.run_async(url=fake_url, levels=[2, 3, 4], seconds=1.0, settle=2.0)
+    assert calls == [(2, 4, 1.0)] * 4  # the finalist, then once after each level
+    first, second, third = doc["levels"]
+    assert first["bare_adjacent"]["before"] == {"valid_per_min": 40.0, "tokens_per_s": 140.0}
+    assert first["bare_adjacent"]["after"] == second["bare_adjacent"]["before"]
+    assert (first["bare_adjacent"]["valid_per_min"], first["bare_adjacent"]["tokens_per_s"]) == (35.0, 130.0)
+    assert (second["bare_adjacent"]["valid_per_min"], second["bare_adjacent"]["tokens_per_s"]) == (
+        33.0,
+        125.0,
+    )
+    assert third["bare_adjacent"]["after"] is None
+    assert third["bare_adjacent"]["valid_per_min"] == 36.0
+    for row in doc["levels"]:
+        per_min = row["generator_briefs_per_min"]
+        assert row["ratio_to_bare_adjacent"] == pytest.approx(
+            per_min / row["bare_adjacent"]["valid_per_min"], abs=1e-3
+        )
+        assert row["ratio_to_bare"] == pytest.approx(per_min / 40.0, abs=1e-3)  # to the finalist, as before
+
+
+async def test_a_given_bare_rate_measures_nothing_around_the_levels(
+    fake_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_measure(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("nothing is measured when the bare rate is given")
+
+    monkeypatch.setattr(capacity, "measure", no_measure)
+    doc = await overload.run_async(url=fake_url, levels=[2], seconds=1.0, settle=2.0, bare_rate=30.0)
+    [level] = doc["levels"]
+    assert "bare_adjacent" not in level
+    assert level["ratio_to_bare"] == pytest.approx(level["generator_briefs_per_min"] / 30.0, abs=1e-3)

@@ -11,7 +11,12 @@ This bench measures how far the server is from that, against the bare model serv
    answers each do not tell close configurations apart (on 2 cores, 2 x 2 and 2 x 4 swapped places
    from one run to the next), so the grid's :data:`BARE_FINALISTS` best configurations are then
    measured again, each for as long as a level runs: the best of those, its rate and tokens/s, is
-   what the levels are divided by.
+   what the levels are divided by. That configuration is measured once more right after each level,
+   with the server idle, and each level is also divided by the mean of the bare rates measured just
+   before and just after it (``ratio_to_bare_adjacent``, ``tokens_ratio_to_bare_adjacent``): on a
+   shared machine the pace of the same server drifts by 5-10 % from one few minutes to the next, more
+   than the difference being measured, and a rate measured a quarter of an hour before a level
+   carries that drift into its ratio.
 2. A default ``brownout serve`` (no config file, its own temporary working directory, a free port on
    127.0.0.1), or the server at ``--url`` (127.0.0.1 only).
 3. Per concurrency level (1, 4, 16, 64, 200 by default): ``level`` clients, each sending the next
@@ -567,9 +572,19 @@ async def run_async(
                 await server.start(mode, startup_timeout)
                 url = server.url
             assert url is not None
+            before = _bare_figures(confirmed)
             for level in levels:
                 result = await run_level(url, level, seconds, mode=mode, settle=settle)
-                rows.append(result.figures(bare_rate, bare_tokens, in_time))
+                row = result.figures(bare_rate, bare_tokens, in_time)
+                if confirmed is not None:
+                    # The same bare configuration again, right after the level (brownout idle).
+                    again = await bench_capacity.measure(
+                        int(confirmed["threads"]), int(confirmed["parallel"]), seconds
+                    )
+                    after = None if again.error else _bare_figures(asdict(again))
+                    row.update(_adjacent(row, before, after))
+                    before = after
+                rows.append(row)
         finally:
             if server is not None:
                 await server.stop()
@@ -589,6 +604,34 @@ async def run_async(
             "grid": capacity.get("grid") if capacity else None,
         },
         "levels": rows,
+    }
+
+
+def _bare_figures(row: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if row is None:
+        return None
+    return {"valid_per_min": float(row["valid_per_min"]), "tokens_per_s": float(row["tokens_per_s"])}
+
+
+def _adjacent(
+    row: Mapping[str, Any], before: Mapping[str, float] | None, after: Mapping[str, float] | None
+) -> dict[str, Any]:
+    """A level's ratios to the bare best measured just before and just after it (their mean; the one
+    that ran when the other could not): the machine's own pace drifts by several percent from one
+    few minutes to the next, and a bare rate measured a quarter of an hour earlier carries that
+    drift into the ratio."""
+    both = [b for b in (before, after) if b is not None]
+    valid = sum(b["valid_per_min"] for b in both) / len(both) if both else None
+    tokens = sum(b["tokens_per_s"] for b in both) / len(both) if both else None
+    return {
+        "bare_adjacent": {
+            "before": before,
+            "after": after,
+            "valid_per_min": None if valid is None else round(valid, 2),
+            "tokens_per_s": None if tokens is None else round(tokens, 1),
+        },
+        "ratio_to_bare_adjacent": _ratio(row["generator_briefs_per_min"], valid),
+        "tokens_ratio_to_bare_adjacent": _ratio(row["generator_tokens_per_s"], tokens),
     }
 
 
