@@ -14,9 +14,9 @@ This bench measures how far the server is from that, against the bare model serv
    what the levels are divided by. That configuration is measured once more right after each level,
    with the server idle, and each level is also divided by the mean of the bare rates measured just
    before and just after it (``ratio_to_bare_adjacent``, ``tokens_ratio_to_bare_adjacent``): on a
-   shared machine the pace of the same server drifts by 5-10 % from one few minutes to the next, more
-   than the difference being measured, and a rate measured a quarter of an hour before a level
-   carries that drift into its ratio.
+   shared machine the pace of the same server drifts by 5-10 % over a few minutes, more than the
+   difference being measured, and a rate measured a quarter of an hour before a level carries that
+   drift into its ratio.
 2. A default ``brownout serve`` (no config file, its own temporary working directory, a free port on
    127.0.0.1), or the server at ``--url`` (127.0.0.1 only).
 3. Per concurrency level (1, 4, 16, 64, 200 by default): ``level`` clients, each sending the next
@@ -617,9 +617,9 @@ def _adjacent(
     row: Mapping[str, Any], before: Mapping[str, float] | None, after: Mapping[str, float] | None
 ) -> dict[str, Any]:
     """A level's ratios to the bare best measured just before and just after it (their mean; the one
-    that ran when the other could not): the machine's own pace drifts by several percent from one
-    few minutes to the next, and a bare rate measured a quarter of an hour earlier carries that
-    drift into the ratio."""
+    that ran when the other could not): the machine's own pace drifts by several percent over a few
+    minutes, and a bare rate measured a quarter of an hour earlier carries that drift into the
+    ratio."""
     both = [b for b in (before, after) if b is not None]
     valid = sum(b["valid_per_min"] for b in both) / len(both) if both else None
     tokens = sum(b["tokens_per_s"] for b in both) / len(both) if both else None

@@ -320,8 +320,8 @@ class Admission(CallForms):
     ) -> Any:
         """Like :meth:`call`, for a caller with ``budget`` seconds left to *start* (None: the enclosing
         deadline's); shed at once with reason ``"deadline"`` when the estimated wait exceeds it (or
-        it is 0 and every slot is taken), and
-        with ``"queue_timeout"`` if it queued and the budget ran out before a slot came free."""
+        it is 0 and every slot is taken), and with ``"queue_timeout"`` if it queued and the budget
+        ran out before a slot came free."""
         if self._in_flight < self._fast_limit:
             self._in_flight += 1
         else:
