@@ -231,13 +231,13 @@ async def test_refusals_for_the_budget_are_at_once_and_say_when_to_retry(
         assert stats.queued <= stats.admitted + stats.rejected["queue_timeout"]
 
 
-async def test_a_fresh_service_under_a_burst_refuses_at_once_what_it_cannot_start_in_time(
-    fakes: dict[str, FakeLLM], tmp_path: Path
-) -> None:
-    # Nothing measured yet: a call is planned to take its whole timeout (5 s), longer than the 2 s
-    # target, so a request that finds the only pipeline busy cannot be started in time -- and is told so
-    # at once, not after queueing until the first answer showed there had never been room.
-    fakes["qwen"].set("slow", delay=1.0)
+@contextlib.asynccontextmanager
+async def one_pipeline_two_seconds(
+    fakes: dict[str, FakeLLM], tmp_path: Path, generator_delay: float
+) -> AsyncIterator[BriefService]:
+    """One pipeline at a time, a 2 s target for every mode, a generator answering after
+    ``generator_delay`` seconds with a 5 s call timeout (longer than the target); nothing measured."""
+    fakes["qwen"].set("slow", delay=generator_delay)
     overrides = {
         "models": {"roles": {"qwen": {"timeout": 5.0}}},
         "queue": {"max_concurrent": 1},
@@ -245,6 +245,16 @@ async def test_a_fresh_service_under_a_burst_refuses_at_once_what_it_cannot_star
     }
     async with one_slot_service(fakes, tmp_path, overrides) as svc:
         svc.dimmer.force(0.0)
+        yield svc
+
+
+async def test_a_fresh_service_under_a_burst_refuses_at_once_what_it_cannot_start_in_time(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # Nothing measured yet: a call is planned to take its whole timeout (5 s), longer than the 2 s
+    # target, so a request that finds the only pipeline busy cannot be started in time -- and is told so
+    # at once, not after queueing until the first answer showed there had never been room.
+    async with one_pipeline_two_seconds(fakes, tmp_path, 1.0) as svc:
         assert qwen(svc).service_time() is None
         assert svc.generator_service() == svc.config.models.roles["qwen"].timeout
         tasks = [asyncio.create_task(svc.create_brief(distinct_text(i), "fast")) for i in range(4)]
@@ -267,14 +277,7 @@ async def test_a_request_that_waited_in_vain_for_a_pipeline_is_answered_without_
     # The generator's calls took 0.4 s, so a request behind a running one expects to start in 0.4 s
     # and queues; but the running call has become slow (3 s, cut at its request's 2 s target), and
     # the queued one reaches its deadline to start (2 - 0.25 - 0.4 s after it came) with no pipeline.
-    fakes["qwen"].set("slow", delay=0.4)
-    overrides = {
-        "models": {"roles": {"qwen": {"timeout": 5.0}}},
-        "queue": {"max_concurrent": 1},
-        "dimmer": {"targets": {"fast": 2.0, "balanced": 2.0, "creative": 2.0}},
-    }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
-        svc.dimmer.force(0.0)
+    async with one_pipeline_two_seconds(fakes, tmp_path, 0.4) as svc:
         await svc.create_brief(distinct_text(0), "fast")
         fakes["qwen"].set("slow", delay=3.0)
         running = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
