@@ -494,6 +494,14 @@ class QueueSection(_Section):
     max_concurrent: int = Field(default=4, ge=1, description="pipeline runs at once")
     max_wait: float = Field(default=60.0, gt=0, description="longest wait in the queue, seconds")
     retry_after: float = Field(default=30.0, ge=0, description="Retry-After when shedding")
+    retry_pacing: float | None = Field(
+        default=4.0,
+        gt=0,
+        description=(
+            "refused callers come back this many per pipeline that comes free, each told its own "
+            "Retry-After (at most 60 s); null: Retry-After says only when the queue drains"
+        ),
+    )
 
 
 class DatabaseSection(_Section):

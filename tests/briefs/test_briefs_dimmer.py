@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -435,6 +437,31 @@ async def test_over_the_cpu_budget_an_answer_without_the_model_is_refused_with_r
         # It says the generator was busy, not that it failed.
         assert any("Generated from fallback due to the generator being busy" in w for w in answer["warnings"])
         assert not any("model failure" in w for w in answer["warnings"])
+
+
+async def test_callers_refused_for_the_cpu_budget_take_their_places_in_the_line_of_returns(
+    fakes: dict[str, FakeLLM], tmp_path: Path
+) -> None:
+    # They compete for the same pipelines as the callers the admission refuses: paced the same way,
+    # a pipeline run apart over four per run (queue.retry_pacing), not all back together.
+    fakes["qwen"].set("slow", delay=1.0)
+    async with service_on(fakes, tmp_path) as svc:
+        await svc.create_brief(TEXT, "fast")  # one pipeline run measured
+        run = svc.admission.service_time
+        assert run is not None
+        assert run >= 1.0  # places 1/16 s apart or more: refusals a few ms apart would not pass
+        svc.dimmer.force(1.0)
+        _over_budget(svc, FakeClock(), _Cpu())
+        back_at: list[float] = []
+        for i in range(4):
+            with pytest.raises(ServiceUnavailable, match="CPU budget") as refused:
+                await svc.create_brief(distinct_text(i), "fast")
+            assert refused.value.retry_after is not None
+            back_at.append(time.monotonic() + refused.value.retry_after)
+        spacing = run / (svc.config.queue.max_concurrent * 4)
+        gaps = [b - a for a, b in itertools.pairwise(back_at)]
+        assert gaps == pytest.approx([spacing] * 3, abs=0.01)
+        assert svc.stats.rejected["cpu_budget"] == 4
 
 
 async def test_over_the_cpu_budget_a_request_the_model_would_take_is_not_refused(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -191,16 +193,17 @@ def check_load_not_failure(svc: BriefService, answers: list[dict[str, Any]]) -> 
 
 @contextlib.asynccontextmanager
 async def warm_one_pipeline(
-    fakes: dict[str, FakeLLM], tmp_path: Path, generator_delay: float
+    fakes: dict[str, FakeLLM], tmp_path: Path, generator_delay: float, more: Mapping[str, Any] | None = None
 ) -> AsyncIterator[BriefService]:
     """One pipeline at a time, a 1 s target for every mode, a generator answering after
-    ``generator_delay`` seconds; one brief served already, so the service time is known."""
+    ``generator_delay`` seconds; one brief served already, so the service time is known. ``more``:
+    further config overrides."""
     fakes["qwen"].set("slow", delay=generator_delay)
     overrides = {
         "queue": {"max_concurrent": 1},
         "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
     }
-    async with one_slot_service(fakes, tmp_path, overrides) as svc:
+    async with one_slot_service(fakes, tmp_path, merge(overrides, more or {})) as svc:
         svc.dimmer.force(0.0)
         await svc.create_brief(distinct_text(0), "fast")
         yield svc
@@ -294,6 +297,37 @@ async def test_a_request_that_waited_in_vain_for_a_pipeline_is_answered_without_
         assert svc.stats.rejected["queue_timeout"] == 0
         assert svc.stats.dimmed["generation"] == 1
         await running
+
+
+@pytest.mark.parametrize("pacing", [4.0, None])
+async def test_refused_callers_are_told_to_come_back_one_after_another(
+    fakes: dict[str, FakeLLM], tmp_path: Path, pacing: float | None
+) -> None:
+    # Ten callers refused while the only pipeline is busy: told "when the queue drains", all ten
+    # would come back together and nine be refused again; paced, each is given its own time, four
+    # for each pipeline run that comes free.
+    async with warm_one_pipeline(fakes, tmp_path, 0.6, {"queue": {"retry_pacing": pacing}}) as svc:
+        busy = asyncio.create_task(svc.create_brief(distinct_text(1), "fast"))
+        await until(lambda: svc.admission.in_flight == 1, "the only pipeline taken")
+        told: list[float] = []
+        back_at: list[float] = []  # when each was told to come back (the service's clock is monotonic)
+        for i in range(2, 12):
+            with pytest.raises(ServiceUnavailable, match="latency target") as info:
+                await svc.create_brief(distinct_text(i), "fast")
+            assert info.value.retry_after is not None
+            told.append(info.value.retry_after)
+            back_at.append(time.monotonic() + info.value.retry_after)
+        assert not busy.done()  # all ten refused while it ran
+        assert svc.admission.stats.rejected["deadline"] == 10
+        run = svc.admission.service_time
+        assert run is not None
+        assert told[0] >= 1.0
+        if pacing is None:
+            assert told == [told[0]] * 10
+        else:
+            gaps = [b - a for a, b in itertools.pairwise(back_at)]
+            assert gaps == pytest.approx([run / 4] * 9, abs=0.01)
+        await busy
 
 
 async def test_a_request_refused_for_its_budget_is_answered_without_a_turn_of_the_event_loop(

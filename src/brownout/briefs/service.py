@@ -421,6 +421,10 @@ class BriefService:
                 max_wait=q.max_wait,
                 default_retry_after=max(q.retry_after, 1.0),
                 max_retry_after=max(300.0, q.retry_after),
+                # With 200 polite clients and 4 pipelines, a Retry-After of "when the queue drains"
+                # (a few seconds) sent nearly all of them back every few seconds to be refused again:
+                # about 36 refusals a second, on the cores the local model runs on.
+                retry_pacing=q.retry_pacing,
             ),
             clock=clock,
             events=events,
@@ -881,7 +885,9 @@ class BriefService:
             raise Overloaded(
                 "briefs",
                 "cpu_budget",
-                retry_after=max(1.0, self.queue_delay()),
+                # Its caller competes for the same pipelines as those the admission refuses: it
+                # takes its place in the same line of returning callers.
+                retry_after=self.admission.place_in_line(max(1.0, self.queue_delay())),
                 queue_size=self.admission.queue_size,
                 in_flight=self.admission.in_flight,
             )

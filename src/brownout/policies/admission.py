@@ -32,6 +32,17 @@ even while every slot is busy. The wait is estimated as ``position * ewma / max_
 ``wait_estimator`` passed in (e.g. one that knows the model server's own queue). Before any call has
 completed there is no estimate, and only a caller with no time left at all (a budget of 0) is refused
 for its deadline.
+
+**Paced returns.** By default ``retry_after`` says when the backlog will have drained: a few seconds
+while the queue is short. With many polite callers competing for few slots, that sends every refused
+caller back every few seconds, and nearly all of them are refused again -- work for nothing on both
+sides. With ``retry_pacing`` set (e.g. 4), each refused caller is given its own place in a line of
+returning callers, ``retry_pacing`` of them for each slot that comes free (slots come free every
+``service time / max_concurrent`` seconds): the Retry-After then grows with the number of callers
+competing (200 callers for 4 slots of 8 s each: about 100 s, capped at ``retry_pacing_max``), while
+enough come back to keep every slot busy. The line ends no later than ``retry_pacing_max`` from now
+and drains as time passes, so a lull resets it. Callers refused elsewhere on the same capacity's
+behalf (a CPU budget, say) take their place with :meth:`Admission.place_in_line`.
 """
 
 from __future__ import annotations
@@ -83,6 +94,23 @@ class AdmissionConfig(PolicyConfig):
     )
     ewma_alpha: float = Field(
         default=0.2, gt=0, le=1, description="Weight of the newest observation in the service-time average."
+    )
+    retry_pacing: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Give each refused caller its own place in a line of returning callers, this many for each "
+            "slot that comes free (4 keeps the slots busy; None, the default: retry_after only "
+            "estimates when the backlog drains)."
+        ),
+    )
+    retry_pacing_max: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "The longest retry_after the paced line gives (default 60 s, the longest Retry-After "
+            "the OpenAI SDK honours)."
+        ),
     )
     trip_queue_depth: int | None = Field(
         default=None,
@@ -154,12 +182,15 @@ class Admission(CallForms):
         "_ewma_alpha",
         "_fast_limit",
         "_in_flight",
+        "_line_end",
         "_max",
         "_max_queue",
         "_max_retry_after",
         "_max_wait",
         "_min_retry_after",
         "_pace",
+        "_pacing",
+        "_pacing_max",
         "_queued",
         "_rejected",
         "_starts",
@@ -202,6 +233,10 @@ class Admission(CallForms):
         self._trip_depth = cfg.trip_queue_depth
         self._trip_cooldown = cfg.trip_cooldown
         self._tripped_until = float("-inf")
+        self._pacing = cfg.retry_pacing
+        self._pacing_max = cfg.retry_pacing_max
+        # Clock time the last paced caller was told to come back (see place_in_line).
+        self._line_end = float("-inf")
         self._in_flight = 0
         # Each waiter is a future resolved with True (a slot was handed over) or False (timed out).
         # Invariant: waiters exist only while every slot is taken.
@@ -261,6 +296,28 @@ class Admission(CallForms):
     def retry_after(self) -> float:
         """The current ``retry_after`` estimate for a caller joining the queue now, in seconds."""
         return self._estimate(len(self._waiters))
+
+    def place_in_line(self, at_least: float = 0.0) -> float:
+        """The ``retry_after`` for a caller refused now: with ``retry_pacing``, its own place in the
+        line of returning callers (never sooner than ``at_least`` seconds); else ``at_least``.
+
+        Every refusal of this admission takes its place here; call it for a caller refused elsewhere
+        on behalf of the same capacity (a CPU budget, say), so that it takes one too. Places are
+        ``service time / (max_concurrent * retry_pacing)`` apart: as many callers come back as the
+        slots can take, ``retry_pacing`` times over. The line starts no sooner than ``at_least`` (a
+        caller told to come back before the backlog could drain would only be refused again) and
+        ends no later than ``retry_pacing_max`` from now. Before any service time has been seen
+        there is no pace to keep, and ``at_least`` is returned.
+        """
+        pacing, ewma = self._pacing, self._ewma
+        if pacing is None or not ewma:
+            return at_least
+        now = self._clock.now()
+        spacing = ewma / (self._max * pacing)
+        horizon = max(at_least, self._pacing_max)
+        place = min(max(self._line_end + spacing, now + at_least), now + horizon)
+        self._line_end = place
+        return max(at_least, place - now)  # (not a hair under the floor by rounding)
 
     # -- call forms -----------------------------------------------------------------------------
 
@@ -506,8 +563,11 @@ class Admission(CallForms):
         return min(max(estimate, self._min_retry_after), self._max_retry_after)
 
     def _reject(self, reason: str, retry_after: float, now: float) -> Overloaded:
-        """Count a rejection, emit its event, and build the error to raise."""
+        """Count a rejection, emit its event, and build the error to raise (with pacing, the
+        rejected caller takes its place in the line of returning callers)."""
         self._rejected[reason] += 1
+        if self._pacing is not None:
+            retry_after = self.place_in_line(retry_after)
         if self._events.active:
             self._events.emit(
                 CallRejected(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -756,3 +757,114 @@ async def test_a_free_slot_ignores_the_deadline(clock: FakeClock) -> None:
     await first
     # A 50 s average service time, but a free slot now: nothing to wait for.
     assert await adm.call_within(0.5, quick) is None
+
+
+# -- paced returns ------------------------------------------------------------------------------
+
+
+async def _saturated(clock: FakeClock, adm: Admission, gate: Gate, *, service: float) -> list[Any]:
+    """Teach ``adm`` a service time of ``service`` s, then hold every one of its slots."""
+
+    async def takes() -> None:
+        clock.advance(service)
+
+    await adm.call(takes)
+    slots = adm.config.max_concurrent
+    tasks = [asyncio.create_task(adm.call(gate.body, i)) for i in range(slots)]
+    await settle()
+    assert (adm.in_flight, adm.queue_size) == (slots, 0)
+    return tasks
+
+
+async def _refused(adm: Admission, budget: float | None = None) -> float:
+    with pytest.raises(Overloaded) as info:
+        adm.check(budget)
+    return info.value.retry_after
+
+
+async def test_paced_refusals_each_get_their_own_place_in_the_line(clock: FakeClock, bus: EventBus) -> None:
+    # Two slots of 8 s: one comes free every 4 s, and pacing 2 brings two callers back for each,
+    # places 2 s apart. The backlog drains in 4 s (the unpaced retry_after): the line starts there.
+    seen: list[CallRejected] = []
+    bus.subscribe(seen.append, CallRejected)
+    adm = make(clock, bus, max_concurrent=2, max_queue=0, ewma_alpha=1.0, retry_pacing=2, retry_pacing_max=10)
+    plain = make(clock, max_concurrent=2, max_queue=0, ewma_alpha=1.0)
+    gate, plain_gate = Gate(), Gate()
+    tasks = await _saturated(clock, adm, gate, service=8.0)
+    tasks += await _saturated(clock, plain, plain_gate, service=8.0)
+    assert [await _refused(plain) for _ in range(4)] == [4.0] * 4  # all back together, all refused again
+    assert [await _refused(adm) for _ in range(6)] == [4.0, 6.0, 8.0, 10.0, 10.0, 10.0]  # capped at 10 s
+    assert [e.retry_after for e in seen] == [4.0, 6.0, 8.0, 10.0, 10.0, 10.0]  # the events say the same
+    # A caller refused elsewhere for the same capacity takes a place in the same line.
+    clock.advance(6.0)
+    assert adm.place_in_line(1.0) == pytest.approx(6.0)  # the line ended 4 s from now; 2 s after it
+    assert await _refused(adm) == pytest.approx(8.0)
+    # After a lull the line is empty again: the next caller is told when the backlog drains.
+    clock.advance(30.0)
+    assert await _refused(adm) == 4.0
+    assert adm.stats.rejected["queue_full"] == 8
+    for i in range(2):
+        gate.finish(i)
+        plain_gate.finish(i)
+    await asyncio.gather(*tasks)
+
+
+async def test_pacing_needs_a_service_time_and_never_shortens_a_longer_wait(clock: FakeClock) -> None:
+    adm = make(clock, max_concurrent=1, max_queue=0, retry_pacing=4, retry_pacing_max=10)
+    assert adm.place_in_line(3.0) == 3.0  # no service time seen: no pace to keep
+    assert adm.place_in_line() == 0.0
+    gate = Gate()
+    tasks = await _saturated(clock, adm, gate, service=40.0)
+    # The backlog needs 40 s, past the line's 10 s horizon: the caller is told 40 s, not 10.
+    assert await _refused(adm) == 40.0
+    assert await _refused(adm) == 40.0  # the horizon is the longer wait
+    gate.finish(0)
+    await asyncio.gather(*tasks)
+
+
+def test_pacing_settings_are_checked() -> None:
+    with pytest.raises(ValidationError, match="retry_pacing"):
+        AdmissionConfig(retry_pacing=0)
+    with pytest.raises(ValidationError, match="retry_pacing_max"):
+        AdmissionConfig(retry_pacing_max=0)
+    assert AdmissionConfig().retry_pacing is None  # off unless asked for
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(0, 20, allow_nan=False), st.floats(0, 30, allow_nan=False)),
+        min_size=1,
+        max_size=60,
+    ),
+    service=st.floats(0.5, 30, allow_nan=False),
+    slots=st.integers(1, 8),
+    pacing=st.floats(0.5, 8, allow_nan=False),
+    horizon=st.floats(1, 120, allow_nan=False),
+)
+def test_paced_callers_come_back_no_closer_than_their_spacing(
+    steps: list[tuple[float, float]], service: float, slots: int, pacing: float, horizon: float
+) -> None:
+    # Whatever the times and floors of the refusals: nobody is told to come back before its floor,
+    # nor past the horizon unless its floor is later; and each caller's return is at least one place
+    # after the last one's, unless the horizon cut the line short.
+    async def scenario() -> None:
+        clock = FakeClock()
+        adm = make(clock, max_concurrent=slots, retry_pacing=pacing, retry_pacing_max=horizon, ewma_alpha=1.0)
+
+        async def takes() -> None:
+            clock.advance(service)
+
+        await adm.call(takes)
+        spacing = service / (slots * pacing)
+        last = -math.inf
+        for advance, floor in steps:
+            clock.advance(advance)
+            now = clock.now()
+            wait = adm.place_in_line(floor)
+            assert floor <= wait <= max(floor, horizon) + 1e-9
+            capped = math.isclose(wait, max(floor, horizon), abs_tol=1e-9)
+            assert capped or now + wait >= last + spacing - 1e-9
+            last = now + wait
+
+    asyncio.run(scenario())
