@@ -104,6 +104,9 @@ def test_summary_counts_shares_rates_and_percentiles() -> None:
     rejected_ms = [10, 20, 30, 40]
     latencies = [*briefs_ms, *rejected_ms, 90_000]
     answers = [Answer(k, ms / 1000, float(i)) for i, (k, ms) in enumerate(zip(kinds, latencies, strict=True))]  # type: ignore[arg-type]
+    # The 40 ms refusal spent 30 ms opening its connection; the 10 ms one was its client's first request.
+    answers[11] = Answer("rejected", 0.040, 11.0, connect=0.030)
+    answers[8] = Answer("rejected", 0.010, 8.0, first=True)
     s = summarize(answers, 10.0, bare_per_min=72.0)
     assert s["answers"] == 13
     assert s["answers_per_s"] == 1.3
@@ -123,6 +126,9 @@ def test_summary_counts_shares_rates_and_percentiles() -> None:
     # Inclusive linear interpolation over the briefs only (the failure's 90 s is in neither list).
     assert s["accepted"] == {"p50_ms": 4500.0, "p95_ms": 7650.0, "p99_ms": 7930.0}
     assert s["rejections"] == {"p50_ms": 25.0, "p95_ms": 38.5, "p99_ms": 39.7}
+    assert s["rejections_after_connect"] == {"p50_ms": 15.0, "p95_ms": 28.5, "p99_ms": 29.7}  # 10, 10, 20, 30
+    assert s["rejections_new_connections"] == 0.25
+    assert s["rejections_after_first"] == {"p50_ms": 30.0, "p95_ms": 39.0, "p99_ms": 39.8}  # 20, 30, 40
     assert s["generator_briefs"] == 6
     assert s["generator_briefs_per_min"] == 36.0
     assert s["ratio_to_bare"] == 0.5
@@ -155,6 +161,7 @@ def test_summary_of_nothing() -> None:
     assert s["answers"] == 0
     assert s["accepted"] == {"p50_ms": None, "p95_ms": None, "p99_ms": None}
     assert s["ratio_to_bare"] is None
+    assert s["rejections_new_connections"] is None
     assert set(s["counts"]) == set(KINDS)
 
 
@@ -327,6 +334,9 @@ def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: 
     assert f["recovery_actions_held_back"] == []
     assert f["full_mode_back_s"] is not None
     assert f["rejections"]["p50_ms"] is not None
+    # One first request per client, sent at the start; a new connection for each of those.
+    assert sum(a.first for a in result.answers) == 4
+    assert all(a.connect > 0 for a in result.answers if a.first)
 
 
 def test_the_bench_command_reports_each_level_against_a_given_server(fake_url: str) -> None:

@@ -140,12 +140,16 @@ def _retry_after(headers: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """One request of the load: its kind, latency (seconds) and when it came back (monotonic)."""
+    """One request of the load: its kind, latency (seconds) and when it came back (monotonic);
+    ``connect``: the part of the latency spent opening a new connection (0.0 on a kept-alive one);
+    ``first``: its client's first request (every client sends its first at the level's start)."""
 
     kind: Kind
     latency: float
     done: float
     detail: str = ""
+    connect: float = 0.0
+    first: bool = False
 
 
 def _pcts(values: Sequence[float]) -> dict[str, float | None]:
@@ -158,14 +162,21 @@ def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | N
     """The per-level figures of ``answers`` received over ``elapsed`` seconds.
 
     ``answers_per_s`` counts every answer (briefs and refusals alike), ``briefs_per_s`` the briefs;
-    ``accepted`` latencies are the briefs', ``rejections`` the 503/429's. ``share`` is each kind's share
-    of all answers. ``generator_briefs_per_min`` counts the briefs the generator wrote; ``ratio`` divides
-    it by ``bare_per_min`` (the bare model server's best) when given.
+    ``accepted`` latencies are the briefs', ``rejections`` the 503/429's, from sending the request to
+    the end of the answer, a new connection's setup included (a client refused for long finds its
+    kept-alive connection closed and opens another); ``rejections_after_connect`` leave that setup out,
+    and ``rejections_new_connections`` is the share of refusals that opened a connection;
+    ``rejections_after_first`` leave out every client's first request -- all of them sent in the same
+    instant, a burst of the level's size the server answers one after another -- and so measure the
+    steady load. ``share`` is each kind's share of all answers. ``generator_briefs_per_min`` counts
+    the briefs the generator wrote; ``ratio`` divides it by ``bare_per_min`` (the bare model server's
+    best) when given.
     """
     counts = Counter(a.kind for a in answers)
     n = len(answers)
     briefs = [a.latency for a in answers if a.kind not in ("rejected", "failed")]
-    rejected = [a.latency for a in answers if a.kind == "rejected"]
+    refusals = [a for a in answers if a.kind == "rejected"]
+    rejected = [a.latency for a in refusals]
     generated = sum(counts[k] for k in GENERATOR_SERVED)
     per_min = generated * 60.0 / elapsed if elapsed > 0 else 0.0
     return {
@@ -176,6 +187,11 @@ def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | N
         "share": {k: round(counts[k] / n, 4) if n else 0.0 for k in KINDS},
         "accepted": _pcts(briefs),
         "rejections": _pcts(rejected),
+        "rejections_after_connect": _pcts([a.latency - a.connect for a in refusals]),
+        "rejections_after_first": _pcts([a.latency for a in refusals if not a.first]),
+        "rejections_new_connections": round(sum(a.connect > 0 for a in refusals) / len(refusals), 4)
+        if refusals
+        else None,
         "generator_briefs": generated,
         "generator_briefs_per_min": round(per_min, 2),
         "ratio_to_bare": round(per_min / bare_per_min, 3) if bare_per_min else None,
@@ -358,10 +374,12 @@ async def _client(
     until: float,
     out: list[Answer],
 ) -> None:
+    first = True
     while time.monotonic() < until:
         i = next(numbers)
         t0 = time.monotonic()
         detail = ""
+        connect = 0.0
         headers: dict[str, str] = {}
         try:
             response = await http.post_json("/v1/briefs", {"text": _text(level, i), "mode": mode})
@@ -369,7 +387,7 @@ async def _client(
             status, body = None, None
             detail = f"{type(e).__name__}: {e}".rstrip(": ")
         else:
-            status, headers = response.status, response.headers
+            status, headers, connect = response.status, response.headers, response.connect
             try:
                 body = response.json()
             except ValueError:
@@ -378,7 +396,8 @@ async def _client(
                 detail = f"HTTP {status}"
         done = time.monotonic()
         kind = classify_answer(status, headers, body, mode)
-        out.append(Answer(kind, done - t0, done, detail if kind == "failed" else ""))
+        out.append(Answer(kind, done - t0, done, detail if kind == "failed" else "", connect, first))
+        first = False
         if kind == "rejected" or status is None:
             # A refused client comes back after the Retry-After it was given, as a polite one would;
             # one that got no answer at all (refused connection, timeout) waits as for a Retry-After
