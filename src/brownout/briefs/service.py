@@ -423,7 +423,7 @@ class BriefService:
                 max_retry_after=max(300.0, q.retry_after),
                 # With 200 polite clients and 4 pipelines, a Retry-After of "when the queue drains"
                 # (a few seconds) sent nearly all of them back every few seconds to be refused again:
-                # about 36 refusals a second, on the cores the local model runs on.
+                # 36 to 64 refusals a second on 2 cores, on the cores the local model runs on.
                 retry_pacing=q.retry_pacing,
             ),
             clock=clock,

@@ -170,7 +170,9 @@ class Admission(CallForms):
 
     ``retry_after`` on a rejection is estimated from an exponentially weighted moving average of the
     observed service time (clock time from getting a slot to giving it back):
-    ``ewma * (queue_size + 1) / max_concurrent``, clamped to ``[min_retry_after, max_retry_after]``.
+    ``ewma * (queue_size + 1) / max_concurrent``, clamped to ``[min_retry_after, max_retry_after]``;
+    with ``retry_pacing``, each rejected caller is then given its own place in a line of returning
+    callers (:meth:`place_in_line`, the module docstring's "Paced returns").
     """
 
     __slots__ = (
