@@ -30,6 +30,7 @@ from brownout.server.errors import (
     parse_json_body,
 )
 from support.live import LiveStack, live_stack
+from support.wait import until
 
 TOKEN = "catalogue-token"
 JSON = {"content-type": "application/json"}
@@ -266,6 +267,44 @@ async def test_every_bad_request_gets_the_one_error_shape_and_never_a_500(tmp_pa
     assert seen["admin without token"][1]["type"] == "authentication_error"
     assert seen["unknown path"][1]["type"] == "not_found_error"
     assert "allowed: POST" in seen["wrong method"][1]["message"]
+
+
+async def test_refused_callers_are_told_later_and_later_times_and_health_shows_how_far(
+    tmp_path: Path,
+) -> None:
+    # One pipeline of 0.6 s and a 1 s target: a request finding it busy cannot start in time. Each
+    # refused one gets its own place in the line of returns (queue.retry_pacing, on by default).
+    overrides = {
+        "queue": {"max_concurrent": 1},
+        "dimmer": {"targets": {"fast": 1.0, "balanced": 1.0, "creative": 1.0}},
+    }
+    async with (
+        app_with_gateway(tmp_path, overrides) as stack,
+        httpx.AsyncClient(base_url=stack.url, timeout=30) as http,
+    ):
+
+        def brief(name: str) -> Any:
+            return http.post("/v1/briefs", json={"text": f"a rose perfume, {name}", "mode": "fast"})
+
+        stack.runtime.service.dimmer.force(0.0)
+        stack.fakes["qwen"].set("slow", delay=0.6)
+        assert (await brief("measured")).status_code == 200
+        busy = asyncio.create_task(brief("busy"))
+        await until(lambda: stack.runtime.service.admission.in_flight == 1, "the only pipeline taken")
+        told: list[int] = []
+        for i in range(12):
+            answer = await brief(f"request {i}")
+            assert answer.status_code == 503
+            assert check_error(answer)["retry_after"] == int(answer.headers["retry-after"])
+            told.append(int(answer.headers["retry-after"]))
+        health = (await http.get("/health")).json()
+        metrics = (await http.get("/metrics")).text
+        assert not busy.done()  # every refusal came while the one pipeline ran
+        assert told == sorted(told)
+        assert told[-1] > told[0]  # twelve places, 0.15 s apart: not all back in the same second
+        assert 1.0 < health["retry_line_seconds"] <= told[-1]
+        assert "brownout_retry_line_seconds " in metrics
+        assert (await busy).status_code == 200
 
 
 async def test_overload_and_unhealthy_answers_carry_retry_after(tmp_path: Path) -> None:

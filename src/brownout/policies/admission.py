@@ -299,6 +299,12 @@ class Admission(CallForms):
         """The current ``retry_after`` estimate for a caller joining the queue now, in seconds."""
         return self._estimate(len(self._waiters))
 
+    @property
+    def retry_line(self) -> float:
+        """Seconds from now until the last caller refused so far was told to come back (0 when none
+        is away, or without ``retry_pacing``): how far ahead the line of returning callers reaches."""
+        return max(0.0, self._line_end - self._clock.now())
+
     def place_in_line(self, at_least: float = 0.0) -> float:
         """The ``retry_after`` for a caller refused now: with ``retry_pacing``, its own place in the
         line of returning callers (never sooner than ``at_least`` seconds); else ``at_least``.

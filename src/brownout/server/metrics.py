@@ -296,6 +296,11 @@ class RuntimeCollector(Collector):
         yield GaugeMetricFamily(
             "pipeline_in_flight", "Pipeline runs in progress", value=service.admission.in_flight
         )
+        yield GaugeMetricFamily(
+            "brownout_retry_line_seconds",
+            "Seconds until the last refused caller was told to come back (queue.retry_pacing)",
+            value=service.admission.retry_line,
+        )
 
         # ---- HTTP
         yield CounterMetricFamily("http_requests", "HTTP requests received", value=rt.http.requests)

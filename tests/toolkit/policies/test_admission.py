@@ -795,12 +795,15 @@ async def test_paced_refusals_each_get_their_own_place_in_the_line(clock: FakeCl
     assert [await _refused(plain) for _ in range(4)] == [4.0] * 4  # all back together, all refused again
     assert [await _refused(adm) for _ in range(6)] == [4.0, 6.0, 8.0, 10.0, 10.0, 10.0]  # capped at 10 s
     assert [e.retry_after for e in seen] == [4.0, 6.0, 8.0, 10.0, 10.0, 10.0]  # the events say the same
+    assert adm.retry_line == 10.0  # how far ahead the line reaches
+    assert plain.retry_line == 0.0  # no line without pacing
     # A caller refused elsewhere for the same capacity takes a place in the same line.
     clock.advance(6.0)
     assert adm.place_in_line(1.0) == pytest.approx(6.0)  # the line ended 4 s from now; 2 s after it
     assert await _refused(adm) == pytest.approx(8.0)
     # After a lull the line is empty again: the next caller is told when the backlog drains.
     clock.advance(30.0)
+    assert adm.retry_line == 0.0
     assert await _refused(adm) == 4.0
     assert adm.stats.rejected["queue_full"] == 8
     for i in range(2):

@@ -61,6 +61,7 @@ def install(router: APIRouter, *, state: ServerStatus, drain: Drain, exporter: R
             "gateway": state.gateway.status(),
             "queue_size": svc.admission.queue_size,
             "in_flight": svc.admission.in_flight,
+            "retry_line_seconds": round(svc.admission.retry_line, 1),
             "system_mode": state.modes.mode.value,
             "drain": drain.status(),
             "dimmer": state.dimmer(),
