@@ -349,3 +349,5 @@ def test_overload_drill_meets_issue_14s_goals() -> None:
     extra = f["extra"]
     assert extra["generator_per_min_overload"] >= 0.5 * extra["generator_per_min_one_client"], extra
     assert extra["refused_p95_ms"] is None or extra["refused_p95_ms"] < 1000, extra
+    assert extra["refused_first_requests_p95_ms"] is None or extra["refused_first_requests_p95_ms"] < 1000
+    assert extra["refused_first_requests"] <= 200
