@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -287,12 +288,19 @@ def _fake_brief_server() -> FastAPI:
         state = "open" if seen["status"] in (2, 3) else "closed"
         return {"breakers": {"qwen": state}, "available_modes": ["fast"], "system_mode": "normal"}
 
+    later: list[dict[str, Any]] = []
+
     @app.get("/api/v1/recovery/actions")
     async def actions() -> dict[str, Any]:
         history = [{"at": 1.0, "action": "clear_cache", "target": "all"}]
         if seen["n"]:
             history.append({"at": 2.0, "action": "restart_model_server", "target": "qwen"})
-        return {"history": history}
+        return {"history": [*history, *later]}
+
+    @app.post("/test/recovery")
+    async def act(entry: dict[str, Any]) -> None:
+        """What the test makes the server do meanwhile (between levels)."""
+        later.append(entry)
 
     return app
 
@@ -509,6 +517,20 @@ async def test_each_level_is_also_divided_by_the_bare_rates_measured_just_before
 
     async def fake_measure(threads: int, parallel: int, seconds: float, timeout: float = 120.0) -> Any:
         calls.append((threads, parallel, seconds))
+        if len(calls) == 2:
+            # While the bare server has the cores after the first level, the idle server acts.
+            async with httpx.AsyncClient(base_url=fake_url) as http:
+                for entry in (
+                    {"at": 3.0, "action": "fallback_to_rules", "target": "all"},
+                    {
+                        "at": 4.0,
+                        "action": "restart_model_server",
+                        "target": "qwen",
+                        "status": "skipped",
+                        "detail": "busy",
+                    },
+                ):
+                    await http.post("/test/recovery", json=entry)
         return next(paces)
 
     monkeypatch.setattr(capacity, "run_async", fake_grid)
@@ -525,6 +547,13 @@ async def test_each_level_is_also_divided_by_the_bare_rates_measured_just_before
     )
     assert third["bare_adjacent"]["after"] is None
     assert third["bare_adjacent"]["valid_per_min"] == 36.0
+    # What the idle server did while the bare one measured, beside the level before it.
+    assert first["while_bare_measured"] == {
+        "recovery_action_names": ["fallback_to_rules(all)"],
+        "recovery_actions_held_back": ["restart_model_server(qwen): busy"],
+        "system_mode": "normal",
+    }
+    assert second["while_bare_measured"]["recovery_action_names"] == []
     for row in doc["levels"]:
         per_min = row["generator_briefs_per_min"]
         assert row["ratio_to_bare_adjacent"] == pytest.approx(

@@ -45,10 +45,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import h11
 import httpx
@@ -93,6 +93,7 @@ GENERATOR_SERVED: frozenset[Kind] = frozenset({"full", "downshifted", "dimmed", 
 """The kinds whose brief the generator model wrote."""
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_T = TypeVar("_T")
 
 
 def classify_answer(status: int | None, headers: Mapping[str, str], body: Any, requested_mode: str) -> Kind:
@@ -336,6 +337,12 @@ async def _generator_tokens(http: httpx.AsyncClient) -> int | None:
         endpoints = body["models"][GENERATOR]["endpoints"]
         return sum(int(ep["completion_tokens"]) for ep in endpoints)
     return None
+
+
+async def _side(url: str, ask: Callable[[httpx.AsyncClient], Awaitable[_T]]) -> _T:
+    """``ask`` on a client of its own to ``url`` (between levels, when no other is open)."""
+    async with httpx.AsyncClient(base_url=url, timeout=10.0, trust_env=False) as side:
+        return await ask(side)
 
 
 async def _history(http: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -597,12 +604,23 @@ async def run_async(
                 row = result.figures(bare_rate, bare_tokens, in_time)
                 if confirmed is not None:
                     # The same bare configuration again, right after the level (brownout idle).
+                    idle_from = await _side(url, _history)
                     again = await bench_capacity.measure(
                         int(confirmed["threads"]), int(confirmed["parallel"]), seconds
                     )
                     after = None if again.error else _bare_figures(asdict(again))
                     row.update(_adjacent(row, before, after))
                     before = after
+                    # What the idle server did while the bare server had the cores: its model
+                    # slowed by a neighbour must not be taken for a broken one (never seen in a
+                    # level's own figures, which start after this).
+                    ran, kept = held_back(new_actions(idle_from, await _side(url, _history)))
+                    status = await _side(url, _status)
+                    row["while_bare_measured"] = {
+                        "recovery_action_names": ran,
+                        "recovery_actions_held_back": kept,
+                        "system_mode": None if status is None else status.get("system_mode"),
+                    }
                 rows.append(row)
         finally:
             if server is not None:
