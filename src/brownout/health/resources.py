@@ -292,6 +292,36 @@ class HostReader:
         self._procs = kept
         return out
 
+    def run_queue_wait(self, root: int) -> float | None:
+        """Seconds the threads of ``root`` and its descendants have spent so far runnable but waiting
+        for a CPU (Linux's ``/proc/<pid>/task/<tid>/schedstat``, summed), or None where it cannot be
+        read. A process starved by other processes waits; a wedged or stopped one neither runs nor
+        waits. Threads that ended take their share with them: compare two readings, never trust a
+        difference below 0."""
+        import psutil  # the server extra
+
+        try:
+            top = psutil.Process(root)
+            pids = [root, *(p.pid for p in top.children(recursive=True))]
+        except psutil.Error:
+            return None
+        total = 0
+        read = False
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                        fields = f.read().split()
+                    total += int(fields[1])
+                    read = True
+                except (OSError, IndexError, ValueError):
+                    continue
+        return total / 1e9 if read else None
+
     def cpu_count(self) -> int:
         """The CPUs this process may run on (its affinity mask, else the machine's count)."""
         try:

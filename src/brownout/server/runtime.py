@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -44,7 +45,7 @@ from brownout.events import DEFAULT_BUS, EventBus
 from brownout.gateway.router import Gateway
 from brownout.gateway.stats import Histogram
 from brownout.health.modes import SystemModes
-from brownout.health.resources import usable_cores
+from brownout.health.resources import HostReader, usable_cores
 from brownout.llm.client import ModelClient, SharedEndpoint
 from brownout.llm.local import LocalModelServer, free_port
 from brownout.llm.types import EndpointConfig
@@ -94,9 +95,22 @@ SHED_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 """Bucket bounds of ``brownout_shed_seconds`` (the goal: a refusal within 50 ms)."""
 
 
+STARVED_SHARE: Final = 0.5
+"""A local model server whose threads, summed, waited for a CPU at least this many seconds per second
+of a probe that timed out was starved by other processes: the probe says nothing of the model."""
+
+
 class ModelProbes:
     """One round of health probes over every model role, concurrently (the runtime runs a round every
-    ``models.health_interval``; the recovery action that re-probes runs one at once)."""
+    ``models.health_interval``; the recovery action that re-probes runs one at once).
+
+    A probe of a local model server that timed out while the server's threads spent the time waiting
+    for a CPU (:data:`STARVED_SHARE`; ``wait_of(pid)`` reads their run-queue wait so far) was starved
+    by other processes on the machine -- a neighbour's load, a benchmark beside it -- not failed by
+    the model: it is recorded as a busy probe (healthy, its ``error`` saying ``starved: ...``), so no
+    mode falls and no recovery restarts a healthy server for it. A wedged or stopped server neither
+    runs nor waits, and its timed-out probe stays a failure.
+    """
 
     def __init__(
         self,
@@ -107,6 +121,8 @@ class ModelProbes:
         *,
         interval: float,
         timeout: float,
+        clock: Clock = SYSTEM_CLOCK,
+        wait_of: Callable[[int], float | None] | None = None,
     ) -> None:
         self.service = service
         self.clients = clients
@@ -114,6 +130,29 @@ class ModelProbes:
         self.shared = shared
         self.interval = interval
         self.timeout = timeout
+        self._clock = clock
+        self._wait_of = wait_of if wait_of is not None else HostReader().run_queue_wait
+
+    async def _probe_local(self, role: str, pid: int | None) -> None:
+        """Probe ``role`` on its local server (process ``pid``) and record the outcome, a timeout
+        while the server waited for a CPU as starved (class docstring)."""
+        service = self.service
+        before = self._wait_of(pid) if pid is not None else None
+        start = self._clock.now()
+        results = await service.backends[role].probe(timeout=self.timeout)
+        if before is not None and pid is not None and results and not any(r.healthy for r in results):
+            span = self._clock.now() - start
+            after = self._wait_of(pid)
+            waited = None if after is None else after - before
+            timed_out = all((r.error or "").startswith("timeout") for r in results)
+            if timed_out and waited is not None and span > 0 and waited >= STARVED_SHARE * span:
+                note = (
+                    f"starved: its server's threads waited {waited:.1f} s for a CPU during the "
+                    f"{span:.1f} s probe (other processes had the cores); not counted against the model"
+                )
+                _log.warning("health probe of %s timed out while %s", role, note.removeprefix("starved: "))
+                results = [dataclasses.replace(r, healthy=True, busy=True, error=note) for r in results]
+        service.record_health(role, results)
 
     async def probe_all(self) -> None:
         """Probe every role once, concurrently."""
@@ -130,6 +169,10 @@ class ModelProbes:
                 if got is not None:
                     service.record_health(role, got[0])
                     return
+            server = self.local.get(role)
+            if server is not None:
+                await self._probe_local(role, server.pid)
+                return
             await service.check_health(role)
 
         results = await asyncio.gather(*(check(r) for r in ROLES), return_exceptions=True)
@@ -317,6 +360,7 @@ class Runtime:
             shared,
             interval=cfg.models.health_interval,
             timeout=cfg.models.health_timeout,
+            clock=clock,
         )
         # Recovery manager, resource monitor, system modes, adaptive cache TTL, loop-block detector.
         self.ops = Operations(
