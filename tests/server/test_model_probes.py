@@ -1,7 +1,9 @@
-"""Health probes of local model servers starved of CPU by other processes: busy, not down."""
+"""Health probes of local model servers: one probe per shared server, and a probe starved of CPU by
+other processes is busy, not down."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,11 +30,15 @@ class _Backend:
     error: str | None = TIMEOUT
     took: float = 10.0
     waited: float = 0.0
+    role: str = "qwen"
+    calls: int = 0
 
     async def probe(self, timeout: float = 5.0) -> list[ProbeResult]:
+        self.calls += 1
         self.clock.advance(self.took)
         self.waits[self.pid] += self.waited
-        return [ProbeResult("qwen", "http://127.0.0.1:1", self.error is None, self.took, self.error)]
+        url = f"http://127.0.0.1:{self.pid}"
+        return [ProbeResult(self.role, url, self.error is None, self.took, self.error)]
 
 
 @dataclass
@@ -49,29 +55,58 @@ class _Server:
     pid: int | None
 
 
+def _probes(service: _Service, local: dict[str, _Server], clock: FakeClock, **kw: Any) -> ModelProbes:
+    return ModelProbes(
+        service,  # type: ignore[arg-type]
+        {},
+        local,  # type: ignore[arg-type]
+        None,
+        interval=15.0,
+        timeout=10.0,
+        clock=clock,
+        **kw,
+    )
+
+
 async def _round(*, waited: float, error: str | None = TIMEOUT, readable: bool = True) -> ProbeResult:
     clock = FakeClock()
     waits = {7: 100.0}
     backend = _Backend(clock, waits, 7, error=error, waited=waited)
     service = _Service(dict.fromkeys(ROLES, backend))
-    probes = ModelProbes(
-        service,  # type: ignore[arg-type]
-        {},
-        dict.fromkeys(ROLES, _Server(7)),  # type: ignore[arg-type]
-        None,
-        interval=15.0,
-        timeout=10.0,
-        clock=clock,
+    probes = _probes(
+        service,
+        dict.fromkeys(ROLES, _Server(7)),
+        clock,
         wait_of=lambda pid: waits[pid] if readable else None,
     )
     await probes.probe_all()
+    assert backend.calls == 1  # one shared server, one probe
     assert set(service.recorded) == set(ROLES)
     (result,) = service.recorded["qwen"]
+    for role in ROLES:  # the same verdict for every role on it, under the role's own name
+        assert service.recorded[role] == [dataclasses.replace(result, role=role)]
     return result
 
 
+async def test_a_shared_server_is_probed_once_a_round_and_its_verdict_is_every_roles() -> None:
+    clock = FakeClock()
+    waits = {7: 0.0, 8: 0.0}
+    shared = _Backend(clock, waits, 7, error=None, took=0.2)
+    own = _Backend(clock, waits, 8, error="HTTP 500", took=0.1, role="llama")
+    service = _Service({"qwen": shared, "mistral": shared, "llama": own})
+    server = _Server(7)
+    probes = _probes(service, {"qwen": server, "mistral": server, "llama": _Server(8)}, clock)
+    for _ in range(3):
+        await probes.probe_all()
+    assert (shared.calls, own.calls) == (3, 3)
+    assert [r.role for r in service.recorded["mistral"]] == ["mistral"]
+    assert service.recorded["mistral"][0].healthy
+    assert service.recorded["mistral"][0].endpoint == "http://127.0.0.1:7"
+    assert service.recorded["llama"] == [ProbeResult("llama", "http://127.0.0.1:8", False, 0.1, "HTTP 500")]
+
+
 async def test_a_probe_that_timed_out_while_its_server_waited_for_a_cpu_is_starved_not_failed() -> None:
-    # Three probes of one shared server, each 10 s, while its threads waited 8 s for a CPU each time.
+    # One probe of the shared server, 10 s, while its threads waited 8 s for a CPU.
     result = await _round(waited=8.0)
     assert result.healthy
     assert result.busy

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -133,10 +133,11 @@ class ModelProbes:
         self._clock = clock
         self._wait_of = wait_of if wait_of is not None else HostReader().run_queue_wait
 
-    async def _probe_local(self, role: str, pid: int | None) -> None:
-        """Probe ``role`` on its local server (process ``pid``) and record the outcome, a timeout
-        while the server waited for a CPU as starved (class docstring)."""
+    async def _probe_local(self, roles: Sequence[str], pid: int | None) -> None:
+        """Probe the first of ``roles`` on their local server (process ``pid``) and record the outcome
+        for each of them, a timeout while the server waited for a CPU as starved (class docstring)."""
         service = self.service
+        role = roles[0]
         before = self._wait_of(pid) if pid is not None else None
         start = self._clock.now()
         results = await service.backends[role].probe(timeout=self.timeout)
@@ -153,10 +154,23 @@ class ModelProbes:
                 _log.warning("health probe of %s timed out while %s", role, note.removeprefix("starved: "))
                 results = [dataclasses.replace(r, healthy=True, busy=True, error=note) for r in results]
         service.record_health(role, results)
+        for other in roles[1:]:
+            service.record_health(other, [dataclasses.replace(r, role=other) for r in results])
 
     async def probe_all(self) -> None:
-        """Probe every role once, concurrently."""
+        """Probe every role once, concurrently.
+
+        Roles that share one local model server (``models.local.layout: shared``, the default) are one
+        model in one process: one probe, on the first of them, gives the verdict of all. Three probes
+        at once cost the server more work for the same answer, on cores another process (a
+        neighbour's model server, a benchmark's) may need at that moment.
+        """
         service = self.service
+        sharing: dict[int, list[str]] = {}
+        for role in ROLES:
+            server = self.local.get(role)
+            if server is not None:
+                sharing.setdefault(id(server), []).append(role)
 
         async def check(role: str) -> None:
             # A role on configured endpoints is the same model for every replica: with Redis, one
@@ -171,12 +185,14 @@ class ModelProbes:
                     return
             server = self.local.get(role)
             if server is not None:
-                await self._probe_local(role, server.pid)
+                await self._probe_local(sharing[id(server)], server.pid)
                 return
             await service.check_health(role)
 
-        results = await asyncio.gather(*(check(r) for r in ROLES), return_exceptions=True)
-        for role, result in zip(ROLES, results, strict=True):
+        # One check per shared local server (its first role speaks for the others).
+        probed = [r for r in ROLES if r not in self.local or sharing[id(self.local[r])][0] == r]
+        results = await asyncio.gather(*(check(r) for r in probed), return_exceptions=True)
+        for role, result in zip(probed, results, strict=True):
             if isinstance(result, BaseException):
                 _log.warning("health probe of %s failed: %s", role, result)
 
