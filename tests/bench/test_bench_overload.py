@@ -108,6 +108,7 @@ def test_summary_counts_shares_rates_and_percentiles() -> None:
     # The 40 ms refusal spent 30 ms opening its connection; the 10 ms one was its client's first request.
     answers[11] = Answer("rejected", 0.040, 11.0, connect=0.030)
     answers[8] = Answer("rejected", 0.010, 8.0, first=True)
+    answers[5] = Answer("dimmed", 6.0, 5.0, cut=True)  # the dimmed one was stopped at the target
     s = summarize(answers, 10.0, bare_per_min=72.0)
     assert s["answers"] == 13
     assert s["answers_per_s"] == 1.3
@@ -132,6 +133,8 @@ def test_summary_counts_shares_rates_and_percentiles() -> None:
     assert s["rejections_after_first"] == {"p50_ms": 30.0, "p95_ms": 39.0, "p99_ms": 39.8}  # 20, 30, 40
     assert s["generator_briefs"] == 6
     assert s["generator_briefs_per_min"] == 36.0
+    assert s["generator_briefs_cut"] == 1
+    assert s["generator_whole_briefs_per_min"] == 30.0
     assert s["ratio_to_bare"] == 0.5
 
 
@@ -257,7 +260,8 @@ def test_capacity_counter_counts_completions_valid_ones_and_tokens() -> None:
 
 
 def _fake_brief_server() -> FastAPI:
-    """Answers like a saturated brief server: every 3rd request refused, every 3rd rule-based."""
+    """Answers like a saturated brief server: every 3rd request refused, every 3rd rule-based, and
+    every other model answer stopped at the latency target (its description cut short)."""
     app = FastAPI()
     seen = {"n": 0, "status": 0, "model": 0}
 
@@ -271,6 +275,8 @@ def _fake_brief_server() -> FastAPI:
         await asyncio.sleep(0.01)
         by = ["rules"] if n % 3 == 1 else ["model:qwen"]
         seen["model"] += by == ["model:qwen"]
+        if n % 6 == 5:
+            return JSONResponse(_brief(by, body["mode"], dimmed=["description_tail"], reason="load"))
         return JSONResponse(_brief(by, body["mode"], "fallback" if by == ["rules"] else None))
 
     @app.get("/health")
@@ -327,15 +333,19 @@ def test_a_level_classifies_every_answer_and_counts_opens_and_actions(fake_url: 
     f = result.figures(bare_per_min=60.0, bare_tokens_per_s=10.0)
     counts = f["counts"]
     # The generator's tokens over the load, from /health before and after it.
-    assert result.tokens == 7 * counts["full"]
+    assert result.tokens == 7 * (counts["full"] + counts["dimmed"])
     assert f["generator_tokens_per_s"] == round(result.tokens / result.elapsed, 1)
     assert f["tokens_ratio_to_bare"] == round(result.tokens / result.elapsed / 10.0, 3)
     assert f["answers"] == sum(counts.values()) > 12
-    # The fake's cycle: rules, model, refused -- whatever the interleaving, a third of each.
-    for kind in ("rules", "full", "rejected"):
+    # The fake's cycle: rules, model, refused -- whatever the interleaving, a third of each; half the
+    # model's answers cut at the target.
+    for kind in ("rules", "rejected"):
         assert abs(counts[kind] - f["answers"] / 3) <= 4, counts
+    assert abs(counts["full"] + counts["dimmed"] - f["answers"] / 3) <= 4, counts
+    assert abs(counts["full"] - counts["dimmed"]) <= 1, counts
     assert counts["failed"] == 0
-    assert f["generator_briefs"] == counts["full"]
+    assert f["generator_briefs"] == counts["full"] + counts["dimmed"]
+    assert f["generator_briefs_cut"] == counts["dimmed"] > 0
     assert f["breaker_opens"] == 1
     assert f["recovery_actions"] == 1
     assert f["recovery_action_names"] == ["restart_model_server(qwen)"]

@@ -29,6 +29,7 @@ from brownout.llm.client import ModelClient
 from brownout.llm.pipeline import Mode, Pipeline, PipelineContext, Stage
 from brownout.llm.types import EndpointConfig
 from brownout.policies.cpu_budget import CpuBudget, CpuBudgetConfig
+from brownout.policies.dimmer import Dimmer
 from brownout.testing import FakeClock
 from support.stack import distinct_text, make_config, serve
 from support.wait import until
@@ -167,6 +168,33 @@ async def test_fully_dimmed_the_rules_answer_without_any_model_call(
         assert answer["stages"][0]["served_by"] == "rules"
         assert answer["dimmed"] == ["validation", "generation"]
         assert answer["reliability"] == "low"
+
+
+async def test_the_dimmer_never_leaves_a_free_generator_slot_idle(
+    fakes: dict[str, FakeLLM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with service_on(fakes, tmp_path) as svc:
+        clock = FakeClock()
+        svc.dimmer = Dimmer("briefs", svc.dimmer.steps, svc.dimmer.config, clock=clock, rng=random.Random(1))
+        for _ in range(40):  # answers three times past their target: the controller dims everything
+            svc.dimmer.observe(30.0)
+            clock.advance(0.5)
+        assert svc.dimmer.value == 1.0
+        assert not svc.dimmer.forced
+        # The generator has a free slot: a request starting on it now waits for nobody, so it gets
+        # the generator; the optional stages before generation stay dimmed.
+        answer = await svc.create_brief(TEXT, "creative")
+        assert calls(fakes) == {"qwen": 1, "mistral": 0, "llama": 0}
+        assert answer["stages"][0]["served_by"] == "model:qwen"
+        assert answer["served_mode"] == "fast"
+        assert answer["dimmed"] == ["creative_hints", "validation"]
+        assert answer["reason"] == "load"
+        # Every slot taken (a call would wait a minute): fully dimmed, no model call at all.
+        monkeypatch.setattr(ModelClient, "estimated_wait", lambda self, ahead=0: 60.0)
+        busy = await svc.create_brief("a smoky leather scent for a night out", "fast")
+        assert calls(fakes) == {"qwen": 1, "mistral": 0, "llama": 0}
+        assert busy["stages"][0]["served_by"] in ("cache", "rules")
+        assert busy["dimmed"][-1] == "generation"
 
 
 async def test_the_dimmer_can_be_switched_off_or_pinned_in_config(

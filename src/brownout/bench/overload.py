@@ -143,7 +143,8 @@ def _retry_after(headers: Mapping[str, str]) -> bool:
 class Answer:
     """One request of the load: its kind, latency (seconds) and when it came back (monotonic);
     ``connect``: the part of the latency spent opening a new connection (0.0 on a kept-alive one);
-    ``first``: its client's first request (every client sends its first at the level's start)."""
+    ``first``: its client's first request (every client sends its first at the level's start);
+    ``cut``: a generator's brief stopped at the latency target (``description_tail`` dimmed)."""
 
     kind: Kind
     latency: float
@@ -151,6 +152,7 @@ class Answer:
     detail: str = ""
     connect: float = 0.0
     first: bool = False
+    cut: bool = False
 
 
 def _pcts(values: Sequence[float]) -> dict[str, float | None]:
@@ -171,7 +173,8 @@ def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | N
     instant, a burst of the level's size the server answers one after another -- and so measure the
     steady load. ``share`` is each kind's share of all answers. ``generator_briefs_per_min`` counts
     the briefs the generator wrote; ``ratio`` divides it by ``bare_per_min`` (the bare model server's
-    best) when given.
+    best) when given. ``generator_briefs_cut`` of them were stopped at the latency target and served
+    with their description cut short; ``generator_whole_briefs_per_min`` counts the others.
     """
     counts = Counter(a.kind for a in answers)
     n = len(answers)
@@ -179,6 +182,7 @@ def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | N
     refusals = [a for a in answers if a.kind == "rejected"]
     rejected = [a.latency for a in refusals]
     generated = sum(counts[k] for k in GENERATOR_SERVED)
+    cut = sum(1 for a in answers if a.cut)
     per_min = generated * 60.0 / elapsed if elapsed > 0 else 0.0
     return {
         "answers": n,
@@ -195,6 +199,8 @@ def summarize(answers: Sequence[Answer], elapsed: float, bare_per_min: float | N
         else None,
         "generator_briefs": generated,
         "generator_briefs_per_min": round(per_min, 2),
+        "generator_briefs_cut": cut,
+        "generator_whole_briefs_per_min": round((generated - cut) * 60.0 / elapsed, 2) if elapsed else 0.0,
         "ratio_to_bare": round(per_min / bare_per_min, 3) if bare_per_min else None,
     }
 
@@ -403,7 +409,9 @@ async def _client(
                 detail = f"HTTP {status}"
         done = time.monotonic()
         kind = classify_answer(status, headers, body, mode)
-        out.append(Answer(kind, done - t0, done, detail if kind == "failed" else "", connect, first))
+        dimmed = body.get("dimmed") if isinstance(body, dict) else None
+        cut = kind in GENERATOR_SERVED and "description_tail" in (dimmed or [])
+        out.append(Answer(kind, done - t0, done, detail if kind == "failed" else "", connect, first, cut))
         first = False
         if kind == "rejected" or status is None:
             # A refused client comes back after the Retry-After it was given, as a polite one would;

@@ -46,7 +46,9 @@ It may wait in *one* budget, never two:
 
 1. the exact-answer cache and the coalescing of identical requests: no wait;
 2. the dimmer decides what it leaves out, *before* it queues anywhere. One that needs no model call
-   (generation dimmed: a similar earlier brief, or the rules) is answered at once, queueing nowhere;
+   (generation dimmed: a similar earlier brief, or the rules) is answered at once, queueing nowhere --
+   unless the generator has a free slot right now: the dimmer chooses who does without the generator
+   when callers would wait for it, and never leaves a slot of it idle (a pinned value is obeyed);
 3. the admission queue (``queue.max_concurrent`` pipelines at once). The wait it expects counts the
    generator's queue too -- the callers waiting for a slot of the generator's server and those ahead
    in the admission queue, each one a service time over the server's concurrency limit -- so a
@@ -797,6 +799,12 @@ class BriefService:
         # What this request leaves out is decided on arrival: one that needs no model call queues
         # nowhere (it would only wait behind model work it does not need).
         decision = self.dimmer.decide()
+        if decision.dims("generation") and self._generator_idle():
+            # A free slot of the generator's server left idle helps nobody's latency: this request
+            # would start at once. The dimmer decides who does without the generator when callers
+            # would wait, never that a slot stays empty (under 200 clients, slots were left empty a
+            # third of the time). The optional stages before generation stay as decided.
+            decision = decision.keeping("generation")
         shed = self.config.dimmer.shed_late
         # One budget for the whole request (module docstring): it must start its generator call by
         # t0 + T - S, and every model call may wait for a slot only while it can still finish by t0 + T.
@@ -867,6 +875,12 @@ class BriefService:
         dimmed, _ = self._dimmed_for(decision, mode)
         served = await self._serve_fallback(ctx, "fallback", "load", self._late_chain)
         return self._mark_dimmed(served, [*dimmed, "generation"])
+
+    def _generator_idle(self) -> bool:
+        """True when the generator has a free slot right now (its call would not wait) and the
+        dimmer's value is its controller's, not pinned by an operator (a pin is obeyed as it is)."""
+        gen = self._generator()
+        return not self.dimmer.forced and gen is not None and gen.available and gen.estimated_wait() == 0.0
 
     def _no_room(self, start_budget: float | None) -> bool:
         """True when a generator call made now could not start within ``start_budget`` seconds: it

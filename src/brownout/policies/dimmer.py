@@ -164,6 +164,15 @@ class DimmerDecision:
         """True when ``step`` is left out for this request."""
         return step in self.dimmed
 
+    def keeping(self, step: str) -> DimmerDecision:
+        """This decision with ``step`` and every step after it kept: the steps before it stay dimmed.
+
+        For a caller that finds the work of ``step`` can be done at no cost to anyone's latency --
+        the resource it needs is idle right now -- so leaving it out would only waste it."""
+        if step not in self.dimmed:
+            return self
+        return DimmerDecision(self.level, self.dimmed[: self.dimmed.index(step)])
+
 
 @dataclass(frozen=True, slots=True)
 class DimmerSnapshot:
@@ -230,6 +239,12 @@ class Dimmer:
         """Seconds after the load ends by which the value is back at 0, at the latest."""
         cfg = self.config
         return cfg.window + cfg.interval * (math.ceil(1.0 / cfg.max_step_down) + 1)
+
+    @property
+    def forced(self) -> bool:
+        """True while the value is pinned (:meth:`force`): an operator's word, which callers obey
+        to the letter."""
+        return self._forced is not None
 
     @property
     def value(self) -> float:

@@ -192,6 +192,29 @@ def test_decisions_follow_the_value_and_keep_the_order() -> None:
     assert dimmer.decide().dimmed == STEPS
 
 
+def test_a_decision_keeping_a_step_keeps_the_later_ones_and_leaves_the_earlier_dimmed() -> None:
+    dimmer = Dimmer("d", STEPS, clock=FakeClock(start=0.0), events=EventBus(), rng=random.Random(1))
+    dimmer.force(1.0)
+    everything = dimmer.decide()
+    kept = everything.keeping("generation")
+    assert kept.dimmed == ("creative_hints", "validation")
+    assert kept.level == everything.level == 4
+    assert not kept.dims("generation")
+    assert not kept.dims("model")
+    assert everything.dimmed == STEPS  # decisions are values: the original is unchanged
+    assert kept.keeping("generation") is kept  # nothing from there on is dimmed: the same decision
+    assert everything.keeping("creative_hints").dimmed == ()
+
+
+def test_a_pinned_value_says_so() -> None:
+    dimmer = Dimmer("d", STEPS, clock=FakeClock(start=0.0), events=EventBus())
+    assert not dimmer.forced
+    dimmer.force(0.0)
+    assert dimmer.forced  # pinned at full service is pinned too
+    dimmer.force(None)
+    assert not dimmer.forced
+
+
 def test_level_changes_are_events_and_forced_value_hands_back() -> None:
     clock = FakeClock(start=0.0)
     bus = EventBus()
