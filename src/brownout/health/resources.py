@@ -269,8 +269,7 @@ class HostReader:
         import psutil  # the server extra
 
         try:
-            top = self._procs.get(root) or psutil.Process(root)
-            found = [top, *top.children(recursive=True)]
+            found = self._tree(root)
         except psutil.Error:
             self._procs.clear()
             return []
@@ -292,6 +291,14 @@ class HostReader:
         self._procs = kept
         return out
 
+    def _tree(self, root: int) -> list[Any]:
+        """The psutil processes of ``root`` and its descendants (raises ``psutil.Error`` when ``root``
+        is gone); a process already held for ``root`` is reused."""
+        import psutil  # the server extra
+
+        top = self._procs.get(root) or psutil.Process(root)
+        return [top, *top.children(recursive=True)]
+
     def run_queue_wait(self, root: int) -> float | None:
         """Seconds the threads of ``root`` and its descendants have spent so far runnable but waiting
         for a CPU (Linux's ``/proc/<pid>/task/<tid>/schedstat``, summed), or None where it cannot be
@@ -301,8 +308,7 @@ class HostReader:
         import psutil  # the server extra
 
         try:
-            top = psutil.Process(root)
-            pids = [root, *(p.pid for p in top.children(recursive=True))]
+            pids = [p.pid for p in self._tree(root)]
         except psutil.Error:
             return None
         total = 0
