@@ -19,6 +19,7 @@ line each, e.g. ``circuit_breaker.failure_threshold: Input should be less than o
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -335,6 +336,31 @@ class RoleLimiterSection(_Section):
     )
     max_queue: int = Field(default=1000, ge=0, description="calls allowed to wait for a slot; 0: never wait")
     max_wait: float = Field(default=60.0, gt=0, description="longest a call waits for a slot, seconds")
+    latency_budget: float | Literal["auto"] | None = Field(
+        default="auto",
+        description=(
+            "seconds a call may take and still be in time; while more than a tenth of recent calls take "
+            "longer, the limit comes down and stays down until calls finish well inside it; auto: for "
+            "the generator's role, the tightest brief latency target less what its request needs "
+            "around the call (1.25 s), for the others none; none: off"
+        ),
+    )
+
+    @field_validator("latency_budget", mode="before")
+    @classmethod
+    def _budget_in_seconds(cls, value: object) -> object:
+        wrong = f"latency_budget must be a number of seconds above 0, auto or null; got {value!r}"
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool):
+            raise ValueError(wrong)
+        try:
+            seconds = float(value)  # type: ignore[arg-type]  # a number, or its text from the environment
+        except (TypeError, ValueError):
+            raise ValueError(wrong) from None
+        if not 0 < seconds < math.inf:
+            raise ValueError(wrong)
+        return seconds
 
     @model_validator(mode="after")
     def _check(self) -> RoleLimiterSection:
@@ -342,15 +368,18 @@ class RoleLimiterSection(_Section):
             raise ValueError(f"min_limit ({self.min_limit}) must not exceed max_limit ({self.max_limit})")
         return self
 
-    def config(self) -> LimiterConfig:
-        """As the limiter's own settings (no ``max_limit``: the endpoints' ``max_concurrency`` rules)."""
+    def config(self, auto_budget: float | None = None) -> LimiterConfig:
+        """As the limiter's own settings (no ``max_limit``: the endpoints' ``max_concurrency`` rules);
+        ``auto_budget`` is what ``latency_budget: auto`` stands for in this role (None: off)."""
         top = self.max_limit if self.max_limit is not None else _NO_LIMIT
+        budget = auto_budget if self.latency_budget == "auto" else self.latency_budget
         return LimiterConfig(
             min_limit=self.min_limit,
             max_limit=max(top, self.min_limit),
             initial_limit=self.initial_limit,
             max_queue=self.max_queue,
             max_wait=self.max_wait,
+            latency_budget=budget if isinstance(budget, float) else None,
         )
 
 

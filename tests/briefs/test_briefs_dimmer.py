@@ -421,6 +421,18 @@ def test_the_cpu_budget_is_on_by_itself_only_beside_a_local_generator() -> None:
             load_config(None, environ={"BROWNOUT__DIMMER__CPU_BUDGET": bad})
 
 
+def test_a_latency_budget_is_seconds_auto_or_null() -> None:
+    env = "BROWNOUT__MODELS__ROLES__QWEN__LIMITER__LATENCY_BUDGET"
+    assert load_config(None, environ={}).models.roles["qwen"].limiter.latency_budget == "auto"
+    assert load_config(None, environ={env: "7.5"}).models.roles["qwen"].limiter.latency_budget == 7.5
+    assert load_config(None, environ={env: "null"}).models.roles["qwen"].limiter.latency_budget is None
+    for bad in ("0", "-1", "soon", "true", "inf"):
+        with pytest.raises(
+            ConfigError, match="latency_budget must be a number of seconds above 0, auto or null"
+        ):
+            load_config(None, environ={env: bad})
+
+
 async def test_the_automatic_cpu_budget_counts_the_cores_the_local_models_leave_free() -> None:
     default = load_config(None, environ={})
     # The shared server takes up to 4 threads: on 2 cores none is left, on 8 cores 4 are.

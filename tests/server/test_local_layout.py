@@ -42,6 +42,9 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     assert limiters["qwen"].config.max_limit == 4
     # Within its slots nothing queues inside it: the limit follows the work it does a second.
     assert limiters["qwen"].config.slots == 4
+    # ...and comes down while the generator's calls run past its requests' 10 s target (less the
+    # quarter second kept for answering and the second by which a cut is the request's doing).
+    assert limiters["qwen"].config.latency_budget == 8.75
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
     assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]
@@ -64,6 +67,8 @@ def test_per_role_layout_runs_a_server_per_role_each_with_its_own_limit(tmp_path
     assert (rt.local["qwen"].parallel, rt.local["llama"].parallel) == (2, 1)
     limiters = [next(iter(rt.clients[r].limiters.values())) for r in ROLES]
     assert len({id(lim) for lim in limiters}) == 3
+    # Only the generator's calls are cut at the requests' target: its limit alone has a latency budget.
+    assert [lim.config.latency_budget for lim in limiters] == [8.75, None, None]
     assert rt.ops.sharing("mistral") == ["mistral"]
     # The gateway's "local" group is the generator's server: its requests take the generator's slots.
     [endpoint] = rt.gateway.groups["local"].endpoints
@@ -79,3 +84,21 @@ def test_roles_on_endpoints_leave_the_shared_server_to_the_others(tmp_path: Path
     assert rt.clients["mistral"].limiters["mistral"] is rt.clients["llama"].limiters["llama"]
     assert rt.ops.sharing("qwen") == ["qwen"]
     assert server.role == "models"
+
+
+def test_the_generators_latency_budget_follows_the_tightest_target_or_is_set_or_off(tmp_path: Path) -> None:
+    def budget(rt: Runtime) -> float | None:
+        return next(iter(rt.clients["qwen"].limiters.values())).config.latency_budget
+
+    config = runtime(tmp_path).config
+    tight = config.model_copy(
+        update={"dimmer": config.dimmer.model_copy(update={"targets": {"fast": 6.0, "creative": 10.0}})}
+    )
+    assert budget(Runtime(tight, events=EventBus())) == 4.75
+    off = config.model_copy(update={"dimmer": config.dimmer.model_copy(update={"enabled": False})})
+    assert budget(Runtime(off, events=EventBus())) is None  # no target kept: the work rate alone
+    assert budget(runtime(tmp_path, qwen={"limiter": {"latency_budget": 6.5}})) == 6.5
+    assert budget(runtime(tmp_path, qwen={"limiter": {"latency_budget": None}})) is None
+    # An operator's budget for another role applies to its own limiter (per_role: its own server).
+    rt = runtime(tmp_path, {"layout": "per_role"}, llama={"limiter": {"latency_budget": 3}})
+    assert next(iter(rt.clients["llama"].limiters.values())).config.latency_budget == 3.0

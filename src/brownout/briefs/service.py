@@ -132,6 +132,7 @@ from brownout.errors import (
 )
 from brownout.events import DEFAULT_BUS, EventBus
 from brownout.health.resources import usable_cores
+from brownout.llm.client import EARLY_CUT
 from brownout.llm.guard import GuardConfig, JSONGuard
 from brownout.llm.pipeline import Mode, NoModeAvailable, Pipeline, PipelineContext, Stage
 from brownout.llm.types import CUT_SHORT, Message, ProbeResult
@@ -181,6 +182,23 @@ ANSWER_RESERVE = 0.25
 before it is acknowledged, answering -- so that a call cut at the last moment still answers within the
 target as the client times it (cut exactly at the target, the drill's accepted p95 came to 10.01 s at
 the client against a 10 s target)."""
+
+
+def generator_latency_budget(config: BrownoutConfig) -> float | None:
+    """Seconds a generator call may hold its server's slot and still be in time: what the generator's
+    ``latency_budget: auto`` stands for (:class:`~brownout.config.RoleLimiterSection`).
+
+    The tightest latency target, less :data:`ANSWER_RESERVE` and the
+    :data:`~brownout.llm.client.EARLY_CUT` by which a call cut sooner was cut for its request's
+    waiting: a call that held its slot this long was cut at its request's target, or barely made it.
+    None while the dimmer is off (no target is kept then, and the limit follows the work done alone).
+    """
+    dimmer = config.dimmer
+    if not dimmer.enabled:
+        return None
+    target = min(dimmer.targets.values(), default=10.0)
+    return round(max(target / 2, target - ANSWER_RESERVE - EARLY_CUT), 3)
+
 
 PLAN_QUANTILE = 0.9
 """The quantile of a model's recent call times a request plans its wait with: by the average, every

@@ -563,8 +563,9 @@ class ModelClient:
 
     def endpoints_status(self) -> list[dict[str, Any]]:
         """One dict per endpoint: url, model, breaker name and state, availability, the concurrency
-        limit, its ceiling, calls in flight and waiting for a slot, the expected wait for a newcomer in
-        seconds, the latency average in ms (None before the first answer), the breaker's retry_after,
+        limit, its ceiling, the latency ceiling below that (None: none) and the calls that held a
+        slot for the latency budget or longer (``late``), calls in flight and waiting for a slot, the
+        expected wait for a newcomer in seconds, the latency average in ms (None before the first answer), the breaker's retry_after,
         the well-formed completions so far (``completed``), the completion tokens they held as the
         endpoint reported them (``completion_tokens``: the model's work rate, steadier than a count of
         answers) and the calls that were slow under load (``slow``, see the module docstring)."""
@@ -581,6 +582,8 @@ class ModelClient:
                     "available": b.available,
                     "limit": lim.limit,
                     "max_limit": lim.config.max_limit,
+                    "latency_ceiling": lim.ceiling,
+                    "late": lim.stats.late,
                     "in_flight": lim.in_flight,
                     "queued": lim.queued,
                     "estimated_wait": round(lim.estimated_wait(priority=self._priority), 3),

@@ -64,6 +64,23 @@ limit whose last round at one higher did that does not grow back to it for ``bas
 rounds, so it does not flap (no no-load latency is measured within the slots: it is not used).
 Above ``slots``, and without ``slots``, Vegas as above.
 
+A latency ceiling (``latency_budget``): the most work a second is not always what callers need. On a
+slow machine a 2-thread llama.cpp server did the most work with four calls at once, but each call then
+took 8 s at the median and 15 s at the 95th percentile, and half of them were cut at their requests'
+10 s latency target; one or two calls at once made as many whole answers, almost none cut. So when
+callers say how long a call may hold its permit and still be in time, the limiter also watches how
+many calls run late -- held ``latency_budget`` seconds or more, whether they then finished or were
+cut there. Over each window of ``late_window`` calls granted at the current limit:
+
+* more than ``late_share`` of them late: a *ceiling* comes down to one below the limit, and the limit
+  with it; the limit cannot grow above the ceiling whatever the work rate or the queue estimate say;
+* none late, with the limit at the ceiling, and the window's 90th percentile hold times
+  ``(limit + 1) / limit`` still inside the budget (one more call at once would fit even if it
+  brought no gain from sharing the server at all): the ceiling rises by one -- but not back to a
+  limit that ran late within the last ``baseline_rounds`` rounds, so it does not flap.
+
+Without ``latency_budget`` there is no ceiling but ``max_limit``.
+
 Latency is the time a permit is held (from the grant to :meth:`Permit.release`); the wait in our own
 queue is never part of it. A call of a known size -- a language model's answer, whose length varies
 five-fold from one prompt to the next -- can say how much work it was (``release(work=...)``, the
@@ -183,6 +200,25 @@ class LimiterConfig(PolicyConfig):
         ),
     )
 
+    latency_budget: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Seconds a call may hold its permit and still be in time for its caller; while more than "
+            "late_share of a window of calls take this long or longer, the limit comes down and stays "
+            "down (module docstring); none: no latency ceiling"
+        ),
+    )
+    late_share: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of late calls in a window beyond which the limit comes down.",
+    )
+    late_window: int = Field(
+        default=10, ge=2, description="Calls granted at one limit over which the late share is judged."
+    )
+
     def capped(self, top: int) -> LimiterConfig:
         """These settings under a hard ceiling of ``top`` calls (a server's slots): ``max_limit``
         at most ``top``, ``min_limit`` and ``initial_limit`` brought down to it where above."""
@@ -217,7 +253,9 @@ class LimiterStats:
     them), ``rejected`` callers turned away by reason, ``dropped`` permits released as drops.
     ``service_time`` is the average time a permit is held; ``baseline`` the no-load latency the limit
     is judged against -- seconds per unit of work when ``per_work`` (calls said their size), else
-    seconds per call.
+    seconds per call. ``ceiling`` is the latency ceiling the limit may not grow above (None while
+    no window ran late, or without ``latency_budget``); ``late`` counts the calls that held their
+    permit ``latency_budget`` seconds or more.
     """
 
     limit: int
@@ -230,6 +268,8 @@ class LimiterStats:
     service_time: float | None
     baseline: float | None
     per_work: bool = False
+    ceiling: int | None = None
+    late: int = 0
 
 
 class Permit:
@@ -278,6 +318,7 @@ class AdaptiveLimiter(CallForms):
 
     __slots__ = (
         "_baseline",
+        "_ceiling",
         "_clock",
         "_dropped",
         "_epoch",
@@ -285,6 +326,10 @@ class AdaptiveLimiter(CallForms):
         "_granted",
         "_in_flight",
         "_lanes",
+        "_late",
+        "_late_at",
+        "_late_holds",
+        "_late_n",
         "_limit",
         "_per_work",
         "_probe_from",
@@ -330,6 +375,13 @@ class AdaptiveLimiter(CallForms):
         self._per_work = False
         # Within the slots: the work a second of the last round at each limit.
         self._rate_at: dict[int, float] = {}
+        # The latency ceiling (module docstring): the hold times of the calls granted at the current
+        # limit, how many of them were late, and the round at which each limit last ran late.
+        self._ceiling: int | None = None
+        self._late_holds: list[float] = []
+        self._late_n = 0
+        self._late_at: dict[int, int] = {}
+        self._late = 0
         self._granted = 0
         self._queued = 0
         self._dropped = 0
@@ -358,6 +410,11 @@ class AdaptiveLimiter(CallForms):
         return sum(len(lane) for p, lane in self._lanes.items() if p <= priority)
 
     @property
+    def ceiling(self) -> int | None:
+        """The latency ceiling the limit may not grow above now (None: only ``max_limit``)."""
+        return self._ceiling
+
+    @property
     def free(self) -> int:
         """Permits a newcomer could take at once (0 when it would have to wait)."""
         return 0 if self._lanes else max(0, self._limit - self._in_flight)
@@ -381,6 +438,8 @@ class AdaptiveLimiter(CallForms):
             service_time=self._service,
             baseline=self._baseline,
             per_work=self._per_work,
+            ceiling=self._ceiling,
+            late=self._late,
         )
 
     def estimated_wait(self, ahead: int = 0, *, priority: int = 0) -> float:
@@ -528,7 +587,9 @@ class AdaptiveLimiter(CallForms):
             self._shrink(max(1, math.floor(self._limit * (1.0 - self.config.drop_ratio))), "drop")
         elif sample and permit._epoch == self._epoch:
             # Only calls granted under the current limit say how the server runs at that limit.
-            if work is not None and work > 0:
+            if self.config.latency_budget is not None and self._judge_lateness(elapsed):
+                pass  # the limit moved: this call was granted at another, and its round is over
+            elif work is not None and work > 0:
                 if not self._per_work:
                     # Seconds per unit of work from now on: what was learned per call does not compare.
                     self._per_work = True
@@ -543,6 +604,47 @@ class AdaptiveLimiter(CallForms):
         self._grant_waiters()
 
     # -- the algorithm --------------------------------------------------------------------------
+
+    def _top(self) -> int:
+        """The highest the limit may grow to now: ``max_limit``, or the latency ceiling below it."""
+        top = self.config.max_limit
+        return top if self._ceiling is None else min(top, self._ceiling)
+
+    def _judge_lateness(self, held: float) -> bool:
+        """Count a call that held its permit ``held`` seconds towards the window of the latency
+        ceiling (module docstring); True when the limit moved."""
+        cfg = self.config
+        budget = cfg.latency_budget
+        if budget is None:
+            return False
+        if held >= budget:
+            self._late += 1
+            self._late_n += 1
+        holds = self._late_holds
+        holds.append(held)
+        limit = self._limit
+        if len(holds) < max(cfg.late_window, limit):
+            return False
+        n, late = len(holds), self._late_n
+        p90 = sorted(holds)[math.ceil(0.9 * n) - 1]
+        holds.clear()
+        self._late_n = 0
+        if late > cfg.late_share * n:
+            # Too many calls at this concurrency miss their callers' time: a ceiling one below it,
+            # which the work rate and the queue estimate cannot lift.
+            self._late_at[limit] = self._rounds
+            lower = max(cfg.min_limit, limit - 1)
+            self._ceiling = lower if self._ceiling is None else min(self._ceiling, lower)
+            self._shrink(limit - lower, f"{late} of {n} calls held their permit {budget:.3g}s or more")
+            return self._limit != limit
+        top = self._ceiling
+        if late == 0 and top is not None and limit >= top and p90 * (limit + 1) / limit < budget:
+            # Every call in time, and one more at once would still fit even if sharing the server
+            # gained nothing: let the limit try one more -- unless that ran late not long ago.
+            ran_late = self._late_at.get(top + 1)
+            if ran_late is None or self._rounds - ran_late >= cfg.baseline_rounds:
+                self._ceiling = None if top + 1 >= cfg.max_limit else top + 1
+        return False
 
     def _sample(self, rtt: float) -> None:
         self._round_sum += rtt
@@ -563,7 +665,7 @@ class AdaptiveLimiter(CallForms):
             if self._probe_from is not None:
                 restore, self._probe_from = self._probe_from, None
                 unit = "s per unit of work" if self._per_work else "s"
-                self._set(restore, f"no-load latency measured: {mean:.3g}{unit}")
+                self._set(min(restore, self._top()), f"no-load latency measured: {mean:.3g}{unit}")
                 return
         base = self._baseline
         if base is None or mean < base:
@@ -572,10 +674,11 @@ class AdaptiveLimiter(CallForms):
             self._by_work_rate(limit, limit / mean, saturated)
         else:
             self._by_queue(limit, base, mean, saturated)
-        if self._rounds % cfg.baseline_rounds == 0 and cfg.min_limit < self._limit < cfg.max_limit:
+        if self._rounds % cfg.baseline_rounds == 0 and cfg.min_limit < self._limit < self._top():
             # The lowest latency seen may be stale (the model got slower for good, or it was learned
             # while the server already queued): measure it again with min_limit calls in flight.
-            # Not at max_limit: there a fresh baseline could only allow growth the ceiling forbids
+            # Not at max_limit (or the latency ceiling): there a fresh baseline could only allow
+            # growth the ceiling forbids
             # (had the latency said "queued", the limit would be below it now), and each measurement
             # runs the server below its slots for a round -- a few per cent of a model server's
             # answers, every time.
@@ -598,7 +701,7 @@ class AdaptiveLimiter(CallForms):
         higher = self._rate_at.get(limit + 1)
         if (
             saturated
-            and limit < cfg.max_limit
+            and limit < self._top()
             and (higher is None or higher >= rate * (1.0 - cfg.slots_tolerance))
         ):
             self._set(limit + 1, "within the server's slots, and the work done a second did not fall")
@@ -611,7 +714,7 @@ class AdaptiveLimiter(CallForms):
             # Straight to about the calls the server runs at full speed, at least one lower.
             target = min(limit - 1, math.ceil(limit * base / mean))
             self._shrink(limit - target, f"latency: about {queued:.2g} requests queued in the server")
-        elif queued < cfg.alpha and saturated and limit < cfg.max_limit:
+        elif queued < cfg.alpha and saturated and limit < self._top():
             self._set(limit + 1, "latency at its no-load level with every permit in use")
 
     def _shrink(self, by: int, reason: str) -> None:
@@ -629,6 +732,8 @@ class AdaptiveLimiter(CallForms):
         self._round_sum = 0.0
         self._round_n = 0
         self._round_peak = self._in_flight
+        self._late_holds.clear()
+        self._late_n = 0
         if self._events.active:
             self._events.emit(LimitChanged(self.name, self._clock.now(), old, new, reason))
 

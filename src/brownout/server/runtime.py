@@ -32,7 +32,7 @@ from brownout import telemetry
 from brownout.background import Periodic
 from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.jobs import BRIEFS, BriefsJob
-from brownout.briefs.service import BriefService
+from brownout.briefs.service import ROLE_OF_STAGE, BriefService, generator_latency_budget
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, LocalModelsSection
 from brownout.durable.job_queue import RedisItemQueue
@@ -283,6 +283,10 @@ class Runtime:
         # work the answers need most. The limit follows the generator's limiter settings and learns
         # from the generator's calls alone, whose length is steady (the others' are shorter and
         # would read as a queue).
+        # The generator's calls are cut at their requests' latency target: its limit also comes down
+        # while too many of them run that late (brownout.policies.limiter, the latency ceiling).
+        generator = ROLE_OF_STAGE["generate"]
+        budgets = {role: generator_latency_budget(cfg) if role == generator else None for role in ROLES}
         shares: dict[str, SharedEndpoint] = {}
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
@@ -291,7 +295,7 @@ class Runtime:
             # does a second up to them (brownout.policies.limiter), not Vegas's queue estimate.
             limits = (
                 cfg.models.roles[first]
-                .limiter.config()
+                .limiter.config(budgets[first])
                 .capped(server.parallel)
                 .model_copy(update={"slots": server.parallel})
             )
@@ -316,9 +320,11 @@ class Runtime:
                 clock=clock,
                 events=events,
                 limiter=(
-                    section.limiter.config().model_copy(update={"slots": self.local[role].parallel})
+                    section.limiter.config(budgets[role]).model_copy(
+                        update={"slots": self.local[role].parallel}
+                    )
                     if role in self.local
-                    else section.limiter.config()
+                    else section.limiter.config(budgets[role])
                 ),
                 alive_window=section.alive_window,
                 breaker_factory=shared.breakers.breaker if shared is not None and share_breakers else None,

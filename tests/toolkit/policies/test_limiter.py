@@ -305,6 +305,129 @@ async def test_the_first_sized_sample_switches_to_per_unit_latency_for_good() ->
     assert limiter.stats.baseline == pytest.approx(0.02)
 
 
+class SlowSharingModel:
+    """A 2-thread model server on a slow machine, on the fake clock: answers of 100 to 250 tokens
+    (seeded) at ``tpot`` seconds a token alone; ``n`` calls at once share its compute, each token of
+    each taking ``_BATCHING[n]`` times as long -- four calls do the most work a second, but each call
+    then takes 2.5 times as long. Its callers cut a call at ``cut`` seconds (their latency target) and
+    keep what it wrote."""
+
+    def __init__(self, clock: FakeClock, tpot: float, cut: float, seed: int = 11) -> None:
+        self.clock = clock
+        self.tpot = tpot
+        self.cut = cut
+        self.rng = random.Random(seed)
+        self.in_flight = 0
+        self.whole = 0
+        self.cut_short = 0
+
+    async def answer(self) -> tuple[float, int]:
+        """Serve one call: (seconds it held its slot, tokens written)."""
+        tokens = self.rng.randint(100, 250)
+        self.in_flight += 1
+        start = self.clock.now()
+        try:
+            # The pace is set when the call starts (a steady load keeps it about the same).
+            per_token = self.tpot * _BATCHING[min(self.in_flight, 4)]
+            took = tokens * per_token
+            if took > self.cut:
+                await self.clock.sleep(self.cut)
+                self.cut_short += 1
+                return self.clock.now() - start, int(self.cut / per_token)
+            await self.clock.sleep(took)
+            self.whole += 1
+            return self.clock.now() - start, tokens
+        finally:
+            self.in_flight -= 1
+
+
+async def _slow_model_load(
+    clock: FakeClock, limiter: AdaptiveLimiter, model: SlowSharingModel, seconds: float, callers: int = 12
+) -> None:
+    async def caller() -> None:
+        while True:
+            permit = await limiter.acquire()
+            try:
+                _, tokens = await model.answer()
+            except BaseException:
+                permit.release(sample=False)
+                raise
+            permit.release(work=tokens)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(callers)]
+    await clock.run(seconds, step_yields=20)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.parametrize("budget", [None, 8.0])
+async def test_a_latency_budget_holds_the_limit_where_calls_finish_in_time(budget: float | None) -> None:
+    # Four calls at once do the most work a second, and the work rate alone runs the server at all four
+    # slots -- where a third of the calls are cut at their callers' 9 s. Told that a call held 8 s or
+    # more is late, the limiter comes down to where (almost) every call finishes whole, and stays there.
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=4, max_wait=3600, slots=4, latency_budget=budget)
+    model = SlowSharingModel(clock, tpot=0.02, cut=9.0)
+    start = clock.now()
+    await _slow_model_load(clock, limiter, model, 900)
+    spent = time_at_limit(changes, 1, start + 200, start + 900)
+    calls = model.whole + model.cut_short
+    if budget is None:
+        assert spent.get(4, 0.0) / 700 >= 0.9, spent
+        assert model.cut_short / calls > 0.25
+        assert limiter.ceiling is None
+    else:
+        assert spent.get(2, 0.0) / 700 >= 0.9, spent
+        assert limiter.limit == limiter.ceiling == 2
+        assert model.cut_short / calls < 0.05
+        assert limiter.stats.late > 0  # it found out by running late, at three and four calls
+        down = [c for c in changes if c.new < c.old]
+        assert down
+        assert "calls held their permit 8s or more" in down[0].reason
+        # It does not flap: once down, it tries three again only when a window at two leaves room for
+        # a third within the budget (now and then, by chance: 10 calls' 90th percentile is noisy) and
+        # not sooner than 20 rounds after three ran late.
+        rises = [c for c in changes if c.at > start + 200 and c.new > 2]
+        assert len(rises) <= 2, changes
+
+
+async def test_the_latency_ceiling_rises_again_when_calls_get_faster() -> None:
+    # The machine was slow (the limit held at two); then its neighbour leaves and each token takes
+    # less than half the time: with every call well inside the budget the ceiling rises a step at a
+    # time and the work rate takes the limit back to all four slots.
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=4, max_wait=3600, slots=4, latency_budget=8.0)
+    model = SlowSharingModel(clock, tpot=0.02, cut=9.0)
+    await _slow_model_load(clock, limiter, model, 400)
+    assert limiter.limit == limiter.ceiling == 2
+    model.tpot = 0.008
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter._events = bus
+    start = clock.now()
+    await _slow_model_load(clock, limiter, model, 600)
+    assert limiter.ceiling is None
+    spent = time_at_limit(changes, 2, start + 300, start + 600)
+    assert spent.get(4, 0.0) / 300 >= 0.9, spent
+
+
+def test_a_late_window_at_the_lowest_limit_keeps_it_there() -> None:
+    # Late calls at min_limit: the ceiling is min_limit, the limit cannot go lower, and nothing breaks.
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=1, max_limit=4, latency_budget=1.0, late_window=2)
+    for _ in range(4):
+        permit = limiter.try_acquire()
+        assert permit is not None
+        clock.advance(2.0)
+        permit.release()
+    assert (limiter.limit, limiter.ceiling, limiter.stats.late) == (1, 1, 4)
+
+
 async def test_limit_never_exceeds_max_limit_even_without_a_knee() -> None:
     clock = FakeClock()
     limiter = make(clock, initial_limit=1, max_limit=6, max_wait=3600)
@@ -656,12 +779,23 @@ class LimiterMachine(RuleBasedStateMachine):
         top=st.integers(1, 6),
         max_queue=st.integers(0, 8),
         alpha=st.sampled_from([0.2, 0.5]),
+        budget=st.none() | st.floats(0.5, 10.0),
+        slots=st.none() | st.integers(1, 6),
     )
-    def build(self, initial: int, top: int, max_queue: int, alpha: float) -> None:
+    def build(
+        self, initial: int, top: int, max_queue: int, alpha: float, budget: float | None, slots: int | None
+    ) -> None:
         self.limiter = AdaptiveLimiter(
             "m",
             LimiterConfig(
-                initial_limit=initial, max_limit=top, max_queue=max_queue, max_wait=30, alpha=alpha
+                initial_limit=initial,
+                max_limit=top,
+                max_queue=max_queue,
+                max_wait=30,
+                alpha=alpha,
+                latency_budget=budget,
+                late_window=2,
+                slots=slots,
             ),
             clock=self.clock,
             events=EventBus(),
@@ -718,6 +852,8 @@ class LimiterMachine(RuleBasedStateMachine):
             lim = self.limiter
             assert lim.in_flight <= lim.limit
             assert lim.config.min_limit <= lim.limit <= lim.config.max_limit
+            # The latency ceiling is never below min_limit, and the limit never above it.
+            assert lim.ceiling is None or lim.config.min_limit <= lim.limit <= lim.ceiling
 
     @invariant()
     def no_waiter_is_lost(self) -> None:
