@@ -54,6 +54,8 @@ async def test_a_healthy_server_shows_every_part_healthy(fakes: dict[str, FakeLL
             assert model["last_check"]["healthy"] is True
             assert model["server"] is None  # a configured endpoint, no local model server
             assert [ep["in_flight"] for ep in model["concurrency"]] == [0]
+            # Nothing ran late: no latency ceiling holds any limit down.
+            assert [(ep["latency_ceiling"], ep["late"]) for ep in model["concurrency"]] == [(None, 0)]
         assert snapshot["queue"] == {
             "size": 0,
             "max_size": stack.runtime.config.queue.max_size,

@@ -565,10 +565,11 @@ class ModelClient:
         """One dict per endpoint: url, model, breaker name and state, availability, the concurrency
         limit, its ceiling, the latency ceiling below that (None: none) and the calls that held a
         slot for the latency budget or longer (``late``), calls in flight and waiting for a slot, the
-        expected wait for a newcomer in seconds, the latency average in ms (None before the first answer), the breaker's retry_after,
-        the well-formed completions so far (``completed``), the completion tokens they held as the
-        endpoint reported them (``completion_tokens``: the model's work rate, steadier than a count of
-        answers) and the calls that were slow under load (``slow``, see the module docstring)."""
+        expected wait for a newcomer in seconds, the latency average in ms (None before the first
+        answer), the breaker's retry_after, the well-formed completions so far (``completed``), the
+        completion tokens they held as the endpoint reported them (``completion_tokens``: the model's
+        work rate, steadier than a count of answers) and the calls that were slow under load
+        (``slow``, see the module docstring)."""
         out = []
         for ep in self._endpoints:
             b = ep.breaker

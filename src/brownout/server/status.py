@@ -48,6 +48,9 @@ def plain(x: Any) -> Any:
 _LOST_IDS = 100
 """Lost entries named in /health (``count`` says how many there are in all)."""
 
+# What /health shows of each model endpoint's concurrency limiter.
+_CONCURRENCY_KEYS = ("breaker", "limit", "latency_ceiling", "late", "in_flight", "queued", "estimated_wait")
+
 
 class ServerStatus:
     """The server's state as plain JSON data (see the module docstring)."""
@@ -109,9 +112,10 @@ class ServerStatus:
                     "error": probe.error,
                 },
                 "server": server.state if server is not None else None,
-                # Each endpoint's adaptive concurrency limit: calls in flight, and waiting in our queue.
+                # Each endpoint's adaptive concurrency limit (and the latency ceiling that holds it
+                # down, when its calls ran late): calls in flight, and waiting in our queue.
                 "concurrency": [
-                    {k: ep[k] for k in ("breaker", "limit", "in_flight", "queued", "estimated_wait")}
+                    {k: ep[k] for k in _CONCURRENCY_KEYS}
                     for ep in (client.endpoints_status() if client is not None else [])
                 ],
             }
