@@ -67,19 +67,27 @@ Above ``slots``, and without ``slots``, Vegas as above.
 A latency ceiling (``latency_budget``): the most work a second is not always what callers need. On a
 slow machine a 2-thread llama.cpp server did the most work with four calls at once, but each call then
 took 8 s at the median and 15 s at the 95th percentile, and half of them were cut at their requests'
-10 s latency target; one or two calls at once made as many whole answers, almost none cut. So when
-callers say how long a call may hold its permit and still be in time, the limiter also watches how
-many calls run late -- held ``latency_budget`` seconds or more, whether they then finished or were
-cut there. Over each window of ``late_window`` calls granted at the current limit:
+10 s target; one or two calls at once made as many whole answers, almost none cut. On the same
+machine another hour, four calls at once made the most whole answers even with a third of them cut.
+So when callers say how long a call may hold its permit and still be in time, the limiter steers by
+*goodput* -- the work done a second by the calls that were in time -- wherever calls run late: a
+call is late when it held its permit ``latency_budget`` seconds or more, whether it then finished
+or was cut there. Over each window of ``late_window`` calls granted at the current limit it
+measures the goodput at that limit (the work a second times the share of calls in time; the calls
+a second when calls do not say their size) and keeps it for ``late_memory`` windows (a window at a
+limit whose goodput is still known counts a third: ten calls are few, and one window with a few long
+answers more runs late by chance):
 
-* more than ``late_share`` of them late: a *ceiling* comes down to one below the limit, and the limit
-  with it; the limit cannot grow above the ceiling whatever the work rate or the queue estimate say;
-* none late, with the limit at the ceiling, and the window's 90th percentile hold times
-  ``(limit + 1) / limit`` still inside the budget (one more call at once would fit even if it
-  brought no gain from sharing the server at all): the ceiling rises by one -- but not back to a
-  limit that ran late within the last ``baseline_rounds`` rounds, so it does not flap.
+* more than ``late_share`` of the window's calls late: a *ceiling* comes down to one below the
+  limit, and the limit with it -- unless the goodput one lower is known and not higher by more than
+  ``slots_tolerance`` (fewer calls at once would lose more work than the late calls do). The limit
+  cannot grow above the ceiling whatever the work rate or the queue estimate say;
+* with the limit at the ceiling: the ceiling rises by one when the goodput one higher is higher by
+  more than ``slots_tolerance``, or no longer known (it was measured more than ``late_memory``
+  windows ago: conditions change, and a window there finds out).
 
-Without ``latency_budget`` there is no ceiling but ``max_limit``.
+So the limit climbs to the concurrency that makes the most answers in time, and it looks again
+now and then. Without ``latency_budget`` there is no ceiling but ``max_limit``.
 
 Latency is the time a permit is held (from the grant to :meth:`Permit.release`); the wait in our own
 queue is never part of it. A call of a known size -- a language model's answer, whose length varies
@@ -205,8 +213,8 @@ class LimiterConfig(PolicyConfig):
         gt=0,
         description=(
             "Seconds a call may hold its permit and still be in time for its caller; while more than "
-            "late_share of a window of calls take this long or longer, the limit comes down and stays "
-            "down (module docstring); none: no latency ceiling"
+            "late_share of a window of calls take this long or longer, the limit steers by the work "
+            "done a second by the calls in time (module docstring); none: no latency ceiling"
         ),
     )
     late_share: float = Field(
@@ -216,7 +224,12 @@ class LimiterConfig(PolicyConfig):
         description="Share of late calls in a window beyond which the limit comes down.",
     )
     late_window: int = Field(
-        default=10, ge=2, description="Calls granted at one limit over which the late share is judged."
+        default=20, ge=2, description="Calls granted at one limit over which the late share is judged."
+    )
+    late_memory: int = Field(
+        default=10,
+        ge=1,
+        description="Windows for which the goodput measured at a limit is trusted, then measured again.",
     )
 
     def capped(self, top: int) -> LimiterConfig:
@@ -323,13 +336,14 @@ class AdaptiveLimiter(CallForms):
         "_dropped",
         "_epoch",
         "_events",
+        "_goodput_at",
         "_granted",
         "_in_flight",
         "_lanes",
         "_late",
-        "_late_at",
         "_late_holds",
         "_late_n",
+        "_late_work",
         "_limit",
         "_per_work",
         "_probe_from",
@@ -341,6 +355,8 @@ class AdaptiveLimiter(CallForms):
         "_round_sum",
         "_rounds",
         "_service",
+        "_window_start",
+        "_windows",
         "config",
         "name",
     )
@@ -379,8 +395,12 @@ class AdaptiveLimiter(CallForms):
         # limit, how many of them were late, and the round at which each limit last ran late.
         self._ceiling: int | None = None
         self._late_holds: list[float] = []
+        self._late_work: list[float] = []
         self._late_n = 0
-        self._late_at: dict[int, int] = {}
+        self._window_start = clock.now()
+        self._windows = 0
+        # The goodput measured at each limit, and the window it was measured in.
+        self._goodput_at: dict[int, tuple[float, int]] = {}
         self._late = 0
         self._granted = 0
         self._queued = 0
@@ -587,7 +607,7 @@ class AdaptiveLimiter(CallForms):
             self._shrink(max(1, math.floor(self._limit * (1.0 - self.config.drop_ratio))), "drop")
         elif sample and permit._epoch == self._epoch:
             # Only calls granted under the current limit say how the server runs at that limit.
-            if self.config.latency_budget is not None and self._judge_lateness(elapsed):
+            if self.config.latency_budget is not None and self._judge_lateness(elapsed, work):
                 pass  # the limit moved: this call was granted at another, and its round is over
             elif work is not None and work > 0:
                 if not self._per_work:
@@ -610,9 +630,9 @@ class AdaptiveLimiter(CallForms):
         top = self.config.max_limit
         return top if self._ceiling is None else min(top, self._ceiling)
 
-    def _judge_lateness(self, held: float) -> bool:
-        """Count a call that held its permit ``held`` seconds towards the window of the latency
-        ceiling (module docstring); True when the limit moved."""
+    def _judge_lateness(self, held: float, work: float | None) -> bool:
+        """Count a call that held its permit ``held`` seconds (``work`` its size, when it said) towards
+        the window of the latency ceiling (module docstring); True when the limit moved."""
         cfg = self.config
         budget = cfg.latency_budget
         if budget is None:
@@ -622,29 +642,57 @@ class AdaptiveLimiter(CallForms):
             self._late_n += 1
         holds = self._late_holds
         holds.append(held)
+        if work is not None and work > 0:
+            self._late_work.append(held / work)
         limit = self._limit
         if len(holds) < max(cfg.late_window, limit):
             return False
         n, late = len(holds), self._late_n
-        p90 = sorted(holds)[math.ceil(0.9 * n) - 1]
+        per_work = self._late_work
+        now = self._clock.now()
+        if len(per_work) == n:
+            # Work a second: the limit's calls at once, each at its mean time per unit of work.
+            rate = limit * n / sum(per_work) if sum(per_work) > 0 else 0.0
+        else:
+            rate = n / max(now - self._window_start, 1e-9)
+        goodput = rate * (n - late) / n
+        self._window_start = now
         holds.clear()
+        per_work.clear()
         self._late_n = 0
-        if late > cfg.late_share * n:
-            # Too many calls at this concurrency miss their callers' time: a ceiling one below it,
-            # which the work rate and the queue estimate cannot lift.
-            self._late_at[limit] = self._rounds
-            lower = max(cfg.min_limit, limit - 1)
-            self._ceiling = lower if self._ceiling is None else min(self._ceiling, lower)
-            self._shrink(limit - lower, f"{late} of {n} calls held their permit {budget:.3g}s or more")
-            return self._limit != limit
+        self._windows += 1
+        known = self._known_goodput(limit)
+        if known is not None:
+            # A window is ten calls, and one with a few long answers more runs late by chance: the
+            # newest window counts a third, so that one such window does not move the limit.
+            goodput = known + (goodput - known) / 3
+        self._goodput_at[limit] = (goodput, self._windows)
+        # Differences smaller than this are noise: where two limits do about as well, stay.
+        margin = 1.0 + cfg.slots_tolerance
+        if late > cfg.late_share * n and limit > cfg.min_limit:
+            below = self._known_goodput(limit - 1)
+            if below is None or below > goodput * margin:
+                # Too many calls at this concurrency miss their callers' time, and one fewer at once
+                # makes (or may make) more answers in time: a ceiling one below, which the work rate
+                # and the queue estimate cannot lift.
+                lower = limit - 1
+                self._ceiling = lower if self._ceiling is None else min(self._ceiling, lower)
+                self._shrink(1, f"{late} of {n} calls held their permit {budget:.3g}s or more")
+                return self._limit != limit
         top = self._ceiling
-        if late == 0 and top is not None and limit >= top and p90 * (limit + 1) / limit < budget:
-            # Every call in time, and one more at once would still fit even if sharing the server
-            # gained nothing: let the limit try one more -- unless that ran late not long ago.
-            ran_late = self._late_at.get(top + 1)
-            if ran_late is None or self._rounds - ran_late >= cfg.baseline_rounds:
+        if top is not None and limit >= top:
+            above = self._known_goodput(top + 1)
+            if above is None or above > goodput * margin:
+                # One more at once made more answers in time, or it is a while since that was seen.
                 self._ceiling = None if top + 1 >= cfg.max_limit else top + 1
         return False
+
+    def _known_goodput(self, limit: int) -> float | None:
+        """The goodput measured at ``limit`` within the last ``late_memory`` windows, else None."""
+        seen = self._goodput_at.get(limit)
+        if seen is None or self._windows - seen[1] > self.config.late_memory:
+            return None
+        return seen[0]
 
     def _sample(self, rtt: float) -> None:
         self._round_sum += rtt
@@ -733,7 +781,9 @@ class AdaptiveLimiter(CallForms):
         self._round_n = 0
         self._round_peak = self._in_flight
         self._late_holds.clear()
+        self._late_work.clear()
         self._late_n = 0
+        self._window_start = self._clock.now()
         if self._events.active:
             self._events.emit(LimitChanged(self.name, self._clock.now(), old, new, reason))
 

@@ -308,9 +308,9 @@ async def test_the_first_sized_sample_switches_to_per_unit_latency_for_good() ->
 class SlowSharingModel:
     """A 2-thread model server on a slow machine, on the fake clock: answers of 100 to 250 tokens
     (seeded) at ``tpot`` seconds a token alone; ``n`` calls at once share its compute, each token of
-    each taking ``_BATCHING[n]`` times as long -- four calls do the most work a second, but each call
-    then takes 2.5 times as long. Its callers cut a call at ``cut`` seconds (their latency target) and
-    keep what it wrote."""
+    each taking ``sharing[n]`` times as long (``_BATCHING`` unless a test sets another: four calls do
+    the most work a second, but each call then takes 2.5 times as long). Its callers cut a call at
+    ``cut`` seconds (their latency target) and keep what it wrote."""
 
     def __init__(self, clock: FakeClock, tpot: float, cut: float, seed: int = 11) -> None:
         self.clock = clock
@@ -320,6 +320,7 @@ class SlowSharingModel:
         self.in_flight = 0
         self.whole = 0
         self.cut_short = 0
+        self.sharing = dict(_BATCHING)
 
     async def answer(self) -> tuple[float, int]:
         """Serve one call: (seconds it held its slot, tokens written)."""
@@ -328,7 +329,7 @@ class SlowSharingModel:
         start = self.clock.now()
         try:
             # The pace is set when the call starts (a steady load keeps it about the same).
-            per_token = self.tpot * _BATCHING[min(self.in_flight, 4)]
+            per_token = self.tpot * self.sharing[min(self.in_flight, 4)]
             took = tokens * per_token
             if took > self.cut:
                 await self.clock.sleep(self.cut)
@@ -388,11 +389,30 @@ async def test_a_latency_budget_holds_the_limit_where_calls_finish_in_time(budge
         down = [c for c in changes if c.new < c.old]
         assert down
         assert "calls held their permit 8s or more" in down[0].reason
-        # It does not flap: once down, it tries three again only when a window at two leaves room for
-        # a third within the budget (now and then, by chance: 10 calls' 90th percentile is noisy) and
-        # not sooner than 20 rounds after three ran late.
+        # It does not flap: once down, it looks at three again only once what it measured there is
+        # ten windows old (a window of ten calls at three, every few minutes).
         rises = [c for c in changes if c.at > start + 200 and c.new > 2]
-        assert len(rises) <= 2, changes
+        assert 1 <= len(rises) <= 3, changes
+
+
+async def test_calls_run_late_where_that_still_makes_the_most_answers_in_time() -> None:
+    # A server that gains much from sharing (four calls at once do 3.5 times the work of one): at four
+    # an eighth of the calls run late, at three half as many -- but three do a sixth less work in time
+    # than four. The limit comes down to look, and goes back up to four, where it stays most of the
+    # time (looking again once what it measured at three is ten windows old).
+    clock = FakeClock()
+    bus = EventBus()
+    changes: list[LimitChanged] = []
+    bus.subscribe(changes.append, LimitChanged)
+    limiter = make(clock, bus, initial_limit=1, max_limit=4, max_wait=3600, slots=4, latency_budget=8.0)
+    model = SlowSharingModel(clock, tpot=0.03, cut=9.0)
+    model.sharing = {1: 1.0, 2: 1.05, 3: 1.1, 4: 1.15}
+    start = clock.now()
+    await _slow_model_load(clock, limiter, model, 900)
+    spent = time_at_limit(changes, 1, start + 200, start + 900)
+    assert spent.get(4, 0.0) / 700 >= 0.7, spent
+    assert [c for c in changes if c.new == 3]  # it did look one lower
+    assert limiter.stats.late / (model.whole + model.cut_short) > 0.08  # late calls, and worth it
 
 
 async def test_the_latency_ceiling_rises_again_when_calls_get_faster() -> None:
