@@ -339,8 +339,8 @@ class RoleLimiterSection(_Section):
     latency_budget: float | Literal["auto"] | None = Field(
         default="auto",
         description=(
-            "seconds a call may take and still be in time; while more than a tenth of recent calls take "
-            "longer, the limit comes down and stays down until calls finish well inside it; auto: for "
+            "seconds a call may take and still be in time; where more than a tenth of recent calls take "
+            "longer, the limit climbs to the concurrency that does the most work in time; auto: for "
             "the generator's role, the tightest brief latency target less what its request needs "
             "around the call (1.25 s), for the others none; none: off"
         ),

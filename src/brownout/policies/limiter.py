@@ -75,16 +75,18 @@ call is late when it held its permit ``latency_budget`` seconds or more, whether
 or was cut there. Over each window of ``late_window`` calls granted at the current limit it
 measures the goodput at that limit (the work a second times the share of calls in time; the calls
 a second when calls do not say their size) and keeps it for ``late_memory`` windows (a window at a
-limit whose goodput is still known counts a third: ten calls are few, and one window with a few long
-answers more runs late by chance):
+limit whose goodput is still known counts a third: a window is a few dozen seconds of calls, and one
+with a few long answers more runs late by chance):
 
 * more than ``late_share`` of the window's calls late: a *ceiling* comes down to one below the
   limit, and the limit with it -- unless the goodput one lower is known and not higher by more than
   ``slots_tolerance`` (fewer calls at once would lose more work than the late calls do). The limit
   cannot grow above the ceiling whatever the work rate or the queue estimate say;
-* with the limit at the ceiling: the ceiling rises by one when the goodput one higher is higher by
-  more than ``slots_tolerance``, or no longer known (it was measured more than ``late_memory``
-  windows ago: conditions change, and a window there finds out).
+* with the limit at the ceiling: the ceiling rises by one unless the goodput one higher is known and
+  lower by more than ``slots_tolerance``. Where two limits make about as many answers in time, the
+  higher one wins: its late calls are answers too (a brief cut short at its target, say), which the
+  lower limit would not have made at all. A goodput measured more than ``late_memory`` windows ago
+  is no longer known: conditions change, and a window there finds out.
 
 So the limit climbs to the concurrency that makes the most answers in time, and it looks again
 now and then. Without ``latency_budget`` there is no ceiling but ``max_limit``.
@@ -391,8 +393,9 @@ class AdaptiveLimiter(CallForms):
         self._per_work = False
         # Within the slots: the work a second of the last round at each limit.
         self._rate_at: dict[int, float] = {}
-        # The latency ceiling (module docstring): the hold times of the calls granted at the current
-        # limit, how many of them were late, and the round at which each limit last ran late.
+        # The latency ceiling (module docstring): the hold times (and times per unit of work) of the
+        # calls granted at the current limit in this window, how many of them were late, and when
+        # the window began.
         self._ceiling: int | None = None
         self._late_holds: list[float] = []
         self._late_work: list[float] = []
@@ -663,11 +666,11 @@ class AdaptiveLimiter(CallForms):
         self._windows += 1
         known = self._known_goodput(limit)
         if known is not None:
-            # A window is ten calls, and one with a few long answers more runs late by chance: the
-            # newest window counts a third, so that one such window does not move the limit.
+            # One window with a few long answers more runs late by chance: the newest window counts
+            # a third, so that one such window does not move the limit.
             goodput = known + (goodput - known) / 3
         self._goodput_at[limit] = (goodput, self._windows)
-        # Differences smaller than this are noise: where two limits do about as well, stay.
+        # Differences smaller than this are noise: where two limits do about as well, the higher one.
         margin = 1.0 + cfg.slots_tolerance
         if late > cfg.late_share * n and limit > cfg.min_limit:
             below = self._known_goodput(limit - 1)
@@ -682,8 +685,9 @@ class AdaptiveLimiter(CallForms):
         top = self._ceiling
         if top is not None and limit >= top:
             above = self._known_goodput(top + 1)
-            if above is None or above > goodput * margin:
-                # One more at once made more answers in time, or it is a while since that was seen.
+            if above is None or above * margin >= goodput:
+                # One more at once made about as many answers in time or more -- and more answers
+                # in all, cut ones included -- or it is a while since that was seen.
                 self._ceiling = None if top + 1 >= cfg.max_limit else top + 1
         return False
 

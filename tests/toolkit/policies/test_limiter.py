@@ -436,6 +436,37 @@ async def test_the_latency_ceiling_rises_again_when_calls_get_faster() -> None:
     assert spent.get(4, 0.0) / 300 >= 0.9, spent
 
 
+@pytest.mark.parametrize(("one_call_seconds", "back_to_two"), [(2.0, True), (1.5, False)])
+def test_where_two_limits_do_as_much_in_time_the_higher_one_wins(
+    one_call_seconds: float, back_to_two: bool
+) -> None:
+    # Windows of two calls, late from 5 s. At two calls at once one of two runs late: goodput half of
+    # 20 tokens/s. One at once: 20 tokens in 2 s (10 tokens/s in time, as much -- back to two, whose
+    # late calls are answers too), or in 1.5 s (13.3, clearly more -- it stays at one).
+    clock = FakeClock()
+    limiter = make(clock, initial_limit=2, max_limit=2, slots=2, latency_budget=5.0, late_window=2)
+
+    def call(seconds: float, tokens: int) -> None:
+        permit = limiter.try_acquire()
+        assert permit is not None
+        clock.advance(seconds)
+        permit.release(work=tokens)
+
+    call(4.0, 40)
+    call(6.0, 60)
+    assert (limiter.limit, limiter.ceiling) == (1, 1)  # what one call at once does is not known yet
+    call(one_call_seconds, 20)
+    call(one_call_seconds, 20)
+    if back_to_two:
+        assert (limiter.limit, limiter.ceiling) == (2, None)
+        call(4.0, 40)
+        call(6.0, 60)
+        assert limiter.limit == 2  # late again, but one at once is known to do no more in time
+    else:
+        assert (limiter.limit, limiter.ceiling) == (1, 1)
+    assert limiter.stats.late == (2 if back_to_two else 1)
+
+
 def test_a_late_window_at_the_lowest_limit_keeps_it_there() -> None:
     # Late calls at min_limit: the ceiling is min_limit, the limit cannot go lower, and nothing breaks.
     clock = FakeClock()
