@@ -80,13 +80,16 @@ with a few long answers more runs late by chance):
 
 * more than ``late_share`` of the window's calls late: a *ceiling* comes down to one below the
   limit, and the limit with it -- unless the goodput one lower is known and not higher by more than
-  ``slots_tolerance`` (fewer calls at once would lose more work than the late calls do). The limit
-  cannot grow above the ceiling whatever the work rate or the queue estimate say;
-* with the limit at the ceiling: the ceiling rises by one unless the goodput one higher is known and
-  lower by more than ``slots_tolerance``. Where two limits make about as many answers in time, the
-  higher one wins: its late calls are answers too (a brief cut short at its target, say), which the
-  lower limit would not have made at all. A goodput measured more than ``late_memory`` windows ago
-  is no longer known: conditions change, and a window there finds out.
+  ``slots_tolerance`` (fewer calls at once would lose more work than the late calls do). Where no
+  goodput one lower is known, the work a second measured there within the slots stands in for it
+  (the most it could be, had none of its calls run late): a window there costs a few dozen seconds
+  of the server run below what it can do, so the limit goes to look only where it could gain. The
+  limit cannot grow above the ceiling whatever the work rate or the queue estimate say;
+* with the limit at the ceiling: the ceiling and the limit rise by one unless the goodput one higher
+  is known and lower by more than ``slots_tolerance``. Where two limits make about as many answers
+  in time, the higher one wins: its late calls are answers too (a brief cut short at its target,
+  say), which the lower limit would not have made at all. A goodput measured more than
+  ``late_memory`` windows ago is no longer known: conditions change, and a window there finds out.
 
 So the limit climbs to the concurrency that makes the most answers in time, and it looks again
 now and then. Without ``latency_budget`` there is no ceiling but ``max_limit``.
@@ -674,7 +677,11 @@ class AdaptiveLimiter(CallForms):
         margin = 1.0 + cfg.slots_tolerance
         if late > cfg.late_share * n and limit > cfg.min_limit:
             below = self._known_goodput(limit - 1)
-            if below is None or below > goodput * margin:
+            if below is None:
+                # Not measured there (recently): at most all the work a second measured there, had
+                # none of its calls run late -- when that is known, and else worth finding out.
+                below = self._rate_at.get(limit - 1, math.inf)
+            if below > goodput * margin:
                 # Too many calls at this concurrency miss their callers' time, and one fewer at once
                 # makes (or may make) more answers in time: a ceiling one below, which the work rate
                 # and the queue estimate cannot lift.
@@ -687,8 +694,13 @@ class AdaptiveLimiter(CallForms):
             above = self._known_goodput(top + 1)
             if above is None or above * margin >= goodput:
                 # One more at once made about as many answers in time or more -- and more answers
-                # in all, cut ones included -- or it is a while since that was seen.
+                # in all, cut ones included -- or it is a while since that was seen: go there now.
+                # (Left to the work rate, a limit that came down through the levels below could take
+                # many rounds to climb back, each level's last round remembered.)
                 self._ceiling = None if top + 1 >= cfg.max_limit else top + 1
+                if limit < cfg.max_limit:
+                    self._set(limit + 1, "one more call at once did as much in time, or was not seen lately")
+                    return True
         return False
 
     def _known_goodput(self, limit: int) -> float | None:
