@@ -45,6 +45,7 @@ def test_by_default_one_server_serves_every_role_with_one_limit_and_the_generato
     # ...and comes down while the generator's calls run past its requests' 10 s target (less the
     # quarter second kept for answering and the second by which a cut is the request's doing).
     assert limiters["qwen"].config.latency_budget == 8.75
+    assert limiters["qwen"].config.late_value == 0.5  # a brief cut short is still served
     assert [rt.clients[r].endpoints[0].url for r in ROLES] == [server.url] * 3
     # The generator's calls wait first; a restart for any role is a restart for all of them.
     assert [rt.clients[r].priority for r in ROLES] == [0, 1, 2]

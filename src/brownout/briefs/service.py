@@ -200,6 +200,14 @@ def generator_latency_budget(config: BrownoutConfig) -> float | None:
     return round(max(target / 2, target - ANSWER_RESERVE - EARLY_CUT), 3)
 
 
+CUT_BRIEF_VALUE = 0.5
+"""What a generator call cut at its request's target is worth beside a whole one, where the
+generator's concurrency limit weighs how many calls at once make the most answers in time
+(:mod:`brownout.policies.limiter`, the latency ceiling): its brief is served, but with its
+description cut short. At nothing, the limit gave up a third of the model's briefs under 200
+clients for as many whole ones; at full value it would never trade a cut brief for a whole one."""
+
+
 PLAN_QUANTILE = 0.9
 """The quantile of a model's recent call times a request plans its wait with: by the average, every
 call longer than average of a request that waited its whole budget ended past the target (the p95 of

@@ -73,8 +73,9 @@ So when callers say how long a call may hold its permit and still be in time, th
 *goodput* -- the work done a second by the calls that were in time -- wherever calls run late: a
 call is late when it held its permit ``latency_budget`` seconds or more, whether it then finished
 or was cut there. Over each window of ``late_window`` calls granted at the current limit it
-measures the goodput at that limit (the work a second times the share of calls in time; the calls
-a second when calls do not say their size) and keeps it for ``late_memory`` windows (a window at a
+measures the goodput at that limit (the work a second times the share of calls in time, a late call
+counted as ``late_value`` of one -- nothing by default, half for a brief cut short at its target;
+the calls a second when calls do not say their size) and keeps it for ``late_memory`` windows (a window at a
 limit whose goodput is still known counts a third: a window is a few dozen seconds of calls, and one
 with a few long answers more runs late by chance):
 
@@ -230,6 +231,15 @@ class LimiterConfig(PolicyConfig):
     )
     late_window: int = Field(
         default=20, ge=2, description="Calls granted at one limit over which the late share is judged."
+    )
+    late_value: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description=(
+            "What a late call is worth beside one in time, in the goodput the latency ceiling steers "
+            "by: 0, missed; more where a late call still served something (an answer cut short)."
+        ),
     )
     late_memory: int = Field(
         default=10,
@@ -661,7 +671,7 @@ class AdaptiveLimiter(CallForms):
             rate = limit * n / sum(per_work) if sum(per_work) > 0 else 0.0
         else:
             rate = n / max(now - self._window_start, 1e-9)
-        goodput = rate * (n - late) / n
+        goodput = rate * (n - late + cfg.late_value * late) / n
         self._window_start = now
         holds.clear()
         per_work.clear()

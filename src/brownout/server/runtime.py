@@ -32,7 +32,7 @@ from brownout import telemetry
 from brownout.background import Periodic
 from brownout.briefs.answer import BriefAnswer
 from brownout.briefs.jobs import BRIEFS, BriefsJob
-from brownout.briefs.service import ROLE_OF_STAGE, BriefService, generator_latency_budget
+from brownout.briefs.service import CUT_BRIEF_VALUE, ROLE_OF_STAGE, BriefService, generator_latency_budget
 from brownout.clock import SYSTEM_CLOCK, Clock
 from brownout.config import ROLES, BrownoutConfig, LocalModelsSection
 from brownout.durable.job_queue import RedisItemQueue
@@ -287,6 +287,9 @@ class Runtime:
         # while too many of them run that late (brownout.policies.limiter, the latency ceiling).
         generator = ROLE_OF_STAGE["generate"]
         budgets = {role: generator_latency_budget(cfg) if role == generator else None for role in ROLES}
+        # A generator call cut at its request's target is still served, its description cut short:
+        # worth half a whole one where the ceiling weighs how many calls at once do the most in time.
+        late_value = {"late_value": CUT_BRIEF_VALUE}
         shares: dict[str, SharedEndpoint] = {}
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
@@ -297,7 +300,7 @@ class Runtime:
                 cfg.models.roles[first]
                 .limiter.config(budgets[first])
                 .capped(server.parallel)
-                .model_copy(update={"slots": server.parallel})
+                .model_copy(update={"slots": server.parallel, **late_value})
             )
             shares[server.url] = SharedEndpoint(
                 AdaptiveLimiter(server.role, limits, clock=clock, events=events)
@@ -321,10 +324,10 @@ class Runtime:
                 events=events,
                 limiter=(
                     section.limiter.config(budgets[role]).model_copy(
-                        update={"slots": self.local[role].parallel}
+                        update={"slots": self.local[role].parallel, **late_value}
                     )
                     if role in self.local
-                    else section.limiter.config(budgets[role])
+                    else section.limiter.config(budgets[role]).model_copy(update=late_value)
                 ),
                 alive_window=section.alive_window,
                 breaker_factory=shared.breakers.breaker if shared is not None and share_breakers else None,

@@ -467,6 +467,32 @@ def test_where_two_limits_do_as_much_in_time_the_higher_one_wins(
     assert limiter.stats.late == (2 if back_to_two else 1)
 
 
+@pytest.mark.parametrize(("late_value", "stays_at_two"), [(0.0, False), (1.0, True)])
+def test_what_a_late_call_is_worth_decides_whether_the_limit_comes_down(
+    late_value: float, stays_at_two: bool
+) -> None:
+    # As above: two calls at once, one of them late, then one at once as good, and back to two. Now
+    # both calls at two run late. Missed (worth nothing), two at once did less in time than one: down.
+    # Served all the same (worth a whole call), two at once did twice the work: it stays.
+    clock = FakeClock()
+    limiter = make(
+        clock, initial_limit=2, max_limit=2, slots=2, latency_budget=5.0, late_window=2, late_value=late_value
+    )
+
+    def call(seconds: float, tokens: int) -> None:
+        permit = limiter.try_acquire()
+        assert permit is not None
+        clock.advance(seconds)
+        permit.release(work=tokens)
+
+    for seconds, tokens in [(4.0, 40), (6.0, 60), (2.0, 20), (2.0, 20)]:
+        call(seconds, tokens)
+    assert limiter.limit == 2
+    call(6.0, 60)
+    call(6.0, 60)
+    assert limiter.limit == (2 if stays_at_two else 1)
+
+
 def test_a_late_window_at_the_lowest_limit_keeps_it_there() -> None:
     # Late calls at min_limit: the ceiling is min_limit, the limit cannot go lower, and nothing breaks.
     clock = FakeClock()
