@@ -72,7 +72,9 @@ machine another hour, four calls at once made the most whole answers even with a
 So when callers say how long a call may hold its permit and still be in time, the limiter steers by
 *goodput* -- the work done a second by the calls that were in time -- wherever calls run late: a
 call is late when it held its permit ``latency_budget`` seconds or more, whether it then finished
-or was cut there. Over each window of ``late_window`` calls granted at the current limit it
+or was cut there. Over each window of ``late_window`` calls granted at the current limit (closed
+sooner once twice as many of them ran late as ``late_share`` of a whole window, and at least
+``limit`` calls came back: where nearly every call runs late the verdict is clear after a few) it
 measures the goodput at that limit (the work a second times the share of calls in time, a late call
 counted as ``late_value`` of one -- nothing by default, half for a brief cut short at its target;
 the calls a second when calls do not say their size) and keeps it for ``late_memory`` windows (a window at a
@@ -661,7 +663,11 @@ class AdaptiveLimiter(CallForms):
         if work is not None and work > 0:
             self._late_work.append(held / work)
         limit = self._limit
-        if len(holds) < max(cfg.late_window, limit):
+        # A window closes after late_window calls -- or as soon as twice as many of them ran late as
+        # the whole window may, once every slot's call is in: where nearly every call runs late,
+        # twenty of them take minutes, and the verdict is clear after a few.
+        condemned = self._late_n > 2 * cfg.late_share * cfg.late_window and len(holds) >= limit
+        if len(holds) < max(cfg.late_window, limit) and not condemned:
             return False
         n, late = len(holds), self._late_n
         per_work = self._late_work
@@ -702,7 +708,7 @@ class AdaptiveLimiter(CallForms):
         top = self._ceiling
         if top is not None and limit >= top:
             above = self._known_goodput(top + 1)
-            if above is None or above * margin >= goodput:
+            if above is None or (above > 0 and above * margin >= goodput):
                 # One more at once made about as many answers in time or more -- and more answers
                 # in all, cut ones included -- or it is a while since that was seen: go there now.
                 # (Left to the work rate, a limit that came down through the levels below could take

@@ -493,16 +493,27 @@ def test_what_a_late_call_is_worth_decides_whether_the_limit_comes_down(
     assert limiter.limit == (2 if stays_at_two else 1)
 
 
-def test_a_late_window_at_the_lowest_limit_keeps_it_there() -> None:
-    # Late calls at min_limit: the ceiling is min_limit, the limit cannot go lower, and nothing breaks.
+def test_a_hopeless_window_closes_early_and_the_lowest_limit_holds() -> None:
+    # Every call late (twice the 1 s budget). Twice as many late calls as a window of twenty may
+    # have -- five -- close it early: the limit comes down after five calls, not twenty. At min_limit
+    # it cannot go lower, and nothing else happens.
     clock = FakeClock()
-    limiter = make(clock, initial_limit=1, max_limit=4, latency_budget=1.0, late_window=2)
-    for _ in range(4):
+    limiter = make(clock, initial_limit=2, max_limit=2, latency_budget=1.0)
+
+    def late_call() -> None:
         permit = limiter.try_acquire()
         assert permit is not None
         clock.advance(2.0)
-        permit.release()
-    assert (limiter.limit, limiter.ceiling, limiter.stats.late) == (1, 1, 4)
+        permit.release(sample=True)
+
+    for _ in range(4):
+        late_call()
+    assert limiter.limit == 2
+    late_call()
+    assert (limiter.limit, limiter.ceiling) == (1, 1)
+    for _ in range(10):
+        late_call()
+    assert (limiter.limit, limiter.ceiling, limiter.stats.late) == (1, 1, 15)
 
 
 async def test_limit_never_exceeds_max_limit_even_without_a_knee() -> None:
