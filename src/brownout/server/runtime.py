@@ -277,19 +277,19 @@ class Runtime:
             # Never more requests in flight than the server has slots: the rest wait in the
             # client's queue, where waiting is not counted against the model.
             endpoints[role] = [EndpointConfig(url=server.url, model=role, max_concurrency=server.parallel)]
+        # The generator's calls are cut at their requests' latency target: where many run that late,
+        # its limit climbs to the concurrency that makes the most answers in time (the latency
+        # ceiling of brownout.policies.limiter). A call cut there is still served, its description
+        # cut short: worth half a whole one.
+        generator = ROLE_OF_STAGE["generate"]
+        budgets = {role: generator_latency_budget(cfg) if role == generator else None for role in ROLES}
+        late_value = {"late_value": CUT_BRIEF_VALUE}
         # A shared server has one concurrency limit for all its roles' calls (its slots), and their
         # signs of life are one: its generator's calls and the gateway's (below) wait first, then the
         # validator's, then the hinter's (SLOT_PRIORITY), so that under load the server does the
         # work the answers need most. The limit follows the generator's limiter settings and learns
         # from the generator's calls alone, whose length is steady (the others' are shorter and
         # would read as a queue).
-        # The generator's calls are cut at their requests' latency target: its limit also comes down
-        # while too many of them run that late (brownout.policies.limiter, the latency ceiling).
-        generator = ROLE_OF_STAGE["generate"]
-        budgets = {role: generator_latency_budget(cfg) if role == generator else None for role in ROLES}
-        # A generator call cut at its request's target is still served, its description cut short:
-        # worth half a whole one where the ceiling weighs how many calls at once do the most in time.
-        late_value = {"late_value": CUT_BRIEF_VALUE}
         shares: dict[str, SharedEndpoint] = {}
         if local.shared and len(self.local) > 1:
             server = next(iter(self.local.values()))
