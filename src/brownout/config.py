@@ -318,6 +318,24 @@ class LocalModelsSection(_Section):
         return threads, parallel, self.ctx * parallel
 
 
+def _positive_auto_or_null(value: object, name: str, unit: str, most: float) -> object:
+    """A setting that is a positive number (up to ``most``; its text from the environment too),
+    ``auto`` or null, with one message for every wrong value (a union's would list one error per
+    member)."""
+    wrong = f"{name} must be a number of {unit} above 0, auto or null; got {value!r}"
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ValueError(wrong)
+    try:
+        number = float(value)  # type: ignore[arg-type]  # a number, or its text from the environment
+    except (TypeError, ValueError):
+        raise ValueError(wrong) from None
+    if not 0 < number <= most or number == math.inf:
+        raise ValueError(wrong)
+    return number
+
+
 class RoleLimiterSection(_Section):
     """The adaptive concurrency limit of each endpoint of a role (:mod:`brownout.policies.limiter`).
 
@@ -349,18 +367,7 @@ class RoleLimiterSection(_Section):
     @field_validator("latency_budget", mode="before")
     @classmethod
     def _budget_in_seconds(cls, value: object) -> object:
-        wrong = f"latency_budget must be a number of seconds above 0, auto or null; got {value!r}"
-        if value is None or value == "auto":
-            return value
-        if isinstance(value, bool):
-            raise ValueError(wrong)
-        try:
-            seconds = float(value)  # type: ignore[arg-type]  # a number, or its text from the environment
-        except (TypeError, ValueError):
-            raise ValueError(wrong) from None
-        if not 0 < seconds < math.inf:
-            raise ValueError(wrong)
-        return seconds
+        return _positive_auto_or_null(value, "latency_budget", "seconds", math.inf)
 
     @model_validator(mode="after")
     def _check(self) -> RoleLimiterSection:
@@ -935,19 +942,7 @@ class DimmerSection(_Section):
     @field_validator("cpu_budget", mode="before")
     @classmethod
     def _budget_in_cores(cls, value: object) -> object:
-        # One message for every wrong value (a union's would list one error per member).
-        wrong = f"cpu_budget must be a number of cores above 0, auto or null; got {value!r}"
-        if value is None or value == "auto":
-            return value
-        if isinstance(value, bool):
-            raise ValueError(wrong)
-        try:
-            cores = float(value)  # type: ignore[arg-type]  # a number, or its text from the environment
-        except (TypeError, ValueError):
-            raise ValueError(wrong) from None
-        if not 0 < cores <= 1024:
-            raise ValueError(wrong)
-        return cores
+        return _positive_auto_or_null(value, "cpu_budget", "cores", 1024)
 
     def effective_cpu_budget(self, local_generator: bool, spare_cores: float = 0.0) -> float | None:
         """``cpu_budget`` in cores, or None when off: ``auto`` is :data:`AUTO_CPU_BUDGET` (a tenth of
